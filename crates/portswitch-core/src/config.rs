@@ -1,0 +1,177 @@
+//! Settings the core enforces. Every limit is named here with its default; the server
+//! fills them from flags, environment and file.
+
+use portswitch_proto::limits;
+
+/// Limits and knobs of one core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Longest port name accepted (≤ the protocol's [`limits::PORT_NAME_BYTES_MAX`]).
+    pub port_name_bytes_max: u32,
+    /// Largest port value accepted.
+    pub value_bytes_max: u32,
+    /// Largest SEND/BROADCAST payload accepted.
+    pub payload_bytes_max: u32,
+    /// Ports one session may own plus wait for.
+    pub ports_per_session_max: u32,
+    /// Ports and prefixes one session may watch.
+    pub watches_per_session_max: u32,
+    /// Waiters one port's queue may hold.
+    pub queue_len_max: u32,
+    /// Sessions the core may hold (attached or waiting to be resumed).
+    pub sessions_max: u32,
+    /// Prefix watches across all sessions (each costs a check on every grant/release).
+    pub prefix_watches_max: u32,
+    /// Shortest lease a session may ask for.
+    pub lease_ms_min: u32,
+    /// Longest lease a session may ask for.
+    pub lease_ms_max: u32,
+    /// Most entries one LIST page may ask for.
+    pub list_limit_max: u32,
+    /// Most table slots one LIST call examines (bounds the work of a sparse prefix).
+    pub list_scan_slots_max: u32,
+    /// Payload bytes times recipients one BROADCAST may fan out to.
+    pub broadcast_fanout_bytes_max: u64,
+    /// Events buffered for a session while it has no connection; past this the buffer
+    /// is dropped and the session gets RESYNC when it resumes.
+    pub detached_event_bytes_max: u32,
+    /// Announced to clients in HELLO_OK; enforced by the server's frame reader.
+    pub frame_bytes_max: u32,
+    /// Announced to clients in HELLO_OK; enforced by the server's frame reader.
+    pub commands_per_frame_max: u32,
+}
+
+/// Default shortest lease. Leases this short work at full load; shorter ones would
+/// make scheduling hiccups look like deaths.
+pub const LEASE_MS_MIN: u32 = 100;
+/// Default longest lease (five minutes).
+pub const LEASE_MS_MAX: u32 = 300_000;
+/// Lease a client gets when it does not ask (the Rust client's default too).
+pub const LEASE_MS_DEFAULT: u32 = 10_000;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            port_name_bytes_max: limits::PORT_NAME_BYTES_MAX as u32,
+            value_bytes_max: limits::VALUE_BYTES_MAX as u32,
+            payload_bytes_max: limits::PAYLOAD_BYTES_MAX as u32,
+            ports_per_session_max: 1_000_000,
+            watches_per_session_max: 100_000,
+            queue_len_max: 100_000,
+            sessions_max: 1_000_000,
+            prefix_watches_max: 1_024,
+            lease_ms_min: LEASE_MS_MIN,
+            lease_ms_max: LEASE_MS_MAX,
+            list_limit_max: limits::LIST_LIMIT_MAX,
+            list_scan_slots_max: 65_536,
+            broadcast_fanout_bytes_max: 256 << 20,
+            detached_event_bytes_max: 1 << 20,
+            frame_bytes_max: limits::FRAME_BYTES_MAX as u32,
+            commands_per_frame_max: limits::COMMANDS_PER_FRAME_MAX as u32,
+        }
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Checks the settings against the protocol's limits and each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError(s));
+        let within = |name: &str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                return bad(format!("{name} = {v} is outside [{lo}, {hi}]"));
+            }
+            Ok(())
+        };
+        within(
+            "port_name_bytes_max",
+            self.port_name_bytes_max.into(),
+            1,
+            limits::PORT_NAME_BYTES_MAX as u64,
+        )?;
+        within(
+            "value_bytes_max",
+            self.value_bytes_max.into(),
+            0,
+            limits::VALUE_BYTES_MAX as u64,
+        )?;
+        within(
+            "payload_bytes_max",
+            self.payload_bytes_max.into(),
+            0,
+            limits::PAYLOAD_BYTES_MAX as u64,
+        )?;
+        within(
+            "ports_per_session_max",
+            self.ports_per_session_max.into(),
+            1,
+            u32::MAX as u64 - 1,
+        )?;
+        within(
+            "watches_per_session_max",
+            self.watches_per_session_max.into(),
+            0,
+            u32::MAX as u64 - 1,
+        )?;
+        within(
+            "queue_len_max",
+            self.queue_len_max.into(),
+            0,
+            u32::MAX as u64 - 1,
+        )?;
+        within(
+            "sessions_max",
+            self.sessions_max.into(),
+            1,
+            u32::MAX as u64 - 1,
+        )?;
+        within(
+            "lease_ms_min",
+            self.lease_ms_min.into(),
+            10,
+            self.lease_ms_max.into(),
+        )?;
+        within(
+            "lease_ms_max",
+            self.lease_ms_max.into(),
+            self.lease_ms_min.into(),
+            86_400_000,
+        )?;
+        within(
+            "list_limit_max",
+            self.list_limit_max.into(),
+            1,
+            limits::LIST_LIMIT_MAX.into(),
+        )?;
+        within(
+            "list_scan_slots_max",
+            self.list_scan_slots_max.into(),
+            1,
+            u32::MAX as u64,
+        )?;
+        within(
+            "frame_bytes_max",
+            self.frame_bytes_max.into(),
+            limits::REQUEST_BYTES_MAX.max(limits::EVENT_BYTES_MAX) as u64,
+            limits::FRAME_BYTES_MAX as u64,
+        )?;
+        within(
+            "commands_per_frame_max",
+            self.commands_per_frame_max.into(),
+            1,
+            limits::COMMANDS_PER_FRAME_MAX as u64,
+        )?;
+        Ok(())
+    }
+}

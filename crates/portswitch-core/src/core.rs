@@ -1,0 +1,1157 @@
+//! The state machine. See the crate docs for the driving contract.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::Hasher;
+
+use bytes::BytesMut;
+use portswitch_proto::limits::{self, PROTOCOL_VERSION};
+use portswitch_proto::msg::PageEntry;
+use portswitch_proto::{ErrorCode, Event, FrameBuf, Hello, HelloOk, Reply, Request, ServerLimits};
+
+use crate::config::Config;
+use crate::table::{PortTable, Waiter, NONE};
+
+/// Identifies a connection to the core. Chosen by the driver; never reused while the
+/// core may still hold it.
+pub type ConnId = u64;
+
+/// Where the core's effects go. The driver encodes them onto connections.
+///
+/// Effects for one connection must be delivered in the order they are emitted.
+pub trait Outbox {
+    /// A reply to request `id` on `conn`.
+    fn reply(&mut self, conn: ConnId, id: u32, reply: &Reply<'_>);
+    /// An event for `conn`.
+    fn event(&mut self, conn: ConnId, event: &Event<'_>);
+    /// Whole encoded frames for `conn` (events buffered while its session had no
+    /// connection).
+    fn frames(&mut self, conn: ConnId, frames: &[u8]);
+    /// Close `conn` once what was emitted for it is written. The core has already
+    /// forgotten the connection; the driver must not report its disconnect.
+    fn close(&mut self, conn: ConnId);
+}
+
+/// Counters and gauges of a core.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub epoch: u64,
+    pub sessions: u64,
+    pub sessions_attached: u64,
+    pub ports_owned: u64,
+    pub port_entries: u64,
+    pub waiters: u64,
+    pub watches: u64,
+    pub prefix_watches: u64,
+    pub requests_total: u64,
+    pub registers_total: u64,
+    pub grants_total: u64,
+    pub releases_total: u64,
+    pub messages_relayed_total: u64,
+    pub sessions_created_total: u64,
+    pub sessions_expired_total: u64,
+    pub sessions_resumed_total: u64,
+    pub errors_total: u64,
+    /// Heap bytes of the port table's own arrays (entries, index, free list).
+    pub table_heap_bytes: u64,
+}
+
+const SLOT_MASK: u64 = 0xFFFF_FFFF;
+
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    secret: u64,
+    node: Box<[u8]>,
+    lease_ms: u32,
+    deadline_ms: u64,
+    conn: Option<ConnId>,
+    end_on_disconnect: bool,
+    /// Slots of owned ports; `Entry::owner_pos` indexes this.
+    ports: Vec<u32>,
+    /// Slots of ports whose queue holds this session.
+    waits: Vec<u32>,
+    /// Slots of watched ports.
+    watches: Vec<u32>,
+    prefix_watches: u32,
+    /// Events that arrived while detached.
+    missed: Option<Box<Missed>>,
+}
+
+#[derive(Debug)]
+struct Missed {
+    frames: FrameBuf,
+    overflowed: bool,
+}
+
+#[derive(Debug)]
+struct PrefixWatch {
+    prefix: Box<[u8]>,
+    session: u32,
+}
+
+/// Why a session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Bye,
+    Expired,
+    Disconnected,
+}
+
+/// Per-frame context: the connection and its session, looked up once per frame.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    conn: ConnId,
+    session: u32,
+    now_ms: u64,
+}
+
+/// The port switch state machine of one master.
+#[derive(Debug)]
+pub struct Core {
+    cfg: Config,
+    epoch: u64,
+    seq: u32,
+    sessions: slab::Slab<Session>,
+    session_seq: u32,
+    conn_sessions: hashbrown::HashMap<ConnId, u32, foldhash::fast::RandomState>,
+    ports: PortTable,
+    prefix_watches: Vec<PrefixWatch>,
+    expiry: BinaryHeap<Reverse<(u64, u64)>>,
+    secret_keys: (u64, u64),
+    now_ms: u64,
+    stats: Stats,
+    scratch: BytesMut,
+}
+
+impl Core {
+    /// A core for `epoch` (strictly greater than any earlier epoch of this group; grants
+    /// carry it in their tokens). `seed` keys the port hash and session secrets and must
+    /// be unpredictable to clients.
+    pub fn new(cfg: Config, epoch: u64, seed: [u64; 3]) -> Core {
+        cfg.validate()
+            .expect("core config must be validated by the caller");
+        assert!(
+            epoch < (1 << 32) - 1,
+            "epoch {epoch} leaves no room in tokens"
+        );
+        Core {
+            cfg,
+            epoch,
+            seq: 0,
+            sessions: slab::Slab::new(),
+            session_seq: 0,
+            conn_sessions: Default::default(),
+            ports: PortTable::new(seed[0]),
+            prefix_watches: Vec::new(),
+            expiry: BinaryHeap::new(),
+            secret_keys: (seed[1], seed[2]),
+            now_ms: 0,
+            stats: Stats::default(),
+            scratch: BytesMut::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The limits announced to clients.
+    pub fn limits(&self) -> ServerLimits {
+        let c = &self.cfg;
+        ServerLimits {
+            frame_bytes_max: c.frame_bytes_max,
+            commands_per_frame_max: c.commands_per_frame_max,
+            port_name_bytes_max: c.port_name_bytes_max,
+            value_bytes_max: c.value_bytes_max,
+            payload_bytes_max: c.payload_bytes_max,
+            ports_per_session_max: c.ports_per_session_max,
+            watches_per_session_max: c.watches_per_session_max,
+            queue_len_max: c.queue_len_max,
+            list_limit_max: c.list_limit_max,
+            lease_ms_min: c.lease_ms_min,
+            lease_ms_max: c.lease_ms_max,
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.epoch = self.epoch;
+        s.sessions = self.sessions.len() as u64;
+        s.sessions_attached = self.conn_sessions.len() as u64;
+        s.ports_owned = self.ports.owned() as u64;
+        s.port_entries = self.ports.len() as u64;
+        s.prefix_watches = self.prefix_watches.len() as u64;
+        s.table_heap_bytes = self.ports.heap_bytes() as u64;
+        s
+    }
+
+    fn advance(&mut self, now_ms: u64) {
+        assert!(
+            now_ms >= self.now_ms,
+            "time went backwards: {now_ms} < {}",
+            self.now_ms
+        );
+        self.now_ms = now_ms;
+    }
+
+    /// The earliest time at which [`Core::handle_timeout`] has work, if any.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.expiry.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Starts processing one frame from `conn`. Any frame renews the session's lease.
+    pub fn begin_batch(&mut self, conn: ConnId, now_ms: u64) -> Batch {
+        self.advance(now_ms);
+        let session = match self.conn_sessions.get(&conn) {
+            Some(&slot) => {
+                let s = &mut self.sessions[slot as usize];
+                s.deadline_ms = now_ms + s.lease_ms as u64;
+                slot
+            }
+            None => NONE,
+        };
+        Batch {
+            conn,
+            session,
+            now_ms,
+        }
+    }
+
+    /// Handles one request of the batch, emitting its reply (and any events it causes).
+    pub fn handle(&mut self, b: &mut Batch, id: u32, req: &Request<'_>, out: &mut impl Outbox) {
+        self.stats.requests_total += 1;
+        let result = match *req {
+            Request::Hello(ref h) => self.hello(b, id, h, out),
+            Request::Ping => Ok(Reply::Ok),
+            Request::Stats => Err(Fail::Code(
+                ErrorCode::InvalidArgument,
+                "STATS is answered by the server",
+            )),
+            _ if b.session == NONE => Err(Fail::Code(ErrorCode::NoSession, "send HELLO first")),
+            Request::Register { port, value, wait } => self.register(b, port, value, wait, out),
+            Request::Unregister { port } => self.unregister(b, port, out),
+            Request::Query { port } => {
+                self.query(b.conn, id, port, out);
+                return;
+            }
+            Request::Watch { name, prefix } => self.watch(b, name, prefix),
+            Request::Unwatch { name, prefix } => self.unwatch(b, name, prefix),
+            Request::Send { port, payload } => self.send(b, port, payload, out),
+            Request::Broadcast { prefix, payload } => self.broadcast(b, prefix, payload, out),
+            Request::List {
+                prefix,
+                cursor,
+                limit,
+            } => {
+                self.list(b.conn, id, prefix, cursor, limit, out);
+                return;
+            }
+            Request::Bye => {
+                let slot = b.session;
+                self.end_session(slot, End::Bye, out);
+                b.session = NONE;
+                Ok(Reply::Ok)
+            }
+        };
+        match result {
+            Ok(Reply::HelloOk(h)) => {
+                out.reply(b.conn, id, &Reply::HelloOk(h));
+                // Events buffered while detached follow the HELLO_OK of a resume.
+                self.flush_missed(b.session, b.conn, out);
+            }
+            Ok(reply) => out.reply(b.conn, id, &reply),
+            Err(Fail::Code(code, msg)) => self.error(b.conn, id, code, msg, out),
+            Err(Fail::Taken { port, owner }) => {
+                let o = &self.sessions[owner as usize];
+                let token = self.ports.get(port).token;
+                out.reply(
+                    b.conn,
+                    id,
+                    &Reply::Taken {
+                        session: o.id,
+                        token,
+                        node: &o.node,
+                    },
+                );
+            }
+        }
+    }
+
+    fn error(&mut self, conn: ConnId, id: u32, code: ErrorCode, msg: &str, out: &mut impl Outbox) {
+        self.stats.errors_total += 1;
+        out.reply(
+            conn,
+            id,
+            &Reply::Error {
+                code,
+                message: msg.as_bytes(),
+            },
+        );
+    }
+
+    /// The connection closed (or the driver gave up on it). A session that asked to end
+    /// on disconnect ends now; others stay for their lease, waiting to be resumed.
+    pub fn handle_disconnect(&mut self, conn: ConnId, now_ms: u64, out: &mut impl Outbox) {
+        self.advance(now_ms);
+        let Some(slot) = self.conn_sessions.remove(&conn) else {
+            return;
+        };
+        let s = &mut self.sessions[slot as usize];
+        s.conn = None;
+        if s.end_on_disconnect {
+            self.end_session(slot, End::Disconnected, out);
+        }
+    }
+
+    /// Expires every session whose lease has run out by `now_ms`.
+    pub fn handle_timeout(&mut self, now_ms: u64, out: &mut impl Outbox) {
+        self.advance(now_ms);
+        while let Some(&Reverse((at, id))) = self.expiry.peek() {
+            if at > now_ms {
+                break;
+            }
+            self.expiry.pop();
+            let slot = (id & SLOT_MASK) as u32;
+            let Some(s) = self.sessions.get(slot as usize) else {
+                continue;
+            };
+            if s.id != id {
+                continue; // ended earlier; the slot was reused
+            }
+            if s.deadline_ms > now_ms {
+                // Renewed since it was queued: look again at its current deadline.
+                self.expiry.push(Reverse((s.deadline_ms, id)));
+                continue;
+            }
+            self.stats.sessions_expired_total += 1;
+            self.end_session(slot, End::Expired, out);
+        }
+    }
+
+    // ----- sessions -------------------------------------------------------------
+
+    fn secret_for(&self, id: u64) -> u64 {
+        let mut h =
+            siphasher::sip::SipHasher24::new_with_keys(self.secret_keys.0, self.secret_keys.1);
+        h.write_u64(id);
+        h.write_u64(self.epoch);
+        h.finish()
+    }
+
+    fn hello(
+        &mut self,
+        b: &mut Batch,
+        _id: u32,
+        h: &Hello<'_>,
+        out: &mut impl Outbox,
+    ) -> Result<Reply<'static>, Fail> {
+        if b.session != NONE {
+            return Err(Fail::Code(
+                ErrorCode::SessionExists,
+                "this connection already has a session",
+            ));
+        }
+        if h.version_min > PROTOCOL_VERSION || h.version_max < PROTOCOL_VERSION {
+            return Err(Fail::Code(
+                ErrorCode::VersionUnsupported,
+                "this server speaks protocol version 1",
+            ));
+        }
+        if !h.credentials.is_empty() {
+            return Err(Fail::Code(
+                ErrorCode::AuthUnavailable,
+                "this server has no authentication configured",
+            ));
+        }
+        if h.lease_ms < self.cfg.lease_ms_min || h.lease_ms > self.cfg.lease_ms_max {
+            return Err(Fail::Code(
+                ErrorCode::LeaseOutOfRange,
+                "lease_ms outside the server's range",
+            ));
+        }
+        let limits = self.limits();
+        if h.resume_session != 0 {
+            let slot = (h.resume_session & SLOT_MASK) as u32;
+            let ok = self.sessions.get(slot as usize).is_some_and(|s| {
+                s.id == h.resume_session && constant_time_eq(s.secret, h.resume_secret)
+            });
+            if !ok {
+                return Err(Fail::Code(
+                    ErrorCode::ResumeFailed,
+                    "no such session (expired, ended, or wrong secret)",
+                ));
+            }
+            // A resume takes the session over from a connection it may still have.
+            let old = self.sessions[slot as usize].conn.take();
+            if let Some(old) = old {
+                self.conn_sessions.remove(&old);
+                out.event(
+                    old,
+                    &Event::GoAway {
+                        code: ErrorCode::SessionExists,
+                        message: b"session resumed on another connection",
+                    },
+                );
+                out.close(old);
+            }
+            let s = &mut self.sessions[slot as usize];
+            s.conn = Some(b.conn);
+            s.lease_ms = h.lease_ms;
+            s.end_on_disconnect = h.end_on_disconnect;
+            s.deadline_ms = b.now_ms + h.lease_ms as u64;
+            self.conn_sessions.insert(b.conn, slot);
+            b.session = slot;
+            self.stats.sessions_resumed_total += 1;
+            return Ok(Reply::HelloOk(HelloOk {
+                version: PROTOCOL_VERSION,
+                features: 0,
+                session: s.id,
+                secret: s.secret,
+                epoch: self.epoch,
+                lease_ms: h.lease_ms,
+                resumed: true,
+                limits,
+            }));
+        }
+        if self.sessions.len() >= self.cfg.sessions_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::SessionsMax,
+                "the server holds the most sessions it may",
+            ));
+        }
+        let entry = self.sessions.vacant_entry();
+        let slot = entry.key() as u32;
+        self.session_seq = self.session_seq.wrapping_add(1).max(1);
+        let id = (self.session_seq as u64) << 32 | slot as u64;
+        let secret = {
+            let mut h =
+                siphasher::sip::SipHasher24::new_with_keys(self.secret_keys.0, self.secret_keys.1);
+            h.write_u64(id);
+            h.write_u64(self.epoch);
+            h.finish()
+        };
+        let deadline_ms = b.now_ms + h.lease_ms as u64;
+        entry.insert(Session {
+            id,
+            secret,
+            node: h.node_name.into(),
+            lease_ms: h.lease_ms,
+            deadline_ms,
+            conn: Some(b.conn),
+            end_on_disconnect: h.end_on_disconnect,
+            ports: Vec::new(),
+            waits: Vec::new(),
+            watches: Vec::new(),
+            prefix_watches: 0,
+            missed: None,
+        });
+        debug_assert_eq!(secret, self.secret_for(id));
+        self.expiry.push(Reverse((deadline_ms, id)));
+        self.conn_sessions.insert(b.conn, slot);
+        b.session = slot;
+        self.stats.sessions_created_total += 1;
+        Ok(Reply::HelloOk(HelloOk {
+            version: PROTOCOL_VERSION,
+            features: 0,
+            session: id,
+            secret,
+            epoch: self.epoch,
+            lease_ms: h.lease_ms,
+            resumed: false,
+            limits,
+        }))
+    }
+
+    fn flush_missed(&mut self, slot: u32, conn: ConnId, out: &mut impl Outbox) {
+        if slot == NONE {
+            return;
+        }
+        if let Some(mut missed) = self.sessions[slot as usize].missed.take() {
+            if missed.overflowed {
+                out.event(conn, &Event::Resync);
+            } else {
+                let mut bytes = BytesMut::new();
+                missed.frames.take_into(&mut bytes);
+                out.frames(conn, &bytes);
+            }
+        }
+    }
+
+    fn end_session(&mut self, slot: u32, why: End, out: &mut impl Outbox) {
+        // Leave queues and drop watches first, so releasing this session's ports below
+        // neither promotes it nor notifies it.
+        let waits = std::mem::take(&mut self.sessions[slot as usize].waits);
+        for port in waits {
+            if let Some(x) = self.ports.extra(port) {
+                if x.queue.iter().any(|w| w.session == slot) {
+                    self.ports
+                        .extra_mut(port)
+                        .queue
+                        .retain(|w| w.session != slot);
+                    self.stats.waiters -= 1;
+                }
+            }
+            self.ports.remove_if_unused(port);
+        }
+        let watches = std::mem::take(&mut self.sessions[slot as usize].watches);
+        for port in watches {
+            self.ports.extra_mut(port).watchers.retain(|&w| w != slot);
+            self.stats.watches -= 1;
+            self.ports.remove_if_unused(port);
+        }
+        if self.sessions[slot as usize].prefix_watches > 0 {
+            let before = self.prefix_watches.len();
+            self.prefix_watches.retain(|p| p.session != slot);
+            self.stats.watches -= (before - self.prefix_watches.len()) as u64;
+        }
+        while let Some(&port) = self.sessions[slot as usize].ports.last() {
+            self.release(port, out);
+        }
+        let s = self.sessions.remove(slot as usize);
+        if let Some(conn) = s.conn {
+            self.conn_sessions.remove(&conn);
+            if why == End::Expired {
+                out.event(
+                    conn,
+                    &Event::GoAway {
+                        code: ErrorCode::SessionExpired,
+                        message: b"session lease expired",
+                    },
+                );
+                out.close(conn);
+            }
+        }
+    }
+
+    /// Sends an event to a session: to its connection, or into its missed-events
+    /// buffer while it has none.
+    fn deliver(&mut self, slot: u32, event: &Event<'_>, out: &mut impl Outbox) {
+        let limit = self.cfg.detached_event_bytes_max as usize;
+        let frame_max = self.cfg.frame_bytes_max as usize;
+        let commands_max = self.cfg.commands_per_frame_max as usize;
+        let s = &mut self.sessions[slot as usize];
+        match s.conn {
+            Some(conn) => out.event(conn, event),
+            None => {
+                let m = s.missed.get_or_insert_with(|| {
+                    Box::new(Missed {
+                        frames: FrameBuf::new(frame_max, commands_max),
+                        overflowed: false,
+                    })
+                });
+                if m.overflowed {
+                    return;
+                }
+                if m.frames.len() + limits::MESSAGE_HEADER_BYTES + event.body_len() > limit {
+                    m.overflowed = true;
+                    m.frames.clear();
+                } else {
+                    m.frames.push_event(event);
+                }
+            }
+        }
+    }
+
+    // ----- ports ----------------------------------------------------------------
+
+    fn next_token(&mut self) -> u64 {
+        if self.seq == u32::MAX {
+            // 2^32 grants in one epoch: move to the next epoch so tokens keep rising.
+            // (A cluster will take the next epoch from consensus instead.)
+            self.epoch += 1;
+            assert!(self.epoch < (1 << 32) - 1, "epoch space exhausted");
+            self.seq = 0;
+        }
+        self.seq += 1;
+        self.epoch << 32 | self.seq as u64
+    }
+
+    fn check_name(&self, name: &[u8]) -> Result<(), Fail> {
+        if name.is_empty() {
+            return Err(Fail::Code(ErrorCode::EmptyName, "port name is empty"));
+        }
+        if name.len() > self.cfg.port_name_bytes_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::NameTooLong,
+                "port name longer than port_name_bytes_max",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Grants the free port at `port` to `session`, telling watchers.
+    fn grant(&mut self, port: u32, session: u32, value: &[u8], out: &mut impl Outbox) -> u64 {
+        let token = self.next_token();
+        let s = &mut self.sessions[session as usize];
+        let pos = s.ports.len() as u32;
+        s.ports.push(port);
+        let (sid, node_len) = (s.id, s.node.len());
+        self.ports.set_owner(port, session, pos, token, value);
+        self.stats.grants_total += 1;
+        let has_watchers = self
+            .ports
+            .extra(port)
+            .is_some_and(|x| !x.watchers.is_empty());
+        if has_watchers || !self.prefix_watches.is_empty() {
+            let name: Box<[u8]> = self.ports.get(port).name().into();
+            let node: Box<[u8]> = self.sessions[session as usize].node.clone();
+            debug_assert_eq!(node.len(), node_len);
+            let ev = Event::Claimed {
+                port: &name,
+                session: sid,
+                token,
+                node: &node,
+            };
+            self.notify_watchers(port, &name, &ev, out);
+        }
+        token
+    }
+
+    fn notify_watchers(&mut self, port: u32, name: &[u8], ev: &Event<'_>, out: &mut impl Outbox) {
+        if let Some(x) = self.ports.extra(port) {
+            if !x.watchers.is_empty() {
+                let watchers = x.watchers.clone();
+                for w in watchers {
+                    self.deliver(w, ev, out);
+                }
+            }
+        }
+        if !self.prefix_watches.is_empty() {
+            let targets: Vec<u32> = self
+                .prefix_watches
+                .iter()
+                .filter(|p| name.starts_with(&p.prefix))
+                .map(|p| p.session)
+                .collect();
+            for w in targets {
+                self.deliver(w, ev, out);
+            }
+        }
+    }
+
+    /// Releases the owned port at `port`: tells watchers, then hands it to the first
+    /// waiter (who gets ACQUIRED), or drops the entry if nothing refers to it.
+    fn release(&mut self, port: u32, out: &mut impl Outbox) {
+        let e = self.ports.get(port);
+        let (owner, pos) = (e.owner, e.owner_pos);
+        // Remove from the owner's list by swapping the last one into its place.
+        let s = &mut self.sessions[owner as usize];
+        let last = s.ports.pop().expect("owner lists the port");
+        if last != port {
+            s.ports[pos as usize] = last;
+            self.ports.get_mut(last).owner_pos = pos;
+        }
+        let token = self.ports.clear_owner(port);
+        self.stats.releases_total += 1;
+        let has_extra = self.ports.extra(port).is_some();
+        if has_extra || !self.prefix_watches.is_empty() {
+            let name: Box<[u8]> = self.ports.get(port).name().into();
+            self.notify_watchers(port, &name, &Event::Released { port: &name, token }, out);
+            let next = self
+                .ports
+                .extra(port)
+                .and_then(|x| x.queue.front().is_some().then_some(()));
+            if next.is_some() {
+                let w = self
+                    .ports
+                    .extra_mut(port)
+                    .queue
+                    .pop_front()
+                    .expect("checked");
+                self.stats.waiters -= 1;
+                let waits = &mut self.sessions[w.session as usize].waits;
+                if let Some(i) = waits.iter().position(|&p| p == port) {
+                    waits.swap_remove(i);
+                }
+                let token = self.grant(port, w.session, &w.value, out);
+                self.deliver(w.session, &Event::Acquired { port: &name, token }, out);
+            }
+        }
+        self.ports.remove_if_unused(port);
+    }
+
+    fn register(
+        &mut self,
+        b: &Batch,
+        name: &[u8],
+        value: &[u8],
+        wait: bool,
+        out: &mut impl Outbox,
+    ) -> Result<Reply<'static>, Fail> {
+        self.stats.registers_total += 1;
+        self.check_name(name)?;
+        if value.len() > self.cfg.value_bytes_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::ValueTooLarge,
+                "value larger than value_bytes_max",
+            ));
+        }
+        let me = b.session;
+        let s = &self.sessions[me as usize];
+        let held = s.ports.len() + s.waits.len();
+        let port = match self.ports.find(name) {
+            Some(port) => port,
+            None => {
+                if held >= self.cfg.ports_per_session_max as usize {
+                    return Err(Fail::Code(
+                        ErrorCode::PortsPerSessionMax,
+                        "session owns and waits for ports_per_session_max ports",
+                    ));
+                }
+                let port = self.ports.insert(name);
+                let token = self.grant(port, me, value, out);
+                return Ok(Reply::Registered { token });
+            }
+        };
+        let owner = self.ports.get(port).owner;
+        if owner == me {
+            // Registering a port you own refreshes its value and keeps the grant.
+            self.ports.set_value(port, value);
+            return Ok(Reply::Registered {
+                token: self.ports.get(port).token,
+            });
+        }
+        if owner == NONE {
+            if held >= self.cfg.ports_per_session_max as usize {
+                return Err(Fail::Code(
+                    ErrorCode::PortsPerSessionMax,
+                    "session owns and waits for ports_per_session_max ports",
+                ));
+            }
+            let token = self.grant(port, me, value, out);
+            return Ok(Reply::Registered { token });
+        }
+        if !wait {
+            return Err(Fail::Taken { port, owner });
+        }
+        if let Some(pos) = self
+            .ports
+            .extra(port)
+            .and_then(|x| x.queue.iter().position(|w| w.session == me))
+        {
+            return Ok(Reply::Queued {
+                position: pos as u32 + 1,
+            });
+        }
+        if held >= self.cfg.ports_per_session_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::PortsPerSessionMax,
+                "session owns and waits for ports_per_session_max ports",
+            ));
+        }
+        let queue_max = self.cfg.queue_len_max as usize;
+        let x = self.ports.extra_mut(port);
+        if x.queue.len() >= queue_max {
+            self.ports.shrink_extra(port);
+            return Err(Fail::Code(
+                ErrorCode::QueueFull,
+                "the port's wait queue holds queue_len_max waiters",
+            ));
+        }
+        x.queue.push_back(Waiter {
+            session: me,
+            value: value.into(),
+        });
+        let position = x.queue.len() as u32;
+        self.sessions[me as usize].waits.push(port);
+        self.stats.waiters += 1;
+        Ok(Reply::Queued { position })
+    }
+
+    fn unregister(
+        &mut self,
+        b: &Batch,
+        name: &[u8],
+        out: &mut impl Outbox,
+    ) -> Result<Reply<'static>, Fail> {
+        self.check_name(name)?;
+        let me = b.session;
+        let Some(port) = self.ports.find(name) else {
+            return Err(Fail::Code(
+                ErrorCode::NotOwner,
+                "this session neither owns nor waits for the port",
+            ));
+        };
+        if self.ports.get(port).owner == me {
+            self.release(port, out);
+            return Ok(Reply::Ok);
+        }
+        let queued = self
+            .ports
+            .extra(port)
+            .is_some_and(|x| x.queue.iter().any(|w| w.session == me));
+        if queued {
+            self.ports.extra_mut(port).queue.retain(|w| w.session != me);
+            self.stats.waiters -= 1;
+            let waits = &mut self.sessions[me as usize].waits;
+            if let Some(i) = waits.iter().position(|&p| p == port) {
+                waits.swap_remove(i);
+            }
+            self.ports.remove_if_unused(port);
+            return Ok(Reply::Ok);
+        }
+        Err(Fail::Code(
+            ErrorCode::NotOwner,
+            "this session neither owns nor waits for the port",
+        ))
+    }
+
+    fn query(&mut self, conn: ConnId, id: u32, name: &[u8], out: &mut impl Outbox) {
+        if let Err(Fail::Code(code, msg)) = self.check_name(name) {
+            return self.error(conn, id, code, msg, out);
+        }
+        let owned = self
+            .ports
+            .find(name)
+            .filter(|&p| self.ports.get(p).owner != NONE);
+        match owned {
+            None => out.reply(conn, id, &Reply::Free),
+            Some(port) => {
+                let e = self.ports.get(port);
+                let s = &self.sessions[e.owner as usize];
+                out.reply(
+                    conn,
+                    id,
+                    &Reply::Owner {
+                        session: s.id,
+                        token: e.token,
+                        node: &s.node,
+                        value: self.ports.value(port),
+                    },
+                );
+            }
+        }
+    }
+
+    fn watch(&mut self, b: &Batch, name: &[u8], prefix: bool) -> Result<Reply<'static>, Fail> {
+        let me = b.session;
+        if !prefix {
+            self.check_name(name)?;
+        } else if name.len() > self.cfg.port_name_bytes_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::NameTooLong,
+                "prefix longer than port_name_bytes_max",
+            ));
+        }
+        let s = &self.sessions[me as usize];
+        let watching = s.watches.len() + s.prefix_watches as usize;
+        if prefix {
+            if self
+                .prefix_watches
+                .iter()
+                .any(|p| p.session == me && &*p.prefix == name)
+            {
+                return Ok(Reply::Watching { owner: None });
+            }
+            if watching >= self.cfg.watches_per_session_max as usize {
+                return Err(Fail::Code(
+                    ErrorCode::WatchesPerSessionMax,
+                    "session watches watches_per_session_max ports",
+                ));
+            }
+            if self.prefix_watches.len() >= self.cfg.prefix_watches_max as usize {
+                return Err(Fail::Code(
+                    ErrorCode::PrefixWatchesMax,
+                    "the server holds prefix_watches_max prefix watches",
+                ));
+            }
+            self.prefix_watches.push(PrefixWatch {
+                prefix: name.into(),
+                session: me,
+            });
+            self.sessions[me as usize].prefix_watches += 1;
+            self.stats.watches += 1;
+            return Ok(Reply::Watching { owner: None });
+        }
+        let port = match self.ports.find(name) {
+            Some(port) => port,
+            None => {
+                if watching >= self.cfg.watches_per_session_max as usize {
+                    return Err(Fail::Code(
+                        ErrorCode::WatchesPerSessionMax,
+                        "session watches watches_per_session_max ports",
+                    ));
+                }
+                self.ports.insert(name)
+            }
+        };
+        let already = self
+            .ports
+            .extra(port)
+            .is_some_and(|x| x.watchers.contains(&me));
+        if !already {
+            if watching >= self.cfg.watches_per_session_max as usize {
+                self.ports.remove_if_unused(port);
+                return Err(Fail::Code(
+                    ErrorCode::WatchesPerSessionMax,
+                    "session watches watches_per_session_max ports",
+                ));
+            }
+            self.ports.extra_mut(port).watchers.push(me);
+            self.sessions[me as usize].watches.push(port);
+            self.stats.watches += 1;
+        }
+        let e = self.ports.get(port);
+        let owner = (e.owner != NONE).then(|| (self.sessions[e.owner as usize].id, e.token));
+        Ok(Reply::Watching { owner })
+    }
+
+    fn unwatch(&mut self, b: &Batch, name: &[u8], prefix: bool) -> Result<Reply<'static>, Fail> {
+        let me = b.session;
+        if prefix {
+            let before = self.prefix_watches.len();
+            self.prefix_watches
+                .retain(|p| !(p.session == me && &*p.prefix == name));
+            let removed = (before - self.prefix_watches.len()) as u32;
+            self.sessions[me as usize].prefix_watches -= removed;
+            self.stats.watches -= removed as u64;
+            return Ok(Reply::Ok);
+        }
+        self.check_name(name)?;
+        if let Some(port) = self.ports.find(name) {
+            let watching = self
+                .ports
+                .extra(port)
+                .is_some_and(|x| x.watchers.contains(&me));
+            if watching {
+                self.ports.extra_mut(port).watchers.retain(|&w| w != me);
+                let ws = &mut self.sessions[me as usize].watches;
+                if let Some(i) = ws.iter().position(|&p| p == port) {
+                    ws.swap_remove(i);
+                }
+                self.stats.watches -= 1;
+                self.ports.remove_if_unused(port);
+            }
+        }
+        Ok(Reply::Ok)
+    }
+
+    fn send(
+        &mut self,
+        b: &Batch,
+        name: &[u8],
+        payload: &[u8],
+        out: &mut impl Outbox,
+    ) -> Result<Reply<'static>, Fail> {
+        self.check_name(name)?;
+        if payload.len() > self.cfg.payload_bytes_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::PayloadTooLarge,
+                "payload larger than payload_bytes_max",
+            ));
+        }
+        let Some(port) = self
+            .ports
+            .find(name)
+            .filter(|&p| self.ports.get(p).owner != NONE)
+        else {
+            return Ok(Reply::NoOwner);
+        };
+        let owner = &self.sessions[self.ports.get(port).owner as usize];
+        let Some(conn) = owner.conn else {
+            return Err(Fail::Code(
+                ErrorCode::OwnerUnreachable,
+                "the owner has no connection now",
+            ));
+        };
+        let from = self.sessions[b.session as usize].id;
+        out.event(
+            conn,
+            &Event::Message {
+                from,
+                port: name,
+                payload,
+            },
+        );
+        self.stats.messages_relayed_total += 1;
+        Ok(Reply::Delivered)
+    }
+
+    fn broadcast(
+        &mut self,
+        b: &Batch,
+        prefix: Option<&[u8]>,
+        payload: &[u8],
+        out: &mut impl Outbox,
+    ) -> Result<Reply<'static>, Fail> {
+        if payload.len() > self.cfg.payload_bytes_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::PayloadTooLarge,
+                "payload larger than payload_bytes_max",
+            ));
+        }
+        let from = self.sessions[b.session as usize].id;
+        let budget = self.cfg.broadcast_fanout_bytes_max;
+        let per = payload.len() as u64 + 64;
+        let mut count = 0u64;
+        match prefix {
+            None => {
+                if per.saturating_mul(self.conn_sessions.len() as u64) > budget {
+                    return Err(Fail::Code(
+                        ErrorCode::PayloadTooLarge,
+                        "payload x recipients exceeds broadcast_fanout_bytes_max",
+                    ));
+                }
+                for (slot, s) in self.sessions.iter() {
+                    if slot as u32 == b.session {
+                        continue;
+                    }
+                    if let Some(conn) = s.conn {
+                        out.event(
+                            conn,
+                            &Event::Message {
+                                from,
+                                port: &[],
+                                payload,
+                            },
+                        );
+                        count += 1;
+                    }
+                }
+            }
+            Some(prefix) => {
+                if prefix.len() > self.cfg.port_name_bytes_max as usize {
+                    return Err(Fail::Code(
+                        ErrorCode::NameTooLong,
+                        "prefix longer than port_name_bytes_max",
+                    ));
+                }
+                let sessions = &self.sessions;
+                let mut matches = 0u64;
+                self.ports.scan(0, usize::MAX, |_, e| {
+                    if e.name().starts_with(prefix) && sessions[e.owner as usize].conn.is_some() {
+                        matches += 1;
+                    }
+                    true
+                });
+                if per.saturating_mul(matches) > budget {
+                    return Err(Fail::Code(
+                        ErrorCode::PayloadTooLarge,
+                        "payload x recipients exceeds broadcast_fanout_bytes_max",
+                    ));
+                }
+                self.ports.scan(0, usize::MAX, |_, e| {
+                    if e.name().starts_with(prefix) {
+                        if let Some(conn) = sessions[e.owner as usize].conn {
+                            out.event(
+                                conn,
+                                &Event::Message {
+                                    from,
+                                    port: e.name(),
+                                    payload,
+                                },
+                            );
+                            count += 1;
+                        }
+                    }
+                    true
+                });
+            }
+        }
+        self.stats.messages_relayed_total += count;
+        Ok(Reply::Count { count })
+    }
+
+    fn list(
+        &mut self,
+        conn: ConnId,
+        id: u32,
+        prefix: &[u8],
+        cursor: u64,
+        limit: u32,
+        out: &mut impl Outbox,
+    ) {
+        if limit == 0 || limit > self.cfg.list_limit_max {
+            return self.error(
+                conn,
+                id,
+                ErrorCode::ListLimit,
+                "limit must be in [1, list_limit_max]",
+                out,
+            );
+        }
+        if prefix.len() > self.cfg.port_name_bytes_max as usize {
+            return self.error(
+                conn,
+                id,
+                ErrorCode::NameTooLong,
+                "prefix longer than port_name_bytes_max",
+                out,
+            );
+        }
+        // Room for entries in one frame, after the message header and page header.
+        let bytes_max = self.cfg.frame_bytes_max as usize - limits::MESSAGE_HEADER_BYTES - 12;
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        let mut count = 0u32;
+        let from = cursor.min(self.ports.slots() as u64) as usize;
+        let sessions = &self.sessions;
+        let ports = &self.ports;
+        let stopped = ports.scan(from, self.cfg.list_scan_slots_max as usize, |slot, e| {
+            if !e.name().starts_with(prefix) {
+                return true;
+            }
+            let s = &sessions[e.owner as usize];
+            let entry = PageEntry {
+                port: e.name(),
+                session: s.id,
+                token: e.token,
+                node: &s.node,
+                value: ports.value(slot),
+            };
+            if count == limit || buf.len() + entry.encoded_len() > bytes_max {
+                return false;
+            }
+            entry.encode(&mut buf);
+            count += 1;
+            true
+        });
+        let next_cursor = if stopped >= self.ports.slots() {
+            0
+        } else {
+            stopped as u64
+        };
+        // A continuation cursor is never 0 (0 means "from the start" / "done"): a scan
+        // that stops at slot 0 has returned nothing, which cannot happen with limit ≥ 1.
+        debug_assert!(next_cursor != 0 || stopped >= self.ports.slots() || from > 0);
+        out.reply(
+            conn,
+            id,
+            &Reply::Page {
+                next_cursor,
+                count,
+                entries: &buf,
+            },
+        );
+        self.scratch = buf;
+    }
+}
+
+/// How a request failed: a plain error, or TAKEN (whose reply borrows the owner's
+/// node name, so it is built where the core can lend it).
+#[derive(Debug)]
+enum Fail {
+    Code(ErrorCode, &'static str),
+    Taken { port: u32, owner: u32 },
+}
+
+impl From<(ErrorCode, &'static str)> for Fail {
+    fn from((code, msg): (ErrorCode, &'static str)) -> Fail {
+        Fail::Code(code, msg)
+    }
+}
+
+fn constant_time_eq(a: u64, b: u64) -> bool {
+    // Compare without an early exit so timing does not reveal a matching prefix.
+    let x = a ^ b;
+    let mut acc = 0u64;
+    for i in 0..8 {
+        acc |= (x >> (i * 8)) & 0xFF;
+    }
+    acc == 0
+}
