@@ -204,12 +204,10 @@ impl FrameBuf {
         debug_assert_eq!(self.buf.len() - before, event.body_len());
     }
 
-    /// Appends whole frames taken from another buffer (they are copied as they are).
-    pub fn push_frames(&mut self, other: &mut FrameBuf) {
-        other.close();
+    /// Appends whole, already encoded frames (copied as they are).
+    pub fn push_frames(&mut self, frames: &[u8]) {
         self.close();
-        self.buf.extend_from_slice(&other.buf);
-        other.clear();
+        self.buf.extend_from_slice(frames);
     }
 
     /// Closes the open frame and swaps the bytes out into `out` (which should be empty;

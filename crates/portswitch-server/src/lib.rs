@@ -1,1 +1,184 @@
-//! placeholder
+//! The portswitch server: sockets, timers and metrics around the sans-IO core.
+//!
+//! Layout:
+//! - [`config`]: settings and their defaults.
+//! - `conn`: one reader and one writer task per connection. The reader decodes whole
+//!   frames and feeds their requests to the core under one lock per read; replies and
+//!   events are encoded straight into per-connection output buffers, which the writer
+//!   tasks swap out and write, so whatever piles up while a write is in flight leaves
+//!   in the next one (responses and events are coalesced).
+//! - `http`: Prometheus metrics at `/metrics`, liveness at `/health`.
+//!
+//! Memory per connection is bounded: a frame is read only after its declared length is
+//! checked, and a connection whose output queue passes `send_queue_bytes_max` is sent
+//! `GOAWAY slow_consumer` and closed.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use portswitch_server::{Server, ServerConfig};
+//! let server = Server::bind(ServerConfig::ephemeral()).await?;
+//! println!("clients connect to {}", server.local_addr());
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let task = tokio::spawn(server.run(async { let _ = stopped.await; }));
+//! stop.send(()).ok();
+//! task.await.expect("server task")?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+mod conn;
+mod http;
+mod state;
+
+pub use config::ServerConfig;
+pub use state::StatsSnapshot;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::state::Shared;
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Binds the listeners and creates the core. Fails if the configuration is invalid
+    /// or an address cannot be bound.
+    pub async fn bind(cfg: ServerConfig) -> io::Result<Server> {
+        cfg.core
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let epoch = match cfg.epoch {
+            Some(e) => e,
+            None => fresh_epoch().await,
+        };
+        let listener = TcpListener::bind(cfg.listen).await?;
+        let http = match cfg.http_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(cfg, epoch));
+        Ok(Server { listener, http, shared })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|l| l.local_addr().expect("bound listener has an address"))
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch()
+    }
+
+    /// Serves until `shutdown` completes, then tells every client `GOAWAY
+    /// shutting_down`, waits briefly for their queues to flush, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let Server { listener, http, shared } = self;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(http) = http {
+            let shared = shared.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = http::serve(http, shared, stopped).await {
+                    tracing::warn!("http endpoint failed: {e}");
+                }
+            });
+        }
+        {
+            let shared = shared.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let tick = Duration::from_millis(shared.config().tick_ms.max(1));
+                let mut interval = tokio::time::interval(tick);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = interval.tick() => shared.tick(),
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                }
+            });
+        }
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => conn::spawn(shared.clone(), stream, peer),
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        shared.shutdown();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(config::SHUTDOWN_GRACE_MS);
+        while shared.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Waits for a new wall-clock second to begin and returns it. Two servers started one
+/// after the other on one machine thus never share an epoch (DESIGN §4: epochs keep
+/// rising even without a disk).
+async fn fresh_epoch() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let next = now.as_secs() + 1;
+    let wait = Duration::from_secs(next) - now;
+    tokio::time::sleep(wait + Duration::from_millis(1)).await;
+    next
+}
+
+/// A server running on a background task, for tests and embedding.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Binds and starts a server on the current tokio runtime.
+    pub async fn start(cfg: ServerConfig) -> io::Result<RunningServer> {
+        let server = Server::bind(cfg).await?;
+        let (addr, http_addr) = (server.local_addr(), server.http_addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(RunningServer { addr, http_addr, stop: Some(stop), task })
+    }
+
+    /// Shuts the server down gracefully and waits for it.
+    pub async fn stop(mut self) -> io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.map_err(io::Error::other)?
+    }
+}

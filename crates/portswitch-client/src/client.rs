@@ -1,0 +1,889 @@
+//! The client: one connection, automatic batching, lease view, resume.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use portswitch_proto::frame::{frame_len, messages};
+use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, NODE_NAME_BYTES_MAX, PROTOCOL_VERSION};
+use portswitch_proto::{ErrorCode, Event as WireEvent, FrameBuf, Hello, HelloOk, Reply, Request, ServerMsg};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, oneshot, watch, Notify};
+
+use crate::types::*;
+
+/// How a client connects and keeps its session.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Server address, `host:port`.
+    pub addr: String,
+    /// Announced to the server; others see it as the owner's node name.
+    pub node_name: String,
+    /// The session lease: the server ends the session this long after it last heard
+    /// from it.
+    pub lease: Duration,
+    /// End the session the moment the connection closes without BYE (fast failure
+    /// detection for processes that die, at the price of losing ports on a blip).
+    pub end_on_disconnect: bool,
+    /// The fraction of the lease the client's own view gives up early, to cover clock
+    /// rate differences between client and server. 0.1 tolerates a 10% faster client
+    /// clock.
+    pub lease_margin: f64,
+    pub connect_timeout: Duration,
+    /// Resume this session (id, secret) instead of starting a new one.
+    pub resume: Option<(u64, u64)>,
+    /// Capacity of the events channel; a receiver that falls further behind sees
+    /// `RecvError::Lagged` (it lost events, and should re-read what it watches).
+    pub events_capacity: usize,
+}
+
+impl ClientOptions {
+    pub fn new(addr: impl Into<String>) -> Self {
+        ClientOptions {
+            addr: addr.into(),
+            node_name: default_node_name(),
+            lease: Duration::from_millis(portswitch_proto_lease_default()),
+            end_on_disconnect: false,
+            lease_margin: 0.1,
+            connect_timeout: Duration::from_secs(5),
+            resume: None,
+            events_capacity: 4_096,
+        }
+    }
+}
+
+fn portswitch_proto_lease_default() -> u64 {
+    10_000
+}
+
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    let mut name = format!("{}:{}", if host.is_empty() { "client" } else { host }, std::process::id());
+    name.truncate(NODE_NAME_BYTES_MAX);
+    name
+}
+
+/// An owned reply.
+#[derive(Debug)]
+enum Answer {
+    Ok,
+    Registered(u64),
+    Taken(u64, u64, Bytes),
+    Queued(u32),
+    Owner(Owner),
+    Free,
+    Watching(Option<(u64, u64)>),
+    Delivered,
+    NoOwner,
+    Count(u64),
+    Page(Page),
+    Stats(Vec<(String, u64)>),
+}
+
+/// What a pending request needs to update on its reply.
+#[derive(Debug)]
+enum Kind {
+    Plain,
+    Register(Bytes),
+    Unregister(Bytes),
+}
+
+struct Pending {
+    tx: Option<oneshot::Sender<Result<Answer>>>,
+    sent_at: Instant,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Connected(u64),
+    Reconnecting,
+    Lost(String),
+    Closed,
+}
+
+struct St {
+    out: FrameBuf,
+    next_id: u32,
+    pending: HashMap<u32, Pending>,
+    acquire_waiters: HashMap<Bytes, Vec<oneshot::Sender<Result<u64>>>>,
+    owned: HashMap<Bytes, u64>,
+    info: SessionInfo,
+    safe_lease: Duration,
+    view_end: Instant,
+    phase: Phase,
+    conn_gen: u64,
+    /// Wakes the current connection's reader when the session is over.
+    conn_dead: Option<Arc<Notify>>,
+}
+
+struct Inner {
+    opts: ClientOptions,
+    st: Mutex<St>,
+    wake_writer: Notify,
+    events: broadcast::Sender<Event>,
+    alive: watch::Sender<bool>,
+}
+
+/// A portswitch session. Cheap to clone; all clones share the session.
+///
+/// Requests from any number of tasks are batched into frames automatically: whatever
+/// is submitted while a write is in flight goes out in the next frame, and replies
+/// are matched by request id, so one connection pipelines without waiting.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    _guard: Arc<DropGuard>,
+}
+
+/// Ends the session (BYE) when the last clone of a [`Client`] is dropped, so a
+/// forgotten client does not keep ports alive.
+struct DropGuard(Arc<Inner>);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        let inner = &self.0;
+        {
+            let mut st = inner.lock();
+            if matches!(st.phase, Phase::Connected(_)) {
+                st.next_id = st.next_id.wrapping_add(1).max(1);
+                let id = st.next_id;
+                st.out.push_request(id, &Request::Bye);
+            }
+        }
+        inner.finish(Phase::Closed, "client dropped");
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("addr", &self.inner.opts.addr).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects, opens (or resumes) a session, and starts keeping it alive.
+    pub async fn connect(opts: ClientOptions) -> Result<Client> {
+        if opts.node_name.len() > NODE_NAME_BYTES_MAX {
+            return Err(Error::TooLarge { what: "node name", len: opts.node_name.len(), max: NODE_NAME_BYTES_MAX });
+        }
+        let lease_ms = u32::try_from(opts.lease.as_millis()).unwrap_or(u32::MAX);
+        let (stream, hello, rest, sent_at) = handshake(&opts, lease_ms, opts.resume).await?;
+        let safe_lease = safe_lease(&opts, hello.lease_ms);
+        let info = SessionInfo {
+            id: hello.session,
+            secret: hello.secret,
+            epoch: hello.epoch,
+            lease_ms: hello.lease_ms,
+            limits: hello.limits,
+        };
+        let (events, _) = broadcast::channel(opts.events_capacity.max(1));
+        let (alive, _) = watch::channel(true);
+        let frame_max = (hello.limits.frame_bytes_max as usize).min(FRAME_BYTES_MAX);
+        let cmds_max = (hello.limits.commands_per_frame_max as usize).clamp(1, COMMANDS_PER_FRAME_MAX);
+        let inner = Arc::new(Inner {
+            opts,
+            st: Mutex::new(St {
+                out: FrameBuf::new(frame_max, cmds_max),
+                next_id: 0,
+                pending: HashMap::new(),
+                acquire_waiters: HashMap::new(),
+                owned: HashMap::new(),
+                info,
+                safe_lease,
+                view_end: sent_at + safe_lease,
+                phase: Phase::Connected(1),
+                conn_gen: 1,
+                conn_dead: None,
+            }),
+            wake_writer: Notify::new(),
+            events,
+            alive,
+        });
+        start_connection(inner.clone(), stream, rest, 1);
+        tokio::spawn(keepalive(Arc::downgrade(&inner)));
+        Ok(Client { _guard: Arc::new(DropGuard(inner.clone())), inner })
+    }
+
+    /// Connects to `addr` with default options.
+    pub async fn connect_to(addr: impl Into<String>) -> Result<Client> {
+        Client::connect(ClientOptions::new(addr)).await
+    }
+
+    pub fn session(&self) -> SessionInfo {
+        self.inner.lock().info
+    }
+
+    /// Subscribes to this session's events (from now on).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Whether the session is still held (the lease view has not run out).
+    pub fn is_alive(&self) -> bool {
+        *self.inner.alive.borrow()
+    }
+
+    /// Resolves when the session is lost or closed; an owner must stop acting as owner
+    /// of every port at that moment.
+    pub async fn lost(&self) {
+        let mut rx = self.inner.alive.subscribe();
+        let _ = rx.wait_for(|alive| !*alive).await;
+    }
+
+    /// Ports this session owns, as far as the client knows, with their tokens.
+    pub fn owned_ports(&self) -> Vec<(Bytes, u64)> {
+        self.inner.lock().owned.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Registers `port` without waiting: owned, or taken by someone else.
+    pub async fn register(&self, port: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<RegisterOutcome> {
+        self.register_with(port.as_ref(), value.as_ref(), false).await
+    }
+
+    /// Registers `port`, joining its FIFO queue if taken; `Queued` means an
+    /// [`Event::Acquired`] follows when it is granted.
+    pub async fn register_with(&self, port: &[u8], value: &[u8], wait: bool) -> Result<RegisterOutcome> {
+        let port = Bytes::copy_from_slice(port);
+        let a = self
+            .request(Request::Register { port: &port, value, wait }, Kind::Register(port.clone()))
+            .await?;
+        Ok(match a {
+            Answer::Registered(token) => RegisterOutcome::Owned { token },
+            Answer::Taken(session, token, node) => RegisterOutcome::Taken { session, token, node },
+            Answer::Queued(position) => RegisterOutcome::Queued { position },
+            other => return Err(unexpected(other)),
+        })
+    }
+
+    /// Registers `port`, waiting in its FIFO queue until granted. Returns the token.
+    pub async fn register_wait(&self, port: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<u64> {
+        let port = Bytes::copy_from_slice(port.as_ref());
+        // Listen for the grant before asking, so it cannot slip past.
+        let (tx, rx) = oneshot::channel();
+        self.inner.lock().acquire_waiters.entry(port.clone()).or_default().push(tx);
+        match self.register_with(&port, value.as_ref(), true).await {
+            Ok(RegisterOutcome::Owned { token }) => {
+                self.inner.lock().acquire_waiters.remove(&port);
+                Ok(token)
+            }
+            Ok(RegisterOutcome::Queued { .. }) => rx.await.map_err(|_| Error::Closed)?,
+            Ok(RegisterOutcome::Taken { .. }) => Err(Error::Protocol("TAKEN for a waiting REGISTER".into())),
+            Err(e) => {
+                self.inner.lock().acquire_waiters.remove(&port);
+                Err(e)
+            }
+        }
+    }
+
+    /// Releases a port this session owns, or leaves its queue.
+    pub async fn unregister(&self, port: impl AsRef<[u8]>) -> Result<()> {
+        let port = Bytes::copy_from_slice(port.as_ref());
+        self.ok(Request::Unregister { port: &port }, Kind::Unregister(port.clone())).await
+    }
+
+    /// The owner of `port`, or `None` if it is free.
+    pub async fn query(&self, port: impl AsRef<[u8]>) -> Result<Option<Owner>> {
+        match self.request(Request::Query { port: port.as_ref() }, Kind::Plain).await? {
+            Answer::Owner(mut o) => {
+                o.port = Bytes::copy_from_slice(port.as_ref());
+                Ok(Some(o))
+            }
+            Answer::Free => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Watches `port`: [`Event::Claimed`] and [`Event::Released`] follow its changes.
+    /// Returns its owner now (session, token), if any.
+    pub async fn watch(&self, port: impl AsRef<[u8]>) -> Result<Option<(u64, u64)>> {
+        match self.request(Request::Watch { name: port.as_ref(), prefix: false }, Kind::Plain).await? {
+            Answer::Watching(o) => Ok(o),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Watches every port whose name starts with `prefix`.
+    pub async fn watch_prefix(&self, prefix: impl AsRef<[u8]>) -> Result<()> {
+        match self.request(Request::Watch { name: prefix.as_ref(), prefix: true }, Kind::Plain).await? {
+            Answer::Watching(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn unwatch(&self, port: impl AsRef<[u8]>) -> Result<()> {
+        self.ok(Request::Unwatch { name: port.as_ref(), prefix: false }, Kind::Plain).await
+    }
+
+    pub async fn unwatch_prefix(&self, prefix: impl AsRef<[u8]>) -> Result<()> {
+        self.ok(Request::Unwatch { name: prefix.as_ref(), prefix: true }, Kind::Plain).await
+    }
+
+    /// Relays `payload` to the owner of `port` (it gets [`Event::Message`]).
+    pub async fn send(&self, port: impl AsRef<[u8]>, payload: impl AsRef<[u8]>) -> Result<SendOutcome> {
+        let req = Request::Send { port: port.as_ref(), payload: payload.as_ref() };
+        match self.request(req, Kind::Plain).await? {
+            Answer::Delivered => Ok(SendOutcome::Delivered),
+            Answer::NoOwner => Ok(SendOutcome::NoOwner),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends `payload` to every other session (`prefix` = `None`) or to the owner of
+    /// every port under `prefix`. Returns how many messages were sent.
+    pub async fn broadcast(&self, prefix: Option<&[u8]>, payload: impl AsRef<[u8]>) -> Result<u64> {
+        match self.request(Request::Broadcast { prefix, payload: payload.as_ref() }, Kind::Plain).await? {
+            Answer::Count(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One page of owned ports under `prefix`, from `cursor` (0 to start).
+    pub async fn list(&self, prefix: impl AsRef<[u8]>, cursor: u64, limit: u32) -> Result<Page> {
+        match self.request(Request::List { prefix: prefix.as_ref(), cursor, limit }, Kind::Plain).await? {
+            Answer::Page(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every owned port under `prefix`, page by page. Ports that come and go during
+    /// the listing may or may not appear; the others appear exactly once.
+    pub async fn list_all(&self, prefix: impl AsRef<[u8]>) -> Result<Vec<Owner>> {
+        let limit = self.session().limits.list_limit_max.max(1);
+        let mut all = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let page = self.list(prefix.as_ref(), cursor, limit).await?;
+            all.extend(page.entries);
+            if page.next_cursor == 0 {
+                return Ok(all);
+            }
+            cursor = page.next_cursor;
+        }
+    }
+
+    /// The server's counters.
+    pub async fn stats(&self) -> Result<Vec<(String, u64)>> {
+        match self.request(Request::Stats, Kind::Plain).await? {
+            Answer::Stats(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A round trip (also renews the lease, as any request does).
+    pub async fn ping(&self) -> Result<()> {
+        self.ok(Request::Ping, Kind::Plain).await
+    }
+
+    /// Ends the session (its ports are released at once) and closes the connection.
+    pub async fn close(&self) -> Result<()> {
+        let r = self.ok(Request::Bye, Kind::Plain).await;
+        self.inner.finish(Phase::Closed, "closed by the application");
+        r
+    }
+
+    /// Closes the connection without ending the session: it stays on the server for
+    /// its lease and can be resumed with [`ClientOptions::resume`]. Returns
+    /// (session id, secret).
+    pub fn detach(&self) -> (u64, u64) {
+        let info = self.session();
+        self.inner.finish(Phase::Closed, "detached");
+        (info.id, info.secret)
+    }
+
+    async fn ok(&self, req: Request<'_>, kind: Kind) -> Result<()> {
+        match self.request(req, kind).await? {
+            Answer::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn request(&self, req: Request<'_>, kind: Kind) -> Result<Answer> {
+        let rx = {
+            let mut st = self.inner.lock();
+            match &st.phase {
+                Phase::Lost(why) => return Err(Error::SessionLost(why.clone())),
+                Phase::Closed => return Err(Error::Closed),
+                Phase::Connected(_) | Phase::Reconnecting => {}
+            }
+            check_limits(&st.info.limits, &req)?;
+            st.next_id = st.next_id.wrapping_add(1).max(1);
+            let id = st.next_id;
+            let (tx, rx) = oneshot::channel();
+            st.out.push_request(id, &req);
+            st.pending.insert(id, Pending { tx: Some(tx), sent_at: Instant::now(), kind });
+            rx
+        };
+        self.inner.wake_writer.notify_one();
+        rx.await.map_err(|_| Error::ConnectionLost)?
+    }
+}
+
+fn unexpected(a: Answer) -> Error {
+    Error::Protocol(format!("unexpected reply {a:?}"))
+}
+
+fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result<()> {
+    let check = |what, len: usize, max: u32| {
+        if len > max as usize {
+            Err(Error::TooLarge { what, len, max: max as usize })
+        } else {
+            Ok(())
+        }
+    };
+    match *req {
+        Request::Register { port, value, .. } => {
+            check("port name", port.len(), l.port_name_bytes_max)?;
+            check("value", value.len(), l.value_bytes_max)
+        }
+        Request::Unregister { port } | Request::Query { port } => check("port name", port.len(), l.port_name_bytes_max),
+        Request::Watch { name, .. } | Request::Unwatch { name, .. } => check("port name", name.len(), l.port_name_bytes_max),
+        Request::Send { port, payload } => {
+            check("port name", port.len(), l.port_name_bytes_max)?;
+            check("payload", payload.len(), l.payload_bytes_max)
+        }
+        Request::Broadcast { prefix, payload } => {
+            check("prefix", prefix.map_or(0, |p| p.len()), l.port_name_bytes_max)?;
+            check("payload", payload.len(), l.payload_bytes_max)
+        }
+        Request::List { prefix, .. } => check("prefix", prefix.len(), l.port_name_bytes_max),
+        Request::Hello(_) | Request::Ping | Request::Bye | Request::Stats => Ok(()),
+    }
+}
+
+fn safe_lease(opts: &ClientOptions, lease_ms: u32) -> Duration {
+    let margin = opts.lease_margin.clamp(0.0, 0.9);
+    Duration::from_millis(lease_ms as u64).mul_f64(1.0 - margin)
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, St> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the session from the client's side: fails everything pending, tells the
+    /// application which ports it no longer owns.
+    fn finish(&self, phase: Phase, reason: &str) {
+        let (pending, waiters, owned) = {
+            let mut st = self.lock();
+            if matches!(st.phase, Phase::Lost(_) | Phase::Closed) {
+                return;
+            }
+            st.phase = phase.clone();
+            if let Some(dead) = st.conn_dead.take() {
+                dead.notify_one();
+            }
+            if !matches!(phase, Phase::Closed) {
+                // Nothing more goes out for a lost session; a closed one still flushes
+                // what is queued (its BYE).
+                st.out.clear();
+                st.conn_gen += 1;
+            }
+            (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.acquire_waiters),
+                std::mem::take(&mut st.owned),
+            )
+        };
+        let _ = self.alive.send(false);
+        let err = || match &phase {
+            Phase::Closed => Error::Closed,
+            _ => Error::SessionLost(reason.to_string()),
+        };
+        for (_, mut p) in pending {
+            if let Some(tx) = p.tx.take() {
+                let _ = tx.send(Err(err()));
+            }
+        }
+        for (_, ws) in waiters {
+            for w in ws {
+                let _ = w.send(Err(err()));
+            }
+        }
+        if matches!(phase, Phase::Lost(_)) {
+            let _ = self.events.send(Event::OwnershipLost {
+                ports: owned.into_iter().collect(),
+                reason: reason.to_string(),
+            });
+        }
+        self.wake_writer.notify_one();
+    }
+}
+
+/// Connects and exchanges HELLO. Returns the stream, the server's answer, any bytes
+/// read past it, and when HELLO was sent (the start of the first lease view).
+async fn handshake(
+    opts: &ClientOptions,
+    lease_ms: u32,
+    resume: Option<(u64, u64)>,
+) -> Result<(TcpStream, HelloOk, BytesMut, Instant)> {
+    let connect = TcpStream::connect(&opts.addr);
+    let mut stream = tokio::time::timeout(opts.connect_timeout, connect)
+        .await
+        .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
+    stream.set_nodelay(true)?;
+    let (resume_session, resume_secret) = resume.unwrap_or((0, 0));
+    let hello = Hello {
+        version_min: PROTOCOL_VERSION,
+        version_max: PROTOCOL_VERSION,
+        features: 0,
+        lease_ms,
+        end_on_disconnect: opts.end_on_disconnect,
+        node_name: opts.node_name.as_bytes(),
+        credentials: b"",
+        resume_session,
+        resume_secret,
+    };
+    let mut fb = FrameBuf::new(FRAME_BYTES_MAX, 1);
+    fb.push_request(1, &Request::Hello(hello));
+    let mut bytes = BytesMut::new();
+    fb.take_into(&mut bytes);
+    let sent_at = Instant::now();
+    stream.write_all(&bytes).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+    loop {
+        match frame_len(&buf, FRAME_BYTES_MAX).map_err(|e| Error::Protocol(e.to_string()))? {
+            Some(n) => {
+                let frame = buf.split_to(n);
+                let mut it = messages(&frame[4..], COMMANDS_PER_FRAME_MAX);
+                let m = it
+                    .next()
+                    .ok_or_else(|| Error::Protocol("empty frame".into()))?
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                let msg = ServerMsg::decode(m.opcode, m.id, m.body).map_err(|e| Error::Protocol(e.to_string()))?;
+                let rest_of_frame = &frame[4 + 9 + m.body.len()..];
+                let mut rest = BytesMut::new();
+                if !rest_of_frame.is_empty() {
+                    // Events that came in the same frame as HELLO_OK (a resume's missed
+                    // events): re-frame them for the reader.
+                    rest.extend_from_slice(&(rest_of_frame.len() as u32).to_be_bytes());
+                    rest.extend_from_slice(rest_of_frame);
+                }
+                rest.extend_from_slice(&buf);
+                return match msg {
+                    ServerMsg::Reply { reply: Reply::HelloOk(h), .. } => Ok((stream, h, rest, sent_at)),
+                    ServerMsg::Reply { reply: Reply::Error { code, message }, .. } => Err(Error::Server {
+                        code,
+                        message: String::from_utf8_lossy(message).into_owned(),
+                    }),
+                    ServerMsg::Event(WireEvent::GoAway { code, message }) => Err(Error::Server {
+                        code,
+                        message: String::from_utf8_lossy(message).into_owned(),
+                    }),
+                    other => Err(Error::Protocol(format!("expected HELLO_OK, got {other:?}"))),
+                };
+            }
+            None => {
+                let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
+                    .await
+                    .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
+                if read == 0 {
+                    return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+    }
+}
+
+fn start_connection(inner: Arc<Inner>, stream: TcpStream, rest: BytesMut, gen: u64) {
+    let (rd, wr) = stream.into_split();
+    let dead = Arc::new(Notify::new());
+    inner.lock().conn_dead = Some(dead.clone());
+    tokio::spawn(writer(inner.clone(), wr, gen, dead.clone()));
+    tokio::spawn(reader(inner, rd, rest, gen, dead));
+}
+
+async fn writer(inner: Arc<Inner>, mut wr: OwnedWriteHalf, gen: u64, dead: Arc<Notify>) {
+    let mut buf = BytesMut::new();
+    loop {
+        let closing = {
+            let mut st = inner.lock();
+            if st.conn_gen != gen {
+                break;
+            }
+            st.out.take_into(&mut buf);
+            st.phase == Phase::Closed
+        };
+        if !buf.is_empty() {
+            if wr.write_all(&buf).await.is_err() {
+                dead.notify_one();
+                break;
+            }
+            if !closing {
+                continue; // more may have piled up during the write
+            }
+        }
+        if closing {
+            break;
+        }
+        inner.wake_writer.notified().await;
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn reader(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut, gen: u64, dead: Arc<Notify>) {
+    let why = loop {
+        loop {
+            match frame_len(&buf, FRAME_BYTES_MAX) {
+                Ok(Some(n)) => {
+                    let frame = buf.split_to(n);
+                    if dispatch(&inner, &frame[4..], gen).is_err() {
+                        return; // this connection is stale
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    inner.finish(Phase::Lost(e.to_string()), "server sent a malformed frame");
+                    return;
+                }
+            }
+        }
+        if inner.lock().conn_gen != gen {
+            return;
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break "connection closed by the server".to_string(),
+                Err(e) => break format!("connection error: {e}"),
+                Ok(_) => {}
+            },
+            _ = dead.notified() => break "connection write failed".to_string(),
+        }
+    };
+    on_disconnect(inner, gen, why).await;
+}
+
+/// Handles every message of one frame.
+fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
+    let mut events = Vec::new();
+    let mut completions = Vec::new();
+    let mut goaway = None;
+    {
+        let mut st = inner.lock();
+        if st.conn_gen != gen {
+            return Err(());
+        }
+        for m in messages(body, usize::MAX) {
+            let Ok(m) = m else { break };
+            let Ok(msg) = ServerMsg::decode(m.opcode, m.id, m.body) else { continue };
+            match msg {
+                ServerMsg::Reply { id, reply } => {
+                    let Some(mut p) = st.pending.remove(&id) else { continue };
+                    // Any answer proves the server held the session when the request
+                    // was sent: the lease view runs from the send time.
+                    let end = p.sent_at + st.safe_lease;
+                    if end > st.view_end {
+                        st.view_end = end;
+                    }
+                    let answer = owned_answer(&reply);
+                    if let Ok(a) = &answer {
+                        match (&p.kind, a) {
+                            (Kind::Register(port), Answer::Registered(t)) => {
+                                st.owned.insert(port.clone(), *t);
+                            }
+                            (Kind::Unregister(port), Answer::Ok) => {
+                                st.owned.remove(port);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(tx) = p.tx.take() {
+                        completions.push((tx, answer));
+                    }
+                }
+                ServerMsg::Event(e) => match e {
+                    WireEvent::Acquired { port, token } => {
+                        let port = Bytes::copy_from_slice(port);
+                        st.owned.insert(port.clone(), token);
+                        if let Some(ws) = st.acquire_waiters.remove(&port) {
+                            for w in ws {
+                                let _ = w.send(Ok(token));
+                            }
+                        }
+                        events.push(Event::Acquired { port, token });
+                    }
+                    WireEvent::Released { port, token } => {
+                        events.push(Event::Released { port: Bytes::copy_from_slice(port), token })
+                    }
+                    WireEvent::Claimed { port, session, token, node } => events.push(Event::Claimed {
+                        port: Bytes::copy_from_slice(port),
+                        session,
+                        token,
+                        node: Bytes::copy_from_slice(node),
+                    }),
+                    WireEvent::Message { from, port, payload } => events.push(Event::Message {
+                        from,
+                        port: Bytes::copy_from_slice(port),
+                        payload: Bytes::copy_from_slice(payload),
+                    }),
+                    WireEvent::Resync => events.push(Event::Resync),
+                    WireEvent::GoAway { code, message } => {
+                        goaway = Some((code, String::from_utf8_lossy(message).into_owned()));
+                    }
+                },
+            }
+        }
+    }
+    for (tx, a) in completions {
+        let _ = tx.send(a);
+    }
+    for e in events {
+        let _ = inner.events.send(e);
+    }
+    if let Some((code, msg)) = goaway {
+        // The server is closing this connection. A session it expired or that it
+        // refuses is over; otherwise (shutdown, slow consumer) the reader sees EOF
+        // next and the client tries to resume.
+        if code == ErrorCode::SessionExpired {
+            inner.finish(Phase::Lost(msg.clone()), &format!("{code}: {msg}"));
+        }
+        tracing::debug!(%code, %msg, "GOAWAY from server");
+    }
+    Ok(())
+}
+
+fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
+    let b = Bytes::copy_from_slice;
+    Ok(match *r {
+        Reply::Ok => Answer::Ok,
+        Reply::Registered { token } => Answer::Registered(token),
+        Reply::Taken { session, token, node } => Answer::Taken(session, token, b(node)),
+        Reply::Queued { position } => Answer::Queued(position),
+        Reply::Owner { session, token, node, value } => Answer::Owner(Owner {
+            port: Bytes::new(),
+            session,
+            token,
+            node: b(node),
+            value: b(value),
+        }),
+        Reply::Free => Answer::Free,
+        Reply::Watching { owner } => Answer::Watching(owner),
+        Reply::Delivered => Answer::Delivered,
+        Reply::NoOwner => Answer::NoOwner,
+        Reply::Count { count } => Answer::Count(count),
+        Reply::Page { next_cursor, .. } => Answer::Page(Page {
+            next_cursor,
+            entries: r
+                .page_entries()
+                .map(|e| Owner { port: b(e.port), session: e.session, token: e.token, node: b(e.node), value: b(e.value) })
+                .collect(),
+        }),
+        Reply::Stats { .. } => Answer::Stats(
+            r.stats_entries().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v)).collect(),
+        ),
+        Reply::Error { code, message } => {
+            return Err(Error::Server { code, message: String::from_utf8_lossy(message).into_owned() })
+        }
+        Reply::HelloOk(_) => return Err(Error::Protocol("HELLO_OK outside a handshake".into())),
+    })
+}
+
+/// The connection is gone: fail what was in flight, then resume the session on a new
+/// connection while the lease view lasts (or give up at once for an end-on-disconnect
+/// session, whose ports the server has already released).
+async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
+    let pending = {
+        let mut st = inner.lock();
+        if st.conn_gen != gen || !matches!(st.phase, Phase::Connected(_)) {
+            return;
+        }
+        st.phase = Phase::Reconnecting;
+        st.out.clear();
+        std::mem::take(&mut st.pending)
+    };
+    for (_, mut p) in pending {
+        if let Some(tx) = p.tx.take() {
+            let _ = tx.send(Err(Error::ConnectionLost));
+        }
+    }
+    if inner.opts.end_on_disconnect {
+        inner.finish(Phase::Lost(why.clone()), &format!("{why}; the session ends on disconnect"));
+        return;
+    }
+    let _ = inner.events.send(Event::Disconnected);
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let (view_end, info) = {
+            let st = inner.lock();
+            if st.phase != Phase::Reconnecting {
+                return;
+            }
+            (st.view_end, st.info)
+        };
+        if Instant::now() >= view_end {
+            inner.finish(Phase::Lost("lease view expired while reconnecting".into()), "could not resume in time");
+            return;
+        }
+        let attempt = handshake(&inner.opts, info.lease_ms, Some((info.id, info.secret)));
+        let left = view_end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, attempt).await {
+            Ok(Ok((stream, hello, rest, sent_at))) => {
+                let new_gen = {
+                    let mut st = inner.lock();
+                    if st.phase != Phase::Reconnecting {
+                        return;
+                    }
+                    st.conn_gen += 1;
+                    st.phase = Phase::Connected(st.conn_gen);
+                    let end = sent_at + st.safe_lease;
+                    if end > st.view_end {
+                        st.view_end = end;
+                    }
+                    st.info.epoch = hello.epoch;
+                    st.conn_gen
+                };
+                start_connection(inner.clone(), stream, rest, new_gen);
+                let _ = inner.events.send(Event::Reconnected);
+                inner.wake_writer.notify_one();
+                return;
+            }
+            Ok(Err(Error::Server { code, message })) => {
+                inner.finish(Phase::Lost(message.clone()), &format!("resume refused: {code}: {message}"));
+                return;
+            }
+            Ok(Err(_)) | Err(_) => {}
+        }
+        // Jittered exponential backoff, so that many clients do not reconnect in step.
+        let jitter = 0.5 + fastrand::f64();
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Sends a PING every third of the lease and declares the session lost when the lease
+/// view runs out without an answer.
+async fn keepalive(weak: std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let (view_end, lease, phase) = {
+            let st = inner.lock();
+            (st.view_end, Duration::from_millis(st.info.lease_ms as u64), st.phase.clone())
+        };
+        match phase {
+            Phase::Lost(_) | Phase::Closed => return,
+            Phase::Connected(_) | Phase::Reconnecting => {}
+        }
+        let now = Instant::now();
+        if now >= view_end {
+            inner.finish(Phase::Lost("lease view expired".into()), "no answer from the server within the lease");
+            return;
+        }
+        if matches!(phase, Phase::Connected(_)) {
+            let mut st = inner.lock();
+            st.next_id = st.next_id.wrapping_add(1).max(1);
+            let id = st.next_id;
+            st.out.push_request(id, &Request::Ping);
+            st.pending.insert(id, Pending { tx: None, sent_at: now, kind: Kind::Plain });
+            drop(st);
+            inner.wake_writer.notify_one();
+        }
+        let next = (now + lease / 3).min(view_end);
+        drop(inner);
+        tokio::time::sleep_until(next.into()).await;
+    }
+}

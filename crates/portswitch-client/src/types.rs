@@ -1,0 +1,119 @@
+//! Owned types the client hands to applications, and its errors.
+
+use bytes::Bytes;
+use portswitch_proto::ErrorCode;
+
+/// Errors of the client library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Could not reach or talk to the server.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server answered with a typed error.
+    #[error("server error {code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    /// A request exceeds a limit the server announced; it was not sent.
+    #[error("{what} of {len} bytes exceeds the server's limit of {max}")]
+    TooLarge { what: &'static str, len: usize, max: usize },
+    /// The server sent something this client did not expect.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The connection dropped before the reply came; the request may or may not have
+    /// taken effect.
+    #[error("connection lost; the request's outcome is unknown")]
+    ConnectionLost,
+    /// The session is over: the lease view ran out, the server expired or refused the
+    /// session, or the connection of an end-on-disconnect session dropped. Every port
+    /// it held must be considered lost.
+    #[error("session lost: {0}")]
+    SessionLost(String),
+    /// The client was closed.
+    #[error("client closed")]
+    Closed,
+    /// Connecting took longer than `connect_timeout`.
+    #[error("timed out connecting to {0}")]
+    ConnectTimeout(String),
+}
+
+impl Error {
+    /// The server's error code, if this is a server error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The owner of a port, as QUERY and LIST report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub port: Bytes,
+    pub session: u64,
+    pub token: u64,
+    pub node: Bytes,
+    pub value: Bytes,
+}
+
+/// What REGISTER came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// This session owns the port, with this fencing token.
+    Owned { token: u64 },
+    /// Another session owns it.
+    Taken { session: u64, token: u64, node: Bytes },
+    /// Queued at this position (1 = next); [`Event::Acquired`] follows when granted.
+    Queued { position: u32 },
+}
+
+/// What SEND came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    Delivered,
+    NoOwner,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub entries: Vec<Owner>,
+    /// Pass back to continue; 0 when the listing is complete.
+    pub next_cursor: u64,
+}
+
+/// Things that happen to a session, delivered on [`crate::Client::events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A queued registration was granted.
+    Acquired { port: Bytes, token: u64 },
+    /// A watched port's owner let go (or died).
+    Released { port: Bytes, token: u64 },
+    /// A watched port got an owner.
+    Claimed { port: Bytes, session: u64, token: u64, node: Bytes },
+    /// A message relayed by SEND (to a port this session owns) or BROADCAST.
+    Message { from: u64, port: Bytes, payload: Bytes },
+    /// Events were lost while the session had no connection; re-read watched state.
+    Resync,
+    /// The connection dropped; the client is trying to resume the session.
+    Disconnected,
+    /// The session was resumed on a new connection; ports are still held.
+    Reconnected,
+    /// The session is over. Every port listed (and any other) is no longer owned:
+    /// stop acting as its owner now. Emitted before the server could have handed any
+    /// of them to someone else (DESIGN §3).
+    OwnershipLost { ports: Vec<(Bytes, u64)>, reason: String },
+}
+
+/// Facts about the session, fixed at HELLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: u64,
+    /// Lets another connection resume this session (keep it private).
+    pub secret: u64,
+    pub epoch: u64,
+    pub lease_ms: u32,
+    pub limits: portswitch_proto::ServerLimits,
+}

@@ -1,0 +1,61 @@
+//! Server settings: where to listen, the core's limits, and the server's own limits.
+
+use std::net::SocketAddr;
+
+/// The default address for clients: loopback only, so a server started without
+/// configuration is not reachable from the network.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7400";
+/// The default address for the HTTP metrics and health endpoint.
+pub const HTTP_LISTEN_DEFAULT: &str = "127.0.0.1:7401";
+/// Default cap on concurrent client connections.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 100_000;
+/// Default bytes a connection may have queued for sending before the server gives up
+/// on it as a slow consumer. Bounds server memory per connection whatever the client
+/// does; large enough for a burst of replies to a full frame and some events.
+pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = 8 << 20;
+/// How often the server looks for expired leases. Bounds how late an expiry can be.
+pub const TICK_MS_DEFAULT: u64 = 5;
+/// How long a graceful shutdown waits for connections to flush.
+pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
+
+/// Everything a server needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// HTTP metrics and health; `None` disables it.
+    pub http_listen: Option<SocketAddr>,
+    pub core: portswitch_core::Config,
+    pub connections_max: usize,
+    pub send_queue_bytes_max: usize,
+    pub tick_ms: u64,
+    /// The epoch to serve in. `None` takes the current Unix second after waiting for a
+    /// fresh one to begin, so a restarted server's tokens are above its predecessor's.
+    pub epoch: Option<u64>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: LISTEN_DEFAULT.parse().expect("valid default"),
+            http_listen: Some(HTTP_LISTEN_DEFAULT.parse().expect("valid default")),
+            core: portswitch_core::Config::default(),
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
+            tick_ms: TICK_MS_DEFAULT,
+            epoch: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// A configuration for tests and embedding: ephemeral loopback ports, no waiting
+    /// for a fresh epoch.
+    pub fn ephemeral() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:0".parse().expect("valid"),
+            http_listen: Some("127.0.0.1:0".parse().expect("valid")),
+            epoch: Some(1),
+            ..ServerConfig::default()
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! HTTP endpoint: Prometheus metrics at `/metrics`, liveness and a summary at `/health`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::state::Shared;
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .with_state(shared);
+    axum::serve(listener, app).with_graceful_shutdown(stop).await
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let s = shared.snapshot();
+    let body = format!(
+        "{{\"status\":\"ok\",\"epoch\":{},\"sessions\":{},\"ports_owned\":{},\"connections\":{}}}\n",
+        s.core.epoch, s.core.sessions, s.core.ports_owned, s.connections
+    );
+    ([(header::CONTENT_TYPE, "application/json")], body)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let snap = shared.snapshot();
+    let mut reg = Registry::with_prefix("portswitch");
+    for (name, value) in snap.pairs() {
+        let help = help_for(name);
+        if let Some(base) = name.strip_suffix("_total") {
+            let c: Counter = Counter::default();
+            c.inc_by(value);
+            reg.register(base, help, c);
+        } else {
+            let g: Gauge = Gauge::default();
+            g.set(value.min(i64::MAX as u64) as i64);
+            reg.register(name, help, g);
+        }
+    }
+    let mut body = String::new();
+    if encode(&mut body, &reg).is_err() {
+        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new());
+    }
+    (
+        axum::http::StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        body,
+    )
+}
+
+fn help_for(name: &str) -> &'static str {
+    match name {
+        "epoch" => "Epoch this server serves in (high half of fencing tokens).",
+        "sessions" => "Sessions held, attached or awaiting resume.",
+        "sessions_attached" => "Sessions with a live connection.",
+        "ports_owned" => "Ports with an owner.",
+        "port_entries" => "Ports with an owner, waiter or watcher.",
+        "waiters" => "Sessions queued for ports.",
+        "watches" => "Port and prefix watches.",
+        "prefix_watches" => "Prefix watches.",
+        "requests_total" => "Requests handled by the core.",
+        "registers_total" => "REGISTER requests.",
+        "grants_total" => "Ports granted (each with a new fencing token).",
+        "releases_total" => "Ports released.",
+        "messages_relayed_total" => "MESSAGE events relayed by SEND and BROADCAST.",
+        "sessions_created_total" => "Sessions created.",
+        "sessions_expired_total" => "Sessions ended by lease expiry.",
+        "sessions_resumed_total" => "Sessions resumed on a new connection.",
+        "errors_total" => "Requests answered with an error.",
+        "table_heap_bytes" => "Heap bytes of the port table's arrays.",
+        "connections" => "Open client connections.",
+        "connections_total" => "Client connections accepted.",
+        "connections_rejected_total" => "Connections refused at connections_max.",
+        "slow_consumer_disconnects_total" => "Connections closed for not reading their output.",
+        "malformed_disconnects_total" => "Connections closed for malformed frames.",
+        "rss_bytes" => "Resident memory of the server process.",
+        "uptime_ms" => "Milliseconds since start.",
+        _ => "",
+    }
+}

@@ -1,0 +1,420 @@
+//! The state shared by every task: the core and the output queues of all connections,
+//! behind one lock, plus the glue that turns core effects into queued bytes.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use portswitch_core::{ConnId, Core, Outbox, Stats};
+use portswitch_proto::frame::{frame_len, messages, FrameError};
+use portswitch_proto::{msg::encode_stat, ErrorCode, Event, FrameBuf, Reply, Request};
+use tokio::sync::Notify;
+
+use crate::config::ServerConfig;
+
+/// One connection's output side as the shared state sees it.
+pub(crate) struct ConnOut {
+    id: ConnId,
+    out: FrameBuf,
+    pub(crate) notify: Arc<Notify>,
+    /// Close once `out` is written (set by GOAWAY paths).
+    pub(crate) closing: bool,
+    dirty: bool,
+}
+
+pub(crate) struct State {
+    pub(crate) core: Core,
+    conns: slab::Slab<ConnOut>,
+    dirty: Vec<usize>,
+    conn_seq: u32,
+    counters: Counters,
+    scratch: BytesMut,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    connections_total: u64,
+    connections_rejected_total: u64,
+    slow_consumer_total: u64,
+    malformed_total: u64,
+}
+
+/// What the server reports in STATS and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    pub core: Stats,
+    pub connections: u64,
+    pub connections_total: u64,
+    pub connections_rejected_total: u64,
+    pub slow_consumer_disconnects_total: u64,
+    pub malformed_disconnects_total: u64,
+    pub rss_bytes: u64,
+    pub uptime_ms: u64,
+}
+
+impl StatsSnapshot {
+    /// Name/value pairs, in the order STATS sends them.
+    pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.core;
+        vec![
+            ("epoch", c.epoch),
+            ("sessions", c.sessions),
+            ("sessions_attached", c.sessions_attached),
+            ("ports_owned", c.ports_owned),
+            ("port_entries", c.port_entries),
+            ("waiters", c.waiters),
+            ("watches", c.watches),
+            ("prefix_watches", c.prefix_watches),
+            ("requests_total", c.requests_total),
+            ("registers_total", c.registers_total),
+            ("grants_total", c.grants_total),
+            ("releases_total", c.releases_total),
+            ("messages_relayed_total", c.messages_relayed_total),
+            ("sessions_created_total", c.sessions_created_total),
+            ("sessions_expired_total", c.sessions_expired_total),
+            ("sessions_resumed_total", c.sessions_resumed_total),
+            ("errors_total", c.errors_total),
+            ("table_heap_bytes", c.table_heap_bytes),
+            ("connections", self.connections),
+            ("connections_total", self.connections_total),
+            ("connections_rejected_total", self.connections_rejected_total),
+            ("slow_consumer_disconnects_total", self.slow_consumer_disconnects_total),
+            ("malformed_disconnects_total", self.malformed_disconnects_total),
+            ("rss_bytes", self.rss_bytes),
+            ("uptime_ms", self.uptime_ms),
+        ]
+    }
+}
+
+/// Resident memory of this process, from /proc (0 where there is no /proc).
+pub fn rss_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// Adapts the core's effects to connection output buffers.
+struct Out<'a> {
+    conns: &'a mut slab::Slab<ConnOut>,
+    dirty: &'a mut Vec<usize>,
+}
+
+impl Out<'_> {
+    fn slot(&mut self, conn: ConnId) -> Option<&mut ConnOut> {
+        let key = (conn & 0xFFFF_FFFF) as usize;
+        let c = self.conns.get_mut(key)?;
+        if c.id != conn || c.closing {
+            return None;
+        }
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(key);
+        }
+        Some(c)
+    }
+}
+
+impl Outbox for Out<'_> {
+    fn reply(&mut self, conn: ConnId, id: u32, reply: &Reply<'_>) {
+        if let Some(c) = self.slot(conn) {
+            c.out.push_reply(id, reply);
+        }
+    }
+    fn event(&mut self, conn: ConnId, event: &Event<'_>) {
+        if let Some(c) = self.slot(conn) {
+            c.out.push_event(event);
+        }
+    }
+    fn frames(&mut self, conn: ConnId, frames: &[u8]) {
+        if let Some(c) = self.slot(conn) {
+            c.out.push_frames(frames);
+        }
+    }
+    fn close(&mut self, conn: ConnId) {
+        if let Some(c) = self.slot(conn) {
+            c.closing = true;
+        }
+    }
+}
+
+/// What reading a buffer of bytes from a connection came to.
+pub(crate) enum Fed {
+    /// Consumed this many bytes; wants more.
+    Consumed(usize),
+    /// The connection must close (GOAWAY already queued).
+    Close,
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    cfg: ServerConfig,
+    start: Instant,
+    epoch: u64,
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: ServerConfig, epoch: u64) -> Shared {
+        let seed = random_seed();
+        let core = Core::new(cfg.core.clone(), epoch, seed);
+        Shared {
+            state: Mutex::new(State {
+                core,
+                conns: slab::Slab::new(),
+                dirty: Vec::new(),
+                conn_seq: 0,
+                counters: Counters::default(),
+                scratch: BytesMut::new(),
+            }),
+            cfg,
+            start: Instant::now(),
+            epoch,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock means a broken invariant in the core; the
+        // process is configured to abort on panic, so poisoning is not recoverable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Milliseconds since start. Read under the lock, so the core sees time rise.
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Registers a new connection. `None` when the server is at `connections_max`.
+    pub(crate) fn open(&self) -> Option<(ConnId, Arc<Notify>)> {
+        let mut st = self.lock();
+        if st.conns.len() >= self.cfg.connections_max {
+            st.counters.connections_rejected_total += 1;
+            return None;
+        }
+        st.conn_seq = st.conn_seq.wrapping_add(1);
+        let seq = st.conn_seq;
+        let entry = st.conns.vacant_entry();
+        let id = (seq as u64) << 32 | entry.key() as u64;
+        let notify = Arc::new(Notify::new());
+        entry.insert(ConnOut {
+            id,
+            out: FrameBuf::new(self.cfg.core.frame_bytes_max as usize, self.cfg.core.commands_per_frame_max as usize),
+            notify: notify.clone(),
+            closing: false,
+            dirty: false,
+        });
+        st.counters.connections_total += 1;
+        Some((id, notify))
+    }
+
+    pub(crate) fn connections(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Feeds bytes read from `conn`: every whole frame at the front of `buf` is
+    /// processed under one lock.
+    pub(crate) fn feed(&self, conn: ConnId, buf: &[u8]) -> Fed {
+        let frame_max = self.cfg.core.frame_bytes_max as usize;
+        let commands_max = self.cfg.core.commands_per_frame_max as usize;
+        let mut st = self.lock();
+        let now = self.now_ms();
+        let st = &mut *st;
+        let mut consumed = 0;
+        let mut close = false;
+        loop {
+            let rest = &buf[consumed..];
+            let n = match frame_len(rest, frame_max) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    close = true;
+                    st.goaway(conn, &e);
+                    break;
+                }
+            };
+            let mut batch = st.core.begin_batch(conn, now);
+            let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+            for m in messages(&rest[4..n], commands_max) {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        close = true;
+                        break_with_goaway(&mut out, conn, &e);
+                        break;
+                    }
+                };
+                match Request::decode(m.opcode, m.body) {
+                    Ok(Request::Stats) => {
+                        let snap = stats_snapshot(&st.core, out.conns.len(), st.counters, self.start);
+                        let mut entries = std::mem::take(&mut st.scratch);
+                        entries.clear();
+                        let pairs = snap.pairs();
+                        for (name, value) in &pairs {
+                            encode_stat(&mut entries, name, *value);
+                        }
+                        out.reply(conn, m.id, &Reply::Stats { count: pairs.len() as u16, entries: &entries });
+                        st.scratch = entries;
+                    }
+                    Ok(req) => st.core.handle(&mut batch, m.id, &req, &mut out),
+                    Err(e) => {
+                        out.reply(conn, m.id, &Reply::Error { code: e.code, message: e.detail.as_bytes() })
+                    }
+                }
+            }
+            if close {
+                st.counters.malformed_total += 1;
+                break;
+            }
+            consumed += n;
+        }
+        if close {
+            // The core forgets the connection now; its session (if not ending on
+            // disconnect) stays for its lease, resumable from another connection.
+            let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+            st.core.handle_disconnect(conn, now, &mut out);
+        }
+        self.flush(st, now);
+        if close {
+            Fed::Close
+        } else {
+            Fed::Consumed(consumed)
+        }
+    }
+
+    /// The connection is gone (EOF, error, or its writer finished closing it).
+    pub(crate) fn closed(&self, conn: ConnId) {
+        let mut st = self.lock();
+        let now = self.now_ms();
+        let st = &mut *st;
+        let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+        st.core.handle_disconnect(conn, now, &mut out);
+        let key = (conn & 0xFFFF_FFFF) as usize;
+        if st.conns.get(key).is_some_and(|c| c.id == conn) {
+            let c = st.conns.remove(key);
+            // Wake the writer so it sees the slot is gone and exits.
+            c.notify.notify_one();
+        }
+        self.flush(st, now);
+    }
+
+    /// Moves queued output towards the writers: enforces the send-queue bound and
+    /// wakes each writer with something new.
+    fn flush(&self, st: &mut State, now: u64) {
+        let max = self.cfg.send_queue_bytes_max;
+        while !st.dirty.is_empty() {
+            let dirty = std::mem::take(&mut st.dirty);
+            let mut slow = Vec::new();
+            for key in dirty {
+                let Some(c) = st.conns.get_mut(key) else { continue };
+                c.dirty = false;
+                if c.out.len() > max && !c.closing {
+                    c.out.clear();
+                    c.out.push_event(&Event::GoAway {
+                        code: ErrorCode::SlowConsumer,
+                        message: b"send queue passed send_queue_bytes_max; read faster",
+                    });
+                    c.closing = true;
+                    slow.push(c.id);
+                }
+                c.notify.notify_one();
+            }
+            for conn in slow {
+                st.counters.slow_consumer_total += 1;
+                let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+                st.core.handle_disconnect(conn, now, &mut out);
+            }
+        }
+    }
+
+    /// Takes what is queued for `conn` into `buf`. Returns whether the connection
+    /// should close after writing it, or `None` if the connection is gone.
+    pub(crate) fn take_output(&self, conn: ConnId, buf: &mut BytesMut) -> Option<bool> {
+        let mut st = self.lock();
+        let key = (conn & 0xFFFF_FFFF) as usize;
+        let c = st.conns.get_mut(key).filter(|c| c.id == conn)?;
+        c.out.take_into(buf);
+        Some(c.closing)
+    }
+
+    pub(crate) fn tick(&self) {
+        let mut st = self.lock();
+        let now = self.now_ms();
+        let st = &mut *st;
+        if st.core.next_deadline().is_some_and(|d| d <= now) {
+            let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+            st.core.handle_timeout(now, &mut out);
+            self.flush(st, now);
+        }
+    }
+
+    pub(crate) fn shutdown(&self) {
+        let mut st = self.lock();
+        for (_, c) in st.conns.iter_mut() {
+            if !c.closing {
+                c.out.push_event(&Event::GoAway { code: ErrorCode::ShuttingDown, message: b"server shutting down" });
+                c.closing = true;
+            }
+            c.notify.notify_one();
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let st = self.lock();
+        stats_snapshot(&st.core, st.conns.len(), st.counters, self.start)
+    }
+}
+
+impl State {
+    fn goaway(&mut self, conn: ConnId, e: &FrameError) {
+        let mut out = Out { conns: &mut self.conns, dirty: &mut self.dirty };
+        break_with_goaway(&mut out, conn, e);
+        self.counters.malformed_total += 1;
+    }
+}
+
+fn break_with_goaway(out: &mut Out<'_>, conn: ConnId, e: &FrameError) {
+    let code = match e {
+        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+        FrameError::TooManyMessages { .. } => ErrorCode::TooManyCommands,
+        _ => ErrorCode::Malformed,
+    };
+    let msg = e.to_string();
+    out.event(conn, &Event::GoAway { code, message: msg.as_bytes() });
+    out.close(conn);
+}
+
+fn stats_snapshot(core: &Core, conns: usize, c: Counters, start: Instant) -> StatsSnapshot {
+    StatsSnapshot {
+        core: core.stats(),
+        connections: conns as u64,
+        connections_total: c.connections_total,
+        connections_rejected_total: c.connections_rejected_total,
+        slow_consumer_disconnects_total: c.slow_consumer_total,
+        malformed_disconnects_total: c.malformed_total,
+        rss_bytes: rss_bytes(),
+        uptime_ms: start.elapsed().as_millis() as u64,
+    }
+}
+
+/// Seeds for the port hash and session secrets, from the OS.
+fn random_seed() -> [u64; 3] {
+    let mut bytes = [0u8; 24];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_ok();
+    if !ok {
+        // No /dev/urandom: fall back to std's randomly keyed hasher.
+        use std::hash::{BuildHasher, RandomState};
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&RandomState::new().hash_one(i).to_le_bytes());
+        }
+    }
+    let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    [word(0), word(1), word(2)]
+}
