@@ -6,8 +6,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use portswitch_proto::frame::{frame_len, messages};
-use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, NODE_NAME_BYTES_MAX, PROTOCOL_VERSION};
-use portswitch_proto::{ErrorCode, Event as WireEvent, FrameBuf, Hello, HelloOk, Reply, Request, ServerMsg};
+use portswitch_proto::limits::{
+    COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, NODE_NAME_BYTES_MAX, PROTOCOL_VERSION,
+};
+use portswitch_proto::{
+    ErrorCode, Event as WireEvent, FrameBuf, Hello, HelloOk, Reply, Request, ServerMsg,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -62,7 +66,11 @@ fn portswitch_proto_lease_default() -> u64 {
 fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
-    let mut name = format!("{}:{}", if host.is_empty() { "client" } else { host }, std::process::id());
+    let mut name = format!(
+        "{}:{}",
+        if host.is_empty() { "client" } else { host },
+        std::process::id()
+    );
     name.truncate(NODE_NAME_BYTES_MAX);
     name
 }
@@ -161,7 +169,9 @@ impl Drop for DropGuard {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("addr", &self.inner.opts.addr).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("addr", &self.inner.opts.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -169,7 +179,11 @@ impl Client {
     /// Connects, opens (or resumes) a session, and starts keeping it alive.
     pub async fn connect(opts: ClientOptions) -> Result<Client> {
         if opts.node_name.len() > NODE_NAME_BYTES_MAX {
-            return Err(Error::TooLarge { what: "node name", len: opts.node_name.len(), max: NODE_NAME_BYTES_MAX });
+            return Err(Error::TooLarge {
+                what: "node name",
+                len: opts.node_name.len(),
+                max: NODE_NAME_BYTES_MAX,
+            });
         }
         let lease_ms = u32::try_from(opts.lease.as_millis()).unwrap_or(u32::MAX);
         let (stream, hello, rest, sent_at) = handshake(&opts, lease_ms, opts.resume).await?;
@@ -184,7 +198,8 @@ impl Client {
         let (events, _) = broadcast::channel(opts.events_capacity.max(1));
         let (alive, _) = watch::channel(true);
         let frame_max = (hello.limits.frame_bytes_max as usize).min(FRAME_BYTES_MAX);
-        let cmds_max = (hello.limits.commands_per_frame_max as usize).clamp(1, COMMANDS_PER_FRAME_MAX);
+        let cmds_max =
+            (hello.limits.commands_per_frame_max as usize).clamp(1, COMMANDS_PER_FRAME_MAX);
         let inner = Arc::new(Inner {
             opts,
             st: Mutex::new(St {
@@ -206,7 +221,10 @@ impl Client {
         });
         start_connection(inner.clone(), stream, rest, 1);
         tokio::spawn(keepalive(Arc::downgrade(&inner)));
-        Ok(Client { _guard: Arc::new(DropGuard(inner.clone())), inner })
+        Ok(Client {
+            _guard: Arc::new(DropGuard(inner.clone())),
+            inner,
+        })
     }
 
     /// Connects to `addr` with default options.
@@ -237,42 +255,79 @@ impl Client {
 
     /// Ports this session owns, as far as the client knows, with their tokens.
     pub fn owned_ports(&self) -> Vec<(Bytes, u64)> {
-        self.inner.lock().owned.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        self.inner
+            .lock()
+            .owned
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Registers `port` without waiting: owned, or taken by someone else.
-    pub async fn register(&self, port: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<RegisterOutcome> {
-        self.register_with(port.as_ref(), value.as_ref(), false).await
+    pub async fn register(
+        &self,
+        port: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<RegisterOutcome> {
+        self.register_with(port.as_ref(), value.as_ref(), false)
+            .await
     }
 
     /// Registers `port`, joining its FIFO queue if taken; `Queued` means an
     /// [`Event::Acquired`] follows when it is granted.
-    pub async fn register_with(&self, port: &[u8], value: &[u8], wait: bool) -> Result<RegisterOutcome> {
+    pub async fn register_with(
+        &self,
+        port: &[u8],
+        value: &[u8],
+        wait: bool,
+    ) -> Result<RegisterOutcome> {
         let port = Bytes::copy_from_slice(port);
         let a = self
-            .request(Request::Register { port: &port, value, wait }, Kind::Register(port.clone()))
+            .request(
+                Request::Register {
+                    port: &port,
+                    value,
+                    wait,
+                },
+                Kind::Register(port.clone()),
+            )
             .await?;
         Ok(match a {
             Answer::Registered(token) => RegisterOutcome::Owned { token },
-            Answer::Taken(session, token, node) => RegisterOutcome::Taken { session, token, node },
+            Answer::Taken(session, token, node) => RegisterOutcome::Taken {
+                session,
+                token,
+                node,
+            },
             Answer::Queued(position) => RegisterOutcome::Queued { position },
             other => return Err(unexpected(other)),
         })
     }
 
     /// Registers `port`, waiting in its FIFO queue until granted. Returns the token.
-    pub async fn register_wait(&self, port: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<u64> {
+    pub async fn register_wait(
+        &self,
+        port: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<u64> {
         let port = Bytes::copy_from_slice(port.as_ref());
         // Listen for the grant before asking, so it cannot slip past.
         let (tx, rx) = oneshot::channel();
-        self.inner.lock().acquire_waiters.entry(port.clone()).or_default().push(tx);
+        self.inner
+            .lock()
+            .acquire_waiters
+            .entry(port.clone())
+            .or_default()
+            .push(tx);
         match self.register_with(&port, value.as_ref(), true).await {
             Ok(RegisterOutcome::Owned { token }) => {
                 self.inner.lock().acquire_waiters.remove(&port);
                 Ok(token)
             }
             Ok(RegisterOutcome::Queued { .. }) => rx.await.map_err(|_| Error::Closed)?,
-            Ok(RegisterOutcome::Taken { .. }) => Err(Error::Protocol("TAKEN for a waiting REGISTER".into())),
+            Ok(RegisterOutcome::Taken { .. }) => {
+                Err(Error::Protocol("TAKEN for a waiting REGISTER".into()))
+            }
             Err(e) => {
                 self.inner.lock().acquire_waiters.remove(&port);
                 Err(e)
@@ -283,12 +338,24 @@ impl Client {
     /// Releases a port this session owns, or leaves its queue.
     pub async fn unregister(&self, port: impl AsRef<[u8]>) -> Result<()> {
         let port = Bytes::copy_from_slice(port.as_ref());
-        self.ok(Request::Unregister { port: &port }, Kind::Unregister(port.clone())).await
+        self.ok(
+            Request::Unregister { port: &port },
+            Kind::Unregister(port.clone()),
+        )
+        .await
     }
 
     /// The owner of `port`, or `None` if it is free.
     pub async fn query(&self, port: impl AsRef<[u8]>) -> Result<Option<Owner>> {
-        match self.request(Request::Query { port: port.as_ref() }, Kind::Plain).await? {
+        match self
+            .request(
+                Request::Query {
+                    port: port.as_ref(),
+                },
+                Kind::Plain,
+            )
+            .await?
+        {
             Answer::Owner(mut o) => {
                 o.port = Bytes::copy_from_slice(port.as_ref());
                 Ok(Some(o))
@@ -301,7 +368,16 @@ impl Client {
     /// Watches `port`: [`Event::Claimed`] and [`Event::Released`] follow its changes.
     /// Returns its owner now (session, token), if any.
     pub async fn watch(&self, port: impl AsRef<[u8]>) -> Result<Option<(u64, u64)>> {
-        match self.request(Request::Watch { name: port.as_ref(), prefix: false }, Kind::Plain).await? {
+        match self
+            .request(
+                Request::Watch {
+                    name: port.as_ref(),
+                    prefix: false,
+                },
+                Kind::Plain,
+            )
+            .await?
+        {
             Answer::Watching(o) => Ok(o),
             other => Err(unexpected(other)),
         }
@@ -309,23 +385,53 @@ impl Client {
 
     /// Watches every port whose name starts with `prefix`.
     pub async fn watch_prefix(&self, prefix: impl AsRef<[u8]>) -> Result<()> {
-        match self.request(Request::Watch { name: prefix.as_ref(), prefix: true }, Kind::Plain).await? {
+        match self
+            .request(
+                Request::Watch {
+                    name: prefix.as_ref(),
+                    prefix: true,
+                },
+                Kind::Plain,
+            )
+            .await?
+        {
             Answer::Watching(_) => Ok(()),
             other => Err(unexpected(other)),
         }
     }
 
     pub async fn unwatch(&self, port: impl AsRef<[u8]>) -> Result<()> {
-        self.ok(Request::Unwatch { name: port.as_ref(), prefix: false }, Kind::Plain).await
+        self.ok(
+            Request::Unwatch {
+                name: port.as_ref(),
+                prefix: false,
+            },
+            Kind::Plain,
+        )
+        .await
     }
 
     pub async fn unwatch_prefix(&self, prefix: impl AsRef<[u8]>) -> Result<()> {
-        self.ok(Request::Unwatch { name: prefix.as_ref(), prefix: true }, Kind::Plain).await
+        self.ok(
+            Request::Unwatch {
+                name: prefix.as_ref(),
+                prefix: true,
+            },
+            Kind::Plain,
+        )
+        .await
     }
 
     /// Relays `payload` to the owner of `port` (it gets [`Event::Message`]).
-    pub async fn send(&self, port: impl AsRef<[u8]>, payload: impl AsRef<[u8]>) -> Result<SendOutcome> {
-        let req = Request::Send { port: port.as_ref(), payload: payload.as_ref() };
+    pub async fn send(
+        &self,
+        port: impl AsRef<[u8]>,
+        payload: impl AsRef<[u8]>,
+    ) -> Result<SendOutcome> {
+        let req = Request::Send {
+            port: port.as_ref(),
+            payload: payload.as_ref(),
+        };
         match self.request(req, Kind::Plain).await? {
             Answer::Delivered => Ok(SendOutcome::Delivered),
             Answer::NoOwner => Ok(SendOutcome::NoOwner),
@@ -336,7 +442,16 @@ impl Client {
     /// Sends `payload` to every other session (`prefix` = `None`) or to the owner of
     /// every port under `prefix`. Returns how many messages were sent.
     pub async fn broadcast(&self, prefix: Option<&[u8]>, payload: impl AsRef<[u8]>) -> Result<u64> {
-        match self.request(Request::Broadcast { prefix, payload: payload.as_ref() }, Kind::Plain).await? {
+        match self
+            .request(
+                Request::Broadcast {
+                    prefix,
+                    payload: payload.as_ref(),
+                },
+                Kind::Plain,
+            )
+            .await?
+        {
             Answer::Count(n) => Ok(n),
             other => Err(unexpected(other)),
         }
@@ -344,7 +459,17 @@ impl Client {
 
     /// One page of owned ports under `prefix`, from `cursor` (0 to start).
     pub async fn list(&self, prefix: impl AsRef<[u8]>, cursor: u64, limit: u32) -> Result<Page> {
-        match self.request(Request::List { prefix: prefix.as_ref(), cursor, limit }, Kind::Plain).await? {
+        match self
+            .request(
+                Request::List {
+                    prefix: prefix.as_ref(),
+                    cursor,
+                    limit,
+                },
+                Kind::Plain,
+            )
+            .await?
+        {
             Answer::Page(p) => Ok(p),
             other => Err(unexpected(other)),
         }
@@ -382,7 +507,8 @@ impl Client {
     /// Ends the session (its ports are released at once) and closes the connection.
     pub async fn close(&self) -> Result<()> {
         let r = self.ok(Request::Bye, Kind::Plain).await;
-        self.inner.finish(Phase::Closed, "closed by the application");
+        self.inner
+            .finish(Phase::Closed, "closed by the application");
         r
     }
 
@@ -415,7 +541,14 @@ impl Client {
             let id = st.next_id;
             let (tx, rx) = oneshot::channel();
             st.out.push_request(id, &req);
-            st.pending.insert(id, Pending { tx: Some(tx), sent_at: Instant::now(), kind });
+            st.pending.insert(
+                id,
+                Pending {
+                    tx: Some(tx),
+                    sent_at: Instant::now(),
+                    kind,
+                },
+            );
             rx
         };
         self.inner.wake_writer.notify_one();
@@ -430,7 +563,11 @@ fn unexpected(a: Answer) -> Error {
 fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result<()> {
     let check = |what, len: usize, max: u32| {
         if len > max as usize {
-            Err(Error::TooLarge { what, len, max: max as usize })
+            Err(Error::TooLarge {
+                what,
+                len,
+                max: max as usize,
+            })
         } else {
             Ok(())
         }
@@ -440,14 +577,22 @@ fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result
             check("port name", port.len(), l.port_name_bytes_max)?;
             check("value", value.len(), l.value_bytes_max)
         }
-        Request::Unregister { port } | Request::Query { port } => check("port name", port.len(), l.port_name_bytes_max),
-        Request::Watch { name, .. } | Request::Unwatch { name, .. } => check("port name", name.len(), l.port_name_bytes_max),
+        Request::Unregister { port } | Request::Query { port } => {
+            check("port name", port.len(), l.port_name_bytes_max)
+        }
+        Request::Watch { name, .. } | Request::Unwatch { name, .. } => {
+            check("port name", name.len(), l.port_name_bytes_max)
+        }
         Request::Send { port, payload } => {
             check("port name", port.len(), l.port_name_bytes_max)?;
             check("payload", payload.len(), l.payload_bytes_max)
         }
         Request::Broadcast { prefix, payload } => {
-            check("prefix", prefix.map_or(0, |p| p.len()), l.port_name_bytes_max)?;
+            check(
+                "prefix",
+                prefix.map_or(0, |p| p.len()),
+                l.port_name_bytes_max,
+            )?;
             check("payload", payload.len(), l.payload_bytes_max)
         }
         Request::List { prefix, .. } => check("prefix", prefix.len(), l.port_name_bytes_max),
@@ -555,7 +700,8 @@ async fn handshake(
                     .next()
                     .ok_or_else(|| Error::Protocol("empty frame".into()))?
                     .map_err(|e| Error::Protocol(e.to_string()))?;
-                let msg = ServerMsg::decode(m.opcode, m.id, m.body).map_err(|e| Error::Protocol(e.to_string()))?;
+                let msg = ServerMsg::decode(m.opcode, m.id, m.body)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
                 let rest_of_frame = &frame[4 + 9 + m.body.len()..];
                 let mut rest = BytesMut::new();
                 if !rest_of_frame.is_empty() {
@@ -566,8 +712,14 @@ async fn handshake(
                 }
                 rest.extend_from_slice(&buf);
                 return match msg {
-                    ServerMsg::Reply { reply: Reply::HelloOk(h), .. } => Ok((stream, h, rest, sent_at)),
-                    ServerMsg::Reply { reply: Reply::Error { code, message }, .. } => Err(Error::Server {
+                    ServerMsg::Reply {
+                        reply: Reply::HelloOk(h),
+                        ..
+                    } => Ok((stream, h, rest, sent_at)),
+                    ServerMsg::Reply {
+                        reply: Reply::Error { code, message },
+                        ..
+                    } => Err(Error::Server {
                         code,
                         message: String::from_utf8_lossy(message).into_owned(),
                     }),
@@ -626,7 +778,13 @@ async fn writer(inner: Arc<Inner>, mut wr: OwnedWriteHalf, gen: u64, dead: Arc<N
     let _ = wr.shutdown().await;
 }
 
-async fn reader(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut, gen: u64, dead: Arc<Notify>) {
+async fn reader(
+    inner: Arc<Inner>,
+    mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    gen: u64,
+    dead: Arc<Notify>,
+) {
     let why = loop {
         loop {
             match frame_len(&buf, FRAME_BYTES_MAX) {
@@ -670,10 +828,14 @@ fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
         }
         for m in messages(body, usize::MAX) {
             let Ok(m) = m else { break };
-            let Ok(msg) = ServerMsg::decode(m.opcode, m.id, m.body) else { continue };
+            let Ok(msg) = ServerMsg::decode(m.opcode, m.id, m.body) else {
+                continue;
+            };
             match msg {
                 ServerMsg::Reply { id, reply } => {
-                    let Some(mut p) = st.pending.remove(&id) else { continue };
+                    let Some(mut p) = st.pending.remove(&id) else {
+                        continue;
+                    };
                     // Any answer proves the server held the session when the request
                     // was sent: the lease view runs from the send time.
                     let end = p.sent_at + st.safe_lease;
@@ -707,16 +869,26 @@ fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
                         }
                         events.push(Event::Acquired { port, token });
                     }
-                    WireEvent::Released { port, token } => {
-                        events.push(Event::Released { port: Bytes::copy_from_slice(port), token })
-                    }
-                    WireEvent::Claimed { port, session, token, node } => events.push(Event::Claimed {
+                    WireEvent::Released { port, token } => events.push(Event::Released {
+                        port: Bytes::copy_from_slice(port),
+                        token,
+                    }),
+                    WireEvent::Claimed {
+                        port,
+                        session,
+                        token,
+                        node,
+                    } => events.push(Event::Claimed {
                         port: Bytes::copy_from_slice(port),
                         session,
                         token,
                         node: Bytes::copy_from_slice(node),
                     }),
-                    WireEvent::Message { from, port, payload } => events.push(Event::Message {
+                    WireEvent::Message {
+                        from,
+                        port,
+                        payload,
+                    } => events.push(Event::Message {
                         from,
                         port: Bytes::copy_from_slice(port),
                         payload: Bytes::copy_from_slice(payload),
@@ -752,9 +924,18 @@ fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
     Ok(match *r {
         Reply::Ok => Answer::Ok,
         Reply::Registered { token } => Answer::Registered(token),
-        Reply::Taken { session, token, node } => Answer::Taken(session, token, b(node)),
+        Reply::Taken {
+            session,
+            token,
+            node,
+        } => Answer::Taken(session, token, b(node)),
         Reply::Queued { position } => Answer::Queued(position),
-        Reply::Owner { session, token, node, value } => Answer::Owner(Owner {
+        Reply::Owner {
+            session,
+            token,
+            node,
+            value,
+        } => Answer::Owner(Owner {
             port: Bytes::new(),
             session,
             token,
@@ -770,14 +951,25 @@ fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
             next_cursor,
             entries: r
                 .page_entries()
-                .map(|e| Owner { port: b(e.port), session: e.session, token: e.token, node: b(e.node), value: b(e.value) })
+                .map(|e| Owner {
+                    port: b(e.port),
+                    session: e.session,
+                    token: e.token,
+                    node: b(e.node),
+                    value: b(e.value),
+                })
                 .collect(),
         }),
         Reply::Stats { .. } => Answer::Stats(
-            r.stats_entries().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v)).collect(),
+            r.stats_entries()
+                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v))
+                .collect(),
         ),
         Reply::Error { code, message } => {
-            return Err(Error::Server { code, message: String::from_utf8_lossy(message).into_owned() })
+            return Err(Error::Server {
+                code,
+                message: String::from_utf8_lossy(message).into_owned(),
+            })
         }
         Reply::HelloOk(_) => return Err(Error::Protocol("HELLO_OK outside a handshake".into())),
     })
@@ -802,7 +994,10 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
         }
     }
     if inner.opts.end_on_disconnect {
-        inner.finish(Phase::Lost(why.clone()), &format!("{why}; the session ends on disconnect"));
+        inner.finish(
+            Phase::Lost(why.clone()),
+            &format!("{why}; the session ends on disconnect"),
+        );
         return;
     }
     let _ = inner.events.send(Event::Disconnected);
@@ -816,7 +1011,10 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
             (st.view_end, st.info)
         };
         if Instant::now() >= view_end {
-            inner.finish(Phase::Lost("lease view expired while reconnecting".into()), "could not resume in time");
+            inner.finish(
+                Phase::Lost("lease view expired while reconnecting".into()),
+                "could not resume in time",
+            );
             return;
         }
         let attempt = handshake(&inner.opts, info.lease_ms, Some((info.id, info.secret)));
@@ -843,7 +1041,10 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
                 return;
             }
             Ok(Err(Error::Server { code, message })) => {
-                inner.finish(Phase::Lost(message.clone()), &format!("resume refused: {code}: {message}"));
+                inner.finish(
+                    Phase::Lost(message.clone()),
+                    &format!("resume refused: {code}: {message}"),
+                );
                 return;
             }
             Ok(Err(_)) | Err(_) => {}
@@ -862,7 +1063,11 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
         let Some(inner) = weak.upgrade() else { return };
         let (view_end, lease, phase) = {
             let st = inner.lock();
-            (st.view_end, Duration::from_millis(st.info.lease_ms as u64), st.phase.clone())
+            (
+                st.view_end,
+                Duration::from_millis(st.info.lease_ms as u64),
+                st.phase.clone(),
+            )
         };
         match phase {
             Phase::Lost(_) | Phase::Closed => return,
@@ -870,7 +1075,10 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
         }
         let now = Instant::now();
         if now >= view_end {
-            inner.finish(Phase::Lost("lease view expired".into()), "no answer from the server within the lease");
+            inner.finish(
+                Phase::Lost("lease view expired".into()),
+                "no answer from the server within the lease",
+            );
             return;
         }
         if matches!(phase, Phase::Connected(_)) {
@@ -878,7 +1086,14 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
             st.next_id = st.next_id.wrapping_add(1).max(1);
             let id = st.next_id;
             st.out.push_request(id, &Request::Ping);
-            st.pending.insert(id, Pending { tx: None, sent_at: now, kind: Kind::Plain });
+            st.pending.insert(
+                id,
+                Pending {
+                    tx: None,
+                    sent_at: now,
+                    kind: Kind::Plain,
+                },
+            );
             drop(st);
             inner.wake_writer.notify_one();
         }

@@ -37,6 +37,8 @@ mod recipes;
 mod types;
 
 pub use client::{Client, ClientOptions};
-pub use recipes::{Discovery, DiscoveryChange, Election, LeaderChange, LeaderWatch, Leadership, Lock, ServiceWatch};
-pub use types::{Error, Event, Owner, Page, RegisterOutcome, Result, SendOutcome, SessionInfo};
 pub use portswitch_proto::ErrorCode;
+pub use recipes::{
+    Discovery, DiscoveryChange, Election, LeaderChange, LeaderWatch, Leadership, Lock, ServiceWatch,
+};
+pub use types::{Error, Event, Owner, Page, RegisterOutcome, Result, SendOutcome, SessionInfo};

@@ -33,15 +33,21 @@ impl Lock {
     /// Waits in the lock's queue until it is granted.
     pub async fn acquire(client: &Client, name: impl AsRef<[u8]>) -> Result<Lock> {
         let token = client.register_wait(name.as_ref(), b"").await?;
-        Ok(Lock { client: client.clone(), name: Bytes::copy_from_slice(name.as_ref()), token })
+        Ok(Lock {
+            client: client.clone(),
+            name: Bytes::copy_from_slice(name.as_ref()),
+            token,
+        })
     }
 
     /// Takes the lock if it is free; `None` if someone holds it.
     pub async fn try_acquire(client: &Client, name: impl AsRef<[u8]>) -> Result<Option<Lock>> {
         match client.register(name.as_ref(), b"").await? {
-            RegisterOutcome::Owned { token } => {
-                Ok(Some(Lock { client: client.clone(), name: Bytes::copy_from_slice(name.as_ref()), token }))
-            }
+            RegisterOutcome::Owned { token } => Ok(Some(Lock {
+                client: client.clone(),
+                name: Bytes::copy_from_slice(name.as_ref()),
+                token,
+            })),
             RegisterOutcome::Taken { .. } => Ok(None),
             RegisterOutcome::Queued { .. } => Err(Error::Protocol("QUEUED without wait".into())),
         }
@@ -63,7 +69,12 @@ impl Lock {
 
     /// Whether the lock is still held, as far as this client knows.
     pub fn is_held(&self) -> bool {
-        self.client.is_alive() && self.client.owned_ports().iter().any(|(p, t)| *p == self.name && *t == self.token)
+        self.client.is_alive()
+            && self
+                .client
+                .owned_ports()
+                .iter()
+                .any(|(p, t)| *p == self.name && *t == self.token)
     }
 
     /// Releases the lock; the next waiter gets it.
@@ -105,13 +116,19 @@ pub struct LeaderWatch {
 
 impl Election {
     pub fn new(client: &Client, name: impl AsRef<[u8]>) -> Election {
-        Election { client: client.clone(), name: Bytes::copy_from_slice(name.as_ref()) }
+        Election {
+            client: client.clone(),
+            name: Bytes::copy_from_slice(name.as_ref()),
+        }
     }
 
     /// Campaigns with `value` (say, this candidate's address) and waits until elected.
     pub async fn campaign(&self, value: impl AsRef<[u8]>) -> Result<Leadership> {
         let token = self.client.register_wait(&self.name, value).await?;
-        Ok(Leadership { election: self.clone(), token })
+        Ok(Leadership {
+            election: self.clone(),
+            token,
+        })
     }
 
     /// The current leader, if any.
@@ -127,7 +144,11 @@ impl Election {
             Some(o) => LeaderChange::Leader(o),
             None => LeaderChange::Vacant,
         });
-        Ok(LeaderWatch { election: self.clone(), events, first })
+        Ok(LeaderWatch {
+            election: self.clone(),
+            events,
+            first,
+        })
     }
 }
 
@@ -165,7 +186,9 @@ impl LeaderWatch {
                 Ok(Event::Released { port, .. }) if port == self.election.name => {
                     return Some(LeaderChange::Vacant);
                 }
-                Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) | Ok(Event::Reconnected) => {
+                Ok(Event::Resync)
+                | Err(broadcast::error::RecvError::Lagged(_))
+                | Ok(Event::Reconnected) => {
                     // Events may have been missed: report the current state.
                     match self.election.leader().await {
                         Ok(Some(o)) => return Some(LeaderChange::Leader(o)),
@@ -173,7 +196,9 @@ impl LeaderWatch {
                         Err(_) => return None,
                     }
                 }
-                Ok(Event::OwnershipLost { .. }) | Err(broadcast::error::RecvError::Closed) => return None,
+                Ok(Event::OwnershipLost { .. }) | Err(broadcast::error::RecvError::Closed) => {
+                    return None
+                }
                 Ok(_) => {}
             }
         }
@@ -191,8 +216,13 @@ pub struct Discovery {
 /// An instance coming or going, as [`ServiceWatch::next`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiscoveryChange {
-    Up { instance: String, addr: Bytes },
-    Down { instance: String },
+    Up {
+        instance: String,
+        addr: Bytes,
+    },
+    Down {
+        instance: String,
+    },
     /// Events were missed; here is the full current set.
     Resync(Vec<(String, Bytes)>),
 }
@@ -206,7 +236,10 @@ pub struct ServiceWatch {
 
 impl Discovery {
     pub fn new(client: &Client, service: impl Into<String>) -> Discovery {
-        Discovery { client: client.clone(), service: service.into() }
+        Discovery {
+            client: client.clone(),
+            service: service.into(),
+        }
     }
 
     fn prefix(&self) -> String {
@@ -229,7 +262,9 @@ impl Discovery {
 
     /// Takes this process's instance out of the service.
     pub async fn deregister(&self, instance: &str) -> Result<()> {
-        self.client.unregister(format!("{}{instance}", self.prefix())).await
+        self.client
+            .unregister(format!("{}{instance}", self.prefix()))
+            .await
     }
 
     /// Every live instance and its address.
@@ -240,7 +275,12 @@ impl Discovery {
             .list_all(&prefix)
             .await?
             .into_iter()
-            .map(|o| (String::from_utf8_lossy(&o.port[prefix.len()..]).into_owned(), o.value))
+            .map(|o| {
+                (
+                    String::from_utf8_lossy(&o.port[prefix.len()..]).into_owned(),
+                    o.value,
+                )
+            })
             .collect())
     }
 
@@ -248,7 +288,10 @@ impl Discovery {
     pub async fn watch(&self) -> Result<ServiceWatch> {
         let events = self.client.events();
         self.client.watch_prefix(self.prefix()).await?;
-        Ok(ServiceWatch { discovery: self.clone(), events })
+        Ok(ServiceWatch {
+            discovery: self.clone(),
+            events,
+        })
     }
 }
 
@@ -265,15 +308,29 @@ impl ServiceWatch {
                         Ok(None) => continue, // already gone again; its Released follows
                         Err(_) => return None,
                     };
-                    return Some(DiscoveryChange::Up { instance: instance(&port), addr });
+                    return Some(DiscoveryChange::Up {
+                        instance: instance(&port),
+                        addr,
+                    });
                 }
                 Ok(Event::Released { port, .. }) if port.starts_with(prefix.as_bytes()) => {
-                    return Some(DiscoveryChange::Down { instance: instance(&port) });
+                    return Some(DiscoveryChange::Down {
+                        instance: instance(&port),
+                    });
                 }
-                Ok(Event::Resync) | Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    return self.discovery.instances().await.ok().map(DiscoveryChange::Resync);
+                Ok(Event::Resync)
+                | Ok(Event::Reconnected)
+                | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    return self
+                        .discovery
+                        .instances()
+                        .await
+                        .ok()
+                        .map(DiscoveryChange::Resync);
                 }
-                Ok(Event::OwnershipLost { .. }) | Err(broadcast::error::RecvError::Closed) => return None,
+                Ok(Event::OwnershipLost { .. }) | Err(broadcast::error::RecvError::Closed) => {
+                    return None
+                }
                 Ok(_) => {}
             }
         }

@@ -15,7 +15,11 @@ pub enum Error {
     Server { code: ErrorCode, message: String },
     /// A request exceeds a limit the server announced; it was not sent.
     #[error("{what} of {len} bytes exceeds the server's limit of {max}")]
-    TooLarge { what: &'static str, len: usize, max: usize },
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     /// The server sent something this client did not expect.
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -64,7 +68,11 @@ pub enum RegisterOutcome {
     /// This session owns the port, with this fencing token.
     Owned { token: u64 },
     /// Another session owns it.
-    Taken { session: u64, token: u64, node: Bytes },
+    Taken {
+        session: u64,
+        token: u64,
+        node: Bytes,
+    },
     /// Queued at this position (1 = next); [`Event::Acquired`] follows when granted.
     Queued { position: u32 },
 }
@@ -92,9 +100,18 @@ pub enum Event {
     /// A watched port's owner let go (or died).
     Released { port: Bytes, token: u64 },
     /// A watched port got an owner.
-    Claimed { port: Bytes, session: u64, token: u64, node: Bytes },
+    Claimed {
+        port: Bytes,
+        session: u64,
+        token: u64,
+        node: Bytes,
+    },
     /// A message relayed by SEND (to a port this session owns) or BROADCAST.
-    Message { from: u64, port: Bytes, payload: Bytes },
+    Message {
+        from: u64,
+        port: Bytes,
+        payload: Bytes,
+    },
     /// Events were lost while the session had no connection; re-read watched state.
     Resync,
     /// The connection dropped; the client is trying to resume the session.
@@ -104,7 +121,10 @@ pub enum Event {
     /// The session is over. Every port listed (and any other) is no longer owned:
     /// stop acting as its owner now. Emitted before the server could have handed any
     /// of them to someone else (DESIGN §3).
-    OwnershipLost { ports: Vec<(Bytes, u64)>, reason: String },
+    OwnershipLost {
+        ports: Vec<(Bytes, u64)>,
+        reason: String,
+    },
 }
 
 /// Facts about the session, fixed at HELLO.

@@ -33,7 +33,9 @@ pub(crate) fn spawn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             let mut buf = BytesMut::new();
             loop {
                 notify.notified().await;
-                let Some(close) = shared.take_output(conn, &mut buf) else { break };
+                let Some(close) = shared.take_output(conn, &mut buf) else {
+                    break;
+                };
                 if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
                     break;
                 }
@@ -86,7 +88,9 @@ pub(crate) fn spawn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         }
         if goaway_queued && !writer_finished {
             // Give the GOAWAY a moment to reach a peer that is still reading.
-            writer_finished = tokio::time::timeout(GOAWAY_FLUSH, &mut writer).await.is_ok();
+            writer_finished = tokio::time::timeout(GOAWAY_FLUSH, &mut writer)
+                .await
+                .is_ok();
         }
         // Report the disconnect at once: a session that ends on disconnect has its
         // ports released now, not after some grace period.

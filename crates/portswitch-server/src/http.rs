@@ -25,7 +25,9 @@ pub(crate) async fn serve(
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .with_state(shared);
-    axum::serve(listener, app).with_graceful_shutdown(stop).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -54,42 +56,49 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     }
     let mut body = String::new();
     if encode(&mut body, &reg).is_err() {
-        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new());
+        return (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            String::new(),
+        );
     }
     (
         axum::http::StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         body,
     )
 }
 
 fn help_for(name: &str) -> &'static str {
     match name {
-        "epoch" => "Epoch this server serves in (high half of fencing tokens).",
-        "sessions" => "Sessions held, attached or awaiting resume.",
-        "sessions_attached" => "Sessions with a live connection.",
-        "ports_owned" => "Ports with an owner.",
-        "port_entries" => "Ports with an owner, waiter or watcher.",
-        "waiters" => "Sessions queued for ports.",
-        "watches" => "Port and prefix watches.",
-        "prefix_watches" => "Prefix watches.",
-        "requests_total" => "Requests handled by the core.",
-        "registers_total" => "REGISTER requests.",
-        "grants_total" => "Ports granted (each with a new fencing token).",
-        "releases_total" => "Ports released.",
-        "messages_relayed_total" => "MESSAGE events relayed by SEND and BROADCAST.",
-        "sessions_created_total" => "Sessions created.",
-        "sessions_expired_total" => "Sessions ended by lease expiry.",
-        "sessions_resumed_total" => "Sessions resumed on a new connection.",
-        "errors_total" => "Requests answered with an error.",
-        "table_heap_bytes" => "Heap bytes of the port table's arrays.",
-        "connections" => "Open client connections.",
-        "connections_total" => "Client connections accepted.",
-        "connections_rejected_total" => "Connections refused at connections_max.",
-        "slow_consumer_disconnects_total" => "Connections closed for not reading their output.",
-        "malformed_disconnects_total" => "Connections closed for malformed frames.",
-        "rss_bytes" => "Resident memory of the server process.",
-        "uptime_ms" => "Milliseconds since start.",
+        "epoch" => "Epoch this server serves in (high half of fencing tokens)",
+        "sessions" => "Sessions held, attached or awaiting resume",
+        "sessions_attached" => "Sessions with a live connection",
+        "ports_owned" => "Ports with an owner",
+        "port_entries" => "Ports with an owner, waiter or watcher",
+        "waiters" => "Sessions queued for ports",
+        "watches" => "Port and prefix watches",
+        "prefix_watches" => "Prefix watches",
+        "requests_total" => "Requests handled by the core",
+        "registers_total" => "REGISTER requests",
+        "grants_total" => "Ports granted (each with a new fencing token)",
+        "releases_total" => "Ports released",
+        "messages_relayed_total" => "MESSAGE events relayed by SEND and BROADCAST",
+        "sessions_created_total" => "Sessions created",
+        "sessions_expired_total" => "Sessions ended by lease expiry",
+        "sessions_resumed_total" => "Sessions resumed on a new connection",
+        "errors_total" => "Requests answered with an error",
+        "table_heap_bytes" => "Heap bytes of the port table's arrays",
+        "connections" => "Open client connections",
+        "connections_total" => "Client connections accepted",
+        "connections_rejected_total" => "Connections refused at connections_max",
+        "slow_consumer_disconnects_total" => "Connections closed for not reading their output",
+        "malformed_disconnects_total" => "Connections closed for malformed frames",
+        "rss_bytes" => "Resident memory of the server process",
+        "uptime_ms" => "Milliseconds since start",
         _ => "",
     }
 }

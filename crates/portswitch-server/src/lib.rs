@@ -67,15 +67,23 @@ impl Server {
             None => None,
         };
         let shared = Arc::new(Shared::new(cfg, epoch));
-        Ok(Server { listener, http, shared })
+        Ok(Server {
+            listener,
+            http,
+            shared,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().map(|l| l.local_addr().expect("bound listener has an address"))
+        self.http
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
     pub fn epoch(&self) -> u64 {
@@ -85,7 +93,11 @@ impl Server {
     /// Serves until `shutdown` completes, then tells every client `GOAWAY
     /// shutting_down`, waits briefly for their queues to flush, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let Server { listener, http, shared } = self;
+        let Server {
+            listener,
+            http,
+            shared,
+        } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(http) = http {
@@ -131,7 +143,8 @@ impl Server {
         }
         drop(listener);
         shared.shutdown();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(config::SHUTDOWN_GRACE_MS);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(config::SHUTDOWN_GRACE_MS);
         while shared.connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -171,7 +184,12 @@ impl RunningServer {
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
-        Ok(RunningServer { addr, http_addr, stop: Some(stop), task })
+        Ok(RunningServer {
+            addr,
+            http_addr,
+            stop: Some(stop),
+            task,
+        })
     }
 
     /// Shuts the server down gracefully and waits for it.

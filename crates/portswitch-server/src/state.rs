@@ -77,9 +77,18 @@ impl StatsSnapshot {
             ("table_heap_bytes", c.table_heap_bytes),
             ("connections", self.connections),
             ("connections_total", self.connections_total),
-            ("connections_rejected_total", self.connections_rejected_total),
-            ("slow_consumer_disconnects_total", self.slow_consumer_disconnects_total),
-            ("malformed_disconnects_total", self.malformed_disconnects_total),
+            (
+                "connections_rejected_total",
+                self.connections_rejected_total,
+            ),
+            (
+                "slow_consumer_disconnects_total",
+                self.slow_consumer_disconnects_total,
+            ),
+            (
+                "malformed_disconnects_total",
+                self.malformed_disconnects_total,
+            ),
             ("rss_bytes", self.rss_bytes),
             ("uptime_ms", self.uptime_ms),
         ]
@@ -88,8 +97,14 @@ impl StatsSnapshot {
 
 /// Resident memory of this process, from /proc (0 where there is no /proc).
 pub fn rss_bytes() -> u64 {
-    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -204,7 +219,10 @@ impl Shared {
         let notify = Arc::new(Notify::new());
         entry.insert(ConnOut {
             id,
-            out: FrameBuf::new(self.cfg.core.frame_bytes_max as usize, self.cfg.core.commands_per_frame_max as usize),
+            out: FrameBuf::new(
+                self.cfg.core.frame_bytes_max as usize,
+                self.cfg.core.commands_per_frame_max as usize,
+            ),
             notify: notify.clone(),
             closing: false,
             dirty: false,
@@ -239,7 +257,10 @@ impl Shared {
                 }
             };
             let mut batch = st.core.begin_batch(conn, now);
-            let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+            let mut out = Out {
+                conns: &mut st.conns,
+                dirty: &mut st.dirty,
+            };
             for m in messages(&rest[4..n], commands_max) {
                 let m = match m {
                     Ok(m) => m,
@@ -251,20 +272,33 @@ impl Shared {
                 };
                 match Request::decode(m.opcode, m.body) {
                     Ok(Request::Stats) => {
-                        let snap = stats_snapshot(&st.core, out.conns.len(), st.counters, self.start);
+                        let snap =
+                            stats_snapshot(&st.core, out.conns.len(), st.counters, self.start);
                         let mut entries = std::mem::take(&mut st.scratch);
                         entries.clear();
                         let pairs = snap.pairs();
                         for (name, value) in &pairs {
                             encode_stat(&mut entries, name, *value);
                         }
-                        out.reply(conn, m.id, &Reply::Stats { count: pairs.len() as u16, entries: &entries });
+                        out.reply(
+                            conn,
+                            m.id,
+                            &Reply::Stats {
+                                count: pairs.len() as u16,
+                                entries: &entries,
+                            },
+                        );
                         st.scratch = entries;
                     }
                     Ok(req) => st.core.handle(&mut batch, m.id, &req, &mut out),
-                    Err(e) => {
-                        out.reply(conn, m.id, &Reply::Error { code: e.code, message: e.detail.as_bytes() })
-                    }
+                    Err(e) => out.reply(
+                        conn,
+                        m.id,
+                        &Reply::Error {
+                            code: e.code,
+                            message: e.detail.as_bytes(),
+                        },
+                    ),
                 }
             }
             if close {
@@ -276,7 +310,10 @@ impl Shared {
         if close {
             // The core forgets the connection now; its session (if not ending on
             // disconnect) stays for its lease, resumable from another connection.
-            let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+            let mut out = Out {
+                conns: &mut st.conns,
+                dirty: &mut st.dirty,
+            };
             st.core.handle_disconnect(conn, now, &mut out);
         }
         self.flush(st, now);
@@ -292,7 +329,10 @@ impl Shared {
         let mut st = self.lock();
         let now = self.now_ms();
         let st = &mut *st;
-        let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+        let mut out = Out {
+            conns: &mut st.conns,
+            dirty: &mut st.dirty,
+        };
         st.core.handle_disconnect(conn, now, &mut out);
         let key = (conn & 0xFFFF_FFFF) as usize;
         if st.conns.get(key).is_some_and(|c| c.id == conn) {
@@ -311,7 +351,9 @@ impl Shared {
             let dirty = std::mem::take(&mut st.dirty);
             let mut slow = Vec::new();
             for key in dirty {
-                let Some(c) = st.conns.get_mut(key) else { continue };
+                let Some(c) = st.conns.get_mut(key) else {
+                    continue;
+                };
                 c.dirty = false;
                 if c.out.len() > max && !c.closing {
                     c.out.clear();
@@ -326,7 +368,10 @@ impl Shared {
             }
             for conn in slow {
                 st.counters.slow_consumer_total += 1;
-                let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+                let mut out = Out {
+                    conns: &mut st.conns,
+                    dirty: &mut st.dirty,
+                };
                 st.core.handle_disconnect(conn, now, &mut out);
             }
         }
@@ -347,7 +392,10 @@ impl Shared {
         let now = self.now_ms();
         let st = &mut *st;
         if st.core.next_deadline().is_some_and(|d| d <= now) {
-            let mut out = Out { conns: &mut st.conns, dirty: &mut st.dirty };
+            let mut out = Out {
+                conns: &mut st.conns,
+                dirty: &mut st.dirty,
+            };
             st.core.handle_timeout(now, &mut out);
             self.flush(st, now);
         }
@@ -357,7 +405,10 @@ impl Shared {
         let mut st = self.lock();
         for (_, c) in st.conns.iter_mut() {
             if !c.closing {
-                c.out.push_event(&Event::GoAway { code: ErrorCode::ShuttingDown, message: b"server shutting down" });
+                c.out.push_event(&Event::GoAway {
+                    code: ErrorCode::ShuttingDown,
+                    message: b"server shutting down",
+                });
                 c.closing = true;
             }
             c.notify.notify_one();
@@ -372,7 +423,10 @@ impl Shared {
 
 impl State {
     fn goaway(&mut self, conn: ConnId, e: &FrameError) {
-        let mut out = Out { conns: &mut self.conns, dirty: &mut self.dirty };
+        let mut out = Out {
+            conns: &mut self.conns,
+            dirty: &mut self.dirty,
+        };
         break_with_goaway(&mut out, conn, e);
         self.counters.malformed_total += 1;
     }
@@ -385,7 +439,13 @@ fn break_with_goaway(out: &mut Out<'_>, conn: ConnId, e: &FrameError) {
         _ => ErrorCode::Malformed,
     };
     let msg = e.to_string();
-    out.event(conn, &Event::GoAway { code, message: msg.as_bytes() });
+    out.event(
+        conn,
+        &Event::GoAway {
+            code,
+            message: msg.as_bytes(),
+        },
+    );
     out.close(conn);
 }
 

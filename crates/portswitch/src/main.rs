@@ -1,1 +1,60 @@
-fn main() {}
+//! `portswitch`: the server (`serve`), the command-line client (`ctl`) and the load
+//! generator (`bench`) in one binary.
+
+mod bench;
+mod ctl;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "portswitch",
+    version,
+    about = "A port switch coordination service: locks, elections, discovery and routing by exclusive ownership of named ports."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server (loopback, port 7400, no configuration needed).
+    Serve(serve::ServeArgs),
+    /// Talk to a server from the command line.
+    Ctl(ctl::CtlArgs),
+    /// Generate load against a server and report throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Ctl(args) => ctl::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// Errors of the binary's subcommands: a message for the user.
+pub type AppResult = Result<std::process::ExitCode, Box<dyn std::error::Error + Send + Sync>>;

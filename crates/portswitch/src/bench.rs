@@ -1,0 +1,656 @@
+//! `portswitch bench`: load against a running server.
+//!
+//! Throughput workloads drive raw protocol connections (one session each), keeping
+//! `--pipeline` requests in flight per connection and batching them into frames the
+//! way the client library does; they measure the server, not client-side overhead.
+//! Latency is from a request's write to its reply. `kill-holder` measures failure
+//! detection with real processes killed by SIGKILL.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use portswitch_client::{Client, ClientOptions, Event};
+use portswitch_proto::frame::{frame_len, messages};
+use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, PROTOCOL_VERSION};
+use portswitch_proto::{FrameBuf, Hello, Reply, Request, ServerMsg};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::AppResult;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// REGISTER then UNREGISTER of distinct ports; every request counts.
+    RegisterUnregister,
+    /// QUERY of owned ports.
+    Query,
+    /// SEND to a port owned by another connection (relay).
+    Send,
+    /// Many sessions queueing for few ports; counts handoffs.
+    LockContended,
+    /// Register --ports ports, then report server memory per port.
+    Fill,
+    /// Kill -9 a process holding a port; time until watchers hear RELEASED.
+    KillHolder,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    addr: String,
+    #[arg(long, value_enum)]
+    workload: Workload,
+    /// Concurrent connections (one session each).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Seconds to run (throughput workloads).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 64)]
+    pipeline: usize,
+    /// fill: ports to register in total. query: ports per connection to query.
+    #[arg(long, default_value_t = 1_000_000)]
+    ports: u64,
+    /// Session lease in ms (kill-holder: the holder's lease).
+    #[arg(long, default_value_t = 10_000)]
+    lease_ms: u32,
+    /// kill-holder: rounds; with --end-on-disconnect the holder asks to end on
+    /// disconnect, otherwise its lease must run out.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    #[arg(long)]
+    end_on_disconnect: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Shared {
+    ops: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+}
+
+pub async fn run(args: BenchArgs) -> AppResult {
+    if args.workload == Workload::KillHolder {
+        return kill_holder(&args).await;
+    }
+    if args.connections == 0 || args.pipeline == 0 {
+        return Err("--connections and --pipeline must be at least 1".into());
+    }
+    let shared = Arc::new(Shared {
+        ops: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let duration = Duration::from_secs_f64(args.duration.max(0.1));
+
+    let rss_before = if args.workload == Workload::Fill {
+        server_stat(&args.addr, "rss_bytes").await?
+    } else {
+        0
+    };
+
+    // Connect and set up every connection before the clock starts.
+    let mut conns = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let mut c = RawConn::connect(&args.addr, args.lease_ms).await?;
+        setup(&mut c, &args, i).await?;
+        conns.push(c);
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(args.connections + 1));
+    let mut tasks = Vec::new();
+    for (i, c) in conns.into_iter().enumerate() {
+        let shared = shared.clone();
+        let barrier = barrier.clone();
+        let a = (args.workload, args.connections, args.pipeline, args.ports);
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            drive(c, a.0, i, a.1, a.2, a.3, &shared).await
+        }));
+    }
+    barrier.wait().await;
+    let start = Instant::now();
+    let progress = progress_bar(&args, duration);
+    if args.workload != Workload::Fill {
+        while start.elapsed() < duration {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(p) = &progress {
+                p.set_position(start.elapsed().as_millis() as u64);
+                p.set_message(format!("{} ops", shared.ops.load(Ordering::Relaxed)));
+            }
+        }
+        shared.stop.store(true, Ordering::Relaxed);
+    }
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| e.to_string())?;
+    let mut held = Vec::new();
+    for t in tasks {
+        let (h, conn) = t.await??;
+        hist.add(&h).map_err(|e| e.to_string())?;
+        held.push(conn);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    let ops = shared.ops.load(Ordering::Relaxed);
+    let errors = shared.errors.load(Ordering::Relaxed);
+    let mut report = serde_json::json!({
+        "workload": format!("{:?}", args.workload),
+        "connections": args.connections,
+        "pipeline": args.pipeline,
+        "duration_s": round3(elapsed),
+        "ops": ops,
+        "ops_per_sec": round3(ops as f64 / elapsed),
+        "errors": errors,
+        "p50_us": round3(hist.value_at_quantile(0.50) as f64 / 1e3),
+        "p99_us": round3(hist.value_at_quantile(0.99) as f64 / 1e3),
+        "p999_us": round3(hist.value_at_quantile(0.999) as f64 / 1e3),
+        "max_us": round3(hist.max() as f64 / 1e3),
+    });
+    if args.workload == Workload::Fill {
+        let stats = server_stats(&args.addr).await?;
+        let get = |k: &str| stats.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+        let (rss, ports) = (get("rss_bytes"), get("ports_owned"));
+        report["ports"] = ports.into();
+        report["rss_bytes"] = rss.into();
+        report["rss_before_bytes"] = rss_before.into();
+        report["bytes_per_port"] = round3(rss as f64 / ports.max(1) as f64).into();
+        report["delta_bytes_per_port"] =
+            round3(rss.saturating_sub(rss_before) as f64 / ports.max(1) as f64).into();
+    }
+    drop(held); // fill keeps its ports until the report is taken
+    if args.json {
+        println!("{report}");
+    } else {
+        print_human(&report);
+    }
+    Ok(if errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn print_human(r: &serde_json::Value) {
+    println!(
+        "{}: {:.0} ops/s ({} ops in {} s, {} connections, pipeline {}), errors {}",
+        r["workload"].as_str().unwrap_or(""),
+        r["ops_per_sec"].as_f64().unwrap_or(0.0),
+        r["ops"],
+        r["duration_s"],
+        r["connections"],
+        r["pipeline"],
+        r["errors"]
+    );
+    println!(
+        "latency: p50 {} µs, p99 {} µs, p999 {} µs, max {} µs",
+        r["p50_us"], r["p99_us"], r["p999_us"], r["max_us"]
+    );
+    if r.get("bytes_per_port").is_some() {
+        println!(
+            "fill: {} ports, server rss {} bytes, {} bytes/port ({} bytes/port over the idle server)",
+            r["ports"], r["rss_bytes"], r["bytes_per_port"], r["delta_bytes_per_port"]
+        );
+    }
+}
+
+fn progress_bar(args: &BenchArgs, duration: Duration) -> Option<indicatif::ProgressBar> {
+    if args.json || !std::io::stderr().is_terminal() || args.workload == Workload::Fill {
+        return None;
+    }
+    let p = indicatif::ProgressBar::new(duration.as_millis() as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+    {
+        p.set_style(style);
+    }
+    Some(p)
+}
+
+/// A raw protocol connection with one session.
+struct RawConn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    out: FrameBuf,
+    wbuf: BytesMut,
+    next_id: u32,
+}
+
+impl RawConn {
+    async fn connect(
+        addr: &str,
+        lease_ms: u32,
+    ) -> Result<RawConn, Box<dyn std::error::Error + Send + Sync>> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        stream.set_nodelay(true)?;
+        let mut c = RawConn {
+            stream,
+            rbuf: BytesMut::with_capacity(1 << 16),
+            out: FrameBuf::new(FRAME_BYTES_MAX, COMMANDS_PER_FRAME_MAX),
+            wbuf: BytesMut::new(),
+            next_id: 0,
+        };
+        c.push(&Request::Hello(Hello {
+            version_min: PROTOCOL_VERSION,
+            version_max: PROTOCOL_VERSION,
+            features: 0,
+            lease_ms,
+            end_on_disconnect: true,
+            node_name: b"bench",
+            credentials: b"",
+            resume_session: 0,
+            resume_secret: 0,
+        }));
+        c.flush().await?;
+        let mut ok = false;
+        c.read_some(|m| {
+            ok = matches!(
+                m,
+                ServerMsg::Reply {
+                    reply: Reply::HelloOk(_),
+                    ..
+                }
+            )
+        })
+        .await?;
+        if !ok {
+            return Err("HELLO refused".into());
+        }
+        Ok(c)
+    }
+
+    fn push(&mut self, r: &Request<'_>) -> u32 {
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.out.push_request(self.next_id, r);
+        self.next_id
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.out.take_into(&mut self.wbuf);
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads at least once and hands every whole message to `f`.
+    async fn read_some(
+        &mut self,
+        mut f: impl FnMut(ServerMsg<'_>),
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        loop {
+            let n = self.stream.read_buf(&mut self.rbuf).await?;
+            if n == 0 {
+                return Err("server closed the connection".into());
+            }
+            let mut consumed = 0;
+            while let Some(len) = frame_len(&self.rbuf[consumed..], FRAME_BYTES_MAX)? {
+                let body = &self.rbuf[consumed + 4..consumed + len];
+                for m in messages(body, usize::MAX) {
+                    let m = m?;
+                    let msg = ServerMsg::decode(m.opcode, m.id, m.body)?;
+                    if let ServerMsg::Event(portswitch_proto::Event::GoAway { code, message }) = msg
+                    {
+                        return Err(format!(
+                            "server closed the connection: {code}: {}",
+                            String::from_utf8_lossy(message)
+                        )
+                        .into());
+                    }
+                    f(msg);
+                }
+                consumed += len;
+            }
+            let _ = self.rbuf.split_to(consumed);
+            if consumed > 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends what is queued and reads until `n` replies have come.
+    async fn roundtrip(
+        &mut self,
+        n: usize,
+    ) -> Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>> {
+        self.flush().await?;
+        let mut got = 0;
+        let mut errs = Vec::new();
+        while got < n {
+            self.read_some(|m| {
+                if let ServerMsg::Reply { reply, .. } = m {
+                    got += 1;
+                    if let Reply::Error { code, message } = reply {
+                        errs.push(format!("{code}: {}", String::from_utf8_lossy(message)));
+                    }
+                }
+            })
+            .await?;
+        }
+        Ok(errs)
+    }
+}
+
+fn port_name(buf: &mut Vec<u8>, prefix: &str, conn: usize, i: u64) {
+    use std::io::Write;
+    buf.clear();
+    let _ = write!(buf, "{prefix}/{conn:04}/{i:09}");
+}
+
+/// Work before the clock starts (owning the ports that queries and sends target).
+async fn setup(
+    c: &mut RawConn,
+    args: &BenchArgs,
+    i: usize,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut name = Vec::new();
+    match args.workload {
+        Workload::Query => {
+            let per = args.ports.clamp(1, 1_000_000);
+            let mut sent = 0;
+            for k in 0..per {
+                port_name(&mut name, "bench-q", i, k);
+                c.push(&Request::Register {
+                    port: &name,
+                    value: b"10.0.0.1:8080",
+                    wait: false,
+                });
+                sent += 1;
+                if sent == 4096 || k + 1 == per {
+                    let errs = c.roundtrip(sent).await?;
+                    if let Some(e) = errs.first() {
+                        return Err(format!("setup: {e}").into());
+                    }
+                    sent = 0;
+                }
+            }
+        }
+        Workload::Send => {
+            port_name(&mut name, "bench-s", i, 0);
+            c.push(&Request::Register {
+                port: &name,
+                value: b"",
+                wait: false,
+            });
+            c.roundtrip(1).await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+type DriveResult = Result<(Histogram<u64>, RawConn), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Keeps `pipeline` requests in flight until told to stop (or, for fill, until this
+/// connection's share of ports is registered).
+async fn drive(
+    mut c: RawConn,
+    w: Workload,
+    me: usize,
+    conns: usize,
+    pipeline: usize,
+    ports: u64,
+    shared: &Shared,
+) -> DriveResult {
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| e.to_string())?;
+    let mut sent_at: std::collections::VecDeque<Instant> =
+        std::collections::VecDeque::with_capacity(pipeline * 2);
+    let mut name = Vec::with_capacity(64);
+    let mut i: u64 = 0;
+    let mut rng = fastrand::Rng::with_seed(me as u64);
+    let fill_share = ports / conns as u64 + u64::from((me as u64) < ports % conns as u64);
+    let lock_ports = (conns / 8).max(1);
+    let mut in_flight = 0usize;
+    let mut waiting_grant = false;
+    loop {
+        let stopping =
+            shared.stop.load(Ordering::Relaxed) || (w == Workload::Fill && i >= fill_share);
+        if stopping && in_flight == 0 && !waiting_grant {
+            break;
+        }
+        // Top up the pipeline.
+        if !stopping {
+            let now = Instant::now();
+            match w {
+                Workload::LockContended => {
+                    if in_flight == 0 && !waiting_grant {
+                        port_name(&mut name, "bench-lock", 0, (me % lock_ports) as u64);
+                        c.push(&Request::Register {
+                            port: &name,
+                            value: b"",
+                            wait: true,
+                        });
+                        sent_at.push_back(now);
+                        in_flight += 1;
+                    }
+                }
+                _ => {
+                    while in_flight < pipeline && !(w == Workload::Fill && i >= fill_share) {
+                        match w {
+                            Workload::RegisterUnregister => {
+                                port_name(&mut name, "bench-ru", me, i / 2 % 4096);
+                                if i % 2 == 0 {
+                                    c.push(&Request::Register {
+                                        port: &name,
+                                        value: b"",
+                                        wait: false,
+                                    });
+                                } else {
+                                    c.push(&Request::Unregister { port: &name });
+                                }
+                            }
+                            Workload::Query => {
+                                let other = rng.usize(0..conns);
+                                port_name(
+                                    &mut name,
+                                    "bench-q",
+                                    other,
+                                    rng.u64(0..ports.clamp(1, 1_000_000)),
+                                );
+                                c.push(&Request::Query { port: &name });
+                            }
+                            Workload::Send => {
+                                port_name(&mut name, "bench-s", (me + 1) % conns, 0);
+                                c.push(&Request::Send {
+                                    port: &name,
+                                    payload: b"0123456789abcdef",
+                                });
+                            }
+                            Workload::Fill => {
+                                port_name(&mut name, "bench-fill", me, i);
+                                c.push(&Request::Register {
+                                    port: &name,
+                                    value: b"",
+                                    wait: false,
+                                });
+                            }
+                            Workload::LockContended | Workload::KillHolder => unreachable!(),
+                        }
+                        sent_at.push_back(now);
+                        in_flight += 1;
+                        i += 1;
+                    }
+                }
+            }
+        }
+        // Always send what is queued: even when stopping, a lock holder's UNREGISTER
+        // must go out or the sessions queued behind it wait forever.
+        c.flush().await?;
+        // Read what has come back.
+        let mut done = 0u64;
+        let mut errors = 0u64;
+        let mut unregister = false;
+        let now_read = {
+            let hist = &mut hist;
+            let sent_at = &mut sent_at;
+            let in_flight = &mut in_flight;
+            let waiting_grant = &mut waiting_grant;
+            c.read_some(|m| match m {
+                ServerMsg::Reply { reply, .. } => {
+                    let t0 = sent_at.pop_front();
+                    *in_flight -= 1;
+                    match reply {
+                        Reply::Error { .. } => errors += 1,
+                        Reply::Queued { .. } => {
+                            *waiting_grant = true;
+                            sent_at.push_front(t0.unwrap_or_else(Instant::now));
+                            return;
+                        }
+                        Reply::Registered { .. } if w == Workload::LockContended => {
+                            unregister = true
+                        }
+                        _ => {}
+                    }
+                    if w == Workload::LockContended && !matches!(reply, Reply::Registered { .. }) {
+                        return; // the UNREGISTER that hands over; not a handoff itself
+                    }
+                    done += 1;
+                    if let Some(t0) = t0 {
+                        let _ = hist.record(t0.elapsed().as_nanos().max(1) as u64);
+                    }
+                }
+                ServerMsg::Event(portswitch_proto::Event::Acquired { .. })
+                    if w == Workload::LockContended =>
+                {
+                    *waiting_grant = false;
+                    unregister = true;
+                    done += 1;
+                    if let Some(t0) = sent_at.pop_front() {
+                        let _ = hist.record(t0.elapsed().as_nanos().max(1) as u64);
+                    }
+                }
+                ServerMsg::Event(_) => {}
+            })
+            .await
+        };
+        now_read?;
+        if unregister {
+            // Hand the lock on straight away; the next REGISTER follows the reply.
+            c.push(&Request::Unregister { port: &name });
+            in_flight += 1;
+            sent_at.push_back(Instant::now());
+        }
+        shared.ops.fetch_add(done, Ordering::Relaxed);
+        shared.errors.fetch_add(errors, Ordering::Relaxed);
+    }
+    Ok((hist, c))
+}
+
+async fn server_stats(
+    addr: &str,
+) -> Result<Vec<(String, u64)>, Box<dyn std::error::Error + Send + Sync>> {
+    let client = Client::connect(ClientOptions::new(addr)).await?;
+    let s = client.stats().await?;
+    client.close().await?;
+    Ok(s)
+}
+
+async fn server_stat(
+    addr: &str,
+    key: &str,
+) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(server_stats(addr)
+        .await?
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map_or(0, |(_, v)| v))
+}
+
+/// Kill -9 a holder process; time from the kill to the watcher's RELEASED.
+async fn kill_holder(args: &BenchArgs) -> AppResult {
+    let exe = std::env::current_exe()?;
+    let watcher = Client::connect(ClientOptions::new(args.addr.clone())).await?;
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| e.to_string())?;
+    for round in 0..args.rounds {
+        let name = format!("bench-kill/{}/{round}", std::process::id());
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args([
+            "ctl",
+            "--addr",
+            &args.addr,
+            "--json",
+            "--lease-ms",
+            &args.lease_ms.to_string(),
+            "register",
+            &name,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+        if args.end_on_disconnect {
+            cmd.arg("--end-on-disconnect");
+        }
+        let mut child = cmd.spawn()?;
+        // Wait until the holder says it owns the port.
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .map_err(|_| "holder did not register in 10 s")??
+            .ok_or("holder exited")?;
+        if !line.contains("registered") {
+            return Err(format!("holder said: {line}").into());
+        }
+        let mut events = watcher.events();
+        watcher.watch(&name).await?;
+        let t0 = Instant::now();
+        child.start_kill()?; // SIGKILL
+        let timeout = Duration::from_millis(args.lease_ms as u64 * 3 + 5_000);
+        let released = tokio::time::timeout(timeout, async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::Released { port, .. }) if port == name.as_bytes() => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        let dt = t0.elapsed();
+        let _ = child.wait().await;
+        watcher.unwatch(&name).await?;
+        match released {
+            Ok(Ok(())) => {
+                let _ = hist.record(dt.as_micros().max(1) as u64);
+            }
+            _ => return Err(format!("round {round}: no RELEASED within {timeout:?}").into()),
+        }
+    }
+    watcher.close().await?;
+    let q = |p: f64| round3(hist.value_at_quantile(p) as f64 / 1e3);
+    let report = serde_json::json!({
+        "workload": "KillHolder",
+        "rounds": args.rounds,
+        "lease_ms": args.lease_ms,
+        "end_on_disconnect": args.end_on_disconnect,
+        "p50_ms": q(0.5),
+        "p99_ms": q(0.99),
+        "max_ms": round3(hist.max() as f64 / 1e3),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "kill-holder: {} rounds, lease {} ms, end_on_disconnect {}: release seen p50 {} ms, p99 {} ms, max {} ms after SIGKILL",
+            args.rounds, args.lease_ms, args.end_on_disconnect, report["p50_ms"], report["p99_ms"], report["max_ms"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

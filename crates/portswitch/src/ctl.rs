@@ -1,0 +1,490 @@
+//! `portswitch ctl`: the command-line client. Human-readable output by default,
+//! one JSON object per line with `--json`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use portswitch_client::{
+    Client, ClientOptions, Election, Event, LeaderChange, Lock, RegisterOutcome, SendOutcome,
+};
+use serde_json::json;
+
+use crate::AppResult;
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// Server address.
+    #[arg(
+        long,
+        env = "PORTSWITCH_ADDR",
+        default_value = "127.0.0.1:7400",
+        global = true
+    )]
+    addr: String,
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Session lease in milliseconds.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    lease_ms: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Own a port for as long as this command runs (Ctrl-C releases it).
+    Register {
+        name: String,
+        #[arg(default_value = "")]
+        value: String,
+        /// Queue for the port if it is taken, instead of failing.
+        #[arg(long)]
+        wait: bool,
+        /// Release after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        hold_secs: Option<f64>,
+        /// Exit at once, leaving the session alive for its lease; prints the session
+        /// as ID:SECRET for `unregister --session`.
+        #[arg(long, conflicts_with = "end_on_disconnect")]
+        detach: bool,
+        /// End the session (release the port) the moment this process dies.
+        #[arg(long)]
+        end_on_disconnect: bool,
+    },
+    /// Release a port held by a detached session.
+    Unregister {
+        name: String,
+        /// The session, as printed by `register --detach` (ID:SECRET, hex).
+        #[arg(long)]
+        session: String,
+    },
+    /// Who owns a port.
+    Query { name: String },
+    /// Owned ports under a prefix.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Stop after this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Print a port's changes (or, with --prefix, those of every port under it).
+    Watch {
+        name: String,
+        #[arg(long)]
+        prefix: bool,
+        /// Exit after this many changes.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Relay a message to a port's owner.
+    Send { name: String, payload: String },
+    /// Send a message to every session, or to the owners of every port under --prefix.
+    Broadcast {
+        payload: String,
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Server counters.
+    Status,
+    /// Run a command while holding a lock; its fencing token is in PORTSWITCH_TOKEN.
+    /// The command is killed if the lock is lost.
+    Lock {
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Campaign for leadership, run a command while leader (token in
+    /// PORTSWITCH_TOKEN); with --observe, print leader changes instead.
+    Elect {
+        name: String,
+        /// The value to lead with (say, this process's address).
+        #[arg(long, default_value = "")]
+        value: String,
+        #[arg(long)]
+        observe: bool,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+fn hex(n: u64) -> String {
+    format!("{n:016x}")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub async fn run(args: CtlArgs) -> AppResult {
+    let mut opts = ClientOptions::new(args.addr.clone());
+    opts.lease = Duration::from_millis(args.lease_ms);
+    let json = args.json;
+    let out = |human: String, j: serde_json::Value| {
+        if json {
+            println!("{j}");
+        } else {
+            println!("{human}");
+        }
+    };
+    match args.cmd {
+        Cmd::Register {
+            name,
+            value,
+            wait,
+            hold_secs,
+            detach,
+            end_on_disconnect,
+        } => {
+            opts.end_on_disconnect = end_on_disconnect;
+            let client = Client::connect(opts).await?;
+            let token = match client
+                .register_with(name.as_bytes(), value.as_bytes(), wait)
+                .await?
+            {
+                RegisterOutcome::Owned { token } => token,
+                RegisterOutcome::Taken {
+                    session,
+                    token,
+                    node,
+                } => {
+                    out(
+                        format!(
+                            "taken: {name} is owned by session {} ({}) token {token}",
+                            hex(session),
+                            text(&node)
+                        ),
+                        json!({"result": "taken", "port": name, "session": hex(session), "token": token, "node": text(&node)}),
+                    );
+                    return Ok(ExitCode::from(3));
+                }
+                RegisterOutcome::Queued { position } => {
+                    if !json {
+                        eprintln!("queued at position {position}; waiting");
+                    }
+                    let mut events = client.events();
+                    loop {
+                        match events.recv().await {
+                            Ok(Event::Acquired { port, token }) if port == name.as_bytes() => {
+                                break token
+                            }
+                            Ok(Event::OwnershipLost { reason, .. }) => return Err(reason.into()),
+                            Ok(_) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+            };
+            let s = client.session();
+            out(
+                format!("registered {name} token {token} session {}", hex(s.id)),
+                json!({"result": "registered", "port": name, "token": token, "session": hex(s.id)}),
+            );
+            if detach {
+                let (id, secret) = client.detach();
+                out(
+                    format!("detached session {}:{}", hex(id), hex(secret)),
+                    json!({"session": format!("{}:{}", hex(id), hex(secret))}),
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let hold = async {
+                match hold_secs {
+                    Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
+                    None => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = hold => {
+                    client.close().await?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                _ = client.lost() => {
+                    eprintln!("ownership of {name} lost");
+                    Ok(ExitCode::from(4))
+                }
+            }
+        }
+        Cmd::Unregister { name, session } => {
+            let (id, secret) = session
+                .split_once(':')
+                .and_then(|(a, b)| {
+                    Some((
+                        u64::from_str_radix(a, 16).ok()?,
+                        u64::from_str_radix(b, 16).ok()?,
+                    ))
+                })
+                .ok_or("--session takes ID:SECRET in hex, as printed by register --detach")?;
+            opts.resume = Some((id, secret));
+            let client = Client::connect(opts).await?;
+            client.unregister(name.as_bytes()).await?;
+            out(
+                format!("unregistered {name}"),
+                json!({"result": "unregistered", "port": name}),
+            );
+            client.detach();
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Query { name } => {
+            let client = Client::connect(opts).await?;
+            match client.query(&name).await? {
+                Some(o) => out(
+                    format!(
+                        "{name}: owned by session {} ({}) token {} value {:?}",
+                        hex(o.session),
+                        text(&o.node),
+                        o.token,
+                        text(&o.value)
+                    ),
+                    json!({"port": name, "owned": true, "session": hex(o.session), "node": text(&o.node), "token": o.token, "value": text(&o.value)}),
+                ),
+                None => out(
+                    format!("{name}: free"),
+                    json!({"port": name, "owned": false}),
+                ),
+            }
+            client.close().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::List { prefix, limit } => {
+            let client = Client::connect(opts).await?;
+            let page_limit = client.session().limits.list_limit_max;
+            let mut cursor = 0;
+            let mut shown = 0usize;
+            'pages: loop {
+                let page = client.list(&prefix, cursor, page_limit).await?;
+                for o in page.entries {
+                    if limit.is_some_and(|l| shown >= l) {
+                        break 'pages;
+                    }
+                    shown += 1;
+                    out(
+                        format!(
+                            "{}\t{}\t{}\t{}\t{}",
+                            text(&o.port),
+                            hex(o.session),
+                            text(&o.node),
+                            o.token,
+                            text(&o.value)
+                        ),
+                        json!({"port": text(&o.port), "session": hex(o.session), "node": text(&o.node), "token": o.token, "value": text(&o.value)}),
+                    );
+                }
+                if page.next_cursor == 0 {
+                    break;
+                }
+                cursor = page.next_cursor;
+            }
+            client.close().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watch {
+            name,
+            prefix,
+            count,
+        } => {
+            let client = Client::connect(opts).await?;
+            let mut events = client.events();
+            if prefix {
+                client.watch_prefix(&name).await?;
+                out(
+                    format!("watching prefix {name}"),
+                    json!({"watching": name, "prefix": true}),
+                );
+            } else {
+                match client.watch(&name).await? {
+                    Some((session, token)) => out(
+                        format!("{name}: owned by session {} token {token}", hex(session)),
+                        json!({"port": name, "event": "owned", "session": hex(session), "token": token}),
+                    ),
+                    None => out(
+                        format!("{name}: free"),
+                        json!({"port": name, "event": "free"}),
+                    ),
+                }
+            }
+            let mut seen = 0;
+            while count.is_none_or(|c| seen < c) {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev?,
+                    _ = tokio::signal::ctrl_c() => break,
+                };
+                match ev {
+                    Event::Claimed {
+                        port,
+                        session,
+                        token,
+                        node,
+                    } => out(
+                        format!(
+                            "{}: claimed by session {} ({}) token {token}",
+                            text(&port),
+                            hex(session),
+                            text(&node)
+                        ),
+                        json!({"port": text(&port), "event": "claimed", "session": hex(session), "node": text(&node), "token": token}),
+                    ),
+                    Event::Released { port, token } => out(
+                        format!("{}: released (token {token})", text(&port)),
+                        json!({"port": text(&port), "event": "released", "token": token}),
+                    ),
+                    Event::Resync => out(
+                        "resync: events were missed".into(),
+                        json!({"event": "resync"}),
+                    ),
+                    Event::OwnershipLost { reason, .. } => {
+                        return Err(format!("session lost: {reason}").into())
+                    }
+                    _ => continue,
+                }
+                seen += 1;
+            }
+            client.close().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Send { name, payload } => {
+            let client = Client::connect(opts).await?;
+            let r = client.send(&name, &payload).await?;
+            client.close().await?;
+            match r {
+                SendOutcome::Delivered => {
+                    out(
+                        format!("delivered to the owner of {name}"),
+                        json!({"result": "delivered", "port": name}),
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                SendOutcome::NoOwner => {
+                    out(
+                        format!("{name} has no owner"),
+                        json!({"result": "no_owner", "port": name}),
+                    );
+                    Ok(ExitCode::from(3))
+                }
+            }
+        }
+        Cmd::Broadcast { payload, prefix } => {
+            let client = Client::connect(opts).await?;
+            let n = client
+                .broadcast(prefix.as_deref().map(str::as_bytes), &payload)
+                .await?;
+            client.close().await?;
+            out(format!("sent to {n} recipients"), json!({"recipients": n}));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status => {
+            let client = Client::connect(opts).await?;
+            let stats = client.stats().await?;
+            let s = client.session();
+            client.close().await?;
+            if json {
+                let mut m = serde_json::Map::new();
+                m.insert("addr".into(), json!(args.addr));
+                for (k, v) in &stats {
+                    m.insert(k.clone(), json!(v));
+                }
+                println!("{}", serde_json::Value::Object(m));
+            } else {
+                println!("server {} epoch {}", args.addr, s.epoch);
+                for (k, v) in &stats {
+                    println!("  {k:<34} {v}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Lock { name, command } => {
+            let client = Client::connect(opts).await?;
+            let lock = Lock::acquire(&client, &name).await?;
+            if !json {
+                eprintln!("holding lock {name} with token {}", lock.token());
+            }
+            let code = run_while(&command, lock.token(), &name, lock.lost()).await?;
+            if client.is_alive() {
+                lock.release().await?;
+                client.close().await?;
+            }
+            Ok(code)
+        }
+        Cmd::Elect {
+            name,
+            value,
+            observe,
+            command,
+        } => {
+            let client = Client::connect(opts).await?;
+            let election = Election::new(&client, &name);
+            if observe {
+                let mut w = election.observe().await?;
+                while let Some(change) = w.next().await {
+                    match change {
+                        LeaderChange::Leader(o) => out(
+                            format!(
+                                "{name}: leader {} ({}) token {} value {:?}",
+                                hex(o.session),
+                                text(&o.node),
+                                o.token,
+                                text(&o.value)
+                            ),
+                            json!({"election": name, "leader": hex(o.session), "node": text(&o.node), "token": o.token, "value": text(&o.value)}),
+                        ),
+                        LeaderChange::Vacant => out(
+                            format!("{name}: no leader"),
+                            json!({"election": name, "leader": null}),
+                        ),
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if command.is_empty() {
+                return Err("elect needs -- COMMAND (or --observe)".into());
+            }
+            let leadership = election.campaign(&value).await?;
+            if !json {
+                eprintln!("elected leader of {name} with token {}", leadership.token());
+            }
+            let code = run_while(&command, leadership.token(), &name, leadership.lost()).await?;
+            if client.is_alive() {
+                leadership.resign().await?;
+                client.close().await?;
+            }
+            Ok(code)
+        }
+    }
+}
+
+/// Runs `command` with the token in its environment until it exits (its exit code is
+/// returned) or `lost` resolves (it is killed, exit code 4).
+async fn run_while(
+    command: &[String],
+    token: u64,
+    name: &str,
+    lost: impl std::future::Future<Output = ()>,
+) -> AppResult {
+    let (program, rest) = command.split_first().ok_or("no command given")?;
+    let mut child = tokio::process::Command::new(program)
+        .args(rest)
+        .env("PORTSWITCH_TOKEN", token.to_string())
+        .env("PORTSWITCH_NAME", name)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    tokio::select! {
+        status = child.wait() => {
+            let status = status?;
+            Ok(ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8)))
+        }
+        _ = lost => {
+            let _ = child.kill().await;
+            eprintln!("ownership of {name} lost: command killed");
+            Ok(ExitCode::from(4))
+        }
+        _ = tokio::signal::ctrl_c() => {
+            let _ = child.kill().await;
+            Ok(ExitCode::from(130))
+        }
+    }
+}

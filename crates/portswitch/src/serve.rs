@@ -1,0 +1,263 @@
+//! `portswitch serve`: settings from flags, environment and an optional TOML file
+//! (in that order of precedence), then run until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use portswitch_server::{Server, ServerConfig};
+use serde::Deserialize;
+
+use crate::AppResult;
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Address for clients [default: 127.0.0.1:7400]
+    #[arg(long, env = "PORTSWITCH_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address for HTTP /metrics and /health [default: 127.0.0.1:7401]
+    #[arg(long, env = "PORTSWITCH_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Do not serve HTTP metrics and health.
+    #[arg(long, env = "PORTSWITCH_NO_HTTP")]
+    no_http: bool,
+    /// A TOML file with any of the settings below (keys as the flags, with `_`).
+    #[arg(long, env = "PORTSWITCH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Most concurrent client connections [default: 100000]
+    #[arg(long, env = "PORTSWITCH_CONNECTIONS_MAX")]
+    connections_max: Option<usize>,
+    /// Bytes queued for one connection before it is dropped as a slow consumer [default: 8388608]
+    #[arg(long, env = "PORTSWITCH_SEND_QUEUE_BYTES_MAX")]
+    send_queue_bytes_max: Option<usize>,
+    /// Most sessions [default: 1000000]
+    #[arg(long, env = "PORTSWITCH_SESSIONS_MAX")]
+    sessions_max: Option<u32>,
+    /// Most ports one session may own plus wait for [default: 1000000]
+    #[arg(long, env = "PORTSWITCH_PORTS_PER_SESSION_MAX")]
+    ports_per_session_max: Option<u32>,
+    /// Most watches of one session [default: 100000]
+    #[arg(long, env = "PORTSWITCH_WATCHES_PER_SESSION_MAX")]
+    watches_per_session_max: Option<u32>,
+    /// Most waiters in one port's queue [default: 100000]
+    #[arg(long, env = "PORTSWITCH_QUEUE_LEN_MAX")]
+    queue_len_max: Option<u32>,
+    /// Most prefix watches on the server [default: 1024]
+    #[arg(long, env = "PORTSWITCH_PREFIX_WATCHES_MAX")]
+    prefix_watches_max: Option<u32>,
+    /// Shortest lease a session may ask for, ms [default: 100]
+    #[arg(long, env = "PORTSWITCH_LEASE_MS_MIN")]
+    lease_ms_min: Option<u32>,
+    /// Longest lease a session may ask for, ms [default: 300000]
+    #[arg(long, env = "PORTSWITCH_LEASE_MS_MAX")]
+    lease_ms_max: Option<u32>,
+    /// Longest port name, bytes (at most 256) [default: 256]
+    #[arg(long, env = "PORTSWITCH_PORT_NAME_BYTES_MAX")]
+    port_name_bytes_max: Option<u32>,
+    /// Largest port value, bytes (at most 4096) [default: 4096]
+    #[arg(long, env = "PORTSWITCH_VALUE_BYTES_MAX")]
+    value_bytes_max: Option<u32>,
+    /// Largest SEND/BROADCAST payload, bytes (at most 65536) [default: 65536]
+    #[arg(long, env = "PORTSWITCH_PAYLOAD_BYTES_MAX")]
+    payload_bytes_max: Option<u32>,
+    /// Largest frame, bytes (at most 1048576) [default: 1048576]
+    #[arg(long, env = "PORTSWITCH_FRAME_BYTES_MAX")]
+    frame_bytes_max: Option<u32>,
+    /// Most commands in one frame (at most 16384) [default: 16384]
+    #[arg(long, env = "PORTSWITCH_COMMANDS_PER_FRAME_MAX")]
+    commands_per_frame_max: Option<u32>,
+    /// Log filter (tracing's EnvFilter syntax) [default: info]
+    #[arg(long, env = "PORTSWITCH_LOG")]
+    log: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    no_http: Option<bool>,
+    connections_max: Option<usize>,
+    send_queue_bytes_max: Option<usize>,
+    sessions_max: Option<u32>,
+    ports_per_session_max: Option<u32>,
+    watches_per_session_max: Option<u32>,
+    queue_len_max: Option<u32>,
+    prefix_watches_max: Option<u32>,
+    lease_ms_min: Option<u32>,
+    lease_ms_max: Option<u32>,
+    port_name_bytes_max: Option<u32>,
+    value_bytes_max: Option<u32>,
+    payload_bytes_max: Option<u32>,
+    frame_bytes_max: Option<u32>,
+    commands_per_frame_max: Option<u32>,
+    log: Option<String>,
+}
+
+/// Builds the server configuration: flag or environment, else file, else default.
+fn config(
+    args: &ServeArgs,
+) -> Result<(ServerConfig, String), Box<dyn std::error::Error + Send + Sync>> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let mut cfg = ServerConfig::default();
+    macro_rules! pick {
+        ($($field:ident => $target:expr),* $(,)?) => {$(
+            if let Some(v) = args.$field.clone().or(file.$field.clone()) { $target = v; }
+        )*};
+    }
+    pick! {
+        listen => cfg.listen,
+        connections_max => cfg.connections_max,
+        send_queue_bytes_max => cfg.send_queue_bytes_max,
+        sessions_max => cfg.core.sessions_max,
+        ports_per_session_max => cfg.core.ports_per_session_max,
+        watches_per_session_max => cfg.core.watches_per_session_max,
+        queue_len_max => cfg.core.queue_len_max,
+        prefix_watches_max => cfg.core.prefix_watches_max,
+        lease_ms_min => cfg.core.lease_ms_min,
+        lease_ms_max => cfg.core.lease_ms_max,
+        port_name_bytes_max => cfg.core.port_name_bytes_max,
+        value_bytes_max => cfg.core.value_bytes_max,
+        payload_bytes_max => cfg.core.payload_bytes_max,
+        frame_bytes_max => cfg.core.frame_bytes_max,
+        commands_per_frame_max => cfg.core.commands_per_frame_max,
+    }
+    if let Some(v) = args.http_listen.or(file.http_listen) {
+        cfg.http_listen = Some(v);
+    }
+    if args.no_http || file.no_http == Some(true) {
+        cfg.http_listen = None;
+    }
+    if cfg.connections_max == 0 {
+        return Err("connections_max must be at least 1".into());
+    }
+    if cfg.send_queue_bytes_max < cfg.core.frame_bytes_max as usize {
+        return Err("send_queue_bytes_max must be at least frame_bytes_max".into());
+    }
+    cfg.core.validate()?;
+    let log = args
+        .log
+        .clone()
+        .or(file.log)
+        .unwrap_or_else(|| "info".into());
+    Ok((cfg, log))
+}
+
+pub async fn run(args: ServeArgs) -> AppResult {
+    let (cfg, log) = config(&args)?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&log).map_err(|e| format!("--log {log}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    // A broken invariant inside the core must stop the node, not leave it serving
+    // from a state nobody can reason about.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    if !cfg.listen.ip().is_loopback() {
+        tracing::warn!(listen = %cfg.listen, "listening beyond loopback with no authentication or TLS: anyone who can reach this address can take any port");
+    }
+    let server = Server::bind(cfg.clone())
+        .await
+        .map_err(|e| format!("cannot start on {}: {e}", cfg.listen))?;
+    tracing::info!(
+        listen = %server.local_addr(),
+        http = %server.http_addr().map_or("off".to_string(), |a| a.to_string()),
+        epoch = server.epoch(),
+        "portswitch serving"
+    );
+    // Print the address for scripts that start the server on port 0.
+    println!("listening on {}", server.local_addr());
+    if let Some(http) = server.http_addr() {
+        println!("http on {http}");
+    }
+    server.run(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portswitch_server::config::{HTTP_LISTEN_DEFAULT, LISTEN_DEFAULT};
+
+    #[test]
+    fn defaults_need_no_configuration() {
+        let (cfg, log) = config(&ServeArgs::default()).unwrap();
+        assert_eq!(cfg.listen.to_string(), LISTEN_DEFAULT);
+        assert_eq!(cfg.http_listen.unwrap().to_string(), HTTP_LISTEN_DEFAULT);
+        assert!(cfg.listen.ip().is_loopback());
+        assert_eq!(log, "info");
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_bad_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("portswitch-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nqueue_len_max = 7\nlease_ms_min = 200\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            queue_len_max: Some(9),
+            ..Default::default()
+        };
+        let (cfg, _) = config(&args).unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.core.queue_len_max, 9);
+        assert_eq!(cfg.core.lease_ms_min, 200);
+        std::fs::write(&path, "no_such_setting = 1\n").unwrap();
+        let err = config(&ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("no_such_setting"), "{err}");
+        std::fs::write(&path, "port_name_bytes_max = 100000\n").unwrap();
+        let err = config(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("port_name_bytes_max"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
