@@ -634,7 +634,7 @@ impl Inner {
                 std::mem::take(&mut st.owned),
             )
         };
-        let _ = self.alive.send(false);
+        self.alive.send_replace(false);
         let err = || match &phase {
             Phase::Closed => Error::Closed,
             _ => Error::SessionLost(reason.to_string()),

@@ -178,10 +178,18 @@ pub async fn run(args: ServeArgs) -> AppResult {
         epoch = server.epoch(),
         "portswitch serving"
     );
-    // Print the address for scripts that start the server on port 0.
-    println!("listening on {}", server.local_addr());
-    if let Some(http) = server.http_addr() {
-        println!("http on {http}");
+    // Print the addresses for scripts that start the server on port 0. Ignore write
+    // errors: a closed stdout (`portswitch serve | head -1`) must not stop the server.
+    {
+        use std::io::Write;
+        let mut text = format!("listening on {}\n", server.local_addr());
+        if let Some(http) = server.http_addr() {
+            text.push_str(&format!("http on {http}\n"));
+        }
+        let mut stdout = std::io::stdout();
+        let _ = stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush());
     }
     server.run(shutdown_signal()).await?;
     tracing::info!("stopped");

@@ -1,0 +1,327 @@
+//! Real processes: the `portswitch` binary as a server and as CLI clients, killed with
+//! SIGKILL where the test needs a process to die.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::within;
+use portswitch_client::{Client, ClientOptions, Event};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portswitch");
+
+/// A `portswitch serve` process on ephemeral ports.
+struct Serve {
+    child: Child,
+    addr: String,
+}
+
+async fn serve(extra: &[&str], env: &[(&str, &str)]) -> Serve {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn serve");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = within("server start", lines.next_line())
+        .await
+        .unwrap()
+        .expect("server printed its address");
+    let addr = line
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    Serve { child, addr }
+}
+
+fn ctl(addr: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["ctl", "--addr", addr])
+        .args(args)
+        .kill_on_drop(true);
+    c
+}
+
+async fn ctl_out(addr: &str, args: &[&str]) -> (i32, String) {
+    let out = within("ctl", ctl(addr, args).output()).await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+async fn watcher(addr: &str) -> Client {
+    Client::connect(ClientOptions::new(addr)).await.unwrap()
+}
+
+/// Starts `ctl register` and waits until it says it owns the port.
+async fn holder(addr: &str, args: &[&str]) -> Child {
+    let mut child = ctl(addr, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = within("holder registers", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("registered"), "{line}");
+    // Keep reading so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+async fn released(events: &mut tokio::sync::broadcast::Receiver<Event>, name: &str) {
+    within("RELEASED", async {
+        loop {
+            if let Event::Released { port, .. } = events.recv().await.unwrap() {
+                if &port[..] == name.as_bytes() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_killed_holder_releases_its_port() {
+    let srv = serve(&[], &[]).await;
+    let w = watcher(&srv.addr).await;
+    let mut events = w.events();
+
+    // Asked to end on disconnect: released as soon as the kernel closes its socket.
+    let mut fast = holder(
+        &srv.addr,
+        &["--json", "register", "fast", "--end-on-disconnect"],
+    )
+    .await;
+    assert!(w.watch("fast").await.unwrap().is_some());
+    fast.start_kill().unwrap();
+    released(&mut events, "fast").await;
+
+    // Not asked: the session outlives its connection for its lease, then expires.
+    let mut slow = holder(
+        &srv.addr,
+        &["--json", "--lease-ms", "3000", "register", "slow"],
+    )
+    .await;
+    let holder_session = w.query("slow").await.unwrap().unwrap().session;
+    assert!(w.watch("slow").await.unwrap().is_some());
+    slow.start_kill().unwrap();
+    slow.wait().await.unwrap();
+    assert_eq!(
+        w.query("slow").await.unwrap().unwrap().session,
+        holder_session,
+        "kept for the lease"
+    );
+    released(&mut events, "slow").await;
+    assert!(w.query("slow").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn ctl_lock_runs_commands_one_at_a_time_with_rising_tokens() {
+    let srv = serve(&[], &[]).await;
+    let dir = std::env::temp_dir().join(format!("portswitch-lock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("log");
+    let script = format!(
+        "echo start $PORTSWITCH_TOKEN >> {0}; sleep 0.2; echo end $PORTSWITCH_TOKEN >> {0}",
+        log.display()
+    );
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            ctl(
+                &srv.addr,
+                &["lock", "jobs/report", "--", "sh", "-c", &script],
+            )
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for mut r in runs {
+        assert!(within("lock run", r.wait()).await.unwrap().success());
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<(&str, u64)> = text
+        .lines()
+        .map(|l| {
+            let (what, token) = l.split_once(' ').unwrap();
+            (what, token.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    for pair in lines.chunks(2) {
+        assert_eq!(
+            (pair[0].0, pair[1].0),
+            ("start", "end"),
+            "runs overlapped:\n{text}"
+        );
+        assert_eq!(pair[0].1, pair[1].1);
+    }
+    assert!(
+        lines[0].1 < lines[2].1 && lines[2].1 < lines[4].1,
+        "tokens rise:\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn ctl_lock_kills_the_command_when_the_lock_is_lost() {
+    let mut srv = serve(&[], &[]).await;
+    let mut run = ctl(
+        &srv.addr,
+        &["--lease-ms", "500", "lock", "l", "--", "sleep", "30"],
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let w = watcher(&srv.addr).await;
+    within("lock taken", async {
+        while w.query("l").await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // The server dies: the lock holder can no longer prove its lease.
+    srv.child.start_kill().unwrap();
+    let status = within("lock holder gives up", run.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(4), "exit code 4 = ownership lost");
+}
+
+#[tokio::test]
+async fn ctl_commands_with_human_and_json_output() {
+    let srv = serve(&[], &[]).await;
+    let a = &srv.addr;
+    let (code, out) = ctl_out(
+        a,
+        &["--json", "register", "svc/db", "10.0.0.1:5432", "--detach"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let mut lines = out.lines();
+    let reg: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(reg["result"], "registered");
+    let det: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let session = det["session"].as_str().unwrap().to_string();
+
+    let (_, q) = ctl_out(a, &["--json", "query", "svc/db"]).await;
+    let q: serde_json::Value = serde_json::from_str(q.trim()).unwrap();
+    assert_eq!(
+        (q["owned"].as_bool(), q["value"].as_str()),
+        (Some(true), Some("10.0.0.1:5432"))
+    );
+    let (_, human) = ctl_out(a, &["query", "svc/db"]).await;
+    assert!(
+        human.contains("owned by session") && human.contains("10.0.0.1:5432"),
+        "{human}"
+    );
+
+    let (_, list) = ctl_out(a, &["list", "svc/"]).await;
+    assert!(list.starts_with("svc/db\t"), "{list}");
+    let (code, _) = ctl_out(a, &["register", "svc/db", "other"]).await;
+    assert_eq!(code, 3, "taken");
+    let (code, send) = ctl_out(a, &["--json", "send", "svc/none", "hi"]).await;
+    assert_eq!(code, 3, "{send}");
+
+    let (code, _) = ctl_out(a, &["unregister", "svc/db", "--session", &session]).await;
+    assert_eq!(code, 0);
+    let (_, q) = ctl_out(a, &["query", "svc/db"]).await;
+    assert!(q.contains("free"), "{q}");
+
+    let (code, status) = ctl_out(a, &["--json", "status"]).await;
+    assert_eq!(code, 0);
+    let s: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert!(
+        s["epoch"].as_u64().unwrap() > 1_700_000_000,
+        "epoch from the wall clock: {s}"
+    );
+    assert!(s["rss_bytes"].as_u64().unwrap() > 0);
+
+    let (code, out) = ctl_out(
+        a,
+        &[
+            "elect",
+            "leader/x",
+            "--value",
+            "me",
+            "--",
+            "sh",
+            "-c",
+            "echo led $PORTSWITCH_TOKEN",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("led "), "{out}");
+
+    // A server that is not there: a clear error, exit code 1.
+    let (code, _) = ctl_out("127.0.0.1:1", &["query", "x"]).await;
+    assert_eq!(code, 1);
+}
+
+#[tokio::test]
+async fn serve_reads_a_config_file_and_environment_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("portswitch-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portswitch.toml");
+    std::fs::write(&file, "queue_len_max = 1\nlease_ms_min = 250\n").unwrap();
+    let mut srv = serve(
+        &["--config", file.to_str().unwrap()],
+        &[("PORTSWITCH_PORT_NAME_BYTES_MAX", "20")],
+    )
+    .await;
+    let mut o = ClientOptions::new(srv.addr.clone());
+    o.lease = Duration::from_millis(249);
+    let e = Client::connect(o.clone()).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(portswitch_client::ErrorCode::LeaseOutOfRange)
+    );
+    o.lease = Duration::from_millis(250);
+    let c = Client::connect(o).await.unwrap();
+    assert_eq!(c.session().limits.queue_len_max, 1);
+    assert_eq!(c.session().limits.port_name_bytes_max, 20);
+    drop(c);
+    let pid = srv.child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = within("graceful stop", srv.child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    // A config the server cannot use is refused at start, with the reason.
+    std::fs::write(&file, "lease_ms_min = 5\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-http",
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lease_ms_min"));
+    let _ = std::fs::remove_dir_all(dir);
+}
