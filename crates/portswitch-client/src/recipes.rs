@@ -84,6 +84,32 @@ impl Lock {
 }
 
 /// Leader election on one port: every candidate queues for it, the owner leads.
+/// The next candidate in line takes over the moment the leader resigns or its session
+/// ends.
+///
+/// ```no_run
+/// # async fn demo(client: portswitch_client::Client) -> portswitch_client::Result<()> {
+/// use portswitch_client::{Election, LeaderChange};
+/// let election = Election::new(&client, "leader/billing");
+///
+/// // Followers: find out who leads, and follow changes.
+/// let mut watch = election.observe().await?;
+/// while let Some(change) = watch.next().await {
+///     match change {
+///         LeaderChange::Leader(o) => println!("leader at {}", String::from_utf8_lossy(&o.value)),
+///         LeaderChange::Vacant => println!("no leader"),
+///     }
+/// #   break;
+/// }
+///
+/// // Candidates: wait to be elected, lead until resigning or losing the session.
+/// let leadership = election.campaign("10.0.0.5:8080").await?;
+/// tokio::select! {
+///     _ = leadership.lost() => eprintln!("no longer leader: stop now"),
+///     _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => leadership.resign().await?,
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Election {
     client: Client,
@@ -207,6 +233,30 @@ impl LeaderWatch {
 
 /// Service discovery: each instance owns `svc/<service>/<instance>` with its address
 /// as the value, for as long as its session lives.
+///
+/// ```no_run
+/// # async fn demo(client: portswitch_client::Client) -> portswitch_client::Result<()> {
+/// use portswitch_client::{Discovery, DiscoveryChange};
+/// let api = Discovery::new(&client, "api");
+///
+/// // An instance announces itself; it disappears when its session ends.
+/// api.register("host-7", "10.0.0.7:8080").await?;
+///
+/// // A consumer lists instances, then follows changes.
+/// let mut watch = api.watch().await?;
+/// for (instance, addr) in api.instances().await? {
+///     println!("{instance} at {}", String::from_utf8_lossy(&addr));
+/// }
+/// while let Some(change) = watch.next().await {
+///     match change {
+///         DiscoveryChange::Up { instance, .. } => println!("{instance} up"),
+///         DiscoveryChange::Down { instance } => println!("{instance} down"),
+///         DiscoveryChange::Resync(all) => println!("{} instances", all.len()),
+///     }
+/// #   break;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Discovery {
     client: Client,

@@ -42,14 +42,34 @@ impl OwnedReq {
                 resume_secret: *k,
             }),
             OwnedReq::Ping => Request::Ping,
-            OwnedReq::Register(p, v, w) => Request::Register { port: p, value: v, wait: *w },
+            OwnedReq::Register(p, v, w) => Request::Register {
+                port: p,
+                value: v,
+                wait: *w,
+            },
             OwnedReq::Unregister(p) => Request::Unregister { port: p },
             OwnedReq::Query(p) => Request::Query { port: p },
-            OwnedReq::Watch(p, x) => Request::Watch { name: p, prefix: *x },
-            OwnedReq::Unwatch(p, x) => Request::Unwatch { name: p, prefix: *x },
-            OwnedReq::Send(p, d) => Request::Send { port: p, payload: d },
-            OwnedReq::Broadcast(p, d) => Request::Broadcast { prefix: p.as_deref(), payload: d },
-            OwnedReq::List(p, c, l) => Request::List { prefix: p, cursor: *c, limit: *l },
+            OwnedReq::Watch(p, x) => Request::Watch {
+                name: p,
+                prefix: *x,
+            },
+            OwnedReq::Unwatch(p, x) => Request::Unwatch {
+                name: p,
+                prefix: *x,
+            },
+            OwnedReq::Send(p, d) => Request::Send {
+                port: p,
+                payload: d,
+            },
+            OwnedReq::Broadcast(p, d) => Request::Broadcast {
+                prefix: p.as_deref(),
+                payload: d,
+            },
+            OwnedReq::List(p, c, l) => Request::List {
+                prefix: p,
+                cursor: *c,
+                limit: *l,
+            },
             OwnedReq::Bye => Request::Bye,
             OwnedReq::Stats => Request::Stats,
         }
@@ -59,10 +79,21 @@ impl OwnedReq {
 fn request() -> impl Strategy<Value = OwnedReq> {
     let name = || bytes(PORT_NAME_BYTES_MAX);
     prop_oneof![
-        (any::<u16>(), any::<u16>(), any::<u64>(), any::<u32>(), any::<bool>(), bytes(NODE_NAME_BYTES_MAX), bytes(64), any::<u64>(), any::<u64>())
+        (
+            any::<u16>(),
+            any::<u16>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<bool>(),
+            bytes(NODE_NAME_BYTES_MAX),
+            bytes(64),
+            any::<u64>(),
+            any::<u64>()
+        )
             .prop_map(|(a, b, f, l, e, n, c, s, k)| OwnedReq::Hello(a, b, f, l, e, n, c, s, k)),
         Just(OwnedReq::Ping),
-        (name(), bytes(VALUE_BYTES_MAX), any::<bool>()).prop_map(|(p, v, w)| OwnedReq::Register(p, v, w)),
+        (name(), bytes(VALUE_BYTES_MAX), any::<bool>())
+            .prop_map(|(p, v, w)| OwnedReq::Register(p, v, w)),
         name().prop_map(OwnedReq::Unregister),
         name().prop_map(OwnedReq::Query),
         (name(), any::<bool>()).prop_map(|(p, x)| OwnedReq::Watch(p, x)),
@@ -173,10 +204,34 @@ proptest! {
 #[test]
 fn protocol_doc_example() {
     let hex = |s: &str| -> Vec<u8> {
-        s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
     };
-    let req = wire_of(|fb| fb.push_request(2, &Request::Register { port: b"db", value: b"v", wait: false }));
-    assert_eq!(&req[..], &hex("00 00 00 11 03 00 00 00 02 00 00 00 08 00 00 02 64 62 00 01 76")[..]);
-    let rep = wire_of(|fb| fb.push_reply(2, &Reply::Registered { token: 0x6B04_9A2C_0000_0001 }));
-    assert_eq!(&rep[..], &hex("00 00 00 11 83 00 00 00 02 00 00 00 08 6B 04 9A 2C 00 00 00 01")[..]);
+    let req = wire_of(|fb| {
+        fb.push_request(
+            2,
+            &Request::Register {
+                port: b"db",
+                value: b"v",
+                wait: false,
+            },
+        )
+    });
+    assert_eq!(
+        &req[..],
+        &hex("00 00 00 11 03 00 00 00 02 00 00 00 08 00 00 02 64 62 00 01 76")[..]
+    );
+    let rep = wire_of(|fb| {
+        fb.push_reply(
+            2,
+            &Reply::Registered {
+                token: 0x6B04_9A2C_0000_0001,
+            },
+        )
+    });
+    assert_eq!(
+        &rep[..],
+        &hex("00 00 00 11 83 00 00 00 02 00 00 00 08 6B 04 9A 2C 00 00 00 01")[..]
+    );
 }

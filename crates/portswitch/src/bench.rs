@@ -97,6 +97,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
     } else {
         0
     };
+    let expired_before = server_stat(&args.addr, "sessions_expired_total").await?;
 
     // Connect and set up every connection before the clock starts.
     let mut conns = Vec::with_capacity(args.connections);
@@ -167,13 +168,20 @@ pub async fn run(args: BenchArgs) -> AppResult {
         report["delta_bytes_per_port"] =
             round3(rss.saturating_sub(rss_before) as f64 / ports.max(1) as f64).into();
     }
+    // Sessions the server expired during the run: with every connection busy, any
+    // expiry is a false one (leases too short for the load).
+    let expired = server_stat(&args.addr, "sessions_expired_total")
+        .await?
+        .saturating_sub(expired_before);
+    report["lease_ms"] = args.lease_ms.into();
+    report["sessions_expired"] = expired.into();
     drop(held); // fill keeps its ports until the report is taken
     if args.json {
         println!("{report}");
     } else {
         print_human(&report);
     }
-    Ok(if errors == 0 {
+    Ok(if errors == 0 && expired == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -198,6 +206,10 @@ fn print_human(r: &serde_json::Value) {
     println!(
         "latency: p50 {} µs, p99 {} µs, p999 {} µs, max {} µs",
         r["p50_us"], r["p99_us"], r["p999_us"], r["max_us"]
+    );
+    println!(
+        "sessions expired by the server during the run: {} (lease {} ms)",
+        r["sessions_expired"], r["lease_ms"]
     );
     if r.get("bytes_per_port").is_some() {
         println!(
