@@ -7,8 +7,13 @@
 //! stable handle: sessions keep slots of the ports they own, wait for and watch, and LIST
 //! uses slots as cursors.
 //!
-//! The table is the seam for sharding: every operation goes through `PortTable`'s
-//! methods, so ports can later be split across several tables by hash of their name.
+//! The hash index is split into [`INDEX_SHARDS`] independent tables chosen by hash
+//! bits. Each grows on its own, so growing never rehashes more than a small fraction of
+//! the ports at once: one big table would stop the server for most of a second while
+//! it doubled from 8 to 16 million entries (measured), longer than a short lease.
+//!
+//! The table is also the seam for spreading ports across cores: every operation goes
+//! through `PortTable`'s methods, so ports can be split by hash of their name.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -17,6 +22,17 @@ use hashbrown::HashTable;
 
 /// Marks an absent slot or index.
 pub const NONE: u32 = u32::MAX;
+
+/// Independent shards of the hash index. At 100 million ports a shard holds about
+/// 100,000, so one shard's growth rehashes at most that many entries.
+pub const INDEX_SHARDS: usize = 1024;
+const _: () = assert!(INDEX_SHARDS.is_power_of_two());
+
+/// The shard of a hash. Uses bits 32.. so that neither hashbrown's bucket index (low
+/// bits, for shards below 2^32 buckets) nor its control byte (top 7 bits) loses entropy.
+fn shard_of(hash: u64) -> usize {
+    (hash >> 32) as usize & (INDEX_SHARDS - 1)
+}
 
 /// Names up to this many bytes are stored inside the entry with no allocation.
 pub const INLINE_NAME_BYTES: usize = 30;
@@ -100,7 +116,8 @@ pub struct Extra {
 /// See the module docs.
 #[derive(Debug)]
 pub struct PortTable {
-    index: HashTable<u32>,
+    index: Vec<HashTable<u32>>,
+    indexed: usize,
     entries: Vec<Entry>,
     free: Vec<u32>,
     values: slab::Slab<Box<[u8]>>,
@@ -113,7 +130,8 @@ impl PortTable {
     /// `seed` keys the hash so that names chosen by clients cannot be made to collide.
     pub fn new(seed: u64) -> Self {
         PortTable {
-            index: HashTable::new(),
+            index: (0..INDEX_SHARDS).map(|_| HashTable::new()).collect(),
+            indexed: 0,
             entries: Vec::new(),
             free: Vec::new(),
             values: slab::Slab::new(),
@@ -125,7 +143,7 @@ impl PortTable {
 
     /// Ports with an entry (owned, or free with waiters or watchers).
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.indexed
     }
 
     /// Ports with an owner.
@@ -145,10 +163,9 @@ impl PortTable {
     /// The slot of `name`, if it has an entry.
     pub fn find(&self, name: &[u8]) -> Option<u32> {
         let entries = &self.entries;
-        self.index
-            .find(self.hash(name), |&slot| {
-                entries[slot as usize].name() == name
-            })
+        let hash = self.hash(name);
+        self.index[shard_of(hash)]
+            .find(hash, |&slot| entries[slot as usize].name() == name)
             .copied()
     }
 
@@ -177,8 +194,9 @@ impl PortTable {
         };
         let hash = self.hash(name);
         let (entries, hasher) = (&self.entries, &self.hasher);
-        self.index
+        self.index[shard_of(hash)]
             .insert_unique(hash, slot, |&s| hasher.hash_one(entries[s as usize].name()));
+        self.indexed += 1;
         slot
     }
 
@@ -187,13 +205,14 @@ impl PortTable {
         let e = &self.entries[slot as usize];
         assert!(e.owner == NONE && e.extra == NONE && e.value == NONE);
         let hash = self.hash(e.name());
-        let found = self.index.find_entry(hash, |&s| s == slot);
+        let found = self.index[shard_of(hash)].find_entry(hash, |&s| s == slot);
         match found {
             Ok(occupied) => {
                 occupied.remove();
             }
             Err(_) => panic!("port table index lost slot {slot}"),
         }
+        self.indexed -= 1;
         self.entries[slot as usize].name = Name::FREE;
         self.free.push(slot);
     }
@@ -316,7 +335,11 @@ impl PortTable {
     /// Bytes of heap this table holds, by its own accounting (capacity, not use).
     pub fn heap_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<Entry>()
-            + self.index.capacity() * (std::mem::size_of::<u32>() + 1)
+            + self
+                .index
+                .iter()
+                .map(|t| t.capacity() * (std::mem::size_of::<u32>() + 1))
+                .sum::<usize>()
             + self.free.capacity() * 4
     }
 }

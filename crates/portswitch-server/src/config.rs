@@ -15,6 +15,15 @@ pub const CONNECTIONS_MAX_DEFAULT: usize = 100_000;
 pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = 8 << 20;
 /// How often the server looks for expired leases. Bounds how late an expiry can be.
 pub const TICK_MS_DEFAULT: u64 = 5;
+/// A gap longer than this between two moments the server held its lock means the
+/// server itself stalled (a long operation, the process paused or starved); the
+/// excess is not counted against client leases. The ticker takes the lock every
+/// `TICK_MS_DEFAULT`, so an idle server never looks stalled. Not counting it only
+/// lengthens leases as the server sees them, which is the safe direction: a client's
+/// own lease view still runs out on real time, before the server's.
+pub const STALL_MS_THRESHOLD: u64 = 50;
+const _: () = assert!(STALL_MS_THRESHOLD > 4 * TICK_MS_DEFAULT);
+
 /// How long a graceful shutdown waits for connections to flush.
 pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
 

@@ -97,6 +97,8 @@ fn help_for(name: &str) -> &'static str {
         "connections_rejected_total" => "Connections refused at connections_max",
         "slow_consumer_disconnects_total" => "Connections closed for not reading their output",
         "malformed_disconnects_total" => "Connections closed for malformed frames",
+        "stalls_total" => "Server stalls longer than the stall threshold (not charged to leases)",
+        "stalled_ms" => "Milliseconds of server stalls not charged to leases",
         "rss_bytes" => "Resident memory of the server process",
         "uptime_ms" => "Milliseconds since start",
         _ => "",

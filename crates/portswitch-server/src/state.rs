@@ -10,7 +10,7 @@ use portswitch_proto::frame::{frame_len, messages, FrameError};
 use portswitch_proto::{msg::encode_stat, ErrorCode, Event, FrameBuf, Reply, Request};
 use tokio::sync::Notify;
 
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, STALL_MS_THRESHOLD};
 
 /// One connection's output side as the shared state sees it.
 pub(crate) struct ConnOut {
@@ -24,6 +24,10 @@ pub(crate) struct ConnOut {
 
 pub(crate) struct State {
     pub(crate) core: Core,
+    /// Real milliseconds since start when the lock was last taken.
+    last_real_ms: u64,
+    /// Milliseconds of server stalls not charged to leases (see `STALL_MS_THRESHOLD`).
+    stalled_ms: u64,
     conns: slab::Slab<ConnOut>,
     dirty: Vec<usize>,
     conn_seq: u32,
@@ -37,6 +41,7 @@ struct Counters {
     connections_rejected_total: u64,
     slow_consumer_total: u64,
     malformed_total: u64,
+    stalls_total: u64,
 }
 
 /// What the server reports in STATS and `/metrics`.
@@ -48,6 +53,9 @@ pub struct StatsSnapshot {
     pub connections_rejected_total: u64,
     pub slow_consumer_disconnects_total: u64,
     pub malformed_disconnects_total: u64,
+    /// Server stalls longer than `STALL_MS_THRESHOLD`, and their total length.
+    pub stalls_total: u64,
+    pub stalled_ms: u64,
     pub rss_bytes: u64,
     pub uptime_ms: u64,
 }
@@ -89,6 +97,8 @@ impl StatsSnapshot {
                 "malformed_disconnects_total",
                 self.malformed_disconnects_total,
             ),
+            ("stalls_total", self.stalls_total),
+            ("stalled_ms", self.stalled_ms),
             ("rss_bytes", self.rss_bytes),
             ("uptime_ms", self.uptime_ms),
         ]
@@ -174,6 +184,8 @@ impl Shared {
         Shared {
             state: Mutex::new(State {
                 core,
+                last_real_ms: 0,
+                stalled_ms: 0,
                 conns: slab::Slab::new(),
                 dirty: Vec::new(),
                 conn_seq: 0,
@@ -200,9 +212,29 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Milliseconds since start. Read under the lock, so the core sees time rise.
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+    /// The core's clock: milliseconds since start, less server stalls. Read under the
+    /// lock, so the core sees time rise.
+    fn now_ms(&self, st: &mut State) -> u64 {
+        let real = self.start.elapsed().as_millis() as u64;
+        let gap = real.saturating_sub(st.last_real_ms);
+        if gap > STALL_MS_THRESHOLD {
+            st.stalled_ms += gap - STALL_MS_THRESHOLD;
+            st.counters.stalls_total += 1;
+            // Short gaps happen when the machine is saturated; long ones deserve a look.
+            if gap >= 250 {
+                tracing::warn!(
+                    gap_ms = gap,
+                    "server stalled; the stall is not charged to leases"
+                );
+            } else {
+                tracing::debug!(
+                    gap_ms = gap,
+                    "server stalled; the stall is not charged to leases"
+                );
+            }
+        }
+        st.last_real_ms = st.last_real_ms.max(real);
+        real - st.stalled_ms
     }
 
     /// Registers a new connection. `None` when the server is at `connections_max`.
@@ -241,8 +273,8 @@ impl Shared {
         let frame_max = self.cfg.core.frame_bytes_max as usize;
         let commands_max = self.cfg.core.commands_per_frame_max as usize;
         let mut st = self.lock();
-        let now = self.now_ms();
         let st = &mut *st;
+        let now = self.now_ms(st);
         let mut consumed = 0;
         let mut close = false;
         loop {
@@ -272,8 +304,13 @@ impl Shared {
                 };
                 match Request::decode(m.opcode, m.body) {
                     Ok(Request::Stats) => {
-                        let snap =
-                            stats_snapshot(&st.core, out.conns.len(), st.counters, self.start);
+                        let snap = stats_snapshot(
+                            &st.core,
+                            out.conns.len(),
+                            st.counters,
+                            st.stalled_ms,
+                            self.start,
+                        );
                         let mut entries = std::mem::take(&mut st.scratch);
                         entries.clear();
                         let pairs = snap.pairs();
@@ -327,8 +364,8 @@ impl Shared {
     /// The connection is gone (EOF, error, or its writer finished closing it).
     pub(crate) fn closed(&self, conn: ConnId) {
         let mut st = self.lock();
-        let now = self.now_ms();
         let st = &mut *st;
+        let now = self.now_ms(st);
         let mut out = Out {
             conns: &mut st.conns,
             dirty: &mut st.dirty,
@@ -389,8 +426,8 @@ impl Shared {
 
     pub(crate) fn tick(&self) {
         let mut st = self.lock();
-        let now = self.now_ms();
         let st = &mut *st;
+        let now = self.now_ms(st);
         if st.core.next_deadline().is_some_and(|d| d <= now) {
             let mut out = Out {
                 conns: &mut st.conns,
@@ -417,7 +454,13 @@ impl Shared {
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         let st = self.lock();
-        stats_snapshot(&st.core, st.conns.len(), st.counters, self.start)
+        stats_snapshot(
+            &st.core,
+            st.conns.len(),
+            st.counters,
+            st.stalled_ms,
+            self.start,
+        )
     }
 }
 
@@ -449,7 +492,13 @@ fn break_with_goaway(out: &mut Out<'_>, conn: ConnId, e: &FrameError) {
     out.close(conn);
 }
 
-fn stats_snapshot(core: &Core, conns: usize, c: Counters, start: Instant) -> StatsSnapshot {
+fn stats_snapshot(
+    core: &Core,
+    conns: usize,
+    c: Counters,
+    stalled_ms: u64,
+    start: Instant,
+) -> StatsSnapshot {
     StatsSnapshot {
         core: core.stats(),
         connections: conns as u64,
@@ -457,6 +506,8 @@ fn stats_snapshot(core: &Core, conns: usize, c: Counters, start: Instant) -> Sta
         connections_rejected_total: c.connections_rejected_total,
         slow_consumer_disconnects_total: c.slow_consumer_total,
         malformed_disconnects_total: c.malformed_total,
+        stalls_total: c.stalls_total,
+        stalled_ms,
         rss_bytes: rss_bytes(),
         uptime_ms: start.elapsed().as_millis() as u64,
     }

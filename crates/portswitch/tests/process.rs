@@ -325,3 +325,46 @@ async fn serve_reads_a_config_file_and_environment_and_stops_on_sigterm() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("lease_ms_min"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_paused_server_does_not_charge_its_own_stall_to_leases() {
+    use common::{hello, Msg, Raw};
+    use portswitch_proto::Request;
+    let srv = serve(&[], &[]).await;
+    let pid = srv.child.id().unwrap().to_string();
+    let mut raw = Raw::connect_addr(srv.addr.parse().unwrap()).await;
+    raw.call(&[Request::Hello(hello(300, false))]).await;
+    raw.call(&[Request::Register {
+        port: b"held",
+        value: b"",
+        wait: false,
+    }])
+    .await;
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // Sent while the server is stopped: it is the first thing it reads on waking.
+    raw.send(&[Request::Ping]).await;
+    signal("-CONT");
+    assert!(matches!(within("pong", raw.next()).await, Some(Msg::Reply(_, r)) if r == "Ok"));
+    let w = watcher(&srv.addr).await;
+    assert!(
+        w.query("held").await.unwrap().is_some(),
+        "the session survived the server's stall"
+    );
+    let stats = w.stats().await.unwrap();
+    assert!(
+        stats.iter().any(|(k, v)| k == "stalls_total" && *v >= 1),
+        "{stats:?}"
+    );
+    // Without traffic it still expires after its lease.
+    let mut events = w.events();
+    w.watch("held").await.unwrap();
+    released(&mut events, "held").await;
+}

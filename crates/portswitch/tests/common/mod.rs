@@ -81,7 +81,11 @@ pub fn hello(lease_ms: u32, end_on_disconnect: bool) -> Hello<'static> {
 
 impl Raw {
     pub async fn connect(srv: &RunningServer) -> Raw {
-        let stream = TcpStream::connect(srv.addr).await.expect("connect");
+        Raw::connect_addr(srv.addr).await
+    }
+
+    pub async fn connect_addr(addr: std::net::SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).unwrap();
         Raw {
             stream,
