@@ -193,8 +193,31 @@ pub async fn run(args: CtlArgs) -> AppResult {
             let hold = async {
                 match hold_secs {
                     Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
-                    None => {
-                        let _ = tokio::signal::ctrl_c().await;
+                    None => interrupted().await,
+                }
+            };
+            // While holding, print what is relayed to the port (SEND, BROADCAST).
+            let mut events = client.events();
+            let messages = async {
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Message {
+                            from,
+                            port,
+                            payload,
+                        }) => out(
+                            format!(
+                                "message from session {} to {}: {}",
+                                hex(from),
+                                text(&port),
+                                text(&payload)
+                            ),
+                            json!({"event": "message", "from": hex(from), "port": text(&port), "payload": text(&payload)}),
+                        ),
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            std::future::pending().await
+                        }
                     }
                 }
             };
@@ -207,6 +230,7 @@ pub async fn run(args: CtlArgs) -> AppResult {
                     eprintln!("ownership of {name} lost");
                     Ok(ExitCode::from(4))
                 }
+                () = messages => unreachable!("the message loop never ends"),
             }
         }
         Cmd::Unregister { name, session } => {
@@ -311,7 +335,7 @@ pub async fn run(args: CtlArgs) -> AppResult {
             while count.is_none_or(|c| seen < c) {
                 let ev = tokio::select! {
                     ev = events.recv() => ev?,
-                    _ = tokio::signal::ctrl_c() => break,
+                    _ = interrupted() => break,
                 };
                 match ev {
                     Event::Claimed {
@@ -482,9 +506,25 @@ async fn run_while(
             eprintln!("ownership of {name} lost: command killed");
             Ok(ExitCode::from(4))
         }
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupted() => {
             let _ = child.kill().await;
             Ok(ExitCode::from(130))
         }
     }
+}
+
+/// Resolves on SIGINT or SIGTERM, so that `kill` releases ports as cleanly as Ctrl-C.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -368,3 +368,37 @@ async fn a_paused_server_does_not_charge_its_own_stall_to_leases() {
     w.watch("held").await.unwrap();
     released(&mut events, "held").await;
 }
+
+#[tokio::test]
+async fn ctl_register_prints_relayed_messages_and_releases_on_sigterm() {
+    let srv = serve(&[], &[]).await;
+    let mut child = ctl(&srv.addr, &["--json", "register", "svc/inbox"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = within("registered", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.contains("registered"), "{first}");
+    let (code, _) = ctl_out(&srv.addr, &["send", "svc/inbox", "reload config"]).await;
+    assert_eq!(code, 0);
+    let line = within("message", lines.next_line()).await.unwrap().unwrap();
+    let msg: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (msg["event"].as_str(), msg["payload"].as_str()),
+        (Some("message"), Some("reload config"))
+    );
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(within("exit", child.wait()).await.unwrap().success());
+    // It said BYE before exiting: the port is free now, not after the lease.
+    let (_, q) = ctl_out(&srv.addr, &["query", "svc/inbox"]).await;
+    assert!(q.contains("free"), "{q}");
+}
