@@ -698,10 +698,7 @@ impl Core {
             Some(port) => port,
             None => {
                 if held >= self.cfg.ports_per_session_max as usize {
-                    return Err(Fail::Code(
-                        ErrorCode::PortsPerSessionMax,
-                        "session owns and waits for ports_per_session_max ports",
-                    ));
+                    return Err(PORTS_FULL);
                 }
                 let port = self.ports.insert(name);
                 let token = self.grant(port, me, value, out);
@@ -718,10 +715,7 @@ impl Core {
         }
         if owner == NONE {
             if held >= self.cfg.ports_per_session_max as usize {
-                return Err(Fail::Code(
-                    ErrorCode::PortsPerSessionMax,
-                    "session owns and waits for ports_per_session_max ports",
-                ));
+                return Err(PORTS_FULL);
             }
             let token = self.grant(port, me, value, out);
             return Ok(Reply::Registered { token });
@@ -739,10 +733,7 @@ impl Core {
             });
         }
         if held >= self.cfg.ports_per_session_max as usize {
-            return Err(Fail::Code(
-                ErrorCode::PortsPerSessionMax,
-                "session owns and waits for ports_per_session_max ports",
-            ));
+            return Err(PORTS_FULL);
         }
         let queue_max = self.cfg.queue_len_max as usize;
         let x = self.ports.extra_mut(port);
@@ -849,10 +840,7 @@ impl Core {
                 return Ok(Reply::Watching { owner: None });
             }
             if watching >= self.cfg.watches_per_session_max as usize {
-                return Err(Fail::Code(
-                    ErrorCode::WatchesPerSessionMax,
-                    "session watches watches_per_session_max ports",
-                ));
+                return Err(WATCHES_FULL);
             }
             if self.prefix_watches.len() >= self.cfg.prefix_watches_max as usize {
                 return Err(Fail::Code(
@@ -872,10 +860,7 @@ impl Core {
             Some(port) => port,
             None => {
                 if watching >= self.cfg.watches_per_session_max as usize {
-                    return Err(Fail::Code(
-                        ErrorCode::WatchesPerSessionMax,
-                        "session watches watches_per_session_max ports",
-                    ));
+                    return Err(WATCHES_FULL);
                 }
                 self.ports.insert(name)
             }
@@ -887,10 +872,7 @@ impl Core {
         if !already {
             if watching >= self.cfg.watches_per_session_max as usize {
                 self.ports.remove_if_unused(port);
-                return Err(Fail::Code(
-                    ErrorCode::WatchesPerSessionMax,
-                    "session watches watches_per_session_max ports",
-                ));
+                return Err(WATCHES_FULL);
             }
             self.ports.extra_mut(port).watchers.push(me);
             self.sessions[me as usize].watches.push(port);
@@ -1139,6 +1121,15 @@ enum Fail {
     Code(ErrorCode, &'static str),
     Taken { port: u32, owner: u32 },
 }
+
+const PORTS_FULL: Fail = Fail::Code(
+    ErrorCode::PortsPerSessionMax,
+    "session owns and waits for ports_per_session_max ports",
+);
+const WATCHES_FULL: Fail = Fail::Code(
+    ErrorCode::WatchesPerSessionMax,
+    "session watches watches_per_session_max ports",
+);
 
 impl From<(ErrorCode, &'static str)> for Fail {
     fn from((code, msg): (ErrorCode, &'static str)) -> Fail {
