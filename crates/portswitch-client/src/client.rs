@@ -596,7 +596,11 @@ fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result
             check("payload", payload.len(), l.payload_bytes_max)
         }
         Request::List { prefix, .. } => check("prefix", prefix.len(), l.port_name_bytes_max),
-        Request::Hello(_) | Request::Ping | Request::Bye | Request::Stats => Ok(()),
+        Request::Hello(_)
+        | Request::Auth { .. }
+        | Request::Ping
+        | Request::Bye
+        | Request::Stats => Ok(()),
     }
 }
 
@@ -665,7 +669,7 @@ async fn handshake(
     opts: &ClientOptions,
     lease_ms: u32,
     resume: Option<(u64, u64)>,
-) -> Result<(TcpStream, HelloOk, BytesMut, Instant)> {
+) -> Result<(TcpStream, HelloOk<'static>, BytesMut, Instant)> {
     let connect = TcpStream::connect(&opts.addr);
     let mut stream = tokio::time::timeout(opts.connect_timeout, connect)
         .await
@@ -715,7 +719,7 @@ async fn handshake(
                     ServerMsg::Reply {
                         reply: Reply::HelloOk(h),
                         ..
-                    } => Ok((stream, h, rest, sent_at)),
+                    } => Ok((stream, HelloOk { auth: &[], ..h }, rest, sent_at)),
                     ServerMsg::Reply {
                         reply: Reply::Error { code, message },
                         ..
@@ -971,7 +975,11 @@ fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
                 message: String::from_utf8_lossy(message).into_owned(),
             })
         }
-        Reply::HelloOk(_) => return Err(Error::Protocol("HELLO_OK outside a handshake".into())),
+        Reply::HelloOk(_) | Reply::AuthContinue { .. } => {
+            return Err(Error::Protocol(
+                "handshake reply outside a handshake".into(),
+            ))
+        }
     })
 }
 

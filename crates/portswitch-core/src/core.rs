@@ -9,6 +9,8 @@ use portswitch_proto::limits::{self, PROTOCOL_VERSION};
 use portswitch_proto::msg::PageEntry;
 use portswitch_proto::{ErrorCode, Event, FrameBuf, Hello, HelloOk, Reply, Request, ServerLimits};
 
+use portswitch_auth::acl::{Access, Perm};
+
 use crate::config::Config;
 use crate::table::{PortTable, Waiter, NONE};
 
@@ -76,6 +78,37 @@ struct Session {
     prefix_watches: u32,
     /// Events that arrived while detached.
     missed: Option<Box<Missed>>,
+    /// Who the session authenticated as; `None` on a server without users.
+    user: Option<Box<str>>,
+    /// What it may do; `None` means everything (no authentication configured).
+    access: Option<Box<Access>>,
+}
+
+/// Who a session authenticated as, and what its roles let it do. The driver verifies
+/// credentials; the core enforces the access on every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub access: Access,
+}
+
+/// The permission a request needs, and on which name (a port, or a prefix).
+fn required<'r>(req: &Request<'r>) -> Option<(Perm, &'r [u8])> {
+    Some(match *req {
+        Request::Register { port, .. } | Request::Unregister { port } => (Perm::Register, port),
+        Request::Query { port } => (Perm::Query, port),
+        Request::Watch { name, .. } => (Perm::Watch, name),
+        Request::Send { port, .. } => (Perm::Send, port),
+        // A broadcast to everyone needs the permission on the empty prefix.
+        Request::Broadcast { prefix, .. } => (Perm::Broadcast, prefix.unwrap_or(&[])),
+        Request::List { prefix, .. } => (Perm::List, prefix),
+        Request::Hello(_)
+        | Request::Auth { .. }
+        | Request::Ping
+        | Request::Bye
+        | Request::Stats
+        | Request::Unwatch { .. } => return None,
+    })
 }
 
 #[derive(Debug)]
@@ -225,12 +258,32 @@ impl Core {
     /// Handles one request of the batch, emitting its reply (and any events it causes).
     pub fn handle(&mut self, b: &mut Batch, id: u32, req: &Request<'_>, out: &mut impl Outbox) {
         self.stats.requests_total += 1;
+        // Access control first: a denied request fails alone, the batch goes on.
+        if b.session != NONE {
+            if let Some(access) = &self.sessions[b.session as usize].access {
+                if let Some((perm, name)) = required(req) {
+                    if !access.allows(perm, name) {
+                        return self.error(
+                            b.conn,
+                            id,
+                            ErrorCode::PermissionDenied,
+                            "this session's roles do not grant that on that name",
+                            out,
+                        );
+                    }
+                }
+            }
+        }
         let result = match *req {
-            Request::Hello(ref h) => self.hello(b, id, h, out),
+            Request::Hello(ref h) => self.hello(b, h, None, out),
             Request::Ping => Ok(Reply::Ok),
             Request::Stats => Err(Fail::Code(
                 ErrorCode::InvalidArgument,
                 "STATS is answered by the server",
+            )),
+            Request::Auth { .. } => Err(Fail::Code(
+                ErrorCode::InvalidArgument,
+                "AUTH without an authentication exchange in progress",
             )),
             _ if b.session == NONE => Err(Fail::Code(ErrorCode::NoSession, "send HELLO first")),
             Request::Register { port, value, wait } => self.register(b, port, value, wait, out),
@@ -343,11 +396,41 @@ impl Core {
         h.finish()
     }
 
+    /// Handles a HELLO whose credentials the driver has verified: the session (new or
+    /// resumed) belongs to `ident.user` and is held to `ident.access`; HELLO_OK carries
+    /// `auth_reply` (the SCRAM server-final-message).
+    pub fn handle_authenticated_hello(
+        &mut self,
+        b: &mut Batch,
+        id: u32,
+        h: &Hello<'_>,
+        ident: &Identity,
+        auth_reply: &[u8],
+        out: &mut impl Outbox,
+    ) {
+        self.stats.requests_total += 1;
+        match self.hello(b, h, Some(ident), out) {
+            Ok(Reply::HelloOk(ok)) => {
+                out.reply(
+                    b.conn,
+                    id,
+                    &Reply::HelloOk(HelloOk {
+                        auth: auth_reply,
+                        ..ok
+                    }),
+                );
+                self.flush_missed(b.session, b.conn, out);
+            }
+            Err(Fail::Code(code, msg)) => self.error(b.conn, id, code, msg, out),
+            other => unreachable!("hello returns HELLO_OK or an error, not {other:?}"),
+        }
+    }
+
     fn hello(
         &mut self,
         b: &mut Batch,
-        _id: u32,
         h: &Hello<'_>,
+        ident: Option<&Identity>,
         out: &mut impl Outbox,
     ) -> Result<Reply<'static>, Fail> {
         if b.session != NONE {
@@ -362,7 +445,7 @@ impl Core {
                 "this server speaks protocol version 1",
             ));
         }
-        if !h.credentials.is_empty() {
+        if ident.is_none() && !h.credentials.is_empty() {
             return Err(Fail::Code(
                 ErrorCode::AuthUnavailable,
                 "this server has no authentication configured",
@@ -377,8 +460,12 @@ impl Core {
         let limits = self.limits();
         if h.resume_session != 0 {
             let slot = (h.resume_session & SLOT_MASK) as u32;
+            // Only the user who owns a session may resume it.
+            let user = ident.map(|i| i.user.as_str());
             let ok = self.sessions.get(slot as usize).is_some_and(|s| {
-                s.id == h.resume_session && constant_time_eq(s.secret, h.resume_secret)
+                s.id == h.resume_session
+                    && constant_time_eq(s.secret, h.resume_secret)
+                    && s.user.as_deref() == user
             });
             if !ok {
                 return Err(Fail::Code(
@@ -416,6 +503,7 @@ impl Core {
                 lease_ms: h.lease_ms,
                 resumed: true,
                 limits,
+                auth: &[],
             }));
         }
         if self.sessions.len() >= self.cfg.sessions_max as usize {
@@ -449,6 +537,8 @@ impl Core {
             watches: Vec::new(),
             prefix_watches: 0,
             missed: None,
+            user: ident.map(|i| i.user.clone().into_boxed_str()),
+            access: ident.map(|i| Box::new(i.access.clone())),
         });
         debug_assert_eq!(secret, self.secret_for(id));
         self.expiry.push(Reverse((deadline_ms, id)));
@@ -464,6 +554,7 @@ impl Core {
             lease_ms: h.lease_ms,
             resumed: false,
             limits,
+            auth: &[],
         }))
     }
 

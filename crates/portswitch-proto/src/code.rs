@@ -60,6 +60,14 @@ pub enum ErrorCode {
     /// The session's lease ran out (sent with GOAWAY to a connection whose session
     /// expired while it stayed connected).
     SessionExpired,
+    /// The session's roles do not grant this operation on this name. Only this
+    /// request fails.
+    PermissionDenied,
+    /// Authentication failed: wrong password, unknown user, bad proof, or too many
+    /// failed attempts (the same code for all, so answers reveal nothing).
+    AuthFailed,
+    /// This server requires credentials in HELLO.
+    AuthRequired,
     /// A code this library does not know.
     Other(u16),
 }
@@ -95,6 +103,9 @@ impl ErrorCode {
             ErrorCode::PrefixWatchesMax => 25,
             ErrorCode::InvalidArgument => 26,
             ErrorCode::SessionExpired => 27,
+            ErrorCode::PermissionDenied => 28,
+            ErrorCode::AuthFailed => 29,
+            ErrorCode::AuthRequired => 30,
             ErrorCode::Other(n) => n,
         }
     }
@@ -129,6 +140,9 @@ impl ErrorCode {
             25 => ErrorCode::PrefixWatchesMax,
             26 => ErrorCode::InvalidArgument,
             27 => ErrorCode::SessionExpired,
+            28 => ErrorCode::PermissionDenied,
+            29 => ErrorCode::AuthFailed,
+            30 => ErrorCode::AuthRequired,
             n => ErrorCode::Other(n),
         }
     }
@@ -163,6 +177,9 @@ impl ErrorCode {
             ErrorCode::PrefixWatchesMax => "prefix_watches_max",
             ErrorCode::InvalidArgument => "invalid_argument",
             ErrorCode::SessionExpired => "session_expired",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::AuthFailed => "auth_failed",
+            ErrorCode::AuthRequired => "auth_required",
             ErrorCode::Other(_) => "other",
         }
     }

@@ -36,6 +36,9 @@ pub const PAYLOAD_BYTES_MAX: usize = 65_536;
 /// Largest credentials blob in HELLO (reserved for authentication).
 pub const CREDENTIALS_BYTES_MAX: usize = 4_096;
 
+/// Largest authentication message (AUTH data, AUTH_CONTINUE data, HELLO_OK auth).
+pub const AUTH_DATA_BYTES_MAX: usize = 1_024;
+
 /// Longest human-readable error message.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1_024;
 

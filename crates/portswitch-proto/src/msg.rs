@@ -27,6 +27,7 @@ pub mod op {
     pub const LIST: u8 = 0x0A;
     pub const BYE: u8 = 0x0B;
     pub const STATS: u8 = 0x0C;
+    pub const AUTH: u8 = 0x0D;
 
     pub const HELLO_OK: u8 = 0x81;
     pub const OK: u8 = 0x82;
@@ -42,6 +43,7 @@ pub mod op {
     pub const PAGE: u8 = 0x8C;
     pub const STATS_REPLY: u8 = 0x8D;
     pub const ERROR: u8 = 0x8F;
+    pub const AUTH_CONTINUE: u8 = 0x90;
 
     pub const ACQUIRED: u8 = 0xC1;
     pub const RELEASED: u8 = 0xC2;
@@ -218,6 +220,11 @@ pub enum Request<'a> {
     Bye,
     /// Body: empty.
     Stats,
+    /// Body: `data b16`. The second client message of an authentication exchange
+    /// started by HELLO (for SCRAM-SHA-256, the client-final-message).
+    Auth {
+        data: &'a [u8],
+    },
 }
 
 impl<'a> Request<'a> {
@@ -236,6 +243,7 @@ impl<'a> Request<'a> {
             Request::List { .. } => op::LIST,
             Request::Bye => op::BYE,
             Request::Stats => op::STATS,
+            Request::Auth { .. } => op::AUTH,
         }
     }
 
@@ -321,6 +329,9 @@ impl<'a> Request<'a> {
             }
             op::BYE => Request::Bye,
             op::STATS => Request::Stats,
+            op::AUTH => Request::Auth {
+                data: r.b16(AUTH_DATA_BYTES_MAX, InvalidArgument, "auth data")?,
+            },
             _ => return Err(body_err(UnknownCommand, "unknown opcode")),
         })
     }
@@ -340,6 +351,7 @@ impl<'a> Request<'a> {
                 1 + 2 + prefix.map_or(0, |p| p.len()) + 4 + payload.len()
             }
             Request::List { prefix, .. } => 2 + prefix.len() + 8 + 4,
+            Request::Auth { data } => 2 + data.len(),
         }
     }
 
@@ -392,6 +404,7 @@ impl<'a> Request<'a> {
                 b.put_u64(cursor);
                 b.put_u32(limit);
             }
+            Request::Auth { data } => put_b16(b, data),
         }
     }
 }
@@ -449,9 +462,11 @@ impl ServerLimits {
 }
 
 /// HELLO_OK. Body: `version u16, features u64, session u64, secret u64, epoch u64,
-/// lease_ms u32, resumed u8, limits (11 × u32)`.
+/// lease_ms u32, resumed u8, limits (11 × u32), auth b16`. `auth` (the server's final
+/// authentication message, empty without authentication) may be absent: a decoder
+/// reads it as empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HelloOk {
+pub struct HelloOk<'a> {
     pub version: u16,
     pub features: u64,
     pub session: u64,
@@ -463,12 +478,15 @@ pub struct HelloOk {
     /// Whether this HELLO resumed an existing session.
     pub resumed: bool,
     pub limits: ServerLimits,
+    /// For SCRAM-SHA-256, the server-final-message (`v=` signature): the client checks
+    /// it to know the server holds its verifier.
+    pub auth: &'a [u8],
 }
 
 /// A reply to one request, matched to it by request id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply<'a> {
-    HelloOk(HelloOk),
+    HelloOk(HelloOk<'a>),
     /// Body: empty. PING, UNREGISTER, UNWATCH, BYE.
     Ok,
     /// Body: `token u64`. The port is now owned by the requesting session.
@@ -523,6 +541,11 @@ pub enum Reply<'a> {
     Error {
         code: ErrorCode,
         message: &'a [u8],
+    },
+    /// Body: `data b16`. HELLO with credentials: the server's challenge (for
+    /// SCRAM-SHA-256, the server-first-message); answer with AUTH.
+    AuthContinue {
+        data: &'a [u8],
     },
 }
 
@@ -579,12 +602,15 @@ impl<'a> Reply<'a> {
             Reply::Page { .. } => op::PAGE,
             Reply::Stats { .. } => op::STATS_REPLY,
             Reply::Error { .. } => op::ERROR,
+            Reply::AuthContinue { .. } => op::AUTH_CONTINUE,
         }
     }
 
     pub fn body_len(&self) -> usize {
         match self {
-            Reply::HelloOk(_) => 2 + 8 + 8 + 8 + 8 + 4 + 1 + 4 * ServerLimits::FIELDS,
+            Reply::HelloOk(h) => {
+                2 + 8 + 8 + 8 + 8 + 4 + 1 + 4 * ServerLimits::FIELDS + 2 + h.auth.len()
+            }
             Reply::Ok | Reply::Free | Reply::Delivered | Reply::NoOwner => 0,
             Reply::Registered { .. } => 8,
             Reply::Taken { node, .. } => 16 + 2 + node.len(),
@@ -595,6 +621,7 @@ impl<'a> Reply<'a> {
             Reply::Page { entries, .. } => 12 + entries.len(),
             Reply::Stats { entries, .. } => 2 + entries.len(),
             Reply::Error { message, .. } => 2 + 2 + message.len().min(ERROR_MESSAGE_BYTES_MAX),
+            Reply::AuthContinue { data } => 2 + data.len(),
         }
     }
 
@@ -609,6 +636,7 @@ impl<'a> Reply<'a> {
                 b.put_u32(h.lease_ms);
                 b.put_u8(h.resumed as u8);
                 h.limits.encode(b);
+                put_b16(b, h.auth);
             }
             Reply::Ok | Reply::Free | Reply::Delivered | Reply::NoOwner => {}
             Reply::Registered { token } => b.put_u64(token),
@@ -660,6 +688,7 @@ impl<'a> Reply<'a> {
                 b.put_u16(code.to_u16());
                 put_b16(b, &message[..message.len().min(ERROR_MESSAGE_BYTES_MAX)]);
             }
+            Reply::AuthContinue { data } => put_b16(b, data),
         }
     }
 
@@ -677,6 +706,11 @@ impl<'a> Reply<'a> {
                 lease_ms: r.u32("lease_ms")?,
                 resumed: r.u8("resumed")? != 0,
                 limits: ServerLimits::decode(&mut r)?,
+                auth: if r.remaining() == 0 {
+                    &[]
+                } else {
+                    r.b16(AUTH_DATA_BYTES_MAX, InvalidArgument, "auth data")?
+                },
             }),
             op::OK => Reply::Ok,
             op::REGISTERED => Reply::Registered {
@@ -738,6 +772,9 @@ impl<'a> Reply<'a> {
                 }
                 Reply::Stats { count, entries }
             }
+            op::AUTH_CONTINUE => Reply::AuthContinue {
+                data: r.b16(AUTH_DATA_BYTES_MAX, InvalidArgument, "auth data")?,
+            },
             op::ERROR => Reply::Error {
                 code: ErrorCode::from_u16(r.u16("code")?),
                 message: r.b16(ERROR_MESSAGE_BYTES_MAX, InvalidArgument, "message")?,

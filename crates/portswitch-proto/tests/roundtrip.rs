@@ -25,6 +25,7 @@ enum OwnedReq {
     List(Vec<u8>, u64, u32),
     Bye,
     Stats,
+    Auth(Vec<u8>),
 }
 
 impl OwnedReq {
@@ -72,6 +73,7 @@ impl OwnedReq {
             },
             OwnedReq::Bye => Request::Bye,
             OwnedReq::Stats => Request::Stats,
+            OwnedReq::Auth(d) => Request::Auth { data: d },
         }
     }
 }
@@ -103,6 +105,7 @@ fn request() -> impl Strategy<Value = OwnedReq> {
         (name(), any::<u64>(), any::<u32>()).prop_map(|(p, c, l)| OwnedReq::List(p, c, l)),
         Just(OwnedReq::Bye),
         Just(OwnedReq::Stats),
+        bytes(AUTH_DATA_BYTES_MAX).prop_map(OwnedReq::Auth),
     ]
 }
 
@@ -154,13 +157,14 @@ proptest! {
             list_limit_max: 9, lease_ms_min: 10, lease_ms_max: 11,
         };
         let replies = [
-            Reply::HelloOk(HelloOk { version: 1, features: token, session, secret: !token, epoch: 7, lease_ms: 9, resumed: true, limits }),
+            Reply::HelloOk(HelloOk { version: 1, features: token, session, secret: !token, epoch: 7, lease_ms: 9, resumed: true, limits, auth: &value[..value.len().min(1024)] }),
             Reply::Ok, Reply::Registered { token }, Reply::Taken { session, token, node: &node }, Reply::Queued { position: 3 },
             Reply::Owner { session, token, node: &node, value: &value }, Reply::Free, Reply::Watching { owner: Some((session, token)) },
             Reply::Watching { owner: None }, Reply::Delivered, Reply::NoOwner, Reply::Count { count: token },
             Reply::Page { next_cursor: token, count: entries.len() as u32, entries: &page },
             Reply::Stats { count: 1, entries: &stats },
             Reply::Error { code: ErrorCode::from_u16(code), message: &value[..value.len().min(ERROR_MESSAGE_BYTES_MAX)] },
+            Reply::AuthContinue { data: &name },
         ];
         let events = [
             Event::Acquired { port: &name, token }, Event::Released { port: &name, token },

@@ -87,7 +87,7 @@ pub fn owned_reply(id: u32, r: &Reply<'_>) -> Out {
             next: next_cursor,
             ports: r.page_entries().map(|e| s(e.port)).collect(),
         },
-        Reply::Stats { .. } => panic!("core does not answer STATS"),
+        Reply::Stats { .. } | Reply::AuthContinue { .. } => panic!("the core does not send {r:?}"),
         Reply::Error { code, .. } => Out::Err(id, code),
     }
 }
@@ -204,6 +204,28 @@ impl H {
             Out::HelloOk {
                 session, secret, ..
             } => (session, secret),
+            other => panic!("HELLO failed: {other:?}"),
+        }
+    }
+    /// Opens a session authenticated as `ident` on `conn`.
+    pub fn session_as(&mut self, conn: ConnId, ident: &portswitch_core::Identity) -> (u64, u64) {
+        self.next_id += 1;
+        let mut b = self.core.begin_batch(conn, self.now);
+        self.core.handle_authenticated_hello(
+            &mut b,
+            self.next_id,
+            &hello(10_000, false),
+            ident,
+            b"v=sig",
+            &mut self.out,
+        );
+        match std::mem::take(&mut self.out.0).into_iter().next() {
+            Some((
+                _,
+                Out::HelloOk {
+                    session, secret, ..
+                },
+            )) => (session, secret),
             other => panic!("HELLO failed: {other:?}"),
         }
     }
