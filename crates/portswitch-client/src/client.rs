@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, oneshot, watch, Notify};
 
 use crate::types::*;
+use portswitch_auth::scram;
 
 /// How a client connects and keeps its session.
 #[derive(Debug, Clone)]
@@ -39,6 +40,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Resume this session (id, secret) instead of starting a new one.
     pub resume: Option<(u64, u64)>,
+    /// Log in as (user, password) with SCRAM-SHA-256; the password never leaves this
+    /// process. Required by servers that have users.
+    pub credentials: Option<(String, String)>,
     /// Capacity of the events channel; a receiver that falls further behind sees
     /// `RecvError::Lagged` (it lost events, and should re-read what it watches).
     pub events_capacity: usize,
@@ -54,6 +58,7 @@ impl ClientOptions {
             lease_margin: 0.1,
             connect_timeout: Duration::from_secs(5),
             resume: None,
+            credentials: None,
             events_capacity: 4_096,
         }
     }
@@ -90,6 +95,7 @@ enum Answer {
     Count(u64),
     Page(Page),
     Stats(Vec<(String, u64)>),
+    Admin(Bytes),
 }
 
 /// What a pending request needs to update on its reply.
@@ -499,6 +505,24 @@ impl Client {
         }
     }
 
+    /// Runs a user/role management command (a JSON object, see docs/PROTOCOL.md) and
+    /// returns the server's JSON result. Needs the admin permission, or a server with
+    /// no users yet and a loopback connection.
+    pub async fn admin(&self, command: &str) -> Result<String> {
+        match self
+            .request(
+                Request::Admin {
+                    command: command.as_bytes(),
+                },
+                Kind::Plain,
+            )
+            .await?
+        {
+            Answer::Admin(result) => Ok(String::from_utf8_lossy(&result).into_owned()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// A round trip (also renews the lease, as any request does).
     pub async fn ping(&self) -> Result<()> {
         self.ok(Request::Ping, Kind::Plain).await
@@ -596,6 +620,11 @@ fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result
             check("payload", payload.len(), l.payload_bytes_max)
         }
         Request::List { prefix, .. } => check("prefix", prefix.len(), l.port_name_bytes_max),
+        Request::Admin { command } => check(
+            "admin command",
+            command.len(),
+            portswitch_proto::limits::ADMIN_BYTES_MAX as u32,
+        ),
         Request::Hello(_)
         | Request::Auth { .. }
         | Request::Ping
@@ -663,8 +692,9 @@ impl Inner {
     }
 }
 
-/// Connects and exchanges HELLO. Returns the stream, the server's answer, any bytes
-/// read past it, and when HELLO was sent (the start of the first lease view).
+/// Connects and exchanges HELLO (and, with credentials, the SCRAM-SHA-256 round
+/// trip, checking the server's signature). Returns the stream, the server's answer,
+/// any bytes read past it, and when HELLO was sent (the start of the first lease view).
 async fn handshake(
     opts: &ClientOptions,
     lease_ms: u32,
@@ -675,7 +705,23 @@ async fn handshake(
         .await
         .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
     stream.set_nodelay(true)?;
+    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
     let (resume_session, resume_secret) = resume.unwrap_or((0, 0));
+    let (exchange, credentials) = match &opts.credentials {
+        Some((user, password)) => {
+            let mut random = [0u8; 18];
+            getrandom::getrandom(&mut random)
+                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+            let nonce = scram::nonce_from(&random);
+            let (exchange, first) =
+                scram::ClientExchange::start(user, password, &nonce, scram::Channel::Plain);
+            (
+                Some(exchange),
+                format!("{SCRAM_MECHANISM}{first}").into_bytes(),
+            )
+        }
+        None => (None, Vec::new()),
+    };
     let hello = Hello {
         version_min: PROTOCOL_VERSION,
         version_max: PROTOCOL_VERSION,
@@ -683,66 +729,140 @@ async fn handshake(
         lease_ms,
         end_on_disconnect: opts.end_on_disconnect,
         node_name: opts.node_name.as_bytes(),
-        credentials: b"",
+        credentials: &credentials,
         resume_session,
         resume_secret,
     };
-    let mut fb = FrameBuf::new(FRAME_BYTES_MAX, 1);
-    fb.push_request(1, &Request::Hello(hello));
-    let mut bytes = BytesMut::new();
-    fb.take_into(&mut bytes);
     let sent_at = Instant::now();
-    stream.write_all(&bytes).await?;
+    send_one(&mut stream, &Request::Hello(hello)).await?;
     let mut buf = BytesMut::with_capacity(4096);
-    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
-    loop {
-        match frame_len(&buf, FRAME_BYTES_MAX).map_err(|e| Error::Protocol(e.to_string()))? {
-            Some(n) => {
-                let frame = buf.split_to(n);
-                let mut it = messages(&frame[4..], COMMANDS_PER_FRAME_MAX);
-                let m = it
-                    .next()
-                    .ok_or_else(|| Error::Protocol("empty frame".into()))?
-                    .map_err(|e| Error::Protocol(e.to_string()))?;
-                let msg = ServerMsg::decode(m.opcode, m.id, m.body)
-                    .map_err(|e| Error::Protocol(e.to_string()))?;
-                let rest_of_frame = &frame[4 + 9 + m.body.len()..];
-                let mut rest = BytesMut::new();
-                if !rest_of_frame.is_empty() {
-                    // Events that came in the same frame as HELLO_OK (a resume's missed
-                    // events): re-frame them for the reader.
-                    rest.extend_from_slice(&(rest_of_frame.len() as u32).to_be_bytes());
-                    rest.extend_from_slice(rest_of_frame);
+    let frame = next_frame(&mut stream, &mut buf, deadline, &opts.addr).await?;
+    let (msg, rest) = first_message(&frame)?;
+    let (hello_ok, rest) = match (msg, exchange) {
+        (
+            ServerMsg::Reply {
+                reply: Reply::AuthContinue { data },
+                ..
+            },
+            Some(exchange),
+        ) => {
+            let challenge = std::str::from_utf8(data)
+                .map_err(|_| Error::Protocol("challenge is not UTF-8".into()))?;
+            let (awaiting, client_final) = exchange
+                .respond(challenge, scram::Channel::Plain)
+                .map_err(|e| Error::Protocol(format!("authentication: {e}")))?;
+            send_one(
+                &mut stream,
+                &Request::Auth {
+                    data: client_final.as_bytes(),
+                },
+            )
+            .await?;
+            let frame = next_frame(&mut stream, &mut buf, deadline, &opts.addr).await?;
+            let (msg, rest) = first_message(&frame)?;
+            match msg {
+                ServerMsg::Reply {
+                    reply: Reply::HelloOk(h),
+                    ..
+                } => {
+                    let server_final = std::str::from_utf8(h.auth).unwrap_or("");
+                    // Mutual authentication: only a server holding our verifier can sign.
+                    awaiting.verify(server_final).map_err(|e| {
+                        Error::Protocol(format!("the server failed to authenticate: {e}"))
+                    })?;
+                    (HelloOk { auth: &[], ..h }, rest.to_vec())
                 }
-                rest.extend_from_slice(&buf);
-                return match msg {
-                    ServerMsg::Reply {
-                        reply: Reply::HelloOk(h),
-                        ..
-                    } => Ok((stream, HelloOk { auth: &[], ..h }, rest, sent_at)),
-                    ServerMsg::Reply {
-                        reply: Reply::Error { code, message },
-                        ..
-                    } => Err(Error::Server {
-                        code,
-                        message: String::from_utf8_lossy(message).into_owned(),
-                    }),
-                    ServerMsg::Event(WireEvent::GoAway { code, message }) => Err(Error::Server {
-                        code,
-                        message: String::from_utf8_lossy(message).into_owned(),
-                    }),
-                    other => Err(Error::Protocol(format!("expected HELLO_OK, got {other:?}"))),
-                };
-            }
-            None => {
-                let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
-                    .await
-                    .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
-                if read == 0 {
-                    return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
-                }
+                other => return Err(refusal(other)),
             }
         }
+        (
+            ServerMsg::Reply {
+                reply: Reply::HelloOk(h),
+                ..
+            },
+            None,
+        ) => (HelloOk { auth: &[], ..h }, rest.to_vec()),
+        (
+            ServerMsg::Reply {
+                reply: Reply::HelloOk(_),
+                ..
+            },
+            Some(_),
+        ) => {
+            return Err(Error::Protocol(
+                "the server accepted the session without authenticating".into(),
+            ))
+        }
+        (other, _) => return Err(refusal(other)),
+    };
+    let mut leftover = BytesMut::new();
+    if !rest.is_empty() {
+        // Events that came in the same frame as HELLO_OK (a resume's missed events):
+        // re-frame them for the reader.
+        leftover.extend_from_slice(&(rest.len() as u32).to_be_bytes());
+        leftover.extend_from_slice(&rest);
+    }
+    leftover.extend_from_slice(&buf);
+    Ok((stream, hello_ok, leftover, sent_at))
+}
+
+/// The mechanism prefix of HELLO credentials.
+const SCRAM_MECHANISM: &str = "SCRAM-SHA-256 ";
+
+async fn send_one(stream: &mut TcpStream, req: &Request<'_>) -> Result<()> {
+    let mut fb = FrameBuf::new(FRAME_BYTES_MAX, 1);
+    fb.push_request(1, req);
+    let mut bytes = BytesMut::new();
+    fb.take_into(&mut bytes);
+    stream.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Reads until `buf` starts with a whole frame and splits it off.
+async fn next_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+    addr: &str,
+) -> Result<BytesMut> {
+    loop {
+        if let Some(n) =
+            frame_len(buf, FRAME_BYTES_MAX).map_err(|e| Error::Protocol(e.to_string()))?
+        {
+            return Ok(buf.split_to(n));
+        }
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(buf))
+            .await
+            .map_err(|_| Error::ConnectTimeout(addr.to_string()))??;
+        if read == 0 {
+            return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+/// The first message of a frame, and the bytes of the frame's other messages.
+fn first_message(frame: &[u8]) -> Result<(ServerMsg<'_>, &[u8])> {
+    let m = messages(&frame[4..], COMMANDS_PER_FRAME_MAX)
+        .next()
+        .ok_or_else(|| Error::Protocol("empty frame".into()))?
+        .map_err(|e| Error::Protocol(e.to_string()))?;
+    let msg =
+        ServerMsg::decode(m.opcode, m.id, m.body).map_err(|e| Error::Protocol(e.to_string()))?;
+    Ok((msg, &frame[4 + 9 + m.body.len()..]))
+}
+
+/// The error for a handshake answer that is not the expected one.
+fn refusal(msg: ServerMsg<'_>) -> Error {
+    match msg {
+        ServerMsg::Reply {
+            reply: Reply::Error { code, message },
+            ..
+        }
+        | ServerMsg::Event(WireEvent::GoAway { code, message }) => Error::Server {
+            code,
+            message: String::from_utf8_lossy(message).into_owned(),
+        },
+        other => Error::Protocol(format!("unexpected handshake answer {other:?}")),
     }
 }
 
@@ -975,6 +1095,7 @@ fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
                 message: String::from_utf8_lossy(message).into_owned(),
             })
         }
+        Reply::AdminOk { result } => Answer::Admin(b(result)),
         Reply::HelloOk(_) | Reply::AuthContinue { .. } => {
             return Err(Error::Protocol(
                 "handshake reply outside a handshake".into(),

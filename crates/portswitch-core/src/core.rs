@@ -32,6 +32,9 @@ pub trait Outbox {
     /// Close `conn` once what was emitted for it is written. The core has already
     /// forgotten the connection; the driver must not report its disconnect.
     fn close(&mut self, conn: ConnId);
+    /// A request of `user` was refused for lack of `perm` on `name` (for the audit
+    /// log). The error reply has been emitted already.
+    fn denied(&mut self, _conn: ConnId, _user: &str, _perm: Perm, _name: &[u8]) {}
 }
 
 /// Counters and gauges of a core.
@@ -104,6 +107,7 @@ fn required<'r>(req: &Request<'r>) -> Option<(Perm, &'r [u8])> {
         Request::List { prefix, .. } => (Perm::List, prefix),
         Request::Hello(_)
         | Request::Auth { .. }
+        | Request::Admin { .. }
         | Request::Ping
         | Request::Bye
         | Request::Stats
@@ -232,6 +236,14 @@ impl Core {
         self.now_ms = now_ms;
     }
 
+    /// The user and access of the session on `conn`, if it has a session (`None`s on
+    /// a server without authentication).
+    pub fn session_user(&self, conn: ConnId) -> Option<(Option<&str>, Option<&Access>)> {
+        let slot = *self.conn_sessions.get(&conn)?;
+        let s = &self.sessions[slot as usize];
+        Some((s.user.as_deref(), s.access.as_deref()))
+    }
+
     /// The earliest time at which [`Core::handle_timeout`] has work, if any.
     pub fn next_deadline(&self) -> Option<u64> {
         self.expiry.peek().map(|Reverse((t, _))| *t)
@@ -260,9 +272,11 @@ impl Core {
         self.stats.requests_total += 1;
         // Access control first: a denied request fails alone, the batch goes on.
         if b.session != NONE {
-            if let Some(access) = &self.sessions[b.session as usize].access {
+            let s = &self.sessions[b.session as usize];
+            if let Some(access) = &s.access {
                 if let Some((perm, name)) = required(req) {
                     if !access.allows(perm, name) {
+                        out.denied(b.conn, s.user.as_deref().unwrap_or(""), perm, name);
                         return self.error(
                             b.conn,
                             id,
@@ -284,6 +298,10 @@ impl Core {
             Request::Auth { .. } => Err(Fail::Code(
                 ErrorCode::InvalidArgument,
                 "AUTH without an authentication exchange in progress",
+            )),
+            Request::Admin { .. } => Err(Fail::Code(
+                ErrorCode::InvalidArgument,
+                "ADMIN is answered by the server",
             )),
             _ if b.session == NONE => Err(Fail::Code(ErrorCode::NoSession, "send HELLO first")),
             Request::Register { port, value, wait } => self.register(b, port, value, wait, out),

@@ -39,6 +39,9 @@ pub const CREDENTIALS_BYTES_MAX: usize = 4_096;
 /// Largest authentication message (AUTH data, AUTH_CONTINUE data, HELLO_OK auth).
 pub const AUTH_DATA_BYTES_MAX: usize = 1_024;
 
+/// Largest ADMIN command or ADMIN_OK result (a user list, say).
+pub const ADMIN_BYTES_MAX: usize = 256 << 10;
+
 /// Longest human-readable error message.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1_024;
 
@@ -67,6 +70,7 @@ pub const PAGE_ENTRY_BYTES_MAX: usize =
 // valid event never delivered.
 const _: () = assert!(REQUEST_BYTES_MAX <= FRAME_BYTES_MAX);
 const _: () = assert!(EVENT_BYTES_MAX <= FRAME_BYTES_MAX);
+const _: () = assert!(MESSAGE_HEADER_BYTES + 4 + ADMIN_BYTES_MAX <= FRAME_BYTES_MAX);
 // A LIST page always holds at least one entry of any size (the server trims pages by
 // bytes so that a page of LIST_LIMIT_MAX large entries still fits one frame).
 const _: () = assert!(MESSAGE_HEADER_BYTES + 12 + PAGE_ENTRY_BYTES_MAX <= FRAME_BYTES_MAX);

@@ -28,6 +28,7 @@ pub mod op {
     pub const BYE: u8 = 0x0B;
     pub const STATS: u8 = 0x0C;
     pub const AUTH: u8 = 0x0D;
+    pub const ADMIN: u8 = 0x0E;
 
     pub const HELLO_OK: u8 = 0x81;
     pub const OK: u8 = 0x82;
@@ -44,6 +45,7 @@ pub mod op {
     pub const STATS_REPLY: u8 = 0x8D;
     pub const ERROR: u8 = 0x8F;
     pub const AUTH_CONTINUE: u8 = 0x90;
+    pub const ADMIN_OK: u8 = 0x91;
 
     pub const ACQUIRED: u8 = 0xC1;
     pub const RELEASED: u8 = 0xC2;
@@ -225,6 +227,11 @@ pub enum Request<'a> {
     Auth {
         data: &'a [u8],
     },
+    /// Body: `command b32`. A user/role management command as a JSON object (see
+    /// docs/PROTOCOL.md); needs the admin permission.
+    Admin {
+        command: &'a [u8],
+    },
 }
 
 impl<'a> Request<'a> {
@@ -244,6 +251,7 @@ impl<'a> Request<'a> {
             Request::Bye => op::BYE,
             Request::Stats => op::STATS,
             Request::Auth { .. } => op::AUTH,
+            Request::Admin { .. } => op::ADMIN,
         }
     }
 
@@ -332,6 +340,9 @@ impl<'a> Request<'a> {
             op::AUTH => Request::Auth {
                 data: r.b16(AUTH_DATA_BYTES_MAX, InvalidArgument, "auth data")?,
             },
+            op::ADMIN => Request::Admin {
+                command: r.b32(ADMIN_BYTES_MAX, InvalidArgument, "admin command")?,
+            },
             _ => return Err(body_err(UnknownCommand, "unknown opcode")),
         })
     }
@@ -352,6 +363,7 @@ impl<'a> Request<'a> {
             }
             Request::List { prefix, .. } => 2 + prefix.len() + 8 + 4,
             Request::Auth { data } => 2 + data.len(),
+            Request::Admin { command } => 4 + command.len(),
         }
     }
 
@@ -405,6 +417,7 @@ impl<'a> Request<'a> {
                 b.put_u32(limit);
             }
             Request::Auth { data } => put_b16(b, data),
+            Request::Admin { command } => put_b32(b, command),
         }
     }
 }
@@ -547,6 +560,10 @@ pub enum Reply<'a> {
     AuthContinue {
         data: &'a [u8],
     },
+    /// Body: `result b32`, a JSON value.
+    AdminOk {
+        result: &'a [u8],
+    },
 }
 
 /// An unsolicited message from the server (request id 0 on the wire).
@@ -603,6 +620,7 @@ impl<'a> Reply<'a> {
             Reply::Stats { .. } => op::STATS_REPLY,
             Reply::Error { .. } => op::ERROR,
             Reply::AuthContinue { .. } => op::AUTH_CONTINUE,
+            Reply::AdminOk { .. } => op::ADMIN_OK,
         }
     }
 
@@ -622,6 +640,7 @@ impl<'a> Reply<'a> {
             Reply::Stats { entries, .. } => 2 + entries.len(),
             Reply::Error { message, .. } => 2 + 2 + message.len().min(ERROR_MESSAGE_BYTES_MAX),
             Reply::AuthContinue { data } => 2 + data.len(),
+            Reply::AdminOk { result } => 4 + result.len(),
         }
     }
 
@@ -689,6 +708,7 @@ impl<'a> Reply<'a> {
                 put_b16(b, &message[..message.len().min(ERROR_MESSAGE_BYTES_MAX)]);
             }
             Reply::AuthContinue { data } => put_b16(b, data),
+            Reply::AdminOk { result } => put_b32(b, result),
         }
     }
 
@@ -772,6 +792,9 @@ impl<'a> Reply<'a> {
                 }
                 Reply::Stats { count, entries }
             }
+            op::ADMIN_OK => Reply::AdminOk {
+                result: r.b32(ADMIN_BYTES_MAX, InvalidArgument, "admin result")?,
+            },
             op::AUTH_CONTINUE => Reply::AuthContinue {
                 data: r.b16(AUTH_DATA_BYTES_MAX, InvalidArgument, "auth data")?,
             },

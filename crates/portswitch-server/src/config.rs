@@ -40,6 +40,8 @@ pub struct ServerConfig {
     /// The epoch to serve in. `None` takes the current Unix second after waiting for a
     /// fresh one to begin, so a restarted server's tokens are above its predecessor's.
     pub epoch: Option<u64>,
+    /// Users, roles, lockout, password policy, audit log.
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
             tick_ms: TICK_MS_DEFAULT,
             epoch: None,
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }

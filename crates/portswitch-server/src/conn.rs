@@ -20,7 +20,7 @@ const WRITE_BUF_BYTES_KEEP: usize = 1 << 20;
 
 pub(crate) fn spawn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let Some((conn, notify)) = shared.open() else {
+    let Some((conn, notify)) = shared.open(peer.ip()) else {
         tokio::spawn(refuse(stream));
         return;
     };

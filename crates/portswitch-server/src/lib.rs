@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod config;
 mod conn;
 mod http;
@@ -66,7 +67,7 @@ impl Server {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        let shared = Arc::new(Shared::new(cfg, epoch));
+        let shared = Arc::new(Shared::new(cfg, epoch)?);
         Ok(Server {
             listener,
             http,

@@ -10,11 +10,15 @@ use portswitch_proto::frame::{frame_len, messages, FrameError};
 use portswitch_proto::{msg::encode_stat, ErrorCode, Event, FrameBuf, Reply, Request};
 use tokio::sync::Notify;
 
+use crate::auth::Auth;
 use crate::config::{ServerConfig, STALL_MS_THRESHOLD};
+use portswitch_core::Perm;
 
 /// One connection's output side as the shared state sees it.
 pub(crate) struct ConnOut {
     id: ConnId,
+    /// The peer's address (lockout, audit, loopback-only bootstrap).
+    addr: std::net::IpAddr,
     out: FrameBuf,
     pub(crate) notify: Arc<Notify>,
     /// Close once `out` is written (set by GOAWAY paths).
@@ -24,6 +28,9 @@ pub(crate) struct ConnOut {
 
 pub(crate) struct State {
     pub(crate) core: Core,
+    auth: Auth,
+    /// Permission denials of the current batch, for the audit log.
+    denials: Vec<(String, Perm, Vec<u8>)>,
     /// Real milliseconds since start when the lock was last taken.
     last_real_ms: u64,
     /// Milliseconds of server stalls not charged to leases (see `STALL_MS_THRESHOLD`).
@@ -122,6 +129,7 @@ pub fn rss_bytes() -> u64 {
 struct Out<'a> {
     conns: &'a mut slab::Slab<ConnOut>,
     dirty: &'a mut Vec<usize>,
+    denials: &'a mut Vec<(String, Perm, Vec<u8>)>,
 }
 
 impl Out<'_> {
@@ -160,6 +168,9 @@ impl Outbox for Out<'_> {
             c.closing = true;
         }
     }
+    fn denied(&mut self, _conn: ConnId, user: &str, perm: Perm, name: &[u8]) {
+        self.denials.push((user.to_string(), perm, name.to_vec()));
+    }
 }
 
 /// What reading a buffer of bytes from a connection came to.
@@ -178,12 +189,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(cfg: ServerConfig, epoch: u64) -> Shared {
+    pub(crate) fn new(cfg: ServerConfig, epoch: u64) -> std::io::Result<Shared> {
         let seed = random_seed();
         let core = Core::new(cfg.core.clone(), epoch, seed);
-        Shared {
+        let mut fake_salt_key = [0u8; 32];
+        fill_random(&mut fake_salt_key);
+        let auth = Auth::load(cfg.auth.clone(), fake_salt_key)?;
+        Ok(Shared {
             state: Mutex::new(State {
                 core,
+                auth,
+                denials: Vec::new(),
                 last_real_ms: 0,
                 stalled_ms: 0,
                 conns: slab::Slab::new(),
@@ -195,7 +211,7 @@ impl Shared {
             cfg,
             start: Instant::now(),
             epoch,
-        }
+        })
     }
 
     pub(crate) fn config(&self) -> &ServerConfig {
@@ -238,7 +254,7 @@ impl Shared {
     }
 
     /// Registers a new connection. `None` when the server is at `connections_max`.
-    pub(crate) fn open(&self) -> Option<(ConnId, Arc<Notify>)> {
+    pub(crate) fn open(&self, addr: std::net::IpAddr) -> Option<(ConnId, Arc<Notify>)> {
         let mut st = self.lock();
         if st.conns.len() >= self.cfg.connections_max {
             st.counters.connections_rejected_total += 1;
@@ -251,6 +267,7 @@ impl Shared {
         let notify = Arc::new(Notify::new());
         entry.insert(ConnOut {
             id,
+            addr,
             out: FrameBuf::new(
                 self.cfg.core.frame_bytes_max as usize,
                 self.cfg.core.commands_per_frame_max as usize,
@@ -292,6 +309,7 @@ impl Shared {
             let mut out = Out {
                 conns: &mut st.conns,
                 dirty: &mut st.dirty,
+                denials: &mut st.denials,
             };
             for m in messages(&rest[4..n], commands_max) {
                 let m = match m {
@@ -327,6 +345,84 @@ impl Shared {
                         );
                         st.scratch = entries;
                     }
+                    Ok(Request::Hello(h)) if st.auth.enabled() => {
+                        if h.credentials.is_empty() {
+                            out.reply(
+                                conn,
+                                m.id,
+                                &Reply::Error {
+                                    code: ErrorCode::AuthRequired,
+                                    message: b"this server requires credentials (SCRAM-SHA-256)",
+                                },
+                            );
+                            continue;
+                        }
+                        let addr = addr_of(out.conns, conn);
+                        let mut nonce = [0u8; 18];
+                        fill_random(&mut nonce);
+                        let nonce = portswitch_auth::scram::nonce_from(&nonce);
+                        match st.auth.start(conn, addr, &h, &nonce, now) {
+                            Ok(challenge) => out.reply(
+                                conn,
+                                m.id,
+                                &Reply::AuthContinue {
+                                    data: challenge.as_bytes(),
+                                },
+                            ),
+                            Err((code, msg)) => out.reply(
+                                conn,
+                                m.id,
+                                &Reply::Error {
+                                    code,
+                                    message: msg.as_bytes(),
+                                },
+                            ),
+                        }
+                    }
+                    Ok(Request::Auth { data }) => {
+                        let addr = addr_of(out.conns, conn);
+                        match st.auth.finish(conn, addr, data, now) {
+                            Ok((hello, ident, server_final)) => st.core.handle_authenticated_hello(
+                                &mut batch,
+                                m.id,
+                                &hello.as_hello(),
+                                &ident,
+                                server_final.as_bytes(),
+                                &mut out,
+                            ),
+                            Err((code, msg)) => out.reply(
+                                conn,
+                                m.id,
+                                &Reply::Error {
+                                    code,
+                                    message: msg.as_bytes(),
+                                },
+                            ),
+                        }
+                    }
+                    Ok(Request::Admin { command }) => {
+                        let addr = addr_of(out.conns, conn);
+                        let caller = st.core.session_user(conn).and_then(|(u, a)| Some((u?, a?)));
+                        let mut salt = [0u8; portswitch_auth::scram::SALT_BYTES];
+                        fill_random(&mut salt);
+                        match st.auth.admin(caller, addr, command, &salt) {
+                            Ok(result) => out.reply(
+                                conn,
+                                m.id,
+                                &Reply::AdminOk {
+                                    result: result.as_bytes(),
+                                },
+                            ),
+                            Err((code, msg)) => out.reply(
+                                conn,
+                                m.id,
+                                &Reply::Error {
+                                    code,
+                                    message: msg.as_bytes(),
+                                },
+                            ),
+                        }
+                    }
                     Ok(req) => st.core.handle(&mut batch, m.id, &req, &mut out),
                     Err(e) => out.reply(
                         conn,
@@ -344,12 +440,21 @@ impl Shared {
             }
             consumed += n;
         }
+        for (user, perm, name) in st.denials.drain(..) {
+            st.auth.audit(serde_json::json!({
+                "event": "denied",
+                "user": user,
+                "perm": perm.name(),
+                "name": String::from_utf8_lossy(&name),
+            }));
+        }
         if close {
             // The core forgets the connection now; its session (if not ending on
             // disconnect) stays for its lease, resumable from another connection.
             let mut out = Out {
                 conns: &mut st.conns,
                 dirty: &mut st.dirty,
+                denials: &mut st.denials,
             };
             st.core.handle_disconnect(conn, now, &mut out);
         }
@@ -366,9 +471,11 @@ impl Shared {
         let mut st = self.lock();
         let st = &mut *st;
         let now = self.now_ms(st);
+        st.auth.forget(conn);
         let mut out = Out {
             conns: &mut st.conns,
             dirty: &mut st.dirty,
+            denials: &mut st.denials,
         };
         st.core.handle_disconnect(conn, now, &mut out);
         let key = (conn & 0xFFFF_FFFF) as usize;
@@ -408,6 +515,7 @@ impl Shared {
                 let mut out = Out {
                     conns: &mut st.conns,
                     dirty: &mut st.dirty,
+                    denials: &mut st.denials,
                 };
                 st.core.handle_disconnect(conn, now, &mut out);
             }
@@ -432,6 +540,7 @@ impl Shared {
             let mut out = Out {
                 conns: &mut st.conns,
                 dirty: &mut st.dirty,
+                denials: &mut st.denials,
             };
             st.core.handle_timeout(now, &mut out);
             self.flush(st, now);
@@ -469,6 +578,7 @@ impl State {
         let mut out = Out {
             conns: &mut self.conns,
             dirty: &mut self.dirty,
+            denials: &mut self.denials,
         };
         break_with_goaway(&mut out, conn, e);
         self.counters.malformed_total += 1;
@@ -511,6 +621,19 @@ fn stats_snapshot(
         rss_bytes: rss_bytes(),
         uptime_ms: start.elapsed().as_millis() as u64,
     }
+}
+
+fn addr_of(conns: &slab::Slab<ConnOut>, conn: ConnId) -> std::net::IpAddr {
+    conns
+        .get((conn & 0xFFFF_FFFF) as usize)
+        .filter(|c| c.id == conn)
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.addr)
+}
+
+/// Fills `buf` from the OS's randomness (nonces, salts, keys).
+fn fill_random(buf: &mut [u8]) {
+    // Without the OS's randomness no secret can be made; stopping is the only safe choice.
+    getrandom::getrandom(buf).expect("the OS random number generator is available");
 }
 
 /// Seeds for the port hash and session secrets, from the OS.

@@ -87,7 +87,9 @@ pub fn owned_reply(id: u32, r: &Reply<'_>) -> Out {
             next: next_cursor,
             ports: r.page_entries().map(|e| s(e.port)).collect(),
         },
-        Reply::Stats { .. } | Reply::AuthContinue { .. } => panic!("the core does not send {r:?}"),
+        Reply::Stats { .. } | Reply::AuthContinue { .. } | Reply::AdminOk { .. } => {
+            panic!("the core does not send {r:?}")
+        }
         Reply::Error { code, .. } => Out::Err(id, code),
     }
 }
