@@ -28,6 +28,13 @@ pub struct CtlArgs {
     /// Session lease in milliseconds.
     #[arg(long, default_value_t = 10_000, global = true)]
     lease_ms: u64,
+    /// Log in as this user (SCRAM-SHA-256). The password comes from
+    /// PORTSWITCH_PASSWORD or --password-file, never from the command line.
+    #[arg(long, env = "PORTSWITCH_USER", global = true)]
+    user: Option<String>,
+    /// A file whose first line is the password of --user.
+    #[arg(long, global = true)]
+    password_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -96,6 +103,17 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Manage users (needs the admin permission; the very first user, who must have
+    /// the root role, may be created from loopback without logging in).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Manage roles: permissions on port-name prefixes.
+    Role {
+        #[command(subcommand)]
+        cmd: RoleCmd,
+    },
     /// Campaign for leadership, run a command while leader (token in
     /// PORTSWITCH_TOKEN); with --observe, print leader changes instead.
     Elect {
@@ -110,6 +128,60 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Create a user. The password is read from PORTSWITCH_NEW_PASSWORD, or else the
+    /// first line of standard input.
+    Add {
+        name: String,
+        /// A role to give the user (repeatable; `root` grants everything).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
+    /// Change a user's password (read as for `add`).
+    Passwd { name: String },
+    /// Delete a user.
+    Del { name: String },
+    /// List users and their roles.
+    List,
+    /// Give a user a role.
+    Grant { name: String, role: String },
+    /// Take a role from a user.
+    Revoke { name: String, role: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RoleCmd {
+    /// Create or replace a role.
+    Add {
+        name: String,
+        /// PREFIX=PERMS, e.g. `svc/=register,query,watch` or `=all` (repeatable).
+        /// Permissions: register, query, watch, send, broadcast, list, admin, all.
+        #[arg(long = "grant", value_name = "PREFIX=PERMS")]
+        grants: Vec<String>,
+    },
+    /// Delete a role (users lose it).
+    Del { name: String },
+    /// List roles and their grants.
+    List,
+}
+
+/// A new password: PORTSWITCH_NEW_PASSWORD, or the first line of standard input.
+fn new_password() -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    if let Ok(p) = std::env::var("PORTSWITCH_NEW_PASSWORD") {
+        return Ok(p);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let p = line.trim_end_matches(['\r', '\n']).to_string();
+    if p.is_empty() {
+        return Err(
+            "no password: set PORTSWITCH_NEW_PASSWORD or write it on standard input".into(),
+        );
+    }
+    Ok(p)
+}
+
 fn hex(n: u64) -> String {
     format!("{n:016x}")
 }
@@ -121,6 +193,19 @@ fn text(b: &[u8]) -> String {
 pub async fn run(args: CtlArgs) -> AppResult {
     let mut opts = ClientOptions::new(args.addr.clone());
     opts.lease = Duration::from_millis(args.lease_ms);
+    if let Some(user) = &args.user {
+        let password = match &args.password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            None => std::env::var("PORTSWITCH_PASSWORD")
+                .map_err(|_| "--user needs PORTSWITCH_PASSWORD or --password-file")?,
+        };
+        opts.credentials = Some((user.clone(), password));
+    }
     let json = args.json;
     let out = |human: String, j: serde_json::Value| {
         if json {
@@ -433,6 +518,44 @@ pub async fn run(args: CtlArgs) -> AppResult {
             }
             Ok(code)
         }
+        Cmd::User { cmd } => {
+            let command = match cmd {
+                UserCmd::Add { name, roles } => {
+                    json!({"op": "user_add", "user": name, "password": new_password()?, "roles": roles})
+                }
+                UserCmd::Passwd { name } => {
+                    json!({"op": "user_passwd", "user": name, "password": new_password()?})
+                }
+                UserCmd::Del { name } => json!({"op": "user_del", "user": name}),
+                UserCmd::List => json!({"op": "user_list"}),
+                UserCmd::Grant { name, role } => {
+                    json!({"op": "user_grant", "user": name, "role": role})
+                }
+                UserCmd::Revoke { name, role } => {
+                    json!({"op": "user_revoke", "user": name, "role": role})
+                }
+            };
+            admin(opts, &command, json).await
+        }
+        Cmd::Role { cmd } => {
+            let command = match cmd {
+                RoleCmd::Add { name, grants } => {
+                    let grants = grants
+                        .iter()
+                        .map(|g| {
+                            let (prefix, perms) = g
+                                .split_once('=')
+                                .ok_or(format!("--grant {g}: expected PREFIX=PERMS"))?;
+                            Ok(json!({"prefix": prefix, "perms": perms}))
+                        })
+                        .collect::<Result<Vec<_>, String>>()?;
+                    json!({"op": "role_add", "role": name, "grants": grants})
+                }
+                RoleCmd::Del { name } => json!({"op": "role_del", "role": name}),
+                RoleCmd::List => json!({"op": "role_list"}),
+            };
+            admin(opts, &command, json).await
+        }
         Cmd::Elect {
             name,
             value,
@@ -527,4 +650,25 @@ async fn interrupted() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs one admin command and prints its result.
+async fn admin(opts: ClientOptions, command: &serde_json::Value, json: bool) -> AppResult {
+    let client = Client::connect(opts).await?;
+    let result = client.admin(&command.to_string()).await;
+    client.close().await?;
+    let result: serde_json::Value = serde_json::from_str(&result?)?;
+    if json {
+        println!("{result}");
+    } else {
+        match result.as_array() {
+            Some(rows) => {
+                for row in rows {
+                    println!("{row}");
+                }
+            }
+            None => println!("ok"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -69,6 +69,34 @@ pub struct ServeArgs {
     /// Log filter (tracing's EnvFilter syntax) [default: info]
     #[arg(long, env = "PORTSWITCH_LOG")]
     log: Option<String>,
+    /// Directory for users and roles (auth.json). Without it the server has no users
+    /// and needs no login [default: none]
+    #[arg(long, env = "PORTSWITCH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// JSON-lines audit log of logins, lockouts, denials, admin changes [default: none]
+    #[arg(long, env = "PORTSWITCH_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Size at which the audit log rotates (5 old files kept) [default: 67108864]
+    #[arg(long, env = "PORTSWITCH_AUDIT_LOG_BYTES_MAX")]
+    audit_log_bytes_max: Option<u64>,
+    /// Consecutive failed logins that lock a user name [default: 5]
+    #[arg(long, env = "PORTSWITCH_LOCKOUT_USER_FAILURES")]
+    lockout_user_failures: Option<u32>,
+    /// Consecutive failed logins that lock a source address [default: 20]
+    #[arg(long, env = "PORTSWITCH_LOCKOUT_ADDR_FAILURES")]
+    lockout_addr_failures: Option<u32>,
+    /// How long a lockout lasts, ms [default: 900000]
+    #[arg(long, env = "PORTSWITCH_LOCKOUT_MS")]
+    lockout_ms: Option<u64>,
+    /// Shortest password accepted [default: 12]
+    #[arg(long, env = "PORTSWITCH_PASSWORD_LENGTH_MIN")]
+    password_length_min: Option<usize>,
+    /// Fewest character classes (lower, upper, digit, other) in a password [default: 3]
+    #[arg(long, env = "PORTSWITCH_PASSWORD_CLASSES_MIN")]
+    password_classes_min: Option<u8>,
+    /// PBKDF2 iterations of new password verifiers [default: 16384]
+    #[arg(long, env = "PORTSWITCH_SCRAM_ITERATIONS")]
+    scram_iterations: Option<u32>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -92,6 +120,15 @@ struct FileConfig {
     frame_bytes_max: Option<u32>,
     commands_per_frame_max: Option<u32>,
     log: Option<String>,
+    data_dir: Option<PathBuf>,
+    audit_log: Option<PathBuf>,
+    audit_log_bytes_max: Option<u64>,
+    lockout_user_failures: Option<u32>,
+    lockout_addr_failures: Option<u32>,
+    lockout_ms: Option<u64>,
+    password_length_min: Option<usize>,
+    password_classes_min: Option<u8>,
+    scram_iterations: Option<u32>,
 }
 
 /// Builds the server configuration: flag or environment, else file, else default.
@@ -128,6 +165,23 @@ fn config(
         payload_bytes_max => cfg.core.payload_bytes_max,
         frame_bytes_max => cfg.core.frame_bytes_max,
         commands_per_frame_max => cfg.core.commands_per_frame_max,
+        audit_log_bytes_max => cfg.auth.audit_log_bytes_max,
+        lockout_user_failures => cfg.auth.lockout.user_failures_max,
+        lockout_addr_failures => cfg.auth.lockout.addr_failures_max,
+        lockout_ms => cfg.auth.lockout.lock_ms,
+        password_length_min => cfg.auth.policy.length_min,
+        password_classes_min => cfg.auth.policy.classes_min,
+        scram_iterations => cfg.auth.iterations,
+    }
+    cfg.auth.data_dir = args.data_dir.clone().or(file.data_dir);
+    cfg.auth.audit_log = args.audit_log.clone().or(file.audit_log);
+    let iterations =
+        portswitch_auth::scram::ITERATIONS_MIN..=portswitch_auth::scram::ITERATIONS_MAX;
+    if !iterations.contains(&cfg.auth.iterations) {
+        return Err(format!("scram_iterations must be in {iterations:?}").into());
+    }
+    if cfg.auth.policy.classes_min > 4 {
+        return Err("password_classes_min is at most 4".into());
     }
     if let Some(v) = args.http_listen.or(file.http_listen) {
         cfg.http_listen = Some(v);

@@ -402,3 +402,118 @@ async fn ctl_register_prints_relayed_messages_and_releases_on_sigterm() {
     let (_, q) = ctl_out(&srv.addr, &["query", "svc/inbox"]).await;
     assert!(q.contains("free"), "{q}");
 }
+
+#[tokio::test]
+async fn ctl_manages_users_and_roles_and_logs_in() {
+    use tokio::io::AsyncWriteExt;
+    let dir = std::env::temp_dir().join(format!("portswitch-ctl-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("data");
+    let audit = dir.join("audit.log");
+    let srv = serve(
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--scram-iterations",
+            "4096",
+        ],
+        &[],
+    )
+    .await;
+    let a = srv.addr.clone();
+    // The first user, from loopback, with the password on standard input.
+    let mut add = ctl(&a, &["user", "add", "admin", "--role", "root"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(b"Granite-Falcon-2026!\n")
+        .await
+        .unwrap();
+    assert!(within("user add", add.wait()).await.unwrap().success());
+    let as_admin = |args: &[&str]| {
+        let mut c = ctl(&a, args);
+        c.env("PORTSWITCH_USER", "admin")
+            .env("PORTSWITCH_PASSWORD", "Granite-Falcon-2026!");
+        c
+    };
+    let out = within(
+        "role add",
+        as_admin(&["role", "add", "writers", "--grant", "svc/=register,query"]).output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = within(
+        "user add",
+        as_admin(&["user", "add", "alice", "--role", "writers"])
+            .env("PORTSWITCH_NEW_PASSWORD", "Tulip-Orbit-93")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = within("user list", as_admin(&["--json", "user", "list"]).output())
+        .await
+        .unwrap();
+    let users: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(users.as_array().unwrap().len(), 2, "{users}");
+
+    // Without credentials: refused with a clear error.
+    let out = within("anon", ctl(&a, &["query", "svc/x"]).output())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth_required"));
+    // alice can register under svc/, not elsewhere.
+    let as_alice = |args: &[&str]| {
+        let mut c = ctl(&a, args);
+        c.args(["--user", "alice"])
+            .env("PORTSWITCH_PASSWORD", "Tulip-Orbit-93");
+        c
+    };
+    let out = within(
+        "alice",
+        as_alice(&["register", "svc/x", "--hold-secs", "0"]).output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = within(
+        "alice denied",
+        as_alice(&["register", "db/x", "--hold-secs", "0"]).output(),
+    )
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permission_denied"));
+    let out = within(
+        "wrong pw",
+        ctl(&a, &["--user", "alice", "query", "svc/x"])
+            .env("PORTSWITCH_PASSWORD", "nope")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth_failed"));
+    assert!(std::fs::read_to_string(&audit)
+        .unwrap()
+        .contains("\"event\":\"admin\""));
+    let _ = std::fs::remove_dir_all(dir);
+}
