@@ -12,8 +12,8 @@ use portswitch_proto::limits::{
 use portswitch_proto::{
     ErrorCode, Event as WireEvent, FrameBuf, Hello, HelloOk, Reply, Request, ServerMsg,
 };
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, oneshot, watch, Notify};
 
@@ -43,6 +43,8 @@ pub struct ClientOptions {
     /// Log in as (user, password) with SCRAM-SHA-256; the password never leaves this
     /// process. Required by servers that have users.
     pub credentials: Option<(String, String)>,
+    /// Connect with TLS.
+    pub tls: Option<ClientTls>,
     /// Capacity of the events channel; a receiver that falls further behind sees
     /// `RecvError::Lagged` (it lost events, and should re-read what it watches).
     pub events_capacity: usize,
@@ -59,6 +61,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(5),
             resume: None,
             credentials: None,
+            tls: None,
             events_capacity: 4_096,
         }
     }
@@ -78,6 +81,105 @@ fn default_node_name() -> String {
     );
     name.truncate(NODE_NAME_BYTES_MAX);
     name
+}
+
+/// TLS settings of a client.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// PEM file of the CA(s) that signed the server's certificate.
+    pub ca: std::path::PathBuf,
+    /// The name to verify the server's certificate against; defaults to the host part
+    /// of the address.
+    pub server_name: Option<String>,
+    /// A client certificate and key (PEM) for mutual TLS: a server that trusts its CA
+    /// logs the session in as the user the certificate's common name names.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// Any byte stream a session can run over (TCP, or TLS over TCP).
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+type Stream = Box<dyn Io>;
+
+fn tls_connector(t: &ClientTls) -> Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}: {e}"),
+        ))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&t.ca).map_err(|e| bad("CA file", &e))? {
+        roots
+            .add(c.map_err(|e| bad("CA file", &e))?)
+            .map_err(|e| bad("CA file", &e))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("TLS", &e))?
+        .with_root_certificates(roots);
+    let config = match &t.client_cert {
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| bad("client certificate", &e))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| bad("client certificate", &e))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("client key", &e))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| bad("client certificate", &e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
+}
+
+/// Opens the connection (TCP, then TLS if configured). Returns the stream and, over
+/// TLS, its `tls-exporter` value for channel binding.
+async fn open_stream(opts: &ClientOptions) -> Result<(Stream, Option<[u8; 32]>)> {
+    let connect = TcpStream::connect(&opts.addr);
+    let tcp = tokio::time::timeout(opts.connect_timeout, connect)
+        .await
+        .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
+    tcp.set_nodelay(true)?;
+    let Some(t) = &opts.tls else {
+        return Ok((Box::new(tcp), None));
+    };
+    let host = match &t.server_name {
+        Some(n) => n.clone(),
+        None => opts
+            .addr
+            .rsplit_once(':')
+            .map_or(opts.addr.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']'])
+            .to_string(),
+    };
+    let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("server name {host}: {e}"),
+        ))
+    })?;
+    let tls = tokio::time::timeout(opts.connect_timeout, tls_connector(t)?.connect(name, tcp))
+        .await
+        .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
+    let mut exporter = [0u8; 32];
+    let exporter = tls
+        .get_ref()
+        .1
+        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
+        .ok()
+        .map(|e| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(e);
+            out
+        });
+    Ok((Box::new(tls), exporter))
 }
 
 /// An owned reply.
@@ -699,12 +801,12 @@ async fn handshake(
     opts: &ClientOptions,
     lease_ms: u32,
     resume: Option<(u64, u64)>,
-) -> Result<(TcpStream, HelloOk<'static>, BytesMut, Instant)> {
-    let connect = TcpStream::connect(&opts.addr);
-    let mut stream = tokio::time::timeout(opts.connect_timeout, connect)
-        .await
-        .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
-    stream.set_nodelay(true)?;
+) -> Result<(Stream, HelloOk<'static>, BytesMut, Instant)> {
+    let (mut stream, exporter) = open_stream(opts).await?;
+    let channel = match &exporter {
+        Some(e) => scram::Channel::TlsExporter(e),
+        None => scram::Channel::Plain,
+    };
     let deadline = tokio::time::Instant::now() + opts.connect_timeout;
     let (resume_session, resume_secret) = resume.unwrap_or((0, 0));
     let (exchange, credentials) = match &opts.credentials {
@@ -713,8 +815,7 @@ async fn handshake(
             getrandom::getrandom(&mut random)
                 .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
             let nonce = scram::nonce_from(&random);
-            let (exchange, first) =
-                scram::ClientExchange::start(user, password, &nonce, scram::Channel::Plain);
+            let (exchange, first) = scram::ClientExchange::start(user, password, &nonce, channel);
             (
                 Some(exchange),
                 format!("{SCRAM_MECHANISM}{first}").into_bytes(),
@@ -749,7 +850,7 @@ async fn handshake(
             let challenge = std::str::from_utf8(data)
                 .map_err(|_| Error::Protocol("challenge is not UTF-8".into()))?;
             let (awaiting, client_final) = exchange
-                .respond(challenge, scram::Channel::Plain)
+                .respond(challenge, channel)
                 .map_err(|e| Error::Protocol(format!("authentication: {e}")))?;
             send_one(
                 &mut stream,
@@ -809,7 +910,7 @@ async fn handshake(
 /// The mechanism prefix of HELLO credentials.
 const SCRAM_MECHANISM: &str = "SCRAM-SHA-256 ";
 
-async fn send_one(stream: &mut TcpStream, req: &Request<'_>) -> Result<()> {
+async fn send_one(stream: &mut Stream, req: &Request<'_>) -> Result<()> {
     let mut fb = FrameBuf::new(FRAME_BYTES_MAX, 1);
     fb.push_request(1, req);
     let mut bytes = BytesMut::new();
@@ -820,7 +921,7 @@ async fn send_one(stream: &mut TcpStream, req: &Request<'_>) -> Result<()> {
 
 /// Reads until `buf` starts with a whole frame and splits it off.
 async fn next_frame(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     deadline: tokio::time::Instant,
     addr: &str,
@@ -866,15 +967,15 @@ fn refusal(msg: ServerMsg<'_>) -> Error {
     }
 }
 
-fn start_connection(inner: Arc<Inner>, stream: TcpStream, rest: BytesMut, gen: u64) {
-    let (rd, wr) = stream.into_split();
+fn start_connection(inner: Arc<Inner>, stream: Stream, rest: BytesMut, gen: u64) {
+    let (rd, wr) = tokio::io::split(stream);
     let dead = Arc::new(Notify::new());
     inner.lock().conn_dead = Some(dead.clone());
     tokio::spawn(writer(inner.clone(), wr, gen, dead.clone()));
     tokio::spawn(reader(inner, rd, rest, gen, dead));
 }
 
-async fn writer(inner: Arc<Inner>, mut wr: OwnedWriteHalf, gen: u64, dead: Arc<Notify>) {
+async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>, gen: u64, dead: Arc<Notify>) {
     let mut buf = BytesMut::new();
     loop {
         let closing = {
@@ -904,7 +1005,7 @@ async fn writer(inner: Arc<Inner>, mut wr: OwnedWriteHalf, gen: u64, dead: Arc<N
 
 async fn reader(
     inner: Arc<Inner>,
-    mut rd: OwnedReadHalf,
+    mut rd: ReadHalf<Stream>,
     mut buf: BytesMut,
     gen: u64,
     dead: Arc<Notify>,

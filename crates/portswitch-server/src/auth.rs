@@ -346,6 +346,7 @@ impl Auth {
         hello: &Hello<'_>,
         server_nonce: &str,
         now_ms: u64,
+        channel: Channel<'_>,
     ) -> Result<String, Refusal> {
         let failed = || (ErrorCode::AuthFailed, "authentication failed".to_string());
         let Some(first) = std::str::from_utf8(hello.credentials)
@@ -369,7 +370,7 @@ impl Auth {
             |u| users.get(u).map(|(v, _)| v.clone()),
             &self.fake_salt_key,
             server_nonce,
-            Channel::Plain,
+            channel,
         )
         .map_err(|_| failed())?;
         let user = exchange.username().to_string();
@@ -398,6 +399,7 @@ impl Auth {
         addr: IpAddr,
         client_final: &[u8],
         now_ms: u64,
+        channel: Channel<'_>,
     ) -> Result<(OwnedHello, Identity, String), Refusal> {
         let failed = || (ErrorCode::AuthFailed, "authentication failed".to_string());
         let Some(p) = self.pending.remove(&conn) else {
@@ -409,7 +411,7 @@ impl Auth {
         let user = p.exchange.username().to_string();
         let result = std::str::from_utf8(client_final)
             .map_err(|_| scram::ScramError::Malformed("not UTF-8"))
-            .and_then(|m| p.exchange.finish(m, Channel::Plain));
+            .and_then(|m| p.exchange.finish(m, channel));
         match result {
             Ok((user, server_final)) => {
                 self.lockout.success(&user, addr);
@@ -434,6 +436,18 @@ impl Auth {
                 Err(failed())
             }
         }
+    }
+
+    /// A verified client certificate names `user`: the identity to log in as, if that
+    /// user exists.
+    pub(crate) fn cert_login(&mut self, user: &str, addr: IpAddr) -> Option<Identity> {
+        let roles = self.users.get(user)?.1.clone();
+        let access = self.access_of(&roles);
+        self.audit(json!({"event": "login", "user": user, "addr": addr.to_string(), "method": "certificate"}));
+        Some(Identity {
+            user: user.to_string(),
+            access,
+        })
     }
 
     /// The connection went away: forget an exchange in progress.

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub epoch: Option<u64>,
     /// Users, roles, lockout, password policy, audit log.
     pub auth: crate::auth::AuthConfig,
+    /// TLS for client connections; `None` serves plaintext.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +57,7 @@ impl Default for ServerConfig {
             tick_ms: TICK_MS_DEFAULT,
             epoch: None,
             auth: crate::auth::AuthConfig::default(),
+            tls: None,
         }
     }
 }

@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use portswitch_proto::{ErrorCode, Event, FrameBuf};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::state::{Fed, Shared};
 
@@ -18,14 +17,20 @@ const READ_BUF_BYTES_KEEP: usize = 256 << 10;
 /// Write buffers larger than this are not kept for reuse once written.
 const WRITE_BUF_BYTES_KEEP: usize = 1 << 20;
 
-pub(crate) fn spawn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    let Some((conn, notify)) = shared.open(peer.ip()) else {
+pub(crate) fn spawn<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    security: crate::tls::ConnSecurity,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let Some((conn, notify)) = shared.open(peer.ip(), security) else {
         tokio::spawn(refuse(stream));
         return;
     };
     tracing::debug!(%peer, conn, "connection opened");
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
 
     let writer = {
         let shared = shared.clone();
@@ -110,7 +115,8 @@ fn declared_total(buf: &[u8]) -> Option<usize> {
 }
 
 /// Tells a connection over the cap why it is refused, then closes it.
-async fn refuse(mut stream: TcpStream) {
+async fn refuse<S: AsyncWrite>(stream: S) {
+    let mut stream = std::pin::pin!(stream);
     let mut out = FrameBuf::new(1 << 16, 1);
     out.push_event(&Event::GoAway {
         code: ErrorCode::ConnectionsMax,

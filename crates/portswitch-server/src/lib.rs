@@ -30,6 +30,7 @@ pub mod config;
 mod conn;
 mod http;
 mod state;
+pub mod tls;
 
 pub use config::ServerConfig;
 pub use state::StatsSnapshot;
@@ -47,6 +48,7 @@ use crate::state::Shared;
 /// A bound, not yet running server.
 pub struct Server {
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     http: Option<TcpListener>,
     shared: Arc<Shared>,
 }
@@ -58,6 +60,7 @@ impl Server {
         cfg.core
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
         let epoch = match cfg.epoch {
             Some(e) => e,
             None => fresh_epoch().await,
@@ -70,6 +73,7 @@ impl Server {
         let shared = Arc::new(Shared::new(cfg, epoch)?);
         Ok(Server {
             listener,
+            tls,
             http,
             shared,
         })
@@ -96,6 +100,7 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let Server {
             listener,
+            tls,
             http,
             shared,
         } = self;
@@ -133,7 +138,26 @@ impl Server {
             tokio::select! {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => conn::spawn(shared.clone(), stream, peer),
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        match &tls {
+                            None => conn::spawn(shared.clone(), stream, peer, tls::ConnSecurity::default()),
+                            Some(acceptor) => {
+                                let (shared, acceptor) = (shared.clone(), acceptor.clone());
+                                tokio::spawn(async move {
+                                    let limit = Duration::from_millis(tls::HANDSHAKE_MS_MAX);
+                                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                        Ok(Ok(stream)) => {
+                                            let security = tls::security_of(&stream);
+                                            conn::spawn(shared, stream, peer, security);
+                                        }
+                                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                    }
+                                });
+                            }
+                        }
+                    }
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.
                         tracing::warn!("accept failed: {e}");

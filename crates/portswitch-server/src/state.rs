@@ -19,6 +19,8 @@ pub(crate) struct ConnOut {
     id: ConnId,
     /// The peer's address (lockout, audit, loopback-only bootstrap).
     addr: std::net::IpAddr,
+    /// TLS facts: channel binding, client-certificate user.
+    security: crate::tls::ConnSecurity,
     out: FrameBuf,
     pub(crate) notify: Arc<Notify>,
     /// Close once `out` is written (set by GOAWAY paths).
@@ -254,7 +256,11 @@ impl Shared {
     }
 
     /// Registers a new connection. `None` when the server is at `connections_max`.
-    pub(crate) fn open(&self, addr: std::net::IpAddr) -> Option<(ConnId, Arc<Notify>)> {
+    pub(crate) fn open(
+        &self,
+        addr: std::net::IpAddr,
+        security: crate::tls::ConnSecurity,
+    ) -> Option<(ConnId, Arc<Notify>)> {
         let mut st = self.lock();
         if st.conns.len() >= self.cfg.connections_max {
             st.counters.connections_rejected_total += 1;
@@ -268,6 +274,7 @@ impl Shared {
         entry.insert(ConnOut {
             id,
             addr,
+            security,
             out: FrameBuf::new(
                 self.cfg.core.frame_bytes_max as usize,
                 self.cfg.core.commands_per_frame_max as usize,
@@ -346,7 +353,20 @@ impl Shared {
                         st.scratch = entries;
                     }
                     Ok(Request::Hello(h)) if st.auth.enabled() => {
+                        let security = security_of(out.conns, conn);
                         if h.credentials.is_empty() {
+                            // A verified client certificate naming a user logs in as that user.
+                            let addr = addr_of(out.conns, conn);
+                            let cert_ident = security
+                                .cert_user
+                                .as_deref()
+                                .and_then(|u| st.auth.cert_login(u, addr));
+                            if let Some(ident) = cert_ident {
+                                st.core.handle_authenticated_hello(
+                                    &mut batch, m.id, &h, &ident, b"", &mut out,
+                                );
+                                continue;
+                            }
                             out.reply(
                                 conn,
                                 m.id,
@@ -361,7 +381,10 @@ impl Shared {
                         let mut nonce = [0u8; 18];
                         fill_random(&mut nonce);
                         let nonce = portswitch_auth::scram::nonce_from(&nonce);
-                        match st.auth.start(conn, addr, &h, &nonce, now) {
+                        match st
+                            .auth
+                            .start(conn, addr, &h, &nonce, now, channel(&security))
+                        {
                             Ok(challenge) => out.reply(
                                 conn,
                                 m.id,
@@ -381,7 +404,8 @@ impl Shared {
                     }
                     Ok(Request::Auth { data }) => {
                         let addr = addr_of(out.conns, conn);
-                        match st.auth.finish(conn, addr, data, now) {
+                        let security = security_of(out.conns, conn);
+                        match st.auth.finish(conn, addr, data, now, channel(&security)) {
                             Ok((hello, ident, server_final)) => st.core.handle_authenticated_hello(
                                 &mut batch,
                                 m.id,
@@ -620,6 +644,21 @@ fn stats_snapshot(
         stalled_ms,
         rss_bytes: rss_bytes(),
         uptime_ms: start.elapsed().as_millis() as u64,
+    }
+}
+
+fn security_of(conns: &slab::Slab<ConnOut>, conn: ConnId) -> crate::tls::ConnSecurity {
+    conns
+        .get((conn & 0xFFFF_FFFF) as usize)
+        .filter(|c| c.id == conn)
+        .map(|c| c.security.clone())
+        .unwrap_or_default()
+}
+
+fn channel(s: &crate::tls::ConnSecurity) -> portswitch_auth::scram::Channel<'_> {
+    match &s.exporter {
+        Some(e) => portswitch_auth::scram::Channel::TlsExporter(e),
+        None => portswitch_auth::scram::Channel::Plain,
     }
 }
 
