@@ -35,6 +35,18 @@ pub struct CtlArgs {
     /// A file whose first line is the password of --user.
     #[arg(long, global = true)]
     password_file: Option<std::path::PathBuf>,
+    /// Connect with TLS, trusting the CA in this PEM file.
+    #[arg(long, env = "PORTSWITCH_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// The server name to verify (default: the host of --addr).
+    #[arg(long, global = true)]
+    server_name: Option<String>,
+    /// Client certificate (PEM) for mutual TLS, with --key.
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// Key (PEM) of --cert.
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -193,6 +205,13 @@ fn text(b: &[u8]) -> String {
 pub async fn run(args: CtlArgs) -> AppResult {
     let mut opts = ClientOptions::new(args.addr.clone());
     opts.lease = Duration::from_millis(args.lease_ms);
+    if let Some(ca) = &args.ca {
+        opts.tls = Some(portswitch_client::ClientTls {
+            ca: ca.clone(),
+            server_name: args.server_name.clone(),
+            client_cert: args.cert.clone().zip(args.key.clone()),
+        });
+    }
     if let Some(user) = &args.user {
         let password = match &args.password_file {
             Some(path) => std::fs::read_to_string(path)

@@ -2,6 +2,7 @@
 //! generator (`bench`) in one binary.
 
 mod bench;
+mod cert;
 mod ctl;
 mod serve;
 
@@ -26,6 +27,8 @@ enum Command {
     Ctl(ctl::CtlArgs),
     /// Generate load against a server and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Create a development CA, a server certificate and client certificates.
+    Cert(cert::CertArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +48,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Ctl(args) => ctl::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Cert(args) => cert::run(args),
         }
     });
     match result {

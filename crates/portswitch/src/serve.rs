@@ -97,6 +97,19 @@ pub struct ServeArgs {
     /// PBKDF2 iterations of new password verifiers [default: 16384]
     #[arg(long, env = "PORTSWITCH_SCRAM_ITERATIONS")]
     scram_iterations: Option<u32>,
+    /// PEM certificate chain: serve clients over TLS (with --tls-key)
+    #[arg(long, env = "PORTSWITCH_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, env = "PORTSWITCH_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA of client certificates (mutual TLS; the common name is the user)
+    #[arg(long, env = "PORTSWITCH_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// Listen beyond loopback without TLS and authentication. Anyone who can reach
+    /// the address can then take, watch and message any port.
+    #[arg(long, env = "PORTSWITCH_DANGER_ALLOW_INSECURE_NETWORK")]
+    danger_allow_insecure_network: bool,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -129,6 +142,10 @@ struct FileConfig {
     password_length_min: Option<usize>,
     password_classes_min: Option<u8>,
     scram_iterations: Option<u32>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    danger_allow_insecure_network: Option<bool>,
 }
 
 /// Builds the server configuration: flag or environment, else file, else default.
@@ -182,6 +199,32 @@ fn config(
     }
     if cfg.auth.policy.classes_min > 4 {
         return Err("password_classes_min is at most 4".into());
+    }
+    let cert = args.tls_cert.clone().or(file.tls_cert);
+    let key = args.tls_key.clone().or(file.tls_key);
+    cfg.tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(portswitch_server::tls::TlsSettings {
+            cert,
+            key,
+            client_ca: args.tls_client_ca.clone().or(file.tls_client_ca),
+        }),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    // A server reachable from the network must encrypt and authenticate, unless the
+    // operator says, with a flag that sounds like it, that it need not.
+    let danger =
+        args.danger_allow_insecure_network || file.danger_allow_insecure_network == Some(true);
+    if !cfg.listen.ip().is_loopback()
+        && !danger
+        && (cfg.tls.is_none() || cfg.auth.data_dir.is_none())
+    {
+        return Err(format!(
+            "refusing to listen on {} without TLS (--tls-cert, --tls-key) and authentication (--data-dir); \
+             --danger-allow-insecure-network overrides this",
+            cfg.listen
+        )
+        .into());
     }
     if let Some(v) = args.http_listen.or(file.http_listen) {
         cfg.http_listen = Some(v);

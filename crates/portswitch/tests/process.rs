@@ -517,3 +517,169 @@ async fn ctl_manages_users_and_roles_and_logs_in() {
         .contains("\"event\":\"admin\""));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn tls_with_scram_channel_binding_client_certificates_and_openssl() {
+    use tokio::io::AsyncWriteExt;
+    let dir = std::env::temp_dir().join(format!("portswitch-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let certs = dir.join("certs");
+    let out = within(
+        "cert",
+        Command::new(BIN)
+            .args([
+                "cert",
+                "--out",
+                certs.to_str().unwrap(),
+                "--client",
+                "alice",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = |f: &str| certs.join(f).to_str().unwrap().to_string();
+    let data = dir.join("data");
+    let srv = serve(
+        &[
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("server-key.pem"),
+            "--tls-client-ca",
+            &p("ca.pem"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--scram-iterations",
+            "4096",
+        ],
+        &[],
+    )
+    .await;
+    let port = srv.addr.rsplit_once(':').unwrap().1.to_string();
+    let a = format!("localhost:{port}");
+
+    // A real TLS client other than ours verifies the server's certificate.
+    let mut s_client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-CAfile",
+            &p("ca.pem"),
+            "-servername",
+            "localhost",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is installed");
+    drop(s_client.stdin.take());
+    let out = within("openssl", s_client.wait_with_output())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+
+    // A plaintext client gets nowhere.
+    let (code, _) = ctl_out(&srv.addr, &["query", "x"]).await;
+    assert_eq!(code, 1);
+
+    // Bootstrap root over TLS, then alice (who also has a client certificate).
+    let tls = |args: &[&str]| {
+        let mut c = ctl(&a, &["--ca", &p("ca.pem")]);
+        c.args(args);
+        c
+    };
+    let mut add = tls(&["user", "add", "root", "--role", "root"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(b"Granite-Falcon-2026!\n")
+        .await
+        .unwrap();
+    assert!(within("root", add.wait()).await.unwrap().success());
+    let out = within(
+        "alice",
+        tls(&["--user", "root", "user", "add", "alice", "--role", "root"])
+            .env("PORTSWITCH_PASSWORD", "Granite-Falcon-2026!")
+            .env("PORTSWITCH_NEW_PASSWORD", "Tulip-Orbit-93")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SCRAM over TLS (bound to the channel with tls-exporter).
+    let out = within(
+        "scram",
+        tls(&["--user", "alice", "register", "svc/tls", "--hold-secs", "0"])
+            .env("PORTSWITCH_PASSWORD", "Tulip-Orbit-93")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A client certificate logs in as alice with no password.
+    let out = within(
+        "mtls",
+        tls(&[
+            "--cert",
+            &p("client-alice.pem"),
+            "--key",
+            &p("client-alice-key.pem"),
+            "query",
+            "svc/tls",
+        ])
+        .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without certificate or password: authentication required.
+    let out = within("anon", tls(&["query", "svc/tls"]).output())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth_required"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_server_beyond_loopback_requires_tls_and_authentication() {
+    // Refused before binding anything (the address is never used).
+    let out = within(
+        "serve",
+        Command::new(BIN)
+            .args(["serve", "--listen", "10.255.255.1:7400", "--no-http"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to listen") && err.contains("--danger-allow-insecure-network"),
+        "{err}"
+    );
+}
