@@ -101,6 +101,14 @@ trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 type Stream = Box<dyn Io>;
 
+impl ClientTls {
+    /// A rustls connector for these settings (for tools that open their own
+    /// connections, like the load generator).
+    pub fn connector(&self) -> Result<tokio_rustls::TlsConnector> {
+        tls_connector(self)
+    }
+}
+
 fn tls_connector(t: &ClientTls) -> Result<tokio_rustls::TlsConnector> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};

@@ -38,6 +38,8 @@ pub enum Workload {
     Fill,
     /// Kill -9 a process holding a port; time until watchers hear RELEASED.
     KillHolder,
+    /// Connect, log in (SCRAM-SHA-256 with --user), say BYE, again; counts logins.
+    Login,
 }
 
 #[derive(Args, Debug)]
@@ -70,6 +72,83 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Connect over TLS, trusting this CA (PEM).
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// Server name to verify with --ca (default: the host of --addr).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Log every session in as this user (password from PORTSWITCH_PASSWORD).
+    #[arg(long)]
+    user: Option<String>,
+}
+
+/// How bench connections reach and log in to the server.
+#[derive(Clone)]
+struct Access {
+    addr: String,
+    lease_ms: u32,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+    client_tls: Option<portswitch_client::ClientTls>,
+    login: Option<(String, String)>,
+}
+
+impl Access {
+    /// Options for a library client (stats) with the same TLS and login.
+    fn client_options(&self) -> ClientOptions {
+        let mut o = ClientOptions::new(self.addr.clone());
+        o.tls = self.client_tls.clone();
+        o.credentials = self.login.clone();
+        o
+    }
+}
+
+impl Access {
+    fn from_args(args: &BenchArgs) -> Result<Access, Box<dyn std::error::Error + Send + Sync>> {
+        let client_tls = args.ca.as_ref().map(|ca| portswitch_client::ClientTls {
+            ca: ca.clone(),
+            server_name: args.server_name.clone(),
+            client_cert: None,
+        });
+        let tls = match &args.ca {
+            Some(ca) => {
+                let t = portswitch_client::ClientTls {
+                    ca: ca.clone(),
+                    server_name: None,
+                    client_cert: None,
+                };
+                let host = args.server_name.clone().unwrap_or_else(|| {
+                    args.addr
+                        .rsplit_once(':')
+                        .map_or(args.addr.as_str(), |(h, _)| h)
+                        .to_string()
+                });
+                Some((
+                    t.connector()?,
+                    rustls_pki_types::ServerName::try_from(host)?,
+                ))
+            }
+            None => None,
+        };
+        let login = match &args.user {
+            Some(u) => Some((
+                u.clone(),
+                std::env::var("PORTSWITCH_PASSWORD")
+                    .map_err(|_| "--user needs PORTSWITCH_PASSWORD")?,
+            )),
+            None => None,
+        };
+        Ok(Access {
+            addr: args.addr.clone(),
+            lease_ms: args.lease_ms,
+            tls,
+            client_tls,
+            login,
+        })
+    }
 }
 
 struct Shared {
@@ -85,6 +164,10 @@ pub async fn run(args: BenchArgs) -> AppResult {
     if args.connections == 0 || args.pipeline == 0 {
         return Err("--connections and --pipeline must be at least 1".into());
     }
+    let access = Access::from_args(&args)?;
+    if args.workload == Workload::Login {
+        return login_bench(&args, access).await;
+    }
     let shared = Arc::new(Shared {
         ops: AtomicU64::new(0),
         errors: AtomicU64::new(0),
@@ -93,16 +176,16 @@ pub async fn run(args: BenchArgs) -> AppResult {
     let duration = Duration::from_secs_f64(args.duration.max(0.1));
 
     let rss_before = if args.workload == Workload::Fill {
-        server_stat(&args.addr, "rss_bytes").await?
+        server_stat(&access, "rss_bytes").await?
     } else {
         0
     };
-    let expired_before = server_stat(&args.addr, "sessions_expired_total").await?;
+    let expired_before = server_stat(&access, "sessions_expired_total").await?;
 
     // Connect and set up every connection before the clock starts.
     let mut conns = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
-        let mut c = RawConn::connect(&args.addr, args.lease_ms).await?;
+        let mut c = RawConn::connect(&access).await?;
         setup(&mut c, &args, i).await?;
         conns.push(c);
     }
@@ -158,7 +241,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
         "max_us": round3(hist.max() as f64 / 1e3),
     });
     if args.workload == Workload::Fill {
-        let stats = server_stats(&args.addr).await?;
+        let stats = server_stats(&access).await?;
         let get = |k: &str| stats.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
         let (rss, ports) = (get("rss_bytes"), get("ports_owned"));
         report["ports"] = ports.into();
@@ -170,7 +253,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
     }
     // Sessions the server expired during the run: with every connection busy, any
     // expiry is a false one (leases too short for the load).
-    let expired = server_stat(&args.addr, "sessions_expired_total")
+    let expired = server_stat(&access, "sessions_expired_total")
         .await?
         .saturating_sub(expired_before);
     report["lease_ms"] = args.lease_ms.into();
@@ -232,9 +315,12 @@ fn progress_bar(args: &BenchArgs, duration: Duration) -> Option<indicatif::Progr
     Some(p)
 }
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
 /// A raw protocol connection with one session.
 struct RawConn {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     rbuf: BytesMut,
     out: FrameBuf,
     wbuf: BytesMut,
@@ -242,14 +328,29 @@ struct RawConn {
 }
 
 impl RawConn {
-    async fn connect(
-        addr: &str,
-        lease_ms: u32,
-    ) -> Result<RawConn, Box<dyn std::error::Error + Send + Sync>> {
-        let stream = TcpStream::connect(addr)
+    async fn connect(a: &Access) -> Result<RawConn, Box<dyn std::error::Error + Send + Sync>> {
+        let tcp = TcpStream::connect(&a.addr)
             .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        stream.set_nodelay(true)?;
+            .map_err(|e| format!("cannot connect to {}: {e}", a.addr))?;
+        tcp.set_nodelay(true)?;
+        let (stream, exporter): (Box<dyn Io>, Option<[u8; 32]>) = match &a.tls {
+            Some((connector, name)) => {
+                let tls = connector.connect(name.clone(), tcp).await?;
+                let mut buf = [0u8; 32];
+                let exporter = tls
+                    .get_ref()
+                    .1
+                    .export_keying_material(&mut buf, b"EXPORTER-Channel-Binding", None)
+                    .ok()
+                    .map(|e| {
+                        let mut out = [0u8; 32];
+                        out.copy_from_slice(e);
+                        out
+                    });
+                (Box::new(tls), exporter)
+            }
+            None => (Box::new(tcp), None),
+        };
         let mut c = RawConn {
             stream,
             rbuf: BytesMut::with_capacity(1 << 16),
@@ -257,31 +358,66 @@ impl RawConn {
             wbuf: BytesMut::new(),
             next_id: 0,
         };
+        use portswitch_auth::scram::{nonce_from, Channel, ClientExchange};
+        let channel = match &exporter {
+            Some(e) => Channel::TlsExporter(e),
+            None => Channel::Plain,
+        };
+        let mut exchange = None;
+        let mut credentials = Vec::new();
+        if let Some((user, password)) = &a.login {
+            let mut random = [0u8; 18];
+            getrandom::getrandom(&mut random).map_err(|e| e.to_string())?;
+            let (ex, first) = ClientExchange::start(user, password, &nonce_from(&random), channel);
+            credentials = format!("SCRAM-SHA-256 {first}").into_bytes();
+            exchange = Some(ex);
+        }
         c.push(&Request::Hello(Hello {
             version_min: PROTOCOL_VERSION,
             version_max: PROTOCOL_VERSION,
             features: 0,
-            lease_ms,
+            lease_ms: a.lease_ms,
             end_on_disconnect: true,
             node_name: b"bench",
-            credentials: b"",
+            credentials: &credentials,
             resume_session: 0,
             resume_secret: 0,
         }));
         c.flush().await?;
-        let mut ok = false;
+        let mut answer: Result<Option<String>, String> = Err("no answer".into());
         c.read_some(|m| {
-            ok = matches!(
-                m,
+            answer = match m {
                 ServerMsg::Reply {
                     reply: Reply::HelloOk(_),
                     ..
-                }
-            )
+                } => Ok(None),
+                ServerMsg::Reply {
+                    reply: Reply::AuthContinue { data },
+                    ..
+                } => Ok(Some(String::from_utf8_lossy(data).into_owned())),
+                other => Err(format!("HELLO refused: {other:?}")),
+            }
         })
         .await?;
-        if !ok {
-            return Err("HELLO refused".into());
+        if let (Some(challenge), Some(ex)) = (answer?, exchange) {
+            let (awaiting, client_final) =
+                ex.respond(&challenge, channel).map_err(|e| e.to_string())?;
+            c.push(&Request::Auth {
+                data: client_final.as_bytes(),
+            });
+            c.flush().await?;
+            let mut server_final: Result<String, String> = Err("no answer".into());
+            c.read_some(|m| {
+                server_final = match m {
+                    ServerMsg::Reply {
+                        reply: Reply::HelloOk(h),
+                        ..
+                    } => Ok(String::from_utf8_lossy(h.auth).into_owned()),
+                    other => Err(format!("login refused: {other:?}")),
+                }
+            })
+            .await?;
+            awaiting.verify(&server_final?).map_err(|e| e.to_string())?;
         }
         Ok(c)
     }
@@ -492,7 +628,9 @@ async fn drive(
                                     wait: false,
                                 });
                             }
-                            Workload::LockContended | Workload::KillHolder => unreachable!(),
+                            Workload::LockContended | Workload::KillHolder | Workload::Login => {
+                                unreachable!()
+                            }
                         }
                         sent_at.push_back(now);
                         in_flight += 1;
@@ -565,23 +703,77 @@ async fn drive(
 }
 
 async fn server_stats(
-    addr: &str,
+    access: &Access,
 ) -> Result<Vec<(String, u64)>, Box<dyn std::error::Error + Send + Sync>> {
-    let client = Client::connect(ClientOptions::new(addr)).await?;
+    let client = Client::connect(access.client_options()).await?;
     let s = client.stats().await?;
     client.close().await?;
     Ok(s)
 }
 
 async fn server_stat(
-    addr: &str,
+    access: &Access,
     key: &str,
 ) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(server_stats(addr)
+    Ok(server_stats(access)
         .await?
         .into_iter()
         .find(|(k, _)| k == key)
         .map_or(0, |(_, v)| v))
+}
+
+/// Logins per second: each connection task connects, logs in, says BYE, again.
+async fn login_bench(args: &BenchArgs, access: Access) -> AppResult {
+    if access.login.is_none() {
+        return Err("the login workload needs --user (and PORTSWITCH_PASSWORD)".into());
+    }
+    let duration = Duration::from_secs_f64(args.duration.max(0.1));
+    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let access = access.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
+                .map_err(|e| e.to_string())?;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let mut c = RawConn::connect(&access).await?;
+                let _ = hist.record(t0.elapsed().as_nanos().max(1) as u64);
+                c.push(&Request::Bye);
+                c.flush().await?;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hist)
+        }));
+    }
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| e.to_string())?;
+    for t in tasks {
+        hist.add(&t.await??).map_err(|e| e.to_string())?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let report = serde_json::json!({
+        "workload": "Login",
+        "connections": args.connections,
+        "tls": args.ca.is_some(),
+        "logins": hist.len(),
+        "logins_per_sec": round3(hist.len() as f64 / elapsed),
+        "p50_us": round3(hist.value_at_quantile(0.5) as f64 / 1e3),
+        "p99_us": round3(hist.value_at_quantile(0.99) as f64 / 1e3),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "login: {} logins/s ({} connections, tls {}), connect+login p50 {} µs, p99 {} µs",
+            report["logins_per_sec"],
+            args.connections,
+            args.ca.is_some(),
+            report["p50_us"],
+            report["p99_us"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Kill -9 a holder process; time from the kill to the watcher's RELEASED.
