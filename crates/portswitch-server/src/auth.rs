@@ -262,6 +262,14 @@ impl Auth {
         !self.users.is_empty()
     }
 
+    /// Whether a session without credentials is allowed from `addr`. A server with a
+    /// data directory but no users yet is waiting for its first user: until then only
+    /// loopback clients may use it, so a server reachable from the network is never
+    /// open, even for the moment before the first user exists.
+    pub(crate) fn admits_anonymous(&self, addr: IpAddr) -> bool {
+        !self.enabled() && (self.cfg.data_dir.is_none() || addr.is_loopback())
+    }
+
     fn save(&self) -> Result<(), Refusal> {
         let Some(dir) = &self.cfg.data_dir else {
             return Err((
@@ -642,5 +650,52 @@ impl Auth {
             self.audit(json!({"event": "admin", "by": who, "op": op, "target": target, "addr": addr.to_string()}));
         }
         Ok(result.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(data_dir: Option<PathBuf>) -> Auth {
+        Auth::load(
+            AuthConfig {
+                data_dir,
+                ..AuthConfig::default()
+            },
+            [3; 32],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn anonymous_sessions_only_where_safe() {
+        let remote = IpAddr::from([192, 0, 2, 7]);
+        let local = IpAddr::from([127, 0, 0, 1]);
+        // No user store at all: open (the server itself refuses non-loopback listening).
+        let open = auth(None);
+        assert!(open.admits_anonymous(remote) && open.admits_anonymous(local));
+        // A user store awaiting its first user: loopback only.
+        let dir = std::env::temp_dir().join(format!("portswitch-auth-unit-{}", std::process::id()));
+        let mut waiting = auth(Some(dir.clone()));
+        assert!(!waiting.admits_anonymous(remote));
+        assert!(waiting.admits_anonymous(local));
+        // Once a user exists nobody gets in without credentials.
+        let cmd = br#"{"op":"user_add","user":"root","password":"Granite-Falcon-2026!","roles":["root"]}"#;
+        waiting.cfg.iterations = scram::ITERATIONS_MIN;
+        waiting
+            .admin(None, local, cmd, &[1; scram::SALT_BYTES])
+            .unwrap();
+        assert!(!waiting.admits_anonymous(local) && !waiting.admits_anonymous(remote));
+        // ...and the first user cannot be created from the network.
+        let mut fresh = auth(Some(dir.join("other")));
+        assert_eq!(
+            fresh
+                .admin(None, remote, cmd, &[1; scram::SALT_BYTES])
+                .unwrap_err()
+                .0,
+            ErrorCode::PermissionDenied
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -447,6 +447,19 @@ impl Shared {
                             ),
                         }
                     }
+                    Ok(Request::Hello(h))
+                        if h.credentials.is_empty()
+                            && !st.auth.admits_anonymous(addr_of(out.conns, conn)) =>
+                    {
+                        out.reply(
+                            conn,
+                            m.id,
+                            &Reply::Error {
+                                code: ErrorCode::AuthRequired,
+                                message: b"this server has a user store but no users yet: create the first from loopback",
+                            },
+                        );
+                    }
                     Ok(req) => st.core.handle(&mut batch, m.id, &req, &mut out),
                     Err(e) => out.reply(
                         conn,
