@@ -352,114 +352,16 @@ impl Shared {
                         );
                         st.scratch = entries;
                     }
-                    Ok(Request::Hello(h)) if st.auth.enabled() => {
-                        let security = security_of(out.conns, conn);
-                        if h.credentials.is_empty() {
-                            // A verified client certificate naming a user logs in as that user.
-                            let addr = addr_of(out.conns, conn);
-                            let cert_ident = security
-                                .cert_user
-                                .as_deref()
-                                .and_then(|u| st.auth.cert_login(u, addr));
-                            if let Some(ident) = cert_ident {
-                                st.core.handle_authenticated_hello(
-                                    &mut batch, m.id, &h, &ident, b"", &mut out,
-                                );
-                                continue;
-                            }
-                            out.reply(
-                                conn,
-                                m.id,
-                                &Reply::Error {
-                                    code: ErrorCode::AuthRequired,
-                                    message: b"this server requires credentials (SCRAM-SHA-256)",
-                                },
-                            );
-                            continue;
-                        }
-                        let addr = addr_of(out.conns, conn);
-                        let mut nonce = [0u8; 18];
-                        fill_random(&mut nonce);
-                        let nonce = portswitch_auth::scram::nonce_from(&nonce);
-                        match st
-                            .auth
-                            .start(conn, addr, &h, &nonce, now, channel(&security))
-                        {
-                            Ok(challenge) => out.reply(
-                                conn,
-                                m.id,
-                                &Reply::AuthContinue {
-                                    data: challenge.as_bytes(),
-                                },
-                            ),
-                            Err((code, msg)) => out.reply(
-                                conn,
-                                m.id,
-                                &Reply::Error {
-                                    code,
-                                    message: msg.as_bytes(),
-                                },
-                            ),
-                        }
-                    }
-                    Ok(Request::Auth { data }) => {
-                        let addr = addr_of(out.conns, conn);
-                        let security = security_of(out.conns, conn);
-                        match st.auth.finish(conn, addr, data, now, channel(&security)) {
-                            Ok((hello, ident, server_final)) => st.core.handle_authenticated_hello(
-                                &mut batch,
-                                m.id,
-                                &hello.as_hello(),
-                                &ident,
-                                server_final.as_bytes(),
-                                &mut out,
-                            ),
-                            Err((code, msg)) => out.reply(
-                                conn,
-                                m.id,
-                                &Reply::Error {
-                                    code,
-                                    message: msg.as_bytes(),
-                                },
-                            ),
-                        }
-                    }
-                    Ok(Request::Admin { command }) => {
-                        let addr = addr_of(out.conns, conn);
-                        let caller = st.core.session_user(conn).and_then(|(u, a)| Some((u?, a?)));
-                        let mut salt = [0u8; portswitch_auth::scram::SALT_BYTES];
-                        fill_random(&mut salt);
-                        match st.auth.admin(caller, addr, command, &salt) {
-                            Ok(result) => out.reply(
-                                conn,
-                                m.id,
-                                &Reply::AdminOk {
-                                    result: result.as_bytes(),
-                                },
-                            ),
-                            Err((code, msg)) => out.reply(
-                                conn,
-                                m.id,
-                                &Reply::Error {
-                                    code,
-                                    message: msg.as_bytes(),
-                                },
-                            ),
-                        }
-                    }
-                    Ok(Request::Hello(h))
-                        if h.credentials.is_empty()
-                            && !st.auth.admits_anonymous(addr_of(out.conns, conn)) =>
-                    {
-                        out.reply(
-                            conn,
-                            m.id,
-                            &Reply::Error {
-                                code: ErrorCode::AuthRequired,
-                                message: b"this server has a user store but no users yet: create the first from loopback",
-                            },
-                        );
-                    }
+                    Ok(req) if is_edge(&req) => edge(
+                        &mut st.auth,
+                        &mut st.core,
+                        &mut batch,
+                        &mut out,
+                        conn,
+                        m.id,
+                        &req,
+                        now,
+                    ),
                     Ok(req) => st.core.handle(&mut batch, m.id, &req, &mut out),
                     Err(e) => out.reply(
                         conn,
@@ -657,6 +559,108 @@ fn stats_snapshot(
         stalled_ms,
         rss_bytes: rss_bytes(),
         uptime_ms: start.elapsed().as_millis() as u64,
+    }
+}
+
+/// Requests the server answers at its edge rather than passing straight to the core:
+/// authentication (HELLO with credentials, or any HELLO where the server needs them),
+/// AUTH, and ADMIN.
+fn is_edge(req: &Request<'_>) -> bool {
+    matches!(
+        req,
+        Request::Hello(_) | Request::Auth { .. } | Request::Admin { .. }
+    )
+}
+
+fn refuse(out: &mut Out<'_>, conn: ConnId, id: u32, code: ErrorCode, msg: &[u8]) {
+    out.reply(conn, id, &Reply::Error { code, message: msg });
+}
+
+/// Handles an edge request (see [`is_edge`]): verifies credentials here, then hands
+/// the core a HELLO with a verified `Identity`, or refuses.
+#[allow(clippy::too_many_arguments)]
+fn edge(
+    auth: &mut Auth,
+    core: &mut Core,
+    batch: &mut portswitch_core::Batch,
+    out: &mut Out<'_>,
+    conn: ConnId,
+    id: u32,
+    req: &Request<'_>,
+    now: u64,
+) {
+    let addr = addr_of(out.conns, conn);
+    let security = security_of(out.conns, conn);
+    match *req {
+        Request::Hello(ref h) if auth.enabled() && h.credentials.is_empty() => {
+            // A verified client certificate naming a user logs in as that user.
+            match security
+                .cert_user
+                .as_deref()
+                .and_then(|u| auth.cert_login(u, addr))
+            {
+                Some(ident) => core.handle_authenticated_hello(batch, id, h, &ident, b"", out),
+                None => refuse(
+                    out,
+                    conn,
+                    id,
+                    ErrorCode::AuthRequired,
+                    b"this server requires credentials (SCRAM-SHA-256)",
+                ),
+            }
+        }
+        Request::Hello(ref h) if auth.enabled() => {
+            let mut nonce = [0u8; 18];
+            fill_random(&mut nonce);
+            let nonce = portswitch_auth::scram::nonce_from(&nonce);
+            match auth.start(conn, addr, h, &nonce, now, channel(&security)) {
+                Ok(challenge) => out.reply(
+                    conn,
+                    id,
+                    &Reply::AuthContinue {
+                        data: challenge.as_bytes(),
+                    },
+                ),
+                Err((code, msg)) => refuse(out, conn, id, code, msg.as_bytes()),
+            }
+        }
+        Request::Hello(ref h) if h.credentials.is_empty() && !auth.admits_anonymous(addr) => {
+            refuse(
+                out,
+                conn,
+                id,
+                ErrorCode::AuthRequired,
+                b"this server has a user store but no users yet: create the first from loopback",
+            )
+        }
+        Request::Auth { data } => match auth.finish(conn, addr, data, now, channel(&security)) {
+            Ok((hello, ident, server_final)) => core.handle_authenticated_hello(
+                batch,
+                id,
+                &hello.as_hello(),
+                &ident,
+                server_final.as_bytes(),
+                out,
+            ),
+            Err((code, msg)) => refuse(out, conn, id, code, msg.as_bytes()),
+        },
+        Request::Admin { command } => {
+            let caller = core.session_user(conn).and_then(|(u, a)| Some((u?, a?)));
+            let mut salt = [0u8; portswitch_auth::scram::SALT_BYTES];
+            fill_random(&mut salt);
+            match auth.admin(caller, addr, command, &salt) {
+                Ok(result) => out.reply(
+                    conn,
+                    id,
+                    &Reply::AdminOk {
+                        result: result.as_bytes(),
+                    },
+                ),
+                Err((code, msg)) => refuse(out, conn, id, code, msg.as_bytes()),
+            }
+        }
+        // A HELLO the core handles as before (no users, or credentials it refuses).
+        _ => core.handle(batch, id, req, out),
     }
 }
 
