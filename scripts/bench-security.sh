@@ -10,21 +10,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 cargo build --release -q -p portswitch
 BIN=target/release/portswitch
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-wait_port() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
+. "$(dirname "$0")/lib.sh"
 ROOT_PW='Granite-Falcon-2026!'
 APP_PW='Tulip-Orbit-93xx'
 "$BIN" cert --out "$WORK/certs" >/dev/null

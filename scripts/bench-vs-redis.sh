@@ -28,23 +28,7 @@ cargo build --release -q -p portswitch
 BIN=target/release/portswitch
 OUT=bench-results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_port() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listening on $1" >&2
-    return 1
-}
+. "$(dirname "$0")/lib.sh"
 
 echo "== portswitch register-unregister, $CONNS connections, pipeline $PIPELINE, ${DURATION}s"
 "$BIN" serve --listen "127.0.0.1:$PS_PORT" --no-http >"$WORK/ps.log" 2>&1 &

@@ -176,18 +176,19 @@ async fn open_stream(opts: &ClientOptions) -> Result<(Stream, Option<[u8; 32]>)>
     let tls = tokio::time::timeout(opts.connect_timeout, tls_connector(t)?.connect(name, tcp))
         .await
         .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
-    let mut exporter = [0u8; 32];
-    let exporter = tls
-        .get_ref()
-        .1
-        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
-        .ok()
-        .map(|e| {
-            let mut out = [0u8; 32];
-            out.copy_from_slice(e);
-            out
-        });
+    let exporter = tls_exporter(&tls);
     Ok((Box::new(tls), exporter))
+}
+
+/// The `tls-exporter` channel-binding value of a TLS connection (RFC 9266): 32 bytes
+/// under the label "EXPORTER-Channel-Binding" with no context.
+pub fn tls_exporter<S>(tls: &tokio_rustls::client::TlsStream<S>) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut out, b"EXPORTER-Channel-Binding", None)
+        .ok()?;
+    Some(out)
 }
 
 /// An owned reply.

@@ -80,15 +80,11 @@ pub struct ConnSecurity {
 /// Facts about a TLS connection the server needs: its exporter and client identity.
 pub fn security_of(stream: &TlsStream<TcpStream>) -> ConnSecurity {
     let (_, conn) = stream.get_ref();
-    let mut exporter = [0u8; 32];
-    let exporter = conn
-        .export_keying_material(&mut exporter, b"EXPORTER-Channel-Binding", None)
-        .ok()
-        .map(|e| {
-            let mut out = [0u8; 32];
-            out.copy_from_slice(e);
-            out
-        });
+    let mut out = [0u8; 32];
+    let exported = conn
+        .export_keying_material(&mut out, b"EXPORTER-Channel-Binding", None)
+        .is_ok();
+    let exporter = exported.then_some(out);
     // The verifier accepted the chain; the first certificate is the client's.
     let cert_user = conn
         .peer_certificates()

@@ -336,17 +336,7 @@ impl RawConn {
         let (stream, exporter): (Box<dyn Io>, Option<[u8; 32]>) = match &a.tls {
             Some((connector, name)) => {
                 let tls = connector.connect(name.clone(), tcp).await?;
-                let mut buf = [0u8; 32];
-                let exporter = tls
-                    .get_ref()
-                    .1
-                    .export_keying_material(&mut buf, b"EXPORTER-Channel-Binding", None)
-                    .ok()
-                    .map(|e| {
-                        let mut out = [0u8; 32];
-                        out.copy_from_slice(e);
-                        out
-                    });
+                let exporter = portswitch_client::tls_exporter(&tls);
                 (Box::new(tls), exporter)
             }
             None => (Box::new(tcp), None),
