@@ -3,7 +3,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use base64::Engine;
 use common::*;
@@ -259,7 +258,10 @@ async fn lockout_and_a_brute_force_that_gets_nowhere() {
         "{log}"
     );
     // After the lock runs out she gets in (bounded wait, not a timing assertion).
-    eventually_async(|| async { login(&srv, "alice", ALICE_PW).await.is_ok() }).await;
+    eventually_async("alice can log in again", || async {
+        login(&srv, "alice", ALICE_PW).await.is_ok()
+    })
+    .await;
 
     // 10,000 guesses from one address while root keeps working.
     let worker = {
@@ -304,19 +306,6 @@ async fn lockout_and_a_brute_force_that_gets_nowhere() {
     }
     srv.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
-}
-
-async fn eventually_async<F, Fut>(f: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    within("condition", async {
-        while !f().await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
 }
 
 #[tokio::test]

@@ -288,19 +288,6 @@ async fn a_detached_session_keeps_its_ports_and_can_be_resumed() {
     srv.stop().await.unwrap();
 }
 
-async fn eventually_async<F, Fut>(what: &str, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    within(what, async {
-        while !f().await {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-}
-
 #[tokio::test]
 async fn the_client_reports_ownership_lost_when_the_server_is_gone() {
     let srv = server().await;

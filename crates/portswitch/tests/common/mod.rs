@@ -42,6 +42,21 @@ pub async fn eventually<F: Fn() -> bool>(what: &str, f: F) {
     }
 }
 
+/// Polls the async condition `f` until it holds, bounded by 10 s (a bound on a hang,
+/// not a timing assertion).
+pub async fn eventually_async<F, Fut>(what: &str, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    within(what, async {
+        while !f().await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
 /// Runs `fut` with a 10 s bound, so a bug shows up as a failure rather than a hang.
 pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), fut)
