@@ -1,0 +1,126 @@
+"""Turns peerbench's JSON lines into results.json and a Markdown table (table.md).
+
+Usage: peers_table.py RESULTS.jsonl OUT_DIR DURATION
+Ratios are portswitch's figure over the peer's (for memory and release time: the
+peer's over portswitch's), so every ratio reads "portswitch is N× better".
+"""
+import datetime
+import json
+import sys
+
+results_path, out, duration = sys.argv[1], sys.argv[2], sys.argv[3]
+versions, runs = {}, []
+for line in open(results_path):
+    line = line.strip()
+    if not line:
+        continue
+    r = json.loads(line)
+    if "workload" in r:
+        runs.append(r)
+    else:
+        versions[r["system"]] = r["version"]
+
+order = [s for s in ["portswitch", "etcd", "zookeeper", "redis"] if s in versions]
+peers = [s for s in order if s != "portswitch"]
+title = {"portswitch": "portswitch", "etcd": "etcd", "zookeeper": "ZooKeeper", "redis": "Redis"}
+head = {s: f"{title[s]} {versions[s]}" for s in order}
+
+
+def find(system, workload, clients=None, label=""):
+    for r in runs:
+        if (r["system"] == system and r["workload"] == workload and r.get("label", "") == label
+                and (clients is None or r["clients"] == clients)):
+            return r
+    return None
+
+
+def ratio(a, b):
+    return f"{a / b:,.1f}×" if a and b else "–"
+
+
+lines = []
+w = lines.append
+when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+w(f"Run {when}; {duration} s per throughput run; every server on loopback with its default "
+  "durability, one at a time, load generator on the same machine.\n")
+
+summary = {"versions": versions, "duration_s": float(duration), "when": when, "rows": []}
+
+for workload, what, key in [
+    ("acquire-release", "Acquire + release of an own name, closed loop (pairs/s; p50 / p99 of a pair)", "pairs_per_s"),
+    ("contend", "Contended name: all clients try one name, the winner releases (successful pairs/s; p50 / p99)", "pairs_per_s"),
+]:
+    clients = sorted({r["clients"] for r in runs if r["workload"] == workload})
+    w(f"**{what}**\n")
+    w("| clients | " + " | ".join(head[s] for s in order) + " | "
+      + " | ".join(f"× {title[p]}" for p in peers) + " |")
+    w("|---:|" + "---:|" * (len(order) + len(peers)))
+    for c in clients:
+        cells, vals = [], {}
+        for s in order:
+            r = find(s, workload, c)
+            if r is None:
+                cells.append("–")
+                continue
+            vals[s] = r[key]
+            cells.append(f"{r[key]:,.0f} ({r['p50_us']:,} / {r['p99_us']:,} µs)")
+        ratios = [ratio(vals.get("portswitch"), vals.get(p)) for p in peers]
+        w(f"| {c} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        summary["rows"].append({"workload": workload, "clients": c, "values": vals,
+                                "ratios": {p: (vals["portswitch"] / vals[p]) if vals.get("portswitch") and vals.get(p) else None for p in peers}})
+    w("")
+
+w("**Server cost of those runs (CPU seconds / resident MiB at the end)**\n")
+w("| workload | clients | " + " | ".join(head[s] for s in order) + " |")
+w("|---|---:|" + "---:|" * len(order))
+for workload in ["acquire-release", "contend"]:
+    for c in sorted({r["clients"] for r in runs if r["workload"] == workload}):
+        cells = []
+        for s in order:
+            r = find(s, workload, c)
+            cells.append("–" if r is None or "server_cpu_s" not in r else
+                         f"{r['server_cpu_s']:.1f} s / {r['server_rss_bytes'] / 2**20:,.0f}")
+        w(f"| {workload} | {c} | " + " | ".join(cells) + " |")
+w("")
+
+w("**Session-bound names: create N (16 sessions, 64 in flight each); server memory per name**\n")
+w("| | " + " | ".join(head[s] for s in order) + " |")
+w("|---|" + "---:|" * len(order))
+fills = {s: find(s, "fill") for s in order}
+n = next((r["names"] for r in fills.values() if r), 0)
+w(f"| names created/s ({n:,} names) | " + " | ".join(
+    "–" if not r else f"{r['names_per_s']:,.0f}" for r in fills.values()) + " |")
+w("| resident bytes per name | " + " | ".join(
+    "–" if not r or "bytes_per_name" not in r else f"{r['bytes_per_name']:,.0f}" for r in fills.values()) + " |")
+ps_b = (fills.get("portswitch") or {}).get("bytes_per_name")
+w("| × portswitch's bytes | " + " | ".join(
+    "–" if not r or not ps_b or "bytes_per_name" not in r else f"{r['bytes_per_name'] / ps_b:,.1f}×"
+    for r in fills.values()) + " |")
+w("| create errors | " + " | ".join("–" if not r else f"{r['errors']}" for r in fills.values()) + " |")
+w("")
+summary["fill"] = fills
+
+w("**Killing a holder with SIGKILL: time until another session sees the name free (p50 / max)**\n")
+w("| | " + " | ".join(head[s] for s in order) + " |")
+w("|---|" + "---:|" * len(order))
+kills = {s: find(s, "kill-holder") for s in order}
+lease = next((r["lease_ms"] for r in kills.values() if r), 0)
+w(f"| lease / TTL / session timeout {lease:,} ms | " + " | ".join(
+    "–" if not r else f"{r['release_p50_ms']:,.0f} / {r['release_max_ms']:,.0f} ms" for r in kills.values()) + " |")
+eod = find("portswitch", "kill-holder", label="end-on-disconnect")
+if eod:
+    w("| portswitch session with end-on-disconnect | "
+      f"{eod['release_p50_ms']:,.2f} / {eod['release_max_ms']:,.2f} ms |" + " – |" * (len(order) - 1))
+w("")
+summary["kill_holder"] = kills
+summary["kill_holder_end_on_disconnect"] = eod
+
+errors = [(r["system"], r["workload"], r.get("clients"), r["errors"]) for r in runs if r.get("errors")]
+if errors:
+    w("Errors: " + ", ".join(f"{s} {wl} ({c} clients): {e}" for s, wl, c, e in errors) + "\n")
+summary["errors"] = errors
+
+table = "\n".join(lines)
+open(f"{out}/table.md", "w").write(table)
+json.dump({"summary": summary, "runs": runs}, open(f"{out}/results.json", "w"), indent=1)
+print(table)
