@@ -37,7 +37,8 @@ impl System {
 pub enum Session {
     Portswitch(portswitch_client::Client),
     Etcd {
-        client: etcd_client::Client,
+        // Boxed: etcd-client's handle is a few KB of per-service clients.
+        client: Box<etcd_client::Client>,
         lease: i64,
     },
     Zookeeper(zookeeper_client::Client),
@@ -90,7 +91,10 @@ impl Session {
                         }
                     });
                 }
-                Session::Etcd { client, lease }
+                Session::Etcd {
+                    client: Box::new(client),
+                    lease,
+                }
             }
             System::Zookeeper => Session::Zookeeper(
                 zookeeper_client::Client::connector()

@@ -125,7 +125,9 @@ async fn run(a: &RunArgs) -> Result<serde_json::Value> {
         addr: a.addr.clone(),
         lease: Duration::from_millis(a.lease_ms),
         end_on_disconnect: false,
-        keep_alive: false,
+        // fill can outlast a lease: etcd's leases must be kept alive like a real
+        // holder's (the other clients heartbeat on their own; Redis keys get the lease).
+        keep_alive: a.workload == Workload::Fill,
     };
     let before = a.server_pid.map(ServerSample::read).transpose()?;
     let mut out = match a.workload {

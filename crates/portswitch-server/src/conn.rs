@@ -10,12 +10,22 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::state::{Fed, Shared};
 
-/// Read buffers start small so idle connections cost little, grow to hold the largest
-/// frame, and shrink back after a burst.
-const READ_BUF_BYTES_INITIAL: usize = 4 << 10;
+/// Read buffers start small so that idle connections cost little (a million idle
+/// sessions is a product figure), grow while reads keep filling them and to hold the
+/// largest frame, and shrink back after a burst.
+const READ_BUF_BYTES_INITIAL: usize = 512;
+/// Growth step cap for reads that fill the buffer (frames larger than this still get
+/// room for the whole frame, from its declared length).
+const READ_BUF_BYTES_STEP_MAX: usize = 64 << 10;
 const READ_BUF_BYTES_KEEP: usize = 256 << 10;
+/// Reads smaller than this (a PING, a KEEPALIVE) mark a connection as idle: it gives
+/// its read buffer back until more comes.
+const READ_BYTES_IDLE: usize = 64;
 /// Write buffers larger than this are not kept for reuse once written.
 const WRITE_BUF_BYTES_KEEP: usize = 1 << 20;
+/// Nor are write buffers this small: reallocating them is cheap next to the write
+/// itself, and an idle connection then holds no output buffer at all.
+const WRITE_BUF_BYTES_DROP_BELOW: usize = 16 << 10;
 
 pub(crate) fn spawn<S>(
     shared: Arc<Shared>,
@@ -47,7 +57,9 @@ pub(crate) fn spawn<S>(
                 if close {
                     break;
                 }
-                if buf.capacity() > WRITE_BUF_BYTES_KEEP {
+                if buf.capacity() > WRITE_BUF_BYTES_KEEP
+                    || buf.capacity() < WRITE_BUF_BYTES_DROP_BELOW
+                {
                     buf = BytesMut::new();
                 }
             }
@@ -58,20 +70,35 @@ pub(crate) fn spawn<S>(
     tokio::spawn(async move {
         let frame_max = shared.config().core.frame_bytes_max as usize;
         let mut buf = BytesMut::with_capacity(READ_BUF_BYTES_INITIAL);
+        // How much room the next read gets: doubles while reads fill the buffer
+        // (a busy, pipelining client), back to the minimum when one does not.
+        let mut step = READ_BUF_BYTES_INITIAL;
+        let mut last_read = 0usize;
         let mut writer = writer;
         let mut writer_finished = false;
         let mut goaway_queued = false;
         loop {
-            if buf.capacity() - buf.len() < READ_BUF_BYTES_INITIAL {
+            // An idle connection (nothing buffered, last read a heartbeat's size)
+            // waits with no buffer of its own; the read then allocates a small chunk.
+            let idle = buf.is_empty() && last_read < READ_BYTES_IDLE;
+            if !idle && buf.capacity() - buf.len() < step {
                 // Room for at least the rest of the frame being read (bounded: the
                 // header's length was checked against frame_max when it arrived).
                 let want = declared_total(&buf).unwrap_or(0).min(4 + frame_max);
-                buf.reserve(want.saturating_sub(buf.len()).max(READ_BUF_BYTES_INITIAL));
+                buf.reserve(want.saturating_sub(buf.len()).max(step));
             }
+            let room = buf.capacity() - buf.len();
             tokio::select! {
                 read = rd.read_buf(&mut buf) => match read {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        last_read = n;
+                        step = if n >= room {
+                            (step * 2).min(READ_BUF_BYTES_STEP_MAX)
+                        } else {
+                            READ_BUF_BYTES_INITIAL
+                        };
+                    }
                 },
                 // The writer ends after writing a GOAWAY (expiry, slow consumer,
                 // shutdown) or when the peer stops accepting bytes.
@@ -87,8 +114,10 @@ pub(crate) fn spawn<S>(
                     break;
                 }
             }
-            if buf.is_empty() && buf.capacity() > READ_BUF_BYTES_KEEP {
-                buf = BytesMut::with_capacity(READ_BUF_BYTES_INITIAL);
+            if buf.is_empty()
+                && (buf.capacity() > READ_BUF_BYTES_KEEP || last_read < READ_BYTES_IDLE)
+            {
+                buf = BytesMut::new();
             }
         }
         if goaway_queued && !writer_finished {

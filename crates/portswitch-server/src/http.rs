@@ -99,6 +99,9 @@ fn help_for(name: &str) -> &'static str {
         "malformed_disconnects_total" => "Connections closed for malformed frames",
         "stalls_total" => "Server stalls longer than the stall threshold (not charged to leases)",
         "stalled_ms" => "Milliseconds of server stalls not charged to leases",
+        "feed_lock_ns_total" => {
+            "Nanoseconds spent handling frames under the state lock (one core's worth at most)"
+        }
         "rss_bytes" => "Resident memory of the server process",
         "uptime_ms" => "Milliseconds since start",
         _ => "",

@@ -51,6 +51,9 @@ struct Counters {
     slow_consumer_total: u64,
     malformed_total: u64,
     stalls_total: u64,
+    /// Time spent handling frames under the state lock: the part of the server's
+    /// work that one core does at a time (compare with the process's CPU time).
+    feed_lock_ns: u64,
 }
 
 /// What the server reports in STATS and `/metrics`.
@@ -65,6 +68,7 @@ pub struct StatsSnapshot {
     /// Server stalls longer than `STALL_MS_THRESHOLD`, and their total length.
     pub stalls_total: u64,
     pub stalled_ms: u64,
+    pub feed_lock_ns_total: u64,
     pub rss_bytes: u64,
     pub uptime_ms: u64,
 }
@@ -108,6 +112,7 @@ impl StatsSnapshot {
             ),
             ("stalls_total", self.stalls_total),
             ("stalled_ms", self.stalled_ms),
+            ("feed_lock_ns_total", self.feed_lock_ns_total),
             ("rss_bytes", self.rss_bytes),
             ("uptime_ms", self.uptime_ms),
         ]
@@ -297,6 +302,7 @@ impl Shared {
         let frame_max = self.cfg.core.frame_bytes_max as usize;
         let commands_max = self.cfg.core.commands_per_frame_max as usize;
         let mut st = self.lock();
+        let locked_at = Instant::now();
         let st = &mut *st;
         let now = self.now_ms(st);
         let mut consumed = 0;
@@ -398,6 +404,7 @@ impl Shared {
             st.core.handle_disconnect(conn, now, &mut out);
         }
         self.flush(st, now);
+        st.counters.feed_lock_ns += locked_at.elapsed().as_nanos() as u64;
         if close {
             Fed::Close
         } else {
@@ -557,6 +564,7 @@ fn stats_snapshot(
         malformed_disconnects_total: c.malformed_total,
         stalls_total: c.stalls_total,
         stalled_ms,
+        feed_lock_ns_total: c.feed_lock_ns,
         rss_bytes: rss_bytes(),
         uptime_ms: start.elapsed().as_millis() as u64,
     }

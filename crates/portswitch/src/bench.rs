@@ -18,6 +18,7 @@ use hdrhistogram::Histogram;
 use portswitch_client::{Client, ClientOptions, Event};
 use portswitch_proto::frame::{frame_len, messages};
 use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, PROTOCOL_VERSION};
+use portswitch_proto::msg::op;
 use portswitch_proto::{FrameBuf, Hello, Reply, Request, ServerMsg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,6 +41,9 @@ pub enum Workload {
     KillHolder,
     /// Connect, log in (SCRAM-SHA-256 with --user), say BYE, again; counts logins.
     Login,
+    /// Open --connections sessions and keep them alive with PINGs for --duration
+    /// seconds while a fresh client times REGISTER; report server memory per session.
+    HoldSessions,
 }
 
 #[derive(Args, Debug)]
@@ -81,6 +85,24 @@ pub struct BenchArgs {
     /// Log every session in as this user (password from PORTSWITCH_PASSWORD).
     #[arg(long)]
     user: Option<String>,
+    /// register-unregister only: encode one frame of --pipeline requests once and
+    /// send it again and again, so the load generator's own cost per request is a
+    /// copy and a header walk and the figure is the server's. Latencies are then per
+    /// frame round trip.
+    #[arg(long)]
+    preencoded: bool,
+    /// fill: after the report, keep the sessions (and their ports) until SIGINT or
+    /// SIGTERM, so other benchmarks can run against a full server.
+    #[arg(long)]
+    hold: bool,
+    /// hold-sessions: loopback source addresses to spread connections over
+    /// (127.0.0.1 upwards); default one per 25,000 connections (the default
+    /// ephemeral port range holds about 28,000 per address).
+    #[arg(long)]
+    source_addrs: Option<usize>,
+    /// hold-sessions: connections being opened at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
 }
 
 /// How bench connections reach and log in to the server.
@@ -161,8 +183,25 @@ pub async fn run(args: BenchArgs) -> AppResult {
     if args.workload == Workload::KillHolder {
         return kill_holder(&args).await;
     }
+    if args.workload == Workload::HoldSessions {
+        return crate::hold::run(crate::hold::HoldArgs {
+            addr: args.addr.clone(),
+            sessions: args.connections,
+            lease_ms: args.lease_ms,
+            hold_s: args.duration,
+            source_addrs: args
+                .source_addrs
+                .unwrap_or(args.connections.div_ceil(25_000)),
+            connect_concurrency: args.connect_concurrency,
+            json: args.json,
+        })
+        .await;
+    }
     if args.connections == 0 || args.pipeline == 0 {
         return Err("--connections and --pipeline must be at least 1".into());
+    }
+    if args.preencoded && args.workload != Workload::RegisterUnregister {
+        return Err("--preencoded applies to register-unregister only".into());
     }
     let access = Access::from_args(&args)?;
     if args.workload == Workload::Login {
@@ -195,9 +234,14 @@ pub async fn run(args: BenchArgs) -> AppResult {
         let shared = shared.clone();
         let barrier = barrier.clone();
         let a = (args.workload, args.connections, args.pipeline, args.ports);
+        let preencoded = args.preencoded;
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            drive(c, a.0, i, a.1, a.2, a.3, &shared).await
+            if preencoded {
+                drive_preencoded(c, i, a.2, &shared).await
+            } else {
+                drive(c, a.0, i, a.1, a.2, a.3, &shared).await
+            }
         }));
     }
     barrier.wait().await;
@@ -231,6 +275,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
         "workload": format!("{:?}", args.workload),
         "connections": args.connections,
         "pipeline": args.pipeline,
+        "preencoded": args.preencoded,
         "duration_s": round3(elapsed),
         "ops": ops,
         "ops_per_sec": round3(ops as f64 / elapsed),
@@ -258,12 +303,17 @@ pub async fn run(args: BenchArgs) -> AppResult {
         .saturating_sub(expired_before);
     report["lease_ms"] = args.lease_ms.into();
     report["sessions_expired"] = expired.into();
-    drop(held); // fill keeps its ports until the report is taken
     if args.json {
         println!("{report}");
     } else {
         print_human(&report);
     }
+    if args.hold {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        crate::ctl::interrupted().await;
+    }
+    drop(held); // fill keeps its ports until the report is taken
     Ok(if errors == 0 && expired == 0 {
         ExitCode::SUCCESS
     } else {
@@ -618,7 +668,10 @@ async fn drive(
                                     wait: false,
                                 });
                             }
-                            Workload::LockContended | Workload::KillHolder | Workload::Login => {
+                            Workload::LockContended
+                            | Workload::KillHolder
+                            | Workload::Login
+                            | Workload::HoldSessions => {
                                 unreachable!()
                             }
                         }
@@ -687,6 +740,58 @@ async fn drive(
             sent_at.push_back(Instant::now());
         }
         shared.ops.fetch_add(done, Ordering::Relaxed);
+        shared.errors.fetch_add(errors, Ordering::Relaxed);
+    }
+    Ok((hist, c))
+}
+
+/// register-unregister from one frame encoded once: REGISTER + UNREGISTER of
+/// --pipeline / 2 ports of this connection, in that order, so every request succeeds.
+async fn drive_preencoded(
+    mut c: RawConn,
+    me: usize,
+    pipeline: usize,
+    shared: &Shared,
+) -> DriveResult {
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| e.to_string())?;
+    let mut name = Vec::with_capacity(64);
+    let pairs = (pipeline / 2).max(1);
+    for k in 0..pairs {
+        port_name(&mut name, "bench-ru", me, k as u64);
+        c.push(&Request::Register {
+            port: &name,
+            value: b"",
+            wait: false,
+        });
+        c.push(&Request::Unregister { port: &name });
+    }
+    let mut frame = BytesMut::new();
+    c.out.take_into(&mut frame);
+    let per_frame = 2 * pairs as u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let t0 = Instant::now();
+        c.stream.write_all(&frame).await?;
+        let (mut replies, mut errors) = (0u64, 0u64);
+        while replies < per_frame {
+            if c.stream.read_buf(&mut c.rbuf).await? == 0 {
+                return Err("server closed the connection".into());
+            }
+            let mut consumed = 0;
+            while let Some(len) = frame_len(&c.rbuf[consumed..], FRAME_BYTES_MAX)? {
+                for m in messages(&c.rbuf[consumed + 4..consumed + len], usize::MAX) {
+                    let m = m?;
+                    if m.id != 0 {
+                        replies += 1;
+                        errors += u64::from(m.opcode == op::ERROR);
+                    }
+                }
+                consumed += len;
+            }
+            let _ = c.rbuf.split_to(consumed);
+        }
+        let _ = hist.record(t0.elapsed().as_nanos().max(1) as u64);
+        shared.ops.fetch_add(per_frame, Ordering::Relaxed);
         shared.errors.fetch_add(errors, Ordering::Relaxed);
     }
     Ok((hist, c))

@@ -656,7 +656,7 @@ async fn run_while(
 }
 
 /// Resolves on SIGINT or SIGTERM, so that `kill` releases ports as cleanly as Ctrl-C.
-async fn interrupted() {
+pub(crate) async fn interrupted() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

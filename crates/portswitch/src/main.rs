@@ -4,6 +4,7 @@
 mod bench;
 mod cert;
 mod ctl;
+mod hold;
 mod serve;
 
 use clap::{Parser, Subcommand};

@@ -263,6 +263,18 @@ pub async fn run(args: ServeArgs) -> AppResult {
         default_hook(info);
         std::process::abort();
     }));
+    // Every connection is a descriptor: take the soft limit up to the hard one (as
+    // most servers do), and say so when even that is below connections_max.
+    let wanted = cfg.connections_max as u64 + 1024;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => tracing::warn!(
+            descriptors = got,
+            connections_max = cfg.connections_max,
+            "the descriptor limit is below connections_max + 1024: connections past it wait in the accept queue (raise `ulimit -Hn`)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the descriptor limit: {e}"),
+    }
     if !cfg.listen.ip().is_loopback() {
         tracing::warn!(listen = %cfg.listen, "listening beyond loopback with no authentication or TLS: anyone who can reach this address can take any port");
     }

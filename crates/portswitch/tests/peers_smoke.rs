@@ -39,9 +39,15 @@ fn peer_suite_smoke_run_measures_every_system() {
                 .collect()
         };
         for r in of("acquire-release").into_iter().chain(of("contend")) {
-            assert!(r["pairs"].as_u64().unwrap() > 0, "{system}: no pairs in {r}");
+            assert!(
+                r["pairs"].as_u64().unwrap() > 0,
+                "{system}: no pairs in {r}"
+            );
             assert_eq!(r["errors"], 0, "{system}: errors in {r}");
-            assert!(r["server_cpu_s"].as_f64().is_some(), "{system}: no CPU figure");
+            assert!(
+                r["server_cpu_s"].as_f64().is_some(),
+                "{system}: no CPU figure"
+            );
             assert!(r["server_rss_bytes"].as_u64().unwrap() > 0);
         }
         assert_eq!(of("acquire-release").len(), 2, "{system}: 1 and 4 clients");
@@ -63,7 +69,13 @@ fn peer_suite_smoke_run_measures_every_system() {
         }
     }
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
-    for needle in ["× etcd", "× ZooKeeper", "× Redis", "resident bytes per name", "SIGKILL"] {
+    for needle in [
+        "× etcd",
+        "× ZooKeeper",
+        "× Redis",
+        "resident bytes per name",
+        "SIGKILL",
+    ] {
         assert!(table.contains(needle), "table lacks {needle}:\n{table}");
     }
     let _ = std::fs::remove_dir_all(&out);

@@ -683,3 +683,74 @@ async fn a_server_beyond_loopback_requires_tls_and_authentication() {
         "{err}"
     );
 }
+
+async fn bench_json(addr: &str, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = within(
+        "bench",
+        Command::new(BIN)
+            .args(["bench", "--addr", addr, "--json"])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("bench printed no JSON ({e}): {text}"));
+    (out.status.code().unwrap_or(-1), json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_hold_sessions_holds_every_session_and_reports_memory() {
+    let s = serve(&[], &[]).await;
+    let (code, r) = bench_json(
+        &s.addr,
+        &[
+            "--workload",
+            "hold-sessions",
+            "--connections",
+            "300",
+            "--source-addrs",
+            "3",
+            "--lease-ms",
+            "3000",
+            "--duration",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["sessions_up"], 300, "{r}");
+    assert_eq!(r["sessions_lost"], 0, "{r}");
+    // Every session counted by the server, heartbeating through the hold.
+    assert!(r["server_sessions_held"].as_u64().unwrap() >= 300, "{r}");
+    assert!(r["pings"].as_u64().unwrap() >= 300, "{r}");
+    assert!(r["probe_registers"].as_u64().unwrap() > 10, "{r}");
+    assert!(r["server_bytes_per_session"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_preencoded_frames_are_all_answered_without_errors() {
+    let s = serve(&[], &[]).await;
+    let (code, r) = bench_json(
+        &s.addr,
+        &[
+            "--workload",
+            "register-unregister",
+            "--preencoded",
+            "--connections",
+            "4",
+            "--pipeline",
+            "128",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    // Whole frames of 64 REGISTER + UNREGISTER pairs only.
+    let ops = r["ops"].as_u64().unwrap();
+    assert!(ops > 0 && ops % 128 == 0, "{r}");
+}

@@ -1,0 +1,254 @@
+//! `bench --workload hold-sessions`: open N sessions, one connection each, and keep
+//! them alive with PINGs, as a large fleet of idle clients would; meanwhile a fresh
+//! client measures how long REGISTER takes. Reports the server's resident memory per
+//! session.
+//!
+//! Past ~28,000 connections to one server address a client runs out of ephemeral
+//! ports, so connections are spread over --source-addrs loopback source addresses
+//! (127.0.0.1, 127.0.0.2, …). The process needs a descriptor limit above N
+//! (`ulimit -n`; scripts/bench-sessions.sh raises it).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use portswitch_client::{Client, ClientOptions};
+use portswitch_proto::frame::frame_len;
+use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, PROTOCOL_VERSION};
+use portswitch_proto::{FrameBuf, Hello, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::AppResult;
+
+pub struct HoldArgs {
+    pub addr: String,
+    pub sessions: usize,
+    pub lease_ms: u32,
+    pub hold_s: f64,
+    pub source_addrs: usize,
+    pub connect_concurrency: usize,
+    pub json: bool,
+}
+
+struct Counters {
+    up: AtomicU64,
+    failed: AtomicU64,
+    pings: AtomicU64,
+    lost: AtomicU64,
+    stop: AtomicBool,
+}
+
+pub async fn run(a: HoldArgs) -> AppResult {
+    let server: SocketAddr = tokio::net::lookup_host(&a.addr)
+        .await?
+        .next()
+        .ok_or("--addr resolves to nothing")?;
+    let fds = rlimit::increase_nofile_limit(a.sessions as u64 + 1024)?;
+    if fds < a.sessions as u64 + 64 {
+        return Err(format!(
+            "{} sessions need as many descriptors; this process may open {fds} (hard limit; raise it with `ulimit -Hn` as root, which needs CAP_SYS_RESOURCE)",
+            a.sessions
+        )
+        .into());
+    }
+    let probe = Client::connect(ClientOptions::new(a.addr.clone())).await?;
+    let stat = |stats: &[(String, u64)], k: &str| {
+        stats.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v)
+    };
+    let before = probe.stats().await?;
+    let rss_before = stat(&before, "rss_bytes");
+    let sessions_before = stat(&before, "sessions");
+
+    let hello: Arc<[u8]> = encode(&Request::Hello(Hello {
+        version_min: PROTOCOL_VERSION,
+        version_max: PROTOCOL_VERSION,
+        features: 0,
+        lease_ms: a.lease_ms,
+        end_on_disconnect: true,
+        node_name: b"hold",
+        credentials: b"",
+        resume_session: 0,
+        resume_secret: 0,
+    }))
+    .into();
+    let ping: Arc<[u8]> = encode(&Request::Ping).into();
+    let counters = Arc::new(Counters {
+        up: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        pings: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    // A third of the lease between PINGs, as the client library does.
+    let every = Duration::from_millis(u64::from(a.lease_ms) / 3);
+    let gate = Arc::new(tokio::sync::Semaphore::new(a.connect_concurrency.max(1)));
+    let per_source = a.sessions.div_ceil(a.source_addrs.max(1));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(a.sessions);
+    for i in 0..a.sessions {
+        let source = source_addr(i / per_source.max(1))?;
+        let (hello, ping, counters, gate) =
+            (hello.clone(), ping.clone(), counters.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let conn = open(server, source, &hello).await;
+            drop(permit);
+            match conn {
+                Ok(stream) => {
+                    counters.up.fetch_add(1, Ordering::Relaxed);
+                    keep(stream, &ping, every, i, &counters).await;
+                }
+                Err(_) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Wait until every session is up (or failed).
+    let mut last_report = Instant::now();
+    loop {
+        let done = counters.up.load(Ordering::Relaxed) + counters.failed.load(Ordering::Relaxed);
+        if done >= a.sessions as u64 {
+            break;
+        }
+        if !a.json && last_report.elapsed() > Duration::from_secs(2) {
+            eprintln!(
+                "{} sessions up, {} failed, {:.0} s",
+                counters.up.load(Ordering::Relaxed),
+                counters.failed.load(Ordering::Relaxed),
+                started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let open_s = started.elapsed().as_secs_f64();
+
+    // Hold, while a fresh client registers and releases a port every 10 ms.
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let hold_until = Instant::now() + Duration::from_secs_f64(a.hold_s.max(1.0));
+    let mut n = 0u64;
+    let mut probe_errors = 0u64;
+    while Instant::now() < hold_until {
+        let name = format!("hold-probe/{n}");
+        let t = Instant::now();
+        match probe.register(&name, b"").await {
+            Ok(_) => {
+                let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                let _ = probe.unregister(&name).await;
+            }
+            Err(_) => probe_errors += 1,
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = probe.stats().await?;
+    let up = counters.up.load(Ordering::Relaxed);
+    let held = stat(&after, "sessions").saturating_sub(sessions_before);
+    let rss_after = stat(&after, "rss_bytes");
+    let report = serde_json::json!({
+        "workload": "HoldSessions",
+        "sessions_requested": a.sessions,
+        "sessions_up": up,
+        "sessions_failed": counters.failed.load(Ordering::Relaxed),
+        "sessions_lost": counters.lost.load(Ordering::Relaxed),
+        "server_sessions_held": held,
+        "source_addrs": a.source_addrs,
+        "open_s": (open_s * 1000.0).round() / 1000.0,
+        "lease_ms": a.lease_ms,
+        "pings": counters.pings.load(Ordering::Relaxed),
+        "server_rss_before_bytes": rss_before,
+        "server_rss_after_bytes": rss_after,
+        "server_bytes_per_session": rss_after.saturating_sub(rss_before) as f64 / held.max(1) as f64,
+        "probe_registers": hist.len(),
+        "probe_errors": probe_errors,
+        "probe_register_p50_us": hist.value_at_quantile(0.5),
+        "probe_register_p99_us": hist.value_at_quantile(0.99),
+        "probe_register_max_us": hist.max(),
+    });
+    counters.stop.store(true, Ordering::Relaxed);
+    if a.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let ok = up == a.sessions as u64
+        && held >= up
+        && counters.lost.load(Ordering::Relaxed) == 0
+        && probe_errors == 0;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn encode(r: &Request<'_>) -> Vec<u8> {
+    let mut out = FrameBuf::new(FRAME_BYTES_MAX, COMMANDS_PER_FRAME_MAX);
+    out.push_request(1, r);
+    let mut b = BytesMut::new();
+    out.take_into(&mut b);
+    b.to_vec()
+}
+
+/// 127.0.0.1 + k (k < 2^24 - 2).
+fn source_addr(k: usize) -> Result<IpAddr, String> {
+    if k >= (1 << 24) - 2 {
+        return Err("too many source addresses".into());
+    }
+    Ok(IpAddr::V4(Ipv4Addr::from(
+        u32::from(Ipv4Addr::new(127, 0, 0, 1)) + k as u32,
+    )))
+}
+
+async fn open(server: SocketAddr, source: IpAddr, hello: &[u8]) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source, 0))?;
+    let mut s = sock.connect(server).await?;
+    s.set_nodelay(true)?;
+    s.write_all(hello).await?;
+    read_frame(&mut s).await?;
+    Ok(s)
+}
+
+/// Reads one whole frame (the answer to HELLO or PING) and drops it.
+async fn read_frame(s: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 1024];
+    let mut have = 0;
+    loop {
+        let n = s.read(&mut buf[have..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        have += n;
+        match frame_len(&buf[..have], FRAME_BYTES_MAX) {
+            Ok(Some(len)) if len <= have => return Ok(()),
+            Ok(_) if have < buf.len() => continue,
+            _ => return Err(std::io::ErrorKind::InvalidData.into()),
+        }
+    }
+}
+
+async fn keep(mut s: TcpStream, ping: &[u8], every: Duration, i: usize, c: &Counters) {
+    // Spread the PINGs over the period so they do not all come at once.
+    let offset = every.mul_f64((i % 1000) as f64 / 1000.0);
+    tokio::time::sleep(offset).await;
+    while !c.stop.load(Ordering::Relaxed) {
+        if s.write_all(ping).await.is_err() || read_frame(&mut s).await.is_err() {
+            if !c.stop.load(Ordering::Relaxed) {
+                c.lost.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        c.pings.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(every).await;
+    }
+}
