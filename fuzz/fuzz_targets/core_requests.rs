@@ -34,6 +34,8 @@ fuzz_target!(|data: &[u8]| {
         lease_ms_min: 10,
         list_scan_slots_max: 5,
         detached_event_bytes_max: 200,
+        // Sessions ending with more than 2 ports release them over several ticks.
+        release_step_ports_max: 2,
         ..Config::default()
     };
     let mut core = Core::new(cfg, 1, [1, 2, 3]);

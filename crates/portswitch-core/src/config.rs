@@ -39,6 +39,10 @@ pub struct Config {
     pub frame_bytes_max: u32,
     /// Announced to clients in HELLO_OK; enforced by the server's frame reader.
     pub commands_per_frame_max: u32,
+    /// Most ports released in one step when a session ends. A session that owns more
+    /// is released over several steps (one per timer tick), so that no single session
+    /// end holds the server for long; meanwhile its ports still read as owned.
+    pub release_step_ports_max: u32,
 }
 
 /// Default shortest lease. Leases this short work at full load; shorter ones would
@@ -68,6 +72,7 @@ impl Default for Config {
             detached_event_bytes_max: 1 << 20,
             frame_bytes_max: limits::FRAME_BYTES_MAX as u32,
             commands_per_frame_max: limits::COMMANDS_PER_FRAME_MAX as u32,
+            release_step_ports_max: 16_384,
         }
     }
 }
@@ -147,6 +152,12 @@ impl Config {
             self.lease_ms_max.into(),
             self.lease_ms_min.into(),
             86_400_000,
+        )?;
+        within(
+            "release_step_ports_max",
+            self.release_step_ports_max.into(),
+            1,
+            u32::MAX as u64,
         )?;
         within(
             "list_limit_max",

@@ -85,6 +85,8 @@ struct Session {
     user: Option<Box<str>>,
     /// What it may do; `None` means everything (no authentication configured).
     access: Option<Box<Access>>,
+    /// Ended, still releasing its ports a step at a time (see `Config::release_step_ports_max`).
+    ending: bool,
 }
 
 /// Who a session authenticated as, and what its roles let it do. The driver verifies
@@ -155,6 +157,8 @@ pub struct Core {
     ports: PortTable,
     prefix_watches: Vec<PrefixWatch>,
     expiry: BinaryHeap<Reverse<(u64, u64)>>,
+    /// Ended sessions still releasing ports, oldest first.
+    ending: std::collections::VecDeque<u32>,
     secret_keys: (u64, u64),
     now_ms: u64,
     stats: Stats,
@@ -182,6 +186,7 @@ impl Core {
             ports: PortTable::new(seed[0]),
             prefix_watches: Vec::new(),
             expiry: BinaryHeap::new(),
+            ending: Default::default(),
             secret_keys: (seed[1], seed[2]),
             now_ms: 0,
             stats: Stats::default(),
@@ -246,6 +251,10 @@ impl Core {
 
     /// The earliest time at which [`Core::handle_timeout`] has work, if any.
     pub fn next_deadline(&self) -> Option<u64> {
+        if !self.ending.is_empty() {
+            // Ended sessions still have ports to release: due now.
+            return Some(self.now_ms);
+        }
         self.expiry.peek().map(|Reverse((t, _))| *t)
     }
 
@@ -391,8 +400,8 @@ impl Core {
             let Some(s) = self.sessions.get(slot as usize) else {
                 continue;
             };
-            if s.id != id {
-                continue; // ended earlier; the slot was reused
+            if s.id != id || s.ending {
+                continue; // ended earlier (the slot may have been reused)
             }
             if s.deadline_ms > now_ms {
                 // Renewed since it was queued: look again at its current deadline.
@@ -401,6 +410,27 @@ impl Core {
             }
             self.stats.sessions_expired_total += 1;
             self.end_session(slot, End::Expired, out);
+        }
+        self.continue_ending(out);
+    }
+
+    /// Releases up to `release_step_ports_max` ports of ended sessions, and forgets the
+    /// sessions that have none left.
+    fn continue_ending(&mut self, out: &mut impl Outbox) {
+        let mut budget = self.cfg.release_step_ports_max;
+        while let Some(&slot) = self.ending.front() {
+            while budget > 0 {
+                let Some(&port) = self.sessions[slot as usize].ports.last() else {
+                    break;
+                };
+                self.release(port, out);
+                budget -= 1;
+            }
+            if !self.sessions[slot as usize].ports.is_empty() {
+                return;
+            }
+            self.ending.pop_front();
+            self.sessions.remove(slot as usize);
         }
     }
 
@@ -481,7 +511,8 @@ impl Core {
             // Only the user who owns a session may resume it.
             let user = ident.map(|i| i.user.as_str());
             let ok = self.sessions.get(slot as usize).is_some_and(|s| {
-                s.id == h.resume_session
+                !s.ending
+                    && s.id == h.resume_session
                     && constant_time_eq(s.secret, h.resume_secret)
                     && s.user.as_deref() == user
             });
@@ -557,6 +588,7 @@ impl Core {
             missed: None,
             user: ident.map(|i| i.user.clone().into_boxed_str()),
             access: ident.map(|i| Box::new(i.access.clone())),
+            ending: false,
         });
         debug_assert_eq!(secret, self.secret_for(id));
         self.expiry.push(Reverse((deadline_ms, id)));
@@ -618,11 +650,9 @@ impl Core {
             self.prefix_watches.retain(|p| p.session != slot);
             self.stats.watches -= (before - self.prefix_watches.len()) as u64;
         }
-        while let Some(&port) = self.sessions[slot as usize].ports.last() {
-            self.release(port, out);
-        }
-        let s = self.sessions.remove(slot as usize);
-        if let Some(conn) = s.conn {
+        let s = &mut self.sessions[slot as usize];
+        s.missed = None;
+        if let Some(conn) = s.conn.take() {
             self.conn_sessions.remove(&conn);
             if why == End::Expired {
                 out.event(
@@ -635,6 +665,19 @@ impl Core {
                 out.close(conn);
             }
         }
+        // Release the ports now, or — for a session holding more than one step's worth
+        // — a step at a time from `handle_timeout`, so that one session's end never
+        // holds the server for long (781,250 ports took ~300 ms in one go). Until then
+        // its remaining ports read as owned by it; nobody can use or resume it.
+        if self.sessions[slot as usize].ports.len() <= self.cfg.release_step_ports_max as usize {
+            while let Some(&port) = self.sessions[slot as usize].ports.last() {
+                self.release(port, out);
+            }
+            self.sessions.remove(slot as usize);
+        } else {
+            self.sessions[slot as usize].ending = true;
+            self.ending.push_back(slot);
+        }
     }
 
     /// Sends an event to a session: to its connection, or into its missed-events
@@ -644,6 +687,9 @@ impl Core {
         let frame_max = self.cfg.frame_bytes_max as usize;
         let commands_max = self.cfg.commands_per_frame_max as usize;
         let s = &mut self.sessions[slot as usize];
+        if s.ending {
+            return;
+        }
         match s.conn {
             Some(conn) => out.event(conn, event),
             None => {

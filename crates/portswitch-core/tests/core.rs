@@ -650,3 +650,66 @@ fn unregister_leaves_a_queue() {
         .any(|(c, o)| *c == C && matches!(o, Out::Acquired(..))));
     assert!(!outs.iter().any(|(c, _)| *c == B));
 }
+
+#[test]
+fn a_session_with_many_ports_is_released_a_step_at_a_time() {
+    let mut h = H::with(Config {
+        release_step_ports_max: 3,
+        ..Config::default()
+    });
+    let (sa, secret) = h.session(A, 60_000);
+    h.session(B, 60_000);
+    h.session(W, 60_000);
+    let names: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+    for n in &names {
+        h.register(A, n);
+    }
+    h.one(
+        W,
+        Request::Watch {
+            name: b"p",
+            prefix: true,
+        },
+    );
+    assert!(matches!(h.one(B, reg("p0", true)), Out::Queued(..)));
+    // BYE ends the session; the first step releases 3 of its 8 ports at once.
+    let outs = h.req(A, Request::Bye);
+    let released = |outs: &[(u64, Out)]| {
+        outs.iter()
+            .filter(|(c, o)| *c == W && matches!(o, Out::Released(..)))
+            .count()
+    };
+    assert_eq!(
+        released(&outs),
+        0,
+        "more than one step's worth: released later"
+    );
+    assert_eq!(h.core.stats().ports_owned, 8);
+    assert!(h.core.next_deadline().is_some_and(|d| d <= h.now));
+    // Nobody can resume a session that has ended.
+    let mut r = hello(60_000, false);
+    r.resume_session = sa;
+    r.resume_secret = secret;
+    assert!(matches!(
+        h.one(C, Request::Hello(r)),
+        Out::Err(_, ErrorCode::ResumeFailed)
+    ));
+    // Each timer step releases at most 3, and watchers hear of every one; the queued
+    // session gets p0 when its turn comes.
+    let mut total = 0;
+    let mut acquired = false;
+    for step in 0..3 {
+        let outs = h.advance(0);
+        let n = released(&outs);
+        assert!(n <= 3, "step {step} released {n}");
+        total += n;
+        acquired |= outs
+            .iter()
+            .any(|(c, o)| *c == B && matches!(o, Out::Acquired(p, _) if p == "p0"));
+    }
+    assert_eq!(total, 8);
+    assert!(acquired, "the waiter got p0");
+    assert_eq!(h.core.stats().ports_owned, 1, "only B's p0 is owned");
+    assert_eq!(h.core.stats().sessions, 2, "A is gone; B and W remain");
+    assert_eq!(h.core.next_deadline().map(|d| d > h.now), Some(true));
+}

@@ -14,15 +14,21 @@ fn peer_suite_smoke_run_measures_every_system() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = std::env::temp_dir().join(format!("portswitch-peers-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let status = Command::new("bash")
+    let run = Command::new("bash")
         .arg(root.join("scripts/peers.sh"))
         .env("SMOKE", "1")
         .env("OUT", &out)
         .env("BASE_PORT", "27500")
         .env("PORTSWITCH_BIN", env!("CARGO_BIN_EXE_portswitch"))
-        .status()
+        .output()
         .expect("run scripts/peers.sh");
-    assert!(status.success(), "scripts/peers.sh failed: {status}");
+    assert!(
+        run.status.success(),
+        "scripts/peers.sh failed: {}\n--- stdout\n{}\n--- stderr\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
 
     let results: Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
