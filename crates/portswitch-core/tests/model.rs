@@ -10,6 +10,7 @@ use common::*;
 use portswitch_core::Config;
 use portswitch_proto::{ErrorCode, Request};
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 const CONNS: usize = 3;
 const PORTS: [&str; 3] = ["p0", "p1", "p2"];
@@ -106,7 +107,23 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, .. ProptestConfig::default() })]
     #[test]
     fn core_matches_model(ops in proptest::collection::vec(op(), 1..150)) {
-        let mut h = H::with(Config::default());
+        check(ops, Config::default())?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, failure_persistence: None, .. ProptestConfig::default() })]
+    /// Ended sessions release one port per timer step; once the steps due have run,
+    /// the core must agree with the model (which releases at once).
+    #[test]
+    fn core_matches_model_when_ended_sessions_release_a_port_per_step(ops in proptest::collection::vec(op(), 1..150)) {
+        check(ops, Config { release_step_ports_max: 1, ..Config::default() })?;
+    }
+}
+
+fn check(ops: Vec<Op>, cfg: Config) -> Result<(), TestCaseError> {
+    {
+        let mut h = H::with(cfg);
         h.one(PROBE, Request::Hello(hello(300_000, false)));
         let mut m = Model::default();
         let mut last_token = 0u64;
@@ -130,7 +147,12 @@ proptest! {
                     let outs = h.req(conn(c), Request::Hello(hello(LEASE as u32, c % 2 == 1)));
                     match (reply_of(&outs, c), m.conn_session[c]) {
                         (Out::HelloOk { session, .. }, None) => {
-                            m.sessions.push(MSession { id: session, deadline: h.now + LEASE, end_on_disconnect: c % 2 == 1, alive: true });
+                            m.sessions.push(MSession {
+                                id: session,
+                                deadline: h.now + LEASE,
+                                end_on_disconnect: c % 2 == 1,
+                                alive: true,
+                            });
                             m.conn_session[c] = Some(m.sessions.len() - 1);
                         }
                         (Out::Err(_, ErrorCode::SessionExists), Some(_)) => m.renew(c, h.now),
@@ -142,8 +164,15 @@ proptest! {
                     let outs = h.req(conn(c), Request::Bye);
                     let reply = reply_of(&outs, c);
                     match m.conn_session[c] {
-                        Some(s) => { prop_assert!(matches!(reply, Out::Ok(_)), "{:?}", reply); m.end(s); }
-                        None => prop_assert!(matches!(reply, Out::Err(_, ErrorCode::NoSession)), "{:?}", reply),
+                        Some(s) => {
+                            prop_assert!(matches!(reply, Out::Ok(_)), "{:?}", reply);
+                            m.end(s);
+                        }
+                        None => prop_assert!(
+                            matches!(reply, Out::Err(_, ErrorCode::NoSession)),
+                            "{:?}",
+                            reply
+                        ),
                     }
                     outs
                 }
@@ -162,43 +191,82 @@ proptest! {
                     outs
                 }
                 Op::Register(c, p, wait) => {
-                    let outs = h.req(conn(c), Request::Register { port: PORTS[p].as_bytes(), value: b"", wait });
+                    let outs = h.req(
+                        conn(c),
+                        Request::Register {
+                            port: PORTS[p].as_bytes(),
+                            value: b"",
+                            wait,
+                        },
+                    );
                     let reply = reply_of(&outs, c);
                     m.renew(c, h.now);
                     match m.conn_session[c] {
-                        None => prop_assert!(matches!(reply, Out::Err(_, ErrorCode::NoSession)), "{:?}", reply),
+                        None => prop_assert!(
+                            matches!(reply, Out::Err(_, ErrorCode::NoSession)),
+                            "{:?}",
+                            reply
+                        ),
                         Some(me) => match m.owner[p] {
                             Some(o) if o == me => {
-                                prop_assert_eq!(token_of(&reply), tokens[p], "re-register keeps the grant");
+                                prop_assert_eq!(
+                                    token_of(&reply),
+                                    tokens[p],
+                                    "re-register keeps the grant"
+                                );
                             }
                             None => {
                                 let t = token_of(&reply);
-                                prop_assert!(t > last_token, "token {} not above {}", t, last_token);
+                                prop_assert!(
+                                    t > last_token,
+                                    "token {} not above {}",
+                                    t,
+                                    last_token
+                                );
                                 last_token = t;
                                 tokens[p] = t;
                                 m.owner[p] = Some(me);
                             }
                             Some(o) if !wait => {
                                 let want = m.sessions[o].id;
-                                prop_assert!(matches!(reply, Out::Taken(_, s) if s == want), "{:?}", reply);
+                                prop_assert!(
+                                    matches!(reply, Out::Taken(_, s) if s == want),
+                                    "{:?}",
+                                    reply
+                                );
                             }
                             Some(_) => {
                                 if !m.queue[p].contains(&me) {
                                     m.queue[p].push_back(me);
                                 }
-                                let pos = m.queue[p].iter().position(|&w| w == me).unwrap() as u32 + 1;
-                                prop_assert!(matches!(reply, Out::Queued(_, got) if got == pos), "{:?} want {}", reply, pos);
+                                let pos =
+                                    m.queue[p].iter().position(|&w| w == me).unwrap() as u32 + 1;
+                                prop_assert!(
+                                    matches!(reply, Out::Queued(_, got) if got == pos),
+                                    "{:?} want {}",
+                                    reply,
+                                    pos
+                                );
                             }
                         },
                     }
                     outs
                 }
                 Op::Unregister(c, p) => {
-                    let outs = h.req(conn(c), Request::Unregister { port: PORTS[p].as_bytes() });
+                    let outs = h.req(
+                        conn(c),
+                        Request::Unregister {
+                            port: PORTS[p].as_bytes(),
+                        },
+                    );
                     let reply = reply_of(&outs, c);
                     m.renew(c, h.now);
                     match m.conn_session[c] {
-                        None => prop_assert!(matches!(reply, Out::Err(_, ErrorCode::NoSession)), "{:?}", reply),
+                        None => prop_assert!(
+                            matches!(reply, Out::Err(_, ErrorCode::NoSession)),
+                            "{:?}",
+                            reply
+                        ),
                         Some(me) => {
                             if m.owner[p] == Some(me) {
                                 prop_assert!(matches!(reply, Out::Ok(_)), "{:?}", reply);
@@ -207,13 +275,23 @@ proptest! {
                                 prop_assert!(matches!(reply, Out::Ok(_)), "{:?}", reply);
                                 m.queue[p].retain(|&w| w != me);
                             } else {
-                                prop_assert!(matches!(reply, Out::Err(_, ErrorCode::NotOwner)), "{:?}", reply);
+                                prop_assert!(
+                                    matches!(reply, Out::Err(_, ErrorCode::NotOwner)),
+                                    "{:?}",
+                                    reply
+                                );
                             }
                         }
                     }
                     outs
                 }
             };
+            // Run the release steps that are due (none unless a session ended with
+            // more ports than one step releases).
+            let mut outs = outs;
+            while h.core.next_deadline().is_some_and(|d| d <= h.now) {
+                outs.extend(h.advance(0));
+            }
             // Fencing: every grant handed over from a queue has a token above every
             // earlier grant's (direct grants were checked above).
             for (_, o) in &outs {
@@ -225,15 +303,28 @@ proptest! {
             }
             // Every port's owner matches the model.
             for (p, name) in PORTS.iter().enumerate() {
-                let got = h.one(PROBE, Request::Query { port: name.as_bytes() });
+                let got = h.one(
+                    PROBE,
+                    Request::Query {
+                        port: name.as_bytes(),
+                    },
+                );
                 let want = m.owner[p].map(|s| m.sessions[s].id);
                 match got {
-                    Out::Free(_) => prop_assert_eq!(want, None, "port {} is free in the core", name),
-                    Out::Owner { session, .. } => prop_assert_eq!(want, Some(session), "owner of {}", name),
+                    Out::Free(_) => {
+                        prop_assert_eq!(want, None, "port {} is free in the core", name)
+                    }
+                    Out::Owner { session, .. } => {
+                        prop_assert_eq!(want, Some(session), "owner of {}", name)
+                    }
                     other => panic!("{other:?}"),
                 }
             }
-            prop_assert_eq!(h.core.stats().waiters as usize, m.queue.iter().map(|q| q.len()).sum::<usize>());
+            prop_assert_eq!(
+                h.core.stats().waiters as usize,
+                m.queue.iter().map(|q| q.len()).sum::<usize>()
+            );
         }
     }
+    Ok(())
 }
