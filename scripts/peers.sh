@@ -21,9 +21,11 @@ SMOKE=${SMOKE:-}
 if [ -n "$SMOKE" ]; then
     DURATION=${DURATION:-1}; CLIENT_COUNTS=${CLIENT_COUNTS:-"1 4"}; CONTENDERS=${CONTENDERS:-4}
     FILL=${FILL:-2000}; KILL_REPEAT=${KILL_REPEAT:-1}; PROFILE=${PROFILE:-debug}
+    PIPELINED_CLIENTS=${PIPELINED_CLIENTS:-4}; PIPELINE=${PIPELINE:-4}
 else
     DURATION=${DURATION:-10}; CLIENT_COUNTS=${CLIENT_COUNTS:-"1 16 128"}; CONTENDERS=${CONTENDERS:-16}
     FILL=${FILL:-1000000}; KILL_REPEAT=${KILL_REPEAT:-5}; PROFILE=${PROFILE:-release}
+    PIPELINED_CLIENTS=${PIPELINED_CLIENTS:-128}; PIPELINE=${PIPELINE:-16}
 fi
 # ZooKeeper's smallest session timeout with its default tickTime (2 s) is 4 s; every
 # system gets the same lease in kill-holder.
@@ -132,6 +134,9 @@ for sys in $SYSTEMS; do
     for c in $CLIENT_COUNTS; do
         run "$sys" "$port" acquire-release --clients "$c" --duration "$DURATION"
     done
+    # The same 128 sessions with 16 requests in flight each: what each client library
+    # makes of concurrent requests on one session (pipelining, multiplexing, batching).
+    run "$sys" "$port" acquire-release --clients "$PIPELINED_CLIENTS" --pipeline "$PIPELINE" --duration "$DURATION"
     run "$sys" "$port" contend --clients "$CONTENDERS" --duration "$DURATION"
     run "$sys" "$port" kill-holder --repeat "$KILL_REPEAT" --lease-ms "$KILL_LEASE_MS"
     if [ "$sys" = portswitch ]; then

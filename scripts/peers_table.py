@@ -26,9 +26,10 @@ title = {"portswitch": "portswitch", "etcd": "etcd", "zookeeper": "ZooKeeper", "
 head = {s: f"{title[s]} {versions[s]}" for s in order}
 
 
-def find(system, workload, clients=None, label=""):
+def find(system, workload, clients=None, label="", pipeline=1):
     for r in runs:
         if (r["system"] == system and r["workload"] == workload and r.get("label", "") == label
+                and r.get("pipeline", 1) == pipeline
                 and (clients is None or r["clients"] == clients)):
             return r
     return None
@@ -47,26 +48,27 @@ w(f"Run {when}; {duration} s per throughput run; every server on loopback with i
 summary = {"versions": versions, "duration_s": float(duration), "when": when, "rows": []}
 
 for workload, what, key in [
-    ("acquire-release", "Acquire + release of an own name, closed loop (pairs/s; p50 / p99 of a pair)", "pairs_per_s"),
+    ("acquire-release", "Acquire + release of an own name, closed loops (pairs/s; p50 / p99 of a pair); one request in flight per client unless the row says more", "pairs_per_s"),
     ("contend", "Contended name: all clients try one name, the winner releases (successful pairs/s; p50 / p99)", "pairs_per_s"),
 ]:
-    clients = sorted({r["clients"] for r in runs if r["workload"] == workload})
+    clients = sorted({(r["clients"], r.get("pipeline", 1)) for r in runs if r["workload"] == workload})
     w(f"**{what}**\n")
     w("| clients | " + " | ".join(head[s] for s in order) + " | "
       + " | ".join(f"× {title[p]}" for p in peers) + " |")
     w("|---:|" + "---:|" * (len(order) + len(peers)))
-    for c in clients:
+    for c, pipe in clients:
         cells, vals = [], {}
         for s in order:
-            r = find(s, workload, c)
+            r = find(s, workload, c, pipeline=pipe)
             if r is None:
                 cells.append("–")
                 continue
             vals[s] = r[key]
             cells.append(f"{r[key]:,.0f} ({r['p50_us']:,} / {r['p99_us']:,} µs)")
         ratios = [ratio(vals.get("portswitch"), vals.get(p)) for p in peers]
-        w(f"| {c} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-        summary["rows"].append({"workload": workload, "clients": c, "values": vals,
+        who = f"{c}" if pipe == 1 else f"{c} × {pipe} in flight"
+        w(f"| {who} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        summary["rows"].append({"workload": workload, "clients": c, "pipeline": pipe, "values": vals,
                                 "ratios": {p: (vals["portswitch"] / vals[p]) if vals.get("portswitch") and vals.get(p) else None for p in peers}})
     w("")
 
@@ -74,13 +76,14 @@ w("**Server cost of those runs (CPU seconds / resident MiB at the end)**\n")
 w("| workload | clients | " + " | ".join(head[s] for s in order) + " |")
 w("|---|---:|" + "---:|" * len(order))
 for workload in ["acquire-release", "contend"]:
-    for c in sorted({r["clients"] for r in runs if r["workload"] == workload}):
+    for c, pipe in sorted({(r["clients"], r.get("pipeline", 1)) for r in runs if r["workload"] == workload}):
         cells = []
         for s in order:
-            r = find(s, workload, c)
+            r = find(s, workload, c, pipeline=pipe)
             cells.append("–" if r is None or "server_cpu_s" not in r else
                          f"{r['server_cpu_s']:.1f} s / {r['server_rss_bytes'] / 2**20:,.0f}")
-        w(f"| {workload} | {c} | " + " | ".join(cells) + " |")
+        who = f"{c}" if pipe == 1 else f"{c} × {pipe}"
+        w(f"| {workload} | {who} | " + " | ".join(cells) + " |")
 w("")
 
 w("**Session-bound names: create N (16 sessions, 64 in flight each); server memory per name**\n")

@@ -56,7 +56,11 @@ fn peer_suite_smoke_run_measures_every_system() {
             );
             assert!(r["server_rss_bytes"].as_u64().unwrap() > 0);
         }
-        assert_eq!(of("acquire-release").len(), 2, "{system}: 1 and 4 clients");
+        assert_eq!(
+            of("acquire-release").len(),
+            3,
+            "{system}: 1 and 4 clients, and 4 × 4 in flight"
+        );
         let fill = of("fill");
         assert_eq!(fill.len(), 1);
         assert_eq!(fill[0]["errors"], 0, "{system}: {}", fill[0]);
