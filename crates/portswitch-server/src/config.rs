@@ -24,6 +24,11 @@ pub const TICK_MS_DEFAULT: u64 = 5;
 pub const STALL_MS_THRESHOLD: u64 = 50;
 const _: () = assert!(STALL_MS_THRESHOLD > 4 * TICK_MS_DEFAULT);
 
+/// Longest a connection's single write may make no progress: a peer that reads
+/// nothing for this long while the server has output for it is closed (otherwise a
+/// client that stops reading would hold its connection and queued output forever).
+pub const WRITE_STALL_MS_MAX_DEFAULT: u64 = 30_000;
+
 /// How long a graceful shutdown waits for connections to flush.
 pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
@@ -36,6 +41,8 @@ pub struct ServerConfig {
     pub core: portswitch_core::Config,
     pub connections_max: usize,
     pub send_queue_bytes_max: usize,
+    /// See [`WRITE_STALL_MS_MAX_DEFAULT`].
+    pub write_stall_ms_max: u64,
     pub tick_ms: u64,
     /// The epoch to serve in. `None` takes the current Unix second after waiting for a
     /// fresh one to begin, so a restarted server's tokens are above its predecessor's.
@@ -54,6 +61,7 @@ impl Default for ServerConfig {
             core: portswitch_core::Config::default(),
             connections_max: CONNECTIONS_MAX_DEFAULT,
             send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
+            write_stall_ms_max: WRITE_STALL_MS_MAX_DEFAULT,
             tick_ms: TICK_MS_DEFAULT,
             epoch: None,
             auth: crate::auth::AuthConfig::default(),

@@ -42,6 +42,7 @@ pub(crate) fn spawn<S>(
     tracing::debug!(%peer, conn, "connection opened");
     let (mut rd, mut wr) = tokio::io::split(stream);
 
+    let stall = std::time::Duration::from_millis(shared.config().write_stall_ms_max);
     let writer = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -51,7 +52,7 @@ pub(crate) fn spawn<S>(
                 let Some(close) = shared.take_output(conn, &mut buf) else {
                     break;
                 };
-                if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
+                if !buf.is_empty() && !write_or_stall(&mut wr, &buf, stall).await {
                     break;
                 }
                 if close {
@@ -134,6 +135,26 @@ pub(crate) fn spawn<S>(
         }
         tracing::debug!(conn, "connection closed");
     });
+}
+
+/// Writes all of `buf`; false if the connection failed or a single write made no
+/// progress for `stall` (a peer that stopped reading).
+async fn write_or_stall<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &[u8],
+    stall: std::time::Duration,
+) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        match tokio::time::timeout(stall, wr.write(&buf[done..])).await {
+            Ok(Ok(n)) if n > 0 => done += n,
+            _ => {
+                tracing::debug!("write failed or stalled; closing the connection");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// How long a connection being closed with a GOAWAY gets to take it.

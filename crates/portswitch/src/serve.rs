@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// Bytes queued for one connection before it is dropped as a slow consumer [default: 8388608]
     #[arg(long, env = "PORTSWITCH_SEND_QUEUE_BYTES_MAX")]
     send_queue_bytes_max: Option<usize>,
+    /// Close a connection whose peer accepts no bytes for this long while output waits [default: 30000]
+    #[arg(long, env = "PORTSWITCH_WRITE_STALL_MS_MAX")]
+    write_stall_ms_max: Option<u64>,
     /// Most sessions [default: 1000000]
     #[arg(long, env = "PORTSWITCH_SESSIONS_MAX")]
     sessions_max: Option<u32>,
@@ -120,6 +123,7 @@ struct FileConfig {
     no_http: Option<bool>,
     connections_max: Option<usize>,
     send_queue_bytes_max: Option<usize>,
+    write_stall_ms_max: Option<u64>,
     sessions_max: Option<u32>,
     ports_per_session_max: Option<u32>,
     watches_per_session_max: Option<u32>,
@@ -170,6 +174,7 @@ fn config(
         listen => cfg.listen,
         connections_max => cfg.connections_max,
         send_queue_bytes_max => cfg.send_queue_bytes_max,
+        write_stall_ms_max => cfg.write_stall_ms_max,
         sessions_max => cfg.core.sessions_max,
         ports_per_session_max => cfg.core.ports_per_session_max,
         watches_per_session_max => cfg.core.watches_per_session_max,
@@ -234,6 +239,9 @@ fn config(
     }
     if cfg.connections_max == 0 {
         return Err("connections_max must be at least 1".into());
+    }
+    if cfg.write_stall_ms_max == 0 {
+        return Err("write_stall_ms_max must be at least 1".into());
     }
     if cfg.send_queue_bytes_max < cfg.core.frame_bytes_max as usize {
         return Err("send_queue_bytes_max must be at least frame_bytes_max".into());

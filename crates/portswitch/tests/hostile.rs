@@ -331,6 +331,38 @@ async fn a_slow_consumer_is_disconnected_and_server_memory_stays_bounded() {
     srv.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_again_is_closed_after_the_write_stall_limit() {
+    let mut cfg = ServerConfig::ephemeral();
+    cfg.send_queue_bytes_max = 1 << 20;
+    cfg.write_stall_ms_max = 300;
+    let srv = server_with(cfg).await;
+    // Owns a port, then never reads a byte; its socket stays open (held in `_slow`).
+    let mut slow = Raw::session(&srv, 10_000, true).await;
+    slow.send(&[Request::Register {
+        port: b"sink",
+        value: b"",
+        wait: false,
+    }])
+    .await;
+    let _slow = slow;
+    let sender = client(&srv).await;
+    let payload = vec![b'x'; 60_000];
+    for _ in 0..10_000 {
+        if sender.send("sink", &payload).await.unwrap() == SendOutcome::NoOwner {
+            break;
+        }
+    }
+    // Cut off as a slow consumer; its writer is stuck on a full socket. Only the write
+    // stall limit frees the connection: the server must count one connection (ours).
+    eventually_async("the stuck connection is closed", || async {
+        let stats = sender.stats().await.unwrap();
+        stats.iter().any(|(n, v)| n == "connections" && *v == 1)
+    })
+    .await;
+    srv.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn connections_beyond_the_cap_are_refused_with_a_reason() {
     let mut cfg = ServerConfig::ephemeral();
