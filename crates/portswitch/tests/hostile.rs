@@ -7,7 +7,7 @@ use common::*;
 use portswitch_client::{ErrorCode, RegisterOutcome, SendOutcome};
 use portswitch_proto::limits::FRAME_BYTES_MAX;
 use portswitch_proto::{msg::op, Request};
-use portswitch_server::ServerConfig;
+use portswitch_server::{RunningServer, ServerConfig};
 
 fn small_limits() -> ServerConfig {
     let mut cfg = ServerConfig::ephemeral();
@@ -298,19 +298,25 @@ async fn garbage_from_many_connections_leaves_other_sessions_unaffected() {
     srv.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_slow_consumer_is_disconnected_and_server_memory_stays_bounded() {
-    let mut cfg = ServerConfig::ephemeral();
-    cfg.send_queue_bytes_max = 1 << 20;
-    let srv = server_with(cfg).await;
-    // The slow one owns a port and never reads.
-    let mut slow = Raw::session(&srv, 10_000, true).await;
+/// A session that owns the port `sink` and reads nothing after that.
+async fn sink_that_never_reads(srv: &RunningServer) -> Raw {
+    let mut slow = Raw::session(srv, 10_000, true).await;
     slow.send(&[Request::Register {
         port: b"sink",
         value: b"",
         wait: false,
     }])
     .await;
+    slow
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_disconnected_and_server_memory_stays_bounded() {
+    let mut cfg = ServerConfig::ephemeral();
+    cfg.send_queue_bytes_max = 1 << 20;
+    let srv = server_with(cfg).await;
+    // The slow one owns a port and never reads.
+    let mut slow = sink_that_never_reads(&srv).await;
     let sender = client(&srv).await;
     let payload = vec![b'x'; 60_000];
     let mut delivered = 0u64;
@@ -338,14 +344,7 @@ async fn a_peer_that_never_reads_again_is_closed_after_the_write_stall_limit() {
     cfg.write_stall_ms_max = 300;
     let srv = server_with(cfg).await;
     // Owns a port, then never reads a byte; its socket stays open (held in `_slow`).
-    let mut slow = Raw::session(&srv, 10_000, true).await;
-    slow.send(&[Request::Register {
-        port: b"sink",
-        value: b"",
-        wait: false,
-    }])
-    .await;
-    let _slow = slow;
+    let _slow = sink_that_never_reads(&srv).await;
     let sender = client(&srv).await;
     let payload = vec![b'x'; 60_000];
     for _ in 0..10_000 {
