@@ -442,30 +442,17 @@ async fn ctl_manages_users_and_roles_and_logs_in() {
             .env("PORTSWITCH_PASSWORD", "Granite-Falcon-2026!");
         c
     };
-    let out = within(
+    succeeds(
         "role add",
-        as_admin(&["role", "add", "writers", "--grant", "svc/=register,query"]).output(),
+        &mut as_admin(&["role", "add", "writers", "--grant", "svc/=register,query"]),
     )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = within(
+    .await;
+    succeeds(
         "user add",
         as_admin(&["user", "add", "alice", "--role", "writers"])
-            .env("PORTSWITCH_NEW_PASSWORD", "Tulip-Orbit-93")
-            .output(),
+            .env("PORTSWITCH_NEW_PASSWORD", "Tulip-Orbit-93"),
     )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     let out = within("user list", as_admin(&["--json", "user", "list"]).output())
         .await
         .unwrap();
@@ -485,17 +472,11 @@ async fn ctl_manages_users_and_roles_and_logs_in() {
             .env("PORTSWITCH_PASSWORD", "Tulip-Orbit-93");
         c
     };
-    let out = within(
+    succeeds(
         "alice",
-        as_alice(&["register", "svc/x", "--hold-secs", "0"]).output(),
+        &mut as_alice(&["register", "svc/x", "--hold-secs", "0"]),
     )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     let out = within(
         "alice denied",
         as_alice(&["register", "db/x", "--hold-secs", "0"]).output(),
@@ -524,25 +505,17 @@ async fn tls_with_scram_channel_binding_client_certificates_and_openssl() {
     let dir = std::env::temp_dir().join(format!("portswitch-tls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let certs = dir.join("certs");
-    let out = within(
+    succeeds(
         "cert",
-        Command::new(BIN)
-            .args([
-                "cert",
-                "--out",
-                certs.to_str().unwrap(),
-                "--client",
-                "alice",
-            ])
-            .output(),
+        Command::new(BIN).args([
+            "cert",
+            "--out",
+            certs.to_str().unwrap(),
+            "--client",
+            "alice",
+        ]),
     )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     let p = |f: &str| certs.join(f).to_str().unwrap().to_string();
     let data = dir.join("data");
     let srv = serve(
@@ -609,54 +582,33 @@ async fn tls_with_scram_channel_binding_client_certificates_and_openssl() {
         .await
         .unwrap();
     assert!(within("root", add.wait()).await.unwrap().success());
-    let out = within(
+    succeeds(
         "alice",
         tls(&["--user", "root", "user", "add", "alice", "--role", "root"])
             .env("PORTSWITCH_PASSWORD", "Granite-Falcon-2026!")
-            .env("PORTSWITCH_NEW_PASSWORD", "Tulip-Orbit-93")
-            .output(),
+            .env("PORTSWITCH_NEW_PASSWORD", "Tulip-Orbit-93"),
     )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     // SCRAM over TLS (bound to the channel with tls-exporter).
-    let out = within(
+    succeeds(
         "scram",
         tls(&["--user", "alice", "register", "svc/tls", "--hold-secs", "0"])
-            .env("PORTSWITCH_PASSWORD", "Tulip-Orbit-93")
-            .output(),
+            .env("PORTSWITCH_PASSWORD", "Tulip-Orbit-93"),
     )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     // A client certificate logs in as alice with no password.
-    let out = within(
+    succeeds(
         "mtls",
-        tls(&[
+        &mut tls(&[
             "--cert",
             &p("client-alice.pem"),
             "--key",
             &p("client-alice-key.pem"),
             "query",
             "svc/tls",
-        ])
-        .output(),
+        ]),
     )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .await;
     // Without certificate or password: authentication required.
     let out = within("anon", tls(&["query", "svc/tls"]).output())
         .await
@@ -753,4 +705,15 @@ async fn bench_preencoded_frames_are_all_answered_without_errors() {
     // Whole frames of 64 REGISTER + UNREGISTER pairs only.
     let ops = r["ops"].as_u64().unwrap();
     assert!(ops > 0 && ops % 128 == 0, "{r}");
+}
+
+/// Runs a command to completion (within the usual time limit) and asserts that it
+/// succeeded, showing its stderr if not.
+async fn succeeds(what: &str, cmd: &mut Command) {
+    let out = within(what, cmd.output()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
