@@ -13,7 +13,9 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(n)) = frame_len(rest, FRAME_BYTES_MAX) {
         for m in messages(&rest[4..n], COMMANDS_PER_FRAME_MAX) {
             let Ok(m) = m else { break };
-            let Ok(req) = Request::decode(m.opcode, m.body) else { continue };
+            let Ok(req) = Request::decode(m.opcode, m.body) else {
+                continue;
+            };
             let mut fb = FrameBuf::new(FRAME_BYTES_MAX, COMMANDS_PER_FRAME_MAX);
             fb.push_request(m.id.max(1), &req);
             let mut wire = BytesMut::new();

@@ -13,7 +13,9 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(n)) = frame_len(rest, FRAME_BYTES_MAX) {
         for m in messages(&rest[4..n], usize::MAX) {
             let Ok(m) = m else { break };
-            let Ok(msg) = ServerMsg::decode(m.opcode, m.id, m.body) else { continue };
+            let Ok(msg) = ServerMsg::decode(m.opcode, m.id, m.body) else {
+                continue;
+            };
             // Walking page and stats entries must not fail once decoded.
             if let ServerMsg::Reply { reply, .. } = &msg {
                 let _ = reply.page_entries().count();

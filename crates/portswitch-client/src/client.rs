@@ -213,7 +213,8 @@ enum Answer {
 #[derive(Debug)]
 enum Kind {
     Plain,
-    Register(Bytes),
+    /// (port, value): the value is kept to reclaim or re-queue after a failover.
+    Register(Bytes, Bytes),
     Unregister(Bytes),
 }
 
@@ -237,6 +238,10 @@ struct St {
     pending: HashMap<u32, Pending>,
     acquire_waiters: HashMap<Bytes, Vec<oneshot::Sender<Result<u64>>>>,
     owned: HashMap<Bytes, u64>,
+    /// Non-empty values of owned or awaited ports (re-sent after a failover).
+    values: HashMap<Bytes, Bytes>,
+    /// What this session watches: (name, prefix). Re-watched on a new master.
+    watches: std::collections::HashSet<(Bytes, bool)>,
     info: SessionInfo,
     safe_lease: Duration,
     view_end: Instant,
@@ -325,6 +330,8 @@ impl Client {
                 pending: HashMap::new(),
                 acquire_waiters: HashMap::new(),
                 owned: HashMap::new(),
+                values: HashMap::new(),
+                watches: Default::default(),
                 info,
                 safe_lease,
                 view_end: sent_at + safe_lease,
@@ -406,7 +413,7 @@ impl Client {
                     value,
                     wait,
                 },
-                Kind::Register(port.clone()),
+                Kind::Register(port.clone(), Bytes::copy_from_slice(value)),
             )
             .await?;
         Ok(match a {
@@ -495,7 +502,13 @@ impl Client {
             )
             .await?
         {
-            Answer::Watching(o) => Ok(o),
+            Answer::Watching(o) => {
+                self.inner
+                    .lock()
+                    .watches
+                    .insert((Bytes::copy_from_slice(port.as_ref()), false));
+                Ok(o)
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -512,12 +525,22 @@ impl Client {
             )
             .await?
         {
-            Answer::Watching(_) => Ok(()),
+            Answer::Watching(_) => {
+                self.inner
+                    .lock()
+                    .watches
+                    .insert((Bytes::copy_from_slice(prefix.as_ref()), true));
+                Ok(())
+            }
             other => Err(unexpected(other)),
         }
     }
 
     pub async fn unwatch(&self, port: impl AsRef<[u8]>) -> Result<()> {
+        self.inner
+            .lock()
+            .watches
+            .remove(&(Bytes::copy_from_slice(port.as_ref()), false));
         self.ok(
             Request::Unwatch {
                 name: port.as_ref(),
@@ -529,6 +552,10 @@ impl Client {
     }
 
     pub async fn unwatch_prefix(&self, prefix: impl AsRef<[u8]>) -> Result<()> {
+        self.inner
+            .lock()
+            .watches
+            .remove(&(Bytes::copy_from_slice(prefix.as_ref()), true));
         self.ok(
             Request::Unwatch {
                 name: prefix.as_ref(),
@@ -664,8 +691,16 @@ impl Client {
     }
 
     async fn request(&self, req: Request<'_>, kind: Kind) -> Result<Answer> {
+        let rx = self.inner.submit(req, kind)?;
+        rx.await.map_err(|_| Error::ConnectionLost)?
+    }
+}
+
+impl Inner {
+    /// Queues a request; the receiver gets its answer.
+    fn submit(&self, req: Request<'_>, kind: Kind) -> Result<oneshot::Receiver<Result<Answer>>> {
         let rx = {
-            let mut st = self.inner.lock();
+            let mut st = self.lock();
             match &st.phase {
                 Phase::Lost(why) => return Err(Error::SessionLost(why.clone())),
                 Phase::Closed => return Err(Error::Closed),
@@ -686,8 +721,8 @@ impl Client {
             );
             rx
         };
-        self.inner.wake_writer.notify_one();
-        rx.await.map_err(|_| Error::ConnectionLost)?
+        self.wake_writer.notify_one();
+        Ok(rx)
     }
 }
 
@@ -708,7 +743,7 @@ fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result
         }
     };
     match *req {
-        Request::Register { port, value, .. } => {
+        Request::Register { port, value, .. } | Request::Reclaim { port, value, .. } => {
             check("port name", port.len(), l.port_name_bytes_max)?;
             check("value", value.len(), l.value_bytes_max)
         }
@@ -772,6 +807,8 @@ impl Inner {
                 st.out.clear();
                 st.conn_gen += 1;
             }
+            st.values.clear();
+            st.watches.clear();
             (
                 std::mem::take(&mut st.pending),
                 std::mem::take(&mut st.acquire_waiters),
@@ -1082,11 +1119,23 @@ fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
                     let answer = owned_answer(&reply);
                     if let Ok(a) = &answer {
                         match (&p.kind, a) {
-                            (Kind::Register(port), Answer::Registered(t)) => {
+                            (Kind::Register(port, value), Answer::Registered(t)) => {
                                 st.owned.insert(port.clone(), *t);
+                                remember_value(&mut st.values, port, value);
+                                // A waiter re-queued after a failover may be granted
+                                // at once: whoever awaits the port has it.
+                                if let Some(ws) = st.acquire_waiters.remove(port) {
+                                    for w in ws {
+                                        let _ = w.send(Ok(*t));
+                                    }
+                                }
+                            }
+                            (Kind::Register(port, value), Answer::Queued(_)) => {
+                                remember_value(&mut st.values, port, value);
                             }
                             (Kind::Unregister(port), Answer::Ok) => {
                                 st.owned.remove(port);
+                                st.values.remove(port);
                             }
                             _ => {}
                         }
@@ -1131,6 +1180,7 @@ fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
                         payload: Bytes::copy_from_slice(payload),
                     }),
                     WireEvent::Resync => events.push(Event::Resync),
+                    WireEvent::Recovered => events.push(Event::Recovered),
                     WireEvent::GoAway { code, message } => {
                         goaway = Some((code, String::from_utf8_lossy(message).into_owned()));
                     }
@@ -1154,6 +1204,14 @@ fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
         tracing::debug!(%code, %msg, "GOAWAY from server");
     }
     Ok(())
+}
+
+fn remember_value(values: &mut HashMap<Bytes, Bytes>, port: &Bytes, value: &Bytes) {
+    if value.is_empty() {
+        values.remove(port);
+    } else {
+        values.insert(port.clone(), value.clone());
+    }
 }
 
 fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
@@ -1262,7 +1320,17 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
         let attempt = handshake(&inner.opts, info.lease_ms, Some((info.id, info.secret)));
         let left = view_end.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, attempt).await {
+            Ok(Ok((_, hello, _, _))) if hello.epoch < info.epoch => {
+                // A master older than one this session has seen is deposed (or about
+                // to learn it is): its answers must not extend the lease view.
+                tracing::warn!(
+                    epoch = hello.epoch,
+                    seen = info.epoch,
+                    "refusing a server with an older epoch"
+                );
+            }
             Ok(Ok((stream, hello, rest, sent_at))) => {
+                let new_master = hello.epoch > info.epoch;
                 let new_gen = {
                     let mut st = inner.lock();
                     if st.phase != Phase::Reconnecting {
@@ -1280,6 +1348,9 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
                 start_connection(inner.clone(), stream, rest, new_gen);
                 let _ = inner.events.send(Event::Reconnected);
                 inner.wake_writer.notify_one();
+                if new_master {
+                    tokio::spawn(reclaim_all(inner.clone()));
+                }
                 return;
             }
             Ok(Err(Error::Server { code, message })) => {
@@ -1296,6 +1367,91 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
+}
+
+/// RECLAIMs sent per round trip after a failover: enough to fill frames, few enough
+/// that a session with a million ports neither floods the new master's send queue
+/// nor its own memory.
+const RECLAIM_CHUNK: usize = 1_024;
+
+/// The session was adopted by a new master: take back every port with its token (in
+/// chunks), re-watch, re-queue, and tell the application to re-read what it watches.
+/// A port the new master will not give back is reported as [`Event::PortLost`].
+async fn reclaim_all(inner: Arc<Inner>) {
+    let (owned, values, watches, awaited) = {
+        let st = inner.lock();
+        (
+            st.owned
+                .iter()
+                .map(|(p, t)| (p.clone(), *t))
+                .collect::<Vec<_>>(),
+            st.values.clone(),
+            st.watches.iter().cloned().collect::<Vec<_>>(),
+            st.acquire_waiters.keys().cloned().collect::<Vec<_>>(),
+        )
+    };
+    let empty = Bytes::new();
+    for chunk in owned.chunks(RECLAIM_CHUNK) {
+        let mut answers = Vec::with_capacity(chunk.len());
+        for (port, token) in chunk {
+            let value = values.get(port).unwrap_or(&empty);
+            let req = Request::Reclaim {
+                port,
+                token: *token,
+                value,
+            };
+            match inner.submit(req, Kind::Plain) {
+                Ok(rx) => answers.push((port, *token, rx)),
+                Err(_) => return, // the session is over: OwnershipLost said it all
+            }
+        }
+        for (port, token, rx) in answers {
+            let reason = match rx.await {
+                Ok(Ok(Answer::Registered(t))) if t == token => continue,
+                Ok(Ok(other)) => format!("the new master answered {other:?}"),
+                Ok(Err(Error::ConnectionLost)) | Err(_) => {
+                    // The connection dropped again; the next resume reclaims again.
+                    return;
+                }
+                Ok(Err(e)) => format!("the new master refused: {e}"),
+            };
+            let lost = {
+                let mut st = inner.lock();
+                let held = st.owned.get(port) == Some(&token);
+                if held {
+                    st.owned.remove(port);
+                    st.values.remove(port);
+                }
+                held
+            };
+            if lost {
+                let _ = inner.events.send(Event::PortLost {
+                    port: port.clone(),
+                    token,
+                    reason,
+                });
+            }
+        }
+    }
+    for (name, prefix) in watches {
+        let _ = inner.submit(
+            Request::Watch {
+                name: &name,
+                prefix,
+            },
+            Kind::Plain,
+        );
+    }
+    for port in awaited {
+        let value = values.get(&port).cloned().unwrap_or_default();
+        let req = Request::Register {
+            port: &port,
+            value: &value,
+            wait: true,
+        };
+        let _ = inner.submit(req, Kind::Register(port.clone(), value.clone()));
+    }
+    let _ = inner.events.send(Event::Resync);
 }
 
 /// Sends a PING every third of the lease and declares the session lost when the lease

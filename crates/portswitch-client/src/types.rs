@@ -112,8 +112,19 @@ pub enum Event {
         port: Bytes,
         payload: Bytes,
     },
-    /// Events were lost while the session had no connection; re-read watched state.
+    /// Events were lost while the session had no connection, or the session moved to
+    /// a new master (its watches are re-established): re-read watched state.
     Resync,
+    /// The new master's recovery window closed: ports nobody reclaimed are free.
+    Recovered,
+    /// A port this session owned was not given back by a new master (someone else
+    /// holds it, or the master refused the reclaim). Stop acting as its owner; the
+    /// session itself goes on.
+    PortLost {
+        port: Bytes,
+        token: u64,
+        reason: String,
+    },
     /// The connection dropped; the client is trying to resume the session.
     Disconnected,
     /// The session was resumed on a new connection; ports are still held.

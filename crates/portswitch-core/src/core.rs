@@ -59,9 +59,13 @@ pub struct Stats {
     pub errors_total: u64,
     /// Heap bytes of the port table's own arrays (entries, index, free list).
     pub table_heap_bytes: u64,
+    /// 1 while a recovery window is open.
+    pub recovering: u64,
+    /// Sessions of an earlier master adopted in a recovery window.
+    pub sessions_adopted_total: u64,
+    /// Ports taken back with RECLAIM.
+    pub ports_reclaimed_total: u64,
 }
-
-const SLOT_MASK: u64 = 0xFFFF_FFFF;
 
 #[derive(Debug)]
 struct Session {
@@ -87,6 +91,8 @@ struct Session {
     access: Option<Box<Access>>,
     /// Ended, still releasing its ports a step at a time (see `Config::release_step_ports_max`).
     ending: bool,
+    /// Resumed from an earlier master during this core's recovery window: may RECLAIM.
+    adopted: bool,
 }
 
 /// Who a session authenticated as, and what its roles let it do. The driver verifies
@@ -114,6 +120,7 @@ fn required<'r>(req: &Request<'r>) -> Option<(Perm, &'r [u8])> {
         | Request::Bye
         | Request::Stats
         | Request::Unwatch { .. } => return None,
+        Request::Reclaim { port, .. } => (Perm::Register, port),
     })
 }
 
@@ -152,7 +159,11 @@ pub struct Core {
     epoch: u64,
     seq: u32,
     sessions: slab::Slab<Session>,
-    session_seq: u32,
+    /// Public session id → slot. Ids are unpredictable and unique across the group's
+    /// epochs, so a session keeps its id when a new master adopts it.
+    session_ids: hashbrown::HashMap<u64, u32, foldhash::fast::RandomState>,
+    session_seq: u64,
+    id_keys: (u64, u64),
     conn_sessions: hashbrown::HashMap<ConnId, u32, foldhash::fast::RandomState>,
     ports: PortTable,
     prefix_watches: Vec<PrefixWatch>,
@@ -160,6 +171,11 @@ pub struct Core {
     /// Ended sessions still releasing ports, oldest first.
     ending: std::collections::VecDeque<u32>,
     secret_keys: (u64, u64),
+    /// While `Some`: the recovery window of a new master closes at this time.
+    recovery_until: Option<u64>,
+    /// Ports that got a waiter while unowned during the recovery window: granted to
+    /// their first waiter when it closes.
+    recovery_waits: Vec<u32>,
     now_ms: u64,
     stats: Stats,
     scratch: BytesMut,
@@ -167,8 +183,10 @@ pub struct Core {
 
 impl Core {
     /// A core for `epoch` (strictly greater than any earlier epoch of this group; grants
-    /// carry it in their tokens). `seed` keys the port hash and session secrets and must
-    /// be unpredictable to clients.
+    /// carry it in their tokens). `seed` keys the port hash and session ids (`seed[0]`)
+    /// and session secrets (`seed[1]`, `seed[2]`); all must be unpredictable to clients.
+    /// The secret keys are the group's: a later master with the same keys can verify
+    /// and adopt this master's sessions in its recovery window.
     pub fn new(cfg: Config, epoch: u64, seed: [u64; 3]) -> Core {
         cfg.validate()
             .expect("core config must be validated by the caller");
@@ -181,13 +199,20 @@ impl Core {
             epoch,
             seq: 0,
             sessions: slab::Slab::new(),
+            session_ids: Default::default(),
             session_seq: 0,
+            id_keys: (
+                seed[0] ^ 0x6964_5f6b_6579_5f30,
+                seed[0].rotate_left(17) ^ epoch,
+            ),
             conn_sessions: Default::default(),
             ports: PortTable::new(seed[0]),
             prefix_watches: Vec::new(),
             expiry: BinaryHeap::new(),
             ending: Default::default(),
             secret_keys: (seed[1], seed[2]),
+            recovery_until: None,
+            recovery_waits: Vec::new(),
             now_ms: 0,
             stats: Stats::default(),
             scratch: BytesMut::new(),
@@ -200,6 +225,31 @@ impl Core {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Opens a **recovery window** of `window_ms` from `now_ms` on a core that has just
+    /// taken over from an earlier master (DESIGN §4). Until it closes: a HELLO resuming
+    /// a session of the earlier master (right id and secret under the group's keys) is
+    /// adopted with its id; adopted sessions RECLAIM their ports with their tokens; a
+    /// port nobody has reclaimed is unknown — REGISTER fails with `recovering` (or with
+    /// WAIT queues for it), QUERY and SEND fail with `recovering`. When it closes,
+    /// unreclaimed ports are free, their first waiters are granted them, and every
+    /// session gets RECOVERED. The window must be at least the longest lease the
+    /// earlier master could have granted, plus the clock-drift margin, counted from
+    /// when that master's own lease had certainly run out.
+    pub fn start_recovery(&mut self, now_ms: u64, window_ms: u64) {
+        self.advance(now_ms);
+        assert!(
+            self.sessions.is_empty() && self.ports.is_empty(),
+            "a recovery window opens on a fresh core"
+        );
+        self.recovery_until = Some(now_ms + window_ms);
+    }
+
+    /// Milliseconds left of the recovery window (`None` when not recovering).
+    pub fn recovery_left_ms(&self) -> Option<u64> {
+        self.recovery_until
+            .map(|until| until.saturating_sub(self.now_ms))
     }
 
     /// The limits announced to clients.
@@ -229,6 +279,7 @@ impl Core {
         s.port_entries = self.ports.len() as u64;
         s.prefix_watches = self.prefix_watches.len() as u64;
         s.table_heap_bytes = self.ports.heap_bytes() as u64;
+        s.recovering = self.recovery_until.is_some() as u64;
         s
     }
 
@@ -255,7 +306,11 @@ impl Core {
             // Ended sessions still have ports to release: due now.
             return Some(self.now_ms);
         }
-        self.expiry.peek().map(|Reverse((t, _))| *t)
+        let expiry = self.expiry.peek().map(|Reverse((t, _))| *t);
+        match (expiry, self.recovery_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Starts processing one frame from `conn`. Any frame renews the session's lease.
@@ -314,6 +369,7 @@ impl Core {
             )),
             _ if b.session == NONE => Err(Fail::Code(ErrorCode::NoSession, "send HELLO first")),
             Request::Register { port, value, wait } => self.register(b, port, value, wait, out),
+            Request::Reclaim { port, token, value } => self.reclaim(b, port, token, value, out),
             Request::Unregister { port } => self.unregister(b, port, out),
             Request::Query { port } => {
                 self.query(b.conn, id, port, out);
@@ -396,12 +452,12 @@ impl Core {
                 break;
             }
             self.expiry.pop();
-            let slot = (id & SLOT_MASK) as u32;
-            let Some(s) = self.sessions.get(slot as usize) else {
-                continue;
+            let Some(&slot) = self.session_ids.get(&id) else {
+                continue; // ended earlier
             };
-            if s.id != id || s.ending {
-                continue; // ended earlier (the slot may have been reused)
+            let s = &self.sessions[slot as usize];
+            if s.ending {
+                continue;
             }
             if s.deadline_ms > now_ms {
                 // Renewed since it was queued: look again at its current deadline.
@@ -411,7 +467,36 @@ impl Core {
             self.stats.sessions_expired_total += 1;
             self.end_session(slot, End::Expired, out);
         }
+        if self.recovery_until.is_some_and(|until| until <= now_ms) {
+            self.close_recovery(out);
+        }
         self.continue_ending(out);
+    }
+
+    /// The recovery window is over: whatever nobody reclaimed is free. Ports that got
+    /// waiters meanwhile go to their first waiter; every session hears RECOVERED.
+    fn close_recovery(&mut self, out: &mut impl Outbox) {
+        self.recovery_until = None;
+        let mut waits = std::mem::take(&mut self.recovery_waits);
+        waits.sort_unstable();
+        waits.dedup();
+        for port in waits {
+            // The slot may have been emptied (everyone left the queue) and reused; a
+            // port without an owner but with waiters only arises in the window, so any
+            // such slot is one to grant.
+            if !self.ports.is_live(port) || self.ports.get(port).owner != NONE {
+                continue;
+            }
+            if self.ports.extra(port).is_some_and(|x| !x.queue.is_empty()) {
+                let name: Box<[u8]> = self.ports.get(port).name().into();
+                self.grant_first_waiter(port, &name, out);
+            }
+            self.ports.remove_if_unused(port);
+        }
+        let slots: Vec<u32> = self.sessions.iter().map(|(k, _)| k as u32).collect();
+        for slot in slots {
+            self.deliver(slot, &Event::Recovered, out);
+        }
     }
 
     /// Releases up to `release_step_ports_max` ports of ended sessions, and forgets the
@@ -430,18 +515,48 @@ impl Core {
                 return;
             }
             self.ending.pop_front();
-            self.sessions.remove(slot as usize);
+            self.forget_session(slot);
         }
+    }
+
+    fn forget_session(&mut self, slot: u32) {
+        let s = self.sessions.remove(slot as usize);
+        self.session_ids.remove(&s.id);
     }
 
     // ----- sessions -------------------------------------------------------------
 
-    fn secret_for(&self, id: u64) -> u64 {
+    /// A session's resume secret: keyed by the group's secret keys, bound to the id
+    /// and the user, so any master of the group can verify it and only that user can
+    /// present it.
+    fn secret_for(&self, id: u64, user: Option<&str>) -> u64 {
         let mut h =
             siphasher::sip::SipHasher24::new_with_keys(self.secret_keys.0, self.secret_keys.1);
         h.write_u64(id);
-        h.write_u64(self.epoch);
+        match user {
+            Some(u) => {
+                h.write_u8(1);
+                h.write(u.as_bytes());
+            }
+            None => h.write_u8(0),
+        }
         h.finish()
+    }
+
+    /// A fresh session id: unpredictable, non-zero, unique among this core's sessions
+    /// (and, being keyed by a per-master random key and the epoch, practically unique
+    /// across the group's masters).
+    fn next_session_id(&mut self) -> u64 {
+        loop {
+            self.session_seq += 1;
+            let mut h = siphasher::sip::SipHasher24::new_with_keys(self.id_keys.0, self.id_keys.1);
+            h.write_u64(self.epoch);
+            h.write_u64(self.session_seq);
+            let id = h.finish();
+            if id != 0 && !self.session_ids.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     /// Handles a HELLO whose credentials the driver has verified: the session (new or
@@ -506,13 +621,46 @@ impl Core {
             ));
         }
         let limits = self.limits();
+        let recovery_ms = self.recovery_left_ms().unwrap_or(0).min(u32::MAX as u64) as u32;
+        if h.resume_session != 0 && !self.session_ids.contains_key(&h.resume_session) {
+            // Not one of ours: in a recovery window, a session of an earlier master
+            // whose secret verifies under the group's keys is adopted with its id.
+            let user = ident.map(|i| i.user.as_str());
+            let secret = self.secret_for(h.resume_session, user);
+            if self.recovery_until.is_none() || !constant_time_eq(secret, h.resume_secret) {
+                return Err(Fail::Code(
+                    ErrorCode::ResumeFailed,
+                    "no such session (expired, ended, or wrong secret)",
+                ));
+            }
+            if self.sessions.len() >= self.cfg.sessions_max as usize {
+                return Err(Fail::Code(
+                    ErrorCode::SessionsMax,
+                    "the server holds the most sessions it may",
+                ));
+            }
+            let slot = self.insert_session(h.resume_session, secret, b, h, ident);
+            self.sessions[slot as usize].adopted = true;
+            self.stats.sessions_adopted_total += 1;
+            return Ok(Reply::HelloOk(HelloOk {
+                version: PROTOCOL_VERSION,
+                features: 0,
+                session: h.resume_session,
+                secret,
+                epoch: self.epoch,
+                lease_ms: h.lease_ms,
+                resumed: true,
+                limits,
+                auth: &[],
+                recovery_ms,
+            }));
+        }
         if h.resume_session != 0 {
-            let slot = (h.resume_session & SLOT_MASK) as u32;
+            let slot = self.session_ids[&h.resume_session];
             // Only the user who owns a session may resume it.
             let user = ident.map(|i| i.user.as_str());
             let ok = self.sessions.get(slot as usize).is_some_and(|s| {
                 !s.ending
-                    && s.id == h.resume_session
                     && constant_time_eq(s.secret, h.resume_secret)
                     && s.user.as_deref() == user
             });
@@ -553,6 +701,7 @@ impl Core {
                 resumed: true,
                 limits,
                 auth: &[],
+                recovery_ms,
             }));
         }
         if self.sessions.len() >= self.cfg.sessions_max as usize {
@@ -561,17 +710,35 @@ impl Core {
                 "the server holds the most sessions it may",
             ));
         }
+        let id = self.next_session_id();
+        let secret = self.secret_for(id, ident.map(|i| i.user.as_str()));
+        self.insert_session(id, secret, b, h, ident);
+        self.stats.sessions_created_total += 1;
+        Ok(Reply::HelloOk(HelloOk {
+            version: PROTOCOL_VERSION,
+            features: 0,
+            session: id,
+            secret,
+            epoch: self.epoch,
+            lease_ms: h.lease_ms,
+            resumed: false,
+            limits,
+            auth: &[],
+            recovery_ms,
+        }))
+    }
+
+    /// Creates a session attached to the batch's connection.
+    fn insert_session(
+        &mut self,
+        id: u64,
+        secret: u64,
+        b: &mut Batch,
+        h: &Hello<'_>,
+        ident: Option<&Identity>,
+    ) -> u32 {
         let entry = self.sessions.vacant_entry();
         let slot = entry.key() as u32;
-        self.session_seq = self.session_seq.wrapping_add(1).max(1);
-        let id = (self.session_seq as u64) << 32 | slot as u64;
-        let secret = {
-            let mut h =
-                siphasher::sip::SipHasher24::new_with_keys(self.secret_keys.0, self.secret_keys.1);
-            h.write_u64(id);
-            h.write_u64(self.epoch);
-            h.finish()
-        };
         let deadline_ms = b.now_ms + h.lease_ms as u64;
         entry.insert(Session {
             id,
@@ -589,23 +756,13 @@ impl Core {
             user: ident.map(|i| i.user.clone().into_boxed_str()),
             access: ident.map(|i| Box::new(i.access.clone())),
             ending: false,
+            adopted: false,
         });
-        debug_assert_eq!(secret, self.secret_for(id));
+        self.session_ids.insert(id, slot);
         self.expiry.push(Reverse((deadline_ms, id)));
         self.conn_sessions.insert(b.conn, slot);
         b.session = slot;
-        self.stats.sessions_created_total += 1;
-        Ok(Reply::HelloOk(HelloOk {
-            version: PROTOCOL_VERSION,
-            features: 0,
-            session: id,
-            secret,
-            epoch: self.epoch,
-            lease_ms: h.lease_ms,
-            resumed: false,
-            limits,
-            auth: &[],
-        }))
+        slot
     }
 
     fn flush_missed(&mut self, slot: u32, conn: ConnId, out: &mut impl Outbox) {
@@ -673,7 +830,7 @@ impl Core {
             while let Some(&port) = self.sessions[slot as usize].ports.last() {
                 self.release(port, out);
             }
-            self.sessions.remove(slot as usize);
+            self.forget_session(slot);
         } else {
             self.sessions[slot as usize].ending = true;
             self.ending.push_back(slot);
@@ -739,9 +896,21 @@ impl Core {
         Ok(())
     }
 
-    /// Grants the free port at `port` to `session`, telling watchers.
+    /// Grants the free port at `port` to `session` with a new token, telling watchers.
     fn grant(&mut self, port: u32, session: u32, value: &[u8], out: &mut impl Outbox) -> u64 {
         let token = self.next_token();
+        self.grant_with(port, session, value, token, out)
+    }
+
+    /// Grants the free port at `port` to `session` with `token`, telling watchers.
+    fn grant_with(
+        &mut self,
+        port: u32,
+        session: u32,
+        value: &[u8],
+        token: u64,
+        out: &mut impl Outbox,
+    ) -> u64 {
         let s = &mut self.sessions[session as usize];
         let pos = s.ports.len() as u32;
         s.ports.push(port);
@@ -807,27 +976,29 @@ impl Core {
         if has_extra || !self.prefix_watches.is_empty() {
             let name: Box<[u8]> = self.ports.get(port).name().into();
             self.notify_watchers(port, &name, &Event::Released { port: &name, token }, out);
-            let next = self
-                .ports
-                .extra(port)
-                .and_then(|x| x.queue.front().is_some().then_some(()));
-            if next.is_some() {
-                let w = self
-                    .ports
-                    .extra_mut(port)
-                    .queue
-                    .pop_front()
-                    .expect("checked");
-                self.stats.waiters -= 1;
-                let waits = &mut self.sessions[w.session as usize].waits;
-                if let Some(i) = waits.iter().position(|&p| p == port) {
-                    waits.swap_remove(i);
-                }
-                let token = self.grant(port, w.session, &w.value, out);
-                self.deliver(w.session, &Event::Acquired { port: &name, token }, out);
+            if self.ports.extra(port).is_some_and(|x| !x.queue.is_empty()) {
+                self.grant_first_waiter(port, &name, out);
             }
         }
         self.ports.remove_if_unused(port);
+    }
+
+    /// Grants the free port at `port` (named `name`) to the first session in its
+    /// queue, which gets ACQUIRED.
+    fn grant_first_waiter(&mut self, port: u32, name: &[u8], out: &mut impl Outbox) {
+        let w = self
+            .ports
+            .extra_mut(port)
+            .queue
+            .pop_front()
+            .expect("the caller checked the queue");
+        self.stats.waiters -= 1;
+        let waits = &mut self.sessions[w.session as usize].waits;
+        if let Some(i) = waits.iter().position(|&p| p == port) {
+            waits.swap_remove(i);
+        }
+        let token = self.grant(port, w.session, &w.value, out);
+        self.deliver(w.session, &Event::Acquired { port: name, token }, out);
     }
 
     fn register(
@@ -849,8 +1020,22 @@ impl Core {
         let me = b.session;
         let s = &self.sessions[me as usize];
         let held = s.ports.len() + s.waits.len();
+        let recovering = self.recovery_until.is_some();
         let port = match self.ports.find(name) {
             Some(port) => port,
+            None if recovering => {
+                // Unknown until its owner reclaims it or the window closes.
+                if !wait {
+                    return Err(RECOVERING);
+                }
+                let port = self.ports.insert(name);
+                let r = self.enqueue(me, port, value);
+                match r {
+                    Ok(_) => self.recovery_waits.push(port),
+                    Err(_) => self.ports.remove_if_unused(port),
+                }
+                return r;
+            }
             None => {
                 if held >= self.cfg.ports_per_session_max as usize {
                     return Err(PORTS_FULL);
@@ -868,6 +1053,16 @@ impl Core {
                 token: self.ports.get(port).token,
             });
         }
+        if owner == NONE && recovering {
+            if !wait {
+                return Err(RECOVERING);
+            }
+            let r = self.enqueue(me, port, value);
+            if r.is_ok() {
+                self.recovery_waits.push(port);
+            }
+            return r;
+        }
         if owner == NONE {
             if held >= self.cfg.ports_per_session_max as usize {
                 return Err(PORTS_FULL);
@@ -878,6 +1073,14 @@ impl Core {
         if !wait {
             return Err(Fail::Taken { port, owner });
         }
+        self.enqueue(me, port, value)
+    }
+
+    /// Puts session `me` in the queue of `port` (or tells it its place if it is in
+    /// it already).
+    fn enqueue(&mut self, me: u32, port: u32, value: &[u8]) -> Result<Reply<'static>, Fail> {
+        let s = &self.sessions[me as usize];
+        let held = s.ports.len() + s.waits.len();
         if let Some(pos) = self
             .ports
             .extra(port)
@@ -907,6 +1110,71 @@ impl Core {
         self.sessions[me as usize].waits.push(port);
         self.stats.waiters += 1;
         Ok(Reply::Queued { position })
+    }
+
+    /// RECLAIM: an adopted session takes back, in the recovery window, a port it
+    /// owned on the earlier master, with that grant's token.
+    fn reclaim(
+        &mut self,
+        b: &Batch,
+        name: &[u8],
+        token: u64,
+        value: &[u8],
+        out: &mut impl Outbox,
+    ) -> Result<Reply<'static>, Fail> {
+        self.check_name(name)?;
+        if value.len() > self.cfg.value_bytes_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::ValueTooLarge,
+                "value larger than value_bytes_max",
+            ));
+        }
+        if self.recovery_until.is_none() {
+            return Err(Fail::Code(
+                ErrorCode::ReclaimRefused,
+                "no recovery window is open: REGISTER instead",
+            ));
+        }
+        let me = b.session;
+        if !self.sessions[me as usize].adopted {
+            return Err(Fail::Code(
+                ErrorCode::ReclaimRefused,
+                "only a session resumed from an earlier master may reclaim",
+            ));
+        }
+        // Tokens this master grants carry its epoch; a reclaimed one must be older, so
+        // that every later grant of the port still carries a higher token.
+        if token == 0 || token >> 32 >= self.epoch {
+            return Err(Fail::Code(
+                ErrorCode::ReclaimRefused,
+                "the token is not from an earlier epoch",
+            ));
+        }
+        let port = match self.ports.find(name) {
+            Some(port) => port,
+            None => self.ports.insert(name),
+        };
+        let owner = self.ports.get(port).owner;
+        if owner == me {
+            self.ports.set_value(port, value);
+            return Ok(Reply::Registered {
+                token: self.ports.get(port).token,
+            });
+        }
+        if owner != NONE {
+            // Only one session can have held the port when the earlier master stopped;
+            // a second claim comes from a client that had lost it (or lies).
+            return Err(Fail::Taken { port, owner });
+        }
+        let s = &self.sessions[me as usize];
+        if s.ports.len() + s.waits.len() >= self.cfg.ports_per_session_max as usize {
+            self.ports.remove_if_unused(port);
+            return Err(PORTS_FULL);
+        }
+        // A waiter that queued meanwhile stays queued behind the owner.
+        self.grant_with(port, me, value, token, out);
+        self.stats.ports_reclaimed_total += 1;
+        Ok(Reply::Registered { token })
     }
 
     fn unregister(
@@ -956,6 +1224,12 @@ impl Core {
             .find(name)
             .filter(|&p| self.ports.get(p).owner != NONE);
         match owned {
+            None if self.recovery_until.is_some() => {
+                let Fail::Code(code, msg) = RECOVERING else {
+                    unreachable!()
+                };
+                self.error(conn, id, code, msg, out)
+            }
             None => out.reply(conn, id, &Reply::Free),
             Some(port) => {
                 let e = self.ports.get(port);
@@ -1087,6 +1361,9 @@ impl Core {
             .find(name)
             .filter(|&p| self.ports.get(p).owner != NONE)
         else {
+            if self.recovery_until.is_some() {
+                return Err(RECOVERING);
+            }
             return Ok(Reply::NoOwner);
         };
         let owner = &self.sessions[self.ports.get(port).owner as usize];
@@ -1280,6 +1557,10 @@ enum Fail {
 const PORTS_FULL: Fail = Fail::Code(
     ErrorCode::PortsPerSessionMax,
     "session owns and waits for ports_per_session_max ports",
+);
+const RECOVERING: Fail = Fail::Code(
+    ErrorCode::Recovering,
+    "a new master is recovering: nobody has reclaimed this port yet; retry when the window closes, or REGISTER with WAIT",
 );
 const WATCHES_FULL: Fail = Fail::Code(
     ErrorCode::WatchesPerSessionMax,

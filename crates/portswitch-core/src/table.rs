@@ -146,6 +146,17 @@ impl PortTable {
         self.indexed
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.indexed == 0
+    }
+
+    /// Whether `slot` holds a port (slots of removed ports are reused).
+    pub fn is_live(&self, slot: u32) -> bool {
+        self.entries
+            .get(slot as usize)
+            .is_some_and(|e| !e.is_free())
+    }
+
     /// Ports with an owner.
     pub fn owned(&self) -> usize {
         self.owned

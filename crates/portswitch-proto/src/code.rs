@@ -68,6 +68,13 @@ pub enum ErrorCode {
     AuthFailed,
     /// This server requires credentials in HELLO.
     AuthRequired,
+    /// A new master is in its recovery window: the port's state is not known until
+    /// its owner reclaims it or the window closes (RECOVERED). Retry after the window,
+    /// or REGISTER with WAIT to queue for it.
+    Recovering,
+    /// RECLAIM outside a recovery window, or from a session that was not resumed
+    /// from an earlier master, or with a token not from an earlier epoch.
+    ReclaimRefused,
     /// A code this library does not know.
     Other(u16),
 }
@@ -106,6 +113,8 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => 28,
             ErrorCode::AuthFailed => 29,
             ErrorCode::AuthRequired => 30,
+            ErrorCode::Recovering => 31,
+            ErrorCode::ReclaimRefused => 32,
             ErrorCode::Other(n) => n,
         }
     }
@@ -143,6 +152,8 @@ impl ErrorCode {
             28 => ErrorCode::PermissionDenied,
             29 => ErrorCode::AuthFailed,
             30 => ErrorCode::AuthRequired,
+            31 => ErrorCode::Recovering,
+            32 => ErrorCode::ReclaimRefused,
             n => ErrorCode::Other(n),
         }
     }
@@ -180,6 +191,8 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::AuthFailed => "auth_failed",
             ErrorCode::AuthRequired => "auth_required",
+            ErrorCode::Recovering => "recovering",
+            ErrorCode::ReclaimRefused => "reclaim_refused",
             ErrorCode::Other(_) => "other",
         }
     }

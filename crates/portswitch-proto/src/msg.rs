@@ -29,6 +29,7 @@ pub mod op {
     pub const STATS: u8 = 0x0C;
     pub const AUTH: u8 = 0x0D;
     pub const ADMIN: u8 = 0x0E;
+    pub const RECLAIM: u8 = 0x0F;
 
     pub const HELLO_OK: u8 = 0x81;
     pub const OK: u8 = 0x82;
@@ -53,6 +54,7 @@ pub mod op {
     pub const MESSAGE: u8 = 0xC4;
     pub const GOAWAY: u8 = 0xC5;
     pub const RESYNC: u8 = 0xC6;
+    pub const RECOVERED: u8 = 0xC7;
 }
 
 /// HELLO flag: end the session the moment its connection closes without BYE.
@@ -232,6 +234,14 @@ pub enum Request<'a> {
     Admin {
         command: &'a [u8],
     },
+    /// Body: `port b16, token u64, value b16`. During a new master's recovery window, a
+    /// session resumed from an earlier master takes back a port it owned there, keeping
+    /// the grant's token.
+    Reclaim {
+        port: &'a [u8],
+        token: u64,
+        value: &'a [u8],
+    },
 }
 
 impl<'a> Request<'a> {
@@ -252,6 +262,7 @@ impl<'a> Request<'a> {
             Request::Stats => op::STATS,
             Request::Auth { .. } => op::AUTH,
             Request::Admin { .. } => op::ADMIN,
+            Request::Reclaim { .. } => op::RECLAIM,
         }
     }
 
@@ -343,6 +354,11 @@ impl<'a> Request<'a> {
             op::ADMIN => Request::Admin {
                 command: r.b32(ADMIN_BYTES_MAX, InvalidArgument, "admin command")?,
             },
+            op::RECLAIM => Request::Reclaim {
+                port: port(&mut r)?,
+                token: r.u64("token")?,
+                value: r.b16(VALUE_BYTES_MAX, ValueTooLarge, "value")?,
+            },
             _ => return Err(body_err(UnknownCommand, "unknown opcode")),
         })
     }
@@ -364,6 +380,7 @@ impl<'a> Request<'a> {
             Request::List { prefix, .. } => 2 + prefix.len() + 8 + 4,
             Request::Auth { data } => 2 + data.len(),
             Request::Admin { command } => 4 + command.len(),
+            Request::Reclaim { port, value, .. } => 2 + port.len() + 8 + 2 + value.len(),
         }
     }
 
@@ -418,6 +435,11 @@ impl<'a> Request<'a> {
             }
             Request::Auth { data } => put_b16(b, data),
             Request::Admin { command } => put_b32(b, command),
+            Request::Reclaim { port, token, value } => {
+                put_b16(b, port);
+                b.put_u64(token);
+                put_b16(b, value);
+            }
         }
     }
 }
@@ -494,6 +516,10 @@ pub struct HelloOk<'a> {
     /// For SCRAM-SHA-256, the server-final-message (`v=` signature): the client checks
     /// it to know the server holds its verifier.
     pub auth: &'a [u8],
+    /// Milliseconds left of this master's recovery window (0: not recovering). While
+    /// it runs, only ports their owners reclaimed are known; RECOVERED follows when it
+    /// closes. May be absent on the wire: read it as 0.
+    pub recovery_ms: u32,
 }
 
 /// A reply to one request, matched to it by request id.
@@ -593,6 +619,10 @@ pub enum Event<'a> {
     /// Body: empty. Events were lost while the session had no connection; re-read the
     /// state of what you watch.
     Resync,
+    /// Body: empty. The new master's recovery window closed: ports nobody reclaimed
+    /// are free (a watched port not reported owned since the window began is free),
+    /// and QUERY/SEND/REGISTER answer for every port again.
+    Recovered,
 }
 
 /// Anything a server sends.
@@ -627,7 +657,7 @@ impl<'a> Reply<'a> {
     pub fn body_len(&self) -> usize {
         match self {
             Reply::HelloOk(h) => {
-                2 + 8 + 8 + 8 + 8 + 4 + 1 + 4 * ServerLimits::FIELDS + 2 + h.auth.len()
+                2 + 8 + 8 + 8 + 8 + 4 + 1 + 4 * ServerLimits::FIELDS + 2 + h.auth.len() + 4
             }
             Reply::Ok | Reply::Free | Reply::Delivered | Reply::NoOwner => 0,
             Reply::Registered { .. } => 8,
@@ -656,6 +686,7 @@ impl<'a> Reply<'a> {
                 b.put_u8(h.resumed as u8);
                 h.limits.encode(b);
                 put_b16(b, h.auth);
+                b.put_u32(h.recovery_ms);
             }
             Reply::Ok | Reply::Free | Reply::Delivered | Reply::NoOwner => {}
             Reply::Registered { token } => b.put_u64(token),
@@ -730,6 +761,11 @@ impl<'a> Reply<'a> {
                     &[]
                 } else {
                     r.b16(AUTH_DATA_BYTES_MAX, InvalidArgument, "auth data")?
+                },
+                recovery_ms: if r.remaining() == 0 {
+                    0
+                } else {
+                    r.u32("recovery_ms")?
                 },
             }),
             op::OK => Reply::Ok,
@@ -887,6 +923,7 @@ impl<'a> Event<'a> {
             Event::Message { .. } => op::MESSAGE,
             Event::GoAway { .. } => op::GOAWAY,
             Event::Resync => op::RESYNC,
+            Event::Recovered => op::RECOVERED,
         }
     }
 
@@ -896,7 +933,7 @@ impl<'a> Event<'a> {
             Event::Claimed { port, node, .. } => 2 + port.len() + 16 + 2 + node.len(),
             Event::Message { port, payload, .. } => 8 + 2 + port.len() + 4 + payload.len(),
             Event::GoAway { message, .. } => 2 + 2 + message.len().min(ERROR_MESSAGE_BYTES_MAX),
-            Event::Resync => 0,
+            Event::Resync | Event::Recovered => 0,
         }
     }
 
@@ -930,7 +967,7 @@ impl<'a> Event<'a> {
                 b.put_u16(code.to_u16());
                 put_b16(b, &message[..message.len().min(ERROR_MESSAGE_BYTES_MAX)]);
             }
-            Event::Resync => {}
+            Event::Resync | Event::Recovered => {}
         }
     }
 
@@ -963,6 +1000,7 @@ impl<'a> Event<'a> {
                 message: r.b16(ERROR_MESSAGE_BYTES_MAX, InvalidArgument, "message")?,
             },
             op::RESYNC => Event::Resync,
+            op::RECOVERED => Event::Recovered,
             _ => return Err(body_err(UnknownCommand, "unknown event opcode")),
         })
     }

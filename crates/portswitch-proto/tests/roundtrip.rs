@@ -26,6 +26,7 @@ enum OwnedReq {
     Bye,
     Stats,
     Auth(Vec<u8>),
+    Reclaim(Vec<u8>, u64, Vec<u8>),
 }
 
 impl OwnedReq {
@@ -74,6 +75,11 @@ impl OwnedReq {
             OwnedReq::Bye => Request::Bye,
             OwnedReq::Stats => Request::Stats,
             OwnedReq::Auth(d) => Request::Auth { data: d },
+            OwnedReq::Reclaim(p, t, v) => Request::Reclaim {
+                port: p,
+                token: *t,
+                value: v,
+            },
         }
     }
 }
@@ -106,6 +112,8 @@ fn request() -> impl Strategy<Value = OwnedReq> {
         Just(OwnedReq::Bye),
         Just(OwnedReq::Stats),
         bytes(AUTH_DATA_BYTES_MAX).prop_map(OwnedReq::Auth),
+        (name(), any::<u64>(), bytes(VALUE_BYTES_MAX))
+            .prop_map(|(p, t, v)| OwnedReq::Reclaim(p, t, v)),
     ]
 }
 
@@ -157,7 +165,7 @@ proptest! {
             list_limit_max: 9, lease_ms_min: 10, lease_ms_max: 11,
         };
         let replies = [
-            Reply::HelloOk(HelloOk { version: 1, features: token, session, secret: !token, epoch: 7, lease_ms: 9, resumed: true, limits, auth: &value[..value.len().min(1024)] }),
+            Reply::HelloOk(HelloOk { version: 1, features: token, session, secret: !token, epoch: 7, lease_ms: 9, resumed: true, limits, auth: &value[..value.len().min(1024)], recovery_ms: 77 }),
             Reply::Ok, Reply::Registered { token }, Reply::Taken { session, token, node: &node }, Reply::Queued { position: 3 },
             Reply::Owner { session, token, node: &node, value: &value }, Reply::Free, Reply::Watching { owner: Some((session, token)) },
             Reply::Watching { owner: None }, Reply::Delivered, Reply::NoOwner, Reply::Count { count: token },
@@ -170,7 +178,7 @@ proptest! {
             Event::Acquired { port: &name, token }, Event::Released { port: &name, token },
             Event::Claimed { port: &name, session, token, node: &node },
             Event::Message { from: session, port: &name, payload: &payload },
-            Event::GoAway { code: ErrorCode::from_u16(code), message: b"bye" }, Event::Resync,
+            Event::GoAway { code: ErrorCode::from_u16(code), message: b"bye" }, Event::Resync, Event::Recovered,
         ];
         let wire = wire_of(|fb| {
             for r in &replies { fb.push_reply(id, r) }

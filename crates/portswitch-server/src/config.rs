@@ -47,6 +47,11 @@ pub struct ServerConfig {
     /// The epoch to serve in. `None` takes the current Unix second after waiting for a
     /// fresh one to begin, so a restarted server's tokens are above its predecessor's.
     pub epoch: Option<u64>,
+    /// The recovery window after taking over from an earlier master (a restart on the
+    /// same data directory). `None`: the longest lease that master could grant, plus
+    /// [`crate::group::RECOVERY_MARGIN_PER_MILLE`]. Shorter is unsafe unless no client
+    /// asked for a longer lease than this.
+    pub recovery_window_ms: Option<u64>,
     /// Users, roles, lockout, password policy, audit log.
     pub auth: crate::auth::AuthConfig,
     /// TLS for client connections; `None` serves plaintext.
@@ -64,6 +69,7 @@ impl Default for ServerConfig {
             write_stall_ms_max: WRITE_STALL_MS_MAX_DEFAULT,
             tick_ms: TICK_MS_DEFAULT,
             epoch: None,
+            recovery_window_ms: None,
             auth: crate::auth::AuthConfig::default(),
             tls: None,
         }

@@ -28,6 +28,7 @@
 pub mod auth;
 pub mod config;
 mod conn;
+pub mod group;
 mod http;
 mod state;
 pub mod tls;
@@ -70,7 +71,26 @@ impl Server {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        let shared = Arc::new(Shared::new(cfg, epoch)?);
+        // With a data directory, the server is a group of one: it takes over from
+        // the master that used the directory before (DESIGN §4).
+        let group = match &cfg.auth.data_dir {
+            Some(dir) => Some(group::GroupState::open(
+                dir,
+                epoch,
+                cfg.core.lease_ms_max,
+                cfg.recovery_window_ms,
+            )?),
+            None => None,
+        };
+        let epoch = group.as_ref().map_or(epoch, |g| g.epoch);
+        if let Some(w) = group.as_ref().and_then(|g| g.recovery_window_ms) {
+            tracing::info!(
+                epoch,
+                window_ms = w,
+                "taking over from an earlier master: recovery window open"
+            );
+        }
+        let shared = Arc::new(Shared::new(cfg, epoch, group)?);
         Ok(Server {
             listener,
             tls,

@@ -96,6 +96,9 @@ impl StatsSnapshot {
             ("sessions_resumed_total", c.sessions_resumed_total),
             ("errors_total", c.errors_total),
             ("table_heap_bytes", c.table_heap_bytes),
+            ("recovering", c.recovering),
+            ("sessions_adopted_total", c.sessions_adopted_total),
+            ("ports_reclaimed_total", c.ports_reclaimed_total),
             ("connections", self.connections),
             ("connections_total", self.connections_total),
             (
@@ -193,12 +196,26 @@ pub(crate) struct Shared {
     cfg: ServerConfig,
     start: Instant,
     epoch: u64,
+    /// Holds the data directory's lock while the server runs.
+    _group: Option<crate::group::GroupState>,
 }
 
 impl Shared {
-    pub(crate) fn new(cfg: ServerConfig, epoch: u64) -> std::io::Result<Shared> {
-        let seed = random_seed();
-        let core = Core::new(cfg.core.clone(), epoch, seed);
+    pub(crate) fn new(
+        cfg: ServerConfig,
+        epoch: u64,
+        group: Option<crate::group::GroupState>,
+    ) -> std::io::Result<Shared> {
+        let mut seed = random_seed();
+        if let Some(g) = &group {
+            // Session secrets under the group's keys: a later master can verify them.
+            seed[1] = g.secret_keys[0];
+            seed[2] = g.secret_keys[1];
+        }
+        let mut core = Core::new(cfg.core.clone(), epoch, seed);
+        if let Some(w) = group.as_ref().and_then(|g| g.recovery_window_ms) {
+            core.start_recovery(0, w);
+        }
         let mut fake_salt_key = [0u8; 32];
         fill_random(&mut fake_salt_key);
         let auth = Auth::load(cfg.auth.clone(), fake_salt_key)?;
@@ -218,6 +235,7 @@ impl Shared {
             cfg,
             start: Instant::now(),
             epoch,
+            _group: group,
         })
     }
 

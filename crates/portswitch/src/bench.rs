@@ -633,7 +633,7 @@ async fn drive(
                         match w {
                             Workload::RegisterUnregister => {
                                 port_name(&mut name, "bench-ru", me, i / 2 % 4096);
-                                if i % 2 == 0 {
+                                if i.is_multiple_of(2) {
                                     c.push(&Request::Register {
                                         port: &name,
                                         value: b"",

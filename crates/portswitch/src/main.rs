@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a server (loopback, port 7400, no configuration needed).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Talk to a server from the command line.
     Ctl(ctl::CtlArgs),
     /// Generate load against a server and report throughput and latency.
@@ -46,7 +46,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Ctl(args) => ctl::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Cert(args) => cert::run(args),

@@ -33,6 +33,11 @@ pub struct ServeArgs {
     /// Close a connection whose peer accepts no bytes for this long while output waits [default: 30000]
     #[arg(long, env = "PORTSWITCH_WRITE_STALL_MS_MAX")]
     write_stall_ms_max: Option<u64>,
+    /// After a restart on the same data directory: how long sessions of the earlier
+    /// master may resume and reclaim their ports before unreclaimed ports are free
+    /// [default: the longest lease the earlier master could grant, plus 10%]
+    #[arg(long, env = "PORTSWITCH_RECOVERY_WINDOW_MS")]
+    recovery_window_ms: Option<u64>,
     /// Most sessions [default: 1000000]
     #[arg(long, env = "PORTSWITCH_SESSIONS_MAX")]
     sessions_max: Option<u32>,
@@ -72,8 +77,10 @@ pub struct ServeArgs {
     /// Log filter (tracing's EnvFilter syntax) [default: info]
     #[arg(long, env = "PORTSWITCH_LOG")]
     log: Option<String>,
-    /// Directory for users and roles (auth.json). Without it the server has no users
-    /// and needs no login [default: none]
+    /// Directory for users and roles (auth.json) and the group's state (group.json:
+    /// epoch and session keys, so a restarted server adopts its predecessor's sessions).
+    /// Without it the server has no users, needs no login, and a restart ends every
+    /// session [default: none]
     #[arg(long, env = "PORTSWITCH_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// JSON-lines audit log of logins, lockouts, denials, admin changes [default: none]
@@ -124,6 +131,7 @@ struct FileConfig {
     connections_max: Option<usize>,
     send_queue_bytes_max: Option<usize>,
     write_stall_ms_max: Option<u64>,
+    recovery_window_ms: Option<u64>,
     sessions_max: Option<u32>,
     ports_per_session_max: Option<u32>,
     watches_per_session_max: Option<u32>,
@@ -195,6 +203,7 @@ fn config(
         password_classes_min => cfg.auth.policy.classes_min,
         scram_iterations => cfg.auth.iterations,
     }
+    cfg.recovery_window_ms = args.recovery_window_ms.or(file.recovery_window_ms);
     cfg.auth.data_dir = args.data_dir.clone().or(file.data_dir);
     cfg.auth.audit_log = args.audit_log.clone().or(file.audit_log);
     let iterations =

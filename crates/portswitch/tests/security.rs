@@ -273,7 +273,7 @@ async fn lockout_and_a_brute_force_that_gets_nowhere() {
                 root.register(&name, "").await.unwrap();
                 root.unregister(&name).await.unwrap();
                 n += 1;
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
                 if root.query("stop").await.unwrap().is_some() {

@@ -46,6 +46,7 @@ pub enum Out {
     },
     GoAway(ErrorCode),
     Resync,
+    Recovered,
     Close,
 }
 
@@ -115,6 +116,7 @@ pub fn owned_event(e: &Event<'_>) -> Out {
         },
         Event::GoAway { code, .. } => Out::GoAway(code),
         Event::Resync => Out::Resync,
+        Event::Recovered => Out::Recovered,
     }
 }
 
@@ -173,8 +175,11 @@ impl H {
         H::with(Config::default())
     }
     pub fn with(cfg: Config) -> H {
+        H::from_core(Core::new(cfg, 5, [11, 22, 33]))
+    }
+    pub fn from_core(core: Core) -> H {
         H {
-            core: Core::new(cfg, 5, [11, 22, 33]),
+            core,
             now: 0,
             out: Rec::default(),
             next_id: 0,

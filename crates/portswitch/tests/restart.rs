@@ -1,0 +1,176 @@
+//! A group of one: a server killed with SIGKILL and restarted on the same data
+//! directory takes over as a new master. Clients resume their sessions, reclaim their
+//! ports with their tokens, and never hear "ownership lost"; what nobody reclaims is
+//! free once the recovery window closes.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::within;
+use portswitch_client::{Client, ClientOptions, Error, Event, RegisterOutcome};
+use portswitch_proto::ErrorCode;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portswitch");
+const WINDOW_MS: u64 = 3_000;
+
+async fn serve(listen: &str, data: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", listen, "--http-listen", "127.0.0.1:0"])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["--recovery-window-ms", &WINDOW_MS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn serve");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = within("server start", lines.next_line())
+        .await
+        .unwrap()
+        .expect("server printed its address");
+    let addr = line.strip_prefix("listening on ").unwrap().to_string();
+    (child, addr)
+}
+
+async fn client(addr: &str) -> Client {
+    let mut o = ClientOptions::new(addr);
+    o.lease = Duration::from_secs(10);
+    Client::connect(o).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_restarted_server_gives_every_resumed_session_its_ports_back() {
+    let dir = std::env::temp_dir().join(format!("portswitch-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut first, addr) = serve("127.0.0.1:0", &dir).await;
+
+    let a = client(&addr).await;
+    let mut a_events = a.events();
+    let t1 = match a.register("job/1", "a").await.unwrap() {
+        RegisterOutcome::Owned { token } => token,
+        other => panic!("{other:?}"),
+    };
+    let t2 = match a.register("job/2", "").await.unwrap() {
+        RegisterOutcome::Owned { token } => token,
+        other => panic!("{other:?}"),
+    };
+    // B owns a port and then goes away for good (no BYE: its session would live on).
+    let b = client(&addr).await;
+    assert!(matches!(
+        b.register("orphan", "").await.unwrap(),
+        RegisterOutcome::Owned { .. }
+    ));
+    let _ = b.detach();
+    let epoch1 = a.session().epoch;
+    let session_a = a.session().id;
+
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let killed = Instant::now();
+    let (_second, addr2) = serve(&addr, &dir).await;
+    assert_eq!(addr2, addr);
+
+    // A resumes on its own, gets a higher epoch, keeps its id, and reclaims.
+    let mut resynced = false;
+    while !resynced {
+        match within("A resyncs", a_events.recv()).await.unwrap() {
+            Event::Resync => resynced = true,
+            Event::OwnershipLost { reason, .. } => panic!("ownership lost: {reason}"),
+            Event::PortLost { port, reason, .. } => panic!("lost {port:?}: {reason}"),
+            _ => {}
+        }
+    }
+    let recovered_after = killed.elapsed();
+    eprintln!("kill -9 to every port reclaimed: {recovered_after:?}");
+    let info = a.session();
+    assert!(info.epoch > epoch1, "{} > {epoch1}", info.epoch);
+    assert_eq!(info.id, session_a);
+    let mut owned = a.owned_ports();
+    owned.sort();
+    assert_eq!(
+        owned,
+        vec![("job/1".into(), t1), ("job/2".into(), t2)],
+        "same ports, same tokens"
+    );
+
+    // Others see A's ports with their old tokens and value...
+    let c = client(&addr).await;
+    let o = c.query("job/1").await.unwrap().expect("owned");
+    assert_eq!(
+        (o.session, o.token, &o.value[..]),
+        (session_a, t1, &b"a"[..])
+    );
+    // ...and cannot know about "orphan" until the window closes.
+    match c.register("orphan", "").await {
+        Err(Error::Server {
+            code: ErrorCode::Recovering,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    match c.query("orphan").await {
+        Err(Error::Server {
+            code: ErrorCode::Recovering,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // Waiting for it works: granted when the window closes, with a new-epoch token.
+    let token = within("orphan granted", c.register_wait("orphan", ""))
+        .await
+        .unwrap();
+    assert_eq!(token >> 32, info.epoch);
+    assert!(token > t1 && token > t2);
+    // A hears that the window closed, and still owns its ports.
+    loop {
+        match within("A hears RECOVERED", a_events.recv()).await.unwrap() {
+            Event::Recovered => break,
+            Event::OwnershipLost { reason, .. } => panic!("ownership lost: {reason}"),
+            _ => {}
+        }
+    }
+    assert_eq!(a.owned_ports().len(), 2);
+    // A new session cannot reclaim, and the window is over anyway.
+    assert!(matches!(
+        c.register("job/2", "").await.unwrap(),
+        RegisterOutcome::Taken { token, .. } if token == t2
+    ));
+    let stats: std::collections::HashMap<_, _> = c.stats().await.unwrap().into_iter().collect();
+    assert_eq!(stats["sessions_adopted_total"], 1);
+    assert_eq!(stats["ports_reclaimed_total"], 2);
+    assert_eq!(stats["recovering"], 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn two_servers_cannot_share_a_data_directory() {
+    let dir = std::env::temp_dir().join(format!("portswitch-datadir-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_first, _) = serve("127.0.0.1:0", &dir).await;
+    let out = within(
+        "second server",
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--data-dir", dir.to_str().unwrap()])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another server is using the data directory"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
