@@ -1,0 +1,399 @@
+//! One member of a group: Raft underneath, and on top the only decisions portswitch
+//! makes with it — who is master, in which epoch, and whether its lease still holds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::storage::Adaptor;
+use openraft::{Config, ServerState, SnapshotPolicy};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::lease::{LeaseClock, MasterLease};
+use crate::net::{serve_peers, Network};
+use crate::store::Store;
+use crate::types::{Command, GroupFacts, Member, Raft};
+
+/// Default interval of Raft heartbeats between members.
+pub const HEARTBEAT_MS_DEFAULT: u64 = 50;
+/// Default election timeout range: a follower that hears no master for this long
+/// stands for election.
+pub const ELECTION_TIMEOUT_MS_MIN_DEFAULT: u64 = 250;
+pub const ELECTION_TIMEOUT_MS_MAX_DEFAULT: u64 = 500;
+/// Default master lease: how long one quorum confirmation lets a master serve.
+pub const MASTER_LEASE_MS_DEFAULT: u64 = 300;
+/// Default clock-rate margin between members, per mille.
+pub const DRIFT_PER_MILLE_DEFAULT: u64 = 50;
+
+/// How a member runs.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub id: u64,
+    /// Every member of the group (this one included), by id.
+    pub members: BTreeMap<u64, Member>,
+    /// Where this member keeps its Raft state.
+    pub dir: PathBuf,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: (u64, u64),
+    pub lease: MasterLease,
+    /// The longest client lease this member grants as master (its successor keeps a
+    /// recovery window this long).
+    pub lease_ms_max: u32,
+    /// Overrides the recovery window (unsafe if shorter than the longest lease an
+    /// earlier master granted).
+    pub recovery_window_ms: Option<u64>,
+}
+
+impl ClusterConfig {
+    pub fn new(id: u64, members: BTreeMap<u64, Member>, dir: PathBuf, lease_ms_max: u32) -> Self {
+        ClusterConfig {
+            id,
+            members,
+            dir,
+            heartbeat_ms: HEARTBEAT_MS_DEFAULT,
+            election_timeout_ms: (
+                ELECTION_TIMEOUT_MS_MIN_DEFAULT,
+                ELECTION_TIMEOUT_MS_MAX_DEFAULT,
+            ),
+            lease: MasterLease {
+                lease_ms: MASTER_LEASE_MS_DEFAULT,
+                drift_per_mille: DRIFT_PER_MILLE_DEFAULT,
+            },
+            lease_ms_max,
+            recovery_window_ms: None,
+        }
+    }
+
+    /// Checks the settings relate as they must.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.members.contains_key(&self.id) {
+            return Err(format!("member {} is not in the member list", self.id));
+        }
+        if ![1, 3, 5].contains(&self.members.len()) {
+            return Err(format!(
+                "a group has 1, 3 or 5 members, not {}",
+                self.members.len()
+            ));
+        }
+        let (lo, hi) = self.election_timeout_ms;
+        if self.heartbeat_ms == 0 || lo <= 2 * self.heartbeat_ms || hi <= lo {
+            return Err(
+                "need 0 < 2 × heartbeat_ms < election_timeout_ms_min < election_timeout_ms_max"
+                    .into(),
+            );
+        }
+        if self.lease.lease_ms <= 2 * self.heartbeat_ms {
+            return Err("master_lease_ms must be more than 2 × heartbeat_ms".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a master needs to serve.
+#[derive(Debug, Clone)]
+pub struct MasterInfo {
+    pub epoch: u64,
+    pub secret_keys: [u64; 2],
+    /// `Some` when an earlier master served: how long the recovery window stays open.
+    pub recovery_window_ms: Option<u64>,
+}
+
+/// What this member is doing, as the server must act on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Not master. `master` is where clients should go, if known.
+    Follower { master: Option<Member> },
+    /// Elected; writing the new epoch and waiting out the previous master's lease.
+    TakingOver,
+    /// Serving while the lease clock says so.
+    Master(MasterRole),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterRole {
+    pub epoch: u64,
+    pub secret_keys: [u64; 2],
+    pub recovery_window_ms: Option<u64>,
+}
+
+/// A running member.
+pub struct ClusterNode {
+    raft: Raft,
+    store: Store,
+    cfg: ClusterConfig,
+    role: watch::Receiver<Role>,
+    lease: Arc<LeaseClock>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.cfg.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A member's view of the group, for `ctl status` and `/cluster`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub id: u64,
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub members: BTreeMap<u64, Member>,
+    pub facts: GroupFacts,
+    pub lease_left_ms: u64,
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+impl ClusterNode {
+    /// Starts the member: opens its Raft state, answers peers on `peers`, forms the
+    /// group on first start, and begins reporting its role.
+    pub async fn start(cfg: ClusterConfig, peers: TcpListener) -> std::io::Result<ClusterNode> {
+        cfg.validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let store = Store::open(&cfg.dir)?;
+        let raft_cfg = Config {
+            cluster_name: "portswitch".into(),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_timeout_ms.0,
+            election_timeout_max: cfg.election_timeout_ms.1,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(64),
+            max_in_snapshot_log_to_keep: 16,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let pristine = store.is_empty();
+        let (log, sm) = Adaptor::new(store.clone());
+        let raft = Raft::new(cfg.id, Arc::new(raft_cfg), Network, log, sm)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut tasks = vec![tokio::spawn(serve_peers(peers, raft.clone(), cfg.id))];
+        if pristine {
+            // Every member forms the group with the same list: safe (openraft), and
+            // no member has to be started first.
+            if let Err(e) = raft.initialize(cfg.members.clone()).await {
+                tracing::debug!(error = %e, "group already formed");
+            }
+        }
+        let lease = Arc::new(LeaseClock::new());
+        let (role_tx, role) = watch::channel(Role::Follower { master: None });
+        tasks.push(tokio::spawn(run_roles(
+            raft.clone(),
+            cfg.clone(),
+            lease.clone(),
+            role_tx,
+        )));
+        Ok(ClusterNode {
+            raft,
+            store,
+            cfg,
+            role,
+            lease,
+            tasks,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.cfg.id
+    }
+
+    /// This member's role, as it changes.
+    pub fn role(&self) -> watch::Receiver<Role> {
+        self.role.clone()
+    }
+
+    /// The lease clock the server must check before every effect while master.
+    pub fn lease(&self) -> Arc<LeaseClock> {
+        self.lease.clone()
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        ClusterStatus {
+            id: self.cfg.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader,
+            members: m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.clone()))
+                .collect(),
+            facts: self.store.facts(),
+            lease_left_ms: self.lease.left().as_millis() as u64,
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+        }
+    }
+
+    /// Stops Raft and the member's tasks.
+    pub async fn shutdown(self) {
+        self.lease.revoke();
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_keys() -> [u64; 2] {
+    // Only used if the group has no keys yet; any unpredictable value will do.
+    use std::hash::{BuildHasher, RandomState};
+    [
+        RandomState::new().hash_one(unix_secs()),
+        RandomState::new().hash_one(std::process::id()),
+    ]
+}
+
+fn follower(raft: &Raft) -> Role {
+    let m = raft.metrics().borrow().clone();
+    let master = m
+        .current_leader
+        .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+    Role::Follower { master }
+}
+
+/// Follows Raft's state and turns it into roles: a leader takes over (writes the
+/// epoch, waits out the previous lease, confirms a quorum) and then keeps its lease
+/// fresh; anything else is a follower with a hint.
+async fn run_roles(
+    raft: Raft,
+    cfg: ClusterConfig,
+    lease: Arc<LeaseClock>,
+    tx: watch::Sender<Role>,
+) {
+    let mut metrics = raft.metrics();
+    loop {
+        let leading = metrics.borrow_and_update().state == ServerState::Leader;
+        if !leading {
+            lease.revoke();
+            let r = follower(&raft);
+            tx.send_if_modified(|cur| {
+                if *cur != r {
+                    *cur = r;
+                    true
+                } else {
+                    false
+                }
+            });
+            if metrics.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        lease.revoke();
+        let elected_at = Instant::now();
+        let _ = tx.send(Role::TakingOver);
+        match take_over(&raft, &cfg, &lease, elected_at).await {
+            Ok(info) => {
+                tracing::info!(epoch = info.epoch, "serving as master");
+                let _ = tx.send(Role::Master(MasterRole {
+                    epoch: info.epoch,
+                    secret_keys: info.secret_keys,
+                    recovery_window_ms: info.recovery_window_ms,
+                }));
+                keep_lease(&raft, &cfg, &lease, &mut metrics).await;
+                lease.revoke();
+                tracing::warn!("no longer master: stopped serving");
+            }
+            Err(e) => {
+                lease.revoke();
+                tracing::warn!(error = %e, "could not take over as master");
+                tokio::time::sleep(Duration::from_millis(cfg.heartbeat_ms)).await;
+            }
+        }
+        let _ = tx.send(follower(&raft));
+    }
+}
+
+async fn take_over(
+    raft: &Raft,
+    cfg: &ClusterConfig,
+    lease: &LeaseClock,
+    elected_at: Instant,
+) -> Result<MasterInfo, String> {
+    let cmd = Command::Master {
+        node: cfg.id,
+        epoch_floor: unix_secs(),
+        keys: random_keys(),
+        lease_ms_max: cfg.lease_ms_max,
+        master_lease_ms: cfg.lease.lease_ms,
+    };
+    let grant = raft
+        .client_write(cmd)
+        .await
+        .map_err(|e| e.to_string())?
+        .data
+        .0
+        .ok_or("the state machine did not answer the master command")?;
+    // Wait out the previous master's lease (ours too, if it was us: conservative).
+    let previous_lease = grant.previous.map_or(0, |(_, l)| l);
+    let wait = cfg.lease.wait_out(previous_lease);
+    tokio::time::sleep_until((elected_at + Duration::from_millis(wait)).into()).await;
+    confirm(raft, cfg, lease).await?;
+    let recovery_window_ms = grant.previous.map(|(lease_ms_max, _)| {
+        cfg.recovery_window_ms
+            .unwrap_or_else(|| cfg.lease.recovery_window(lease_ms_max as u64))
+    });
+    Ok(MasterInfo {
+        epoch: grant.epoch,
+        secret_keys: grant.secret_keys,
+        recovery_window_ms,
+    })
+}
+
+/// Confirms leadership with a quorum and extends the lease from the time of asking.
+async fn confirm(raft: &Raft, cfg: &ClusterConfig, lease: &LeaseClock) -> Result<(), String> {
+    let sent = lease.now_ms();
+    match tokio::time::timeout(
+        Duration::from_millis(cfg.lease.lease_ms),
+        raft.get_read_log_id(),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {
+            lease.extend_to(cfg.lease.serve_until(sent));
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no quorum within the master lease".into()),
+    }
+}
+
+/// Renews the lease a few times per lease period; returns when this member is no
+/// longer leader or its lease ran out.
+async fn keep_lease(
+    raft: &Raft,
+    cfg: &ClusterConfig,
+    lease: &LeaseClock,
+    metrics: &mut watch::Receiver<openraft::RaftMetrics<u64, Member>>,
+) {
+    let every = Duration::from_millis((cfg.lease.lease_ms / 4).max(1));
+    loop {
+        if metrics.borrow_and_update().state != ServerState::Leader {
+            return;
+        }
+        if let Err(e) = confirm(raft, cfg, lease).await {
+            tracing::debug!(error = %e, "lease renewal failed");
+        }
+        if !lease.valid() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            r = metrics.changed() => if r.is_err() { return },
+        }
+    }
+}

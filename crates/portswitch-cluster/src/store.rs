@@ -1,0 +1,291 @@
+//! Durable Raft state of one member: vote, log, applied state and snapshot, in one
+//! small JSON file rewritten (aside, synced, renamed) on every change. The group writes
+//! a handful of entries per election and nothing per client request, so the whole
+//! state stays a few kilobytes; snapshots keep the log short.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::{Cursor, Write};
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use openraft::storage::{LogState, RaftLogReader, RaftSnapshotBuilder, RaftStorage, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{GroupFacts, Member, Response, TypeConfig};
+
+/// The file's name in the member's data directory.
+pub const RAFT_FILE: &str = "raft.json";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    vote: Option<Vote<u64>>,
+    committed: Option<LogId<u64>>,
+    last_purged: Option<LogId<u64>>,
+    log: BTreeMap<u64, Entry<TypeConfig>>,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, Member>,
+    facts: GroupFacts,
+    snapshot: Option<StoredSnapshot>,
+    snapshot_seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, Member>,
+    data: Vec<u8>,
+}
+
+/// One member's Raft storage. Clones share the state (openraft asks for a log reader
+/// and a snapshot builder besides the store).
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Mutex<Persisted>>,
+    path: Arc<PathBuf>,
+}
+
+fn io_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageError::from(StorageIOError::write(AnyError::new(&e)))
+}
+
+impl Store {
+    /// Opens (or creates) the state in `dir`.
+    pub fn open(dir: &Path) -> std::io::Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(RAFT_FILE);
+        let persisted = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
+            Err(e) => return Err(e),
+        };
+        Ok(Store {
+            inner: Arc::new(Mutex::new(persisted)),
+            path: Arc::new(path),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Persisted> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the group's state machine holds now on this member.
+    pub fn facts(&self) -> GroupFacts {
+        self.lock().facts.clone()
+    }
+
+    /// Whether this member has ever been part of an initialised group.
+    pub fn is_empty(&self) -> bool {
+        let p = self.lock();
+        p.vote.is_none() && p.log.is_empty() && p.last_purged.is_none()
+    }
+
+    /// Writes the state durably: aside, sync, rename, sync the directory.
+    // openraft's traits return its (large) StorageError; boxing here would not help.
+    #[allow(clippy::result_large_err)]
+    fn persist(&self, p: &Persisted) -> Result<(), StorageError<u64>> {
+        let bytes = serde_json::to_vec(p).map_err(io_err)?;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io_err)?;
+        f.write_all(&bytes).map_err(io_err)?;
+        f.sync_all().map_err(io_err)?;
+        std::fs::rename(&tmp, &*self.path).map_err(io_err)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_of(s: &StoredSnapshot) -> Snapshot<TypeConfig> {
+        Snapshot {
+            meta: s.meta.clone(),
+            snapshot: Box::new(Cursor::new(s.data.clone())),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for Store {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
+        Ok(self
+            .lock()
+            .log
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Store {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let mut p = self.lock();
+        let data = serde_json::to_vec(&p.facts).map_err(io_err)?;
+        p.snapshot_seq += 1;
+        let last = p.last_applied;
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: p.membership.clone(),
+            snapshot_id: format!(
+                "{}-{}-{}",
+                last.map_or(0, |l| l.leader_id.term),
+                last.map_or(0, |l| l.index),
+                p.snapshot_seq
+            ),
+        };
+        let s = StoredSnapshot { meta, data };
+        p.snapshot = Some(s.clone());
+        self.persist(&p)?;
+        Ok(Store::snapshot_of(&s))
+    }
+}
+
+impl RaftStorage<TypeConfig> for Store {
+    type LogReader = Store;
+    type SnapshotBuilder = Store;
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        let mut p = self.lock();
+        p.vote = Some(*vote);
+        self.persist(&p)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        Ok(self.lock().vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<u64>>,
+    ) -> Result<(), StorageError<u64>> {
+        let mut p = self.lock();
+        p.committed = committed;
+        self.persist(&p)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        Ok(self.lock().committed)
+    }
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
+        let p = self.lock();
+        let last = p
+            .log
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(p.last_purged);
+        Ok(LogState {
+            last_purged_log_id: p.last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn append_to_log<I>(&mut self, entries: I) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+    {
+        let mut p = self.lock();
+        for e in entries {
+            p.log.insert(e.log_id.index, e);
+        }
+        self.persist(&p)
+    }
+
+    async fn delete_conflict_logs_since(
+        &mut self,
+        log_id: LogId<u64>,
+    ) -> Result<(), StorageError<u64>> {
+        let mut p = self.lock();
+        p.log.retain(|&i, _| i < log_id.index);
+        self.persist(&p)
+    }
+
+    async fn purge_logs_upto(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let mut p = self.lock();
+        p.log.retain(|&i, _| i > log_id.index);
+        p.last_purged = Some(log_id);
+        self.persist(&p)
+    }
+
+    async fn last_applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, Member>), StorageError<u64>> {
+        let p = self.lock();
+        Ok((p.last_applied, p.membership.clone()))
+    }
+
+    async fn apply_to_state_machine(
+        &mut self,
+        entries: &[Entry<TypeConfig>],
+    ) -> Result<Vec<Response>, StorageError<u64>> {
+        let mut p = self.lock();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            p.last_applied = Some(e.log_id);
+            match &e.payload {
+                EntryPayload::Blank => out.push(Response(None)),
+                EntryPayload::Normal(cmd) => {
+                    let grant = p.facts.apply(cmd);
+                    out.push(Response(Some(grant)));
+                }
+                EntryPayload::Membership(m) => {
+                    p.membership = StoredMembership::new(Some(e.log_id), m.clone());
+                    out.push(Response(None));
+                }
+            }
+        }
+        self.persist(&p)?;
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let data = snapshot.into_inner();
+        let facts: GroupFacts = serde_json::from_slice(&data).map_err(io_err)?;
+        let mut p = self.lock();
+        p.facts = facts;
+        p.last_applied = meta.last_log_id;
+        p.membership = meta.last_membership.clone();
+        p.snapshot = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        });
+        self.persist(&p)
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+        Ok(self.lock().snapshot.as_ref().map(Store::snapshot_of))
+    }
+}
