@@ -25,6 +25,9 @@ use portswitch_auth::scram;
 pub struct ClientOptions {
     /// Server address, `host:port`.
     pub addr: String,
+    /// The other servers of the group, tried in turn (after any master a server
+    /// names) when `addr` is not master or cannot be reached.
+    pub servers: Vec<String>,
     /// Announced to the server; others see it as the owner's node name.
     pub node_name: String,
     /// The session lease: the server ends the session this long after it last heard
@@ -38,6 +41,11 @@ pub struct ClientOptions {
     /// clock.
     pub lease_margin: f64,
     pub connect_timeout: Duration,
+    /// A connection whose oldest request has gone unanswered this long (or a server
+    /// that does not answer HELLO this long) is treated as dead, and the session
+    /// moves on — to another server of the group if need be. A master stopped with
+    /// SIGSTOP keeps its sockets open; this is how clients leave it.
+    pub answer_timeout: Duration,
     /// Resume this session (id, secret) instead of starting a new one.
     pub resume: Option<(u64, u64)>,
     /// Log in as (user, password) with SCRAM-SHA-256; the password never leaves this
@@ -54,11 +62,13 @@ impl ClientOptions {
     pub fn new(addr: impl Into<String>) -> Self {
         ClientOptions {
             addr: addr.into(),
+            servers: Vec::new(),
             node_name: default_node_name(),
             lease: Duration::from_millis(portswitch_proto_lease_default()),
             end_on_disconnect: false,
             lease_margin: 0.1,
             connect_timeout: Duration::from_secs(5),
+            answer_timeout: Duration::from_secs(1),
             resume: None,
             credentials: None,
             tls: None,
@@ -149,21 +159,20 @@ fn tls_connector(t: &ClientTls) -> Result<tokio_rustls::TlsConnector> {
 
 /// Opens the connection (TCP, then TLS if configured). Returns the stream and, over
 /// TLS, its `tls-exporter` value for channel binding.
-async fn open_stream(opts: &ClientOptions) -> Result<(Stream, Option<[u8; 32]>)> {
-    let connect = TcpStream::connect(&opts.addr);
+async fn open_stream(opts: &ClientOptions, addr: &str) -> Result<(Stream, Option<[u8; 32]>)> {
+    let connect = TcpStream::connect(addr);
     let tcp = tokio::time::timeout(opts.connect_timeout, connect)
         .await
-        .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
+        .map_err(|_| Error::ConnectTimeout(addr.to_string()))??;
     tcp.set_nodelay(true)?;
     let Some(t) = &opts.tls else {
         return Ok((Box::new(tcp), None));
     };
     let host = match &t.server_name {
         Some(n) => n.clone(),
-        None => opts
-            .addr
+        None => addr
             .rsplit_once(':')
-            .map_or(opts.addr.as_str(), |(h, _)| h)
+            .map_or(addr, |(h, _)| h)
             .trim_matches(['[', ']'])
             .to_string(),
     };
@@ -175,7 +184,7 @@ async fn open_stream(opts: &ClientOptions) -> Result<(Stream, Option<[u8; 32]>)>
     })?;
     let tls = tokio::time::timeout(opts.connect_timeout, tls_connector(t)?.connect(name, tcp))
         .await
-        .map_err(|_| Error::ConnectTimeout(opts.addr.clone()))??;
+        .map_err(|_| Error::ConnectTimeout(addr.to_string()))??;
     let exporter = tls_exporter(&tls);
     Ok((Box::new(tls), exporter))
 }
@@ -242,6 +251,8 @@ struct St {
     values: HashMap<Bytes, Bytes>,
     /// What this session watches: (name, prefix). Re-watched on a new master.
     watches: std::collections::HashSet<(Bytes, bool)>,
+    /// The server this session is on (tried first when reconnecting).
+    server: String,
     info: SessionInfo,
     safe_lease: Duration,
     view_end: Instant,
@@ -308,7 +319,20 @@ impl Client {
             });
         }
         let lease_ms = u32::try_from(opts.lease.as_millis()).unwrap_or(u32::MAX);
-        let (stream, hello, rest, sent_at) = handshake(&opts, lease_ms, opts.resume).await?;
+        // Through an election a group has no master for a moment: keep trying every
+        // server (with jittered backoff) until the connect timeout.
+        let deadline = Instant::now() + opts.connect_timeout;
+        let mut backoff = Duration::from_millis(20);
+        let (stream, hello, rest, sent_at, addr) = loop {
+            match handshake_any(&opts, None, lease_ms, opts.resume).await {
+                Ok(x) => break x,
+                Err(e) if try_elsewhere(&e) && Instant::now() + backoff < deadline => {
+                    tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let safe_lease = safe_lease(&opts, hello.lease_ms);
         let info = SessionInfo {
             id: hello.session,
@@ -332,6 +356,7 @@ impl Client {
                 owned: HashMap::new(),
                 values: HashMap::new(),
                 watches: Default::default(),
+                server: addr,
                 info,
                 safe_lease,
                 view_end: sent_at + safe_lease,
@@ -845,15 +870,17 @@ impl Inner {
 /// any bytes read past it, and when HELLO was sent (the start of the first lease view).
 async fn handshake(
     opts: &ClientOptions,
+    addr: &str,
     lease_ms: u32,
     resume: Option<(u64, u64)>,
 ) -> Result<(Stream, HelloOk<'static>, BytesMut, Instant)> {
-    let (mut stream, exporter) = open_stream(opts).await?;
+    let (mut stream, exporter) = open_stream(opts, addr).await?;
     let channel = match &exporter {
         Some(e) => scram::Channel::TlsExporter(e),
         None => scram::Channel::Plain,
     };
-    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+    let deadline =
+        tokio::time::Instant::now() + opts.answer_timeout.max(Duration::from_millis(100));
     let (resume_session, resume_secret) = resume.unwrap_or((0, 0));
     let (exchange, credentials) = match &opts.credentials {
         Some((user, password)) => {
@@ -883,7 +910,7 @@ async fn handshake(
     let sent_at = Instant::now();
     send_one(&mut stream, &Request::Hello(hello)).await?;
     let mut buf = BytesMut::with_capacity(4096);
-    let frame = next_frame(&mut stream, &mut buf, deadline, &opts.addr).await?;
+    let frame = next_frame(&mut stream, &mut buf, deadline, addr).await?;
     let (msg, rest) = first_message(&frame)?;
     let (hello_ok, rest) = match (msg, exchange) {
         (
@@ -905,7 +932,7 @@ async fn handshake(
                 },
             )
             .await?;
-            let frame = next_frame(&mut stream, &mut buf, deadline, &opts.addr).await?;
+            let frame = next_frame(&mut stream, &mut buf, deadline, addr).await?;
             let (msg, rest) = first_message(&frame)?;
             match msg {
                 ServerMsg::Reply {
@@ -951,6 +978,75 @@ async fn handshake(
     }
     leftover.extend_from_slice(&buf);
     Ok((stream, hello_ok, leftover, sent_at))
+}
+
+/// STATS of the server at `addr`, without opening a session (works on any member of
+/// a group, master or not).
+pub async fn server_stats(opts: &ClientOptions, addr: &str) -> Result<Vec<(String, u64)>> {
+    let (mut stream, _) = open_stream(opts, addr).await?;
+    send_one(&mut stream, &Request::Stats).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+    let frame = next_frame(&mut stream, &mut buf, deadline, addr).await?;
+    let (msg, _) = first_message(&frame)?;
+    match msg {
+        ServerMsg::Reply { reply, .. } => match owned_answer(&reply)? {
+            Answer::Stats(s) => Ok(s),
+            other => Err(unexpected(other)),
+        },
+        other => Err(refusal(other)),
+    }
+}
+
+/// What a handshake with some server of the group came to.
+type Handshaken = (Stream, HelloOk<'static>, BytesMut, Instant, String);
+
+/// Whether an error means "try another server of the group" rather than "this
+/// session cannot be had".
+fn try_elsewhere(e: &Error) -> bool {
+    match e {
+        Error::Server { code, .. } => *code == ErrorCode::NotMaster,
+        Error::Io(_) | Error::ConnectTimeout(_) | Error::ConnectionLost => true,
+        _ => false,
+    }
+}
+
+/// Handshakes with the group's master: `first` (the server that last served, or
+/// one a follower named), then `addr`, then the other servers, following a
+/// follower's `master=` hint at once. Returns the first success, or the last error.
+async fn handshake_any(
+    opts: &ClientOptions,
+    first: Option<&str>,
+    lease_ms: u32,
+    resume: Option<(u64, u64)>,
+) -> Result<Handshaken> {
+    let mut todo: std::collections::VecDeque<String> = first
+        .map(str::to_string)
+        .into_iter()
+        .chain(std::iter::once(opts.addr.clone()))
+        .chain(opts.servers.iter().cloned())
+        .collect();
+    let mut tried = std::collections::HashSet::new();
+    let mut last = Error::ConnectionLost;
+    while let Some(addr) = todo.pop_front() {
+        if !tried.insert(addr.clone()) {
+            continue;
+        }
+        match handshake(opts, &addr, lease_ms, resume).await {
+            Ok((s, h, rest, sent)) => return Ok((s, h, rest, sent, addr)),
+            Err(e) if try_elsewhere(&e) => {
+                if let Error::Server { message, .. } = &e {
+                    if let Some(master) = message.strip_prefix("master=") {
+                        todo.push_front(master.to_string());
+                    }
+                }
+                tracing::debug!(%addr, error = %e, "not served here; trying the next server");
+                last = e;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 /// The mechanism prefix of HELLO credentials.
@@ -1303,12 +1399,12 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
     let _ = inner.events.send(Event::Disconnected);
     let mut backoff = Duration::from_millis(20);
     loop {
-        let (view_end, info) = {
+        let (view_end, info, server) = {
             let st = inner.lock();
             if st.phase != Phase::Reconnecting {
                 return;
             }
-            (st.view_end, st.info)
+            (st.view_end, st.info, st.server.clone())
         };
         if Instant::now() >= view_end {
             inner.finish(
@@ -1317,10 +1413,15 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
             );
             return;
         }
-        let attempt = handshake(&inner.opts, info.lease_ms, Some((info.id, info.secret)));
+        let attempt = handshake_any(
+            &inner.opts,
+            Some(&server),
+            info.lease_ms,
+            Some((info.id, info.secret)),
+        );
         let left = view_end.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, attempt).await {
-            Ok(Ok((_, hello, _, _))) if hello.epoch < info.epoch => {
+            Ok(Ok((_, hello, _, _, _))) if hello.epoch < info.epoch => {
                 // A master older than one this session has seen is deposed (or about
                 // to learn it is): its answers must not extend the lease view.
                 tracing::warn!(
@@ -1329,7 +1430,7 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
                     "refusing a server with an older epoch"
                 );
             }
-            Ok(Ok((stream, hello, rest, sent_at))) => {
+            Ok(Ok((stream, hello, rest, sent_at, addr))) => {
                 let new_master = hello.epoch > info.epoch;
                 let new_gen = {
                     let mut st = inner.lock();
@@ -1343,6 +1444,7 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
                         st.view_end = end;
                     }
                     st.info.epoch = hello.epoch;
+                    st.server = addr;
                     st.conn_gen
                 };
                 start_connection(inner.clone(), stream, rest, new_gen);
@@ -1353,7 +1455,7 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
                 }
                 return;
             }
-            Ok(Err(Error::Server { code, message })) => {
+            Ok(Err(Error::Server { code, message })) if code != ErrorCode::NotMaster => {
                 inner.finish(
                     Phase::Lost(message.clone()),
                     &format!("resume refused: {code}: {message}"),
@@ -1362,12 +1464,17 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
             }
             Ok(Err(_)) | Err(_) => {}
         }
-        // Jittered exponential backoff, so that many clients do not reconnect in step.
+        // Jittered exponential backoff, so that many clients do not reconnect in step;
+        // capped low, because a new master serves within about a second of the old
+        // one's death and every held port waits for its owner to come back.
         let jitter = 0.5 + fastrand::f64();
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
     }
 }
+
+/// Longest pause between two rounds of reconnect attempts (before jitter).
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// RECLAIMs sent per round trip after a failover: enough to fill frames, few enough
 /// that a session with a million ports neither floods the new master's send queue
@@ -1454,19 +1561,24 @@ async fn reclaim_all(inner: Arc<Inner>) {
     let _ = inner.events.send(Event::Resync);
 }
 
-/// Sends a PING every third of the lease and declares the session lost when the lease
-/// view runs out without an answer.
+/// Sends a PING every third of the lease, drops a connection whose oldest request
+/// has gone unanswered for `answer_timeout` (so the session resumes elsewhere), and
+/// declares the session lost when the lease view runs out without an answer.
 async fn keepalive(weak: std::sync::Weak<Inner>) {
+    let mut next_ping = Instant::now();
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        let (view_end, lease, phase) = {
+        let (view_end, lease, phase, oldest, dead) = {
             let st = inner.lock();
             (
                 st.view_end,
                 Duration::from_millis(st.info.lease_ms as u64),
                 st.phase.clone(),
+                st.pending.values().map(|p| p.sent_at).min(),
+                st.conn_dead.clone(),
             )
         };
+        let answer_timeout = inner.opts.answer_timeout;
         match phase {
             Phase::Lost(_) | Phase::Closed => return,
             Phase::Connected(_) | Phase::Reconnecting => {}
@@ -1479,7 +1591,14 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
             );
             return;
         }
-        if matches!(phase, Phase::Connected(_)) {
+        let unanswered = oldest.is_some_and(|t| now.saturating_duration_since(t) >= answer_timeout);
+        if matches!(phase, Phase::Connected(_)) && unanswered {
+            tracing::debug!("no answer within answer_timeout: dropping the connection");
+            if let Some(dead) = dead {
+                dead.notify_one();
+            }
+        } else if matches!(phase, Phase::Connected(_)) && now >= next_ping {
+            next_ping = now + lease / 3;
             let mut st = inner.lock();
             st.next_id = st.next_id.wrapping_add(1).max(1);
             let id = st.next_id;
@@ -1495,7 +1614,11 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
             drop(st);
             inner.wake_writer.notify_one();
         }
-        let next = (now + lease / 3).min(view_end);
+        let check = (answer_timeout / 2).clamp(Duration::from_millis(10), lease / 3);
+        let mut next = (now + check).min(view_end);
+        if next_ping > now {
+            next = next.min(next_ping);
+        }
         drop(inner);
         tokio::time::sleep_until(next.into()).await;
     }

@@ -36,7 +36,7 @@ mod client;
 mod recipes;
 mod types;
 
-pub use client::{tls_exporter, Client, ClientOptions, ClientTls};
+pub use client::{server_stats, tls_exporter, Client, ClientOptions, ClientTls};
 pub use portswitch_proto::ErrorCode;
 pub use recipes::{
     Discovery, DiscoveryChange, Election, LeaderChange, LeaderWatch, Leadership, Lock, ServiceWatch,

@@ -3,7 +3,9 @@
 //! (member, target) kept open between calls. Traffic is heartbeats and the rare entry,
 //! so JSON's cost does not matter and its readability in a packet capture does.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -80,9 +82,22 @@ async fn read_msg<T: DeserializeOwned>(s: &mut TcpStream) -> std::io::Result<T> 
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Makes a connection per target.
+/// Idle connections to peers, by (target, address), so that a link made for one
+/// call (openraft makes one per leadership check) does not cost a TCP handshake.
+type Pool = Arc<Mutex<HashMap<(u64, String), Vec<TcpStream>>>>;
+/// Idle connections kept per target.
+const POOL_PER_TARGET_MAX: usize = 4;
+
+async fn exchange(s: &mut TcpStream, msg: &Envelope<PeerRequest>) -> std::io::Result<PeerResponse> {
+    write_msg(s, msg).await?;
+    read_msg(s).await
+}
+
+/// Makes links to targets, reusing idle connections.
 #[derive(Debug, Clone, Default)]
-pub struct Network;
+pub struct Network {
+    pool: Pool,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerLink;
@@ -92,6 +107,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.peer_addr.clone(),
             stream: None,
+            pool: self.pool.clone(),
         }
     }
 }
@@ -102,6 +118,20 @@ pub struct PeerLink {
     target: u64,
     addr: String,
     stream: Option<TcpStream>,
+    pool: Pool,
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        // Only connections that finished their last call in step come back here.
+        if let Some(s) = self.stream.take() {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let idle = pool.entry((self.target, self.addr.clone())).or_default();
+            if idle.len() < POOL_PER_TARGET_MAX {
+                idle.push(s);
+            }
+        }
+    }
 }
 
 type RpcErr<E = RaftError<u64>> = RPCError<u64, Member, E>;
@@ -113,7 +143,30 @@ impl PeerLink {
         ttl: Duration,
     ) -> Result<PeerResponse, std::io::Error> {
         let target = self.target;
+        let msg = Envelope {
+            to: target,
+            body: req,
+        };
         let attempt = async {
+            if self.stream.is_none() {
+                let idle = self
+                    .pool
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&(target, self.addr.clone()))
+                    .and_then(|v| v.pop());
+                if let Some(mut s) = idle {
+                    // An idle connection may have died with its peer: one try, then a
+                    // fresh connection (Raft messages are safe to repeat).
+                    match exchange(&mut s, &msg).await {
+                        Ok(r) => {
+                            self.stream = Some(s);
+                            return Ok(r);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "idle peer connection was dead"),
+                    }
+                }
+            }
             if self.stream.is_none() {
                 let s = tokio::time::timeout(
                     Duration::from_millis(PEER_CONNECT_MS),
@@ -125,15 +178,7 @@ impl PeerLink {
                 self.stream = Some(s);
             }
             let s = self.stream.as_mut().expect("connected above");
-            write_msg(
-                s,
-                &Envelope {
-                    to: target,
-                    body: req,
-                },
-            )
-            .await?;
-            read_msg::<PeerResponse>(s).await
+            exchange(s, &msg).await
         };
         let r = match tokio::time::timeout(ttl, attempt).await {
             Ok(r) => r,

@@ -170,16 +170,27 @@ impl ClusterNode {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let pristine = store.is_empty();
         let (log, sm) = Adaptor::new(store.clone());
-        let raft = Raft::new(cfg.id, Arc::new(raft_cfg), Network, log, sm)
+        let raft = Raft::new(cfg.id, Arc::new(raft_cfg), Network::default(), log, sm)
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let mut tasks = vec![tokio::spawn(serve_peers(peers, raft.clone(), cfg.id))];
         if pristine {
-            // Every member forms the group with the same list: safe (openraft), and
-            // no member has to be started first.
-            if let Err(e) = raft.initialize(cfg.members.clone()).await {
-                tracing::debug!(error = %e, "group already formed");
-            }
+            // Any member may form the group with the same list (safe, per openraft),
+            // so none has to be started first. They take turns, lowest id first, so
+            // that a fresh group does not start with competing elections (each
+            // change of master would open a recovery window).
+            let rank = cfg.members.keys().position(|&id| id == cfg.id).unwrap_or(0) as u64;
+            let delay = Duration::from_millis(rank * 2 * cfg.election_timeout_ms.1);
+            let (raft, members) = (raft.clone(), cfg.members.clone());
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if raft.is_initialized().await.unwrap_or(true) {
+                    return;
+                }
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::debug!(error = %e, "group already formed");
+                }
+            }));
         }
         let lease = Arc::new(LeaseClock::new());
         let (role_tx, role) = watch::channel(Role::Follower { master: None });
@@ -233,7 +244,7 @@ impl ClusterNode {
     }
 
     /// Stops Raft and the member's tasks.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         self.lease.revoke();
         for t in &self.tasks {
             t.abort();

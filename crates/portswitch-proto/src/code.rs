@@ -75,6 +75,9 @@ pub enum ErrorCode {
     /// RECLAIM outside a recovery window, or from a session that was not resumed
     /// from an earlier master, or with a token not from an earlier epoch.
     ReclaimRefused,
+    /// This server is not the group's master (a follower, or a master electing or
+    /// deposed). The message is `master=HOST:PORT` when it knows who is, else why not.
+    NotMaster,
     /// A code this library does not know.
     Other(u16),
 }
@@ -115,6 +118,7 @@ impl ErrorCode {
             ErrorCode::AuthRequired => 30,
             ErrorCode::Recovering => 31,
             ErrorCode::ReclaimRefused => 32,
+            ErrorCode::NotMaster => 33,
             ErrorCode::Other(n) => n,
         }
     }
@@ -154,6 +158,7 @@ impl ErrorCode {
             30 => ErrorCode::AuthRequired,
             31 => ErrorCode::Recovering,
             32 => ErrorCode::ReclaimRefused,
+            33 => ErrorCode::NotMaster,
             n => ErrorCode::Other(n),
         }
     }
@@ -193,6 +198,7 @@ impl ErrorCode {
             ErrorCode::AuthRequired => "auth_required",
             ErrorCode::Recovering => "recovering",
             ErrorCode::ReclaimRefused => "reclaim_refused",
+            ErrorCode::NotMaster => "not_master",
             ErrorCode::Other(_) => "other",
         }
     }

@@ -56,6 +56,10 @@ pub struct ServerConfig {
     pub auth: crate::auth::AuthConfig,
     /// TLS for client connections; `None` serves plaintext.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// Membership of a group of 3 or 5 (Raft-elected master). `None`: this server is
+    /// a group by itself. `dir`, `lease_ms_max` and `recovery_window_ms` are filled in
+    /// from the data directory and the settings above.
+    pub cluster: Option<portswitch_cluster::ClusterConfig>,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +76,7 @@ impl Default for ServerConfig {
             recovery_window_ms: None,
             auth: crate::auth::AuthConfig::default(),
             tls: None,
+            cluster: None,
         }
     }
 }

@@ -58,21 +58,7 @@ impl GroupState {
         lease_ms_max: u32,
         window_override_ms: Option<u64>,
     ) -> io::Result<GroupState> {
-        std::fs::create_dir_all(dir)?;
-        let lock = File::create(dir.join(LOCK_FILE))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "another server is using the data directory {}",
-                        dir.display()
-                    ),
-                ))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e),
-        }
+        let lock = lock_dir(dir)?;
         let path = dir.join(GROUP_FILE);
         let earlier = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -122,6 +108,23 @@ impl GroupState {
             recovery_window_ms,
             _lock: lock,
         })
+    }
+}
+
+/// Creates `dir` if need be and takes its lock (held while the returned file is open).
+pub(crate) fn lock_dir(dir: &Path) -> io::Result<File> {
+    std::fs::create_dir_all(dir)?;
+    let lock = File::create(dir.join(LOCK_FILE))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "another server is using the data directory {}",
+                dir.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 

@@ -1,4 +1,5 @@
-//! HTTP endpoint: Prometheus metrics at `/metrics`, liveness and a summary at `/health`.
+//! HTTP endpoint: Prometheus metrics at `/metrics`, liveness and a summary at `/health`,
+//! and a group member's view of its group at `/cluster`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub(crate) async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        .route("/cluster", get(cluster))
         .with_state(shared);
     axum::serve(listener, app)
         .with_graceful_shutdown(stop)
@@ -37,6 +39,14 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         s.core.epoch, s.core.sessions, s.core.ports_owned, s.connections
     );
     ([(header::CONTENT_TYPE, "application/json")], body)
+}
+
+async fn cluster(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let body = match shared.cluster_status() {
+        Some(s) => serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        None => "{\"standalone\":true}".to_string(),
+    };
+    ([(header::CONTENT_TYPE, "application/json")], body + "\n")
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -107,6 +117,9 @@ fn help_for(name: &str) -> &'static str {
         }
         "rss_bytes" => "Resident memory of the server process",
         "uptime_ms" => "Milliseconds since start",
+        "role" => "0 standalone, 1 follower, 2 taking over as master, 3 master",
+        "node_id" => "This member's id in its group (0 standalone)",
+        "master_lease_left_ms" => "Milliseconds left of the master lease (0 unless master)",
         _ => "",
     }
 }

@@ -62,25 +62,56 @@ impl Server {
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let tls = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
-        let epoch = match cfg.epoch {
-            Some(e) => e,
-            None => fresh_epoch().await,
+        let epoch = match (cfg.epoch, &cfg.cluster) {
+            (Some(e), _) => e,
+            // A member's epochs come from the group; it serves nothing until elected.
+            (None, Some(_)) => 1,
+            (None, None) => fresh_epoch().await,
         };
         let listener = TcpListener::bind(cfg.listen).await?;
         let http = match cfg.http_listen {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        // With a data directory, the server is a group of one: it takes over from
-        // the master that used the directory before (DESIGN §4).
-        let group = match &cfg.auth.data_dir {
-            Some(dir) => Some(group::GroupState::open(
+        // With a data directory alone, the server is a group of one: it takes over
+        // from the master that used the directory before (DESIGN §4). With members, it
+        // is one of a Raft group and serves only while elected master.
+        let mut member = None;
+        let group = match (&cfg.auth.data_dir, &cfg.cluster) {
+            (Some(dir), None) => Some(group::GroupState::open(
                 dir,
                 epoch,
                 cfg.core.lease_ms_max,
                 cfg.recovery_window_ms,
             )?),
-            None => None,
+            (None, Some(_)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a group member needs a data directory (--data-dir) for its Raft state",
+                ))
+            }
+            (Some(dir), Some(c)) => {
+                let lock = group::lock_dir(dir)?;
+                let mut c = c.clone();
+                c.dir = dir.join("raft");
+                c.lease_ms_max = cfg.core.lease_ms_max;
+                c.recovery_window_ms = cfg.recovery_window_ms;
+                let peer_addr = c
+                    .members
+                    .get(&c.id)
+                    .map(|m| m.peer_addr.clone())
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("member {} is not in the member list", c.id),
+                        )
+                    })?;
+                let peers = TcpListener::bind(&peer_addr).await?;
+                let node = portswitch_cluster::ClusterNode::start(c, peers).await?;
+                member = Some(state::Member::new(Arc::new(node), lock));
+                None
+            }
+            (None, None) => None,
         };
         let epoch = group.as_ref().map_or(epoch, |g| g.epoch);
         if let Some(w) = group.as_ref().and_then(|g| g.recovery_window_ms) {
@@ -90,7 +121,7 @@ impl Server {
                 "taking over from an earlier master: recovery window open"
             );
         }
-        let shared = Arc::new(Shared::new(cfg, epoch, group)?);
+        let shared = Arc::new(Shared::new(cfg, epoch, group, member)?);
         Ok(Server {
             listener,
             tls,
@@ -135,6 +166,21 @@ impl Server {
                 };
                 if let Err(e) = http::serve(http, shared, stopped).await {
                     tracing::warn!("http endpoint failed: {e}");
+                }
+            });
+        }
+        if let Some(mut role) = shared.role_watch() {
+            // A member serves while it is master: follow its role.
+            let shared = shared.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                loop {
+                    let r = role.borrow_and_update().clone();
+                    shared.set_role(&r);
+                    tokio::select! {
+                        changed = role.changed() => if changed.is_err() { break },
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
                 }
             });
         }
@@ -195,6 +241,7 @@ impl Server {
         }
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+        shared.leave_group().await;
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The state shared by every task: the core and the output queues of all connections,
 //! behind one lock, plus the glue that turns core effects into queued bytes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -28,8 +29,43 @@ pub(crate) struct ConnOut {
     dirty: bool,
 }
 
+/// A member of a Raft group: it serves only while master with a valid lease.
+pub(crate) struct Member {
+    node: Arc<portswitch_cluster::ClusterNode>,
+    lease: Arc<portswitch_cluster::LeaseClock>,
+    /// Holds the data directory's lock while the server runs.
+    _lock: std::fs::File,
+}
+
+impl Member {
+    pub(crate) fn new(node: Arc<portswitch_cluster::ClusterNode>, lock: std::fs::File) -> Member {
+        Member {
+            lease: node.lease(),
+            node,
+            _lock: lock,
+        }
+    }
+}
+
+/// Whether this server may serve clients now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Serving {
+    /// Standalone, or the master of its group.
+    Yes,
+    /// A member that is not master: what to tell clients.
+    No { hint: Vec<u8> },
+}
+
+/// STATS `role`: 0 standalone, 1 follower, 2 taking over, 3 master.
+const ROLE_STANDALONE: u64 = 0;
+const ROLE_FOLLOWER: u64 = 1;
+const ROLE_TAKING_OVER: u64 = 2;
+const ROLE_MASTER: u64 = 3;
+
 pub(crate) struct State {
     pub(crate) core: Core,
+    serving: Serving,
+    role: u64,
     auth: Auth,
     /// Permission denials of the current batch, for the audit log.
     denials: Vec<(String, Perm, Vec<u8>)>,
@@ -69,6 +105,10 @@ pub struct StatsSnapshot {
     pub stalls_total: u64,
     pub stalled_ms: u64,
     pub feed_lock_ns_total: u64,
+    /// 0 standalone, 1 follower, 2 taking over, 3 master.
+    pub role: u64,
+    pub node_id: u64,
+    pub master_lease_left_ms: u64,
     pub rss_bytes: u64,
     pub uptime_ms: u64,
 }
@@ -116,6 +156,9 @@ impl StatsSnapshot {
             ("stalls_total", self.stalls_total),
             ("stalled_ms", self.stalled_ms),
             ("feed_lock_ns_total", self.feed_lock_ns_total),
+            ("role", self.role),
+            ("node_id", self.node_id),
+            ("master_lease_left_ms", self.master_lease_left_ms),
             ("rss_bytes", self.rss_bytes),
             ("uptime_ms", self.uptime_ms),
         ]
@@ -195,7 +238,8 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     cfg: ServerConfig,
     start: Instant,
-    epoch: u64,
+    epoch: AtomicU64,
+    member: Option<Member>,
     /// Holds the data directory's lock while the server runs.
     _group: Option<crate::group::GroupState>,
 }
@@ -205,6 +249,7 @@ impl Shared {
         cfg: ServerConfig,
         epoch: u64,
         group: Option<crate::group::GroupState>,
+        member: Option<Member>,
     ) -> std::io::Result<Shared> {
         let mut seed = random_seed();
         if let Some(g) = &group {
@@ -222,6 +267,16 @@ impl Shared {
         Ok(Shared {
             state: Mutex::new(State {
                 core,
+                serving: match member {
+                    None => Serving::Yes,
+                    Some(_) => Serving::No {
+                        hint: NO_MASTER_YET.to_vec(),
+                    },
+                },
+                role: match member {
+                    None => ROLE_STANDALONE,
+                    Some(_) => ROLE_FOLLOWER,
+                },
                 auth,
                 denials: Vec::new(),
                 last_real_ms: 0,
@@ -234,7 +289,8 @@ impl Shared {
             }),
             cfg,
             start: Instant::now(),
-            epoch,
+            epoch: AtomicU64::new(epoch),
+            member,
             _group: group,
         })
     }
@@ -244,7 +300,109 @@ impl Shared {
     }
 
     pub(crate) fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// The member's role as it changes (`None` for a standalone server).
+    pub(crate) fn role_watch(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<portswitch_cluster::Role>> {
+        self.member.as_ref().map(|m| m.node.role())
+    }
+
+    /// The group as this member sees it (`None` for a standalone server).
+    pub(crate) fn cluster_status(&self) -> Option<portswitch_cluster::node::ClusterStatus> {
+        self.member.as_ref().map(|m| m.node.status())
+    }
+
+    /// Stops this member's Raft (at shutdown).
+    pub(crate) async fn leave_group(&self) {
+        if let Some(m) = &self.member {
+            m.node.shutdown().await;
+        }
+    }
+
+    /// Acts on a change of the member's role: a new master starts a fresh core in its
+    /// epoch with the group's keys (and a recovery window if an earlier master
+    /// served); anything else stops serving.
+    pub(crate) fn set_role(&self, role: &portswitch_cluster::Role) {
+        use portswitch_cluster::Role;
+        let mut st = self.lock();
+        let st = &mut *st;
+        let now = self.now_ms(st);
+        match role {
+            Role::Master(m) => {
+                if st.serving == Serving::Yes {
+                    return;
+                }
+                let mut seed = random_seed();
+                seed[1] = m.secret_keys[0];
+                seed[2] = m.secret_keys[1];
+                st.core = Core::new(self.cfg.core.clone(), m.epoch, seed);
+                if let Some(w) = m.recovery_window_ms {
+                    st.core.start_recovery(now, w);
+                }
+                self.epoch.store(m.epoch, Ordering::Relaxed);
+                st.serving = Serving::Yes;
+                st.role = ROLE_MASTER;
+                tracing::info!(
+                    epoch = m.epoch,
+                    recovery_window_ms = m.recovery_window_ms,
+                    "master: serving clients"
+                );
+            }
+            Role::TakingOver => {
+                self.depose(st, NO_MASTER_YET.to_vec());
+                st.role = ROLE_TAKING_OVER;
+            }
+            Role::Follower { master } => {
+                let hint = match master {
+                    Some(m) => format!("master={}", m.client_addr).into_bytes(),
+                    None => NO_MASTER_YET.to_vec(),
+                };
+                self.depose(st, hint);
+                st.role = ROLE_FOLLOWER;
+            }
+        }
+    }
+
+    /// Stops serving at once: every connection gets `GOAWAY not_master` and the core
+    /// is replaced by an empty one, so no session expires, no port is granted or
+    /// released, no event is sent from here on (a new master adopts the sessions).
+    fn depose(&self, st: &mut State, hint: Vec<u8>) {
+        if st.serving == Serving::Yes {
+            for (_, c) in st.conns.iter_mut() {
+                if !c.closing {
+                    c.out.push_event(&Event::GoAway {
+                        code: ErrorCode::NotMaster,
+                        message: b"this server is no longer master: reconnect to the group",
+                    });
+                    c.closing = true;
+                }
+                c.notify.notify_one();
+            }
+            let epoch = st.core.epoch();
+            st.core = Core::new(self.cfg.core.clone(), epoch, random_seed());
+            tracing::warn!("deposed: stopped serving clients");
+        }
+        st.serving = Serving::No { hint };
+    }
+
+    /// Whether this server may act now; a master whose lease ran out is deposed here,
+    /// before it does anything else.
+    fn may_serve(&self, st: &mut State) -> bool {
+        if st.serving != Serving::Yes {
+            return false;
+        }
+        match &self.member {
+            None => true,
+            Some(m) if m.lease.valid() => true,
+            Some(_) => {
+                self.depose(st, NO_MASTER_YET.to_vec());
+                st.role = ROLE_FOLLOWER;
+                false
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -323,6 +481,11 @@ impl Shared {
         let locked_at = Instant::now();
         let st = &mut *st;
         let now = self.now_ms(st);
+        let serving = self.may_serve(st);
+        let hint = match &st.serving {
+            Serving::Yes => Vec::new(),
+            Serving::No { hint } => hint.clone(),
+        };
         let mut consumed = 0;
         let mut close = false;
         loop {
@@ -353,13 +516,14 @@ impl Shared {
                 };
                 match Request::decode(m.opcode, m.body) {
                     Ok(Request::Stats) => {
-                        let snap = stats_snapshot(
+                        let mut snap = stats_snapshot(
                             &st.core,
                             out.conns.len(),
                             st.counters,
                             st.stalled_ms,
                             self.start,
                         );
+                        self.member_stats(&mut snap, st.role);
                         let mut entries = std::mem::take(&mut st.scratch);
                         entries.clear();
                         let pairs = snap.pairs();
@@ -376,6 +540,15 @@ impl Shared {
                         );
                         st.scratch = entries;
                     }
+                    Ok(Request::Ping) if !serving => out.reply(conn, m.id, &Reply::Ok),
+                    Ok(_) if !serving => out.reply(
+                        conn,
+                        m.id,
+                        &Reply::Error {
+                            code: ErrorCode::NotMaster,
+                            message: &hint,
+                        },
+                    ),
                     Ok(req) if is_edge(&req) => edge(
                         &mut st.auth,
                         &mut st.core,
@@ -500,6 +673,9 @@ impl Shared {
         let mut st = self.lock();
         let st = &mut *st;
         let now = self.now_ms(st);
+        if !self.may_serve(st) {
+            return;
+        }
         if st.core.next_deadline().is_some_and(|d| d <= now) {
             let mut out = Out {
                 conns: &mut st.conns,
@@ -527,13 +703,23 @@ impl Shared {
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         let st = self.lock();
-        stats_snapshot(
+        let mut snap = stats_snapshot(
             &st.core,
             st.conns.len(),
             st.counters,
             st.stalled_ms,
             self.start,
-        )
+        );
+        self.member_stats(&mut snap, st.role);
+        snap
+    }
+
+    fn member_stats(&self, snap: &mut StatsSnapshot, role: u64) {
+        snap.role = role;
+        if let Some(m) = &self.member {
+            snap.node_id = m.node.id();
+            snap.master_lease_left_ms = m.lease.left().as_millis() as u64;
+        }
     }
 }
 
@@ -583,10 +769,16 @@ fn stats_snapshot(
         stalls_total: c.stalls_total,
         stalled_ms,
         feed_lock_ns_total: c.feed_lock_ns,
+        role: ROLE_STANDALONE,
+        node_id: 0,
+        master_lease_left_ms: 0,
         rss_bytes: rss_bytes(),
         uptime_ms: start.elapsed().as_millis() as u64,
     }
 }
+
+/// What a member that is not master says when it knows of none.
+const NO_MASTER_YET: &[u8] = b"no master yet: the group is electing one; retry shortly";
 
 /// Requests the server answers at its edge rather than passing straight to the core:
 /// authentication (HELLO with credentials, or any HELLO where the server needs them),

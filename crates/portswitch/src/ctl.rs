@@ -14,7 +14,8 @@ use crate::AppResult;
 
 #[derive(Args, Debug)]
 pub struct CtlArgs {
-    /// Server address.
+    /// Server address; for a group, every member's, comma-separated (the client
+    /// finds the master).
     #[arg(
         long,
         env = "PORTSWITCH_ADDR",
@@ -203,7 +204,17 @@ fn text(b: &[u8]) -> String {
 }
 
 pub async fn run(args: CtlArgs) -> AppResult {
-    let mut opts = ClientOptions::new(args.addr.clone());
+    let addrs: Vec<String> = args
+        .addr
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let Some(first) = addrs.first() else {
+        return Err("--addr names no server".into());
+    };
+    let mut opts = ClientOptions::new(first.clone());
+    opts.servers = addrs[1..].to_vec();
     opts.lease = Duration::from_millis(args.lease_ms);
     if let Some(ca) = &args.ca {
         opts.tls = Some(portswitch_client::ClientTls {
@@ -505,24 +516,49 @@ pub async fn run(args: CtlArgs) -> AppResult {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {
-            let client = Client::connect(opts).await?;
-            let stats = client.stats().await?;
-            let s = client.session();
-            client.close().await?;
-            if json {
-                let mut m = serde_json::Map::new();
-                m.insert("addr".into(), json!(args.addr));
-                for (k, v) in &stats {
-                    m.insert(k.clone(), json!(v));
-                }
-                println!("{}", serde_json::Value::Object(m));
-            } else {
-                println!("server {} epoch {}", args.addr, s.epoch);
-                for (k, v) in &stats {
-                    println!("  {k:<34} {v}");
+            // Every server named, master or not: its role, epoch, lease and recovery
+            // state, then its other figures. No session is opened.
+            let mut failed = false;
+            for addr in &addrs {
+                let stats = match portswitch_client::server_stats(&opts, addr).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        failed = true;
+                        out(
+                            format!("server {addr} unreachable: {e}"),
+                            json!({"addr": addr, "error": e.to_string()}),
+                        );
+                        continue;
+                    }
+                };
+                let get = |k: &str| stats.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+                if json {
+                    let mut m = serde_json::Map::new();
+                    m.insert("addr".into(), json!(addr));
+                    m.insert("role_name".into(), json!(role_name(get("role"))));
+                    for (k, v) in &stats {
+                        m.insert(k.clone(), json!(v));
+                    }
+                    println!("{}", serde_json::Value::Object(m));
+                } else {
+                    println!(
+                        "server {addr}  node {}  {}  epoch {}  master lease {} ms left  recovering {}",
+                        get("node_id"),
+                        role_name(get("role")),
+                        get("epoch"),
+                        get("master_lease_left_ms"),
+                        if get("recovering") == 1 { "yes" } else { "no" },
+                    );
+                    for (k, v) in &stats {
+                        println!("  {k:<34} {v}");
+                    }
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Cmd::Lock { name, command } => {
             let client = Client::connect(opts).await?;
@@ -690,4 +726,15 @@ async fn admin(opts: ClientOptions, command: &serde_json::Value, json: bool) -> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The STATS `role` number as a word.
+fn role_name(role: u64) -> &'static str {
+    match role {
+        0 => "standalone",
+        1 => "follower",
+        2 => "taking-over",
+        3 => "master",
+        _ => "unknown",
+    }
 }

@@ -1,9 +1,10 @@
-//! `portswitch`: the server (`serve`), the command-line client (`ctl`) and the load
-//! generator (`bench`) in one binary.
+//! `portswitch`: the server (`serve`), the command-line client (`ctl`), the load
+//! generator (`bench`) and a local group for trying things out (`dev`) in one binary.
 
 mod bench;
 mod cert;
 mod ctl;
+mod dev;
 mod hold;
 mod serve;
 
@@ -30,6 +31,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Create a development CA, a server certificate and client certificates.
     Cert(cert::CertArgs),
+    /// Start a local group of servers (default three) for trying things out.
+    Dev(dev::DevArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
             Command::Ctl(args) => ctl::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Cert(args) => cert::run(args),
+            Command::Dev(args) => dev::run(args).await,
         }
     });
     match result {

@@ -38,6 +38,30 @@ pub struct ServeArgs {
     /// [default: the longest lease the earlier master could grant, plus 10%]
     #[arg(long, env = "PORTSWITCH_RECOVERY_WINDOW_MS")]
     recovery_window_ms: Option<u64>,
+    /// This server's id in its group (with --member); without it the server is a
+    /// group by itself [default: none]
+    #[arg(long, env = "PORTSWITCH_NODE_ID")]
+    node_id: Option<u64>,
+    /// A member of the group as ID=PEER_ADDR/CLIENT_ADDR; name all of them (1, 3 or
+    /// 5), this server included; comma-separated or repeated [default: none]
+    #[arg(long = "member", env = "PORTSWITCH_MEMBERS", value_delimiter = ',')]
+    members: Vec<String>,
+    /// How long one quorum confirmation lets the master serve, ms [default: 300]
+    #[arg(long, env = "PORTSWITCH_MASTER_LEASE_MS")]
+    master_lease_ms: Option<u64>,
+    /// Raft heartbeat interval between members, ms [default: 50]
+    #[arg(long, env = "PORTSWITCH_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
+    /// Shortest time without a master before a member stands for election, ms [default: 250]
+    #[arg(long, env = "PORTSWITCH_ELECTION_TIMEOUT_MS_MIN")]
+    election_timeout_ms_min: Option<u64>,
+    /// Longest such time (each member picks at random in between), ms [default: 500]
+    #[arg(long, env = "PORTSWITCH_ELECTION_TIMEOUT_MS_MAX")]
+    election_timeout_ms_max: Option<u64>,
+    /// Largest difference in clock rate between members, per mille (the new master
+    /// waits the old lease stretched by it) [default: 50]
+    #[arg(long, env = "PORTSWITCH_DRIFT_PER_MILLE")]
+    drift_per_mille: Option<u64>,
     /// Most sessions [default: 1000000]
     #[arg(long, env = "PORTSWITCH_SESSIONS_MAX")]
     sessions_max: Option<u32>,
@@ -132,6 +156,13 @@ struct FileConfig {
     send_queue_bytes_max: Option<usize>,
     write_stall_ms_max: Option<u64>,
     recovery_window_ms: Option<u64>,
+    node_id: Option<u64>,
+    members: Option<Vec<String>>,
+    master_lease_ms: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    election_timeout_ms_min: Option<u64>,
+    election_timeout_ms_max: Option<u64>,
+    drift_per_mille: Option<u64>,
     sessions_max: Option<u32>,
     ports_per_session_max: Option<u32>,
     watches_per_session_max: Option<u32>,
@@ -204,6 +235,24 @@ fn config(
         scram_iterations => cfg.auth.iterations,
     }
     cfg.recovery_window_ms = args.recovery_window_ms.or(file.recovery_window_ms);
+    cfg.cluster = cluster_config(args, &file, cfg.core.lease_ms_max)?;
+    if let Some(c) = &cfg.cluster {
+        let danger =
+            args.danger_allow_insecure_network || file.danger_allow_insecure_network == Some(true);
+        for (id, m) in &c.members {
+            let peer: SocketAddr = m
+                .peer_addr
+                .parse()
+                .map_err(|e| format!("member {id}: peer address {}: {e}", m.peer_addr))?;
+            if !peer.ip().is_loopback() && !danger {
+                return Err(format!(
+                    "member {id}: peer links have no TLS yet, so peer addresses must be loopback \
+                     (or a private network with --danger-allow-insecure-network)"
+                )
+                .into());
+            }
+        }
+    }
     cfg.auth.data_dir = args.data_dir.clone().or(file.data_dir);
     cfg.auth.audit_log = args.audit_log.clone().or(file.audit_log);
     let iterations =
@@ -345,6 +394,77 @@ async fn shutdown_signal() {
     }
 }
 
+/// Parses `ID=PEER_ADDR/CLIENT_ADDR`.
+fn parse_member(s: &str) -> Result<(u64, portswitch_cluster::Member), String> {
+    let bad = || format!("--member {s}: expected ID=PEER_ADDR/CLIENT_ADDR");
+    let (id, addrs) = s.split_once('=').ok_or_else(bad)?;
+    let (peer, client) = addrs.split_once('/').ok_or_else(bad)?;
+    let id: u64 = id.trim().parse().map_err(|_| bad())?;
+    if id == 0 {
+        return Err(format!("--member {s}: ids start at 1"));
+    }
+    Ok((
+        id,
+        portswitch_cluster::Member {
+            peer_addr: peer.trim().to_string(),
+            client_addr: client.trim().to_string(),
+        },
+    ))
+}
+
+/// The group settings, if this server is a member of one.
+fn cluster_config(
+    args: &ServeArgs,
+    file: &FileConfig,
+    lease_ms_max: u32,
+) -> Result<Option<portswitch_cluster::ClusterConfig>, String> {
+    let members = if args.members.is_empty() {
+        file.members.clone().unwrap_or_default()
+    } else {
+        args.members.clone()
+    };
+    let id = args.node_id.or(file.node_id);
+    let id = match (id, members.is_empty()) {
+        (None, true) => return Ok(None),
+        (Some(id), false) => id,
+        _ => return Err("--node-id and --member go together".into()),
+    };
+    let mut map = std::collections::BTreeMap::new();
+    for m in &members {
+        let (mid, member) = parse_member(m)?;
+        if map.insert(mid, member).is_some() {
+            return Err(format!("member {mid} is named twice"));
+        }
+    }
+    let mut c = portswitch_cluster::ClusterConfig::new(id, map, PathBuf::new(), lease_ms_max);
+    if let Some(v) = args.master_lease_ms.or(file.master_lease_ms) {
+        c.lease.lease_ms = v;
+    }
+    if let Some(v) = args.drift_per_mille.or(file.drift_per_mille) {
+        if v >= 500 {
+            return Err("drift_per_mille must be below 500".into());
+        }
+        c.lease.drift_per_mille = v;
+    }
+    if let Some(v) = args.heartbeat_ms.or(file.heartbeat_ms) {
+        c.heartbeat_ms = v;
+    }
+    if let Some(v) = args
+        .election_timeout_ms_min
+        .or(file.election_timeout_ms_min)
+    {
+        c.election_timeout_ms.0 = v;
+    }
+    if let Some(v) = args
+        .election_timeout_ms_max
+        .or(file.election_timeout_ms_max)
+    {
+        c.election_timeout_ms.1 = v;
+    }
+    c.validate()?;
+    Ok(Some(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,6 +477,78 @@ mod tests {
         assert_eq!(cfg.http_listen.unwrap().to_string(), HTTP_LISTEN_DEFAULT);
         assert!(cfg.listen.ip().is_loopback());
         assert_eq!(log, "info");
+    }
+
+    #[test]
+    fn group_membership_is_checked() {
+        let members = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let three = members(&[
+            "1=127.0.0.1:7500/127.0.0.1:7400",
+            "2=127.0.0.1:7501/127.0.0.1:7401",
+            "3=127.0.0.1:7502/127.0.0.1:7402",
+        ]);
+        let args = ServeArgs {
+            node_id: Some(2),
+            members: three.clone(),
+            master_lease_ms: Some(400),
+            ..Default::default()
+        };
+        let (cfg, _) = config(&args).unwrap();
+        let c = cfg.cluster.unwrap();
+        assert_eq!((c.id, c.members.len(), c.lease.lease_ms), (2, 3, 400));
+        assert_eq!(c.members[&3].client_addr, "127.0.0.1:7402");
+        let refused = |args: ServeArgs, why: &str| {
+            let e = config(&args).unwrap_err().to_string();
+            assert!(e.contains(why), "{e} should say {why}");
+        };
+        refused(
+            ServeArgs {
+                node_id: Some(4),
+                members: three.clone(),
+                ..Default::default()
+            },
+            "not in the member list",
+        );
+        refused(
+            ServeArgs {
+                node_id: Some(1),
+                members: three[..2].to_vec(),
+                ..Default::default()
+            },
+            "1, 3 or 5",
+        );
+        refused(
+            ServeArgs {
+                node_id: Some(1),
+                members: members(&["1=127.0.0.1:7500"]),
+                ..Default::default()
+            },
+            "ID=PEER_ADDR/CLIENT_ADDR",
+        );
+        refused(
+            ServeArgs {
+                members: three.clone(),
+                ..Default::default()
+            },
+            "go together",
+        );
+        refused(
+            ServeArgs {
+                node_id: Some(1),
+                members: members(&["1=10.0.0.1:7500/127.0.0.1:7400"]),
+                ..Default::default()
+            },
+            "peer links have no TLS yet",
+        );
+        refused(
+            ServeArgs {
+                node_id: Some(1),
+                members: three,
+                master_lease_ms: Some(60),
+                ..Default::default()
+            },
+            "master_lease_ms",
+        );
     }
 
     #[test]

@@ -1,0 +1,112 @@
+//! `portswitch dev`: a local group of servers in one command, for trying things out.
+//! Each member is a `portswitch serve` child process on loopback with its own data
+//! directory; Ctrl-C stops them all.
+
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::AppResult;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Members of the group: 1, 3 or 5.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Client port of the first member; member i listens on BASE+i-1 for clients,
+    /// BASE+100+i-1 for peers and BASE+200+i-1 for HTTP.
+    #[arg(long, default_value_t = 7400)]
+    base_port: u16,
+    /// Where the members keep their state [default: a new directory under the
+    /// system's temporary directory]
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Log filter passed to every member.
+    #[arg(long, default_value = "warn")]
+    log: String,
+}
+
+pub async fn run(args: DevArgs) -> AppResult {
+    if ![1, 3, 5].contains(&args.nodes) {
+        return Err("--nodes must be 1, 3 or 5".into());
+    }
+    if args.base_port as u64 + 200 + args.nodes > u16::MAX as u64 {
+        return Err("--base-port leaves no room for the members' ports".into());
+    }
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("portswitch-dev-{}", std::process::id()))
+    });
+    let port = |offset: u64, i: u64| args.base_port as u64 + offset + i - 1;
+    let members: Vec<String> = (1..=args.nodes)
+        .map(|i| format!("{i}=127.0.0.1:{}/127.0.0.1:{}", port(100, i), port(0, i)))
+        .collect();
+    let exe = std::env::current_exe()?;
+    let mut children: Vec<Child> = Vec::new();
+    for i in 1..=args.nodes {
+        let mut child = Command::new(&exe)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{}", port(0, i))])
+            .args(["--http-listen", &format!("127.0.0.1:{}", port(200, i))])
+            .args(["--data-dir", &dir.join(i.to_string()).to_string_lossy()])
+            .args(["--node-id", &i.to_string()])
+            .args(["--member", &members.join(",")])
+            .args(["--log", &args.log])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        match lines.next_line().await? {
+            Some(l) if l.starts_with("listening on") => {}
+            other => {
+                return Err(format!("member {i} did not start: {other:?}").into());
+            }
+        }
+        children.push(child);
+    }
+    let addrs: Vec<String> = (1..=args.nodes)
+        .map(|i| format!("127.0.0.1:{}", port(0, i)))
+        .collect();
+    println!(
+        "a group of {} on loopback (state in {})",
+        args.nodes,
+        dir.display()
+    );
+    for i in 1..=args.nodes {
+        println!(
+            "  member {i}: clients 127.0.0.1:{}  peers 127.0.0.1:{}  http http://127.0.0.1:{}/cluster",
+            port(0, i),
+            port(100, i),
+            port(200, i)
+        );
+    }
+    println!("try:  portswitch ctl --addr {} status", addrs.join(","));
+    println!("Ctrl-C stops the group.");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        (i, status) = first_exit(&mut children) => {
+            eprintln!("member {} exited ({status:?}); stopping the group", i + 1);
+        }
+    }
+    for c in &mut children {
+        let _ = c.start_kill();
+    }
+    for c in &mut children {
+        let _ = c.wait().await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves when any child exits: its index and status.
+async fn first_exit(children: &mut [Child]) -> (usize, std::io::Result<std::process::ExitStatus>) {
+    loop {
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = c.try_wait() {
+                return (i, Ok(status));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

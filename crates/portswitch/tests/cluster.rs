@@ -1,0 +1,251 @@
+//! Real processes: three `portswitch serve` members on loopback. The master is killed
+//! with SIGKILL, or stopped with SIGSTOP for longer than its lease and continued;
+//! clients hold their ports throughout and the old master never serves again.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::within;
+use portswitch_client::{server_stats, Client, ClientOptions, Error, Event, RegisterOutcome};
+use portswitch_proto::ErrorCode;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portswitch");
+/// Client leases in these tests; the recovery window after a failover is this plus
+/// the drift margin.
+const LEASE_MS_MAX: u32 = 12_000;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Group {
+    children: Vec<Option<Child>>,
+    addrs: Vec<String>,
+    members: String,
+    dir: std::path::PathBuf,
+}
+
+impl Group {
+    async fn start(tag: &str) -> Group {
+        let dir =
+            std::env::temp_dir().join(format!("portswitch-group-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let addrs: Vec<String> = (0..3)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let members = (0..3)
+            .map(|i| format!("{}=127.0.0.1:{}/{}", i + 1, free_port(), addrs[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut g = Group {
+            children: Vec::new(),
+            addrs,
+            members,
+            dir,
+        };
+        for i in 0..3 {
+            let c = g.spawn(i).await;
+            g.children.push(Some(c));
+        }
+        g
+    }
+
+    async fn spawn(&self, i: usize) -> Child {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &self.addrs[i],
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--data-dir",
+                &self.dir.join(i.to_string()).to_string_lossy(),
+            ])
+            .args(["--node-id", &(i + 1).to_string(), "--member", &self.members])
+            .args(["--lease-ms-max", &LEASE_MS_MAX.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = within("member start", lines.next_line()).await.unwrap();
+        assert!(line.unwrap().starts_with("listening on"));
+        child
+    }
+
+    fn pid(&self, i: usize) -> String {
+        self.children[i].as_ref().unwrap().id().unwrap().to_string()
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.pid(i)])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// The member serving as master (bounded wait), optionally other than `not`.
+    async fn master(&self, not: Option<usize>) -> usize {
+        let opts = ClientOptions::new("unused");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for (i, a) in self.addrs.iter().enumerate() {
+                if Some(i) == not || self.children[i].is_none() {
+                    continue;
+                }
+                if let Ok(s) = server_stats(&opts, a).await {
+                    if s.iter().any(|(k, v)| k == "role" && *v == 3) {
+                        return i;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no master");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let mut o = ClientOptions::new(self.addrs[0].clone());
+        o.servers = self.addrs[1..].to_vec();
+        o.lease = Duration::from_millis(LEASE_MS_MAX as u64);
+        Client::connect(o).await.expect("a client finds the master")
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits for the client's reclaim to finish after a failover; panics on any loss.
+async fn resynced(events: &mut tokio::sync::broadcast::Receiver<Event>) {
+    loop {
+        match within("failover", events.recv()).await.unwrap() {
+            Event::Resync => return,
+            Event::OwnershipLost { reason, .. } => panic!("ownership lost: {reason}"),
+            Event::PortLost { port, reason, .. } => panic!("lost {port:?}: {reason}"),
+            _ => {}
+        }
+    }
+}
+
+async fn own(c: &Client, port: &str) -> u64 {
+    match c.register(port, "").await.unwrap() {
+        RegisterOutcome::Owned { token } => token,
+        other => panic!("{port}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_master_keeps_every_session_and_port() {
+    let g = Group::start("kill").await;
+    let m = g.master(None).await;
+    let a = g.client().await;
+    let mut events = a.events();
+    let epoch1 = a.session().epoch;
+    let mut tokens = Vec::new();
+    for i in 0..20 {
+        tokens.push(own(&a, &format!("svc/{i}")).await);
+    }
+
+    g.signal(m, "-KILL");
+    let killed = Instant::now();
+    resynced(&mut events).await;
+    eprintln!(
+        "kill -9 of the master to every port reclaimed: {:?}",
+        killed.elapsed()
+    );
+    let m2 = g.master(Some(m)).await;
+    assert_ne!(m2, m);
+    assert!(a.session().epoch > epoch1);
+    let mut owned = a.owned_ports();
+    owned.sort_by_key(|(_, t)| *t);
+    assert_eq!(owned.len(), 20);
+    for ((_, t), want) in owned.iter().zip(&tokens) {
+        assert_eq!(t, want, "ports keep their tokens across the failover");
+    }
+    // Everyone else sees the same owner and token on the new master.
+    let b = g.client().await;
+    let o = b.query("svc/3").await.unwrap().expect("owned");
+    assert_eq!((o.session, o.token), (a.session().id, tokens[3]));
+    // New grants are above every earlier token.
+    match b.register("svc/3", "").await.unwrap() {
+        RegisterOutcome::Taken { token, .. } => assert_eq!(token, tokens[3]),
+        other => panic!("{other:?}"),
+    }
+    // An unclaimed name waits for the window; with WAIT it is queued meanwhile.
+    match b.register("fresh", "").await {
+        Err(Error::Server {
+            code: ErrorCode::Recovering,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(a.is_alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_stopped_past_its_lease_never_serves_again() {
+    let mut g = Group::start("stop").await;
+    let m = g.master(None).await;
+    let a = g.client().await;
+    let mut events = a.events();
+    let tx = own(&a, "x").await;
+
+    // Stop the master well past its lease and the election of a successor.
+    g.signal(m, "-STOP");
+    let stopped = Instant::now();
+    let m2 = g.master(Some(m)).await;
+    // The client gives up on the silent master and takes its session over there.
+    resynced(&mut events).await;
+    eprintln!(
+        "SIGSTOP of the master to every port reclaimed: {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(a.owned_ports(), vec![("x".into(), tx)]);
+
+    g.signal(m, "-CONT");
+    // The old master knows at once that its lease ran out: it serves nobody. A client
+    // that knows only its address is sent to the new master.
+    let mut only_old = ClientOptions::new(g.addrs[m].clone());
+    only_old.connect_timeout = Duration::from_secs(10);
+    let c = within("client via the old master", Client::connect(only_old))
+        .await
+        .expect("redirected to the new master");
+    let o = c.query("x").await.unwrap().expect("x is owned");
+    assert_eq!((o.session, o.token), (a.session().id, tx));
+    let stats = server_stats(&ClientOptions::new("unused"), &g.addrs[m])
+        .await
+        .unwrap();
+    let role = stats.iter().find(|(k, _)| k == "role").unwrap().1;
+    assert_ne!(role, 3, "the continued old master is not master");
+    assert_eq!(g.master(None).await, m2);
+    assert!(a.is_alive());
+    // A restarted member rejoins as a follower.
+    g.children[m].as_mut().unwrap().start_kill().unwrap();
+    g.children[m].as_mut().unwrap().wait().await.unwrap();
+    let again = g.spawn(m).await;
+    g.children[m] = Some(again);
+    assert_eq!(
+        g.master(None).await,
+        m2,
+        "no election when a follower comes back"
+    );
+}
