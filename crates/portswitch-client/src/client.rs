@@ -253,6 +253,16 @@ struct St {
     watches: std::collections::HashSet<(Bytes, bool)>,
     /// The server this session is on (tried first when reconnecting).
     server: String,
+    /// Ports with an UNREGISTER in flight, and its request id: a REGISTER answered
+    /// for an earlier request, or an ACQUIRED, must not make them owned again (the
+    /// server releases them right after; a failover would reclaim them).
+    letting_go: HashMap<Bytes, u32>,
+    /// Owned ports not yet reclaimed on the current master, each with the moment the
+    /// client must give it up: the earliest that master's recovery window can close,
+    /// after which the port may be someone else's.
+    unconfirmed: HashMap<Bytes, Instant>,
+    /// Watches and queue places still to re-establish on a new master.
+    resync_due: bool,
     info: SessionInfo,
     safe_lease: Duration,
     view_end: Instant,
@@ -357,6 +367,9 @@ impl Client {
                 values: HashMap::new(),
                 watches: Default::default(),
                 server: addr,
+                letting_go: HashMap::new(),
+                unconfirmed: HashMap::new(),
+                resync_due: false,
                 info,
                 safe_lease,
                 view_end: sent_at + safe_lease,
@@ -736,6 +749,9 @@ impl Inner {
             let id = st.next_id;
             let (tx, rx) = oneshot::channel();
             st.out.push_request(id, &req);
+            if let Kind::Unregister(port) = &kind {
+                st.letting_go.insert(port.clone(), id);
+            }
             st.pending.insert(
                 id,
                 Pending {
@@ -834,6 +850,7 @@ impl Inner {
             }
             st.values.clear();
             st.watches.clear();
+            st.unconfirmed.clear();
             (
                 std::mem::take(&mut st.pending),
                 std::mem::take(&mut st.acquire_waiters),
@@ -1206,15 +1223,33 @@ fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
                     let Some(mut p) = st.pending.remove(&id) else {
                         continue;
                     };
-                    // Any answer proves the server held the session when the request
-                    // was sent: the lease view runs from the send time.
+                    // An answer proves the server held the session when the request
+                    // was sent — unless it says the server has no session for us:
+                    // the lease view runs from the send time.
+                    let disproves = matches!(
+                        reply,
+                        Reply::Error {
+                            code: ErrorCode::NoSession
+                                | ErrorCode::NotMaster
+                                | ErrorCode::SessionExpired
+                                | ErrorCode::ResumeFailed,
+                            ..
+                        }
+                    );
                     let end = p.sent_at + st.safe_lease;
-                    if end > st.view_end {
+                    if end > st.view_end && !disproves {
                         st.view_end = end;
                     }
                     let answer = owned_answer(&reply);
                     if let Ok(a) = &answer {
+                        let released_since = |st: &St, port: &Bytes| {
+                            st.letting_go
+                                .get(port)
+                                .is_some_and(|&u| (u.wrapping_sub(id) as i32) > 0)
+                        };
                         match (&p.kind, a) {
+                            (Kind::Register(port, _), Answer::Registered(_))
+                                if released_since(&st, port) => {}
                             (Kind::Register(port, value), Answer::Registered(t)) => {
                                 st.owned.insert(port.clone(), *t);
                                 remember_value(&mut st.values, port, value);
@@ -1232,8 +1267,14 @@ fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
                             (Kind::Unregister(port), Answer::Ok) => {
                                 st.owned.remove(port);
                                 st.values.remove(port);
+                                st.unconfirmed.remove(port);
                             }
                             _ => {}
+                        }
+                    }
+                    if let Kind::Unregister(port) = &p.kind {
+                        if st.letting_go.get(port) == Some(&id) {
+                            st.letting_go.remove(port);
                         }
                     }
                     if let Some(tx) = p.tx.take() {
@@ -1243,7 +1284,11 @@ fn dispatch(inner: &Inner, body: &[u8], gen: u64) -> Result<(), ()> {
                 ServerMsg::Event(e) => match e {
                     WireEvent::Acquired { port, token } => {
                         let port = Bytes::copy_from_slice(port);
-                        st.owned.insert(port.clone(), token);
+                        // Granted before the server saw our UNREGISTER, which
+                        // releases it again: not ours.
+                        if !st.letting_go.contains_key(&port) {
+                            st.owned.insert(port.clone(), token);
+                        }
                         if let Some(ws) = st.acquire_waiters.remove(&port) {
                             for w in ws {
                                 let _ = w.send(Ok(token));
@@ -1382,6 +1427,13 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
         }
         st.phase = Phase::Reconnecting;
         st.out.clear();
+        // Ports the application was letting go of are not ours to take back, whether
+        // or not the server saw the UNREGISTER.
+        for port in std::mem::take(&mut st.letting_go).into_keys() {
+            st.owned.remove(&port);
+            st.values.remove(&port);
+            st.unconfirmed.remove(&port);
+        }
         std::mem::take(&mut st.pending)
     };
     for (_, mut p) in pending {
@@ -1445,12 +1497,29 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
                     }
                     st.info.epoch = hello.epoch;
                     st.server = addr;
-                    st.conn_gen
+                    if new_master {
+                        // Every port must be reclaimed before the new master's window
+                        // can close; past that the client must not count on it.
+                        let margin = inner.opts.lease_margin.clamp(0.0, 0.9);
+                        let window =
+                            Duration::from_millis(hello.recovery_ms as u64).mul_f64(1.0 - margin);
+                        let deadline = sent_at + window;
+                        let ports: Vec<Bytes> = st.owned.keys().cloned().collect();
+                        for p in ports {
+                            st.unconfirmed.insert(p, deadline);
+                        }
+                        st.resync_due = true;
+                    }
+                    let recover = !st.unconfirmed.is_empty() || st.resync_due;
+                    (st.conn_gen, recover)
                 };
+                let (new_gen, recover) = new_gen;
                 start_connection(inner.clone(), stream, rest, new_gen);
                 let _ = inner.events.send(Event::Reconnected);
                 inner.wake_writer.notify_one();
-                if new_master {
+                if recover {
+                    // Also after a resume on the same master that cut an earlier
+                    // reclaim short.
                     tokio::spawn(reclaim_all(inner.clone()));
                 }
                 return;
@@ -1485,16 +1554,14 @@ const RECLAIM_CHUNK: usize = 1_024;
 /// chunks), re-watch, re-queue, and tell the application to re-read what it watches.
 /// A port the new master will not give back is reported as [`Event::PortLost`].
 async fn reclaim_all(inner: Arc<Inner>) {
-    let (owned, values, watches, awaited) = {
+    let (owned, values) = {
         let st = inner.lock();
         (
-            st.owned
-                .iter()
-                .map(|(p, t)| (p.clone(), *t))
+            st.unconfirmed
+                .keys()
+                .filter_map(|p| st.owned.get(p).map(|t| (p.clone(), *t)))
                 .collect::<Vec<_>>(),
             st.values.clone(),
-            st.watches.iter().cloned().collect::<Vec<_>>(),
-            st.acquire_waiters.keys().cloned().collect::<Vec<_>>(),
         )
     };
     let empty = Bytes::new();
@@ -1514,7 +1581,10 @@ async fn reclaim_all(inner: Arc<Inner>) {
         }
         for (port, token, rx) in answers {
             let reason = match rx.await {
-                Ok(Ok(Answer::Registered(t))) if t == token => continue,
+                Ok(Ok(Answer::Registered(t))) if t == token => {
+                    inner.lock().unconfirmed.remove(port);
+                    continue;
+                }
                 Ok(Ok(other)) => format!("the new master answered {other:?}"),
                 Ok(Err(Error::ConnectionLost)) | Err(_) => {
                     // The connection dropped again; the next resume reclaims again.
@@ -1529,6 +1599,7 @@ async fn reclaim_all(inner: Arc<Inner>) {
                     st.owned.remove(port);
                     st.values.remove(port);
                 }
+                st.unconfirmed.remove(port);
                 held
             };
             if lost {
@@ -1540,6 +1611,16 @@ async fn reclaim_all(inner: Arc<Inner>) {
             }
         }
     }
+    let (watches, awaited) = {
+        let mut st = inner.lock();
+        if !std::mem::take(&mut st.resync_due) {
+            return;
+        }
+        (
+            st.watches.iter().cloned().collect::<Vec<_>>(),
+            st.acquire_waiters.keys().cloned().collect::<Vec<_>>(),
+        )
+    };
     for (name, prefix) in watches {
         let _ = inner.submit(
             Request::Watch {
@@ -1579,6 +1660,30 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
             )
         };
         let answer_timeout = inner.opts.answer_timeout;
+        let late: Vec<(Bytes, u64)> = {
+            let mut st = inner.lock();
+            let now = Instant::now();
+            let late: Vec<Bytes> = st
+                .unconfirmed
+                .iter()
+                .filter(|(_, &d)| now >= d)
+                .map(|(p, _)| p.clone())
+                .collect();
+            late.into_iter()
+                .filter_map(|p| {
+                    st.unconfirmed.remove(&p);
+                    st.values.remove(&p);
+                    st.owned.remove(&p).map(|t| (p, t))
+                })
+                .collect()
+        };
+        for (port, token) in late {
+            let _ = inner.events.send(Event::PortLost {
+                port,
+                token,
+                reason: "not reclaimed before the new master's recovery window could close".into(),
+            });
+        }
         match phase {
             Phase::Lost(_) | Phase::Closed => return,
             Phase::Connected(_) | Phase::Reconnecting => {}
@@ -1618,6 +1723,10 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
         let mut next = (now + check).min(view_end);
         if next_ping > now {
             next = next.min(next_ping);
+        }
+        // Give up an unreclaimed port on time, not at the next check.
+        if let Some(d) = inner.lock().unconfirmed.values().min() {
+            next = next.min((*d).max(now + Duration::from_millis(1)));
         }
         drop(inner);
         tokio::time::sleep_until(next.into()).await;

@@ -482,6 +482,17 @@ impl Shared {
         let st = &mut *st;
         let now = self.now_ms(st);
         let serving = self.may_serve(st);
+        // A connection being closed (GOAWAY sent: deposed, expired, slow, taken over)
+        // reads nothing more: in particular, a master that is deposed and elected
+        // again must not answer an old connection's PING from its new core, which
+        // would look to the client like proof that its session is alive.
+        let closing = st
+            .conns
+            .get((conn & 0xFFFF_FFFF) as usize)
+            .is_none_or(|c| c.id != conn || c.closing);
+        if closing {
+            return Fed::Close;
+        }
         let hint = match &st.serving {
             Serving::Yes => Vec::new(),
             Serving::No { hint } => hint.clone(),
