@@ -21,8 +21,8 @@ use crate::types::{Command, GroupFacts, Member, Raft};
 pub const HEARTBEAT_MS_DEFAULT: u64 = 50;
 /// Default election timeout range: a follower that hears no master for this long
 /// stands for election.
-pub const ELECTION_TIMEOUT_MS_MIN_DEFAULT: u64 = 250;
-pub const ELECTION_TIMEOUT_MS_MAX_DEFAULT: u64 = 500;
+pub const ELECTION_TIMEOUT_MS_MIN_DEFAULT: u64 = 150;
+pub const ELECTION_TIMEOUT_MS_MAX_DEFAULT: u64 = 300;
 /// Default master lease: how long one quorum confirmation lets a master serve.
 pub const MASTER_LEASE_MS_DEFAULT: u64 = 300;
 /// Default clock-rate margin between members, per mille.

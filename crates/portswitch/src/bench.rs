@@ -44,6 +44,10 @@ pub enum Workload {
     /// Open --connections sessions and keep them alive with PINGs for --duration
     /// seconds while a fresh client times REGISTER; report server memory per session.
     HoldSessions,
+    /// Start a group of three members on loopback, give --connections sessions
+    /// --ports ports in all, then SIGKILL the master --rounds times; time until every
+    /// session is back with every port on the new master.
+    Failover,
 }
 
 #[derive(Args, Debug)]
@@ -182,6 +186,16 @@ struct Shared {
 pub async fn run(args: BenchArgs) -> AppResult {
     if args.workload == Workload::KillHolder {
         return kill_holder(&args).await;
+    }
+    if args.workload == Workload::Failover {
+        return crate::failover::run(crate::failover::FailoverArgs {
+            sessions: args.connections,
+            ports: args.ports,
+            rounds: args.rounds,
+            lease_ms: args.lease_ms,
+            json: args.json,
+        })
+        .await;
     }
     if args.workload == Workload::HoldSessions {
         return crate::hold::run(crate::hold::HoldArgs {
@@ -671,7 +685,8 @@ async fn drive(
                             Workload::LockContended
                             | Workload::KillHolder
                             | Workload::Login
-                            | Workload::HoldSessions => {
+                            | Workload::HoldSessions
+                            | Workload::Failover => {
                                 unreachable!()
                             }
                         }

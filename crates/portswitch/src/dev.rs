@@ -25,7 +25,7 @@ pub struct DevArgs {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Log filter passed to every member.
-    #[arg(long, default_value = "warn")]
+    #[arg(long, default_value = "warn,openraft=off")]
     log: String,
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod cert;
 mod ctl;
 mod dev;
+mod failover;
 mod hold;
 mod serve;
 

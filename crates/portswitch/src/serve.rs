@@ -98,7 +98,7 @@ pub struct ServeArgs {
     /// Most commands in one frame (at most 16384) [default: 16384]
     #[arg(long, env = "PORTSWITCH_COMMANDS_PER_FRAME_MAX")]
     commands_per_frame_max: Option<u32>,
-    /// Log filter (tracing's EnvFilter syntax) [default: info]
+    /// Log filter (tracing's EnvFilter syntax) [default: info,openraft=off]
     #[arg(long, env = "PORTSWITCH_LOG")]
     log: Option<String>,
     /// Directory for users and roles (auth.json) and the group's state (group.json:
@@ -309,9 +309,14 @@ fn config(
         .log
         .clone()
         .or(file.log)
-        .unwrap_or_else(|| "info".into());
+        .unwrap_or_else(|| LOG_DEFAULT.into());
     Ok((cfg, log))
 }
+
+/// The default log filter. openraft logs every unreachable peer on every heartbeat at
+/// ERROR, which buries everything else while a member is down; `--log
+/// info,openraft=warn` shows them.
+const LOG_DEFAULT: &str = "info,openraft=off";
 
 pub async fn run(args: ServeArgs) -> AppResult {
     let (cfg, log) = config(&args)?;
@@ -476,7 +481,7 @@ mod tests {
         assert_eq!(cfg.listen.to_string(), LISTEN_DEFAULT);
         assert_eq!(cfg.http_listen.unwrap().to_string(), HTTP_LISTEN_DEFAULT);
         assert!(cfg.listen.ip().is_loopback());
-        assert_eq!(log, "info");
+        assert_eq!(log, LOG_DEFAULT);
     }
 
     #[test]

@@ -1,0 +1,270 @@
+//! `bench --workload failover`: starts a group of three `portswitch serve` members on
+//! loopback, connects sessions holding ports, then kills the master with SIGKILL,
+//! round after round, and times how long until every session has resumed on the new
+//! master and reclaimed every port (its `Resync`). Any *ownership lost* or lost port
+//! is counted and reported: the figure is only good if that count is zero.
+
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use portswitch_client::{server_stats, Client, ClientOptions, Event, RegisterOutcome};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::AppResult;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+pub struct FailoverArgs {
+    pub sessions: usize,
+    pub ports: u64,
+    pub rounds: usize,
+    pub lease_ms: u32,
+    pub json: bool,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Group {
+    exe: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    addrs: Vec<String>,
+    members: String,
+    lease_ms_max: u32,
+    children: Vec<Option<Child>>,
+}
+
+impl Group {
+    async fn spawn(&mut self, i: usize) -> Res<()> {
+        let mut child = Command::new(&self.exe)
+            .args(["serve", "--listen", &self.addrs[i], "--no-http"])
+            .args([
+                "--data-dir",
+                &self.dir.join(i.to_string()).to_string_lossy(),
+            ])
+            .args(["--node-id", &(i + 1).to_string(), "--member", &self.members])
+            .args(["--lease-ms-max", &self.lease_ms_max.to_string()])
+            .args(["--log", "error,openraft=off"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        match lines.next_line().await? {
+            Some(l) if l.starts_with("listening on") => {}
+            other => return Err(format!("member {} did not start: {other:?}", i + 1).into()),
+        }
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    /// The member serving as master, waiting up to 30 s.
+    async fn master(&self) -> Res<usize> {
+        let opts = ClientOptions::new("unused");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            for (i, a) in self.addrs.iter().enumerate() {
+                if self.children[i].is_none() {
+                    continue;
+                }
+                if let Ok(s) = server_stats(&opts, a).await {
+                    if s.iter().any(|(k, v)| k == "role" && *v == 3) {
+                        return Ok(i);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err("no master within 30 s".into())
+    }
+}
+
+pub async fn run(args: FailoverArgs) -> AppResult {
+    if args.sessions == 0 || args.rounds == 0 {
+        return Err("--connections and --rounds must be at least 1".into());
+    }
+    let dir = std::env::temp_dir().join(format!("portswitch-failover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let addrs: Vec<String> = (0..3)
+        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect::<Result<_, _>>()?;
+    let mut members = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        members.push(format!("{}=127.0.0.1:{}/{a}", i + 1, free_port()?));
+    }
+    let mut g = Group {
+        exe: std::env::current_exe()?,
+        dir: dir.clone(),
+        addrs,
+        members: members.join(","),
+        lease_ms_max: args.lease_ms,
+        children: vec![None, None, None],
+    };
+    for i in 0..3 {
+        g.spawn(i).await?;
+    }
+    g.master().await?;
+
+    // Sessions, each holding its share of the ports.
+    let lost = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::with_capacity(args.sessions);
+    let per = args.ports / args.sessions as u64;
+    let extra = args.ports % args.sessions as u64;
+    let started = Instant::now();
+    for s in 0..args.sessions {
+        let mut o = ClientOptions::new(g.addrs[0].clone());
+        o.servers = g.addrs[1..].to_vec();
+        o.lease = Duration::from_millis(args.lease_ms as u64);
+        o.connect_timeout = Duration::from_secs(30);
+        let c = Client::connect(o).await?;
+        let n = per + u64::from((s as u64) < extra);
+        let mut pending = Vec::with_capacity(n as usize);
+        for p in 0..n {
+            let c = c.clone();
+            pending.push(tokio::spawn(async move {
+                c.register(format!("s{s}/p{p}"), "").await
+            }));
+        }
+        for p in pending {
+            match p.await? {
+                Ok(RegisterOutcome::Owned { .. }) => {}
+                other => return Err(format!("setting up: {other:?}").into()),
+            }
+        }
+        clients.push(c);
+    }
+    if !args.json {
+        eprintln!(
+            "{} sessions holding {} ports, set up in {:.1?}",
+            args.sessions,
+            args.ports,
+            started.elapsed()
+        );
+    }
+
+    let mut all_hist = Histogram::<u64>::new(3)?;
+    let mut each_hist = Histogram::<u64>::new(3)?;
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        let m = g.master().await?;
+        // Every session reports Resync once it is back with all its ports.
+        let done = Arc::new(AtomicU64::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+        let killed_at = Arc::new(std::sync::OnceLock::<Instant>::new());
+        let mut watchers = Vec::new();
+        for c in &clients {
+            let mut ev = c.events();
+            let (tx, lost, killed_at) = (tx.clone(), lost.clone(), killed_at.clone());
+            watchers.push(tokio::spawn(async move {
+                loop {
+                    match ev.recv().await {
+                        Ok(Event::Resync) => {
+                            let t = killed_at.get().map_or(Duration::ZERO, |k| k.elapsed());
+                            let _ = tx.send(t);
+                            return;
+                        }
+                        Ok(Event::OwnershipLost { .. }) => {
+                            lost.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Ok(Event::PortLost { .. }) => {
+                            lost.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        let child = g.children[m].as_mut().expect("running");
+        let _ = killed_at.set(Instant::now());
+        child.start_kill()?;
+        child.wait().await?;
+        g.children[m] = None;
+        let new_master = g.master().await?;
+        let serving_after = killed_at.get().map_or(Duration::ZERO, |k| k.elapsed());
+        let limit = Duration::from_millis(args.lease_ms as u64);
+        let mut slowest = Duration::ZERO;
+        let deadline = tokio::time::Instant::now() + limit * 2;
+        while (done.load(Ordering::Relaxed) as usize) < clients.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(t)) => {
+                    done.fetch_add(1, Ordering::Relaxed);
+                    each_hist.record(t.as_micros() as u64)?;
+                    slowest = slowest.max(t);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        for w in watchers {
+            w.abort();
+        }
+        let recovered = done.load(Ordering::Relaxed) as usize;
+        all_hist.record(slowest.as_micros() as u64)?;
+        if !args.json {
+            eprintln!(
+                "round {}: killed member {}; member {} master after {} ms; {recovered}/{} sessions back with their ports, the last after {} ms",
+                round + 1,
+                m + 1,
+                new_master + 1,
+                serving_after.as_millis(),
+                clients.len(),
+                slowest.as_millis()
+            );
+        }
+        rounds.push((recovered, slowest));
+        // Bring the killed member back as a follower for the next round.
+        g.spawn(m).await?;
+        g.master().await?;
+    }
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1_000.0;
+    let lost = lost.load(Ordering::Relaxed);
+    let incomplete = rounds.iter().filter(|(r, _)| *r < clients.len()).count();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "workload": "failover",
+                "sessions": args.sessions,
+                "ports": args.ports,
+                "rounds": args.rounds,
+                "all_recovered_p50_ms": ms(&all_hist, 0.5),
+                "all_recovered_p99_ms": ms(&all_hist, 0.99),
+                "session_recovered_p50_ms": ms(&each_hist, 0.5),
+                "session_recovered_p99_ms": ms(&each_hist, 0.99),
+                "ownership_lost": lost,
+                "incomplete_rounds": incomplete,
+            })
+        );
+    } else {
+        println!(
+            "failover, {} rounds, {} sessions, {} ports: every session back with every port after p50 {:.0} ms, p99 {:.0} ms (per session p50 {:.0} ms, p99 {:.0} ms); ownership lost: {lost}; incomplete rounds: {incomplete}",
+            args.rounds,
+            args.sessions,
+            args.ports,
+            ms(&all_hist, 0.5),
+            ms(&all_hist, 0.99),
+            ms(&each_hist, 0.5),
+            ms(&each_hist, 0.99),
+        );
+    }
+    for c in &clients {
+        let _ = c.close().await;
+    }
+    for c in g.children.iter_mut().flatten() {
+        let _ = c.start_kill();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(if lost == 0 && incomplete == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
