@@ -337,8 +337,18 @@ impl Client {
             match handshake_any(&opts, None, lease_ms, opts.resume).await {
                 Ok(x) => break x,
                 Err(e) if try_elsewhere(&e) && Instant::now() + backoff < deadline => {
-                    tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    match retry_hint(&e) {
+                        // A new master said when it serves: come back then (spread
+                        // over a few ms so its clients do not arrive in one instant).
+                        Some(wait) => {
+                            let spread = Duration::from_millis(fastrand::u64(0..=20));
+                            tokio::time::sleep(wait + spread).await;
+                        }
+                        None => {
+                            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(500));
+                        }
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -1028,6 +1038,25 @@ fn try_elsewhere(e: &Error) -> bool {
     }
 }
 
+/// How long a member taking over as master asked us to wait (`retry_ms=N` in its
+/// `not_master` answer), if it did.
+fn retry_hint(e: &Error) -> Option<Duration> {
+    let Error::Server {
+        code: ErrorCode::NotMaster,
+        message,
+    } = e
+    else {
+        return None;
+    };
+    let (_, n) = message.split_once("retry_ms=")?;
+    let ms: u64 = n
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.min(10_000)))
+}
+
 /// Handshakes with the group's master: `first` (the server that last served, or
 /// one a follower named), then `addr`, then the other servers, following a
 /// follower's `master=` hint at once. Returns the first success, or the last error.
@@ -1531,7 +1560,17 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
                 );
                 return;
             }
-            Ok(Err(_)) | Err(_) => {}
+            Ok(Err(e)) => {
+                if let Some(wait) = retry_hint(&e) {
+                    // A new master said when it serves: come back then (spread over a
+                    // few ms so its clients do not arrive in one instant).
+                    let spread = Duration::from_millis(fastrand::u64(0..=20));
+                    tokio::time::sleep(wait + spread).await;
+                    backoff = Duration::from_millis(20);
+                    continue;
+                }
+            }
+            Err(_) => {}
         }
         // Jittered exponential backoff, so that many clients do not reconnect in step;
         // capped low, because a new master serves within about a second of the old
@@ -1542,8 +1581,11 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
     }
 }
 
-/// Longest pause between two rounds of reconnect attempts (before jitter).
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+/// Longest pause between two rounds of reconnect attempts (before jitter): short
+/// enough (× 1.5 < the 330 ms a new master waits before serving) that every client
+/// asks the new master at least once while it is taking over, and so learns exactly
+/// when to come back.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(150);
 
 /// RECLAIMs sent per round trip after a failover: enough to fill frames, few enough
 /// that a session with a million ports neither floods the new master's send queue

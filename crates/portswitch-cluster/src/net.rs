@@ -27,6 +27,8 @@ use crate::types::{Member, Raft, TypeConfig};
 pub const PEER_FRAME_BYTES_MAX: usize = 16 << 20;
 /// How long a member waits to connect to a peer.
 pub const PEER_CONNECT_MS: u64 = 500;
+/// How often a member retries a peer it cannot reach.
+pub const PEER_RETRY_MS: u64 = 50;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope<T> {
@@ -265,6 +267,13 @@ impl RaftNetwork<TypeConfig> for PeerLink {
             ))),
             Err(e) => Err(Self::unreachable(e)),
         }
+    }
+
+    /// How long to wait before trying an unreachable member again. openraft's 500 ms
+    /// default let a restarted member go without heartbeats long enough to stand for
+    /// election and depose a healthy master; a refused connection is cheap to retry.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(PEER_RETRY_MS)))
     }
 }
 

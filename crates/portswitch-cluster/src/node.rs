@@ -107,7 +107,8 @@ pub enum Role {
     /// Not master. `master` is where clients should go, if known.
     Follower { master: Option<Member> },
     /// Elected; writing the new epoch and waiting out the previous master's lease.
-    TakingOver,
+    /// `serve_at` is when it expects to serve, once the epoch is written.
+    TakingOver { serve_at: Option<Instant> },
     /// Serving while the lease clock says so.
     Master(MasterRole),
 }
@@ -306,8 +307,8 @@ async fn run_roles(
         }
         lease.revoke();
         let elected_at = Instant::now();
-        let _ = tx.send(Role::TakingOver);
-        match take_over(&raft, &cfg, &lease, elected_at).await {
+        let _ = tx.send(Role::TakingOver { serve_at: None });
+        match take_over(&raft, &cfg, &lease, elected_at, &tx).await {
             Ok(info) => {
                 tracing::info!(epoch = info.epoch, "serving as master");
                 let _ = tx.send(Role::Master(MasterRole {
@@ -334,6 +335,7 @@ async fn take_over(
     cfg: &ClusterConfig,
     lease: &LeaseClock,
     elected_at: Instant,
+    tx: &watch::Sender<Role>,
 ) -> Result<MasterInfo, String> {
     let cmd = Command::Master {
         node: cfg.id,
@@ -352,7 +354,12 @@ async fn take_over(
     // Wait out the previous master's lease (ours too, if it was us: conservative).
     let previous_lease = grant.previous.map_or(0, |(_, l)| l);
     let wait = cfg.lease.wait_out(previous_lease);
-    tokio::time::sleep_until((elected_at + Duration::from_millis(wait)).into()).await;
+    let serve_at = elected_at + Duration::from_millis(wait);
+    // Clients asking meanwhile are told when to come back.
+    let _ = tx.send(Role::TakingOver {
+        serve_at: Some(serve_at),
+    });
+    tokio::time::sleep_until(serve_at.into()).await;
     confirm(raft, cfg, lease).await?;
     let recovery_window_ms = grant.previous.map(|(lease_ms_max, _)| {
         cfg.recovery_window_ms

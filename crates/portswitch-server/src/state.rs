@@ -52,8 +52,12 @@ impl Member {
 enum Serving {
     /// Standalone, or the master of its group.
     Yes,
-    /// A member that is not master: what to tell clients.
-    No { hint: Vec<u8> },
+    /// A member that is not master: what to tell clients, and — while taking over —
+    /// when it expects to serve.
+    No {
+        hint: Vec<u8>,
+        serve_at: Option<Instant>,
+    },
 }
 
 /// STATS `role`: 0 standalone, 1 follower, 2 taking over, 3 master.
@@ -271,6 +275,7 @@ impl Shared {
                     None => Serving::Yes,
                     Some(_) => Serving::No {
                         hint: NO_MASTER_YET.to_vec(),
+                        serve_at: None,
                     },
                 },
                 role: match member {
@@ -351,8 +356,11 @@ impl Shared {
                     "master: serving clients"
                 );
             }
-            Role::TakingOver => {
+            Role::TakingOver { serve_at } => {
                 self.depose(st, NO_MASTER_YET.to_vec());
+                if let Serving::No { serve_at: at, .. } = &mut st.serving {
+                    *at = *serve_at;
+                }
                 st.role = ROLE_TAKING_OVER;
             }
             Role::Follower { master } => {
@@ -385,7 +393,10 @@ impl Shared {
             st.core = Core::new(self.cfg.core.clone(), epoch, random_seed());
             tracing::warn!("deposed: stopped serving clients");
         }
-        st.serving = Serving::No { hint };
+        st.serving = Serving::No {
+            hint,
+            serve_at: None,
+        };
     }
 
     /// Whether this server may act now; a master whose lease ran out is deposed here,
@@ -495,7 +506,15 @@ impl Shared {
         }
         let hint = match &st.serving {
             Serving::Yes => Vec::new(),
-            Serving::No { hint } => hint.clone(),
+            // Taking over: say when to come back, so clients need not poll.
+            Serving::No {
+                serve_at: Some(at), ..
+            } => format!(
+                "taking over as master; retry_ms={}",
+                at.saturating_duration_since(Instant::now()).as_millis() + 1
+            )
+            .into_bytes(),
+            Serving::No { hint, .. } => hint.clone(),
         };
         let mut consumed = 0;
         let mut close = false;

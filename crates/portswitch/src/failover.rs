@@ -220,8 +220,10 @@ pub async fn run(args: FailoverArgs) -> AppResult {
             );
         }
         rounds.push((recovered, slowest));
-        // Bring the killed member back as a follower for the next round.
+        // Bring the killed member back as a follower, and let the group settle, so
+        // the next round measures the loss of a master in a steady group.
         g.spawn(m).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         g.master().await?;
     }
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1_000.0;

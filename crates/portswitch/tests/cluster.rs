@@ -249,3 +249,77 @@ async fn a_master_stopped_past_its_lease_never_serves_again() {
         "no election when a follower comes back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_starts_a_group_that_ctl_status_describes() {
+    // Member i uses base+i-1 (clients), base+100+i-1 (peers), base+200+i-1 (HTTP):
+    // below the ephemeral range, so outgoing connections do not take them.
+    let base = 20_000 + (std::process::id() % 4_000) as u16 * 2;
+    let dir = std::env::temp_dir().join(format!("portswitch-dev-test-{}", std::process::id()));
+    let mut dev = Command::new(BIN)
+        .args(["dev", "--nodes", "3", "--base-port", &base.to_string()])
+        .args(["--dir", &dir.to_string_lossy()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    let first = within("dev starts", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.starts_with("a group of 3"), "{first}");
+    let addrs: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+    let all = addrs.join(",");
+    // Wait (bounded) for a master, then read everyone's status in one command.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let masters = loop {
+        let out = within(
+            "ctl status",
+            Command::new(BIN)
+                .args(["ctl", "--addr", &all, "--json", "status"])
+                .output(),
+        )
+        .await
+        .unwrap();
+        let members: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(members.len(), 3);
+        let masters: Vec<_> = members
+            .iter()
+            .filter(|m| m["role_name"] == "master")
+            .cloned()
+            .collect();
+        if masters.len() == 1 {
+            break masters;
+        }
+        assert!(Instant::now() < deadline, "no master: {members:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(masters[0]["epoch"].as_u64().unwrap() > 1_700_000_000);
+    assert!(masters[0]["master_lease_left_ms"].as_u64().unwrap() > 0);
+    // A client given every member's address gets a session on the master.
+    let mut o = ClientOptions::new(addrs[0].clone());
+    o.servers = addrs[1..].to_vec();
+    let c = Client::connect(o).await.unwrap();
+    assert!(matches!(
+        c.register("dev/x", "").await.unwrap(),
+        RegisterOutcome::Owned { .. }
+    ));
+    // Ctrl-C stops the whole group (SIGKILL would leave the members running).
+    let pid = dev.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    within("dev stops", dev.wait()).await.unwrap();
+    let opts = ClientOptions::new("unused");
+    for a in &addrs {
+        assert!(server_stats(&opts, a).await.is_err(), "{a} still serving");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
