@@ -45,7 +45,13 @@ pub struct ClusterConfig {
     /// Overrides the recovery window (unsafe if shorter than the longest lease an
     /// earlier master granted).
     pub recovery_window_ms: Option<u64>,
+    /// A new member joining a running group: it never forms a group itself, it waits
+    /// to be added (`member_add` on the master).
+    pub join: bool,
 }
+
+/// The most voters a group may have.
+pub const MEMBERS_MAX: usize = 7;
 
 impl ClusterConfig {
     pub fn new(id: u64, members: BTreeMap<u64, Member>, dir: PathBuf, lease_ms_max: u32) -> Self {
@@ -64,6 +70,7 @@ impl ClusterConfig {
             },
             lease_ms_max,
             recovery_window_ms: None,
+            join: false,
         }
     }
 
@@ -72,7 +79,7 @@ impl ClusterConfig {
         if !self.members.contains_key(&self.id) {
             return Err(format!("member {} is not in the member list", self.id));
         }
-        if ![1, 3, 5].contains(&self.members.len()) {
+        if !self.join && ![1, 3, 5].contains(&self.members.len()) {
             return Err(format!(
                 "a group has 1, 3 or 5 members, not {}",
                 self.members.len()
@@ -146,6 +153,8 @@ pub struct ClusterStatus {
     pub term: u64,
     pub leader: Option<u64>,
     pub members: BTreeMap<u64, Member>,
+    /// The members that vote (the others are learners catching up).
+    pub voters: Vec<u64>,
     pub facts: GroupFacts,
     pub lease_left_ms: u64,
     pub millis_since_quorum_ack: Option<u64>,
@@ -169,7 +178,7 @@ impl ClusterNode {
         }
         .validate()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-        let pristine = store.is_empty();
+        let pristine = store.is_empty() && !cfg.join;
         let (log, sm) = Adaptor::new(store.clone());
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), Network::default(), log, sm)
             .await
@@ -238,10 +247,61 @@ impl ClusterNode {
                 .nodes()
                 .map(|(id, n)| (*id, n.clone()))
                 .collect(),
+            voters: m.membership_config.membership().voter_ids().collect(),
             facts: self.store.facts(),
             lease_left_ms: self.lease.left().as_millis() as u64,
             millis_since_quorum_ack: m.millis_since_quorum_ack,
         }
+    }
+
+    /// Adds member `id` (started with `join`) as a voter: it first catches up as a
+    /// learner, then the group moves to the new membership through a joint
+    /// configuration. Only the leader can do this. Sessions are untouched.
+    pub async fn add_member(&self, id: u64, member: Member) -> Result<ClusterStatus, String> {
+        let mut voters = self.voters();
+        if voters.contains(&id) {
+            return Err(format!("member {id} is already in the group"));
+        }
+        if voters.len() >= MEMBERS_MAX {
+            return Err(format!("a group has at most {MEMBERS_MAX} members"));
+        }
+        self.raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        voters.insert(id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(self.status())
+    }
+
+    /// Removes member `id` from the group (it may be the master: it then steps down
+    /// and another takes over, and clients resume their sessions there).
+    pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, String> {
+        let mut voters = self.voters();
+        if !voters.remove(&id) {
+            return Err(format!("member {id} is not in the group"));
+        }
+        if voters.is_empty() {
+            return Err("the last member cannot be removed".into());
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(self.status())
+    }
+
+    fn voters(&self) -> std::collections::BTreeSet<u64> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
     }
 
     /// Stops Raft and the member's tasks.

@@ -474,7 +474,20 @@ impl Auth {
         salt: &[u8; scram::SALT_BYTES],
     ) -> Result<String, Refusal> {
         let bad = |m: String| (ErrorCode::InvalidArgument, m);
-        let who = match caller {
+        let who = self.check_admin(caller, addr)?;
+        let cmd: Value = serde_json::from_slice(command)
+            .map_err(|e| bad(format!("command is not JSON: {e}")))?;
+        self.admin_command(who, addr, cmd, salt)
+    }
+
+    /// Who may run an ADMIN command: a user with the admin permission, or — on a
+    /// server without users — anyone from loopback (to create the first user).
+    pub(crate) fn check_admin(
+        &mut self,
+        caller: Option<(&str, &Access)>,
+        addr: IpAddr,
+    ) -> Result<String, Refusal> {
+        Ok(match caller {
             Some((user, access)) if access.allows(Perm::Admin, b"") => user.to_string(),
             Some((user, _)) => {
                 self.audit(json!({"event": "denied", "user": user, "perm": "admin", "addr": addr.to_string()}));
@@ -493,9 +506,17 @@ impl Auth {
                     "the first user must be created from loopback".into(),
                 ))
             }
-        };
-        let cmd: Value = serde_json::from_slice(command)
-            .map_err(|e| bad(format!("command is not JSON: {e}")))?;
+        })
+    }
+
+    fn admin_command(
+        &mut self,
+        who: String,
+        addr: IpAddr,
+        cmd: Value,
+        salt: &[u8; scram::SALT_BYTES],
+    ) -> Result<String, Refusal> {
+        let bad = |m: String| (ErrorCode::InvalidArgument, m);
         let op = cmd["op"].as_str().unwrap_or("");
         if !op.ends_with("_list") && self.cfg.data_dir.is_none() {
             // Refuse before changing anything, so memory and disk never disagree.

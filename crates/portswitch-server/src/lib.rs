@@ -122,6 +122,7 @@ impl Server {
             );
         }
         let shared = Arc::new(Shared::new(cfg, epoch, group, member)?);
+        shared.set_self();
         Ok(Server {
             listener,
             tls,

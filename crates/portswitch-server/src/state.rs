@@ -244,6 +244,9 @@ pub(crate) struct Shared {
     start: Instant,
     epoch: AtomicU64,
     member: Option<Member>,
+    /// This `Shared` itself, for tasks that answer a request later (membership
+    /// changes go through Raft, which takes a while).
+    me: std::sync::OnceLock<std::sync::Weak<Shared>>,
     /// Holds the data directory's lock while the server runs.
     _group: Option<crate::group::GroupState>,
 }
@@ -296,6 +299,7 @@ impl Shared {
             start: Instant::now(),
             epoch: AtomicU64::new(epoch),
             member,
+            me: std::sync::OnceLock::new(),
             _group: group,
         })
     }
@@ -306,6 +310,60 @@ impl Shared {
 
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Lets tasks spawned by this `Shared` reach it later.
+    pub(crate) fn set_self(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// Starts a membership change for the ADMIN request `id` on `conn`; the answer
+    /// comes when Raft has committed it (or refused).
+    fn start_member_op(&self, conn: ConnId, id: u32, op: MemberOp) {
+        let Some(node) = self.member.as_ref().map(|m| m.node.clone()) else {
+            return;
+        };
+        let me = self.me.get().cloned();
+        tokio::spawn(async move {
+            let result = match op {
+                MemberOp::Add { id, member } => node.add_member(id, member).await,
+                MemberOp::Remove { id } => node.remove_member(id).await,
+                MemberOp::List | MemberOp::Bad(_) => return,
+            };
+            if let Some(shared) = me.and_then(|w| w.upgrade()) {
+                shared.reply_later(conn, id, result);
+            }
+        });
+    }
+
+    fn reply_later(
+        &self,
+        conn: ConnId,
+        id: u32,
+        result: Result<portswitch_cluster::node::ClusterStatus, String>,
+    ) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let now = self.now_ms(st);
+        let mut out = Out {
+            conns: &mut st.conns,
+            dirty: &mut st.dirty,
+            denials: &mut st.denials,
+        };
+        match result {
+            Ok(status) => {
+                let json = serde_json::to_string(&status).unwrap_or_default();
+                out.reply(
+                    conn,
+                    id,
+                    &Reply::AdminOk {
+                        result: json.as_bytes(),
+                    },
+                );
+            }
+            Err(e) => refuse(&mut out, conn, id, ErrorCode::InvalidArgument, e.as_bytes()),
+        }
+        self.flush(st, now);
     }
 
     /// The member's role as it changes (`None` for a standalone server).
@@ -579,6 +637,50 @@ impl Shared {
                             message: &hint,
                         },
                     ),
+                    Ok(Request::Admin { command }) if MemberOp::parse(command).is_some() => {
+                        let caller = st.core.session_user(conn).and_then(|(u, a)| Some((u?, a?)));
+                        let addr = addr_of(out.conns, conn);
+                        let op = MemberOp::parse(command).expect("checked");
+                        match (st.auth.check_admin(caller, addr), op) {
+                            (Err((code, msg)), _) => {
+                                refuse(&mut out, conn, m.id, code, msg.as_bytes())
+                            }
+                            (Ok(_), MemberOp::Bad(why)) => refuse(
+                                &mut out,
+                                conn,
+                                m.id,
+                                ErrorCode::InvalidArgument,
+                                why.as_bytes(),
+                            ),
+                            (Ok(_), _) if self.member.is_none() => refuse(
+                                &mut out,
+                                conn,
+                                m.id,
+                                ErrorCode::InvalidArgument,
+                                b"this server is not a member of a group (--node-id, --member)",
+                            ),
+                            (Ok(_), MemberOp::List) => {
+                                let status = self.cluster_status();
+                                let json = serde_json::to_string(&status).unwrap_or_default();
+                                out.reply(
+                                    conn,
+                                    m.id,
+                                    &Reply::AdminOk {
+                                        result: json.as_bytes(),
+                                    },
+                                );
+                            }
+                            (Ok(who), op) => {
+                                st.auth.audit(serde_json::json!({
+                                    "event": "admin",
+                                    "by": who,
+                                    "op": format!("{op:?}"),
+                                    "addr": addr.to_string(),
+                                }));
+                                self.start_member_op(conn, m.id, op);
+                            }
+                        }
+                    }
                     Ok(req) if is_edge(&req) => edge(
                         &mut st.auth,
                         &mut st.core,
@@ -804,6 +906,47 @@ fn stats_snapshot(
         master_lease_left_ms: 0,
         rss_bytes: rss_bytes(),
         uptime_ms: start.elapsed().as_millis() as u64,
+    }
+}
+
+/// A membership command (ADMIN `member_list`, `member_add`, `member_remove`).
+#[derive(Debug)]
+enum MemberOp {
+    List,
+    Add {
+        id: u64,
+        member: portswitch_cluster::Member,
+    },
+    Remove {
+        id: u64,
+    },
+    Bad(String),
+}
+
+impl MemberOp {
+    /// `None` when the command is not a membership command at all.
+    fn parse(command: &[u8]) -> Option<MemberOp> {
+        let v: serde_json::Value = serde_json::from_slice(command).ok()?;
+        let op = v["op"].as_str()?;
+        let id = v["id"].as_u64().filter(|&id| id > 0);
+        Some(match op {
+            "member_list" => MemberOp::List,
+            "member_add" => match (id, v["peer_addr"].as_str(), v["client_addr"].as_str()) {
+                (Some(id), Some(p), Some(c)) => MemberOp::Add {
+                    id,
+                    member: portswitch_cluster::Member {
+                        peer_addr: p.to_string(),
+                        client_addr: c.to_string(),
+                    },
+                },
+                _ => MemberOp::Bad("member_add needs id (> 0), peer_addr and client_addr".into()),
+            },
+            "member_remove" => match id {
+                Some(id) => MemberOp::Remove { id },
+                None => MemberOp::Bad("member_remove needs id (> 0)".into()),
+            },
+            _ => return None,
+        })
     }
 }
 

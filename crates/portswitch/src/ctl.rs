@@ -127,6 +127,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RoleCmd,
     },
+    /// Manage the members of a group (on its master; sessions carry on).
+    Member {
+        #[command(subcommand)]
+        cmd: MemberCmd,
+    },
     /// Campaign for leadership, run a command while leader (token in
     /// PORTSWITCH_TOKEN); with --observe, print leader changes instead.
     Elect {
@@ -176,6 +181,23 @@ enum RoleCmd {
     /// Delete a role (users lose it).
     Del { name: String },
     /// List roles and their grants.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum MemberCmd {
+    /// Add a member started with `serve --join`: it catches up, then votes.
+    Add {
+        id: u64,
+        /// Where the other members reach it.
+        peer_addr: String,
+        /// Where clients reach it.
+        client_addr: String,
+    },
+    /// Remove a member (if it is the master, another takes over and clients resume
+    /// their sessions there).
+    Remove { id: u64 },
+    /// The group as the master sees it: members, voters, leader, term, epoch.
     List,
 }
 
@@ -591,6 +613,41 @@ pub async fn run(args: CtlArgs) -> AppResult {
                 }
             };
             admin(opts, &command, json).await
+        }
+        Cmd::Member { cmd } => {
+            let command = match cmd {
+                MemberCmd::Add {
+                    id,
+                    peer_addr,
+                    client_addr,
+                } => {
+                    json!({"op": "member_add", "id": id, "peer_addr": peer_addr, "client_addr": client_addr})
+                }
+                MemberCmd::Remove { id } => json!({"op": "member_remove", "id": id}),
+                MemberCmd::List => json!({"op": "member_list"}),
+            };
+            let client = Client::connect(opts).await?;
+            let result = client.admin(&command.to_string()).await;
+            client.close().await?;
+            let status: serde_json::Value = serde_json::from_str(&result?)?;
+            if json {
+                println!("{status}");
+            } else {
+                println!(
+                    "leader {}  term {}  epoch {}  voters {}",
+                    status["leader"], status["term"], status["facts"]["epoch"], status["voters"]
+                );
+                if let Some(members) = status["members"].as_object() {
+                    for (id, m) in members {
+                        println!(
+                            "  member {id}: clients {}  peers {}",
+                            m["client_addr"].as_str().unwrap_or("?"),
+                            m["peer_addr"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Role { cmd } => {
             let command = match cmd {

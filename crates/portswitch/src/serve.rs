@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// 5), this server included; comma-separated or repeated [default: none]
     #[arg(long = "member", env = "PORTSWITCH_MEMBERS", value_delimiter = ',')]
     members: Vec<String>,
+    /// Join a running group instead of forming one: wait to be added with `ctl member
+    /// add` on its master (--member then names at least this server)
+    #[arg(long, env = "PORTSWITCH_JOIN")]
+    join: bool,
     /// How long one quorum confirmation lets the master serve, ms [default: 300]
     #[arg(long, env = "PORTSWITCH_MASTER_LEASE_MS")]
     master_lease_ms: Option<u64>,
@@ -158,6 +162,7 @@ struct FileConfig {
     recovery_window_ms: Option<u64>,
     node_id: Option<u64>,
     members: Option<Vec<String>>,
+    join: Option<bool>,
     master_lease_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
     election_timeout_ms_min: Option<u64>,
@@ -442,6 +447,7 @@ fn cluster_config(
         }
     }
     let mut c = portswitch_cluster::ClusterConfig::new(id, map, PathBuf::new(), lease_ms_max);
+    c.join = args.join || file.join == Some(true);
     if let Some(v) = args.master_lease_ms.or(file.master_lease_ms) {
         c.lease.lease_ms = v;
     }

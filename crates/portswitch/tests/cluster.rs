@@ -18,12 +18,18 @@ const BIN: &str = env!("CARGO_BIN_EXE_portswitch");
 /// the drift margin.
 const LEASE_MS_MAX: u32 = 12_000;
 
+/// A free port below the ephemeral range (10000-19999), so that no outgoing
+/// connection takes it between this check and the server binding it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % 1_000) as u16 * 10;
+    loop {
+        let p = 10_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 struct Group {
@@ -322,4 +328,103 @@ async fn dev_starts_a_group_that_ctl_status_describes() {
         assert!(server_stats(&opts, a).await.is_err(), "{a} still serving");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_and_removed_without_dropping_sessions() {
+    let mut g = Group::start("members").await;
+    let m = g.master(None).await;
+    let a = g.client().await;
+    let mut events = a.events();
+    let mut tokens = Vec::new();
+    for i in 0..5 {
+        tokens.push(own(&a, &format!("job/{i}")).await);
+    }
+    // A fourth server joins: started with --join, then added on the master.
+    let addr4 = format!("127.0.0.1:{}", free_port());
+    let peer4 = format!("127.0.0.1:{}", free_port());
+    let mut fourth = Command::new(BIN)
+        .args(["serve", "--listen", &addr4, "--http-listen", "127.0.0.1:0"])
+        .args(["--data-dir", &g.dir.join("4").to_string_lossy()])
+        .args([
+            "--node-id",
+            "4",
+            "--member",
+            &format!("4={peer4}/{addr4}"),
+            "--join",
+        ])
+        .args(["--lease-ms-max", &LEASE_MS_MAX.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(fourth.stdout.take().unwrap()).lines();
+    assert!(within("4 starts", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .starts_with("listening on"));
+    let all = g.addrs.join(",");
+    let ctl = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(["ctl", "--addr", &all, "--json"])
+            .args(args)
+            .kill_on_drop(true);
+        c
+    };
+    let out = within(
+        "member add",
+        ctl(&["member", "add", "4", &peer4, &addr4]).output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["voters"],
+        serde_json::json!([1, 2, 3, 4]),
+        "{status}"
+    );
+    assert_eq!(status["members"]["4"]["client_addr"], addr4.as_str());
+
+    // Remove the master itself: another member takes over, the session carries on.
+    let out = within(
+        "member remove",
+        ctl(&["member", "remove", &(m + 1).to_string()]).output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let voters: Vec<u64> = serde_json::from_value(status["voters"].clone()).unwrap();
+    assert_eq!(voters.len(), 3);
+    assert!(!voters.contains(&(m as u64 + 1)));
+    resynced(&mut events).await;
+    let mut owned: Vec<u64> = a.owned_ports().into_iter().map(|(_, t)| t).collect();
+    owned.sort();
+    assert_eq!(owned, tokens, "same ports, same tokens, on the new master");
+    // The removed member no longer leads; the group still fails over without it.
+    let stats = server_stats(&ClientOptions::new("unused"), &g.addrs[m])
+        .await
+        .unwrap();
+    assert_ne!(stats.iter().find(|(k, _)| k == "role").unwrap().1, 3);
+    let out = within("member list", ctl(&["member", "list"]).output())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(a.is_alive());
+    g.children[m].as_mut().unwrap().start_kill().unwrap();
 }
