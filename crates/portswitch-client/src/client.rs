@@ -1032,7 +1032,9 @@ type Handshaken = (Stream, HelloOk<'static>, BytesMut, Instant, String);
 /// session cannot be had".
 fn try_elsewhere(e: &Error) -> bool {
     match e {
-        Error::Server { code, .. } => *code == ErrorCode::NotMaster,
+        Error::Server { code, .. } => {
+            matches!(code, ErrorCode::NotMaster | ErrorCode::Overloaded)
+        }
         Error::Io(_) | Error::ConnectTimeout(_) | Error::ConnectionLost => true,
         _ => false,
     }
@@ -1042,7 +1044,7 @@ fn try_elsewhere(e: &Error) -> bool {
 /// `not_master` answer), if it did.
 fn retry_hint(e: &Error) -> Option<Duration> {
     let Error::Server {
-        code: ErrorCode::NotMaster,
+        code: ErrorCode::NotMaster | ErrorCode::Overloaded,
         message,
     } = e
     else {
@@ -1080,6 +1082,14 @@ async fn handshake_any(
         }
         match handshake(opts, &addr, lease_ms, resume).await {
             Ok((s, h, rest, sent)) => return Ok((s, h, rest, sent, addr)),
+            // The master is admitting sessions as fast as it will: it said when to
+            // come back, and no other server can help.
+            Err(
+                e @ Error::Server {
+                    code: ErrorCode::Overloaded,
+                    ..
+                },
+            ) => return Err(e),
             Err(e) if try_elsewhere(&e) => {
                 if let Error::Server { message, .. } = &e {
                     if let Some(master) = message.strip_prefix("master=") {
@@ -1553,7 +1563,9 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
                 }
                 return;
             }
-            Ok(Err(Error::Server { code, message })) if code != ErrorCode::NotMaster => {
+            Ok(Err(Error::Server { code, message }))
+                if !matches!(code, ErrorCode::NotMaster | ErrorCode::Overloaded) =>
+            {
                 inner.finish(
                     Phase::Lost(message.clone()),
                     &format!("resume refused: {code}: {message}"),

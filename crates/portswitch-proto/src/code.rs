@@ -78,6 +78,10 @@ pub enum ErrorCode {
     /// This server is not the group's master (a follower, or a master electing or
     /// deposed). The message is `master=HOST:PORT` when it knows who is, else why not.
     NotMaster,
+    /// The server admits at most `hello_rate_max` HELLOs per second (a reconnect
+    /// stampede after a failover must not topple the new master). The message says
+    /// `retry_ms=N`; nothing was done.
+    Overloaded,
     /// A code this library does not know.
     Other(u16),
 }
@@ -119,6 +123,7 @@ impl ErrorCode {
             ErrorCode::Recovering => 31,
             ErrorCode::ReclaimRefused => 32,
             ErrorCode::NotMaster => 33,
+            ErrorCode::Overloaded => 34,
             ErrorCode::Other(n) => n,
         }
     }
@@ -159,6 +164,7 @@ impl ErrorCode {
             31 => ErrorCode::Recovering,
             32 => ErrorCode::ReclaimRefused,
             33 => ErrorCode::NotMaster,
+            34 => ErrorCode::Overloaded,
             n => ErrorCode::Other(n),
         }
     }
@@ -199,6 +205,7 @@ impl ErrorCode {
             ErrorCode::Recovering => "recovering",
             ErrorCode::ReclaimRefused => "reclaim_refused",
             ErrorCode::NotMaster => "not_master",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Other(_) => "other",
         }
     }

@@ -29,6 +29,12 @@ const _: () = assert!(STALL_MS_THRESHOLD > 4 * TICK_MS_DEFAULT);
 /// client that stops reading would hold its connection and queued output forever).
 pub const WRITE_STALL_MS_MAX_DEFAULT: u64 = 30_000;
 
+/// Default HELLOs a server handles per second (new sessions and resumes alike); more
+/// are answered `overloaded` with a time to retry. After a failover every client
+/// resumes at once: this keeps the new master responsive (and renewing its lease)
+/// while they do. Bursts up to one second's worth pass at once.
+pub const HELLO_RATE_MAX_DEFAULT: u32 = 20_000;
+
 /// How long a graceful shutdown waits for connections to flush.
 pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
@@ -43,6 +49,8 @@ pub struct ServerConfig {
     pub send_queue_bytes_max: usize,
     /// See [`WRITE_STALL_MS_MAX_DEFAULT`].
     pub write_stall_ms_max: u64,
+    /// See [`HELLO_RATE_MAX_DEFAULT`].
+    pub hello_rate_max: u32,
     pub tick_ms: u64,
     /// The epoch to serve in. `None` takes the current Unix second after waiting for a
     /// fresh one to begin, so a restarted server's tokens are above its predecessor's.
@@ -71,6 +79,7 @@ impl Default for ServerConfig {
             connections_max: CONNECTIONS_MAX_DEFAULT,
             send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
             write_stall_ms_max: WRITE_STALL_MS_MAX_DEFAULT,
+            hello_rate_max: HELLO_RATE_MAX_DEFAULT,
             tick_ms: TICK_MS_DEFAULT,
             epoch: None,
             recovery_window_ms: None,

@@ -108,6 +108,7 @@ fn help_for(name: &str) -> &'static str {
         "connections" => "Open client connections",
         "connections_total" => "Client connections accepted",
         "connections_rejected_total" => "Connections refused at connections_max",
+        "hellos_throttled_total" => "HELLOs answered overloaded (hello_rate_max)",
         "slow_consumer_disconnects_total" => "Connections closed for not reading their output",
         "malformed_disconnects_total" => "Connections closed for malformed frames",
         "stalls_total" => "Server stalls longer than the stall threshold (not charged to leases)",

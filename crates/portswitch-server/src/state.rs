@@ -69,6 +69,9 @@ const ROLE_MASTER: u64 = 3;
 pub(crate) struct State {
     pub(crate) core: Core,
     serving: Serving,
+    /// HELLO admission: tokens left and when they were last refilled (real ms).
+    hello_tokens: f64,
+    hello_refilled_ms: u64,
     role: u64,
     auth: Auth,
     /// Permission denials of the current batch, for the audit log.
@@ -88,6 +91,7 @@ pub(crate) struct State {
 struct Counters {
     connections_total: u64,
     connections_rejected_total: u64,
+    hellos_throttled_total: u64,
     slow_consumer_total: u64,
     malformed_total: u64,
     stalls_total: u64,
@@ -103,6 +107,7 @@ pub struct StatsSnapshot {
     pub connections: u64,
     pub connections_total: u64,
     pub connections_rejected_total: u64,
+    pub hellos_throttled_total: u64,
     pub slow_consumer_disconnects_total: u64,
     pub malformed_disconnects_total: u64,
     /// Server stalls longer than `STALL_MS_THRESHOLD`, and their total length.
@@ -149,6 +154,7 @@ impl StatsSnapshot {
                 "connections_rejected_total",
                 self.connections_rejected_total,
             ),
+            ("hellos_throttled_total", self.hellos_throttled_total),
             (
                 "slow_consumer_disconnects_total",
                 self.slow_consumer_disconnects_total,
@@ -274,6 +280,8 @@ impl Shared {
         Ok(Shared {
             state: Mutex::new(State {
                 core,
+                hello_tokens: cfg.hello_rate_max as f64,
+                hello_refilled_ms: 0,
                 serving: match member {
                     None => Serving::Yes,
                     Some(_) => Serving::No {
@@ -455,6 +463,22 @@ impl Shared {
             hint,
             serve_at: None,
         };
+    }
+
+    /// Takes a HELLO token, refilling at `hello_rate_max` per second (burst: one
+    /// second's worth). False: refuse this HELLO with `overloaded`.
+    fn admit_hello(&self, c: &mut Counters, tokens: &mut f64, refilled_ms: &mut u64) -> bool {
+        let rate = self.cfg.hello_rate_max as f64;
+        let real = self.start.elapsed().as_millis() as u64;
+        *tokens = (*tokens + (real.saturating_sub(*refilled_ms)) as f64 * rate / 1_000.0).min(rate);
+        *refilled_ms = real;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            c.hellos_throttled_total += 1;
+            false
+        }
     }
 
     /// Whether this server may act now; a master whose lease ran out is deposed here,
@@ -681,6 +705,20 @@ impl Shared {
                             }
                         }
                     }
+                    Ok(Request::Hello(_))
+                        if !self.admit_hello(
+                            &mut st.counters,
+                            &mut st.hello_tokens,
+                            &mut st.hello_refilled_ms,
+                        ) =>
+                    {
+                        let wait = 1_000 / self.cfg.hello_rate_max.max(1) as u64 + 1;
+                        let msg = format!(
+                            "too many sessions opening at once (hello_rate_max); retry_ms={}",
+                            wait + fastrand_ms(50)
+                        );
+                        refuse(&mut out, conn, m.id, ErrorCode::Overloaded, msg.as_bytes());
+                    }
                     Ok(req) if is_edge(&req) => edge(
                         &mut st.auth,
                         &mut st.core,
@@ -896,6 +934,7 @@ fn stats_snapshot(
         connections: conns as u64,
         connections_total: c.connections_total,
         connections_rejected_total: c.connections_rejected_total,
+        hellos_throttled_total: c.hellos_throttled_total,
         slow_consumer_disconnects_total: c.slow_consumer_total,
         malformed_disconnects_total: c.malformed_total,
         stalls_total: c.stalls_total,
@@ -1075,6 +1114,13 @@ fn addr_of(conns: &slab::Slab<ConnOut>, conn: ConnId) -> std::net::IpAddr {
         .get((conn & 0xFFFF_FFFF) as usize)
         .filter(|c| c.id == conn)
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.addr)
+}
+
+/// A random number of milliseconds below `max`, to spread clients told to retry.
+fn fastrand_ms(max: u64) -> u64 {
+    let mut b = [0u8; 8];
+    fill_random(&mut b);
+    u64::from_le_bytes(b) % max.max(1)
 }
 
 /// Fills `buf` from the OS's randomness (nonces, salts, keys).

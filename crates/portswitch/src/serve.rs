@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// Close a connection whose peer accepts no bytes for this long while output waits [default: 30000]
     #[arg(long, env = "PORTSWITCH_WRITE_STALL_MS_MAX")]
     write_stall_ms_max: Option<u64>,
+    /// HELLOs handled per second (new sessions and resumes); more are told to retry,
+    /// so a reconnect stampede after a failover cannot topple the new master [default: 20000]
+    #[arg(long, env = "PORTSWITCH_HELLO_RATE_MAX")]
+    hello_rate_max: Option<u32>,
     /// After a restart on the same data directory: how long sessions of the earlier
     /// master may resume and reclaim their ports before unreclaimed ports are free
     /// [default: the longest lease the earlier master could grant, plus 10%]
@@ -159,6 +163,7 @@ struct FileConfig {
     connections_max: Option<usize>,
     send_queue_bytes_max: Option<usize>,
     write_stall_ms_max: Option<u64>,
+    hello_rate_max: Option<u32>,
     recovery_window_ms: Option<u64>,
     node_id: Option<u64>,
     members: Option<Vec<String>>,
@@ -219,6 +224,7 @@ fn config(
         connections_max => cfg.connections_max,
         send_queue_bytes_max => cfg.send_queue_bytes_max,
         write_stall_ms_max => cfg.write_stall_ms_max,
+        hello_rate_max => cfg.hello_rate_max,
         sessions_max => cfg.core.sessions_max,
         ports_per_session_max => cfg.core.ports_per_session_max,
         watches_per_session_max => cfg.core.watches_per_session_max,
@@ -302,6 +308,9 @@ fn config(
     }
     if cfg.connections_max == 0 {
         return Err("connections_max must be at least 1".into());
+    }
+    if cfg.hello_rate_max == 0 {
+        return Err("hello_rate_max must be at least 1".into());
     }
     if cfg.write_stall_ms_max == 0 {
         return Err("write_stall_ms_max must be at least 1".into());

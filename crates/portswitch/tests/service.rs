@@ -531,3 +531,27 @@ async fn default_server_config_waits_for_a_fresh_epoch() {
     assert!(e2 > e1, "epoch {e2} after {e1}");
     s2.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stampede_of_hellos_is_admitted_at_hello_rate_max_and_all_get_in() {
+    let srv = server_with(ServerConfig {
+        hello_rate_max: 100,
+        ..ServerConfig::ephemeral()
+    })
+    .await;
+    // 300 sessions at once: the first 100 pass, the rest are told when to retry.
+    let mut tasks = Vec::new();
+    for _ in 0..300 {
+        let o = opts(&srv);
+        tasks.push(tokio::spawn(async move { Client::connect(o).await }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap().expect("every client gets in"));
+    }
+    let stats: std::collections::HashMap<_, _> =
+        clients[0].stats().await.unwrap().into_iter().collect();
+    assert!(stats["hellos_throttled_total"] > 0, "{stats:?}");
+    assert_eq!(stats["sessions"], 300);
+    srv.stop().await.unwrap();
+}
