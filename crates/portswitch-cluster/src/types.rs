@@ -43,7 +43,12 @@ pub struct GroupFacts {
     pub master: Option<u64>,
     /// SipHash keys of session secrets, shared by every master of the group.
     pub secret_keys: Option<[u64; 2]>,
-    /// The current master's longest client lease and its master lease.
+    /// The longest client lease and the longest master lease of **any** master so
+    /// far. They never go down: a master that dies inside its own recovery window (or
+    /// before it waited out its predecessor) leaves an obligation to its successor
+    /// that only the largest setting ever used is sure to cover when members are
+    /// configured differently. Lowering them takes effect once the group is
+    /// re-formed.
     pub lease_ms_max: u32,
     pub master_lease_ms: u64,
 }
@@ -53,8 +58,9 @@ pub struct GroupFacts {
 pub struct Grant {
     pub epoch: u64,
     pub secret_keys: [u64; 2],
-    /// The previous master's settings, if the group had one: the new master waits
-    /// out its master lease and keeps a recovery window as long as its longest lease.
+    /// If the group had a master before: the longest client lease and master lease
+    /// any master used. The new master waits out that master lease and keeps a
+    /// recovery window as long as that client lease.
     pub previous: Option<(u32, u64)>,
 }
 
@@ -79,8 +85,8 @@ impl GroupFacts {
                 self.epoch = (self.epoch + 1).max(epoch_floor);
                 self.master = Some(node);
                 let keys = *self.secret_keys.get_or_insert(keys);
-                self.lease_ms_max = lease_ms_max;
-                self.master_lease_ms = master_lease_ms;
+                self.lease_ms_max = self.lease_ms_max.max(lease_ms_max);
+                self.master_lease_ms = self.master_lease_ms.max(master_lease_ms);
                 Grant {
                     epoch: self.epoch,
                     secret_keys: keys,
@@ -133,6 +139,17 @@ mod tests {
         assert_eq!(g2.previous, Some((60_000, 500)));
         // A clock behind the group's epoch cannot lower it.
         assert_eq!(f.apply(&master(3, 5, [0, 0])).epoch, 1_002);
+        // A master configured with shorter leases does not shorten what its successor
+        // must cover: an earlier master's views may still run.
+        let short = Command::Master {
+            node: 4,
+            epoch_floor: 0,
+            keys: [0, 0],
+            lease_ms_max: 1_000,
+            master_lease_ms: 100,
+        };
+        f.apply(&short);
+        assert_eq!(f.apply(&master(5, 0, [0, 0])).previous, Some((60_000, 500)));
         // A group that lost its disks restarts from the wall clock, above the old epochs.
         let mut fresh = GroupFacts::default();
         assert_eq!(fresh.apply(&master(1, 2_000, [5, 6])).epoch, 2_000);

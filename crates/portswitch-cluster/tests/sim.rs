@@ -767,8 +767,9 @@ impl World {
         let facts = Facts {
             term: srv.term,
             epoch: (srv.facts.epoch + 1).max(floor),
-            master_lease_ms: MASTER_LEASE.lease_ms,
-            lease_ms_max: LEASE_MS,
+            // Never lowered (GroupFacts::apply): earlier masters' leases may still run.
+            master_lease_ms: MASTER_LEASE.lease_ms.max(srv.facts.master_lease_ms),
+            lease_ms_max: LEASE_MS.max(srv.facts.lease_ms_max),
             has_master: true,
         };
         srv.facts = facts;

@@ -26,7 +26,7 @@ struct GroupFile {
     secret_keys: [u64; 2],
     /// The epoch the last master served in.
     epoch: u64,
-    /// The longest lease that master could grant.
+    /// The longest lease any master using this directory could grant.
     lease_ms_max: u32,
 }
 
@@ -92,6 +92,12 @@ impl GroupState {
                 lease + lease * RECOVERY_MARGIN_PER_MILLE / 1_000
             })
         });
+        // The longest lease ever granted through this directory is kept, not this
+        // run's: a master that dies inside its own recovery window leaves its
+        // predecessor's (possibly longer) leases for the next one to cover.
+        let lease_ms_max = earlier
+            .as_ref()
+            .map_or(lease_ms_max, |f| f.lease_ms_max.max(lease_ms_max));
         write_aside(
             dir,
             &path,
@@ -170,6 +176,10 @@ mod tests {
         assert_eq!(third.epoch, 500);
         assert_eq!(third.recovery_window_ms, Some(1_234));
         drop(third);
+        // Leases granted under the first run's longer setting are still covered.
+        let fourth = GroupState::open(&dir, 501, 30_000, None).unwrap();
+        assert_eq!(fourth.recovery_window_ms, Some(66_000));
+        drop(fourth);
         std::fs::write(dir.join(GROUP_FILE), b"{not json").unwrap();
         let err = GroupState::open(&dir, 600, 30_000, None).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
