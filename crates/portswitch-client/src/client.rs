@@ -338,12 +338,7 @@ impl Client {
                 Ok(x) => break x,
                 Err(e) if try_elsewhere(&e) && Instant::now() + backoff < deadline => {
                     match retry_hint(&e) {
-                        // A new master said when it serves: come back then (spread
-                        // over a few ms so its clients do not arrive in one instant).
-                        Some(wait) => {
-                            let spread = Duration::from_millis(fastrand::u64(0..=20));
-                            tokio::time::sleep(wait + spread).await;
-                        }
+                        Some(wait) => wait_as_told(wait).await,
                         None => {
                             tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
                             backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -1059,6 +1054,13 @@ fn retry_hint(e: &Error) -> Option<Duration> {
     Some(Duration::from_millis(ms.min(10_000)))
 }
 
+/// Waits as long as a server said (`retry_ms`), spread over a few ms more so that
+/// its clients do not all come back in one instant.
+async fn wait_as_told(wait: Duration) {
+    let spread = Duration::from_millis(fastrand::u64(0..=20));
+    tokio::time::sleep(wait + spread).await;
+}
+
 /// Handshakes with the group's master: `first` (the server that last served, or
 /// one a follower named), then `addr`, then the other servers, following a
 /// follower's `master=` hint at once. Returns the first success, or the last error.
@@ -1574,10 +1576,7 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
             }
             Ok(Err(e)) => {
                 if let Some(wait) = retry_hint(&e) {
-                    // A new master said when it serves: come back then (spread over a
-                    // few ms so its clients do not arrive in one instant).
-                    let spread = Duration::from_millis(fastrand::u64(0..=20));
-                    tokio::time::sleep(wait + spread).await;
+                    wait_as_told(wait).await;
                     backoff = Duration::from_millis(20);
                     continue;
                 }

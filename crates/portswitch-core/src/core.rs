@@ -896,6 +896,16 @@ impl Core {
         Ok(())
     }
 
+    fn check_value(&self, value: &[u8]) -> Result<(), Fail> {
+        if value.len() > self.cfg.value_bytes_max as usize {
+            return Err(Fail::Code(
+                ErrorCode::ValueTooLarge,
+                "value larger than value_bytes_max",
+            ));
+        }
+        Ok(())
+    }
+
     /// Grants the free port at `port` to `session` with a new token, telling watchers.
     fn grant(&mut self, port: u32, session: u32, value: &[u8], out: &mut impl Outbox) -> u64 {
         let token = self.next_token();
@@ -1011,12 +1021,7 @@ impl Core {
     ) -> Result<Reply<'static>, Fail> {
         self.stats.registers_total += 1;
         self.check_name(name)?;
-        if value.len() > self.cfg.value_bytes_max as usize {
-            return Err(Fail::Code(
-                ErrorCode::ValueTooLarge,
-                "value larger than value_bytes_max",
-            ));
-        }
+        self.check_value(value)?;
         let me = b.session;
         let s = &self.sessions[me as usize];
         let held = s.ports.len() + s.waits.len();
@@ -1123,12 +1128,7 @@ impl Core {
         out: &mut impl Outbox,
     ) -> Result<Reply<'static>, Fail> {
         self.check_name(name)?;
-        if value.len() > self.cfg.value_bytes_max as usize {
-            return Err(Fail::Code(
-                ErrorCode::ValueTooLarge,
-                "value larger than value_bytes_max",
-            ));
-        }
+        self.check_value(value)?;
         if self.recovery_until.is_none() {
             return Err(Fail::Code(
                 ErrorCode::ReclaimRefused,

@@ -445,16 +445,10 @@ impl Shared {
     /// released, no event is sent from here on (a new master adopts the sessions).
     fn depose(&self, st: &mut State, hint: Vec<u8>) {
         if st.serving == Serving::Yes {
-            for (_, c) in st.conns.iter_mut() {
-                if !c.closing {
-                    c.out.push_event(&Event::GoAway {
-                        code: ErrorCode::NotMaster,
-                        message: b"this server is no longer master: reconnect to the group",
-                    });
-                    c.closing = true;
-                }
-                c.notify.notify_one();
-            }
+            st.goaway_all(
+                ErrorCode::NotMaster,
+                b"this server is no longer master: reconnect to the group",
+            );
             let epoch = st.core.epoch();
             st.core = Core::new(self.cfg.core.clone(), epoch, random_seed());
             tracing::warn!("deposed: stopped serving clients");
@@ -858,17 +852,8 @@ impl Shared {
     }
 
     pub(crate) fn shutdown(&self) {
-        let mut st = self.lock();
-        for (_, c) in st.conns.iter_mut() {
-            if !c.closing {
-                c.out.push_event(&Event::GoAway {
-                    code: ErrorCode::ShuttingDown,
-                    message: b"server shutting down",
-                });
-                c.closing = true;
-            }
-            c.notify.notify_one();
-        }
+        self.lock()
+            .goaway_all(ErrorCode::ShuttingDown, b"server shutting down");
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -894,6 +879,17 @@ impl Shared {
 }
 
 impl State {
+    /// Sends every open connection `GOAWAY code` and closes it once written.
+    fn goaway_all(&mut self, code: ErrorCode, message: &[u8]) {
+        for (_, c) in self.conns.iter_mut() {
+            if !c.closing {
+                c.out.push_event(&Event::GoAway { code, message });
+                c.closing = true;
+            }
+            c.notify.notify_one();
+        }
+    }
+
     fn goaway(&mut self, conn: ConnId, e: &FrameError) {
         let mut out = Out {
             conns: &mut self.conns,

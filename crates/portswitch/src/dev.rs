@@ -46,25 +46,12 @@ pub async fn run(args: DevArgs) -> AppResult {
     let exe = std::env::current_exe()?;
     let mut children: Vec<Child> = Vec::new();
     for i in 1..=args.nodes {
-        let mut child = Command::new(&exe)
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{}", port(0, i))])
-            .args(["--http-listen", &format!("127.0.0.1:{}", port(200, i))])
-            .args(["--data-dir", &dir.join(i.to_string()).to_string_lossy()])
-            .args(["--node-id", &i.to_string()])
-            .args(["--member", &members.join(",")])
-            .args(["--log", &args.log])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        match lines.next_line().await? {
-            Some(l) if l.starts_with("listening on") => {}
-            other => {
-                return Err(format!("member {i} did not start: {other:?}").into());
-            }
-        }
-        children.push(child);
+        let http = format!("127.0.0.1:{}", port(200, i));
+        let extra = ["--http-listen", &http, "--log", &args.log];
+        let listen = format!("127.0.0.1:{}", port(0, i));
+        let data = dir.join(i.to_string());
+        let member = start_member(&exe, i, &listen, &data, &members.join(","), &extra).await?;
+        children.push(member);
     }
     let addrs: Vec<String> = (1..=args.nodes)
         .map(|i| format!("127.0.0.1:{}", port(0, i)))
@@ -97,6 +84,31 @@ pub async fn run(args: DevArgs) -> AppResult {
         let _ = c.wait().await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts `exe serve` as member `id` of the group `members` (plus `extra` flags)
+/// and waits until it listens.
+pub(crate) async fn start_member(
+    exe: &std::path::Path,
+    id: u64,
+    listen: &str,
+    data_dir: &std::path::Path,
+    members: &str,
+    extra: &[&str],
+) -> Result<Child, Box<dyn std::error::Error + Send + Sync>> {
+    let mut child = Command::new(exe)
+        .args(["serve", "--listen", listen])
+        .args(extra)
+        .args(["--data-dir", &data_dir.to_string_lossy()])
+        .args(["--node-id", &id.to_string(), "--member", members])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    match lines.next_line().await? {
+        Some(l) if l.starts_with("listening on") => Ok(child),
+        other => Err(format!("member {id} did not start: {other:?}").into()),
+    }
 }
 
 /// Resolves when any child exits: its index and status.

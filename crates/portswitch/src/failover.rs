@@ -4,15 +4,14 @@
 //! master and reclaimed every port (its `Resync`). Any *ownership lost* or lost port
 //! is counted and reported: the figure is only good if that count is zero.
 
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use portswitch_client::{server_stats, Client, ClientOptions, Event, RegisterOutcome};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::AppResult;
 
@@ -43,23 +42,24 @@ struct Group {
 
 impl Group {
     async fn spawn(&mut self, i: usize) -> Res<()> {
-        let mut child = Command::new(&self.exe)
-            .args(["serve", "--listen", &self.addrs[i], "--no-http"])
-            .args([
-                "--data-dir",
-                &self.dir.join(i.to_string()).to_string_lossy(),
-            ])
-            .args(["--node-id", &(i + 1).to_string(), "--member", &self.members])
-            .args(["--lease-ms-max", &self.lease_ms_max.to_string()])
-            .args(["--log", "error,openraft=off"])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        match lines.next_line().await? {
-            Some(l) if l.starts_with("listening on") => {}
-            other => return Err(format!("member {} did not start: {other:?}", i + 1).into()),
-        }
+        let lease = self.lease_ms_max.to_string();
+        let extra = [
+            "--no-http",
+            "--lease-ms-max",
+            &lease,
+            "--log",
+            "error,openraft=off",
+        ];
+        let data = self.dir.join(i.to_string());
+        let child = crate::dev::start_member(
+            &self.exe,
+            i as u64 + 1,
+            &self.addrs[i],
+            &data,
+            &self.members,
+            &extra,
+        )
+        .await?;
         self.children[i] = Some(child);
         Ok(())
     }
