@@ -94,6 +94,37 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
+/// Salted passwords a client derived, so that a process with many sessions (or one
+/// session resuming after a failover) pays PBKDF2 once per password and salt, not
+/// per login (RFC 5802 §5.1 allows this). The entry is as secret as the password the
+/// process already holds; the cache is emptied when full.
+static SALTED_CACHE: std::sync::Mutex<Vec<([u8; 32], [u8; 32])>> =
+    std::sync::Mutex::new(Vec::new());
+/// Most entries in [`SALTED_CACHE`].
+pub const SALTED_CACHE_ENTRIES_MAX: usize = 64;
+
+fn cached_salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [password, salt, &iterations.to_le_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    let key: [u8; 32] = h.finalize().into();
+    // A poisoned lock only means another thread panicked while holding a cache.
+    let lock = || SALTED_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, v)) = lock().iter().find(|(k, _)| *k == key) {
+        return *v;
+    }
+    // Derived outside the lock: other logins need not wait for this one.
+    let v = salted_password(password, salt, iterations);
+    let mut cache = lock();
+    if cache.len() >= SALTED_CACHE_ENTRIES_MAX {
+        cache.clear();
+    }
+    cache.push((key, v));
+    v
+}
+
 fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     let mut out = [0u8; 32];
     pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
@@ -387,7 +418,7 @@ impl ClientExchange {
         }
         let without_proof = format!("c={},r={nonce}", B64.encode(&cbind));
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
-        let salted = salted_password(self.password.as_bytes(), &salt, iterations);
+        let salted = cached_salted_password(self.password.as_bytes(), &salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
         let client_signature = hmac(&stored_key, auth_message.as_bytes());
@@ -427,6 +458,21 @@ mod tests {
     use super::*;
 
     const FAKE: [u8; 32] = [7; 32];
+
+    #[test]
+    fn a_cached_salted_password_never_stands_in_for_another() {
+        let a = cached_salted_password(b"one", b"salt", 4096);
+        assert_eq!(a, salted_password(b"one", b"salt", 4096));
+        assert_eq!(cached_salted_password(b"one", b"salt", 4096), a);
+        assert_ne!(cached_salted_password(b"two", b"salt", 4096), a);
+        assert_ne!(cached_salted_password(b"one", b"salu", 4096), a);
+        assert_ne!(cached_salted_password(b"one", b"salt", 4097), a);
+        // Lengths are part of the key: moving a byte from password to salt differs.
+        assert_ne!(
+            cached_salted_password(b"onex", b"salt", 4096),
+            cached_salted_password(b"one", b"xsalt", 4096)
+        );
+    }
 
     /// RFC 7677 section 3: user "user", password "pencil".
     #[test]

@@ -46,6 +46,11 @@ pub struct ClientOptions {
     /// moves on — to another server of the group if need be. A master stopped with
     /// SIGSTOP keeps its sockets open; this is how clients leave it.
     pub answer_timeout: Duration,
+    /// Longest quiet time on a connection before the client sends a PING (never more
+    /// than a third of the lease, the default). A server that goes silent — its data
+    /// centre cut off, say — is only noticed when a request goes unanswered, so an idle
+    /// session finds it after up to this plus `answer_timeout`; shorter costs PINGs.
+    pub keepalive: Option<Duration>,
     /// Resume this session (id, secret) instead of starting a new one.
     pub resume: Option<(u64, u64)>,
     /// Log in as (user, password) with SCRAM-SHA-256; the password never leaves this
@@ -69,6 +74,7 @@ impl ClientOptions {
             lease_margin: 0.1,
             connect_timeout: Duration::from_secs(5),
             answer_timeout: Duration::from_secs(1),
+            keepalive: None,
             resume: None,
             credentials: None,
             tls: None,
@@ -1061,29 +1067,34 @@ async fn wait_as_told(wait: Duration) {
     tokio::time::sleep(wait + spread).await;
 }
 
-/// Handshakes with the group's master: `first` (the server that last served, or
-/// one a follower named), then `addr`, then the other servers, following a
-/// follower's `master=` hint at once. Returns the first success, or the last error.
+/// Handshakes with the group's master: `addr`, then the other servers, following a
+/// follower's `master=` hint at once. `failed` (the server whose connection just
+/// failed) is asked alongside them rather than first: it may be silent rather than
+/// dead (its data centre cut off), and then an attempt on it costs a whole
+/// `answer_timeout`, while a live member answers in a round trip and names the
+/// master if there is one. Returns the first success, or the last error.
 async fn handshake_any(
     opts: &ClientOptions,
-    first: Option<&str>,
+    failed: Option<&str>,
     lease_ms: u32,
     resume: Option<(u64, u64)>,
 ) -> Result<Handshaken> {
-    let mut todo: std::collections::VecDeque<String> = first
-        .map(str::to_string)
-        .into_iter()
-        .chain(std::iter::once(opts.addr.clone()))
+    let mut todo: std::collections::VecDeque<String> = std::iter::once(opts.addr.clone())
         .chain(opts.servers.iter().cloned())
+        .filter(|a| Some(a.as_str()) != failed)
         .collect();
-    let mut tried = std::collections::HashSet::new();
+    let alone = todo.is_empty();
+    let mut tried: std::collections::HashSet<String> =
+        failed.map(str::to_string).into_iter().collect();
+    let mut beside = failed.map(|f| Box::pin(handshake(opts, f, lease_ms, resume)));
     let mut last = Error::ConnectionLost;
-    while let Some(addr) = todo.pop_front() {
-        if !tried.insert(addr.clone()) {
-            continue;
-        }
-        match handshake(opts, &addr, lease_ms, resume).await {
-            Ok((s, h, rest, sent)) => return Ok((s, h, rest, sent, addr)),
+    // What one attempt came to: done (success or a final error), or try on.
+    let mut settle = |r: Result<(Stream, HelloOk<'static>, BytesMut, Instant)>,
+                      addr: String,
+                      todo: &mut std::collections::VecDeque<String>|
+     -> Option<Result<Handshaken>> {
+        match r {
+            Ok((s, h, rest, sent)) => Some(Ok((s, h, rest, sent, addr))),
             // The master is admitting sessions as fast as it will: it said when to
             // come back, and no other server can help.
             Err(
@@ -1091,21 +1102,68 @@ async fn handshake_any(
                     code: ErrorCode::Overloaded,
                     ..
                 },
-            ) => return Err(e),
+            ) => Some(Err(e)),
             Err(e) if try_elsewhere(&e) => {
                 if let Error::Server { message, .. } = &e {
                     if let Some(master) = message.strip_prefix("master=") {
-                        todo.push_front(master.to_string());
+                        // A hint at the server that just failed us adds nothing:
+                        // it is being asked already.
+                        if Some(master) != failed {
+                            todo.push_front(master.to_string());
+                        }
                     }
                 }
                 tracing::debug!(%addr, error = %e, "not served here; trying the next server");
                 last = e;
+                None
             }
-            Err(e) => return Err(e),
+            Err(e) => Some(Err(e)),
+        }
+    };
+    while let Some(addr) = todo.pop_front() {
+        if !tried.insert(addr.clone()) {
+            continue;
+        }
+        let here = handshake(opts, &addr, lease_ms, resume);
+        let (r, from) = match beside.as_mut() {
+            None => (here.await, addr.clone()),
+            Some(b) => tokio::select! {
+                r = here => (r, addr.clone()),
+                r = b => {
+                    beside = None;
+                    // The attempt on `addr` was cut short: it is asked again.
+                    tried.remove(&addr);
+                    todo.push_front(addr.clone());
+                    (r, failed.unwrap_or_default().to_string())
+                }
+            },
+        };
+        if let Some(done) = settle(r, from, &mut todo) {
+            return done;
+        }
+    }
+    if let (Some(b), Some(f)) = (beside, failed) {
+        // The others are not serving. The failed server gets a little longer (it may
+        // be alive, and only our connection to it broke), unless it is the only one;
+        // then the caller backs off and asks everyone again, instead of hanging on a
+        // silent server for a whole answer_timeout while a new master comes up.
+        let r = if alone {
+            Some(b.await)
+        } else {
+            tokio::time::timeout(FAILED_SERVER_GRACE, b).await.ok()
+        };
+        if let Some(r) = r {
+            if let Some(done) = settle(r, f.to_string(), &mut todo) {
+                return done;
+            }
         }
     }
     Err(last)
 }
+
+/// How much longer than the other servers' answers a reconnecting client waits for
+/// the server whose connection just failed, before asking everyone again.
+const FAILED_SERVER_GRACE: Duration = Duration::from_millis(200);
 
 /// The mechanism prefix of HELLO credentials.
 const SCRAM_MECHANISM: &str = "SCRAM-SHA-256 ";
@@ -1756,7 +1814,8 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
                 dead.notify_one();
             }
         } else if matches!(phase, Phase::Connected(_)) && now >= next_ping {
-            next_ping = now + lease / 3;
+            let every = inner.opts.keepalive.map_or(lease / 3, |k| k.min(lease / 3));
+            next_ping = now + every.max(Duration::from_millis(1));
             let mut st = inner.lock();
             st.next_id = st.next_id.wrapping_add(1).max(1);
             let id = st.next_id;

@@ -48,6 +48,9 @@ pub struct ClusterConfig {
     /// A new member joining a running group: it never forms a group itself, it waits
     /// to be added (`member_add` on the master).
     pub join: bool,
+    /// Where to accept peers, when it differs from the peer address the others are
+    /// told (behind NAT, a relay or a load balancer); default: that address.
+    pub peer_listen: Option<std::net::SocketAddr>,
 }
 
 /// The most voters a group may have.
@@ -71,6 +74,7 @@ impl ClusterConfig {
             lease_ms_max,
             recovery_window_ms: None,
             join: false,
+            peer_listen: None,
         }
     }
 

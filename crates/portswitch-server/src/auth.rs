@@ -201,6 +201,29 @@ fn key32(s: &str) -> std::io::Result<[u8; 32]> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "key is not 32 bytes"))
 }
 
+/// Runs an admin command (as `ctl user ...` / `ctl role ...` would send it) on the
+/// user store in the data directory of a server that is not running: for the first
+/// user of a server reachable only from the network, and for members of a group,
+/// each of which keeps its own users. The directory is locked meanwhile, so a running
+/// server's store is never changed behind its back. Returns the command's answer.
+pub fn admin_offline(cfg: AuthConfig, command: &[u8]) -> Result<String, String> {
+    let dir = cfg
+        .data_dir
+        .clone()
+        .ok_or("a data directory is needed for offline user commands")?;
+    let _lock = crate::group::lock_dir(&dir).map_err(|e| e.to_string())?;
+    let mut random = [0u8; 32 + scram::SALT_BYTES];
+    getrandom::getrandom(&mut random).map_err(|e| format!("no OS randomness: {e}"))?;
+    let fake_salt_key: [u8; 32] = random[..32].try_into().expect("32 bytes");
+    let salt: [u8; scram::SALT_BYTES] = random[32..].try_into().expect("salt bytes");
+    let mut auth = Auth::load(cfg, fake_salt_key).map_err(|e| e.to_string())?;
+    let cmd: Value =
+        serde_json::from_slice(command).map_err(|e| format!("command is not JSON: {e}"))?;
+    let local = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    auth.admin_command("(offline)".into(), local, cmd, &salt)
+        .map_err(|(code, m)| format!("{}: {m}", code.name()))
+}
+
 impl Auth {
     /// Loads the store from the data directory (if any) and opens the audit log.
     pub(crate) fn load(cfg: AuthConfig, fake_salt_key: [u8; 32]) -> std::io::Result<Auth> {

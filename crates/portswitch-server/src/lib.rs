@@ -106,7 +106,10 @@ impl Server {
                             format!("member {} is not in the member list", c.id),
                         )
                     })?;
-                let peers = TcpListener::bind(&peer_addr).await?;
+                let peers = match c.peer_listen {
+                    Some(a) => TcpListener::bind(a).await?,
+                    None => TcpListener::bind(&peer_addr).await?,
+                };
                 let node = portswitch_cluster::ClusterNode::start(c, peers).await?;
                 member = Some(state::Member::new(Arc::new(node), lock));
                 None

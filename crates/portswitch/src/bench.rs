@@ -48,6 +48,11 @@ pub enum Workload {
     /// --ports ports in all, then SIGKILL the master --rounds times; time until every
     /// session is back with every port on the new master.
     Failover,
+    /// Needs root. Three members in three network namespaces ("data centres") with
+    /// --delay-ms between them through a relay: register-unregister throughput next to
+    /// the master and across the WAN, then --rounds times the master's data centre is
+    /// cut off; time until --sessions sessions holding --ports ports are back.
+    Wan,
 }
 
 #[derive(Args, Debug)]
@@ -104,6 +109,20 @@ pub struct BenchArgs {
     /// ephemeral port range holds about 28,000 per address).
     #[arg(long)]
     source_addrs: Option<usize>,
+    /// wan: delay between data centres, ms one way.
+    #[arg(long, default_value_t = 30)]
+    delay_ms: u64,
+    /// wan: sessions holding --ports ports through the failovers.
+    #[arg(long, default_value_t = 100)]
+    sessions: usize,
+    /// wan: a flag for every member's `serve` (repeatable), e.g.
+    /// --member-flag=--heartbeat-ms=100
+    #[arg(long = "member-flag", allow_hyphen_values = true)]
+    member_flags: Vec<String>,
+    /// wan: PING an idle session at least this often (default: a third of the lease),
+    /// which bounds how long a session takes to notice a silent master.
+    #[arg(long)]
+    keepalive_ms: Option<u64>,
     /// hold-sessions: connections being opened at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
@@ -193,6 +212,22 @@ pub async fn run(args: BenchArgs) -> AppResult {
             ports: args.ports,
             rounds: args.rounds,
             lease_ms: args.lease_ms,
+            json: args.json,
+        })
+        .await;
+    }
+    if args.workload == Workload::Wan {
+        return crate::wan::run(crate::wan::WanArgs {
+            delay_ms: args.delay_ms,
+            sessions: args.sessions,
+            ports: args.ports,
+            rounds: args.rounds,
+            lease_ms: args.lease_ms,
+            duration: args.duration,
+            connections: args.connections,
+            pipeline: args.pipeline,
+            member_flags: args.member_flags.clone(),
+            keepalive_ms: args.keepalive_ms,
             json: args.json,
         })
         .await;
@@ -686,7 +721,8 @@ async fn drive(
                             | Workload::KillHolder
                             | Workload::Login
                             | Workload::HoldSessions
-                            | Workload::Failover => {
+                            | Workload::Failover
+                            | Workload::Wan => {
                                 unreachable!()
                             }
                         }

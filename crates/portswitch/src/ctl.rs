@@ -48,6 +48,11 @@ pub struct CtlArgs {
     /// Key (PEM) of --cert.
     #[arg(long, global = true, requires = "cert")]
     key: Option<std::path::PathBuf>,
+    /// user and role commands only: change the user store in this data directory of
+    /// a stopped server instead of asking a running one (the first user of a server
+    /// reachable only over the network; every member of a group keeps its own users).
+    #[arg(long, global = true)]
+    data_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -259,6 +264,10 @@ pub async fn run(args: CtlArgs) -> AppResult {
         opts.credentials = Some((user.clone(), password));
     }
     let json = args.json;
+    let offline = args.data_dir.clone();
+    if offline.is_some() && !matches!(args.cmd, Cmd::User { .. } | Cmd::Role { .. }) {
+        return Err("--data-dir applies to user and role commands only".into());
+    }
     let out = |human: String, j: serde_json::Value| {
         if json {
             println!("{j}");
@@ -612,7 +621,7 @@ pub async fn run(args: CtlArgs) -> AppResult {
                     json!({"op": "user_revoke", "user": name, "role": role})
                 }
             };
-            admin(opts, &command, json).await
+            admin(opts, offline, &command, json).await
         }
         Cmd::Member { cmd } => {
             let command = match cmd {
@@ -666,7 +675,7 @@ pub async fn run(args: CtlArgs) -> AppResult {
                 RoleCmd::Del { name } => json!({"op": "role_del", "role": name}),
                 RoleCmd::List => json!({"op": "role_list"}),
             };
-            admin(opts, &command, json).await
+            admin(opts, offline, &command, json).await
         }
         Cmd::Elect {
             name,
@@ -765,11 +774,28 @@ pub(crate) async fn interrupted() {
 }
 
 /// Runs one admin command and prints its result.
-async fn admin(opts: ClientOptions, command: &serde_json::Value, json: bool) -> AppResult {
-    let client = Client::connect(opts).await?;
-    let result = client.admin(&command.to_string()).await;
-    client.close().await?;
-    let result: serde_json::Value = serde_json::from_str(&result?)?;
+async fn admin(
+    opts: ClientOptions,
+    offline: Option<std::path::PathBuf>,
+    command: &serde_json::Value,
+    json: bool,
+) -> AppResult {
+    let result = match offline {
+        Some(dir) => {
+            let cfg = portswitch_server::auth::AuthConfig {
+                data_dir: Some(dir),
+                ..Default::default()
+            };
+            portswitch_server::auth::admin_offline(cfg, command.to_string().as_bytes())?
+        }
+        None => {
+            let client = Client::connect(opts).await?;
+            let result = client.admin(&command.to_string()).await;
+            client.close().await?;
+            result?
+        }
+    };
+    let result: serde_json::Value = serde_json::from_str(&result)?;
     if json {
         println!("{result}");
     } else {

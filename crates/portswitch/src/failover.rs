@@ -85,6 +85,113 @@ impl Group {
     }
 }
 
+/// Connects `sessions` sessions with `template`'s options (knowing every server in
+/// `addrs`), giving them `ports` ports in all, named `s{session}/p{n}`.
+pub(crate) async fn hold_ports(
+    addrs: &[String],
+    sessions: usize,
+    ports: u64,
+    template: &ClientOptions,
+) -> Res<Vec<Client>> {
+    let mut clients = Vec::with_capacity(sessions);
+    let per = ports / sessions as u64;
+    let extra = ports % sessions as u64;
+    for s in 0..sessions {
+        let mut o = template.clone();
+        o.addr = addrs[s % addrs.len()].clone();
+        o.servers = addrs.to_vec();
+        o.connect_timeout = Duration::from_secs(30);
+        let c = Client::connect(o).await?;
+        let n = per + u64::from((s as u64) < extra);
+        let mut pending = Vec::with_capacity(n as usize);
+        for p in 0..n {
+            let c = c.clone();
+            pending.push(tokio::spawn(async move {
+                c.register(format!("s{s}/p{p}"), "").await
+            }));
+        }
+        for p in pending {
+            match p.await? {
+                Ok(RegisterOutcome::Owned { .. }) => {}
+                other => return Err(format!("setting up: {other:?}").into()),
+            }
+        }
+        clients.push(c);
+    }
+    Ok(clients)
+}
+
+/// Watches every session through one failover: each reports `Resync` once it is back
+/// on the new master with all its ports; *ownership lost* and lost ports are counted.
+pub(crate) struct RecoveryWatch {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Instant>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+    sessions: usize,
+}
+
+impl RecoveryWatch {
+    /// Starts watching (before the fault, so no event is missed).
+    pub(crate) fn start(clients: &[Client], lost: &Arc<AtomicU64>) -> RecoveryWatch {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let mut watchers = Vec::new();
+        for c in clients {
+            let mut ev = c.events();
+            let (tx, lost) = (tx.clone(), lost.clone());
+            watchers.push(tokio::spawn(async move {
+                loop {
+                    match ev.recv().await {
+                        Ok(Event::Resync) => {
+                            let _ = tx.send(Instant::now());
+                            return;
+                        }
+                        Ok(Event::OwnershipLost { .. }) => {
+                            lost.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Ok(Event::PortLost { .. }) => {
+                            lost.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        RecoveryWatch {
+            rx,
+            watchers,
+            sessions: clients.len(),
+        }
+    }
+
+    /// Waits up to `limit` for every session; records each one's time since `fault`
+    /// in `each`. Returns how many came back and when the last one did.
+    pub(crate) async fn finish(
+        mut self,
+        fault: Instant,
+        limit: Duration,
+        each: &mut Histogram<u64>,
+    ) -> Res<(usize, Duration)> {
+        let deadline = tokio::time::Instant::from_std(fault + limit);
+        let (mut done, mut slowest) = (0, Duration::ZERO);
+        while done < self.sessions {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(at)) => {
+                    let t = at.saturating_duration_since(fault);
+                    done += 1;
+                    each.record(t.as_micros() as u64)?;
+                    slowest = slowest.max(t);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        for w in self.watchers {
+            w.abort();
+        }
+        Ok((done, slowest))
+    }
+}
+
 pub async fn run(args: FailoverArgs) -> AppResult {
     if args.sessions == 0 || args.rounds == 0 {
         return Err("--connections and --rounds must be at least 1".into());
@@ -111,34 +218,11 @@ pub async fn run(args: FailoverArgs) -> AppResult {
     }
     g.master().await?;
 
-    // Sessions, each holding its share of the ports.
     let lost = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::with_capacity(args.sessions);
-    let per = args.ports / args.sessions as u64;
-    let extra = args.ports % args.sessions as u64;
     let started = Instant::now();
-    for s in 0..args.sessions {
-        let mut o = ClientOptions::new(g.addrs[0].clone());
-        o.servers = g.addrs[1..].to_vec();
-        o.lease = Duration::from_millis(args.lease_ms as u64);
-        o.connect_timeout = Duration::from_secs(30);
-        let c = Client::connect(o).await?;
-        let n = per + u64::from((s as u64) < extra);
-        let mut pending = Vec::with_capacity(n as usize);
-        for p in 0..n {
-            let c = c.clone();
-            pending.push(tokio::spawn(async move {
-                c.register(format!("s{s}/p{p}"), "").await
-            }));
-        }
-        for p in pending {
-            match p.await? {
-                Ok(RegisterOutcome::Owned { .. }) => {}
-                other => return Err(format!("setting up: {other:?}").into()),
-            }
-        }
-        clients.push(c);
-    }
+    let mut template = ClientOptions::new("");
+    template.lease = Duration::from_millis(args.lease_ms as u64);
+    let clients = hold_ports(&g.addrs, args.sessions, args.ports, &template).await?;
     if !args.json {
         eprintln!(
             "{} sessions holding {} ports, set up in {:.1?}",
@@ -153,60 +237,16 @@ pub async fn run(args: FailoverArgs) -> AppResult {
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         let m = g.master().await?;
-        // Every session reports Resync once it is back with all its ports.
-        let done = Arc::new(AtomicU64::new(0));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
-        let killed_at = Arc::new(std::sync::OnceLock::<Instant>::new());
-        let mut watchers = Vec::new();
-        for c in &clients {
-            let mut ev = c.events();
-            let (tx, lost, killed_at) = (tx.clone(), lost.clone(), killed_at.clone());
-            watchers.push(tokio::spawn(async move {
-                loop {
-                    match ev.recv().await {
-                        Ok(Event::Resync) => {
-                            let t = killed_at.get().map_or(Duration::ZERO, |k| k.elapsed());
-                            let _ = tx.send(t);
-                            return;
-                        }
-                        Ok(Event::OwnershipLost { .. }) => {
-                            lost.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                        Ok(Event::PortLost { .. }) => {
-                            lost.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-            }));
-        }
-        drop(tx);
+        let watch = RecoveryWatch::start(&clients, &lost);
         let child = g.children[m].as_mut().expect("running");
-        let _ = killed_at.set(Instant::now());
+        let killed_at = Instant::now();
         child.start_kill()?;
         child.wait().await?;
         g.children[m] = None;
         let new_master = g.master().await?;
-        let serving_after = killed_at.get().map_or(Duration::ZERO, |k| k.elapsed());
+        let serving_after = killed_at.elapsed();
         let limit = Duration::from_millis(args.lease_ms as u64);
-        let mut slowest = Duration::ZERO;
-        let deadline = tokio::time::Instant::now() + limit * 2;
-        while (done.load(Ordering::Relaxed) as usize) < clients.len() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(t)) => {
-                    done.fetch_add(1, Ordering::Relaxed);
-                    each_hist.record(t.as_micros() as u64)?;
-                    slowest = slowest.max(t);
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        for w in watchers {
-            w.abort();
-        }
-        let recovered = done.load(Ordering::Relaxed) as usize;
+        let (recovered, slowest) = watch.finish(killed_at, limit * 2, &mut each_hist).await?;
         all_hist.record(slowest.as_micros() as u64)?;
         if !args.json {
             eprintln!(

@@ -7,7 +7,9 @@ mod ctl;
 mod dev;
 mod failover;
 mod hold;
+mod relay;
 mod serve;
+mod wan;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +36,9 @@ enum Command {
     Cert(cert::CertArgs),
     /// Start a local group of servers (default three) for trying things out.
     Dev(dev::DevArgs),
+    /// Relay TCP connections with a fixed delay each way (a stand-in for distance
+    /// between data centres in tests and benchmarks).
+    Relay(relay::RelayArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +60,7 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Cert(args) => cert::run(args),
             Command::Dev(args) => dev::run(args).await,
+            Command::Relay(args) => relay::run(args).await,
         }
     });
     match result {

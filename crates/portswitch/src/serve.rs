@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// add` on its master (--member then names at least this server)
     #[arg(long, env = "PORTSWITCH_JOIN")]
     join: bool,
+    /// Where to accept other members, when that differs from this member's peer
+    /// address in --member (behind NAT or a relay) [default: that address]
+    #[arg(long, env = "PORTSWITCH_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
     /// How long one quorum confirmation lets the master serve, ms [default: 300]
     #[arg(long, env = "PORTSWITCH_MASTER_LEASE_MS")]
     master_lease_ms: Option<u64>,
@@ -168,6 +172,7 @@ struct FileConfig {
     node_id: Option<u64>,
     members: Option<Vec<String>>,
     join: Option<bool>,
+    peer_listen: Option<SocketAddr>,
     master_lease_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
     election_timeout_ms_min: Option<u64>,
@@ -258,6 +263,15 @@ fn config(
             if !peer.ip().is_loopback() && !danger {
                 return Err(format!(
                     "member {id}: peer links have no TLS yet, so peer addresses must be loopback \
+                     (or a private network with --danger-allow-insecure-network)"
+                )
+                .into());
+            }
+        }
+        if let Some(l) = c.peer_listen {
+            if !l.ip().is_loopback() && !danger {
+                return Err(format!(
+                    "--peer-listen {l}: peer links have no TLS yet, so members listen on loopback \
                      (or a private network with --danger-allow-insecure-network)"
                 )
                 .into());
@@ -390,7 +404,7 @@ pub async fn run(args: ServeArgs) -> AppResult {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -457,6 +471,7 @@ fn cluster_config(
     }
     let mut c = portswitch_cluster::ClusterConfig::new(id, map, PathBuf::new(), lease_ms_max);
     c.join = args.join || file.join == Some(true);
+    c.peer_listen = args.peer_listen.or(file.peer_listen);
     if let Some(v) = args.master_lease_ms.or(file.master_lease_ms) {
         c.lease.lease_ms = v;
     }

@@ -351,3 +351,53 @@ async fn a_replayed_exchange_is_refused() {
     srv.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `ctl --data-dir` changes the user store of a stopped server, which then admits
+/// that user (and nobody anonymous); it refuses a directory a running server holds.
+#[tokio::test]
+async fn users_made_offline_log_in_and_a_running_server_is_not_touched() {
+    let dir = tempdir("offline");
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portswitch"))
+            .arg("ctl")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(args)
+            .env("PORTSWITCH_NEW_PASSWORD", ROOT_PW)
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["user", "add", "ops", "--role", "root"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = ctl(&["user", "add", "ops"]);
+    assert!(!out.status.success(), "a second ops was added: {out:?}");
+    let out = ctl(&["user", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"ops\""),
+        "{out:?}"
+    );
+    // Only user and role commands work on a directory.
+    let out = ctl(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("user and role commands only"));
+
+    let srv = server_with(secure_config(&dir)).await;
+    let ops = login(&srv, "ops", ROOT_PW).await.unwrap();
+    assert!(matches!(
+        ops.register("a", "").await.unwrap(),
+        RegisterOutcome::Owned { .. }
+    ));
+    assert!(login(&srv, "ops", ALICE_PW).await.is_err());
+    assert!(
+        Client::connect(opts(&srv)).await.is_err(),
+        "anonymous admitted"
+    );
+    // The running server holds the directory's lock: no change behind its back.
+    let out = ctl(&["user", "del", "ops"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another server is using"),
+        "{out:?}"
+    );
+    drop(ops);
+    let _ = std::fs::remove_dir_all(dir);
+}

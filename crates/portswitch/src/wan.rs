@@ -1,0 +1,466 @@
+//! `bench --workload wan`: a group of three spread over three "data centres" with a
+//! fixed delay between them, on one machine.
+//!
+//! Each data centre is a network namespace this workload creates (and removes when it
+//! ends, also on error): member k runs in namespace k, behind a veth pair whose outer
+//! end (10.N.k.1) is in the benchmark's own namespace, the "WAN". Everything that
+//! crosses the WAN goes through one `portswitch relay` process there, which delays
+//! every byte by `--delay-ms` each way (this kernel has no netem): member k is known
+//! to the others and to clients by the relay's addresses 10.N.k.1:17000 (peers) and
+//! 10.N.k.1:17001 (clients) and listens on 10.N.k.2 inside its namespace
+//! (`--peer-listen`, `--listen`). So every pair of members is `--delay-ms` apart one
+//! way, and so is every client; a client "in the master's data centre" connects to
+//! the master's own address over its veth, without the relay.
+//!
+//! It measures, in one run: batched register-unregister throughput next to the
+//! master and through the WAN (the same `bench` workload as a child process), then
+//! `--rounds` times takes the master's data centre off the network (its veth link
+//! down, so packets to and from it vanish) and times how long until every session
+//! (clients in the WAN) is back on a new master with all its ports. Needs root (it
+//! creates namespaces and links).
+
+use std::net::Ipv4Addr;
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use portswitch_client::{server_stats, ClientOptions};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::failover::{hold_ports, RecoveryWatch};
+use crate::AppResult;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Members (one per data centre).
+const DCS: u8 = 3;
+/// Ports members listen on inside their namespaces, and the relay's ports outside.
+const PEER_PORT: u16 = 7000;
+const CLIENT_PORT: u16 = 7001;
+const RELAY_PEER_PORT: u16 = 17000;
+const RELAY_CLIENT_PORT: u16 = 17001;
+/// The user every client logs in as: members reached over a network require a login.
+const USER: &str = "loader";
+const PASSWORD: &str = "Wan-load-Pass-42";
+
+pub struct WanArgs {
+    pub delay_ms: u64,
+    pub sessions: usize,
+    pub ports: u64,
+    pub rounds: usize,
+    pub lease_ms: u32,
+    pub duration: f64,
+    pub connections: usize,
+    pub pipeline: usize,
+    pub member_flags: Vec<String>,
+    pub keepalive_ms: Option<u64>,
+    pub json: bool,
+}
+
+/// Runs `ip` with `args`; the error names the command and what it printed.
+fn ip(args: &[&str]) -> Res<()> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into())
+    }
+}
+
+/// The three data centres' namespaces and links; removed on drop.
+struct Net {
+    tag: String,
+    octet: u8,
+    made: Vec<String>,
+}
+
+impl Net {
+    fn create() -> Res<Net> {
+        let pid = std::process::id();
+        let mut net = Net {
+            tag: pid.to_string(),
+            octet: 100 + (pid % 100) as u8,
+            made: Vec::new(),
+        };
+        for k in 1..=DCS {
+            let ns = net.ns(k);
+            ip(&["netns", "add", &ns])
+                .map_err(|e| format!("{e} (the wan workload needs root for network namespaces)"))?;
+            net.made.push(ns.clone());
+            let (w, d) = (net.wan_if(k), net.dc_if(k));
+            ip(&["link", "add", &w, "type", "veth", "peer", "name", &d])?;
+            ip(&["link", "set", &d, "netns", &ns])?;
+            ip(&["addr", "add", &format!("{}/24", net.wan_ip(k)), "dev", &w])?;
+            ip(&["link", "set", &w, "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", net.dc_ip(k)),
+                "dev",
+                &d,
+            ])?;
+            net.mend(k)?;
+        }
+        Ok(net)
+    }
+
+    fn ns(&self, k: u8) -> String {
+        format!("psw{}-dc{k}", self.tag)
+    }
+    fn wan_if(&self, k: u8) -> String {
+        format!("psw{}w{k}", self.tag)
+    }
+    fn dc_if(&self, k: u8) -> String {
+        format!("psw{}d{k}", self.tag)
+    }
+    /// The WAN end of data centre k's link: the relay listens here.
+    fn wan_ip(&self, k: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.octet, k, 1)
+    }
+    /// Member k's own address, inside its namespace.
+    fn dc_ip(&self, k: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.octet, k, 2)
+    }
+    /// Member k as the others and clients know it (through the relay).
+    fn client_addr(&self, k: u8) -> String {
+        format!("{}:{RELAY_CLIENT_PORT}", self.wan_ip(k))
+    }
+
+    /// Takes data centre k off the network: its end of the link goes down, the WAN
+    /// end loses carrier, and packets either way are dropped.
+    fn cut(&self, k: u8) -> Res<()> {
+        ip(&["-n", &self.ns(k), "link", "set", &self.dc_if(k), "down"])
+    }
+
+    /// Puts data centre k back (the route out goes with the link, so it is restored).
+    fn mend(&self, k: u8) -> Res<()> {
+        let ns = self.ns(k);
+        ip(&["-n", &ns, "link", "set", &self.dc_if(k), "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "replace",
+            "default",
+            "via",
+            &self.wan_ip(k).to_string(),
+        ])
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth pair with it.
+        for ns in &self.made {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+/// The group, its relay and where it keeps its data.
+struct Group {
+    net: Net,
+    exe: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    members: String,
+    extra: Vec<String>,
+    children: Vec<Option<Child>>,
+    cut: Option<u8>,
+    _relay: Child,
+}
+
+impl Group {
+    async fn start(args: &WanArgs) -> Res<Group> {
+        let net = Net::create()?;
+        let exe = std::env::current_exe()?;
+        let dir = std::env::temp_dir().join(format!("portswitch-wan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut relay = Command::new(&exe);
+        relay.args(["relay", "--delay-ms", &args.delay_ms.to_string()]);
+        for k in 1..=DCS {
+            let (w, d) = (net.wan_ip(k), net.dc_ip(k));
+            relay
+                .arg("--route")
+                .arg(format!("{w}:{RELAY_PEER_PORT}={d}:{PEER_PORT}"));
+            relay
+                .arg("--route")
+                .arg(format!("{w}:{RELAY_CLIENT_PORT}={d}:{CLIENT_PORT}"));
+        }
+        let mut relay = relay.stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
+        let mut lines = BufReader::new(relay.stdout.take().expect("piped")).lines();
+        loop {
+            match lines.next_line().await? {
+                Some(l) if l == "ready" => break,
+                Some(_) => {}
+                None => return Err("the relay did not start".into()),
+            }
+        }
+        let members: Vec<String> = (1..=DCS)
+            .map(|k| {
+                let w = net.wan_ip(k);
+                format!("{k}={w}:{RELAY_PEER_PORT}/{w}:{RELAY_CLIENT_PORT}")
+            })
+            .collect();
+        let mut extra = vec![
+            "--no-http".to_string(),
+            "--danger-allow-insecure-network".to_string(),
+            "--lease-ms-max".to_string(),
+            args.lease_ms.to_string(),
+        ];
+        if !args.member_flags.iter().any(|f| f.starts_with("--log")) {
+            extra.push("--log=error,openraft=off".to_string());
+        }
+        extra.extend(args.member_flags.iter().cloned());
+        let mut g = Group {
+            net,
+            exe,
+            dir,
+            members: members.join(","),
+            extra,
+            children: (0..DCS).map(|_| None).collect(),
+            cut: None,
+            _relay: relay,
+        };
+        for k in 1..=DCS {
+            // Each member keeps its own users: the same one on every member.
+            let cfg = portswitch_server::auth::AuthConfig {
+                data_dir: Some(g.dir.join(k.to_string())),
+                ..Default::default()
+            };
+            let add = serde_json::json!({"op": "user_add", "user": USER, "password": PASSWORD, "roles": ["root"]});
+            portswitch_server::auth::admin_offline(cfg, add.to_string().as_bytes())?;
+            g.spawn(k).await?;
+        }
+        Ok(g)
+    }
+
+    async fn spawn(&mut self, k: u8) -> Res<()> {
+        let peer_listen = format!("{}:{PEER_PORT}", self.net.dc_ip(k));
+        let listen = format!("{}:{CLIENT_PORT}", self.net.dc_ip(k));
+        let mut extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        extra.extend(["--peer-listen", &peer_listen]);
+        let child = crate::dev::start_member_in(
+            Some(&self.net.ns(k)),
+            &self.exe,
+            k as u64,
+            &listen,
+            &self.dir.join(k.to_string()),
+            &self.members,
+            &extra,
+        )
+        .await?;
+        self.children[k as usize - 1] = Some(child);
+        Ok(())
+    }
+
+    fn client_addrs(&self) -> Vec<String> {
+        (1..=DCS).map(|k| self.net.client_addr(k)).collect()
+    }
+
+    /// The member serving as master (not counting a cut-off one), waiting up to 30 s.
+    async fn master(&self) -> Res<u8> {
+        let mut opts = ClientOptions::new("unused");
+        opts.answer_timeout = Duration::from_millis(500);
+        opts.credentials = Some((USER.into(), PASSWORD.into()));
+        opts.connect_timeout = Duration::from_millis(500);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            for k in 1..=DCS {
+                if self.cut == Some(k) {
+                    continue;
+                }
+                if let Ok(s) = server_stats(&opts, &self.net.client_addr(k)).await {
+                    if s.iter().any(|(n, v)| n == "role" && *v == 3) {
+                        return Ok(k);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err("no master within 30 s".into())
+    }
+
+    /// The shortest of five STATS round trips to `addr` (an idle request: what the
+    /// distance alone costs), in ms.
+    async fn idle_rtt_ms(&self, addr: &str) -> Res<f64> {
+        let opts = ClientOptions::new("unused");
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            server_stats(&opts, addr).await?;
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((best * 1000.0).round() / 1000.0)
+    }
+
+    /// Runs the register-unregister benchmark against `addr` in a child process.
+    async fn throughput(&self, addr: &str, args: &WanArgs) -> Res<serde_json::Value> {
+        let out = Command::new(&self.exe)
+            .args(["bench", "--workload", "register-unregister", "--json"])
+            .args(["--addr", addr, "--user", USER])
+            .env("PORTSWITCH_PASSWORD", PASSWORD)
+            .args(["--duration", &args.duration.to_string()])
+            .args(["--connections", &args.connections.to_string()])
+            .args(["--pipeline", &args.pipeline.to_string()])
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value = serde_json::from_str(text.trim()).map_err(|e| {
+            format!(
+                "bench against {addr} ({}) printed {text:?} and {:?}: {e}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok(report)
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // Members first, so nothing runs in a namespace when it is removed.
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub async fn run(args: WanArgs) -> AppResult {
+    if args.sessions == 0 || args.connections == 0 || args.pipeline == 0 {
+        return Err("--sessions, --connections and --pipeline must be at least 1".into());
+    }
+    let mut g = Group::start(&args).await?;
+    let m = g.master().await?;
+    let say = |s: String| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+    say(format!(
+        "three data centres {} ms apart (one way); member {m} is master",
+        args.delay_ms
+    ));
+
+    // Steady state: clients next to the master, then clients across the WAN.
+    let near_addr = format!("{}:{CLIENT_PORT}", g.net.dc_ip(m));
+    let near_rtt_ms = g.idle_rtt_ms(&near_addr).await?;
+    let far_rtt_ms = g.idle_rtt_ms(&g.net.client_addr(m)).await?;
+    say(format!(
+        "an idle round trip: {near_rtt_ms} ms next to the master, {far_rtt_ms} ms across the WAN"
+    ));
+    let near = g.throughput(&near_addr, &args).await?;
+    let far = g.throughput(&g.net.client_addr(m), &args).await?;
+    let rate = |r: &serde_json::Value| r["ops_per_sec"].as_f64().unwrap_or(0.0);
+    let ratio = rate(&near) / rate(&far).max(1.0);
+    say(format!(
+        "register-unregister, {} connections x {} in flight: next to the master {:.0}/s (p99 {} us), across the WAN {:.0}/s (p99 {} us): {ratio:.2}x",
+        args.connections,
+        args.pipeline,
+        rate(&near),
+        near["p99_us"],
+        rate(&far),
+        far["p99_us"]
+    ));
+
+    // Losing the master's data centre.
+    let lost = Arc::new(AtomicU64::new(0));
+    let mut template = ClientOptions::new("");
+    template.lease = Duration::from_millis(args.lease_ms as u64);
+    template.credentials = Some((USER.into(), PASSWORD.into()));
+    template.keepalive = args.keepalive_ms.map(Duration::from_millis);
+    let clients = hold_ports(&g.client_addrs(), args.sessions, args.ports, &template).await?;
+    say(format!(
+        "{} sessions (in the WAN) hold {} ports",
+        args.sessions, args.ports
+    ));
+    let mut all_hist = Histogram::<u64>::new(3)?;
+    let mut each_hist = Histogram::<u64>::new(3)?;
+    let mut master_hist = Histogram::<u64>::new(3)?;
+    let mut incomplete = 0;
+    for round in 0..args.rounds {
+        let m = g.master().await?;
+        let watch = RecoveryWatch::start(&clients, &lost);
+        let cut_at = Instant::now();
+        g.net.cut(m)?;
+        g.cut = Some(m);
+        let new_master = g.master().await?;
+        let serving_after = cut_at.elapsed();
+        master_hist.record(serving_after.as_micros() as u64)?;
+        let limit = Duration::from_millis(args.lease_ms as u64) * 2;
+        let (recovered, slowest) = watch.finish(cut_at, limit, &mut each_hist).await?;
+        all_hist.record(slowest.as_micros() as u64)?;
+        if recovered < clients.len() {
+            incomplete += 1;
+        }
+        say(format!(
+            "round {}: data centre {m} cut off; member {new_master} master after {} ms; {recovered}/{} sessions back with their ports, the last after {} ms",
+            round + 1,
+            serving_after.as_millis(),
+            clients.len(),
+            slowest.as_millis()
+        ));
+        // Bring the data centre back; its member rejoins as a follower.
+        g.net.mend(m)?;
+        g.cut = None;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let lost = lost.load(Ordering::Relaxed);
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1_000.0;
+    let errors = near["errors"].as_u64().unwrap_or(1) + far["errors"].as_u64().unwrap_or(1);
+    let report = serde_json::json!({
+        "workload": "wan",
+        "delay_ms": args.delay_ms,
+        "member_flags": args.member_flags,
+        "keepalive_ms": args.keepalive_ms,
+        "near_idle_rtt_ms": near_rtt_ms,
+        "far_idle_rtt_ms": far_rtt_ms,
+        "near": near,
+        "far": far,
+        "near_over_far": (ratio * 1000.0).round() / 1000.0,
+        "sessions": args.sessions,
+        "ports": args.ports,
+        "rounds": args.rounds,
+        "new_master_p50_ms": ms(&master_hist, 0.5),
+        "new_master_p99_ms": ms(&master_hist, 0.99),
+        "all_recovered_p50_ms": ms(&all_hist, 0.5),
+        "all_recovered_p99_ms": ms(&all_hist, 0.99),
+        "session_recovered_p50_ms": ms(&each_hist, 0.5),
+        "session_recovered_p99_ms": ms(&each_hist, 0.99),
+        "ownership_lost": lost,
+        "incomplete_rounds": incomplete,
+        "throughput_errors": errors,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "wan, {} ms one way: throughput across the WAN {:.0}/s = 1/{ratio:.2} of next to the master; losing the master's data centre, {} rounds: new master after p50 {:.0} ms, every session back with every port after p50 {:.0} ms, p99 {:.0} ms; ownership lost: {lost}; incomplete rounds: {incomplete}",
+            args.delay_ms,
+            rate(&far),
+            args.rounds,
+            ms(&master_hist, 0.5),
+            ms(&all_hist, 0.5),
+            ms(&all_hist, 0.99),
+        );
+    }
+    for c in &clients {
+        let _ = c.close().await;
+    }
+    Ok(if lost == 0 && incomplete == 0 && errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
