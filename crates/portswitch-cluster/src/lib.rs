@@ -13,8 +13,10 @@ pub mod lease;
 pub mod net;
 pub mod node;
 pub mod store;
+pub mod tls;
 pub mod types;
 
 pub use lease::{LeaseClock, MasterLease};
 pub use node::{ClusterConfig, ClusterNode, MasterInfo, Role};
+pub use tls::{PeerTls, PeerTlsSettings};
 pub use types::{Command, Grant, GroupFacts, Member};

@@ -1,7 +1,12 @@
-//! Raft messages between members over TCP: each message is a `u32` big-endian length
-//! and a JSON body, one request then one response on a connection, one connection per
-//! (member, target) kept open between calls. Traffic is heartbeats and the rare entry,
-//! so JSON's cost does not matter and its readability in a packet capture does.
+//! Raft messages between members over TCP, with mutual TLS when the group has peer
+//! certificates ([`crate::tls`]): each message is a `u32` big-endian length and a JSON
+//! body, one request then one response on a connection, one connection per (member,
+//! target) kept open between calls. Traffic is heartbeats and the rare entry, so
+//! JSON's cost does not matter and its readability in a packet capture does.
+//!
+//! Each call's I/O runs to completion in a task of its own (see `PeerLink::call`):
+//! openraft cancels calls that overrun the heartbeat interval, and cancelling I/O
+//! halfway would leave connections out of step or never let a slow link come up.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,16 +22,21 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::tls::PeerTls;
 use crate::types::{Member, Raft, TypeConfig};
 
 /// Largest peer message accepted (a snapshot of the group's facts is a few hundred
 /// bytes; this bounds what a confused or hostile peer can make a member allocate).
 pub const PEER_FRAME_BYTES_MAX: usize = 16 << 20;
-/// How long a member waits to connect to a peer.
-pub const PEER_CONNECT_MS: u64 = 500;
+/// How long a member waits to set up a connection to a peer (TCP and TLS), and a
+/// member accepting one waits for the TLS handshake.
+pub const PEER_CONNECT_MS: u64 = 1_000;
+/// The longest one call's I/O may take, set-up included, whether or not openraft
+/// still waits for it (it gives up after a heartbeat interval).
+pub const PEER_IO_MS: u64 = 2_000;
 /// How often a member retries a peer it cannot reach.
 pub const PEER_RETRY_MS: u64 = 50;
 
@@ -55,7 +65,15 @@ enum PeerResponse {
     },
 }
 
-async fn write_msg<T: Serialize>(s: &mut TcpStream, msg: &T) -> std::io::Result<()> {
+/// A connection to or from a peer: plain TCP or TLS over it.
+pub(crate) trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> PeerIo for T {}
+type PeerStream = Box<dyn PeerIo>;
+
+async fn write_msg<T: Serialize, S: AsyncWrite + Unpin + ?Sized>(
+    s: &mut S,
+    msg: &T,
+) -> std::io::Result<()> {
     let body = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
     if body.len() > PEER_FRAME_BYTES_MAX {
         return Err(std::io::Error::other(
@@ -68,7 +86,9 @@ async fn write_msg<T: Serialize>(s: &mut TcpStream, msg: &T) -> std::io::Result<
     s.write_all(&buf).await
 }
 
-async fn read_msg<T: DeserializeOwned>(s: &mut TcpStream) -> std::io::Result<T> {
+async fn read_msg<T: DeserializeOwned, S: AsyncRead + Unpin + ?Sized>(
+    s: &mut S,
+) -> std::io::Result<T> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -86,19 +106,60 @@ async fn read_msg<T: DeserializeOwned>(s: &mut TcpStream) -> std::io::Result<T> 
 
 /// Idle connections to peers, by (target, address), so that a link made for one
 /// call (openraft makes one per leadership check) does not cost a TCP handshake.
-type Pool = Arc<Mutex<HashMap<(u64, String), Vec<TcpStream>>>>;
+type Pool = Arc<Mutex<HashMap<(u64, String), Vec<PeerStream>>>>;
 /// Idle connections kept per target.
 const POOL_PER_TARGET_MAX: usize = 4;
 
-async fn exchange(s: &mut TcpStream, msg: &Envelope<PeerRequest>) -> std::io::Result<PeerResponse> {
+async fn exchange(
+    s: &mut PeerStream,
+    msg: &Envelope<PeerRequest>,
+) -> std::io::Result<PeerResponse> {
     write_msg(s, msg).await?;
     read_msg(s).await
 }
 
+/// A new connection to a peer: TCP, then TLS if the group uses it, within
+/// [`PEER_CONNECT_MS`].
+async fn connect(addr: &str, tls: Option<&PeerTls>) -> std::io::Result<PeerStream> {
+    let setup = async {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(match tls {
+            None => Box::new(s) as PeerStream,
+            Some(tls) => {
+                let name = crate::tls::server_name(addr)?;
+                Box::new(tls.connector.connect(name, s).await?)
+            }
+        })
+    };
+    tokio::time::timeout(Duration::from_millis(PEER_CONNECT_MS), setup)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+}
+
 /// Makes links to targets, reusing idle connections.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Network {
     pool: Pool,
+    tls: Option<PeerTls>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Network {
+    /// Links over TLS with `tls`, or plain TCP without.
+    pub fn new(tls: Option<PeerTls>) -> Network {
+        Network {
+            pool: Pool::default(),
+            tls,
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -110,17 +171,29 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.peer_addr.clone(),
             stream: None,
             pool: self.pool.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
 
 /// The link from this member to one target.
-#[derive(Debug)]
 pub struct PeerLink {
     target: u64,
     addr: String,
-    stream: Option<TcpStream>,
+    stream: Option<PeerStream>,
     pool: Pool,
+    tls: Option<PeerTls>,
+}
+
+impl std::fmt::Debug for PeerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerLink")
+            .field("target", &self.target)
+            .field("addr", &self.addr)
+            .field("connected", &self.stream.is_some())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl Drop for PeerLink {
@@ -139,58 +212,66 @@ impl Drop for PeerLink {
 type RpcErr<E = RaftError<u64>> = RPCError<u64, Member, E>;
 
 impl PeerLink {
+    /// Sends `req` and reads its answer. The I/O runs in a task of its own that always
+    /// finishes its exchange (within [`PEER_IO_MS`]): openraft cancels calls that
+    /// overrun the heartbeat interval, and a connection abandoned halfway would be out
+    /// of step — the next call would read this call's late answer as its own — while
+    /// one set up for a cancelled call would be lost, so that a link whose set-up takes
+    /// longer than a heartbeat (two or three round trips across data centres) would
+    /// never come up. A connection whose call was cancelled goes to the pool, in step.
     async fn call(
         &mut self,
         req: PeerRequest,
-        ttl: Duration,
+        _ttl: Duration,
     ) -> Result<PeerResponse, std::io::Error> {
         let target = self.target;
         let msg = Envelope {
             to: target,
             body: req,
         };
-        let attempt = async {
-            if self.stream.is_none() {
-                let idle = self
-                    .pool
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_mut(&(target, self.addr.clone()))
-                    .and_then(|v| v.pop());
+        let held = self.stream.take();
+        let (addr, tls, pool) = (self.addr.clone(), self.tls.clone(), self.pool.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let key = (target, addr.clone());
+            let work = async {
+                let idle = match held {
+                    Some(s) => Some(s),
+                    None => pool
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&key)
+                        .and_then(|v| v.pop()),
+                };
                 if let Some(mut s) = idle {
                     // An idle connection may have died with its peer: one try, then a
                     // fresh connection (Raft messages are safe to repeat).
                     match exchange(&mut s, &msg).await {
-                        Ok(r) => {
-                            self.stream = Some(s);
-                            return Ok(r);
-                        }
+                        Ok(r) => return Ok((r, s)),
                         Err(e) => tracing::debug!(error = %e, "idle peer connection was dead"),
                     }
                 }
-            }
-            if self.stream.is_none() {
-                let s = tokio::time::timeout(
-                    Duration::from_millis(PEER_CONNECT_MS),
-                    TcpStream::connect(&self.addr),
-                )
+                let mut s = connect(&addr, tls.as_ref()).await?;
+                let r = exchange(&mut s, &msg).await?;
+                Ok::<_, std::io::Error>((r, s))
+            };
+            let r = tokio::time::timeout(Duration::from_millis(PEER_IO_MS), work)
                 .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-                s.set_nodelay(true)?;
-                self.stream = Some(s);
+                .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)));
+            if let Err(Ok((_, s))) = tx.send(r) {
+                // The call gave up meanwhile: the connection is in step; keep it.
+                let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+                let idle = pool.entry(key).or_default();
+                if idle.len() < POOL_PER_TARGET_MAX {
+                    idle.push(s);
+                }
             }
-            let s = self.stream.as_mut().expect("connected above");
-            exchange(s, &msg).await
-        };
-        let r = match tokio::time::timeout(ttl, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
-        };
-        if r.is_err() {
-            // A half-used connection cannot be trusted to be in step: start afresh.
-            self.stream = None;
-        }
-        r
+        });
+        let (r, s) = rx
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("peer call task ended")))?;
+        self.stream = Some(s);
+        Ok(r)
     }
 
     fn unreachable<E: std::error::Error>(e: std::io::Error) -> RpcErr<E> {
@@ -277,8 +358,9 @@ impl RaftNetwork<TypeConfig> for PeerLink {
     }
 }
 
-/// Answers peers' Raft messages until the listener fails.
-pub async fn serve_peers(listener: TcpListener, raft: Raft, me: u64) {
+/// Answers peers' Raft messages until the listener fails; with `tls`, only from peers
+/// whose certificate the peer CA signed.
+pub async fn serve_peers(listener: TcpListener, raft: Raft, me: u64, tls: Option<PeerTls>) {
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -288,12 +370,35 @@ pub async fn serve_peers(listener: TcpListener, raft: Raft, me: u64) {
                 continue;
             }
         };
-        tokio::spawn(serve_peer(stream, addr, raft.clone(), me));
+        let (raft, tls) = (raft.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let s: PeerStream = match tls {
+                None => Box::new(stream),
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(
+                        Duration::from_millis(PEER_CONNECT_MS),
+                        tls.acceptor.accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%addr, error = %e, "peer TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%addr, "peer TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            serve_peer(s, addr, raft, me).await
+        });
     }
 }
 
-async fn serve_peer(mut s: TcpStream, addr: SocketAddr, raft: Raft, me: u64) {
-    let _ = s.set_nodelay(true);
+async fn serve_peer(mut s: PeerStream, addr: SocketAddr, raft: Raft, me: u64) {
     loop {
         let msg: Envelope<PeerRequest> = match read_msg(&mut s).await {
             Ok(m) => m,

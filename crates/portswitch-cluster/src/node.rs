@@ -51,6 +51,9 @@ pub struct ClusterConfig {
     /// Where to accept peers, when it differs from the peer address the others are
     /// told (behind NAT, a relay or a load balancer); default: that address.
     pub peer_listen: Option<std::net::SocketAddr>,
+    /// Mutual TLS on peer links (every member's certificate signed by one peer CA);
+    /// without it peer links are plain TCP.
+    pub peer_tls: Option<crate::tls::PeerTlsSettings>,
 }
 
 /// The most voters a group may have.
@@ -75,6 +78,7 @@ impl ClusterConfig {
             recovery_window_ms: None,
             join: false,
             peer_listen: None,
+            peer_tls: None,
         }
     }
 
@@ -170,6 +174,10 @@ impl ClusterNode {
     pub async fn start(cfg: ClusterConfig, peers: TcpListener) -> std::io::Result<ClusterNode> {
         cfg.validate()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let tls = match &cfg.peer_tls {
+            Some(s) => Some(crate::tls::PeerTls::load(s)?),
+            None => None,
+        };
         let store = Store::open(&cfg.dir)?;
         let raft_cfg = Config {
             cluster_name: "portswitch".into(),
@@ -184,10 +192,16 @@ impl ClusterNode {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let pristine = store.is_empty() && !cfg.join;
         let (log, sm) = Adaptor::new(store.clone());
-        let raft = Raft::new(cfg.id, Arc::new(raft_cfg), Network::default(), log, sm)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut tasks = vec![tokio::spawn(serve_peers(peers, raft.clone(), cfg.id))];
+        let raft = Raft::new(
+            cfg.id,
+            Arc::new(raft_cfg),
+            Network::new(tls.clone()),
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut tasks = vec![tokio::spawn(serve_peers(peers, raft.clone(), cfg.id, tls))];
         if pristine {
             // Any member may form the group with the same list (safe, per openraft),
             // so none has to be started first. They take turns, lowest id first, so
@@ -424,7 +438,24 @@ async fn take_over(
         serve_at: Some(serve_at),
     });
     tokio::time::sleep_until(serve_at.into()).await;
-    confirm(raft, cfg, lease).await?;
+    // A check can fail for want of a connection (openraft makes a fresh link per
+    // check, and across data centres setting one up takes longer than a heartbeat);
+    // the connection is then ready for the next check. Try on for one master lease
+    // while still leader, rather than give up the election.
+    let give_up = Instant::now() + Duration::from_millis(cfg.lease.lease_ms);
+    loop {
+        match confirm(raft, cfg, lease).await {
+            Ok(()) => break,
+            Err(e) => {
+                let leader = raft.metrics().borrow().state == ServerState::Leader;
+                if !leader || Instant::now() >= give_up {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, "leadership check failed; trying again");
+                tokio::time::sleep(Duration::from_millis((cfg.heartbeat_ms / 2).max(1))).await;
+            }
+        }
+    }
     let recovery_window_ms = grant.previous.map(|(lease_ms_max, _)| {
         cfg.recovery_window_ms
             .unwrap_or_else(|| cfg.lease.recovery_window(lease_ms_max as u64))

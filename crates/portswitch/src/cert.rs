@@ -72,7 +72,12 @@ pub fn run(args: CertArgs) -> AppResult {
                 Err(_) => SanType::DnsName(h.clone().try_into()?),
             });
     }
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Client use too, so that members of a group can present it on peer links
+    // (mutual TLS: each member is the client of the others' connections).
+    server.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let cert = server.signed_by(&key, &ca_cert, &ca_key)?;
     write_new(&args.out.join("server.pem"), &cert.pem(), false)?;
     write_new(&args.out.join("server-key.pem"), &key.serialize_pem(), true)?;

@@ -58,6 +58,17 @@ pub struct ServeArgs {
     /// address in --member (behind NAT or a relay) [default: that address]
     #[arg(long, env = "PORTSWITCH_PEER_LISTEN")]
     peer_listen: Option<SocketAddr>,
+    /// PEM certificate of this member for peer links (mutual TLS; valid for its peer
+    /// address, for server and client use; with --peer-tls-key and --peer-tls-ca)
+    #[arg(long, env = "PORTSWITCH_PEER_TLS_CERT")]
+    peer_tls_cert: Option<PathBuf>,
+    /// PEM private key of --peer-tls-cert
+    #[arg(long, env = "PORTSWITCH_PEER_TLS_KEY")]
+    peer_tls_key: Option<PathBuf>,
+    /// PEM CA that signed every member's peer certificate (use one for peers only:
+    /// any holder of a certificate from it can speak Raft to the group)
+    #[arg(long, env = "PORTSWITCH_PEER_TLS_CA")]
+    peer_tls_ca: Option<PathBuf>,
     /// How long one quorum confirmation lets the master serve, ms [default: 300]
     #[arg(long, env = "PORTSWITCH_MASTER_LEASE_MS")]
     master_lease_ms: Option<u64>,
@@ -173,6 +184,9 @@ struct FileConfig {
     members: Option<Vec<String>>,
     join: Option<bool>,
     peer_listen: Option<SocketAddr>,
+    peer_tls_cert: Option<PathBuf>,
+    peer_tls_key: Option<PathBuf>,
+    peer_tls_ca: Option<PathBuf>,
     master_lease_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
     election_timeout_ms_min: Option<u64>,
@@ -260,19 +274,21 @@ fn config(
                 .peer_addr
                 .parse()
                 .map_err(|e| format!("member {id}: peer address {}: {e}", m.peer_addr))?;
-            if !peer.ip().is_loopback() && !danger {
+            if !peer.ip().is_loopback() && !danger && c.peer_tls.is_none() {
                 return Err(format!(
-                    "member {id}: peer links have no TLS yet, so peer addresses must be loopback \
-                     (or a private network with --danger-allow-insecure-network)"
+                    "member {id}: peer links beyond loopback need mutual TLS (--peer-tls-cert, \
+                     --peer-tls-key, --peer-tls-ca), or a private network and \
+                     --danger-allow-insecure-network"
                 )
                 .into());
             }
         }
         if let Some(l) = c.peer_listen {
-            if !l.ip().is_loopback() && !danger {
+            if !l.ip().is_loopback() && !danger && c.peer_tls.is_none() {
                 return Err(format!(
-                    "--peer-listen {l}: peer links have no TLS yet, so members listen on loopback \
-                     (or a private network with --danger-allow-insecure-network)"
+                    "--peer-listen {l}: peer links beyond loopback need mutual TLS \
+                     (--peer-tls-cert, --peer-tls-key, --peer-tls-ca), or a private network \
+                     and --danger-allow-insecure-network"
                 )
                 .into());
             }
@@ -472,6 +488,17 @@ fn cluster_config(
     let mut c = portswitch_cluster::ClusterConfig::new(id, map, PathBuf::new(), lease_ms_max);
     c.join = args.join || file.join == Some(true);
     c.peer_listen = args.peer_listen.or(file.peer_listen);
+    c.peer_tls = match (
+        args.peer_tls_cert.clone().or(file.peer_tls_cert.clone()),
+        args.peer_tls_key.clone().or(file.peer_tls_key.clone()),
+        args.peer_tls_ca.clone().or(file.peer_tls_ca.clone()),
+    ) {
+        (Some(cert), Some(key), Some(ca)) => {
+            Some(portswitch_cluster::PeerTlsSettings { cert, key, ca })
+        }
+        (None, None, None) => None,
+        _ => return Err("--peer-tls-cert, --peer-tls-key and --peer-tls-ca go together".into()),
+    };
     if let Some(v) = args.master_lease_ms.or(file.master_lease_ms) {
         c.lease.lease_ms = v;
     }
@@ -573,8 +600,29 @@ mod tests {
                 members: members(&["1=10.0.0.1:7500/127.0.0.1:7400"]),
                 ..Default::default()
             },
-            "peer links have no TLS yet",
+            "need mutual TLS",
         );
+        refused(
+            ServeArgs {
+                node_id: Some(1),
+                members: members(&["1=10.0.0.1:7500/127.0.0.1:7400"]),
+                peer_tls_cert: Some("peer.pem".into()),
+                ..Default::default()
+            },
+            "go together",
+        );
+        // With peer TLS, peers may be anywhere.
+        let (cfg, _) = config(&ServeArgs {
+            node_id: Some(1),
+            members: members(&["1=10.0.0.1:7500/127.0.0.1:7400"]),
+            peer_tls_cert: Some("peer.pem".into()),
+            peer_tls_key: Some("peer-key.pem".into()),
+            peer_tls_ca: Some("ca.pem".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let tls = cfg.cluster.unwrap().peer_tls.unwrap();
+        assert_eq!(tls.ca, std::path::PathBuf::from("ca.pem"));
         refused(
             ServeArgs {
                 node_id: Some(1),
