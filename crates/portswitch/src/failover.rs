@@ -66,23 +66,31 @@ impl Group {
 
     /// The member serving as master, waiting up to 30 s.
     async fn master(&self) -> Res<usize> {
-        let opts = ClientOptions::new("unused");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            for (i, a) in self.addrs.iter().enumerate() {
-                if self.children[i].is_none() {
-                    continue;
-                }
-                if let Ok(s) = server_stats(&opts, a).await {
-                    if s.iter().any(|(k, v)| k == "role" && *v == 3) {
-                        return Ok(i);
-                    }
+        find_master(&self.addrs, |i| self.children[i].is_none()).await
+    }
+}
+
+/// The index of the member of `addrs` that serves as master (asked by STATS, which
+/// needs no session; members `skip` names are not asked), waiting up to 30 s.
+pub(crate) async fn find_master(addrs: &[String], skip: impl Fn(usize) -> bool) -> Res<usize> {
+    let mut opts = ClientOptions::new("unused");
+    // A member cut off from the network must not hold the search up for long.
+    opts.connect_timeout = Duration::from_millis(500);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        for (i, a) in addrs.iter().enumerate() {
+            if skip(i) {
+                continue;
+            }
+            if let Ok(s) = server_stats(&opts, a).await {
+                if s.iter().any(|(k, v)| k == "role" && *v == 3) {
+                    return Ok(i);
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Err("no master within 30 s".into())
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Err("no master within 30 s".into())
 }
 
 /// Connects `sessions` sessions with `template`'s options (knowing every server in

@@ -30,7 +30,7 @@ use portswitch_client::{server_stats, ClientOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::failover::{hold_ports, RecoveryWatch};
+use crate::failover::{find_master, hold_ports, RecoveryWatch};
 use crate::AppResult;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -291,25 +291,10 @@ impl Group {
 
     /// The member serving as master (not counting a cut-off one), waiting up to 30 s.
     async fn master(&self) -> Res<u8> {
-        let mut opts = ClientOptions::new("unused");
-        opts.answer_timeout = Duration::from_millis(500);
-        opts.credentials = Some((USER.into(), PASSWORD.into()));
-        opts.connect_timeout = Duration::from_millis(500);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            for k in 1..=DCS {
-                if self.cut == Some(k) {
-                    continue;
-                }
-                if let Ok(s) = server_stats(&opts, &self.net.client_addr(k)).await {
-                    if s.iter().any(|(n, v)| n == "role" && *v == 3) {
-                        return Ok(k);
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Err("no master within 30 s".into())
+        let k = |i: usize| i as u8 + 1;
+        find_master(&self.client_addrs(), |i| self.cut == Some(k(i)))
+            .await
+            .map(k)
     }
 
     /// Waits until member k's recovery window (if its takeover opened one) is closed,
