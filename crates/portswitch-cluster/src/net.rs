@@ -39,6 +39,16 @@ pub const PEER_CONNECT_MS: u64 = 1_000;
 pub const PEER_IO_MS: u64 = 2_000;
 /// How often a member retries a peer it cannot reach.
 pub const PEER_RETRY_MS: u64 = 50;
+/// How long a member tries to reach the master's peer address after a connection that
+/// carried its heartbeats closed (see [`master_link_closed`]).
+pub const CRASH_PROBE_MS: u64 = 200;
+/// How long after the other survivors the one meant to win stands for election when
+/// the master's process is gone (see [`master_link_closed`]).
+pub const CRASH_ELECT_STAGGER_MS: u64 = 20;
+/// How long a probe connection must stay open and quiet for the master to count as
+/// alive, and how many probes one closed connection may take.
+const CRASH_LINGER_MS: u64 = 30;
+const CRASH_PROBES_MAX: usize = 4;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope<T> {
@@ -361,6 +371,7 @@ impl RaftNetwork<TypeConfig> for PeerLink {
 /// Answers peers' Raft messages until the listener fails; with `tls`, only from peers
 /// whose certificate the peer CA signed.
 pub async fn serve_peers(listener: TcpListener, raft: Raft, me: u64, tls: Option<PeerTls>) {
+    let crashes = CrashWatch::default();
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -370,7 +381,7 @@ pub async fn serve_peers(listener: TcpListener, raft: Raft, me: u64, tls: Option
                 continue;
             }
         };
-        let (raft, tls) = (raft.clone(), tls.clone());
+        let (raft, tls, crashes) = (raft.clone(), tls.clone(), crashes.clone());
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let s: PeerStream = match tls {
@@ -393,18 +404,34 @@ pub async fn serve_peers(listener: TcpListener, raft: Raft, me: u64, tls: Option
                     }
                 }
             };
-            serve_peer(s, addr, raft, me).await
+            serve_peer(s, addr, raft, me, crashes).await
         });
     }
 }
 
-async fn serve_peer(mut s: PeerStream, addr: SocketAddr, raft: Raft, me: u64) {
+/// What a member knows of probing a master whose connection closed.
+#[derive(Debug, Default)]
+struct CrashState {
+    /// The (master, term) whose crash this member has acted on.
+    acted: Option<(u64, u64)>,
+    probing: bool,
+    /// Another connection closed while a probe ran.
+    again: bool,
+}
+type CrashWatch = Arc<Mutex<CrashState>>;
+
+async fn serve_peer(mut s: PeerStream, addr: SocketAddr, raft: Raft, me: u64, crashes: CrashWatch) {
+    // The master whose heartbeats this connection carried last, and its term.
+    let mut from_master: Option<(u64, u64)> = None;
     loop {
         let msg: Envelope<PeerRequest> = match read_msg(&mut s).await {
             Ok(m) => m,
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::UnexpectedEof {
                     tracing::debug!(%addr, error = %e, "peer connection closed");
+                }
+                if let Some((master, term)) = from_master {
+                    tokio::spawn(master_link_closed(raft, me, master, term, crashes));
                 }
                 return;
             }
@@ -413,7 +440,15 @@ async fn serve_peer(mut s: PeerStream, addr: SocketAddr, raft: Raft, me: u64) {
             PeerResponse::WrongMember { id: me }
         } else {
             match msg.body {
-                PeerRequest::Append(r) => PeerResponse::Append(raft.append_entries(r).await),
+                PeerRequest::Append(r) => {
+                    let v = r.vote;
+                    from_master = v
+                        .leader_id()
+                        .voted_for()
+                        .filter(|_| v.is_committed())
+                        .map(|id| (id, v.leader_id().get_term()));
+                    PeerResponse::Append(raft.append_entries(r).await)
+                }
                 PeerRequest::Vote(r) => PeerResponse::Vote(raft.vote(r).await),
                 PeerRequest::Snapshot(r) => PeerResponse::Snapshot(raft.install_snapshot(r).await),
             }
@@ -421,5 +456,146 @@ async fn serve_peer(mut s: PeerStream, addr: SocketAddr, raft: Raft, me: u64) {
         if write_msg(&mut s, &resp).await.is_err() {
             return;
         }
+    }
+}
+
+/// A connection that carried the master's heartbeats closed. If the master's peer
+/// address now refuses connections, its process is gone (killed, crashed or shut
+/// down), and waiting for silence to prove it costs openraft's leader lease plus an
+/// election timeout (450–600 ms with the defaults). So the survivors elect at once:
+/// each but the one meant to win (the highest id) stands for election, which ends the
+/// leader lease for which they would refuse anyone their vote; the one meant to win
+/// stands [`CRASH_ELECT_STAGGER_MS`] later, in a higher term, and gets their votes.
+///
+/// Only liveness depends on this: an election is always safe in Raft, and the new
+/// master still waits out the old master's lease before serving. A master that is
+/// merely silent (stopped, cut off, behind a relay) is left to the timeouts; a
+/// connection closed for any other reason (a master drops surplus idle connections
+/// all the time) finds the master's address answering and changes nothing. Closes
+/// that arrive while a probe runs are folded into one more probe after it.
+async fn master_link_closed(raft: Raft, me: u64, master: u64, term: u64, watch: CrashWatch) {
+    {
+        let mut w = watch.lock().unwrap_or_else(|p| p.into_inner());
+        if w.acted == Some((master, term)) {
+            return;
+        }
+        if w.probing {
+            w.again = true;
+            return;
+        }
+        w.probing = true;
+    }
+    let winner = loop {
+        let winner = master_gone(&raft, me, master, term).await;
+        let mut w = watch.lock().unwrap_or_else(|p| p.into_inner());
+        if winner.is_none() && w.again {
+            w.again = false;
+            continue;
+        }
+        w.probing = false;
+        w.again = false;
+        if winner.is_some() {
+            w.acted = Some((master, term));
+        }
+        break winner;
+    };
+    let Some(winner) = winner else { return };
+    if me == winner {
+        tokio::time::sleep(Duration::from_millis(CRASH_ELECT_STAGGER_MS)).await;
+    }
+    if !still_following(&raft.metrics().borrow(), master, term) {
+        return;
+    }
+    tracing::info!(
+        master,
+        term,
+        "the master's peer address refuses connections: standing for election now"
+    );
+    let _ = raft.trigger().elect().await;
+}
+
+fn still_following(m: &openraft::RaftMetrics<u64, Member>, master: u64, term: u64) -> bool {
+    m.current_leader == Some(master)
+        && m.current_term == term
+        && m.state == openraft::ServerState::Follower
+}
+
+/// Whether `master` (of `term`, still followed by this member) is gone: its peer
+/// address refuses connections. Returns the survivor meant to win the election.
+async fn master_gone(raft: &Raft, me: u64, master: u64, term: u64) -> Option<u64> {
+    let (addr, winner) = {
+        let m = raft.metrics().borrow().clone();
+        if !still_following(&m, master, term) {
+            return None;
+        }
+        let members = m.membership_config.membership();
+        let survivors: Vec<u64> = members.voter_ids().filter(|&id| id != master).collect();
+        match (members.get_node(&master), survivors.iter().max()) {
+            (Some(n), Some(&w)) if survivors.contains(&me) => (n.peer_addr.clone(), w),
+            _ => return None,
+        }
+    };
+    peer_process_gone(&addr).await.then_some(winner)
+}
+
+/// Whether the process that listened on `addr` is gone: the address refuses
+/// connections (a reset or a connection reset at once is asked again). Silence
+/// (a stopped or cut-off process) and a quiet open connection are not "gone".
+async fn peer_process_gone(addr: &str) -> bool {
+    for _ in 0..CRASH_PROBES_MAX {
+        let connect = tokio::time::timeout(
+            Duration::from_millis(CRASH_PROBE_MS),
+            TcpStream::connect(addr),
+        );
+        match connect.await {
+            // Silent: cut off or stopped, not gone; the timeouts decide.
+            Err(_) => return false,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            // Reset: a listener closing under us; ask again.
+            Ok(Err(_)) => {}
+            Ok(Ok(mut s)) => {
+                // A process being torn down closes its peer connections before its
+                // listener, which may still take us into its backlog and then reset
+                // us. A live member waits quietly for a request.
+                let mut b = [0u8; 1];
+                let quiet =
+                    tokio::time::timeout(Duration::from_millis(CRASH_LINGER_MS), s.read(&mut b));
+                match quiet.await {
+                    Err(_) | Ok(Ok(1..)) => return false,
+                    Ok(Ok(0)) | Ok(Err(_)) => {}
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closed_address_is_gone_and_a_listening_one_is_not() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        // Listening but never accepting: the connection waits in the backlog, quiet.
+        assert!(!peer_process_gone(&addr).await);
+        drop(l);
+        assert!(peer_process_gone(&addr).await);
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_hangs_up_on_everyone_is_not_gone() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let hang_up = tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                drop(s);
+            }
+        });
+        assert!(!peer_process_gone(&addr).await);
+        hang_up.abort();
     }
 }

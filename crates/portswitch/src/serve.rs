@@ -75,10 +75,10 @@ pub struct ServeArgs {
     /// Raft heartbeat interval between members, ms [default: 50]
     #[arg(long, env = "PORTSWITCH_HEARTBEAT_MS")]
     heartbeat_ms: Option<u64>,
-    /// Shortest time without a master before a member stands for election, ms [default: 250]
+    /// Shortest time without a master before a member stands for election, ms [default: 150]
     #[arg(long, env = "PORTSWITCH_ELECTION_TIMEOUT_MS_MIN")]
     election_timeout_ms_min: Option<u64>,
-    /// Longest such time (each member picks at random in between), ms [default: 500]
+    /// Longest such time (each member picks at random in between), ms [default: 300]
     #[arg(long, env = "PORTSWITCH_ELECTION_TIMEOUT_MS_MAX")]
     election_timeout_ms_max: Option<u64>,
     /// Largest difference in clock rate between members, per mille (the new master

@@ -37,10 +37,16 @@ struct Group {
     addrs: Vec<String>,
     members: String,
     dir: std::path::PathBuf,
+    /// Flags every member gets besides the group's.
+    extra: Vec<String>,
 }
 
 impl Group {
     async fn start(tag: &str) -> Group {
+        Group::start_with(tag, &[]).await
+    }
+
+    async fn start_with(tag: &str, extra: &[&str]) -> Group {
         let dir =
             std::env::temp_dir().join(format!("portswitch-group-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -56,6 +62,7 @@ impl Group {
             addrs,
             members,
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         for i in 0..3 {
             let c = g.spawn(i).await;
@@ -79,6 +86,7 @@ impl Group {
             ])
             .args(["--node-id", &(i + 1).to_string(), "--member", &self.members])
             .args(["--lease-ms-max", &LEASE_MS_MAX.to_string()])
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -205,6 +213,62 @@ async fn killing_the_master_keeps_every_session_and_port() {
         other => panic!("{other:?}"),
     }
     assert!(a.is_alive());
+}
+
+/// A killed master's peer address refuses connections, and the survivors elect at
+/// once instead of waiting out their election timeouts. Timeouts of 20–25 s make the
+/// difference plain: the master lease (500 ms) is all a new master must wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_is_replaced_before_any_election_timeout() {
+    let slow = [
+        "--heartbeat-ms",
+        "100",
+        "--election-timeout-ms-min",
+        "20000",
+        "--election-timeout-ms-max",
+        "25000",
+        "--master-lease-ms",
+        "500",
+    ];
+    let mut g = Group::start_with("crash", &slow).await;
+    let m = g.master(None).await;
+    let a = g.client().await;
+    let mut events = a.events();
+    let t = own(&a, "x").await;
+
+    g.signal(m, "-KILL");
+    let killed = Instant::now();
+    g.children[m].as_mut().unwrap().wait().await.unwrap();
+    g.children[m] = None;
+    let m2 = g.master(Some(m)).await;
+    let took = killed.elapsed();
+    eprintln!("kill -9 of the master to a new master: {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "a new master after {took:?}: the survivors waited for an election timeout"
+    );
+    assert_ne!(m2, m);
+    resynced(&mut events).await;
+    assert_eq!(a.owned_ports(), vec![("x".into(), t)]);
+
+    // A stopped master is silent, not gone: nobody stands before the timeouts.
+    g.signal(m2, "-STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let opts = ClientOptions::new("unused");
+    for (i, addr) in g.addrs.iter().enumerate() {
+        if i == m || i == m2 {
+            continue;
+        }
+        let s = server_stats(&opts, addr).await.unwrap();
+        let role = s.iter().find(|(k, _)| k == "role").unwrap().1;
+        assert_ne!(
+            role,
+            3,
+            "member {} took over from a master that was only stopped",
+            i + 1
+        );
+    }
+    g.signal(m2, "-CONT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
