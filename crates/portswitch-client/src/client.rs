@@ -276,6 +276,8 @@ struct St {
     conn_gen: u64,
     /// Wakes the current connection's reader when the session is over.
     conn_dead: Option<Arc<Notify>>,
+    /// The current connection's writer task.
+    conn_writer: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -387,6 +389,7 @@ impl Client {
                 phase: Phase::Connected(1),
                 conn_gen: 1,
                 conn_dead: None,
+                conn_writer: None,
             }),
             wake_writer: Notify::new(),
             events,
@@ -1228,8 +1231,12 @@ fn refusal(msg: ServerMsg<'_>) -> Error {
 fn start_connection(inner: Arc<Inner>, stream: Stream, rest: BytesMut, gen: u64) {
     let (rd, wr) = tokio::io::split(stream);
     let dead = Arc::new(Notify::new());
-    inner.lock().conn_dead = Some(dead.clone());
-    tokio::spawn(writer(inner.clone(), wr, gen, dead.clone()));
+    let w = tokio::spawn(writer(inner.clone(), wr, gen, dead.clone()));
+    {
+        let mut st = inner.lock();
+        st.conn_dead = Some(dead.clone());
+        st.conn_writer = Some(w);
+    }
     tokio::spawn(reader(inner, rd, rest, gen, dead));
 }
 
@@ -1238,7 +1245,10 @@ async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>, gen: u64, dead: Ar
     loop {
         let closing = {
             let mut st = inner.lock();
-            if st.conn_gen != gen {
+            // A lost connection's writer lets go of its socket at once: a process with
+            // thousands of sessions would otherwise hold every old socket as well as
+            // every new attempt through a failover, and run out of descriptors.
+            if st.conn_gen != gen || st.phase == Phase::Reconnecting {
                 break;
             }
             st.out.take_into(&mut buf);
@@ -1299,6 +1309,8 @@ async fn reader(
             _ = dead.notified() => break "connection write failed".to_string(),
         }
     };
+    // The socket closes once the writer lets go too; reconnecting can take a while.
+    drop((rd, buf));
     on_disconnect(inner, gen, why).await;
 }
 
@@ -1519,7 +1531,7 @@ fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
 /// connection while the lease view lasts (or give up at once for an end-on-disconnect
 /// session, whose ports the server has already released).
 async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
-    let pending = {
+    let (pending, old_writer) = {
         let mut st = inner.lock();
         if st.conn_gen != gen || !matches!(st.phase, Phase::Connected(_)) {
             return;
@@ -1533,8 +1545,14 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
             st.values.remove(&port);
             st.unconfirmed.remove(&port);
         }
-        std::mem::take(&mut st.pending)
+        (std::mem::take(&mut st.pending), st.conn_writer.take())
     };
+    // The lost connection's writer is waiting for work; it sees the phase and ends,
+    // closing the socket, before this session opens another.
+    inner.wake_writer.notify_waiters();
+    if let Some(w) = old_writer {
+        let _ = tokio::time::timeout(WRITER_END_WAIT, w).await;
+    }
     for (_, mut p) in pending {
         if let Some(tx) = p.tx.take() {
             let _ = tx.send(Err(Error::ConnectionLost));
@@ -1649,6 +1667,10 @@ async fn on_disconnect(inner: Arc<Inner>, gen: u64, why: String) {
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
     }
 }
+
+/// How long a session that lost its connection waits for that connection's writer to
+/// end (it is only waiting to be scheduled) before it connects again.
+const WRITER_END_WAIT: Duration = Duration::from_millis(100);
 
 /// Longest pause between two rounds of reconnect attempts (before jitter): short
 /// enough (× 1.5 < the 330 ms a new master waits before serving) that every client

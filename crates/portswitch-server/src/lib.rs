@@ -68,7 +68,7 @@ impl Server {
             (None, Some(_)) => 1,
             (None, None) => fresh_epoch().await,
         };
-        let listener = TcpListener::bind(cfg.listen).await?;
+        let listener = bind_clients(cfg.listen)?;
         let http = match cfg.http_listen {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
@@ -295,4 +295,23 @@ impl RunningServer {
         }
         (&mut self.task).await.map_err(io::Error::other)?
     }
+}
+
+/// Connections the kernel may hold for the client listener before `accept` (it caps
+/// this at `net.core.somaxconn`, 4,096 by default). After a failover every client of
+/// the old master connects within a few milliseconds; with the usual 1,024 the queue
+/// overflowed at 5,000 clients, the kernel dropped their SYNs, and they came back only
+/// after TCP's 1 s, 3 s and 7 s retransmissions — sessions lost their leases waiting.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds the client listener with [`LISTEN_BACKLOG`].
+fn bind_clients(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
