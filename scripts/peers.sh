@@ -5,7 +5,7 @@
 # loopback with its default durability, one after the other on this machine.
 #
 # Installs what it needs (Debian packages: etcd-server, zookeeper, redis-server,
-# protobuf-compiler for etcd-client's build), builds peers/ and portswitch, starts and
+# protobuf-compiler and libprotobuf-dev for etcd-client's build), builds peers/ and portswitch, starts and
 # stops every server itself, and writes results.json + table.md to
 # bench-results/peers-<UTC timestamp>/ (or $OUT). Not part of the test command; the
 # test `peers_smoke` runs it with SMOKE=1 so it cannot rot.
@@ -41,6 +41,9 @@ command -v etcd >/dev/null || need+=(etcd-server)
 [ -f /usr/share/java/zookeeper.jar ] || need+=(zookeeper)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# protoc's well-known types (descriptor.proto, struct.proto): only recommended by
+# protobuf-compiler, so not installed with --no-install-recommends.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v java >/dev/null || need+=(default-jre-headless)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""

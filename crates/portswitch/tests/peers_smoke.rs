@@ -1,8 +1,9 @@
 //! The peer comparison suite (`scripts/peers.sh`) in its smoke mode: every system is
 //! installed, started, driven through every workload by its own client library,
 //! stopped, and the table is written — so the suite cannot rot between benchmark runs.
-//! Installs etcd, ZooKeeper, Redis and protoc from Debian's packages when they are
-//! missing (needs root or sudo, like any package install).
+//! Installs etcd, ZooKeeper, Redis and protoc (with its well-known types) from
+//! Debian's packages when they are missing (needs root or sudo, like any package
+//! install).
 
 use std::path::Path;
 use std::process::Command;
