@@ -27,6 +27,11 @@ pub const ELECTION_TIMEOUT_MS_MAX_DEFAULT: u64 = 300;
 pub const MASTER_LEASE_MS_DEFAULT: u64 = 300;
 /// Default clock-rate margin between members, per mille.
 pub const DRIFT_PER_MILLE_DEFAULT: u64 = 50;
+/// The longest client lease a new master grants before it raises its ceiling through
+/// Raft (once, when a client first asks for more): the client library's default
+/// lease. A successor's recovery window covers the ceiling, not `lease_ms_max`, so
+/// after a failover names nobody reclaimed are free again ~11 s later, not 330 s.
+pub const LEASE_CEILING_START_MS_DEFAULT: u32 = 10_000;
 
 /// How a member runs.
 #[derive(Debug, Clone)]
@@ -39,9 +44,11 @@ pub struct ClusterConfig {
     pub heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
     pub lease: MasterLease,
-    /// The longest client lease this member grants as master (its successor keeps a
-    /// recovery window this long).
+    /// The longest client lease this member grants as master.
     pub lease_ms_max: u32,
+    /// The longest client lease it grants as a new master before it raises its
+    /// ceiling through Raft; successors keep a recovery window as long as the ceiling.
+    pub lease_ceiling_start_ms: u32,
     /// Overrides the recovery window (unsafe if shorter than the longest lease an
     /// earlier master granted).
     pub recovery_window_ms: Option<u64>,
@@ -75,6 +82,7 @@ impl ClusterConfig {
                 drift_per_mille: DRIFT_PER_MILLE_DEFAULT,
             },
             lease_ms_max,
+            lease_ceiling_start_ms: LEASE_CEILING_START_MS_DEFAULT,
             recovery_window_ms: None,
             join: false,
             peer_listen: None,
@@ -114,6 +122,8 @@ pub struct MasterInfo {
     pub secret_keys: [u64; 2],
     /// `Some` when an earlier master served: how long the recovery window stays open.
     pub recovery_window_ms: Option<u64>,
+    /// The longest client lease it may grant until it raises it.
+    pub lease_ceiling_ms: u32,
 }
 
 /// What this member is doing, as the server must act on it.
@@ -133,6 +143,9 @@ pub struct MasterRole {
     pub epoch: u64,
     pub secret_keys: [u64; 2],
     pub recovery_window_ms: Option<u64>,
+    /// The longest client lease it may grant until it raises it
+    /// ([`ClusterNode::raise_ceiling`]).
+    pub lease_ceiling_ms: u32,
 }
 
 /// A running member.
@@ -322,6 +335,31 @@ impl ClusterNode {
             .collect()
     }
 
+    /// Lets the master of `epoch` grant client leases up to `lease_ms` (capped by the
+    /// group's `lease_ms_max`), once a quorum has recorded it: a successor's recovery
+    /// window then covers them. Returns the ceiling now in force; fails if this
+    /// member is not the master of `epoch` any more.
+    pub async fn raise_ceiling(&self, epoch: u64, lease_ms: u32) -> Result<u32, String> {
+        let r = self
+            .raft
+            .client_write(Command::Raise { epoch, lease_ms })
+            .await
+            .map_err(|e| e.to_string())?;
+        r.data
+            .ceiling
+            .ok_or_else(|| format!("epoch {epoch} is over"))
+    }
+
+    /// Records that the master of `epoch` closed its recovery window, so that its
+    /// successor's window need cover only the leases it granted itself.
+    pub async fn settle(&self, epoch: u64) -> Result<(), String> {
+        self.raft
+            .client_write(Command::Settle { epoch })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Stops Raft and the member's tasks.
     pub async fn shutdown(&self) {
         self.lease.revoke();
@@ -393,6 +431,7 @@ async fn run_roles(
                     epoch: info.epoch,
                     secret_keys: info.secret_keys,
                     recovery_window_ms: info.recovery_window_ms,
+                    lease_ceiling_ms: info.lease_ceiling_ms,
                 }));
                 keep_lease(&raft, &cfg, &lease, &mut metrics).await;
                 lease.revoke();
@@ -421,13 +460,14 @@ async fn take_over(
         keys: random_keys(),
         lease_ms_max: cfg.lease_ms_max,
         master_lease_ms: cfg.lease.lease_ms,
+        lease_ms_start: Some(cfg.lease_ceiling_start_ms.min(cfg.lease_ms_max)),
     };
     let grant = raft
         .client_write(cmd)
         .await
         .map_err(|e| e.to_string())?
         .data
-        .0
+        .grant
         .ok_or("the state machine did not answer the master command")?;
     // Wait out the previous master's lease (ours too, if it was us: conservative).
     let previous_lease = grant.previous.map_or(0, |(_, l)| l);
@@ -456,14 +496,15 @@ async fn take_over(
             }
         }
     }
-    let recovery_window_ms = grant.previous.map(|(lease_ms_max, _)| {
+    let recovery_window_ms = grant.previous.map(|(owed_ms, _)| {
         cfg.recovery_window_ms
-            .unwrap_or_else(|| cfg.lease.recovery_window(lease_ms_max as u64))
+            .unwrap_or_else(|| cfg.lease.recovery_window(owed_ms as u64))
     });
     Ok(MasterInfo {
         epoch: grant.epoch,
         secret_keys: grant.secret_keys,
         recovery_window_ms,
+        lease_ceiling_ms: grant.lease_ceiling_ms,
     })
 }
 

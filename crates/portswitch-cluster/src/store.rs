@@ -240,14 +240,14 @@ impl RaftStorage<TypeConfig> for Store {
         for e in entries {
             p.last_applied = Some(e.log_id);
             match &e.payload {
-                EntryPayload::Blank => out.push(Response(None)),
+                EntryPayload::Blank => out.push(Response::default()),
                 EntryPayload::Normal(cmd) => {
-                    let grant = p.facts.apply(cmd);
-                    out.push(Response(Some(grant)));
+                    let r = p.facts.apply(cmd);
+                    out.push(r);
                 }
                 EntryPayload::Membership(m) => {
                     p.membership = StoredMembership::new(Some(e.log_id), m.clone());
-                    out.push(Response(None));
+                    out.push(Response::default());
                 }
             }
         }

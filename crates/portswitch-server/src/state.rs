@@ -35,6 +35,22 @@ pub(crate) struct Member {
     lease: Arc<portswitch_cluster::LeaseClock>,
     /// Holds the data directory's lock while the server runs.
     _lock: std::fs::File,
+    /// While master: the epoch, and the longest client lease the group has recorded
+    /// that this master may grant (a HELLO asking more waits for a raise).
+    ceiling: Arc<Ceiling>,
+}
+
+/// A master's lease ceiling and the raise in progress, shared with the task that
+/// raises it through Raft.
+#[derive(Debug, Default)]
+pub(crate) struct Ceiling {
+    epoch: AtomicU64,
+    lease_ms: std::sync::atomic::AtomicU32,
+    /// The longest lease a HELLO asked for; a raise is under way while above
+    /// `lease_ms`.
+    wanted_ms: std::sync::atomic::AtomicU32,
+    /// The epoch whose recovery window closed and is still to be recorded.
+    settle_epoch: AtomicU64,
 }
 
 impl Member {
@@ -43,7 +59,45 @@ impl Member {
             lease: node.lease(),
             node,
             _lock: lock,
+            ceiling: Arc::default(),
         }
+    }
+
+    /// Whether a HELLO asking for `lease_ms` must wait for the ceiling to rise; if so,
+    /// makes sure a raise is under way.
+    fn must_raise(&self, lease_ms: u32) -> bool {
+        let c = &self.ceiling;
+        if lease_ms <= c.lease_ms.load(Ordering::Acquire) {
+            return false;
+        }
+        let before = c.wanted_ms.fetch_max(lease_ms, Ordering::AcqRel);
+        if before <= c.lease_ms.load(Ordering::Acquire) {
+            // No raise under way: start one; it raises to the most anyone asked.
+            let (node, c) = (self.node.clone(), self.ceiling.clone());
+            tokio::spawn(async move {
+                loop {
+                    let epoch = c.epoch.load(Ordering::Acquire);
+                    let want = c.wanted_ms.load(Ordering::Acquire);
+                    match node.raise_ceiling(epoch, want).await {
+                        Ok(now) if c.epoch.load(Ordering::Acquire) == epoch => {
+                            c.lease_ms.fetch_max(now, Ordering::AcqRel);
+                            tracing::info!(epoch, lease_ms = now, "lease ceiling raised");
+                            if c.wanted_ms.load(Ordering::Acquire) <= now {
+                                return;
+                            }
+                        }
+                        Ok(_) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not raise the lease ceiling");
+                            // Let the next HELLO asking for more try again.
+                            c.wanted_ms.store(0, Ordering::Release);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        true
     }
 }
 
@@ -118,6 +172,10 @@ pub struct StatsSnapshot {
     pub role: u64,
     pub node_id: u64,
     pub master_lease_left_ms: u64,
+    /// A group's master: the longest client lease it may grant before raising it.
+    pub lease_ceiling_ms: u64,
+    /// Left of the recovery window (0 when none is open).
+    pub recovery_left_ms: u64,
     pub rss_bytes: u64,
     pub uptime_ms: u64,
 }
@@ -169,6 +227,8 @@ impl StatsSnapshot {
             ("role", self.role),
             ("node_id", self.node_id),
             ("master_lease_left_ms", self.master_lease_left_ms),
+            ("lease_ceiling_ms", self.lease_ceiling_ms),
+            ("recovery_left_ms", self.recovery_left_ms),
             ("rss_bytes", self.rss_bytes),
             ("uptime_ms", self.uptime_ms),
         ]
@@ -412,6 +472,18 @@ impl Shared {
                 st.core = Core::new(self.cfg.core.clone(), m.epoch, seed);
                 if let Some(w) = m.recovery_window_ms {
                     st.core.start_recovery(now, w);
+                }
+                if let Some(member) = &self.member {
+                    let c = &member.ceiling;
+                    c.epoch.store(m.epoch, Ordering::Release);
+                    c.lease_ms.store(m.lease_ceiling_ms, Ordering::Release);
+                    c.wanted_ms.store(0, Ordering::Release);
+                    let settle = if m.recovery_window_ms.is_some() {
+                        m.epoch
+                    } else {
+                        0
+                    };
+                    c.settle_epoch.store(settle, Ordering::Release);
                 }
                 self.epoch.store(m.epoch, Ordering::Relaxed);
                 st.serving = Serving::Yes;
@@ -699,6 +771,20 @@ impl Shared {
                             }
                         }
                     }
+                    Ok(Request::Hello(h))
+                        if h.lease_ms <= self.cfg.core.lease_ms_max
+                            && self
+                                .member
+                                .as_ref()
+                                .is_some_and(|mb| mb.must_raise(h.lease_ms)) =>
+                    {
+                        let msg = format!(
+                            "raising the group's lease ceiling to {} ms; retry_ms={}",
+                            h.lease_ms,
+                            RAISE_RETRY_MS + fastrand_ms(10)
+                        );
+                        refuse(&mut out, conn, m.id, ErrorCode::Overloaded, msg.as_bytes());
+                    }
                     Ok(Request::Hello(_))
                         if !self.admit_hello(
                             &mut st.counters,
@@ -849,6 +935,19 @@ impl Shared {
             st.core.handle_timeout(now, &mut out);
             self.flush(st, now);
         }
+        if let Some(member) = &self.member {
+            let c = &member.ceiling;
+            if st.core.recovery_left_ms().is_none() && c.settle_epoch.load(Ordering::Acquire) != 0 {
+                let epoch = c.settle_epoch.swap(0, Ordering::AcqRel);
+                let node = member.node.clone();
+                tokio::spawn(async move {
+                    match node.settle(epoch).await {
+                        Ok(()) => tracing::info!(epoch, "recovery window closed and recorded"),
+                        Err(e) => tracing::warn!(error = %e, "could not record the closed window"),
+                    }
+                });
+            }
+        }
     }
 
     pub(crate) fn shutdown(&self) {
@@ -874,6 +973,9 @@ impl Shared {
         if let Some(m) = &self.member {
             snap.node_id = m.node.id();
             snap.master_lease_left_ms = m.lease.left().as_millis() as u64;
+            if role == ROLE_MASTER {
+                snap.lease_ceiling_ms = m.ceiling.lease_ms.load(Ordering::Acquire) as u64;
+            }
         }
     }
 }
@@ -939,6 +1041,8 @@ fn stats_snapshot(
         role: ROLE_STANDALONE,
         node_id: 0,
         master_lease_left_ms: 0,
+        lease_ceiling_ms: 0,
+        recovery_left_ms: core.recovery_left_ms().unwrap_or(0),
         rss_bytes: rss_bytes(),
         uptime_ms: start.elapsed().as_millis() as u64,
     }
@@ -1113,6 +1217,10 @@ fn addr_of(conns: &slab::Slab<ConnOut>, conn: ConnId) -> std::net::IpAddr {
 }
 
 /// A random number of milliseconds below `max`, to spread clients told to retry.
+/// When a client asking for a lease above the master's ceiling should come back: a
+/// raise is one Raft write (a few ms on one site, a round trip across data centres).
+const RAISE_RETRY_MS: u64 = 20;
+
 fn fastrand_ms(max: u64) -> u64 {
     let mut b = [0u8; 8];
     fill_random(&mut b);

@@ -72,6 +72,11 @@ pub struct ServeArgs {
     /// How long one quorum confirmation lets the master serve, ms [default: 300]
     #[arg(long, env = "PORTSWITCH_MASTER_LEASE_MS")]
     master_lease_ms: Option<u64>,
+    /// Longest session lease a new master grants before it raises its ceiling
+    /// through the group (once, when a client asks for more); a successor's recovery
+    /// window covers the ceiling, ms [default: 10000]
+    #[arg(long, env = "PORTSWITCH_LEASE_CEILING_START_MS")]
+    lease_ceiling_start_ms: Option<u32>,
     /// Raft heartbeat interval between members, ms [default: 50]
     #[arg(long, env = "PORTSWITCH_HEARTBEAT_MS")]
     heartbeat_ms: Option<u64>,
@@ -188,6 +193,7 @@ struct FileConfig {
     peer_tls_key: Option<PathBuf>,
     peer_tls_ca: Option<PathBuf>,
     master_lease_ms: Option<u64>,
+    lease_ceiling_start_ms: Option<u32>,
     heartbeat_ms: Option<u64>,
     election_timeout_ms_min: Option<u64>,
     election_timeout_ms_max: Option<u64>,
@@ -501,6 +507,9 @@ fn cluster_config(
     };
     if let Some(v) = args.master_lease_ms.or(file.master_lease_ms) {
         c.lease.lease_ms = v;
+    }
+    if let Some(v) = args.lease_ceiling_start_ms.or(file.lease_ceiling_start_ms) {
+        c.lease_ceiling_start_ms = v;
     }
     if let Some(v) = args.drift_per_mille.or(file.drift_per_mille) {
         if v >= 500 {

@@ -85,7 +85,11 @@ impl Group {
                 &self.dir.join(i.to_string()).to_string_lossy(),
             ])
             .args(["--node-id", &(i + 1).to_string(), "--member", &self.members])
-            .args(["--lease-ms-max", &LEASE_MS_MAX.to_string()])
+            .args(if self.extra.iter().any(|a| a == "--lease-ms-max") {
+                vec![]
+            } else {
+                vec!["--lease-ms-max".to_string(), LEASE_MS_MAX.to_string()]
+            })
             .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -132,10 +136,22 @@ impl Group {
     }
 
     async fn client(&self) -> Client {
+        self.client_with_lease(LEASE_MS_MAX).await
+    }
+
+    async fn client_with_lease(&self, lease_ms: u32) -> Client {
         let mut o = ClientOptions::new(self.addrs[0].clone());
         o.servers = self.addrs[1..].to_vec();
-        o.lease = Duration::from_millis(LEASE_MS_MAX as u64);
+        o.lease = Duration::from_millis(lease_ms as u64);
         Client::connect(o).await.expect("a client finds the master")
+    }
+
+    /// One of member `i`'s STATS.
+    async fn stat(&self, i: usize, name: &str) -> u64 {
+        let s = server_stats(&ClientOptions::new("unused"), &self.addrs[i])
+            .await
+            .unwrap();
+        s.iter().find(|(k, _)| k == name).expect(name).1
     }
 }
 
@@ -269,6 +285,62 @@ async fn a_killed_master_is_replaced_before_any_election_timeout() {
         );
     }
     g.signal(m2, "-CONT");
+}
+
+/// A new master's recovery window covers the leases earlier masters granted, not the
+/// longest they were allowed to (300 s here): a master grants up to 10 s until a
+/// client asks for more, and raises its ceiling through Raft first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_windows_cover_the_leases_granted_not_the_longest_allowed() {
+    let mut g = Group::start_with("ceiling", &["--lease-ms-max", "300000"]).await;
+    let m1 = g.master(None).await;
+    assert_eq!(g.stat(m1, "lease_ceiling_ms").await, 10_000);
+    let a = g.client_with_lease(5_000).await;
+    let mut a_events = a.events();
+    let ta = own(&a, "a").await;
+
+    g.signal(m1, "-KILL");
+    g.children[m1].as_mut().unwrap().wait().await.unwrap();
+    g.children[m1] = None;
+    let m2 = g.master(Some(m1)).await;
+    resynced(&mut a_events).await;
+    // 10 s stretched by the drift margin, not 300 s.
+    let left = g.stat(m2, "recovery_left_ms").await;
+    assert!(
+        left > 0 && left <= 11_100,
+        "recovery window left: {left} ms"
+    );
+
+    // A client asking for a minute gets it once the group has recorded the raise.
+    let b = g.client_with_lease(60_000).await;
+    assert_eq!(b.session().lease_ms, 60_000);
+    assert_eq!(g.stat(m2, "lease_ceiling_ms").await, 60_000);
+    let mut b_events = b.events();
+    // New names wait for the window to close (and m2 then records that it did).
+    let closes = Instant::now() + Duration::from_secs(20);
+    while g.stat(m2, "recovery_left_ms").await > 0 {
+        assert!(Instant::now() < closes, "the window never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let tb = own(&b, "b").await;
+
+    // The next master owes that minute.
+    g.children[m1] = Some(g.spawn(m1).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut a_events = a.events();
+    g.signal(m2, "-KILL");
+    g.children[m2].as_mut().unwrap().wait().await.unwrap();
+    g.children[m2] = None;
+    let m3 = g.master(Some(m2)).await;
+    let left = g.stat(m3, "recovery_left_ms").await;
+    assert!(
+        left > 60_000 && left <= 66_400,
+        "recovery window left: {left} ms"
+    );
+    resynced(&mut a_events).await;
+    resynced(&mut b_events).await;
+    assert_eq!(a.owned_ports(), vec![("a".into(), ta)]);
+    assert_eq!(b.owned_ports(), vec![("b".into(), tb)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
