@@ -77,9 +77,20 @@ impl LeaseClock {
         t.saturating_duration_since(self.base).as_millis() as u64
     }
 
-    /// Allows serving until `until_ms` (never shortens a lease already granted).
+    /// Allows serving until `until_ms` (never shortens a lease already granted). A
+    /// lease that ran out stays out until [`LeaseClock::revoke`] starts afresh: the
+    /// server stops serving (and drops its core) the moment it sees the lease out, so
+    /// a late confirmation must not revive it — the member would stay master in Raft
+    /// and in its role while its server served nobody, and no other member would
+    /// stand (found by the WAN test under load). The member takes over again instead,
+    /// in a new epoch.
     pub fn extend_to(&self, until_ms: u64) {
-        self.until_ms.fetch_max(until_ms, Ordering::SeqCst);
+        let now = self.now_ms();
+        let _ = self
+            .until_ms
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
+                (cur == 0 || cur > now).then_some(cur.max(until_ms))
+            });
     }
 
     /// Stops serving now.
@@ -130,5 +141,21 @@ mod tests {
         c.revoke();
         assert!(!c.valid());
         assert_eq!(c.left(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_lease_that_ran_out_stays_out_until_revoked() {
+        let c = LeaseClock::new();
+        c.extend_to(c.now_ms() + 5);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!c.valid());
+        c.extend_to(c.now_ms() + 60_000);
+        assert!(
+            !c.valid(),
+            "a late confirmation must not revive a lapsed lease"
+        );
+        c.revoke();
+        c.extend_to(c.now_ms() + 60_000);
+        assert!(c.valid(), "a new take-over starts afresh");
     }
 }

@@ -572,13 +572,17 @@ pub async fn run(args: CtlArgs) -> AppResult {
                     }
                     println!("{}", serde_json::Value::Object(m));
                 } else {
+                    let recovering = if get("recovering") == 1 {
+                        format!("yes, {} ms left", get("recovery_left_ms"))
+                    } else {
+                        "no".to_string()
+                    };
                     println!(
-                        "server {addr}  node {}  {}  epoch {}  master lease {} ms left  recovering {}",
+                        "server {addr}  node {}  {}  epoch {}  master lease {} ms left  recovering {recovering}",
                         get("node_id"),
                         role_name(get("role")),
                         get("epoch"),
                         get("master_lease_left_ms"),
-                        if get("recovering") == 1 { "yes" } else { "no" },
                     );
                     for (k, v) in &stats {
                         println!("  {k:<34} {v}");

@@ -40,7 +40,9 @@ fn losing_the_master_data_centre_fails_over_and_distance_costs_under_2x() {
             "--member-flag=--heartbeat-ms=150",
             "--member-flag=--election-timeout-ms-min=600",
             "--member-flag=--election-timeout-ms-max=1200",
-            "--member-flag=--master-lease-ms=1000",
+            // 1 s lapsed now and then while the unoptimised build saturated both
+            // cores (lease renewals compete with client work; see BENCHMARKS).
+            "--member-flag=--master-lease-ms=2000",
         ])
         .output()
         .expect("bench runs");
