@@ -102,6 +102,13 @@ impl Group {
         child
     }
 
+    /// SIGKILLs member `i` and reaps it.
+    async fn kill(&mut self, i: usize) {
+        self.signal(i, "-KILL");
+        self.children[i].as_mut().unwrap().wait().await.unwrap();
+        self.children[i] = None;
+    }
+
     fn pid(&self, i: usize) -> String {
         self.children[i].as_ref().unwrap().id().unwrap().to_string()
     }
@@ -252,10 +259,8 @@ async fn a_killed_master_is_replaced_before_any_election_timeout() {
     let mut events = a.events();
     let t = own(&a, "x").await;
 
-    g.signal(m, "-KILL");
     let killed = Instant::now();
-    g.children[m].as_mut().unwrap().wait().await.unwrap();
-    g.children[m] = None;
+    g.kill(m).await;
     let m2 = g.master(Some(m)).await;
     let took = killed.elapsed();
     eprintln!("kill -9 of the master to a new master: {took:?}");
@@ -299,9 +304,7 @@ async fn recovery_windows_cover_the_leases_granted_not_the_longest_allowed() {
     let mut a_events = a.events();
     let ta = own(&a, "a").await;
 
-    g.signal(m1, "-KILL");
-    g.children[m1].as_mut().unwrap().wait().await.unwrap();
-    g.children[m1] = None;
+    g.kill(m1).await;
     let m2 = g.master(Some(m1)).await;
     resynced(&mut a_events).await;
     // 10 s stretched by the drift margin, not 300 s.
@@ -328,9 +331,7 @@ async fn recovery_windows_cover_the_leases_granted_not_the_longest_allowed() {
     g.children[m1] = Some(g.spawn(m1).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut a_events = a.events();
-    g.signal(m2, "-KILL");
-    g.children[m2].as_mut().unwrap().wait().await.unwrap();
-    g.children[m2] = None;
+    g.kill(m2).await;
     let m3 = g.master(Some(m2)).await;
     let left = g.stat(m3, "recovery_left_ms").await;
     assert!(
