@@ -113,9 +113,9 @@ pub struct ClientTls {
 }
 
 /// Any byte stream a session can run over (TCP, or TLS over TCP).
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-type Stream = Box<dyn Io>;
+pub(crate) type Stream = Box<dyn Io>;
 
 impl ClientTls {
     /// A rustls connector for these settings (for tools that open their own
@@ -165,7 +165,10 @@ fn tls_connector(t: &ClientTls) -> Result<tokio_rustls::TlsConnector> {
 
 /// Opens the connection (TCP, then TLS if configured). Returns the stream and, over
 /// TLS, its `tls-exporter` value for channel binding.
-async fn open_stream(opts: &ClientOptions, addr: &str) -> Result<(Stream, Option<[u8; 32]>)> {
+pub(crate) async fn open_stream(
+    opts: &ClientOptions,
+    addr: &str,
+) -> Result<(Stream, Option<[u8; 32]>)> {
     let connect = TcpStream::connect(addr);
     let tcp = tokio::time::timeout(opts.connect_timeout, connect)
         .await
@@ -208,7 +211,7 @@ pub fn tls_exporter<S>(tls: &tokio_rustls::client::TlsStream<S>) -> Option<[u8; 
 
 /// An owned reply.
 #[derive(Debug)]
-enum Answer {
+pub(crate) enum Answer {
     Ok,
     Registered(u64),
     Taken(u64, u64, Bytes),
@@ -785,7 +788,7 @@ fn unexpected(a: Answer) -> Error {
     Error::Protocol(format!("unexpected reply {a:?}"))
 }
 
-fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result<()> {
+pub(crate) fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result<()> {
     let check = |what, len: usize, max: u32| {
         if len > max as usize {
             Err(Error::TooLarge {
@@ -834,7 +837,7 @@ fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result
     }
 }
 
-fn safe_lease(opts: &ClientOptions, lease_ms: u32) -> Duration {
+pub(crate) fn safe_lease(opts: &ClientOptions, lease_ms: u32) -> Duration {
     let margin = opts.lease_margin.clamp(0.0, 0.9);
     Duration::from_millis(lease_ms as u64).mul_f64(1.0 - margin)
 }
@@ -1046,7 +1049,7 @@ fn try_elsewhere(e: &Error) -> bool {
 
 /// How long a member taking over as master asked us to wait (`retry_ms=N` in its
 /// `not_master` answer), if it did.
-fn retry_hint(e: &Error) -> Option<Duration> {
+pub(crate) fn retry_hint(e: &Error) -> Option<Duration> {
     let Error::Server {
         code: ErrorCode::NotMaster | ErrorCode::Overloaded,
         message,
@@ -1065,7 +1068,7 @@ fn retry_hint(e: &Error) -> Option<Duration> {
 
 /// Waits as long as a server said (`retry_ms`), spread over a few ms more so that
 /// its clients do not all come back in one instant.
-async fn wait_as_told(wait: Duration) {
+pub(crate) async fn wait_as_told(wait: Duration) {
     let spread = Duration::from_millis(fastrand::u64(0..=20));
     tokio::time::sleep(wait + spread).await;
 }
@@ -1169,7 +1172,7 @@ async fn handshake_any(
 const FAILED_SERVER_GRACE: Duration = Duration::from_millis(200);
 
 /// The mechanism prefix of HELLO credentials.
-const SCRAM_MECHANISM: &str = "SCRAM-SHA-256 ";
+pub(crate) const SCRAM_MECHANISM: &str = "SCRAM-SHA-256 ";
 
 async fn send_one(stream: &mut Stream, req: &Request<'_>) -> Result<()> {
     let mut fb = FrameBuf::new(FRAME_BYTES_MAX, 1);
@@ -1466,7 +1469,7 @@ fn remember_value(values: &mut HashMap<Bytes, Bytes>, port: &Bytes, value: &Byte
     }
 }
 
-fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
+pub(crate) fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
     let b = Bytes::copy_from_slice;
     Ok(match *r {
         Reply::Ok => Answer::Ok,

@@ -33,10 +33,12 @@
 //! ```
 
 mod client;
+mod mux;
 mod recipes;
 mod types;
 
 pub use client::{server_stats, tls_exporter, Client, ClientOptions, ClientTls};
+pub use mux::{Mux, MuxSession};
 pub use portswitch_proto::ErrorCode;
 pub use recipes::{
     Discovery, DiscoveryChange, Election, LeaderChange, LeaderWatch, Leadership, Lock, ServiceWatch,

@@ -43,7 +43,15 @@ pub struct Config {
     /// is released over several steps (one per timer tick), so that no single session
     /// end holds the server for long; meanwhile its ports still read as owned.
     pub release_step_ports_max: u32,
+    /// Channels one connection may carry, each with a session of its own (announced
+    /// in HELLO_OK; enforced by the server's frame reader). 1: no multiplexing.
+    pub channels_per_connection_max: u32,
 }
+
+/// Default channels per connection: a process's sessions share one connection and so
+/// one frame per round trip, while one connection's sessions stay few enough that
+/// ending them all on disconnect is one short step.
+pub const CHANNELS_PER_CONNECTION_MAX_DEFAULT: u32 = 4_096;
 
 /// Default shortest lease. Leases this short work at full load; shorter ones would
 /// make scheduling hiccups look like deaths.
@@ -73,6 +81,7 @@ impl Default for Config {
             frame_bytes_max: limits::FRAME_BYTES_MAX as u32,
             commands_per_frame_max: limits::COMMANDS_PER_FRAME_MAX as u32,
             release_step_ports_max: 16_384,
+            channels_per_connection_max: CHANNELS_PER_CONNECTION_MAX_DEFAULT,
         }
     }
 }
@@ -182,6 +191,12 @@ impl Config {
             self.commands_per_frame_max.into(),
             1,
             limits::COMMANDS_PER_FRAME_MAX as u64,
+        )?;
+        within(
+            "channels_per_connection_max",
+            self.channels_per_connection_max.into(),
+            1,
+            portswitch_proto::msg::CHANNELS_MAX.into(),
         )?;
         Ok(())
     }

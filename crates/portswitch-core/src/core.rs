@@ -653,6 +653,7 @@ impl Core {
                 limits,
                 auth: &[],
                 recovery_ms,
+                channels_max: self.cfg.channels_per_connection_max,
             }));
         }
         if h.resume_session != 0 {
@@ -702,6 +703,7 @@ impl Core {
                 limits,
                 auth: &[],
                 recovery_ms,
+                channels_max: self.cfg.channels_per_connection_max,
             }));
         }
         if self.sessions.len() >= self.cfg.sessions_max as usize {
@@ -725,6 +727,7 @@ impl Core {
             limits,
             auth: &[],
             recovery_ms,
+            channels_max: self.cfg.channels_per_connection_max,
         }))
     }
 

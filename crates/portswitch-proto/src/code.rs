@@ -82,6 +82,9 @@ pub enum ErrorCode {
     /// stampede after a failover must not topple the new master). The message says
     /// `retry_ms=N`; nothing was done.
     Overloaded,
+    /// A CHANNEL switch named a channel at or past the server's
+    /// `channels_per_connection_max` (a structural error: the connection closes).
+    ChannelsMax,
     /// A code this library does not know.
     Other(u16),
 }
@@ -124,6 +127,7 @@ impl ErrorCode {
             ErrorCode::ReclaimRefused => 32,
             ErrorCode::NotMaster => 33,
             ErrorCode::Overloaded => 34,
+            ErrorCode::ChannelsMax => 35,
             ErrorCode::Other(n) => n,
         }
     }
@@ -165,6 +169,7 @@ impl ErrorCode {
             32 => ErrorCode::ReclaimRefused,
             33 => ErrorCode::NotMaster,
             34 => ErrorCode::Overloaded,
+            35 => ErrorCode::ChannelsMax,
             n => ErrorCode::Other(n),
         }
     }
@@ -206,6 +211,7 @@ impl ErrorCode {
             ErrorCode::ReclaimRefused => "reclaim_refused",
             ErrorCode::NotMaster => "not_master",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::ChannelsMax => "channels_max",
             ErrorCode::Other(_) => "other",
         }
     }

@@ -204,6 +204,11 @@ impl FrameBuf {
         debug_assert_eq!(self.buf.len() - before, event.body_len());
     }
 
+    /// Appends a CHANNEL switch: the messages after it belong to `channel`.
+    pub fn push_channel(&mut self, channel: u16) {
+        self.begin(crate::msg::op::CHANNEL, channel as u32, 0);
+    }
+
     /// Appends whole, already encoded frames (copied as they are).
     pub fn push_frames(&mut self, frames: &[u8]) {
         self.close();

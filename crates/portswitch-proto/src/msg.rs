@@ -30,6 +30,10 @@ pub mod op {
     pub const AUTH: u8 = 0x0D;
     pub const ADMIN: u8 = 0x0E;
     pub const RECLAIM: u8 = 0x0F;
+    /// Not a request: a switch, in either direction, of the channel the messages that
+    /// follow on the connection belong to. Its request-id field holds the channel
+    /// number; its body is empty. See [`crate::msg::CHANNELS_MAX`].
+    pub const CHANNEL: u8 = 0x10;
 
     pub const HELLO_OK: u8 = 0x81;
     pub const OK: u8 = 0x82;
@@ -59,6 +63,9 @@ pub mod op {
 
 /// HELLO flag: end the session the moment its connection closes without BYE.
 pub const HELLO_END_ON_DISCONNECT: u8 = 0x01;
+/// Most channels the protocol can address on one connection (a channel number is
+/// below this). A server announces its own, smaller limit in HELLO_OK.
+pub const CHANNELS_MAX: u32 = 1 << 16;
 /// REGISTER flag: if the port is taken, join its FIFO wait queue.
 pub const REGISTER_WAIT: u8 = 0x01;
 /// WATCH / UNWATCH / BROADCAST flag: the name is a prefix.
@@ -520,6 +527,10 @@ pub struct HelloOk<'a> {
     /// it runs, only ports their owners reclaimed are known; RECOVERED follows when it
     /// closes. May be absent on the wire: read it as 0.
     pub recovery_ms: u32,
+    /// How many channels this server lets one connection carry (channel numbers
+    /// `0..channels_max`); 0 or 1: it does not multiplex sessions. May be absent on
+    /// the wire: read it as 0.
+    pub channels_max: u32,
 }
 
 /// A reply to one request, matched to it by request id.
@@ -657,7 +668,7 @@ impl<'a> Reply<'a> {
     pub fn body_len(&self) -> usize {
         match self {
             Reply::HelloOk(h) => {
-                2 + 8 + 8 + 8 + 8 + 4 + 1 + 4 * ServerLimits::FIELDS + 2 + h.auth.len() + 4
+                2 + 8 + 8 + 8 + 8 + 4 + 1 + 4 * ServerLimits::FIELDS + 2 + h.auth.len() + 4 + 4
             }
             Reply::Ok | Reply::Free | Reply::Delivered | Reply::NoOwner => 0,
             Reply::Registered { .. } => 8,
@@ -687,6 +698,7 @@ impl<'a> Reply<'a> {
                 h.limits.encode(b);
                 put_b16(b, h.auth);
                 b.put_u32(h.recovery_ms);
+                b.put_u32(h.channels_max);
             }
             Reply::Ok | Reply::Free | Reply::Delivered | Reply::NoOwner => {}
             Reply::Registered { token } => b.put_u64(token),
@@ -766,6 +778,11 @@ impl<'a> Reply<'a> {
                     0
                 } else {
                     r.u32("recovery_ms")?
+                },
+                channels_max: if r.remaining() == 0 {
+                    0
+                } else {
+                    r.u32("channels_max")?
                 },
             }),
             op::OK => Reply::Ok,

@@ -165,7 +165,7 @@ proptest! {
             list_limit_max: 9, lease_ms_min: 10, lease_ms_max: 11,
         };
         let replies = [
-            Reply::HelloOk(HelloOk { version: 1, features: token, session, secret: !token, epoch: 7, lease_ms: 9, resumed: true, limits, auth: &value[..value.len().min(1024)], recovery_ms: 77 }),
+            Reply::HelloOk(HelloOk { version: 1, features: token, session, secret: !token, epoch: 7, lease_ms: 9, resumed: true, limits, auth: &value[..value.len().min(1024)], recovery_ms: 77, channels_max: 4096 }),
             Reply::Ok, Reply::Registered { token }, Reply::Taken { session, token, node: &node }, Reply::Queued { position: 3 },
             Reply::Owner { session, token, node: &node, value: &value }, Reply::Free, Reply::Watching { owner: Some((session, token)) },
             Reply::Watching { owner: None }, Reply::Delivered, Reply::NoOwner, Reply::Count { count: token },

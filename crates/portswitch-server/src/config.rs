@@ -9,6 +9,9 @@ pub const LISTEN_DEFAULT: &str = "127.0.0.1:7400";
 pub const HTTP_LISTEN_DEFAULT: &str = "127.0.0.1:7401";
 /// Default cap on concurrent client connections.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 100_000;
+/// The most connections a server can be configured for: a connection's slot number
+/// takes the low 24 bits of the ids the core sees (channel and generation the rest).
+pub const CONNECTIONS_MAX_LIMIT: usize = (1 << 24) - 1;
 /// Default bytes a connection may have queued for sending before the server gives up
 /// on it as a slow consumer. Bounds server memory per connection whatever the client
 /// does; large enough for a burst of replies to a full frame and some events.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use portswitch_core::{ConnId, Core, Outbox, Stats};
 use portswitch_proto::frame::{frame_len, messages, FrameError};
-use portswitch_proto::{msg::encode_stat, ErrorCode, Event, FrameBuf, Reply, Request};
+use portswitch_proto::{msg::encode_stat, msg::op, ErrorCode, Event, FrameBuf, Reply, Request};
 use tokio::sync::Notify;
 
 use crate::auth::Auth;
@@ -27,6 +27,86 @@ pub(crate) struct ConnOut {
     /// Close once `out` is written (set by GOAWAY paths).
     pub(crate) closing: bool,
     dirty: bool,
+    /// The channel the client's messages currently belong to (CHANNEL switches).
+    in_channel: u16,
+    /// The channel the last switch queued or sent to the client named;
+    /// `CHANNEL_UNKNOWN` after queued output was dropped.
+    out_channel: u32,
+    /// Bit set of the channels other than 0 the client has switched to: their
+    /// sessions see the disconnect too. Empty (no allocation) for a connection that
+    /// never multiplexes.
+    channels: Vec<u64>,
+}
+
+const CHANNEL_UNKNOWN: u32 = u32::MAX;
+
+/// The ids the core sees: a connection's slot in the low 24 bits, the channel in the
+/// next 16, a generation (so a reused slot gets new ids) in the top 24. A plain
+/// connection is channel 0.
+const CONN_KEY_BITS: u32 = 24;
+const CONN_CHANNEL_BITS: u32 = 16;
+const CONN_CHANNEL_MASK: u64 = ((1 << CONN_CHANNEL_BITS) - 1) << CONN_KEY_BITS;
+
+fn conn_key(conn: ConnId) -> usize {
+    (conn & ((1 << CONN_KEY_BITS) - 1)) as usize
+}
+
+fn conn_base(conn: ConnId) -> ConnId {
+    conn & !CONN_CHANNEL_MASK
+}
+
+fn conn_channel(conn: ConnId) -> u16 {
+    ((conn & CONN_CHANNEL_MASK) >> CONN_KEY_BITS) as u16
+}
+
+fn on_channel(conn: ConnId, channel: u16) -> ConnId {
+    conn_base(conn) | (channel as u64) << CONN_KEY_BITS
+}
+
+impl ConnOut {
+    /// Queues a CHANNEL switch unless the client already reads `channel`.
+    fn select(&mut self, channel: u16) {
+        if self.out_channel != channel as u32 {
+            self.out.push_channel(channel);
+            self.out_channel = channel as u32;
+        }
+    }
+
+    fn mark(&mut self, channel: u16) {
+        let (word, bit) = (channel as usize / 64, channel % 64);
+        if self.channels.len() <= word {
+            self.channels.resize(word + 1, 0);
+        }
+        self.channels[word] |= 1 << bit;
+    }
+
+    /// Every id of this connection a session may be attached to: channel 0 and each
+    /// channel switched to.
+    fn ids(&self) -> Vec<ConnId> {
+        let mut ids = vec![self.id];
+        for (w, bits) in self.channels.iter().enumerate() {
+            let mut bits = *bits;
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let ch = (w * 64) as u16 + b as u16;
+                if ch != 0 {
+                    ids.push(on_channel(self.id, ch));
+                }
+            }
+        }
+        ids
+    }
+
+    /// Drops queued output (a slow consumer) and queues a connection-wide GOAWAY.
+    fn replace_with_goaway(&mut self, event: &Event<'_>) {
+        self.out.clear();
+        if !self.channels.is_empty() {
+            self.out_channel = CHANNEL_UNKNOWN;
+        }
+        self.select(0);
+        self.out.push_event(event);
+    }
 }
 
 /// A member of a Raft group: it serves only while master with a valid lease.
@@ -257,15 +337,16 @@ struct Out<'a> {
 
 impl Out<'_> {
     fn slot(&mut self, conn: ConnId) -> Option<&mut ConnOut> {
-        let key = (conn & 0xFFFF_FFFF) as usize;
+        let key = conn_key(conn);
         let c = self.conns.get_mut(key)?;
-        if c.id != conn || c.closing {
+        if c.id != conn_base(conn) || c.closing {
             return None;
         }
         if !c.dirty {
             c.dirty = true;
             self.dirty.push(key);
         }
+        c.select(conn_channel(conn));
         Some(c)
     }
 }
@@ -287,6 +368,11 @@ impl Outbox for Out<'_> {
         }
     }
     fn close(&mut self, conn: ConnId) {
+        // A session's end on a channel other than 0 (expired, taken over) leaves the
+        // connection and its other channels be: the channel may HELLO again.
+        if conn_channel(conn) != 0 {
+            return;
+        }
         if let Some(c) = self.slot(conn) {
             c.closing = true;
         }
@@ -607,9 +693,14 @@ impl Shared {
             return None;
         }
         st.conn_seq = st.conn_seq.wrapping_add(1);
-        let seq = st.conn_seq;
+        let seq = st.conn_seq & ((1 << (64 - CONN_KEY_BITS - CONN_CHANNEL_BITS)) - 1);
         let entry = st.conns.vacant_entry();
-        let id = (seq as u64) << 32 | entry.key() as u64;
+        if entry.key() >= 1 << CONN_KEY_BITS {
+            // Unreachable with a validated connections_max; refuse rather than alias.
+            st.counters.connections_rejected_total += 1;
+            return None;
+        }
+        let id = (seq as u64) << (CONN_KEY_BITS + CONN_CHANNEL_BITS) | entry.key() as u64;
         let notify = Arc::new(Notify::new());
         entry.insert(ConnOut {
             id,
@@ -622,6 +713,9 @@ impl Shared {
             notify: notify.clone(),
             closing: false,
             dirty: false,
+            in_channel: 0,
+            out_channel: 0,
+            channels: Vec::new(),
         });
         st.counters.connections_total += 1;
         Some((id, notify))
@@ -645,13 +739,15 @@ impl Shared {
         // reads nothing more: in particular, a master that is deposed and elected
         // again must not answer an old connection's PING from its new core, which
         // would look to the client like proof that its session is alive.
-        let closing = st
+        let Some(mut channel) = st
             .conns
-            .get((conn & 0xFFFF_FFFF) as usize)
-            .is_none_or(|c| c.id != conn || c.closing);
-        if closing {
+            .get(conn_key(conn))
+            .filter(|c| c.id == conn && !c.closing)
+            .map(|c| c.in_channel)
+        else {
             return Fed::Close;
-        }
+        };
+        let channels_max = self.cfg.core.channels_per_connection_max;
         let hint = match &st.serving {
             Serving::Yes => Vec::new(),
             // Taking over: say when to come back, so clients need not poll.
@@ -677,7 +773,8 @@ impl Shared {
                     break;
                 }
             };
-            let mut batch = st.core.begin_batch(conn, now);
+            let mut vconn = on_channel(conn, channel);
+            let mut batch = st.core.begin_batch(vconn, now);
             let mut out = Out {
                 conns: &mut st.conns,
                 dirty: &mut st.dirty,
@@ -692,6 +789,34 @@ impl Shared {
                         break;
                     }
                 };
+                if m.opcode == op::CHANNEL {
+                    if m.id >= channels_max {
+                        close = true;
+                        let msg = format!(
+                            "channel {} is past this server's channels_per_connection_max ({channels_max})",
+                            m.id
+                        );
+                        out.event(
+                            conn,
+                            &Event::GoAway {
+                                code: ErrorCode::ChannelsMax,
+                                message: msg.as_bytes(),
+                            },
+                        );
+                        out.close(conn);
+                        break;
+                    }
+                    channel = m.id as u16;
+                    vconn = on_channel(conn, channel);
+                    if channel != 0 {
+                        if let Some(c) = out.conns.get_mut(conn_key(conn)) {
+                            c.mark(channel);
+                        }
+                    }
+                    // A frame renews the session of every channel it addresses.
+                    batch = st.core.begin_batch(vconn, now);
+                    continue;
+                }
                 match Request::decode(m.opcode, m.body) {
                     Ok(Request::Stats) => {
                         let mut snap = stats_snapshot(
@@ -709,7 +834,7 @@ impl Shared {
                             encode_stat(&mut entries, name, *value);
                         }
                         out.reply(
-                            conn,
+                            vconn,
                             m.id,
                             &Reply::Stats {
                                 count: pairs.len() as u16,
@@ -718,9 +843,9 @@ impl Shared {
                         );
                         st.scratch = entries;
                     }
-                    Ok(Request::Ping) if !serving => out.reply(conn, m.id, &Reply::Ok),
+                    Ok(Request::Ping) if !serving => out.reply(vconn, m.id, &Reply::Ok),
                     Ok(_) if !serving => out.reply(
-                        conn,
+                        vconn,
                         m.id,
                         &Reply::Error {
                             code: ErrorCode::NotMaster,
@@ -728,23 +853,26 @@ impl Shared {
                         },
                     ),
                     Ok(Request::Admin { command }) if MemberOp::parse(command).is_some() => {
-                        let caller = st.core.session_user(conn).and_then(|(u, a)| Some((u?, a?)));
+                        let caller = st
+                            .core
+                            .session_user(vconn)
+                            .and_then(|(u, a)| Some((u?, a?)));
                         let addr = addr_of(out.conns, conn);
                         let op = MemberOp::parse(command).expect("checked");
                         match (st.auth.check_admin(caller, addr), op) {
                             (Err((code, msg)), _) => {
-                                refuse(&mut out, conn, m.id, code, msg.as_bytes())
+                                refuse(&mut out, vconn, m.id, code, msg.as_bytes())
                             }
                             (Ok(_), MemberOp::Bad(why)) => refuse(
                                 &mut out,
-                                conn,
+                                vconn,
                                 m.id,
                                 ErrorCode::InvalidArgument,
                                 why.as_bytes(),
                             ),
                             (Ok(_), _) if self.member.is_none() => refuse(
                                 &mut out,
-                                conn,
+                                vconn,
                                 m.id,
                                 ErrorCode::InvalidArgument,
                                 b"this server is not a member of a group (--node-id, --member)",
@@ -753,7 +881,7 @@ impl Shared {
                                 let status = self.cluster_status();
                                 let json = serde_json::to_string(&status).unwrap_or_default();
                                 out.reply(
-                                    conn,
+                                    vconn,
                                     m.id,
                                     &Reply::AdminOk {
                                         result: json.as_bytes(),
@@ -767,7 +895,7 @@ impl Shared {
                                     "op": format!("{op:?}"),
                                     "addr": addr.to_string(),
                                 }));
-                                self.start_member_op(conn, m.id, op);
+                                self.start_member_op(vconn, m.id, op);
                             }
                         }
                     }
@@ -783,7 +911,7 @@ impl Shared {
                             h.lease_ms,
                             RAISE_RETRY_MS + fastrand_ms(10)
                         );
-                        refuse(&mut out, conn, m.id, ErrorCode::Overloaded, msg.as_bytes());
+                        refuse(&mut out, vconn, m.id, ErrorCode::Overloaded, msg.as_bytes());
                     }
                     Ok(Request::Hello(_))
                         if !self.admit_hello(
@@ -797,21 +925,21 @@ impl Shared {
                             "too many sessions opening at once (hello_rate_max); retry_ms={}",
                             wait + fastrand_ms(50)
                         );
-                        refuse(&mut out, conn, m.id, ErrorCode::Overloaded, msg.as_bytes());
+                        refuse(&mut out, vconn, m.id, ErrorCode::Overloaded, msg.as_bytes());
                     }
                     Ok(req) if is_edge(&req) => edge(
                         &mut st.auth,
                         &mut st.core,
                         &mut batch,
                         &mut out,
-                        conn,
+                        vconn,
                         m.id,
                         &req,
                         now,
                     ),
                     Ok(req) => st.core.handle(&mut batch, m.id, &req, &mut out),
                     Err(e) => out.reply(
-                        conn,
+                        vconn,
                         m.id,
                         &Reply::Error {
                             code: e.code,
@@ -834,15 +962,28 @@ impl Shared {
                 "name": String::from_utf8_lossy(&name),
             }));
         }
+        let ids = match st.conns.get_mut(conn_key(conn)) {
+            Some(c) => {
+                c.in_channel = channel;
+                if close {
+                    c.ids()
+                } else {
+                    Vec::new()
+                }
+            }
+            None => Vec::new(),
+        };
         if close {
-            // The core forgets the connection now; its session (if not ending on
-            // disconnect) stays for its lease, resumable from another connection.
+            // The core forgets the connection now; its sessions (if not ending on
+            // disconnect) stay for their lease, resumable from another connection.
             let mut out = Out {
                 conns: &mut st.conns,
                 dirty: &mut st.dirty,
                 denials: &mut st.denials,
             };
-            st.core.handle_disconnect(conn, now, &mut out);
+            for id in ids {
+                st.core.handle_disconnect(id, now, &mut out);
+            }
         }
         self.flush(st, now);
         st.counters.feed_lock_ns += locked_at.elapsed().as_nanos() as u64;
@@ -858,14 +999,20 @@ impl Shared {
         let mut st = self.lock();
         let st = &mut *st;
         let now = self.now_ms(st);
-        st.auth.forget(conn);
+        let key = conn_key(conn);
+        let ids = match st.conns.get(key).filter(|c| c.id == conn) {
+            Some(c) => c.ids(),
+            None => vec![conn],
+        };
         let mut out = Out {
             conns: &mut st.conns,
             dirty: &mut st.dirty,
             denials: &mut st.denials,
         };
-        st.core.handle_disconnect(conn, now, &mut out);
-        let key = (conn & 0xFFFF_FFFF) as usize;
+        for id in ids {
+            st.auth.forget(id);
+            st.core.handle_disconnect(id, now, &mut out);
+        }
         if st.conns.get(key).is_some_and(|c| c.id == conn) {
             let c = st.conns.remove(key);
             // Wake the writer so it sees the slot is gone and exits.
@@ -887,13 +1034,12 @@ impl Shared {
                 };
                 c.dirty = false;
                 if c.out.len() > max && !c.closing {
-                    c.out.clear();
-                    c.out.push_event(&Event::GoAway {
+                    c.replace_with_goaway(&Event::GoAway {
                         code: ErrorCode::SlowConsumer,
                         message: b"send queue passed send_queue_bytes_max; read faster",
                     });
                     c.closing = true;
-                    slow.push(c.id);
+                    slow.extend(c.ids());
                 }
                 c.notify.notify_one();
             }
@@ -913,7 +1059,7 @@ impl Shared {
     /// should close after writing it, or `None` if the connection is gone.
     pub(crate) fn take_output(&self, conn: ConnId, buf: &mut BytesMut) -> Option<bool> {
         let mut st = self.lock();
-        let key = (conn & 0xFFFF_FFFF) as usize;
+        let key = conn_key(conn);
         let c = st.conns.get_mut(key).filter(|c| c.id == conn)?;
         c.out.take_into(buf);
         Some(c.closing)
@@ -985,6 +1131,7 @@ impl State {
     fn goaway_all(&mut self, code: ErrorCode, message: &[u8]) {
         for (_, c) in self.conns.iter_mut() {
             if !c.closing {
+                c.select(0);
                 c.out.push_event(&Event::GoAway { code, message });
                 c.closing = true;
             }
@@ -1196,8 +1343,8 @@ fn edge(
 
 fn security_of(conns: &slab::Slab<ConnOut>, conn: ConnId) -> crate::tls::ConnSecurity {
     conns
-        .get((conn & 0xFFFF_FFFF) as usize)
-        .filter(|c| c.id == conn)
+        .get(conn_key(conn))
+        .filter(|c| c.id == conn_base(conn))
         .map(|c| c.security.clone())
         .unwrap_or_default()
 }
@@ -1211,8 +1358,8 @@ fn channel(s: &crate::tls::ConnSecurity) -> portswitch_auth::scram::Channel<'_> 
 
 fn addr_of(conns: &slab::Slab<ConnOut>, conn: ConnId) -> std::net::IpAddr {
     conns
-        .get((conn & 0xFFFF_FFFF) as usize)
-        .filter(|c| c.id == conn)
+        .get(conn_key(conn))
+        .filter(|c| c.id == conn_base(conn))
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.addr)
 }
 
@@ -1248,4 +1395,72 @@ fn random_seed() -> [u64; 3] {
     }
     let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     [word(0), word(1), word(2)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: ConnId) -> ConnOut {
+        ConnOut {
+            id,
+            addr: std::net::IpAddr::from([127, 0, 0, 1]),
+            security: Default::default(),
+            out: FrameBuf::new(1 << 16, 64),
+            notify: Arc::new(Notify::new()),
+            closing: false,
+            dirty: false,
+            in_channel: 0,
+            out_channel: 0,
+            channels: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn channel_ids_keep_the_slot_and_generation() {
+        let base: ConnId = (0xAB_CDEF << (CONN_KEY_BITS + CONN_CHANNEL_BITS)) | 0x12_3456;
+        for ch in [0u16, 1, 77, u16::MAX] {
+            let id = on_channel(base, ch);
+            assert_eq!(conn_key(id), 0x12_3456);
+            assert_eq!(conn_base(id), base);
+            assert_eq!(conn_channel(id), ch);
+        }
+        assert_eq!(
+            on_channel(base, 0),
+            base,
+            "channel 0 is the connection itself"
+        );
+    }
+
+    #[test]
+    fn a_connection_reports_every_channel_it_used() {
+        let base: ConnId = (5 << (CONN_KEY_BITS + CONN_CHANNEL_BITS)) | 9;
+        let mut c = conn(base);
+        assert_eq!(c.ids(), vec![base]);
+        for ch in [3u16, 64, 3, 4095, 65535] {
+            c.mark(ch);
+        }
+        let chans: Vec<u16> = c.ids().iter().map(|&id| conn_channel(id)).collect();
+        assert_eq!(chans, vec![0, 3, 64, 4095, 65535]);
+    }
+
+    #[test]
+    fn output_switches_channel_only_when_it_changes() {
+        let mut c = conn(1);
+        c.select(0);
+        assert!(c.out.is_empty(), "a plain connection never sees a switch");
+        c.select(2);
+        c.select(2);
+        let one = c.out.len();
+        assert_eq!(one, 4 + 9, "one frame holding one switch");
+        // After dropped output the client's channel is unknown: switch again, even to 0.
+        c.mark(2);
+        c.replace_with_goaway(&Event::Resync);
+        let mut b = BytesMut::new();
+        c.out.take_into(&mut b);
+        let msgs: Vec<_> = messages(&b[4..], usize::MAX)
+            .map(|m| m.unwrap().opcode)
+            .collect();
+        assert_eq!(msgs, vec![op::CHANNEL, portswitch_proto::msg::op::RESYNC]);
+    }
 }

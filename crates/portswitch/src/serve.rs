@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// Most commands in one frame (at most 16384) [default: 16384]
     #[arg(long, env = "PORTSWITCH_COMMANDS_PER_FRAME_MAX")]
     commands_per_frame_max: Option<u32>,
+    /// Channels one connection may carry, each with its own session (at most 65536;
+    /// 1 turns multiplexing off) [default: 4096]
+    #[arg(long, env = "PORTSWITCH_CHANNELS_PER_CONNECTION_MAX")]
+    channels_per_connection_max: Option<u32>,
     /// Log filter (tracing's EnvFilter syntax) [default: info,openraft=off]
     #[arg(long, env = "PORTSWITCH_LOG")]
     log: Option<String>,
@@ -210,6 +214,7 @@ struct FileConfig {
     payload_bytes_max: Option<u32>,
     frame_bytes_max: Option<u32>,
     commands_per_frame_max: Option<u32>,
+    channels_per_connection_max: Option<u32>,
     log: Option<String>,
     data_dir: Option<PathBuf>,
     audit_log: Option<PathBuf>,
@@ -262,6 +267,7 @@ fn config(
         payload_bytes_max => cfg.core.payload_bytes_max,
         frame_bytes_max => cfg.core.frame_bytes_max,
         commands_per_frame_max => cfg.core.commands_per_frame_max,
+        channels_per_connection_max => cfg.core.channels_per_connection_max,
         audit_log_bytes_max => cfg.auth.audit_log_bytes_max,
         lockout_user_failures => cfg.auth.lockout.user_failures_max,
         lockout_addr_failures => cfg.auth.lockout.addr_failures_max,
@@ -342,8 +348,12 @@ fn config(
     if args.no_http || file.no_http == Some(true) {
         cfg.http_listen = None;
     }
-    if cfg.connections_max == 0 {
-        return Err("connections_max must be at least 1".into());
+    if cfg.connections_max == 0 || cfg.connections_max > portswitch_server::CONNECTIONS_MAX_LIMIT {
+        return Err(format!(
+            "connections_max must be in [1, {}]",
+            portswitch_server::CONNECTIONS_MAX_LIMIT
+        )
+        .into());
     }
     if cfg.hello_rate_max == 0 {
         return Err("hello_rate_max must be at least 1".into());
