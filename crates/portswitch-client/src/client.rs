@@ -916,20 +916,7 @@ async fn handshake(
     let deadline =
         tokio::time::Instant::now() + opts.answer_timeout.max(Duration::from_millis(100));
     let (resume_session, resume_secret) = resume.unwrap_or((0, 0));
-    let (exchange, credentials) = match &opts.credentials {
-        Some((user, password)) => {
-            let mut random = [0u8; 18];
-            getrandom::getrandom(&mut random)
-                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-            let nonce = scram::nonce_from(&random);
-            let (exchange, first) = scram::ClientExchange::start(user, password, &nonce, channel);
-            (
-                Some(exchange),
-                format!("{SCRAM_MECHANISM}{first}").into_bytes(),
-            )
-        }
-        None => (None, Vec::new()),
-    };
+    let (exchange, credentials) = scram_first(opts, channel)?;
     let hello = Hello {
         version_min: PROTOCOL_VERSION,
         version_max: PROTOCOL_VERSION,
@@ -1012,6 +999,26 @@ async fn handshake(
     }
     leftover.extend_from_slice(&buf);
     Ok((stream, hello_ok, leftover, sent_at))
+}
+
+/// With credentials: the SCRAM exchange begun and HELLO's `credentials` (the
+/// mechanism and the client-first-message); without: nothing to send.
+pub(crate) fn scram_first(
+    opts: &ClientOptions,
+    channel: scram::Channel<'_>,
+) -> Result<(Option<scram::ClientExchange>, Vec<u8>)> {
+    let Some((user, password)) = &opts.credentials else {
+        return Ok((None, Vec::new()));
+    };
+    let mut random = [0u8; 18];
+    getrandom::getrandom(&mut random)
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+    let nonce = scram::nonce_from(&random);
+    let (exchange, first) = scram::ClientExchange::start(user, password, &nonce, channel);
+    Ok((
+        Some(exchange),
+        format!("{SCRAM_MECHANISM}{first}").into_bytes(),
+    ))
 }
 
 /// STATS of the server at `addr`, without opening a session (works on any member of
@@ -1172,7 +1179,7 @@ async fn handshake_any(
 const FAILED_SERVER_GRACE: Duration = Duration::from_millis(200);
 
 /// The mechanism prefix of HELLO credentials.
-pub(crate) const SCRAM_MECHANISM: &str = "SCRAM-SHA-256 ";
+const SCRAM_MECHANISM: &str = "SCRAM-SHA-256 ";
 
 async fn send_one(stream: &mut Stream, req: &Request<'_>) -> Result<()> {
     let mut fb = FrameBuf::new(FRAME_BYTES_MAX, 1);

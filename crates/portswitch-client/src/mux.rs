@@ -46,12 +46,12 @@ struct Guard(Arc<Inner>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.kill("the mux was dropped");
+        self.0.kill("the mux was dropped", true);
     }
 }
 
-/// A session on a channel of a [`Mux`]. Dropping it does not end the session; call
-/// [`MuxSession::close`] (or let its lease run out).
+/// A session on a channel of a [`Mux`]. Dropping it ends the session (BYE), like
+/// dropping the last clone of a [`crate::Client`].
 pub struct MuxSession {
     inner: Arc<Inner>,
     _guard: Arc<Guard>,
@@ -254,21 +254,7 @@ impl Mux {
             Some(e) => scram::Channel::TlsExporter(e),
             None => scram::Channel::Plain,
         };
-        let (exchange, credentials) = match &opts.credentials {
-            Some((user, password)) => {
-                let mut random = [0u8; 18];
-                getrandom::getrandom(&mut random)
-                    .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-                let nonce = scram::nonce_from(&random);
-                let (exchange, first) =
-                    scram::ClientExchange::start(user, password, &nonce, binding);
-                (
-                    Some(exchange),
-                    format!("{}{first}", crate::client::SCRAM_MECHANISM).into_bytes(),
-                )
-            }
-            None => (None, Vec::new()),
-        };
+        let (exchange, credentials) = crate::client::scram_first(opts, binding)?;
         let hello = Hello {
             version_min: PROTOCOL_VERSION,
             version_max: PROTOCOL_VERSION,
@@ -359,7 +345,7 @@ impl Mux {
     /// server ends those that asked to end on disconnect and keeps the others for
     /// their lease).
     pub fn shutdown(&self) {
-        self.inner.kill("closed by the application");
+        self.inner.kill("closed by the application", false);
     }
 }
 
@@ -456,11 +442,16 @@ impl MuxSession {
         let r = self.answer(&Request::Bye, Kind::Plain).await;
         self.inner
             .end(self.channel, None, "closed by the application");
+        self.free_channel();
+        r.map(|_| ())
+    }
+
+    /// Frees the channel for the next session (once the session is over).
+    fn free_channel(&self) {
         let mut st = self.inner.lock();
         if !st.channels.contains_key(&self.channel) && !st.free.contains(&self.channel) {
             st.free.push(self.channel);
         }
-        r.map(|_| ())
     }
 
     async fn answer(&self, req: &Request<'_>, kind: Kind) -> Result<Answer> {
@@ -476,6 +467,21 @@ impl MuxSession {
                 "handshake reply outside a handshake".into(),
             )),
         }
+    }
+}
+
+impl Drop for MuxSession {
+    fn drop(&mut self) {
+        // A forgotten session must not keep its ports: BYE, sent with whatever is
+        // queued (the reply is not waited for).
+        if self
+            .inner
+            .call(self.channel, &Request::Bye, Kind::Plain, false)
+            .is_ok()
+        {
+            self.inner.end(self.channel, None, "session dropped");
+        }
+        self.free_channel();
     }
 }
 
@@ -537,13 +543,16 @@ impl Inner {
     }
 
     /// The connection is gone: every session on it is lost to this process.
-    fn kill(&self, reason: &str) {
+    /// `flush`: what is queued (the BYEs of dropped sessions) is still written.
+    fn kill(&self, reason: &str, flush: bool) {
         let (chans, pending) = {
             let mut st = self.lock();
             if st.dead.is_none() {
                 st.dead = Some(reason.to_string());
             }
-            st.out.clear();
+            if !flush {
+                st.out.clear();
+            }
             (
                 std::mem::take(&mut st.channels),
                 std::mem::take(&mut st.pending),
@@ -574,19 +583,22 @@ fn finish_chan(c: Chan, code: Option<ErrorCode>, reason: &str) {
 async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>) {
     let mut buf = BytesMut::new();
     loop {
-        {
+        let dead = {
             let mut st = inner.lock();
-            if st.dead.is_some() {
-                break;
-            }
             st.out.take_into(&mut buf);
-        }
+            st.dead.is_some()
+        };
         if !buf.is_empty() {
             if wr.write_all(&buf).await.is_err() {
-                inner.kill("connection write failed");
+                inner.kill("connection write failed", false);
                 break;
             }
-            continue; // more may have piled up during the write
+            if !dead {
+                continue; // more may have piled up during the write
+            }
+        }
+        if dead {
+            break;
         }
         inner.wake_writer.notified().await;
         // Let every session that is ready add its request to this frame.
@@ -620,7 +632,7 @@ async fn reader(inner: Arc<Inner>, mut rd: ReadHalf<Stream>) {
             Ok(_) => {}
         }
     };
-    inner.kill(&why);
+    inner.kill(&why, false);
 }
 
 /// Handles every message of one frame; `Err` when the connection must end.

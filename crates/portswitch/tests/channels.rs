@@ -420,3 +420,56 @@ async fn a_plain_connection_never_sees_a_channel_switch() {
     assert!(got[1].1.starts_with("Owner"), "{got:?}");
     srv.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_client_resumes_a_session_its_mux_left_behind() {
+    let srv = server().await;
+    let mut o = opts(&srv);
+    o.lease = Duration::from_secs(30);
+    let mux = Mux::connect(o.clone()).await.unwrap();
+    let s = mux.session().await.unwrap();
+    let token = match s.register("kept", "v").await.unwrap() {
+        RegisterOutcome::Owned { token } => token,
+        other => panic!("{other:?}"),
+    };
+    let info = s.info();
+    mux.shutdown();
+    within("the mux session is lost to the process", s.lost()).await;
+    // Not ended on disconnect: the session waits on the server for its lease.
+    o.resume = Some((info.id, info.secret));
+    let c = portswitch_client::Client::connect(o).await.unwrap();
+    assert_eq!(c.session().id, info.id);
+    match c.register("kept", "v").await.unwrap() {
+        RegisterOutcome::Owned { token: t } => assert_eq!(t, token, "same grant, same token"),
+        other => panic!("{other:?}"),
+    }
+    srv.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dropped_session_says_bye_and_a_dropped_mux_flushes_its_byes() {
+    let srv = server().await;
+    let mut o = opts(&srv);
+    o.lease = Duration::from_secs(60); // not ended on disconnect: only BYE frees at once
+    let watcher = client(&srv).await;
+    let mux = Mux::connect(o.clone()).await.unwrap();
+    let keep = mux.session().await.unwrap();
+    let gone = mux.session().await.unwrap();
+    gone.register("dropped", "").await.unwrap();
+    keep.register("kept", "").await.unwrap();
+    drop(gone);
+    eventually_async("the dropped session's port is free", || async {
+        watcher.query("dropped").await.unwrap().is_none()
+    })
+    .await;
+    assert!(keep.is_alive());
+    assert!(watcher.query("kept").await.unwrap().is_some());
+    // The last handles go: their BYEs are written before the connection closes.
+    drop(keep);
+    drop(mux);
+    eventually_async("every session ended", || async {
+        watcher.query("kept").await.unwrap().is_none()
+    })
+    .await;
+    srv.stop().await.unwrap();
+}

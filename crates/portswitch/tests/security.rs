@@ -401,3 +401,34 @@ async fn users_made_offline_log_in_and_a_running_server_is_not_touched() {
     drop(ops);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn sessions_on_channels_log_in_each_and_are_held_to_their_grants() {
+    let dir = tempdir("mux");
+    let srv = server_with(secure_config(&dir)).await;
+    let _root = bootstrap(&srv).await;
+    let mut o = opts(&srv);
+    o.credentials = Some(("alice".into(), ALICE_PW.into()));
+    let mux = portswitch_client::Mux::connect(o.clone()).await.unwrap();
+    let (a, b) = (mux.session().await.unwrap(), mux.session().await.unwrap());
+    assert_ne!(a.info().id, b.info().id);
+    assert!(matches!(
+        a.register("svc/mux", "x").await.unwrap(),
+        RegisterOutcome::Owned { .. }
+    ));
+    assert_eq!(
+        b.register("db/mux", "x").await.unwrap_err().code(),
+        Some(ErrorCode::PermissionDenied)
+    );
+    // A wrong password fails that channel's login alone; the others carry on.
+    o.credentials = Some(("alice".into(), "Not-Her-Password-1".into()));
+    let wrong = portswitch_client::Mux::connect(o).await.unwrap();
+    let e = wrong.session().await.err().expect("refused");
+    assert_eq!(e.code(), Some(ErrorCode::AuthFailed));
+    // Without credentials on a server with users: refused.
+    let anon = portswitch_client::Mux::connect(opts(&srv)).await.unwrap();
+    let e = anon.session().await.err().expect("refused");
+    assert_eq!(e.code(), Some(ErrorCode::AuthRequired));
+    assert!(b.query("svc/mux").await.unwrap().is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
