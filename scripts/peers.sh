@@ -13,6 +13,9 @@
 #   scripts/peers.sh                  # full run, ~10 minutes
 #   DURATION=30 scripts/peers.sh
 #   SMOKE=1 scripts/peers.sh          # seconds per workload, 2,000 names
+#   SHARED_ONLY=1 PEERBENCH_THREADS=1 scripts/peers.sh
+#                                     # only the shared-connection row, with the load
+#                                     # generator's runtime on one thread
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -134,12 +137,23 @@ for sys in $SYSTEMS; do
     echo "{\"system\":\"$sys\",\"version\":\"$(version_of "$sys")\"}" >>"$RESULTS"
     # Throughput and failure detection on a fresh server...
     start_server "$sys" "$port"
+    if [ -n "${SHARED_ONLY:-}" ]; then
+        run "$sys" "$port" acquire-release --clients "$PIPELINED_CLIENTS" --connections 1 \
+            --duration "$DURATION" --label shared-connection
+        stop_server
+        continue
+    fi
     for c in $CLIENT_COUNTS; do
         run "$sys" "$port" acquire-release --clients "$c" --duration "$DURATION"
     done
     # The same 128 sessions with 16 requests in flight each: what each client library
     # makes of concurrent requests on one session (pipelining, multiplexing, batching).
     run "$sys" "$port" acquire-release --clients "$PIPELINED_CLIENTS" --pipeline "$PIPELINE" --duration "$DURATION"
+    # The same 128 sessions, one request in flight each, sharing one connection where
+    # the system can (portswitch: channels; etcd: one client; Redis: one multiplexed
+    # connection; ZooKeeper cannot: a session is a connection).
+    run "$sys" "$port" acquire-release --clients "$PIPELINED_CLIENTS" --connections 1 \
+        --duration "$DURATION" --label shared-connection
     run "$sys" "$port" contend --clients "$CONTENDERS" --duration "$DURATION"
     run "$sys" "$port" kill-holder --repeat "$KILL_REPEAT" --lease-ms "$KILL_LEASE_MS"
     if [ "$sys" = portswitch ]; then

@@ -6,6 +6,7 @@ peer's over portswitch's), so every ratio reads "portswitch is N× better".
 """
 import datetime
 import json
+import os
 import sys
 
 results_path, out, duration = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -26,9 +27,17 @@ title = {"portswitch": "portswitch", "etcd": "etcd", "zookeeper": "ZooKeeper", "
 head = {s: f"{title[s]} {versions[s]}" for s in order}
 
 
-def find(system, workload, clients=None, label="", pipeline=1):
+def conns_of(r):
+    # ZooKeeper cannot share a connection between sessions: its shared-connection run
+    # is reported (with one connection per session) in the shared row all the same.
+    return 1 if r.get("label") == "shared-connection" else 0
+
+
+def find(system, workload, clients=None, label="", pipeline=1, shared=0):
     for r in runs:
-        if (r["system"] == system and r["workload"] == workload and r.get("label", "") == label
+        if (r["system"] == system and r["workload"] == workload
+                and r.get("label", "") in (label, "shared-connection" if shared else label)
+                and conns_of(r) == shared
                 and r.get("pipeline", 1) == pipeline
                 and (clients is None or r["clients"] == clients)):
             return r
@@ -43,7 +52,9 @@ lines = []
 w = lines.append
 when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 w(f"Run {when}; {duration} s per throughput run; every server on loopback with its default "
-  "durability, one at a time, load generator on the same machine.\n")
+  "durability, one at a time, load generator on the same machine "
+  f"(its runtime: {os.environ.get('PEERBENCH_THREADS') or 'one thread per core'}"
+  f"{' thread' if os.environ.get('PEERBENCH_THREADS') == '1' else (' threads' if os.environ.get('PEERBENCH_THREADS') else '')}).\n")
 
 summary = {"versions": versions, "duration_s": float(duration), "when": when, "rows": []}
 
@@ -51,15 +62,15 @@ for workload, what, key in [
     ("acquire-release", "Acquire + release of an own name, closed loops (pairs/s; p50 / p99 of a pair); one request in flight per client unless the row says more", "pairs_per_s"),
     ("contend", "Contended name: all clients try one name, the winner releases (successful pairs/s; p50 / p99)", "pairs_per_s"),
 ]:
-    clients = sorted({(r["clients"], r.get("pipeline", 1)) for r in runs if r["workload"] == workload})
+    clients = sorted({(r["clients"], r.get("pipeline", 1), conns_of(r)) for r in runs if r["workload"] == workload})
     w(f"**{what}**\n")
     w("| clients | " + " | ".join(head[s] for s in order) + " | "
       + " | ".join(f"× {title[p]}" for p in peers) + " |")
     w("|---:|" + "---:|" * (len(order) + len(peers)))
-    for c, pipe in clients:
+    for c, pipe, shared in clients:
         cells, vals = [], {}
         for s in order:
-            r = find(s, workload, c, pipeline=pipe)
+            r = find(s, workload, c, pipeline=pipe, shared=shared)
             if r is None:
                 cells.append("–")
                 continue
@@ -67,22 +78,29 @@ for workload, what, key in [
             cells.append(f"{r[key]:,.0f} ({r['p50_us']:,} / {r['p99_us']:,} µs)")
         ratios = [ratio(vals.get("portswitch"), vals.get(p)) for p in peers]
         who = f"{c}" if pipe == 1 else f"{c} × {pipe} in flight"
+        if shared:
+            who += ", one shared connection¹"
         w(f"| {who} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-        summary["rows"].append({"workload": workload, "clients": c, "pipeline": pipe, "values": vals,
+        summary["rows"].append({"workload": workload, "clients": c, "pipeline": pipe, "shared_connection": bool(shared), "values": vals,
                                 "ratios": {p: (vals["portswitch"] / vals[p]) if vals.get("portswitch") and vals.get(p) else None for p in peers}})
+    if any(shared for _, _, shared in clients):
+        w("\n¹ The process's sessions share one connection where the system allows it: "
+          "portswitch sessions on channels of one connection (`Mux`), etcd leases over one "
+          "client (one HTTP/2 connection), Redis commands over one multiplexed connection; "
+          "a ZooKeeper session is its connection, so ZooKeeper keeps one each.")
     w("")
 
 w("**Server cost of those runs (CPU seconds / resident MiB at the end)**\n")
 w("| workload | clients | " + " | ".join(head[s] for s in order) + " |")
 w("|---|---:|" + "---:|" * len(order))
 for workload in ["acquire-release", "contend"]:
-    for c, pipe in sorted({(r["clients"], r.get("pipeline", 1)) for r in runs if r["workload"] == workload}):
+    for c, pipe, shared in sorted({(r["clients"], r.get("pipeline", 1), conns_of(r)) for r in runs if r["workload"] == workload}):
         cells = []
         for s in order:
-            r = find(s, workload, c, pipeline=pipe)
+            r = find(s, workload, c, pipeline=pipe, shared=shared)
             cells.append("–" if r is None or "server_cpu_s" not in r else
                          f"{r['server_cpu_s']:.1f} s / {r['server_rss_bytes'] / 2**20:,.0f}")
-        who = f"{c}" if pipe == 1 else f"{c} × {pipe}"
+        who = (f"{c}" if pipe == 1 else f"{c} × {pipe}") + (", shared" if shared else "")
         w(f"| {workload} | {who} | " + " | ".join(cells) + " |")
 w("")
 

@@ -36,6 +36,8 @@ impl System {
 #[derive(Clone)]
 pub enum Session {
     Portswitch(portswitch_client::Client),
+    /// A portswitch session on a channel of a connection it shares with others.
+    PortswitchMux(std::sync::Arc<portswitch_client::MuxSession>),
     Etcd {
         // Boxed: etcd-client's handle is a few KB of per-service clients.
         client: Box<etcd_client::Client>,
@@ -63,6 +65,63 @@ pub struct SessionSpec {
 }
 
 impl Session {
+    /// Opens `n` sessions. `connections` = 0: each on a connection of its own.
+    /// Otherwise the sessions share that many connections, where the system can:
+    /// portswitch sessions ride on channels of a mux; etcd leases share one client
+    /// (one HTTP/2 connection) per connection; Redis "sessions" share a multiplexed
+    /// connection. A ZooKeeper session is its connection, so ZooKeeper always gets
+    /// one each.
+    pub async fn open_many(
+        spec: &SessionSpec,
+        n: usize,
+        connections: usize,
+    ) -> Result<Vec<Session>> {
+        let mut out = Vec::with_capacity(n);
+        if connections == 0 || spec.system == System::Zookeeper {
+            for _ in 0..n {
+                out.push(Session::open(spec).await?);
+            }
+            return Ok(out);
+        }
+        let connections = connections.min(n.max(1));
+        if spec.system == System::Portswitch {
+            let mut muxes = Vec::new();
+            for _ in 0..connections {
+                let mut opts = portswitch_client::ClientOptions::new(spec.addr.clone());
+                opts.lease = spec.lease;
+                opts.end_on_disconnect = spec.end_on_disconnect;
+                opts.node_name = "peerbench".into();
+                muxes.push(portswitch_client::Mux::connect(opts).await?);
+            }
+            for i in 0..n {
+                let s = muxes[i % muxes.len()].session().await?;
+                out.push(Session::PortswitchMux(std::sync::Arc::new(s)));
+            }
+            return Ok(out);
+        }
+        let mut shared = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            shared.push(Session::open(spec).await?);
+        }
+        for i in 0..n {
+            let base = &shared[i % shared.len()];
+            out.push(match (spec.system, base) {
+                (System::Etcd, Session::Etcd { client, .. }) => {
+                    // A lease of its own over the shared client's connection.
+                    let mut client = client.clone();
+                    let ttl = spec.lease.as_secs().max(1) as i64;
+                    let lease = client.lease_grant(ttl, None).await?.id();
+                    if spec.keep_alive {
+                        keep_etcd_lease(&mut client, lease, spec.lease).await?;
+                    }
+                    Session::Etcd { client, lease }
+                }
+                (_, s) => s.clone(),
+            });
+        }
+        Ok(out)
+    }
+
     pub async fn open(spec: &SessionSpec) -> Result<Session> {
         Ok(match spec.system {
             System::Portswitch => {
@@ -77,19 +136,7 @@ impl Session {
                 let ttl = spec.lease.as_secs().max(1) as i64;
                 let lease = client.lease_grant(ttl, None).await?.id();
                 if spec.keep_alive {
-                    let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-                    let every = spec.lease / 3;
-                    tokio::spawn(async move {
-                        loop {
-                            if keeper.keep_alive().await.is_err() {
-                                return;
-                            }
-                            if !matches!(stream.message().await, Ok(Some(_))) {
-                                return;
-                            }
-                            tokio::time::sleep(every).await;
-                        }
-                    });
+                    keep_etcd_lease(&mut client, lease, spec.lease).await?;
                 }
                 Session::Etcd {
                     client: Box::new(client),
@@ -118,6 +165,10 @@ impl Session {
         match self {
             Session::Portswitch(c) => Ok(matches!(
                 c.register(name, b"peerbench").await?,
+                portswitch_client::RegisterOutcome::Owned { .. }
+            )),
+            Session::PortswitchMux(s) => Ok(matches!(
+                s.register(name, b"peerbench").await?,
                 portswitch_client::RegisterOutcome::Owned { .. }
             )),
             Session::Etcd { client, lease } => {
@@ -158,6 +209,7 @@ impl Session {
     pub async fn release(&mut self, name: &str) -> Result<()> {
         match self {
             Session::Portswitch(c) => Ok(c.unregister(name).await?),
+            Session::PortswitchMux(s) => Ok(s.unregister(name).await?),
             Session::Etcd { client, .. } => {
                 client.delete(name, None).await?;
                 Ok(())
@@ -174,6 +226,7 @@ impl Session {
     pub async fn held(&mut self, name: &str) -> Result<bool> {
         match self {
             Session::Portswitch(c) => Ok(c.query(name).await?.is_some()),
+            Session::PortswitchMux(s) => Ok(s.query(name).await?.is_some()),
             Session::Etcd { client, .. } => Ok(client.get(name, None).await?.count() > 0),
             Session::Zookeeper(c) => Ok(c.check_stat(&zk_path(name)).await?.is_some()),
             Session::Redis { conn, .. } => {
@@ -194,6 +247,28 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Keeps an etcd lease alive in the background, as a real holder does.
+async fn keep_etcd_lease(
+    client: &mut etcd_client::Client,
+    lease: i64,
+    ttl: Duration,
+) -> Result<()> {
+    let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+    let every = ttl / 3;
+    tokio::spawn(async move {
+        loop {
+            if keeper.keep_alive().await.is_err() {
+                return;
+            }
+            if !matches!(stream.message().await, Ok(Some(_))) {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    Ok(())
 }
 
 /// ZooKeeper names are paths; every workload uses flat names under the root.

@@ -91,6 +91,10 @@ struct RunArgs {
     /// portswitch only: the holder's session ends when its connection closes.
     #[arg(long)]
     end_on_disconnect: bool,
+    /// Connections the client sessions share (0: one connection per session). See
+    /// `Session::open_many` for what sharing means for each system.
+    #[arg(long, default_value_t = 0)]
+    connections: usize,
     /// Free-form label copied into the JSON (e.g. "end-on-disconnect").
     #[arg(long, default_value = "")]
     label: String,
@@ -98,9 +102,15 @@ struct RunArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // PEERBENCH_THREADS: the load generator's runtime threads (default: one per core).
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("PEERBENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Run(args) => {
@@ -150,15 +160,17 @@ async fn run(a: &RunArgs) -> Result<serde_json::Value> {
         1
     });
     out["label"] = json!(a.label);
+    out["connections"] = json!(if a.system == System::Zookeeper {
+        0
+    } else {
+        a.connections
+    });
     Ok(out)
 }
 
 /// acquire-release (own name per client) or contend (one name for all), closed loop.
 async fn closed_loop(spec: &SessionSpec, a: &RunArgs, contend: bool) -> Result<serde_json::Value> {
-    let mut sessions = Vec::with_capacity(a.clients);
-    for _ in 0..a.clients {
-        sessions.push(Session::open(spec).await?);
-    }
+    let sessions = Session::open_many(spec, a.clients, a.connections).await?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(a.duration);
     let loops = if contend { 1 } else { a.pipeline.max(1) };
@@ -232,10 +244,7 @@ async fn fill(
     a: &RunArgs,
     before: Option<&ServerSample>,
 ) -> Result<serde_json::Value> {
-    let mut sessions = Vec::with_capacity(a.clients);
-    for _ in 0..a.clients {
-        sessions.push(Session::open(spec).await?);
-    }
+    let sessions = Session::open_many(spec, a.clients, a.connections).await?;
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();

@@ -126,6 +126,10 @@ pub struct BenchArgs {
     /// hold-sessions: connections being opened at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// hold-sessions: sessions per connection, each on a channel of its own (1: one
+    /// connection per session, no channels).
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
 }
 
 /// How bench connections reach and log in to the server.
@@ -238,10 +242,13 @@ pub async fn run(args: BenchArgs) -> AppResult {
             sessions: args.connections,
             lease_ms: args.lease_ms,
             hold_s: args.duration,
-            source_addrs: args
-                .source_addrs
-                .unwrap_or(args.connections.div_ceil(25_000)),
+            source_addrs: args.source_addrs.unwrap_or(
+                args.connections
+                    .div_ceil(args.channels.max(1))
+                    .div_ceil(25_000),
+            ),
             connect_concurrency: args.connect_concurrency,
+            channels: args.channels,
             json: args.json,
         })
         .await;

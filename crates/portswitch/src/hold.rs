@@ -1,4 +1,5 @@
-//! `bench --workload hold-sessions`: open N sessions, one connection each, and keep
+//! `bench --workload hold-sessions`: open N sessions, one connection each (or
+//! `--channels K` per connection, each session on a channel of its own), and keep
 //! them alive with PINGs, as a large fleet of idle clients would; meanwhile a fresh
 //! client measures how long REGISTER takes. Reports the server's resident memory per
 //! session.
@@ -17,8 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use portswitch_client::{Client, ClientOptions};
-use portswitch_proto::frame::frame_len;
+use portswitch_proto::frame::{frame_len, messages};
 use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, PROTOCOL_VERSION};
+use portswitch_proto::msg::op;
 use portswitch_proto::{FrameBuf, Hello, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -32,6 +34,8 @@ pub struct HoldArgs {
     pub hold_s: f64,
     pub source_addrs: usize,
     pub connect_concurrency: usize,
+    /// Sessions per connection (1: no channels).
+    pub channels: usize,
     pub json: bool,
 }
 
@@ -48,11 +52,19 @@ pub async fn run(a: HoldArgs) -> AppResult {
         .await?
         .next()
         .ok_or("--addr resolves to nothing")?;
-    let fds = rlimit::increase_nofile_limit(a.sessions as u64 + 1024)?;
-    if fds < a.sessions as u64 + 64 {
+    let per_conn = a.channels.max(1);
+    if per_conn as u64 > portswitch_proto::msg::CHANNELS_MAX as u64 - 1 {
         return Err(format!(
-            "{} sessions need as many descriptors; this process may open {fds} (hard limit; raise it with `ulimit -Hn` as root, which needs CAP_SYS_RESOURCE)",
-            a.sessions
+            "--channels {per_conn}: a connection has at most {} channels besides 0",
+            portswitch_proto::msg::CHANNELS_MAX - 1
+        )
+        .into());
+    }
+    let conns = a.sessions.div_ceil(per_conn);
+    let fds = rlimit::increase_nofile_limit(conns as u64 + 1024)?;
+    if fds < conns as u64 + 64 {
+        return Err(format!(
+            "{conns} connections need as many descriptors; this process may open {fds} (hard limit; raise it with `ulimit -Hn` as root, which needs CAP_SYS_RESOURCE, or carry more sessions per connection with --channels)",
         )
         .into());
     }
@@ -64,7 +76,7 @@ pub async fn run(a: HoldArgs) -> AppResult {
     let rss_before = stat(&before, "rss_bytes");
     let sessions_before = stat(&before, "sessions");
 
-    let hello: Arc<[u8]> = encode(&Request::Hello(Hello {
+    let hello = Request::Hello(Hello {
         version_min: PROTOCOL_VERSION,
         version_max: PROTOCOL_VERSION,
         features: 0,
@@ -74,9 +86,7 @@ pub async fn run(a: HoldArgs) -> AppResult {
         credentials: b"",
         resume_session: 0,
         resume_secret: 0,
-    }))
-    .into();
-    let ping: Arc<[u8]> = encode(&Request::Ping).into();
+    });
     let counters = Arc::new(Counters {
         up: AtomicU64::new(0),
         failed: AtomicU64::new(0),
@@ -87,24 +97,38 @@ pub async fn run(a: HoldArgs) -> AppResult {
     // A third of the lease between PINGs, as the client library does.
     let every = Duration::from_millis(u64::from(a.lease_ms) / 3);
     let gate = Arc::new(tokio::sync::Semaphore::new(a.connect_concurrency.max(1)));
-    let per_source = a.sessions.div_ceil(a.source_addrs.max(1));
+    let per_source = conns.div_ceil(a.source_addrs.max(1));
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(a.sessions);
-    for i in 0..a.sessions {
+    let mut tasks = Vec::with_capacity(conns);
+    // Frames for a connection of k sessions (the last connection may carry fewer).
+    let frames = |k: usize| -> (Arc<[u8]>, Arc<[u8]>) {
+        let channels = if per_conn == 1 { None } else { Some(k) };
+        (
+            encode_on(channels, &hello).into(),
+            encode_on(channels, &Request::Ping).into(),
+        )
+    };
+    let full = frames(per_conn);
+    for i in 0..conns {
         let source = source_addr(i / per_source.max(1))?;
-        let (hello, ping, counters, gate) =
-            (hello.clone(), ping.clone(), counters.clone(), gate.clone());
+        let k = per_conn.min(a.sessions - i * per_conn);
+        let (hello, ping) = if k == per_conn {
+            full.clone()
+        } else {
+            frames(k)
+        };
+        let (counters, gate) = (counters.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
-            let conn = open(server, source, &hello).await;
+            let conn = open(server, source, &hello, k).await;
             drop(permit);
             match conn {
                 Ok(stream) => {
-                    counters.up.fetch_add(1, Ordering::Relaxed);
-                    keep(stream, &ping, every, i, &counters).await;
+                    counters.up.fetch_add(k as u64, Ordering::Relaxed);
+                    keep(stream, &ping, k, every, i, &counters).await;
                 }
                 Err(_) => {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    counters.failed.fetch_add(k as u64, Ordering::Relaxed);
                 }
             }
         }));
@@ -159,6 +183,8 @@ pub async fn run(a: HoldArgs) -> AppResult {
         "sessions_lost": counters.lost.load(Ordering::Relaxed),
         "server_sessions_held": held,
         "source_addrs": a.source_addrs,
+        "connections": conns,
+        "sessions_per_connection": per_conn,
         "open_s": (open_s * 1000.0).round() / 1000.0,
         "lease_ms": a.lease_ms,
         "pings": counters.pings.load(Ordering::Relaxed),
@@ -191,9 +217,19 @@ pub async fn run(a: HoldArgs) -> AppResult {
     })
 }
 
-fn encode(r: &Request<'_>) -> Vec<u8> {
+/// `r` once (no channels), or once on each of channels 1..=k, in as few frames as
+/// the limits allow.
+fn encode_on(channels: Option<usize>, r: &Request<'_>) -> Vec<u8> {
     let mut out = FrameBuf::new(FRAME_BYTES_MAX, COMMANDS_PER_FRAME_MAX);
-    out.push_request(1, r);
+    match channels {
+        None => out.push_request(1, r),
+        Some(k) => {
+            for ch in 1..=k {
+                out.push_channel(ch as u16);
+                out.push_request(ch as u32, r);
+            }
+        }
+    }
     let mut b = BytesMut::new();
     out.take_into(&mut b);
     b.to_vec()
@@ -209,46 +245,65 @@ fn source_addr(k: usize) -> Result<IpAddr, String> {
     )))
 }
 
-async fn open(server: SocketAddr, source: IpAddr, hello: &[u8]) -> std::io::Result<TcpStream> {
+async fn open(
+    server: SocketAddr,
+    source: IpAddr,
+    hello: &[u8],
+    k: usize,
+) -> std::io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(source, 0))?;
     let mut s = sock.connect(server).await?;
     s.set_nodelay(true)?;
     s.write_all(hello).await?;
-    read_frame(&mut s).await?;
+    read_replies(&mut s, k, op::HELLO_OK).await?;
     Ok(s)
 }
 
-/// Reads one whole frame (the answer to HELLO or PING) and drops it.
-async fn read_frame(s: &mut TcpStream) -> std::io::Result<()> {
-    let mut buf = [0u8; 1024];
-    let mut have = 0;
-    loop {
-        let n = s.read(&mut buf[have..]).await?;
-        if n == 0 {
+/// Reads until `want` replies came (CHANNEL switches aside), each with opcode
+/// `expect`: the answers to the HELLOs or PINGs of every session on the connection.
+async fn read_replies(s: &mut TcpStream, want: usize, expect: u8) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(if want == 1 { 1024 } else { 64 << 10 });
+    let mut got = 0;
+    while got < want {
+        while let Some(len) = frame_len(&buf, FRAME_BYTES_MAX)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?
+        {
+            let frame = buf.split_to(len);
+            for m in messages(&frame[4..], usize::MAX) {
+                let m = m.map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+                if m.opcode == op::CHANNEL {
+                    continue;
+                }
+                if m.opcode != expect {
+                    // An ERROR (a refused HELLO) or a GOAWAY: this connection failed.
+                    return Err(std::io::ErrorKind::InvalidData.into());
+                }
+                got += 1;
+            }
+        }
+        if got >= want {
+            break;
+        }
+        if s.read_buf(&mut buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        have += n;
-        match frame_len(&buf[..have], FRAME_BYTES_MAX) {
-            Ok(Some(len)) if len <= have => return Ok(()),
-            Ok(_) if have < buf.len() => continue,
-            _ => return Err(std::io::ErrorKind::InvalidData.into()),
-        }
     }
+    Ok(())
 }
 
-async fn keep(mut s: TcpStream, ping: &[u8], every: Duration, i: usize, c: &Counters) {
+async fn keep(mut s: TcpStream, ping: &[u8], k: usize, every: Duration, i: usize, c: &Counters) {
     // Spread the PINGs over the period so they do not all come at once.
     let offset = every.mul_f64((i % 1000) as f64 / 1000.0);
     tokio::time::sleep(offset).await;
     while !c.stop.load(Ordering::Relaxed) {
-        if s.write_all(ping).await.is_err() || read_frame(&mut s).await.is_err() {
+        if s.write_all(ping).await.is_err() || read_replies(&mut s, k, op::OK).await.is_err() {
             if !c.stop.load(Ordering::Relaxed) {
-                c.lost.fetch_add(1, Ordering::Relaxed);
+                c.lost.fetch_add(k as u64, Ordering::Relaxed);
             }
             return;
         }
-        c.pings.fetch_add(1, Ordering::Relaxed);
+        c.pings.fetch_add(k as u64, Ordering::Relaxed);
         tokio::time::sleep(every).await;
     }
 }

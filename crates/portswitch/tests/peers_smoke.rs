@@ -59,9 +59,17 @@ fn peer_suite_smoke_run_measures_every_system() {
         }
         assert_eq!(
             of("acquire-release").len(),
-            3,
-            "{system}: 1 and 4 clients, and 4 × 4 in flight"
+            4,
+            "{system}: 1 and 4 clients, 4 × 4 in flight, 4 sharing a connection"
         );
+        let shared: Vec<_> = of("acquire-release")
+            .into_iter()
+            .filter(|r| r["label"] == "shared-connection")
+            .collect();
+        assert_eq!(shared.len(), 1, "{system}: one shared-connection run");
+        // ZooKeeper has no way to share a connection between sessions.
+        let want = if system == "zookeeper" { 0 } else { 1 };
+        assert_eq!(shared[0]["connections"], want, "{system}: {}", shared[0]);
         let fill = of("fill");
         assert_eq!(fill.len(), 1);
         assert_eq!(fill[0]["errors"], 0, "{system}: {}", fill[0]);
@@ -86,6 +94,7 @@ fn peer_suite_smoke_run_measures_every_system() {
         "× Redis",
         "resident bytes per name",
         "SIGKILL",
+        "one shared connection",
     ] {
         assert!(table.contains(needle), "table lacks {needle}:\n{table}");
     }

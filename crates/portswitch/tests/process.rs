@@ -683,6 +683,47 @@ async fn bench_hold_sessions_holds_every_session_and_reports_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_hold_sessions_on_channels_holds_many_sessions_per_connection() {
+    let s = serve(&[], &[]).await;
+    let (code, r) = bench_json(
+        &s.addr,
+        &[
+            "--workload",
+            "hold-sessions",
+            "--connections",
+            "2500",
+            "--channels",
+            "1000",
+            "--lease-ms",
+            "600",
+            "--duration",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{r}");
+    // 2,500 sessions on three connections (1,000, 1,000 and 500 channels).
+    assert_eq!(r["connections"], 3, "{r}");
+    assert_eq!(r["sessions_up"], 2500, "{r}");
+    assert_eq!(r["sessions_lost"], 0, "{r}");
+    assert!(r["server_sessions_held"].as_u64().unwrap() >= 2500, "{r}");
+    // Leases of 600 ms over a 2 s hold: every session was kept alive on its channel.
+    assert!(r["pings"].as_u64().unwrap() >= 2 * 2500, "{r}");
+    let stats = portswitch_client::server_stats(
+        &portswitch_client::ClientOptions::new(s.addr.clone()),
+        &s.addr,
+    )
+    .await
+    .unwrap();
+    let expired = stats
+        .iter()
+        .find(|(n, _)| n == "sessions_expired_total")
+        .unwrap()
+        .1;
+    assert_eq!(expired, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_preencoded_frames_are_all_answered_without_errors() {
     let s = serve(&[], &[]).await;
     let (code, r) = bench_json(
