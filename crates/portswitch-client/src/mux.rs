@@ -88,7 +88,9 @@ struct St {
 }
 
 struct Pending {
-    tx: oneshot::Sender<Result<Got>>,
+    /// Taken when the session ends before the reply comes (the reply is then
+    /// dropped on arrival, keeping the queue in step with the server).
+    tx: Option<oneshot::Sender<Result<Got>>>,
     channel: u16,
     sent_at: Instant,
     kind: Kind,
@@ -522,7 +524,7 @@ impl Inner {
             st.pending.push_back((
                 id,
                 Pending {
-                    tx,
+                    tx: Some(tx),
                     channel,
                     sent_at: now,
                     kind,
@@ -536,7 +538,20 @@ impl Inner {
 
     /// Ends `channel`'s session on the client's side and tells the application.
     fn end(&self, channel: u16, code: Option<ErrorCode>, reason: &str) {
-        let chan = self.lock().channels.remove(&channel);
+        let (chan, waiting) = {
+            let mut st = self.lock();
+            let waiting: Vec<_> = st
+                .pending
+                .iter_mut()
+                .filter(|(_, p)| p.channel == channel)
+                .filter_map(|(_, p)| p.tx.take())
+                .collect();
+            (st.channels.remove(&channel), waiting)
+        };
+        // Requests of an ended session are not left hanging.
+        for tx in waiting {
+            let _ = tx.send(Err(Error::SessionLost(reason.to_string())));
+        }
         if let Some(c) = chan {
             finish_chan(c, code, reason);
         }
@@ -559,7 +574,9 @@ impl Inner {
             )
         };
         for (_, p) in pending {
-            let _ = p.tx.send(Err(Error::ConnectionLost));
+            if let Some(tx) = p.tx {
+                let _ = tx.send(Err(Error::ConnectionLost));
+            }
         }
         for c in chans.0.into_iter().flatten() {
             finish_chan(c, None, reason);
@@ -672,7 +689,9 @@ fn dispatch(inner: &Inner, frame: &[u8], channel: &mut u16) -> std::result::Resu
                             _ => {}
                         }
                     }
-                    replies.push((p.tx, own(&reply)));
+                    if let Some(tx) = p.tx {
+                        replies.push((tx, own(&reply)));
+                    }
                 }
                 ServerMsg::Event(WireEvent::GoAway { code, message }) => {
                     let why = String::from_utf8_lossy(message).into_owned();
@@ -755,6 +774,17 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
         let (due, expired) = {
             let st = inner.lock();
             if st.dead.is_some() {
+                return;
+            }
+            // A server that stopped answering (SIGSTOP keeps its sockets open) is
+            // left like a dead one, as `Client` does.
+            let stuck = st
+                .pending
+                .front()
+                .is_some_and(|(_, p)| now.duration_since(p.sent_at) > inner.opts.answer_timeout);
+            if stuck {
+                drop(st);
+                inner.kill("the server did not answer within answer_timeout", false);
                 return;
             }
             let mut due = Vec::new();

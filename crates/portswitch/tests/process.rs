@@ -758,3 +758,40 @@ async fn succeeds(what: &str, cmd: &mut Command) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn mux_sessions_leave_a_stopped_server_and_no_request_hangs() {
+    let srv = serve(&[], &[]).await;
+    let pid = srv.child.id().unwrap().to_string();
+    let mut o = ClientOptions::new(srv.addr.clone());
+    o.lease = Duration::from_secs(30);
+    o.answer_timeout = Duration::from_millis(500);
+    let mux = portswitch_client::Mux::connect(o).await.unwrap();
+    let s = mux.session().await.unwrap();
+    s.register("held", "").await.unwrap();
+    let mut events = s.events();
+    let kill = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    kill("-STOP");
+    // Asked of a stopped server: answered with an error once answer_timeout passes,
+    // long before the 30 s lease, rather than never.
+    let e = within("a request to a stopped server", s.query("held"))
+        .await
+        .unwrap_err();
+    kill("-CONT");
+    assert!(
+        matches!(e, portswitch_client::Error::ConnectionLost),
+        "{e:?}"
+    );
+    within("the session is lost to the process", s.lost()).await;
+    match within("OwnershipLost", events.recv()).await.unwrap() {
+        Event::OwnershipLost { ports, .. } => assert_eq!(&ports[0].0[..], b"held"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!mux.is_connected());
+}
