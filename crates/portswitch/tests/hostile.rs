@@ -375,3 +375,82 @@ async fn connections_beyond_the_cap_are_refused_with_a_reason() {
     assert!(a.ping().await.is_ok());
     srv.stop().await.unwrap();
 }
+
+/// One frame: for each channel, a switch to it followed by `reqs`.
+fn on_channels(channels: std::ops::Range<u16>, reqs: &[Request<'_>]) -> bytes::BytesMut {
+    let mut fb = portswitch_proto::FrameBuf::new(FRAME_BYTES_MAX, usize::MAX);
+    let mut id = 0;
+    for ch in channels {
+        fb.push_channel(ch);
+        for r in reqs {
+            id += 1;
+            fb.push_request(id, r);
+        }
+    }
+    let mut b = bytes::BytesMut::new();
+    fb.take_into(&mut b);
+    b
+}
+
+#[tokio::test]
+async fn a_connection_full_of_sessions_ends_them_all_and_the_server_carries_on() {
+    let srv = server().await;
+    let healthy = client(&srv).await;
+    healthy.register("svc/healthy", "").await.unwrap();
+    // 4,000 sessions on one connection, each ending on disconnect and owning a port,
+    // opened in one frame of 12,000 messages; plus a switch spree through every
+    // channel the server allows (switches alone change nothing).
+    let mut raw = Raw::connect(&srv).await;
+    let names: Vec<String> = (0..4_000).map(|i| format!("many/{i}")).collect();
+    let mut fb = portswitch_proto::FrameBuf::new(FRAME_BYTES_MAX, usize::MAX);
+    for (i, name) in names.iter().enumerate() {
+        fb.push_channel(i as u16 + 1);
+        fb.push_request(2 * i as u32 + 1, &Request::Hello(hello(60_000, true)));
+        fb.push_request(
+            2 * i as u32 + 2,
+            &Request::Register {
+                port: name.as_bytes(),
+                value: b"",
+                wait: false,
+            },
+        );
+    }
+    let mut b = bytes::BytesMut::new();
+    fb.take_into(&mut b);
+    raw.send_bytes(&b).await;
+    raw.send_bytes(&on_channels(0..4_096, &[])).await;
+    let stats = |k: &'static str| {
+        let h = &healthy;
+        async move {
+            h.stats()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|(n, _)| n == k)
+                .unwrap()
+                .1
+        }
+    };
+    eventually_async("4,000 sessions and ports", || async {
+        stats("sessions").await == 4_001 && stats("ports_owned").await == 4_001
+    })
+    .await;
+    assert!(healthy.query("many/3999").await.unwrap().is_some());
+    drop(raw);
+    eventually_async("every session on the connection ended", || async {
+        stats("sessions").await == 1 && stats("ports_owned").await == 1
+    })
+    .await;
+    assert_eq!(
+        healthy.query("svc/healthy").await.unwrap().unwrap().session,
+        healthy.session().id
+    );
+
+    // A switch past the limit closes only that connection.
+    let mut bad = Raw::connect(&srv).await;
+    bad.send_bytes(&on_channels(4_096..4_097, &[Request::Ping]))
+        .await;
+    assert_eq!(bad.goaway().await, Some(ErrorCode::ChannelsMax));
+    assert!(healthy.query("svc/healthy").await.unwrap().is_some());
+    srv.stop().await.unwrap();
+}
