@@ -85,6 +85,9 @@ struct St {
     limits: Option<ServerLimits>,
     /// Why the connection is gone, once it is.
     dead: Option<String>,
+    /// The code of a GOAWAY that closed the connection: the requests it left
+    /// unanswered were not carried out, and get this error.
+    goaway: Option<ErrorCode>,
 }
 
 struct Pending {
@@ -156,6 +159,7 @@ impl Mux {
                 channels_max: 0,
                 limits: None,
                 dead: None,
+                goaway: None,
             }),
             opts,
             exporter,
@@ -560,7 +564,7 @@ impl Inner {
     /// The connection is gone: every session on it is lost to this process.
     /// `flush`: what is queued (the BYEs of dropped sessions) is still written.
     fn kill(&self, reason: &str, flush: bool) {
-        let (chans, pending) = {
+        let (chans, pending, goaway) = {
             let mut st = self.lock();
             if st.dead.is_none() {
                 st.dead = Some(reason.to_string());
@@ -571,11 +575,18 @@ impl Inner {
             (
                 std::mem::take(&mut st.channels),
                 std::mem::take(&mut st.pending),
+                st.goaway,
             )
         };
         for (_, p) in pending {
             if let Some(tx) = p.tx {
-                let _ = tx.send(Err(Error::ConnectionLost));
+                let _ = tx.send(Err(match goaway {
+                    Some(code) => Error::Server {
+                        code,
+                        message: reason.to_string(),
+                    },
+                    None => Error::ConnectionLost,
+                }));
             }
         }
         for c in chans.0.into_iter().flatten() {
@@ -697,6 +708,7 @@ fn dispatch(inner: &Inner, frame: &[u8], channel: &mut u16) -> std::result::Resu
                     let why = String::from_utf8_lossy(message).into_owned();
                     if *channel == 0 {
                         goaway = Some(format!("server closed the connection: {code}: {why}"));
+                        st.goaway = Some(code);
                     } else {
                         ended.push((*channel, code, why));
                     }

@@ -473,3 +473,16 @@ async fn a_dropped_session_says_bye_and_a_dropped_mux_flushes_its_byes() {
     .await;
     srv.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_mux_on_a_server_that_does_not_multiplex_is_told_why() {
+    let mut cfg = ServerConfig::ephemeral();
+    cfg.core.channels_per_connection_max = 1;
+    let srv = server_with(cfg).await;
+    let mux = Mux::connect(opts(&srv)).await.unwrap();
+    let e = mux.session().await.err().expect("refused");
+    assert_eq!(e.code(), Some(ErrorCode::ChannelsMax), "{e:?}");
+    // Plain clients are served as ever.
+    client(&srv).await.register("p", "").await.unwrap();
+    srv.stop().await.unwrap();
+}
