@@ -297,7 +297,22 @@ async fn a_killed_master_is_replaced_before_any_election_timeout() {
 /// client asks for more, and raises its ceiling through Raft first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_windows_cover_the_leases_granted_not_the_longest_allowed() {
-    let mut g = Group::start_with("ceiling", &["--lease-ms-max", "300000"]).await;
+    // Steadier than the defaults (300 ms master lease): a master deposed by a CPU stall
+    // of a loaded test machine would open a new window mid-test and defeat what it
+    // measures. Failover after SIGKILL is as fast either way (crash detection).
+    let steady = [
+        "--lease-ms-max",
+        "300000",
+        "--heartbeat-ms",
+        "100",
+        "--election-timeout-ms-min",
+        "1500",
+        "--election-timeout-ms-max",
+        "2500",
+        "--master-lease-ms",
+        "1200",
+    ];
+    let mut g = Group::start_with("ceiling", &steady).await;
     let m1 = g.master(None).await;
     assert_eq!(g.stat(m1, "lease_ceiling_ms").await, 10_000);
     let a = g.client_with_lease(5_000).await;
