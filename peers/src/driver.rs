@@ -64,6 +64,17 @@ pub struct SessionSpec {
     pub keep_alive: bool,
 }
 
+impl SessionSpec {
+    /// How a portswitch session (plain or on a mux) is opened.
+    fn portswitch_options(&self) -> portswitch_client::ClientOptions {
+        let mut opts = portswitch_client::ClientOptions::new(self.addr.clone());
+        opts.lease = self.lease;
+        opts.end_on_disconnect = self.end_on_disconnect;
+        opts.node_name = "peerbench".into();
+        opts
+    }
+}
+
 impl Session {
     /// Opens `n` sessions. `connections` = 0: each on a connection of its own.
     /// Otherwise the sessions share that many connections, where the system can:
@@ -87,11 +98,7 @@ impl Session {
         if spec.system == System::Portswitch {
             let mut muxes = Vec::new();
             for _ in 0..connections {
-                let mut opts = portswitch_client::ClientOptions::new(spec.addr.clone());
-                opts.lease = spec.lease;
-                opts.end_on_disconnect = spec.end_on_disconnect;
-                opts.node_name = "peerbench".into();
-                muxes.push(portswitch_client::Mux::connect(opts).await?);
+                muxes.push(portswitch_client::Mux::connect(spec.portswitch_options()).await?);
             }
             for i in 0..n {
                 let s = muxes[i % muxes.len()].session().await?;
@@ -124,13 +131,9 @@ impl Session {
 
     pub async fn open(spec: &SessionSpec) -> Result<Session> {
         Ok(match spec.system {
-            System::Portswitch => {
-                let mut opts = portswitch_client::ClientOptions::new(spec.addr.clone());
-                opts.lease = spec.lease;
-                opts.end_on_disconnect = spec.end_on_disconnect;
-                opts.node_name = "peerbench".into();
-                Session::Portswitch(portswitch_client::Client::connect(opts).await?)
-            }
+            System::Portswitch => Session::Portswitch(
+                portswitch_client::Client::connect(spec.portswitch_options()).await?,
+            ),
             System::Etcd => {
                 let mut client = etcd_client::Client::connect([spec.addr.as_str()], None).await?;
                 let ttl = spec.lease.as_secs().max(1) as i64;
