@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -48,6 +48,12 @@ pub const CRASH_ELECT_STAGGER_MS: u64 = 20;
 /// How long a probe connection must stay open and quiet for the master to count as
 /// alive, and how many probes one closed connection may take.
 const CRASH_LINGER_MS: u64 = 30;
+/// After standing for election over a crashed master, how long (at random, between
+/// this and twice this, and at least two heartbeat intervals) a survivor waits for a
+/// new master before it stands again, and how many times it does before leaving the
+/// rest to the election timeouts.
+pub const CRASH_ELECT_RETRY_MS: u64 = 100;
+const CRASH_ELECT_RETRIES_MAX: usize = 10;
 const CRASH_PROBES_MAX: usize = 4;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -145,6 +151,12 @@ async fn connect(addr: &str, tls: Option<&PeerTls>) -> std::io::Result<PeerStrea
     tokio::time::timeout(Duration::from_millis(PEER_CONNECT_MS), setup)
         .await
         .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+}
+
+/// Whether a member answers on its peer address (TCP, and TLS if the group uses it)
+/// within [`PEER_CONNECT_MS`].
+pub(crate) async fn peer_answers(addr: &str, tls: Option<&PeerTls>) -> bool {
+    connect(addr, tls).await.is_ok()
 }
 
 /// Makes links to targets, reusing idle connections.
@@ -417,6 +429,8 @@ struct CrashState {
     probing: bool,
     /// Another connection closed while a probe ran.
     again: bool,
+    /// When a candidate whose log is ahead of this member's last asked for its vote.
+    longer_log_asked: Option<Instant>,
 }
 type CrashWatch = Arc<Mutex<CrashState>>;
 
@@ -449,7 +463,15 @@ async fn serve_peer(mut s: PeerStream, addr: SocketAddr, raft: Raft, me: u64, cr
                         .map(|id| (id, v.leader_id().get_term()));
                     PeerResponse::Append(raft.append_entries(r).await)
                 }
-                PeerRequest::Vote(r) => PeerResponse::Vote(raft.vote(r).await),
+                PeerRequest::Vote(r) => {
+                    let theirs = r.last_log_id;
+                    let resp = raft.vote(r).await;
+                    if matches!(&resp, Ok(v) if theirs > v.last_log_id) {
+                        let mut w = crashes.lock().unwrap_or_else(|p| p.into_inner());
+                        w.longer_log_asked = Some(Instant::now());
+                    }
+                    PeerResponse::Vote(resp)
+                }
                 PeerRequest::Snapshot(r) => PeerResponse::Snapshot(raft.install_snapshot(r).await),
             }
         };
@@ -512,6 +534,32 @@ async fn master_link_closed(raft: Raft, me: u64, master: u64, term: u64, watch: 
         "the master's peer address refuses connections: standing for election now"
     );
     let _ = raft.trigger().elect().await;
+    // That election can fail: the one meant to win may lack entries another survivor
+    // has (it joined or restarted just before the crash), and a voter that heard the
+    // master moments ago refuses anyone its vote for its leader lease. Once every
+    // survivor has stood, no lease holds any vote, so a survivor that sees no master
+    // soon stands again, at a random moment (a short election timeout for a crash
+    // known for certain), unless a candidate with a longer log asked for its vote
+    // lately: that one can win, and competing with it would only delay it.
+    let wait = CRASH_ELECT_RETRY_MS.max(2 * raft.config().heartbeat_interval);
+    for _ in 0..CRASH_ELECT_RETRIES_MAX {
+        let ms = fastrand::u64(wait..2 * wait);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let m = raft.metrics().borrow().clone();
+        if m.current_leader.is_some() || m.state == openraft::ServerState::Learner {
+            return;
+        }
+        let deferred = {
+            let w = watch.lock().unwrap_or_else(|p| p.into_inner());
+            w.longer_log_asked
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(2 * wait))
+        };
+        if deferred {
+            continue;
+        }
+        tracing::info!(master, "no master yet after the crash: standing again");
+        let _ = raft.trigger().elect().await;
+    }
 }
 
 fn still_following(m: &openraft::RaftMetrics<u64, Member>, master: u64, term: u64) -> bool {

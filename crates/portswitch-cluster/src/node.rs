@@ -33,6 +33,10 @@ pub const DRIFT_PER_MILLE_DEFAULT: u64 = 50;
 /// after a failover names nobody reclaimed are free again ~11 s later, not 330 s.
 pub const LEASE_CEILING_START_MS_DEFAULT: u32 = 10_000;
 
+/// How often a member forming a fresh group looks for a majority of its members
+/// running before it stands for the first election.
+const FORM_PROBE_MS: u64 = 50;
+
 /// How a member runs.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -214,19 +218,42 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut tasks = vec![tokio::spawn(serve_peers(peers, raft.clone(), cfg.id, tls))];
+        let mut tasks = vec![tokio::spawn(serve_peers(
+            peers,
+            raft.clone(),
+            cfg.id,
+            tls.clone(),
+        ))];
         if pristine {
             // Any member may form the group with the same list (safe, per openraft),
             // so none has to be started first. They take turns, lowest id first, so
             // that a fresh group does not start with competing elections (each
-            // change of master would open a recovery window).
+            // change of master would open a recovery window). Members are seldom
+            // started at the same instant: the first election waits until a majority
+            // answers on its peer address, since votes asked of members not yet
+            // running are lost and the next try would be an election timeout later.
             let rank = cfg.members.keys().position(|&id| id == cfg.id).unwrap_or(0) as u64;
             let delay = Duration::from_millis(rank * 2 * cfg.election_timeout_ms.1);
-            let (raft, members) = (raft.clone(), cfg.members.clone());
+            let (raft, members, me) = (raft.clone(), cfg.members.clone(), cfg.id);
+            let tls = tls.clone();
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                if raft.is_initialized().await.unwrap_or(true) {
-                    return;
+                let mut answered = std::collections::BTreeSet::from([me]);
+                loop {
+                    if raft.is_initialized().await.unwrap_or(true) {
+                        return;
+                    }
+                    for (id, m) in &members {
+                        if !answered.contains(id)
+                            && crate::net::peer_answers(&m.peer_addr, tls.as_ref()).await
+                        {
+                            answered.insert(*id);
+                        }
+                    }
+                    if answered.len() > members.len() / 2 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(FORM_PROBE_MS)).await;
                 }
                 if let Err(e) = raft.initialize(members).await {
                     tracing::debug!(error = %e, "group already formed");

@@ -32,13 +32,21 @@ fn free_port() -> u16 {
     }
 }
 
+/// One group at a time: each runs three debug-build servers, and several at once on
+/// a loaded two-core machine starve their leases and elections, which then measure
+/// the machine rather than the failover.
+static ONE_GROUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Group {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
     children: Vec<Option<Child>>,
     addrs: Vec<String>,
     members: String,
     dir: std::path::PathBuf,
     /// Flags every member gets besides the group's.
     extra: Vec<String>,
+    /// Where each member accepts peers when others reach it elsewhere (a relay).
+    peer_listen: Vec<Option<String>>,
 }
 
 impl Group {
@@ -47,24 +55,57 @@ impl Group {
     }
 
     async fn start_with(tag: &str, extra: &[&str]) -> Group {
+        Group::start_staggered(tag, extra, Duration::ZERO).await
+    }
+
+    /// Starts the members `pause` apart.
+    async fn start_staggered(tag: &str, extra: &[&str], pause: Duration) -> Group {
+        Group::start_full(tag, extra, pause, &[]).await
+    }
+
+    /// Starts the members `pause` apart; each `(i, addr)` of `via` has member `i`'s
+    /// peers reach it at `addr` (a relay's), while it accepts them at a port of its own.
+    async fn start_full(
+        tag: &str,
+        extra: &[&str],
+        pause: Duration,
+        via: &[(usize, String)],
+    ) -> Group {
+        let turn = ONE_GROUP.lock().await;
         let dir =
             std::env::temp_dir().join(format!("portswitch-group-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let addrs: Vec<String> = (0..3)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
+        let mut peer_listen = vec![None; 3];
         let members = (0..3)
-            .map(|i| format!("{}=127.0.0.1:{}/{}", i + 1, free_port(), addrs[i]))
+            .map(|i| {
+                let own = format!("127.0.0.1:{}", free_port());
+                let peer = match via.iter().find(|(j, _)| *j == i) {
+                    Some((_, relay)) => {
+                        peer_listen[i] = Some(own);
+                        relay.clone()
+                    }
+                    None => own,
+                };
+                format!("{}={peer}/{}", i + 1, addrs[i])
+            })
             .collect::<Vec<_>>()
             .join(",");
         let mut g = Group {
+            _turn: turn,
             children: Vec::new(),
             addrs,
             members,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            peer_listen,
         };
         for i in 0..3 {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
             let c = g.spawn(i).await;
             g.children.push(Some(c));
         }
@@ -91,6 +132,11 @@ impl Group {
                 vec!["--lease-ms-max".to_string(), LEASE_MS_MAX.to_string()]
             })
             .args(&self.extra)
+            .args(
+                self.peer_listen[i]
+                    .iter()
+                    .flat_map(|a| ["--peer-listen", a]),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -240,7 +286,9 @@ async fn killing_the_master_keeps_every_session_and_port() {
 
 /// A killed master's peer address refuses connections, and the survivors elect at
 /// once instead of waiting out their election timeouts. Timeouts of 20–25 s make the
-/// difference plain: the master lease (500 ms) is all a new master must wait.
+/// difference plain: the master lease (500 ms) is all a new master must wait. The
+/// members start 2 s apart, and the first election still waits for no timeout: the
+/// group forms once a majority runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_is_replaced_before_any_election_timeout() {
     let slow = [
@@ -253,8 +301,15 @@ async fn a_killed_master_is_replaced_before_any_election_timeout() {
         "--master-lease-ms",
         "500",
     ];
-    let mut g = Group::start_with("crash", &slow).await;
+    let started = Instant::now();
+    let mut g = Group::start_staggered("crash", &slow, Duration::from_secs(2)).await;
     let m = g.master(None).await;
+    let formed = started.elapsed();
+    eprintln!("members started 2 s apart to a master: {formed:?}");
+    assert!(
+        formed < Duration::from_secs(15),
+        "a master after {formed:?}: the first election was lost to members not yet running"
+    );
     let a = g.client().await;
     let mut events = a.events();
     let t = own(&a, "x").await;
@@ -292,6 +347,81 @@ async fn a_killed_master_is_replaced_before_any_election_timeout() {
     g.signal(m2, "-CONT");
 }
 
+/// Starts `portswitch relay` from `listen` to `target`, adding `delay_ms` each way.
+async fn relay(listen: &str, target: &str, delay_ms: u64) -> Child {
+    let mut child = Command::new(BIN)
+        .args(["relay", "--delay-ms", &delay_ms.to_string()])
+        .args(["--route", &format!("{listen}={target}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn relay");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = within("relay start", lines.next_line()).await.unwrap();
+        if line.expect("relay prints ready") == "ready" {
+            return child;
+        }
+    }
+}
+
+/// The survivor meant to win a crash election (the highest id) has not received the
+/// group's last entry when the master dies (its link is slow: a relay adds 1.5 s), so
+/// it cannot win; the other survivor's first try found no majority. Neither waits for
+/// an election timeout (20–25 s here): survivors that see no master stand again
+/// within a few hundred ms, and the one with the whole log wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_behind_on_the_log_does_not_hold_up_a_crash_election() {
+    let slow = [
+        "--heartbeat-ms",
+        "100",
+        "--election-timeout-ms-min",
+        "20000",
+        "--election-timeout-ms-max",
+        "25000",
+        "--master-lease-ms",
+        "500",
+    ];
+    let via = format!("127.0.0.1:{}", free_port());
+    let mut g = Group::start_full("behind", &slow, Duration::ZERO, &[(2, via.clone())]).await;
+    let third = g.peer_listen[2].clone().unwrap();
+    let mut slow_link = relay(&via, &third, 1_500).await;
+    // Member 1 forms the group (the others would wait 50 s), with member 2's vote.
+    let m = g.master(None).await;
+    assert_eq!(m, 0);
+    // Member 3 hears the master 1.5 s late.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A lease above the starting ceiling: the master records the raise through Raft
+    // with member 2; member 3 would get it 1.5 s later.
+    let mut o = ClientOptions::new(g.addrs[m].clone());
+    o.servers = vec![g.addrs[1].clone()];
+    o.lease = Duration::from_millis(LEASE_MS_MAX as u64);
+    let a = Client::connect(o).await.expect("a session on the master");
+    assert_eq!(g.stat(m, "lease_ceiling_ms").await, LEASE_MS_MAX as u64);
+    let mut events = a.events();
+    let t = own(&a, "x").await;
+
+    // The master dies, and so does the slow link with the entry still in it: member 3
+    // sees its link to the master close and stands (as the highest survivor) without
+    // the entry. Member 2 stood at once and reached nobody.
+    let killed = Instant::now();
+    g.kill(m).await;
+    slow_link.kill().await.unwrap();
+    let _fast_link = relay(&via, &third, 0).await;
+    let m2 = g.master(Some(m)).await;
+    let took = killed.elapsed();
+    eprintln!("kill -9 of the master, the highest survivor behind, to a new master: {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "a new master after {took:?}: the survivors waited for an election timeout"
+    );
+    assert_eq!(m2, 1, "only member 2 holds the whole log");
+    resynced(&mut events).await;
+    assert_eq!(a.owned_ports(), vec![("x".into(), t)]);
+}
+
 /// A new master's recovery window covers the leases earlier masters granted, not the
 /// longest they were allowed to (300 s here): a master grants up to 10 s until a
 /// client asks for more, and raises its ceiling through Raft first.
@@ -315,7 +445,7 @@ async fn recovery_windows_cover_the_leases_granted_not_the_longest_allowed() {
     let mut g = Group::start_with("ceiling", &steady).await;
     let m1 = g.master(None).await;
     assert_eq!(g.stat(m1, "lease_ceiling_ms").await, 10_000);
-    let a = g.client_with_lease(5_000).await;
+    let a = g.client_with_lease(10_000).await;
     let mut a_events = a.events();
     let ta = own(&a, "a").await;
 
@@ -410,6 +540,7 @@ async fn a_master_stopped_past_its_lease_never_serves_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_starts_a_group_that_ctl_status_describes() {
+    let _turn = ONE_GROUP.lock().await;
     // Member i uses base+i-1 (clients), base+100+i-1 (peers), base+200+i-1 (HTTP):
     // below the ephemeral range, so outgoing connections do not take them.
     let base = 20_000 + (std::process::id() % 4_000) as u16 * 2;
