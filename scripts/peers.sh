@@ -13,9 +13,13 @@
 #   scripts/peers.sh                  # full run, ~10 minutes
 #   DURATION=30 scripts/peers.sh
 #   SMOKE=1 scripts/peers.sh          # seconds per workload, 2,000 names
-#   SHARED_ONLY=1 PEERBENCH_THREADS=1 scripts/peers.sh
-#                                     # only the shared-connection row, with the load
-#                                     # generator's runtime on one thread
+#   SHARED_ONLY=1 scripts/peers.sh    # only the shared-connection row
+#
+# The shared-connection row runs once per load-generator thread count in
+# SHARED_THREADS (default "1 2"), and the table compares each system at its best: on
+# two cores a second load-generator thread helps some client libraries and takes the
+# server's core from others. PEERBENCH_THREADS sets the thread count of every other
+# run (default: one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -131,6 +135,15 @@ run() { # system port workload args...
         --workload "$w" "$@" | tee -a "$RESULTS"
 }
 
+SHARED_THREADS=${SHARED_THREADS:-"1 2"}
+run_shared() { # system port: the shared-connection row at each load-generator thread count
+    local t
+    for t in $SHARED_THREADS; do
+        PEERBENCH_THREADS=$t run "$1" "$2" acquire-release --clients "$PIPELINED_CLIENTS" \
+            --connections 1 --duration "$DURATION" --label shared-connection
+    done
+}
+
 port=$BASE_PORT
 for sys in $SYSTEMS; do
     port=$((port + 1))
@@ -138,8 +151,7 @@ for sys in $SYSTEMS; do
     # Throughput and failure detection on a fresh server...
     start_server "$sys" "$port"
     if [ -n "${SHARED_ONLY:-}" ]; then
-        run "$sys" "$port" acquire-release --clients "$PIPELINED_CLIENTS" --connections 1 \
-            --duration "$DURATION" --label shared-connection
+        run_shared "$sys" "$port"
         stop_server
         continue
     fi
@@ -152,8 +164,7 @@ for sys in $SYSTEMS; do
     # The same 128 sessions, one request in flight each, sharing one connection where
     # the system can (portswitch: channels; etcd: one client; Redis: one multiplexed
     # connection; ZooKeeper cannot: a session is a connection).
-    run "$sys" "$port" acquire-release --clients "$PIPELINED_CLIENTS" --connections 1 \
-        --duration "$DURATION" --label shared-connection
+    run_shared "$sys" "$port"
     run "$sys" "$port" contend --clients "$CONTENDERS" --duration "$DURATION"
     run "$sys" "$port" kill-holder --repeat "$KILL_REPEAT" --lease-ms "$KILL_LEASE_MS"
     if [ "$sys" = portswitch ]; then

@@ -59,17 +59,21 @@ fn peer_suite_smoke_run_measures_every_system() {
         }
         assert_eq!(
             of("acquire-release").len(),
-            4,
-            "{system}: 1 and 4 clients, 4 × 4 in flight, 4 sharing a connection"
+            5,
+            "{system}: 1 and 4 clients, 4 × 4 in flight, 4 sharing a connection (twice)"
         );
         let shared: Vec<_> = of("acquire-release")
             .into_iter()
             .filter(|r| r["label"] == "shared-connection")
             .collect();
-        assert_eq!(shared.len(), 1, "{system}: one shared-connection run");
+        // Once with each load-generator thread count.
+        let threads: Vec<_> = shared.iter().map(|r| r["load_threads"].clone()).collect();
+        assert_eq!(threads, [1, 2], "{system}: shared-connection runs");
         // ZooKeeper has no way to share a connection between sessions.
         let want = if system == "zookeeper" { 0 } else { 1 };
-        assert_eq!(shared[0]["connections"], want, "{system}: {}", shared[0]);
+        for r in &shared {
+            assert_eq!(r["connections"], want, "{system}: {r}");
+        }
         let fill = of("fill");
         assert_eq!(fill.len(), 1);
         assert_eq!(fill[0]["errors"], 0, "{system}: {}", fill[0]);
@@ -95,6 +99,7 @@ fn peer_suite_smoke_run_measures_every_system() {
         "resident bytes per name",
         "SIGKILL",
         "one shared connection",
+        "load-generator threads",
     ] {
         assert!(table.contains(needle), "table lacks {needle}:\n{table}");
     }
