@@ -545,8 +545,12 @@ async fn master_link_closed(raft: Raft, me: u64, master: u64, term: u64, watch: 
     for _ in 0..CRASH_ELECT_RETRIES_MAX {
         let ms = fastrand::u64(wait..2 * wait);
         tokio::time::sleep(Duration::from_millis(ms)).await;
-        let m = raft.metrics().borrow().clone();
-        if m.current_leader.is_some() || m.state == openraft::ServerState::Learner {
+        let settled = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.current_leader.is_some() || m.state == openraft::ServerState::Learner
+        };
+        if settled {
             return;
         }
         let deferred = {

@@ -37,6 +37,18 @@ fn free_port() -> u16 {
 /// the machine rather than the failover.
 static ONE_GROUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Election timeouts of 20–25 s: a master found sooner was not elected by a timeout.
+const SLOW_ELECTIONS: [&str; 8] = [
+    "--heartbeat-ms",
+    "100",
+    "--election-timeout-ms-min",
+    "20000",
+    "--election-timeout-ms-max",
+    "25000",
+    "--master-lease-ms",
+    "500",
+];
+
 struct Group {
     _turn: tokio::sync::MutexGuard<'static, ()>,
     children: Vec<Option<Child>>,
@@ -291,18 +303,8 @@ async fn killing_the_master_keeps_every_session_and_port() {
 /// group forms once a majority runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_is_replaced_before_any_election_timeout() {
-    let slow = [
-        "--heartbeat-ms",
-        "100",
-        "--election-timeout-ms-min",
-        "20000",
-        "--election-timeout-ms-max",
-        "25000",
-        "--master-lease-ms",
-        "500",
-    ];
     let started = Instant::now();
-    let mut g = Group::start_staggered("crash", &slow, Duration::from_secs(2)).await;
+    let mut g = Group::start_staggered("crash", &SLOW_ELECTIONS, Duration::from_secs(2)).await;
     let m = g.master(None).await;
     let formed = started.elapsed();
     eprintln!("members started 2 s apart to a master: {formed:?}");
@@ -373,18 +375,14 @@ async fn relay(listen: &str, target: &str, delay_ms: u64) -> Child {
 /// within a few hundred ms, and the one with the whole log wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_survivor_behind_on_the_log_does_not_hold_up_a_crash_election() {
-    let slow = [
-        "--heartbeat-ms",
-        "100",
-        "--election-timeout-ms-min",
-        "20000",
-        "--election-timeout-ms-max",
-        "25000",
-        "--master-lease-ms",
-        "500",
-    ];
     let via = format!("127.0.0.1:{}", free_port());
-    let mut g = Group::start_full("behind", &slow, Duration::ZERO, &[(2, via.clone())]).await;
+    let mut g = Group::start_full(
+        "behind",
+        &SLOW_ELECTIONS,
+        Duration::ZERO,
+        &[(2, via.clone())],
+    )
+    .await;
     let third = g.peer_listen[2].clone().unwrap();
     let mut slow_link = relay(&via, &third, 1_500).await;
     // Member 1 forms the group (the others would wait 50 s), with member 2's vote.
