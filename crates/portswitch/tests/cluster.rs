@@ -312,6 +312,10 @@ async fn a_killed_master_is_replaced_before_any_election_timeout() {
         formed < Duration::from_secs(15),
         "a master after {formed:?}: the first election was lost to members not yet running"
     );
+    // Member 3 started a moment ago. Killed before its first entries arrive, the master
+    // would leave it a learner that cannot stand but refuses its vote for openraft's
+    // leader lease (= the 25 s election timeout here): give it ten heartbeats to catch up.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let a = g.client().await;
     let mut events = a.events();
     let t = own(&a, "x").await;
