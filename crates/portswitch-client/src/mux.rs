@@ -15,7 +15,9 @@
 //! disconnect stays on the server for its lease, and [`crate::Client`] can resume it
 //! with [`MuxSession::info`]'s id and secret).
 
-use std::collections::{HashSet, VecDeque};
+use std::borrow::Borrow;
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +78,14 @@ struct St {
     /// Requests awaiting replies, in the order sent: the server answers a
     /// connection's requests in request order.
     pending: VecDeque<(u32, Pending)>,
+    /// How many entries at the back of `pending` the writer has not taken yet: their
+    /// `sent_at` is stamped when it does (one clock read per write, not per request).
+    unstamped: usize,
+    /// When the writer last took requests to write.
+    clock: Instant,
+    /// The writer has been woken and has not taken the buffer since: no need to
+    /// wake it again.
+    writer_woken: bool,
     channels: Chans,
     /// Channels given back by closed sessions, reused before new numbers.
     free: Vec<u16>,
@@ -95,6 +105,9 @@ struct Pending {
     /// dropped on arrival, keeping the queue in step with the server).
     tx: Option<oneshot::Sender<Result<Got>>>,
     channel: u16,
+    /// When the writer took the request to write (before the server can have seen
+    /// it, so safe to count a lease view from); until then, when the writer last
+    /// took anything.
     sent_at: Instant,
     kind: Kind,
 }
@@ -102,9 +115,71 @@ struct Pending {
 /// What a reply changes besides answering its request.
 enum Kind {
     Plain,
-    Register(Bytes),
-    Unregister(Bytes),
+    Register(Name),
+    Unregister(Name),
 }
+
+/// A port name as a session keeps it: inline when short (most names, no allocation
+/// per request), shared bytes otherwise. Hashes and compares as its bytes, so the
+/// owned set is looked up with a plain `&[u8]`.
+#[derive(Clone)]
+enum Name {
+    Inline {
+        len: u8,
+        bytes: [u8; NAME_INLINE_MAX],
+    },
+    Heap(Bytes),
+}
+
+/// The longest name kept inline by [`Name`].
+const NAME_INLINE_MAX: usize = 30;
+
+impl Name {
+    fn new(port: &[u8]) -> Name {
+        if port.len() <= NAME_INLINE_MAX {
+            let mut bytes = [0; NAME_INLINE_MAX];
+            bytes[..port.len()].copy_from_slice(port);
+            Name::Inline {
+                len: port.len() as u8,
+                bytes,
+            }
+        } else {
+            Name::Heap(Bytes::copy_from_slice(port))
+        }
+    }
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Name::Inline { len, bytes } => &bytes[..*len as usize],
+            Name::Heap(b) => b,
+        }
+    }
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Name::Heap(b) => b,
+            inline => Bytes::copy_from_slice(inline.as_slice()),
+        }
+    }
+}
+
+impl Borrow<[u8]> for Name {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl Hash for Name {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.as_slice().hash(h)
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Name {}
 
 struct Chan {
     safe_lease: Duration,
@@ -113,7 +188,9 @@ struct Chan {
     /// later).
     last_sent: Instant,
     lease: Duration,
-    owned: HashSet<Bytes>,
+    /// The ports this session owns (foldhash: the names are the application's own,
+    /// and this set is touched on every REGISTER and UNREGISTER).
+    owned: hashbrown::HashSet<Name, foldhash::fast::RandomState>,
     alive: watch::Sender<bool>,
     events: broadcast::Sender<Event>,
     /// Set between HELLO and HELLO_OK: not yet kept alive or checked.
@@ -153,6 +230,9 @@ impl Mux {
                 out_channel: 0,
                 next_id: 0,
                 pending: VecDeque::new(),
+                unstamped: 0,
+                clock: Instant::now(),
+                writer_woken: false,
                 channels: Chans::default(),
                 free: Vec::new(),
                 next_channel: 1,
@@ -210,7 +290,7 @@ impl Mux {
                     view_end: Instant::now(),
                     last_sent: Instant::now(),
                     lease: inner.opts.lease,
-                    owned: HashSet::new(),
+                    owned: hashbrown::HashSet::default(),
                     alive,
                     events,
                     opening: true,
@@ -400,7 +480,7 @@ impl MuxSession {
             value: value.as_ref(),
             wait: false,
         };
-        let kind = Kind::Register(Bytes::copy_from_slice(port));
+        let kind = Kind::Register(Name::new(port));
         match self.answer(&req, kind).await? {
             Answer::Registered(token) => Ok(RegisterOutcome::Owned { token }),
             Answer::Taken(session, token, node) => Ok(RegisterOutcome::Taken {
@@ -415,7 +495,7 @@ impl MuxSession {
     /// Releases a port this session owns.
     pub async fn unregister(&self, port: impl AsRef<[u8]>) -> Result<()> {
         let port = port.as_ref();
-        let kind = Kind::Unregister(Bytes::copy_from_slice(port));
+        let kind = Kind::Unregister(Name::new(port));
         match self.answer(&Request::Unregister { port }, kind).await? {
             Answer::Ok => Ok(()),
             other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
@@ -504,7 +584,7 @@ impl Inner {
         kind: Kind,
         opening: bool,
     ) -> Result<oneshot::Receiver<Result<Got>>> {
-        let rx = {
+        let (rx, wake) = {
             let mut st = self.lock();
             if let Some(why) = &st.dead {
                 return Err(Error::SessionLost(why.clone()));
@@ -512,9 +592,8 @@ impl Inner {
             if let Some(l) = &st.limits {
                 check_limits(l, req)?;
             }
-            let now = Instant::now();
-            match st.channels.get_mut(&channel) {
-                Some(c) if c.opening == opening => c.last_sent = now,
+            match st.channels.get(&channel) {
+                Some(c) if c.opening == opening => {}
                 _ => return Err(Error::SessionLost("the session is over".into())),
             }
             st.next_id = st.next_id.wrapping_add(1).max(1);
@@ -525,18 +604,22 @@ impl Inner {
             }
             st.out.push_request(id, req);
             let (tx, rx) = oneshot::channel();
+            let sent_at = st.clock;
             st.pending.push_back((
                 id,
                 Pending {
                     tx: Some(tx),
                     channel,
-                    sent_at: now,
+                    sent_at,
                     kind,
                 },
             ));
-            rx
+            st.unstamped += 1;
+            (rx, !std::mem::replace(&mut st.writer_woken, true))
         };
-        self.wake_writer.notify_one();
+        if wake {
+            self.wake_writer.notify_one();
+        }
         Ok(rx)
     }
 
@@ -572,6 +655,7 @@ impl Inner {
             if !flush {
                 st.out.clear();
             }
+            st.unstamped = 0;
             (
                 std::mem::take(&mut st.channels),
                 std::mem::take(&mut st.pending),
@@ -603,7 +687,7 @@ fn finish_chan(c: Chan, code: Option<ErrorCode>, reason: &str) {
         None => reason.to_string(),
     };
     let _ = c.events.send(Event::OwnershipLost {
-        ports: c.owned.into_iter().map(|p| (p, 0)).collect(),
+        ports: c.owned.into_iter().map(|p| (p.into_bytes(), 0)).collect(),
         reason,
     });
 }
@@ -614,6 +698,10 @@ async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>) {
         let dead = {
             let mut st = inner.lock();
             st.out.take_into(&mut buf);
+            st.writer_woken = false;
+            if st.unstamped > 0 {
+                st.stamp(Instant::now());
+            }
             st.dead.is_some()
         };
         if !buf.is_empty() {
@@ -689,13 +777,13 @@ fn dispatch(inner: &Inner, frame: &[u8], channel: &mut u16) -> std::result::Resu
                     if let Some(c) = st.channels.get_mut(&p.channel) {
                         // Any answer proves the server heard the session at send time.
                         c.view_end = c.view_end.max(p.sent_at + c.safe_lease);
-                        match (&p.kind, &reply) {
+                        match (p.kind, &reply) {
                             (Kind::Register(port), Reply::Registered { .. }) => {
-                                c.owned.insert(port.clone());
+                                c.owned.insert(port);
                             }
                             (Kind::Unregister(port), Reply::Ok)
                             | (Kind::Unregister(port), Reply::Error { .. }) => {
-                                c.owned.remove(port);
+                                c.owned.remove(port.as_slice());
                             }
                             _ => {}
                         }
@@ -717,7 +805,7 @@ fn dispatch(inner: &Inner, frame: &[u8], channel: &mut u16) -> std::result::Resu
                     if let Some(c) = st.channels.get_mut(channel) {
                         let ev = match e {
                             WireEvent::Acquired { port, token } => {
-                                c.owned.insert(Bytes::copy_from_slice(port));
+                                c.owned.insert(Name::new(port));
                                 Event::Acquired {
                                     port: Bytes::copy_from_slice(port),
                                     token,
@@ -790,10 +878,11 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
             }
             // A server that stopped answering (SIGSTOP keeps its sockets open) is
             // left like a dead one, as `Client` does.
-            let stuck = st
-                .pending
-                .front()
-                .is_some_and(|(_, p)| now.duration_since(p.sent_at) > inner.opts.answer_timeout);
+            // (Only requests the writer took count: the others were not sent yet.)
+            let stuck = st.pending.len() > st.unstamped
+                && st.pending.front().is_some_and(|(_, p)| {
+                    now.duration_since(p.sent_at) > inner.opts.answer_timeout
+                });
             if stuck {
                 drop(st);
                 inner.kill("the server did not answer within answer_timeout", false);
@@ -819,6 +908,25 @@ async fn keepalive(weak: std::sync::Weak<Inner>) {
         for ch in due {
             if let Ok(rx) = inner.call(ch, &Request::Ping, Kind::Plain, false) {
                 drop(rx); // the reply renews the view in `dispatch`
+            }
+        }
+    }
+}
+
+impl St {
+    /// The writer took everything queued at `now`: that is when those requests
+    /// were sent, and when their sessions last sent anything.
+    fn stamp(&mut self, now: Instant) {
+        self.clock = now;
+        let from = self.pending.len() - self.unstamped;
+        self.unstamped = 0;
+        let St {
+            pending, channels, ..
+        } = self;
+        for (_, p) in pending.range_mut(from..) {
+            p.sent_at = now;
+            if let Some(c) = channels.get_mut(&p.channel) {
+                c.last_sent = now;
             }
         }
     }
@@ -861,3 +969,34 @@ impl Chans {
 
 /// How often sessions' keepalives and lease views are looked at.
 const KEEPALIVE_TICK_MS: u64 = 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_short_and_long_are_found_by_their_bytes() {
+        let mut owned: hashbrown::HashSet<Name, foldhash::fast::RandomState> =
+            hashbrown::HashSet::default();
+        let short = b"p-1".to_vec();
+        let edge = vec![b'e'; NAME_INLINE_MAX];
+        let long = vec![b'l'; NAME_INLINE_MAX + 1];
+        for n in [&short, &edge, &long] {
+            assert!(owned.insert(Name::new(n)));
+        }
+        assert!(matches!(Name::new(&edge), Name::Inline { .. }));
+        assert!(matches!(Name::new(&long), Name::Heap(_)));
+        assert!(
+            !owned.insert(Name::new(&short)),
+            "the same bytes are one name"
+        );
+        for n in [&short, &edge, &long] {
+            assert!(owned.contains(n.as_slice()));
+        }
+        assert!(owned.remove(long.as_slice()));
+        assert!(!owned.contains(&b"p-"[..]));
+        let mut back: Vec<Bytes> = owned.into_iter().map(Name::into_bytes).collect();
+        back.sort();
+        assert_eq!(back, vec![Bytes::from(edge), Bytes::from(short)]);
+    }
+}

@@ -113,6 +113,28 @@ async fn many_sessions_share_frames_and_each_keeps_its_lease() {
     srv.stop().await.unwrap();
 }
 
+/// Requests are stamped with their send time when the writer takes them: a request
+/// queued after a long quiet spell must not look as old as the last write.
+#[tokio::test]
+async fn a_mux_quiet_for_longer_than_answer_timeout_keeps_its_connection() {
+    let srv = server().await;
+    let mut o = opts(&srv);
+    o.lease = Duration::from_secs(30);
+    o.answer_timeout = Duration::from_millis(300);
+    let mux = Mux::connect(o).await.unwrap();
+    let s = mux.session().await.unwrap();
+    s.register("quiet", "").await.unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        for _ in 0..50 {
+            s.query("quiet").await.unwrap().expect("still owned");
+        }
+    }
+    assert!(mux.is_connected());
+    assert!(s.is_alive());
+    srv.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn events_reach_the_session_on_their_own_channel() {
     let srv = server().await;
