@@ -201,17 +201,32 @@ async fn listing_pages_through_many_ports() {
     srv.stop().await.unwrap();
 }
 
-/// Awaits many futures concurrently (they are pipelined on one connection).
-async fn futures_join<T>(futs: Vec<impl std::future::Future<Output = T>>) -> Vec<T> {
-    let mut set = Vec::new();
-    for f in futs {
-        set.push(f);
-    }
-    let mut out = Vec::new();
-    for f in set {
-        out.push(f.await);
-    }
-    out
+/// Awaits many futures concurrently, so their requests are pipelined on one
+/// connection (awaiting them one by one would send one request per round trip).
+async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *o = Some(v),
+                    Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
 }
 
 #[tokio::test]
