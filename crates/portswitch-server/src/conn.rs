@@ -78,41 +78,69 @@ pub(crate) fn spawn<S>(
         let mut writer = writer;
         let mut writer_finished = false;
         let mut goaway_queued = false;
+        // Messages of the first buffered frame already handled (see `Fed::Suspended`).
+        let mut skip = 0;
+        // Set after a suspension ends: feed what is buffered before reading more.
+        let mut resume = false;
         loop {
-            // An idle connection (nothing buffered, last read a heartbeat's size)
-            // waits with no buffer of its own; the read then allocates a small chunk.
-            let idle = buf.is_empty() && last_read < READ_BYTES_IDLE;
-            if !idle && buf.capacity() - buf.len() < step {
-                // Room for at least the rest of the frame being read (bounded: the
-                // header's length was checked against frame_max when it arrived).
-                let want = declared_total(&buf).unwrap_or(0).min(4 + frame_max);
-                buf.reserve(want.saturating_sub(buf.len()).max(step));
-            }
-            let room = buf.capacity() - buf.len();
-            tokio::select! {
-                read = rd.read_buf(&mut buf) => match read {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        last_read = n;
-                        step = if n >= room {
-                            (step * 2).min(READ_BUF_BYTES_STEP_MAX)
-                        } else {
-                            READ_BUF_BYTES_INITIAL
-                        };
+            if !std::mem::take(&mut resume) {
+                // An idle connection (nothing buffered, last read a heartbeat's size)
+                // waits with no buffer of its own; the read then allocates a small chunk.
+                let idle = buf.is_empty() && last_read < READ_BYTES_IDLE;
+                if !idle && buf.capacity() - buf.len() < step {
+                    // Room for at least the rest of the frame being read (bounded: the
+                    // header's length was checked against frame_max when it arrived).
+                    let want = declared_total(&buf).unwrap_or(0).min(4 + frame_max);
+                    buf.reserve(want.saturating_sub(buf.len()).max(step));
+                }
+                let room = buf.capacity() - buf.len();
+                tokio::select! {
+                    read = rd.read_buf(&mut buf) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            last_read = n;
+                            step = if n >= room {
+                                (step * 2).min(READ_BUF_BYTES_STEP_MAX)
+                            } else {
+                                READ_BUF_BYTES_INITIAL
+                            };
+                        }
+                    },
+                    // The writer ends after writing a GOAWAY (expiry, slow consumer,
+                    // shutdown) or when the peer stops accepting bytes.
+                    _ = &mut writer => {
+                        writer_finished = true;
+                        break;
                     }
-                },
-                // The writer ends after writing a GOAWAY (expiry, slow consumer,
-                // shutdown) or when the peer stops accepting bytes.
-                _ = &mut writer => {
-                    writer_finished = true;
-                    break;
                 }
             }
-            match shared.feed(conn, &buf) {
-                Fed::Consumed(n) => buf.advance(n),
+            match shared.feed(conn, &buf, skip) {
+                Fed::Consumed(n) => {
+                    buf.advance(n);
+                    skip = 0;
+                }
                 Fed::Close => {
                     goaway_queued = true;
                     break;
+                }
+                Fed::Suspended {
+                    consumed,
+                    skip: handled,
+                    answered,
+                } => {
+                    // Nothing more is read until the deferred reply is queued, so
+                    // replies stay in request order (the peer's writes back up).
+                    buf.advance(consumed);
+                    skip = handled;
+                    tokio::select! {
+                        _ = answered => {}
+                        _ = &mut writer => {
+                            writer_finished = true;
+                            break;
+                        }
+                    }
+                    resume = true;
+                    continue;
                 }
             }
             if buf.is_empty()

@@ -388,6 +388,16 @@ pub(crate) enum Fed {
     Consumed(usize),
     /// The connection must close (GOAWAY already queued).
     Close,
+    /// A request is answered later (a membership change, once Raft has committed
+    /// it). Replies come in request order, so nothing after it is read until then:
+    /// `consumed` bytes of whole frames were handled, and the first `skip` messages
+    /// of the next frame; `answered` resolves once the reply is queued, and `feed`
+    /// is then called again with that `skip`.
+    Suspended {
+        consumed: usize,
+        skip: usize,
+        answered: tokio::sync::oneshot::Receiver<()>,
+    },
 }
 
 pub(crate) struct Shared {
@@ -473,21 +483,29 @@ impl Shared {
 
     /// Starts a membership change for the ADMIN request `id` on `conn`; the answer
     /// comes when Raft has committed it (or refused).
-    fn start_member_op(&self, conn: ConnId, id: u32, op: MemberOp) {
-        let Some(node) = self.member.as_ref().map(|m| m.node.clone()) else {
-            return;
-        };
+    /// Runs a membership change; its reply is queued when Raft has committed it, and
+    /// the receiver then resolves (also if the server went away meanwhile).
+    fn start_member_op(
+        &self,
+        conn: ConnId,
+        id: u32,
+        op: MemberOp,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (answered, rx) = tokio::sync::oneshot::channel();
+        let node = self.member.as_ref().map(|m| m.node.clone());
         let me = self.me.get().cloned();
         tokio::spawn(async move {
-            let result = match op {
-                MemberOp::Add { id, member } => node.add_member(id, member).await,
-                MemberOp::Remove { id } => node.remove_member(id).await,
-                MemberOp::List | MemberOp::Bad(_) => return,
+            let result = match (node, op) {
+                (Some(node), MemberOp::Add { id, member }) => node.add_member(id, member).await,
+                (Some(node), MemberOp::Remove { id }) => node.remove_member(id).await,
+                _ => Err("not a membership change".to_string()),
             };
             if let Some(shared) = me.and_then(|w| w.upgrade()) {
                 shared.reply_later(conn, id, result);
             }
+            let _ = answered.send(());
         });
+        rx
     }
 
     fn reply_later(
@@ -726,8 +744,9 @@ impl Shared {
     }
 
     /// Feeds bytes read from `conn`: every whole frame at the front of `buf` is
-    /// processed under one lock.
-    pub(crate) fn feed(&self, conn: ConnId, buf: &[u8]) -> Fed {
+    /// processed under one lock, except the first `skip` messages of the first frame
+    /// (handled before a [`Fed::Suspended`]).
+    pub(crate) fn feed(&self, conn: ConnId, buf: &[u8], mut skip: usize) -> Fed {
         let frame_max = self.cfg.core.frame_bytes_max as usize;
         let commands_max = self.cfg.core.commands_per_frame_max as usize;
         let mut st = self.lock();
@@ -762,6 +781,7 @@ impl Shared {
         };
         let mut consumed = 0;
         let mut close = false;
+        let mut suspended = None;
         loop {
             let rest = &buf[consumed..];
             let n = match frame_len(rest, frame_max) {
@@ -780,7 +800,10 @@ impl Shared {
                 dirty: &mut st.dirty,
                 denials: &mut st.denials,
             };
-            for m in messages(&rest[4..n], commands_max) {
+            for (i, m) in messages(&rest[4..n], commands_max).enumerate() {
+                if i < skip {
+                    continue; // handled before this frame was suspended
+                }
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
@@ -895,7 +918,9 @@ impl Shared {
                                     "op": format!("{op:?}"),
                                     "addr": addr.to_string(),
                                 }));
-                                self.start_member_op(vconn, m.id, op);
+                                let answered = self.start_member_op(vconn, m.id, op);
+                                suspended = Some((i + 1, answered));
+                                break;
                             }
                         }
                     }
@@ -952,6 +977,10 @@ impl Shared {
                 st.counters.malformed_total += 1;
                 break;
             }
+            if suspended.is_some() {
+                break;
+            }
+            skip = 0;
             consumed += n;
         }
         for (user, perm, name) in st.denials.drain(..) {
@@ -987,10 +1016,14 @@ impl Shared {
         }
         self.flush(st, now);
         st.counters.feed_lock_ns += locked_at.elapsed().as_nanos() as u64;
-        if close {
-            Fed::Close
-        } else {
-            Fed::Consumed(consumed)
+        match suspended {
+            _ if close => Fed::Close,
+            Some((skip, answered)) => Fed::Suspended {
+                consumed,
+                skip,
+                answered,
+            },
+            None => Fed::Consumed(consumed),
         }
     }
 

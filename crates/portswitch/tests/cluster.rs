@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::within;
 use portswitch_client::{server_stats, Client, ClientOptions, Error, Event, RegisterOutcome};
+use portswitch_proto::msg::op;
 use portswitch_proto::ErrorCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -615,10 +616,52 @@ async fn dev_starts_a_group_that_ctl_status_describes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Sends `ADMIN command` and `PING` in one frame on a fresh connection, with no
+/// session (an admin from loopback on a server without users); the (id, opcode) of
+/// each reply in the order they came.
+async fn admin_then_ping(addr: &str, command: &str) -> Vec<(u32, u8)> {
+    use portswitch_proto::frame::{frame_len, messages};
+    use portswitch_proto::{FrameBuf, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut fb = FrameBuf::new(1 << 16, 16);
+    fb.push_request(
+        1,
+        &Request::Admin {
+            command: command.as_bytes(),
+        },
+    );
+    fb.push_request(2, &Request::Ping);
+    let mut b = bytes::BytesMut::new();
+    fb.take_into(&mut b);
+    s.write_all(&b).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = bytes::BytesMut::new();
+    while got.len() < 2 {
+        if let Some(n) = frame_len(&buf, usize::MAX).unwrap() {
+            let frame = buf.split_to(n);
+            for m in messages(&frame[4..], usize::MAX) {
+                let m = m.unwrap();
+                got.push((m.id, m.opcode));
+            }
+            continue;
+        }
+        let n = within("replies", s.read_buf(&mut buf)).await.unwrap();
+        assert!(n > 0, "connection closed after {got:?}");
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_and_removed_without_dropping_sessions() {
     let mut g = Group::start("members").await;
     let m = g.master(None).await;
+    // A membership change is answered when Raft has committed it; the requests after
+    // it on the same connection are still answered after it (request order).
+    assert_eq!(
+        admin_then_ping(&g.addrs[m], r#"{"op":"member_remove","id":9}"#).await,
+        vec![(1, op::ERROR), (2, op::OK)]
+    );
     let a = g.client().await;
     let mut events = a.events();
     let mut tokens = Vec::new();
