@@ -482,9 +482,8 @@ impl Shared {
     }
 
     /// Starts a membership change for the ADMIN request `id` on `conn`; the answer
-    /// comes when Raft has committed it (or refused).
-    /// Runs a membership change; its reply is queued when Raft has committed it, and
-    /// the receiver then resolves (also if the server went away meanwhile).
+    /// is queued when Raft has committed it (or refused), and the returned receiver
+    /// then resolves (also if the server went away meanwhile).
     fn start_member_op(
         &self,
         conn: ConnId,
