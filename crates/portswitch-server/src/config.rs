@@ -63,6 +63,11 @@ pub struct ServerConfig {
     /// [`crate::group::RECOVERY_MARGIN_PER_MILLE`]. Shorter is unsafe unless no client
     /// asked for a longer lease than this.
     pub recovery_window_ms: Option<u64>,
+    /// The longest client lease a new master grants before it durably raises its
+    /// ceiling (in `group.json` alone, through Raft in a group): a successor's
+    /// recovery window lasts as long as the ceiling, not `lease_ms_max`. A group takes
+    /// its members' setting from `cluster`.
+    pub lease_ceiling_start_ms: u32,
     /// Users, roles, lockout, password policy, audit log.
     pub auth: crate::auth::AuthConfig,
     /// TLS for client connections; `None` serves plaintext.
@@ -86,6 +91,7 @@ impl Default for ServerConfig {
             tick_ms: TICK_MS_DEFAULT,
             epoch: None,
             recovery_window_ms: None,
+            lease_ceiling_start_ms: portswitch_cluster::node::LEASE_CEILING_START_MS_DEFAULT,
             auth: crate::auth::AuthConfig::default(),
             tls: None,
             cluster: None,

@@ -121,7 +121,7 @@ fn help_for(name: &str) -> &'static str {
         "role" => "0 standalone, 1 follower, 2 taking over as master, 3 master",
         "node_id" => "This member's id in its group (0 standalone)",
         "master_lease_left_ms" => "Milliseconds left of the master lease (0 unless master)",
-        "lease_ceiling_ms" => "Longest client lease this master may grant before raising it through the group (0 unless master of a group)",
+        "lease_ceiling_ms" => "Longest client lease this master may grant before raising it durably, through the group or in its data directory (0 without either)",
         "recovery_left_ms" => "Milliseconds left of the recovery window (0 when none is open)",
         _ => "",
     }

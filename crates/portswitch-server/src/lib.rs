@@ -82,6 +82,7 @@ impl Server {
                 dir,
                 epoch,
                 cfg.core.lease_ms_max,
+                cfg.lease_ceiling_start_ms,
                 cfg.recovery_window_ms,
             )?),
             (None, Some(_)) => {

@@ -115,13 +115,10 @@ pub(crate) struct Member {
     lease: Arc<portswitch_cluster::LeaseClock>,
     /// Holds the data directory's lock while the server runs.
     _lock: std::fs::File,
-    /// While master: the epoch, and the longest client lease the group has recorded
-    /// that this master may grant (a HELLO asking more waits for a raise).
-    ceiling: Arc<Ceiling>,
 }
 
 /// A master's lease ceiling and the raise in progress, shared with the task that
-/// raises it through Raft.
+/// raises it durably (through Raft, or in the data directory).
 #[derive(Debug, Default)]
 pub(crate) struct Ceiling {
     epoch: AtomicU64,
@@ -139,10 +136,55 @@ impl Member {
             lease: node.lease(),
             node,
             _lock: lock,
-            ceiling: Arc::default(),
+        }
+    }
+}
+
+/// Where a master records its lease ceiling and the close of its recovery window, so
+/// that its successor's window covers what it granted.
+#[derive(Clone)]
+enum Keeper {
+    /// A member of a group: through Raft.
+    Raft(Arc<portswitch_cluster::ClusterNode>),
+    /// A server alone on its data directory: in `group.json`.
+    Dir(Arc<crate::group::GroupState>),
+}
+
+impl Keeper {
+    async fn raise(&self, epoch: u64, lease_ms: u32) -> Result<u32, String> {
+        match self {
+            Keeper::Raft(node) => node.raise_ceiling(epoch, lease_ms).await,
+            Keeper::Dir(g) => {
+                let g = g.clone();
+                tokio::task::spawn_blocking(move || g.raise_ceiling(lease_ms))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
         }
     }
 
+    async fn settle(&self, epoch: u64) -> Result<(), String> {
+        match self {
+            Keeper::Raft(node) => node.settle(epoch).await,
+            Keeper::Dir(g) => {
+                let g = g.clone();
+                tokio::task::spawn_blocking(move || g.settle())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// A master's lease ceiling and where it is recorded.
+pub(crate) struct CeilingKeeper {
+    ceiling: Arc<Ceiling>,
+    keeper: Keeper,
+}
+
+impl CeilingKeeper {
     /// Whether a HELLO asking for `lease_ms` must wait for the ceiling to rise; if so,
     /// makes sure a raise is under way.
     fn must_raise(&self, lease_ms: u32) -> bool {
@@ -153,12 +195,12 @@ impl Member {
         let before = c.wanted_ms.fetch_max(lease_ms, Ordering::AcqRel);
         if before <= c.lease_ms.load(Ordering::Acquire) {
             // No raise under way: start one; it raises to the most anyone asked.
-            let (node, c) = (self.node.clone(), self.ceiling.clone());
+            let (keeper, c) = (self.keeper.clone(), self.ceiling.clone());
             tokio::spawn(async move {
                 loop {
                     let epoch = c.epoch.load(Ordering::Acquire);
                     let want = c.wanted_ms.load(Ordering::Acquire);
-                    match node.raise_ceiling(epoch, want).await {
+                    match keeper.raise(epoch, want).await {
                         Ok(now) if c.epoch.load(Ordering::Acquire) == epoch => {
                             c.lease_ms.fetch_max(now, Ordering::AcqRel);
                             tracing::info!(epoch, lease_ms = now, "lease ceiling raised");
@@ -406,11 +448,14 @@ pub(crate) struct Shared {
     start: Instant,
     epoch: AtomicU64,
     member: Option<Member>,
+    /// The lease ceiling of a master that records one (a group's, or a server's
+    /// alone on a data directory).
+    ceiling: Option<CeilingKeeper>,
     /// This `Shared` itself, for tasks that answer a request later (membership
     /// changes go through Raft, which takes a while).
     me: std::sync::OnceLock<std::sync::Weak<Shared>>,
     /// Holds the data directory's lock while the server runs.
-    _group: Option<crate::group::GroupState>,
+    _group: Option<Arc<crate::group::GroupState>>,
 }
 
 impl Shared {
@@ -433,6 +478,29 @@ impl Shared {
         let mut fake_salt_key = [0u8; 32];
         fill_random(&mut fake_salt_key);
         let auth = Auth::load(cfg.auth.clone(), fake_salt_key)?;
+        let group = group.map(Arc::new);
+        let ceiling = match (&group, &member) {
+            (Some(g), _) => Some(CeilingKeeper {
+                ceiling: Arc::new(Ceiling {
+                    epoch: AtomicU64::new(g.epoch),
+                    lease_ms: g.lease_ceiling_ms.into(),
+                    wanted_ms: 0.into(),
+                    // Recorded once the window closes: the next restart owes less.
+                    settle_epoch: AtomicU64::new(if g.recovery_window_ms.is_some() {
+                        g.epoch
+                    } else {
+                        0
+                    }),
+                }),
+                keeper: Keeper::Dir(g.clone()),
+            }),
+            // Set when it becomes master.
+            (None, Some(m)) => Some(CeilingKeeper {
+                ceiling: Arc::default(),
+                keeper: Keeper::Raft(m.node.clone()),
+            }),
+            (None, None) => None,
+        };
         Ok(Shared {
             state: Mutex::new(State {
                 core,
@@ -463,6 +531,7 @@ impl Shared {
             start: Instant::now(),
             epoch: AtomicU64::new(epoch),
             member,
+            ceiling,
             me: std::sync::OnceLock::new(),
             _group: group,
         })
@@ -576,8 +645,8 @@ impl Shared {
                 if let Some(w) = m.recovery_window_ms {
                     st.core.start_recovery(now, w);
                 }
-                if let Some(member) = &self.member {
-                    let c = &member.ceiling;
+                if let Some(k) = &self.ceiling {
+                    let c = &k.ceiling;
                     c.epoch.store(m.epoch, Ordering::Release);
                     c.lease_ms.store(m.lease_ceiling_ms, Ordering::Release);
                     c.wanted_ms.store(0, Ordering::Release);
@@ -926,12 +995,12 @@ impl Shared {
                     Ok(Request::Hello(h))
                         if h.lease_ms <= self.cfg.core.lease_ms_max
                             && self
-                                .member
+                                .ceiling
                                 .as_ref()
-                                .is_some_and(|mb| mb.must_raise(h.lease_ms)) =>
+                                .is_some_and(|k| k.must_raise(h.lease_ms)) =>
                     {
                         let msg = format!(
-                            "raising the group's lease ceiling to {} ms; retry_ms={}",
+                            "raising the master's lease ceiling to {} ms; retry_ms={}",
                             h.lease_ms,
                             RAISE_RETRY_MS + fastrand_ms(10)
                         );
@@ -1113,13 +1182,13 @@ impl Shared {
             st.core.handle_timeout(now, &mut out);
             self.flush(st, now);
         }
-        if let Some(member) = &self.member {
-            let c = &member.ceiling;
+        if let Some(k) = &self.ceiling {
+            let c = &k.ceiling;
             if st.core.recovery_left_ms().is_none() && c.settle_epoch.load(Ordering::Acquire) != 0 {
                 let epoch = c.settle_epoch.swap(0, Ordering::AcqRel);
-                let node = member.node.clone();
+                let keeper = k.keeper.clone();
                 tokio::spawn(async move {
-                    match node.settle(epoch).await {
+                    match keeper.settle(epoch).await {
                         Ok(()) => tracing::info!(epoch, "recovery window closed and recorded"),
                         Err(e) => tracing::warn!(error = %e, "could not record the closed window"),
                     }
@@ -1151,8 +1220,10 @@ impl Shared {
         if let Some(m) = &self.member {
             snap.node_id = m.node.id();
             snap.master_lease_left_ms = m.lease.left().as_millis() as u64;
-            if role == ROLE_MASTER {
-                snap.lease_ceiling_ms = m.ceiling.lease_ms.load(Ordering::Acquire) as u64;
+        }
+        if let Some(k) = &self.ceiling {
+            if role == ROLE_MASTER || role == ROLE_STANDALONE {
+                snap.lease_ceiling_ms = k.ceiling.lease_ms.load(Ordering::Acquire) as u64;
             }
         }
     }

@@ -73,8 +73,9 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTSWITCH_MASTER_LEASE_MS")]
     master_lease_ms: Option<u64>,
     /// Longest session lease a new master grants before it raises its ceiling
-    /// through the group (once, when a client asks for more); a successor's recovery
-    /// window covers the ceiling, ms [default: 10000]
+    /// (recorded in the data directory, or through the group; once, when a client
+    /// asks for more); a successor's recovery window covers the ceiling, ms
+    /// [default: 10000]
     #[arg(long, env = "PORTSWITCH_LEASE_CEILING_START_MS")]
     lease_ceiling_start_ms: Option<u32>,
     /// Raft heartbeat interval between members, ms [default: 50]
@@ -277,6 +278,9 @@ fn config(
         scram_iterations => cfg.auth.iterations,
     }
     cfg.recovery_window_ms = args.recovery_window_ms.or(file.recovery_window_ms);
+    if let Some(v) = args.lease_ceiling_start_ms.or(file.lease_ceiling_start_ms) {
+        cfg.lease_ceiling_start_ms = v;
+    }
     cfg.cluster = cluster_config(args, &file, cfg.core.lease_ms_max)?;
     if let Some(c) = &cfg.cluster {
         let danger =

@@ -18,10 +18,19 @@ const BIN: &str = env!("CARGO_BIN_EXE_portswitch");
 const WINDOW_MS: u64 = 3_000;
 
 async fn serve(listen: &str, data: &std::path::Path) -> (Child, String) {
+    serve_with(
+        listen,
+        data,
+        &["--recovery-window-ms", &WINDOW_MS.to_string()],
+    )
+    .await
+}
+
+async fn serve_with(listen: &str, data: &std::path::Path, extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", listen, "--http-listen", "127.0.0.1:0"])
         .args(["--data-dir", data.to_str().unwrap()])
-        .args(["--recovery-window-ms", &WINDOW_MS.to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -37,9 +46,99 @@ async fn serve(listen: &str, data: &std::path::Path) -> (Child, String) {
 }
 
 async fn client(addr: &str) -> Client {
+    client_with_lease(addr, Duration::from_secs(10)).await
+}
+
+async fn client_with_lease(addr: &str, lease: Duration) -> Client {
     let mut o = ClientOptions::new(addr);
-    o.lease = Duration::from_secs(10);
+    o.lease = lease;
     Client::connect(o).await.unwrap()
+}
+
+async fn stat(c: &Client, name: &str) -> u64 {
+    let stats: std::collections::HashMap<_, _> = c.stats().await.unwrap().into_iter().collect();
+    stats[name]
+}
+
+async fn resynced(events: &mut tokio::sync::broadcast::Receiver<Event>) {
+    loop {
+        match within("resync", events.recv()).await.unwrap() {
+            Event::Resync => return,
+            Event::OwnershipLost { reason, .. } => panic!("ownership lost: {reason}"),
+            Event::PortLost { port, reason, .. } => panic!("lost {port:?}: {reason}"),
+            _ => {}
+        }
+    }
+}
+
+/// A restarted server's recovery window covers the leases its predecessor granted —
+/// recorded in the data directory, raised before the first longer one was served —
+/// not the longest it was allowed to grant (300 s by default).
+#[tokio::test]
+async fn a_restart_owes_the_leases_granted_not_the_longest_allowed() {
+    let dir = std::env::temp_dir().join(format!("portswitch-ceiling-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = ["--lease-ceiling-start-ms", "2000"];
+    let (mut first, addr) = serve_with("127.0.0.1:0", &dir, &args).await;
+    let a = client_with_lease(&addr, Duration::from_secs(2)).await;
+    assert_eq!(stat(&a, "lease_ceiling_ms").await, 2_000);
+    let ta = match a.register("a", "").await.unwrap() {
+        RegisterOutcome::Owned { token } => token,
+        other => panic!("{other:?}"),
+    };
+    let mut a_events = a.events();
+
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let (mut second, _) = serve_with(&addr, &dir, &args).await;
+    resynced(&mut a_events).await;
+    // Two seconds stretched by the 10% margin, not 330 s.
+    let left = stat(&a, "recovery_left_ms").await;
+    assert!(left > 0 && left <= 2_200, "recovery window left: {left} ms");
+
+    // A client asking for a minute gets it, once the ceiling is on disk.
+    let b = client_with_lease(&addr, Duration::from_secs(60)).await;
+    assert_eq!(b.session().lease_ms, 60_000);
+    assert_eq!(stat(&b, "lease_ceiling_ms").await, 60_000);
+    let mut b_events = b.events();
+    let closes = Instant::now() + Duration::from_secs(20);
+    while stat(&b, "recovery_left_ms").await > 0 {
+        assert!(Instant::now() < closes, "the window never closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tb = match b.register("b", "").await.unwrap() {
+        RegisterOutcome::Owned { token } => token,
+        other => panic!("{other:?}"),
+    };
+    // The close is recorded too (the earlier server's two seconds are over); give
+    // the write a moment.
+    let file = dir.join("group.json");
+    let settled = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&file)
+        .unwrap()
+        .contains("\"lease_owed_ms\": 0")
+    {
+        assert!(
+            Instant::now() < settled,
+            "the closed window was not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The next restart owes that minute.
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+    let (_third, _) = serve_with(&addr, &dir, &args).await;
+    resynced(&mut a_events).await;
+    resynced(&mut b_events).await;
+    let left = stat(&a, "recovery_left_ms").await;
+    assert!(
+        left > 50_000 && left <= 66_000,
+        "recovery window left: {left} ms"
+    );
+    assert_eq!(a.owned_ports(), vec![("a".into(), ta)]);
+    assert_eq!(b.owned_ports(), vec![("b".into(), tb)]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
