@@ -348,6 +348,7 @@ async fn a_paused_server_does_not_charge_its_own_stall_to_leases() {
             .success());
     };
     signal("-STOP");
+    stopped(&pid).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     // Sent while the server is stopped: it is the first thing it reads on waking.
     raw.send(&[Request::Ping]).await;
@@ -748,6 +749,30 @@ async fn bench_preencoded_frames_are_all_answered_without_errors() {
     assert!(ops > 0 && ops % 128 == 0, "{r}");
 }
 
+/// Waits until every thread of process `pid` is stopped. SIGSTOP stops a process's
+/// threads only once one of them has run to take the signal: on a busy machine the
+/// others may go on serving for a while after `kill` returned.
+async fn stopped(pid: &str) {
+    let all_stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                // The state follows the command name, which is in parentheses.
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            })
+        })
+    };
+    within("the server's threads stop", async {
+        while !all_stopped() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 /// Runs a command to completion (within the usual time limit) and asserts that it
 /// succeeded, showing its stderr if not.
 async fn succeeds(what: &str, cmd: &mut Command) {
@@ -778,6 +803,7 @@ async fn mux_sessions_leave_a_stopped_server_and_no_request_hangs() {
             .success());
     };
     kill("-STOP");
+    stopped(&pid).await;
     // Asked of a stopped server: answered with an error once answer_timeout passes,
     // long before the 30 s lease, rather than never.
     let e = within("a request to a stopped server", s.query("held"))
