@@ -154,28 +154,28 @@ impl Keeper {
     async fn raise(&self, epoch: u64, lease_ms: u32) -> Result<u32, String> {
         match self {
             Keeper::Raft(node) => node.raise_ceiling(epoch, lease_ms).await,
-            Keeper::Dir(g) => {
-                let g = g.clone();
-                tokio::task::spawn_blocking(move || g.raise_ceiling(lease_ms))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            }
+            Keeper::Dir(g) => on_disk(g, move |g| g.raise_ceiling(lease_ms)).await,
         }
     }
 
     async fn settle(&self, epoch: u64) -> Result<(), String> {
         match self {
             Keeper::Raft(node) => node.settle(epoch).await,
-            Keeper::Dir(g) => {
-                let g = g.clone();
-                tokio::task::spawn_blocking(move || g.settle())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            }
+            Keeper::Dir(g) => on_disk(g, |g| g.settle()).await,
         }
     }
+}
+
+/// Runs a write to the data directory on a blocking thread (it syncs).
+async fn on_disk<T: Send + 'static>(
+    g: &Arc<crate::group::GroupState>,
+    f: impl FnOnce(&crate::group::GroupState) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    let g = g.clone();
+    tokio::task::spawn_blocking(move || f(&g))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// A master's lease ceiling and where it is recorded.
@@ -449,13 +449,12 @@ pub(crate) struct Shared {
     epoch: AtomicU64,
     member: Option<Member>,
     /// The lease ceiling of a master that records one (a group's, or a server's
-    /// alone on a data directory).
+    /// alone on a data directory; its `Keeper::Dir` also holds the directory's lock
+    /// while the server runs).
     ceiling: Option<CeilingKeeper>,
     /// This `Shared` itself, for tasks that answer a request later (membership
     /// changes go through Raft, which takes a while).
     me: std::sync::OnceLock<std::sync::Weak<Shared>>,
-    /// Holds the data directory's lock while the server runs.
-    _group: Option<Arc<crate::group::GroupState>>,
 }
 
 impl Shared {
@@ -478,8 +477,7 @@ impl Shared {
         let mut fake_salt_key = [0u8; 32];
         fill_random(&mut fake_salt_key);
         let auth = Auth::load(cfg.auth.clone(), fake_salt_key)?;
-        let group = group.map(Arc::new);
-        let ceiling = match (&group, &member) {
+        let ceiling = match (group.map(Arc::new), &member) {
             (Some(g), _) => Some(CeilingKeeper {
                 ceiling: Arc::new(Ceiling {
                     epoch: AtomicU64::new(g.epoch),
@@ -492,7 +490,7 @@ impl Shared {
                         0
                     }),
                 }),
-                keeper: Keeper::Dir(g.clone()),
+                keeper: Keeper::Dir(g),
             }),
             // Set when it becomes master.
             (None, Some(m)) => Some(CeilingKeeper {
@@ -533,7 +531,6 @@ impl Shared {
             member,
             ceiling,
             me: std::sync::OnceLock::new(),
-            _group: group,
         })
     }
 

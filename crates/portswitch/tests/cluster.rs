@@ -7,8 +7,8 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::within;
-use portswitch_client::{server_stats, Client, ClientOptions, Error, Event, RegisterOutcome};
+use common::{resynced, within};
+use portswitch_client::{server_stats, Client, ClientOptions, Error, RegisterOutcome};
 use portswitch_proto::msg::op;
 use portswitch_proto::ErrorCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -227,18 +227,6 @@ impl Drop for Group {
             let _ = c.start_kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Waits for the client's reclaim to finish after a failover; panics on any loss.
-async fn resynced(events: &mut tokio::sync::broadcast::Receiver<Event>) {
-    loop {
-        match within("failover", events.recv()).await.unwrap() {
-            Event::Resync => return,
-            Event::OwnershipLost { reason, .. } => panic!("ownership lost: {reason}"),
-            Event::PortLost { port, reason, .. } => panic!("lost {port:?}: {reason}"),
-            _ => {}
-        }
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::within;
+use common::{resynced, within};
 use portswitch_client::{Client, ClientOptions, Error, Event, RegisterOutcome};
 use portswitch_proto::ErrorCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -58,17 +58,6 @@ async fn client_with_lease(addr: &str, lease: Duration) -> Client {
 async fn stat(c: &Client, name: &str) -> u64 {
     let stats: std::collections::HashMap<_, _> = c.stats().await.unwrap().into_iter().collect();
     stats[name]
-}
-
-async fn resynced(events: &mut tokio::sync::broadcast::Receiver<Event>) {
-    loop {
-        match within("resync", events.recv()).await.unwrap() {
-            Event::Resync => return,
-            Event::OwnershipLost { reason, .. } => panic!("ownership lost: {reason}"),
-            Event::PortLost { port, reason, .. } => panic!("lost {port:?}: {reason}"),
-            _ => {}
-        }
-    }
 }
 
 /// A restarted server's recovery window covers the leases its predecessor granted —

@@ -198,3 +198,17 @@ impl Raw {
         last
     }
 }
+
+/// Waits for a client's reclaim to finish after a failover or a restart; panics on
+/// any loss of ownership.
+pub async fn resynced(events: &mut tokio::sync::broadcast::Receiver<portswitch_client::Event>) {
+    use portswitch_client::Event;
+    loop {
+        match within("failover", events.recv()).await.unwrap() {
+            Event::Resync => return,
+            Event::OwnershipLost { reason, .. } => panic!("ownership lost: {reason}"),
+            Event::PortLost { port, reason, .. } => panic!("lost {port:?}: {reason}"),
+            _ => {}
+        }
+    }
+}
