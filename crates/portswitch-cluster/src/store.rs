@@ -33,6 +33,30 @@ struct Persisted {
     facts: GroupFacts,
     snapshot: Option<StoredSnapshot>,
     snapshot_seq: u64,
+    /// Entries taken out of the log lately (conflicting, or purged), still readable:
+    /// see [`REMOVED_KEPT_MAX`]. Not persisted.
+    #[serde(skip)]
+    removed: BTreeMap<u64, Entry<TypeConfig>>,
+}
+
+/// How many entries taken out of the log stay readable. openraft 0.9's replication
+/// task panics when it reads an empty range it expects entries in (openraft #1544,
+/// fixed only in 0.10): a leader stopped (SIGSTOP) and continued still runs its old
+/// replication tasks for a moment after a newer leader truncated its conflicting
+/// entries. Such a task can only send what it reads under its old term, which every
+/// member rejects, so serving it the removed entries is harmless, and it ends once
+/// the node steps down. The group writes a few entries per election, so a small
+/// bound covers any such race.
+const REMOVED_KEPT_MAX: usize = 1_024;
+
+impl Persisted {
+    /// Keeps `e` readable after it leaves the log.
+    fn keep_removed(&mut self, e: Entry<TypeConfig>) {
+        self.removed.insert(e.log_id.index, e);
+        while self.removed.len() > REMOVED_KEPT_MAX {
+            self.removed.pop_first();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,12 +144,17 @@ impl RaftLogReader<TypeConfig> for Store {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
-        Ok(self
-            .lock()
-            .log
-            .range(range)
-            .map(|(_, e)| e.clone())
-            .collect())
+        let p = self.lock();
+        // Entries of the log, and removed ones where the log has none any more.
+        let mut out: BTreeMap<u64, &Entry<TypeConfig>> = p
+            .removed
+            .range(range.clone())
+            .map(|(&i, e)| (i, e))
+            .collect();
+        for (&i, e) in p.log.range(range) {
+            out.insert(i, e);
+        }
+        Ok(out.into_values().cloned().collect())
     }
 }
 
@@ -213,13 +242,20 @@ impl RaftStorage<TypeConfig> for Store {
         log_id: LogId<u64>,
     ) -> Result<(), StorageError<u64>> {
         let mut p = self.lock();
-        p.log.retain(|&i, _| i < log_id.index);
+        let gone = p.log.split_off(&log_id.index);
+        for (_, e) in gone {
+            p.keep_removed(e);
+        }
         self.persist(&p)
     }
 
     async fn purge_logs_upto(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         let mut p = self.lock();
-        p.log.retain(|&i, _| i > log_id.index);
+        let kept = p.log.split_off(&(log_id.index + 1));
+        let gone = std::mem::replace(&mut p.log, kept);
+        for (_, e) in gone {
+            p.keep_removed(e);
+        }
         p.last_purged = Some(log_id);
         self.persist(&p)
     }
@@ -287,5 +323,54 @@ impl RaftStorage<TypeConfig> for Store {
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
         Ok(self.lock().snapshot.as_ref().map(Store::snapshot_of))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_taken_out_of_the_log_stay_readable_for_stale_readers() {
+        let dir = std::env::temp_dir().join(format!("portswitch-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut s = Store::open(&dir).unwrap();
+        s.append_to_log((1..=4).map(|i| entry(1, i))).await.unwrap();
+        // A newer leader's entries conflict from index 3 on.
+        s.delete_conflict_logs_since(LogId::new(CommittedLeaderId::new(2, 2), 3))
+            .await
+            .unwrap();
+        let state = s.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(2));
+        // The old leader's replication still reads 3..5: it gets what was there.
+        let got = s.try_get_log_entries(3..5).await.unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        // The new leader's entries take their places.
+        s.append_to_log([entry(2, 3)]).await.unwrap();
+        let got = s.try_get_log_entries(1..5).await.unwrap();
+        let ids: Vec<_> = got
+            .iter()
+            .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+            .collect();
+        assert_eq!(ids, [(1, 1), (1, 2), (2, 3), (1, 4)]);
+        // Purged entries are readable too, and the log state says they are purged.
+        s.purge_logs_upto(LogId::new(CommittedLeaderId::new(1, 1), 2))
+            .await
+            .unwrap();
+        let state = s.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(2));
+        assert_eq!(s.try_get_log_entries(1..3).await.unwrap().len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
