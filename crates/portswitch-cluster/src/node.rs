@@ -377,6 +377,28 @@ impl ClusterNode {
             .ok_or_else(|| format!("epoch {epoch} is over"))
     }
 
+    /// Lowers the ceiling of the master of `epoch` from `from` to `lease_ms` once a
+    /// quorum has recorded it (see [`Command::Lower`]). Returns the ceiling now in
+    /// force, or `None` if the lower did not apply (the epoch is over, or a raise got
+    /// in first).
+    pub async fn lower_ceiling(
+        &self,
+        epoch: u64,
+        from: u32,
+        lease_ms: u32,
+    ) -> Result<Option<u32>, String> {
+        let r = self
+            .raft
+            .client_write(Command::Lower {
+                epoch,
+                from,
+                lease_ms,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(r.data.ceiling)
+    }
+
     /// Records that the master of `epoch` closed its recovery window, so that its
     /// successor's window need cover only the leases it granted itself.
     pub async fn settle(&self, epoch: u64) -> Result<(), String> {

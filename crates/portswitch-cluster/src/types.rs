@@ -46,6 +46,16 @@ pub enum Command {
     /// The master of `epoch` closed its recovery window: no client lease of an earlier
     /// master can still be in force. Ignored unless `epoch` is current.
     Settle { epoch: u64 },
+    /// The master of `epoch` lowers its ceiling from `from` to `lease_ms`: for a whole
+    /// ceiling no session of it has held a longer lease, so no lease view it granted
+    /// can outlast `lease_ms` from now on, and it grants no longer one without raising
+    /// first. Ignored unless `epoch` is current and the ceiling is still `from` (a
+    /// raise that got in first wins); never raises.
+    Lower {
+        epoch: u64,
+        from: u32,
+        lease_ms: u32,
+    },
 }
 
 /// What the group knows, replicated and durable on every member.
@@ -122,13 +132,20 @@ impl GroupFacts {
                 // have granted, and whatever it had not yet outlived itself.
                 let owed = self.owed().max(self.ceiling());
                 let previous = self.master.map(|_| (owed, self.master_lease_ms));
+                // The successor starts where the leases in use are: no higher than its
+                // predecessor's ceiling (the sessions it adopts come back with those
+                // leases), raising it if a client asks for more.
+                let previous_ceiling = self.master.map(|_| self.ceiling());
                 self.epoch = (self.epoch + 1).max(epoch_floor);
                 self.master = Some(node);
                 let keys = *self.secret_keys.get_or_insert(keys);
                 self.lease_ms_max = self.lease_ms_max.max(lease_ms_max);
                 self.master_lease_ms = self.master_lease_ms.max(master_lease_ms);
                 self.lease_owed_ms = Some(previous.map_or(0, |(o, _)| o));
-                self.lease_ceiling_ms = lease_ms_start.map(|s| s.min(lease_ms_max));
+                self.lease_ceiling_ms = lease_ms_start.map(|s| {
+                    let start = s.min(lease_ms_max);
+                    previous_ceiling.map_or(start, |c| start.min(c.max(1)))
+                });
                 Response {
                     grant: Some(Grant {
                         epoch: self.epoch,
@@ -155,6 +172,21 @@ impl GroupFacts {
                     self.lease_owed_ms = Some(0);
                 }
                 Response::default()
+            }
+            Command::Lower {
+                epoch,
+                from,
+                lease_ms,
+            } => {
+                let ceiling = (epoch == self.epoch && self.ceiling() == from).then(|| {
+                    let c = from.min(lease_ms.max(1));
+                    self.lease_ceiling_ms = Some(c);
+                    c
+                });
+                Response {
+                    grant: None,
+                    ceiling,
+                }
             }
         }
     }
@@ -268,6 +300,61 @@ mod tests {
             g4.previous,
             Some((10_000, 300)),
             "only master 3's own 10 s is owed"
+        );
+    }
+
+    #[test]
+    fn a_lowered_ceiling_is_what_the_successor_owes_and_where_it_starts() {
+        let mut f = GroupFacts::default();
+        let g1 = grant(&mut f, start(1, 10_000));
+        // Every client uses 2 s leases: master 1 lowers its ceiling.
+        let lowered = f.apply(&Command::Lower {
+            epoch: g1.epoch,
+            from: 10_000,
+            lease_ms: 2_000,
+        });
+        assert_eq!(lowered.ceiling, Some(2_000));
+        // A lower that lost the race with a raise changes nothing.
+        f.apply(&Command::Raise {
+            epoch: g1.epoch,
+            lease_ms: 5_000,
+        });
+        let stale = f.apply(&Command::Lower {
+            epoch: g1.epoch,
+            from: 2_000,
+            lease_ms: 2_000,
+        });
+        assert_eq!((stale.ceiling, f.ceiling()), (None, 5_000));
+        f.apply(&Command::Lower {
+            epoch: g1.epoch,
+            from: 5_000,
+            lease_ms: 2_000,
+        });
+        // The successor owes 2 s and starts granting up to 2 s itself.
+        let g2 = grant(&mut f, start(2, 10_000));
+        assert_eq!(g2.previous, Some((2_000, 300)));
+        assert_eq!(g2.lease_ceiling_ms, 2_000);
+        // It dies inside its window: its successor owes master 1's 2 s and its own 2 s.
+        let g3 = grant(&mut f, start(3, 10_000));
+        assert_eq!(g3.previous, Some((2_000, 300)));
+        // A lower of a deposed epoch is ignored; lowering never raises.
+        assert_eq!(
+            f.apply(&Command::Lower {
+                epoch: g2.epoch,
+                from: 2_000,
+                lease_ms: 1_000
+            })
+            .ceiling,
+            None
+        );
+        assert_eq!(
+            f.apply(&Command::Lower {
+                epoch: g3.epoch,
+                from: 2_000,
+                lease_ms: 9_000
+            })
+            .ceiling,
+            Some(2_000)
         );
     }
 

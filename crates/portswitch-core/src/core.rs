@@ -176,6 +176,13 @@ pub struct Core {
     /// Ports that got a waiter while unowned during the recovery window: granted to
     /// their first waiter when it closes.
     recovery_waits: Vec<u32>,
+    /// Names known during the recovery window although free: reclaimed by their owner
+    /// and released since. Nobody else can hold a lease view on them (only one
+    /// session held a port when the earlier master stopped, and it gave this one
+    /// back), so they are granted, reported free and queued for as usual.
+    settled: hashbrown::HashSet<Box<[u8]>, foldhash::fast::RandomState>,
+    /// How many live sessions hold each lease length (for the lease ceiling).
+    leases: std::collections::BTreeMap<u32, u32>,
     now_ms: u64,
     stats: Stats,
     scratch: BytesMut,
@@ -213,6 +220,8 @@ impl Core {
             secret_keys: (seed[1], seed[2]),
             recovery_until: None,
             recovery_waits: Vec::new(),
+            settled: Default::default(),
+            leases: Default::default(),
             now_ms: 0,
             stats: Stats::default(),
             scratch: BytesMut::new(),
@@ -244,6 +253,34 @@ impl Core {
             "a recovery window opens on a fresh core"
         );
         self.recovery_until = Some(now_ms + window_ms);
+    }
+
+    /// The longest lease any session of this core holds now (0 without sessions).
+    /// A successor's recovery window must cover it; a master lowers its recorded
+    /// lease ceiling only once this has stayed below it for a whole ceiling.
+    pub fn lease_ms_longest(&self) -> u32 {
+        self.leases.keys().next_back().copied().unwrap_or(0)
+    }
+
+    fn lease_held(&mut self, lease_ms: u32) {
+        *self.leases.entry(lease_ms).or_default() += 1;
+    }
+
+    fn lease_dropped(&mut self, lease_ms: u32) {
+        let n = self
+            .leases
+            .get_mut(&lease_ms)
+            .expect("every session's lease is counted");
+        *n -= 1;
+        if *n == 0 {
+            self.leases.remove(&lease_ms);
+        }
+    }
+
+    /// Whether `name` is unknown to this master yet: its recovery window is open and
+    /// nobody has reclaimed the port (or released it after reclaiming it).
+    fn unknown(&self, name: &[u8]) -> bool {
+        self.recovery_until.is_some() && !self.settled.contains(name)
     }
 
     /// Milliseconds left of the recovery window (`None` when not recovering).
@@ -477,6 +514,7 @@ impl Core {
     /// waiters meanwhile go to their first waiter; every session hears RECOVERED.
     fn close_recovery(&mut self, out: &mut impl Outbox) {
         self.recovery_until = None;
+        self.settled = Default::default();
         let mut waits = std::mem::take(&mut self.recovery_waits);
         waits.sort_unstable();
         waits.dedup();
@@ -522,6 +560,7 @@ impl Core {
     fn forget_session(&mut self, slot: u32) {
         let s = self.sessions.remove(slot as usize);
         self.session_ids.remove(&s.id);
+        self.lease_dropped(s.lease_ms);
     }
 
     // ----- sessions -------------------------------------------------------------
@@ -684,6 +723,11 @@ impl Core {
                 );
                 out.close(old);
             }
+            let old_lease = self.sessions[slot as usize].lease_ms;
+            if old_lease != h.lease_ms {
+                self.lease_dropped(old_lease);
+                self.lease_held(h.lease_ms);
+            }
             let s = &mut self.sessions[slot as usize];
             s.conn = Some(b.conn);
             s.lease_ms = h.lease_ms;
@@ -762,6 +806,7 @@ impl Core {
             adopted: false,
         });
         self.session_ids.insert(id, slot);
+        self.lease_held(h.lease_ms);
         self.expiry.push(Reverse((deadline_ms, id)));
         self.conn_sessions.insert(b.conn, slot);
         b.session = slot;
@@ -985,6 +1030,11 @@ impl Core {
         }
         let token = self.ports.clear_owner(port);
         self.stats.releases_total += 1;
+        if self.recovery_until.is_some() {
+            // Only a known port can have an owner in the window: once free it stays
+            // known (its next waiter is granted it below, or anyone may register it).
+            self.settled.insert(self.ports.get(port).name().into());
+        }
         let has_extra = self.ports.extra(port).is_some();
         if has_extra || !self.prefix_watches.is_empty() {
             let name: Box<[u8]> = self.ports.get(port).name().into();
@@ -1028,7 +1078,7 @@ impl Core {
         let me = b.session;
         let s = &self.sessions[me as usize];
         let held = s.ports.len() + s.waits.len();
-        let recovering = self.recovery_until.is_some();
+        let recovering = self.unknown(name);
         let port = match self.ports.find(name) {
             Some(port) => port,
             None if recovering => {
@@ -1110,11 +1160,25 @@ impl Core {
                 "the port's wait queue holds queue_len_max waiters",
             ));
         }
-        x.queue.push_back(Waiter {
+        let waiter = Waiter {
             session: me,
             value: value.into(),
-        });
-        let position = x.queue.len() as u32;
+        };
+        // In a recovery window a session of the earlier master taking its place again
+        // goes ahead of sessions that queued only since: FIFO as far as clients can
+        // restore it (among themselves, re-queued sessions keep the order they came
+        // back in).
+        let sessions = &self.sessions;
+        let at = if self.recovery_until.is_some() && sessions[me as usize].adopted {
+            x.queue
+                .iter()
+                .position(|w| !sessions[w.session as usize].adopted)
+                .unwrap_or(x.queue.len())
+        } else {
+            x.queue.len()
+        };
+        x.queue.insert(at, waiter);
+        let position = at as u32 + 1;
         self.sessions[me as usize].waits.push(port);
         self.stats.waiters += 1;
         Ok(Reply::Queued { position })
@@ -1227,7 +1291,7 @@ impl Core {
             .find(name)
             .filter(|&p| self.ports.get(p).owner != NONE);
         match owned {
-            None if self.recovery_until.is_some() => {
+            None if self.unknown(name) => {
                 let Fail::Code(code, msg) = RECOVERING else {
                     unreachable!()
                 };
@@ -1364,7 +1428,7 @@ impl Core {
             .find(name)
             .filter(|&p| self.ports.get(p).owner != NONE)
         else {
-            if self.recovery_until.is_some() {
+            if self.unknown(name) {
                 return Err(RECOVERING);
             }
             return Ok(Reply::NoOwner);

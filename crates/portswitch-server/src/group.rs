@@ -142,6 +142,25 @@ impl GroupState {
         .map(|f| f.ceiling())
     }
 
+    /// Durably lowers this server's ceiling from `from` to `lease_ms` (see
+    /// `Command::Lower`). Returns the ceiling now in force, or `None` if a raise got
+    /// in first. Blocks on the disk.
+    pub(crate) fn lower_ceiling(&self, from: u32, lease_ms: u32) -> io::Result<Option<u32>> {
+        let cmd = Command::Lower {
+            epoch: self.epoch,
+            from,
+            lease_ms,
+        };
+        let facts = self.facts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = facts.clone();
+        drop(facts);
+        let applied = next.apply(&cmd).ceiling;
+        if applied.is_some() {
+            self.update(&cmd)?;
+        }
+        Ok(applied)
+    }
+
     /// Durably records that this server's recovery window closed: no lease of an
     /// earlier master is left, so a successor owes only this server's ceiling.
     pub(crate) fn settle(&self) -> io::Result<()> {

@@ -128,6 +128,8 @@ pub(crate) struct Ceiling {
     wanted_ms: std::sync::atomic::AtomicU32,
     /// The epoch whose recovery window closed and is still to be recorded.
     settle_epoch: AtomicU64,
+    /// A lower is being recorded.
+    lowering: std::sync::atomic::AtomicBool,
 }
 
 impl Member {
@@ -155,6 +157,13 @@ impl Keeper {
         match self {
             Keeper::Raft(node) => node.raise_ceiling(epoch, lease_ms).await,
             Keeper::Dir(g) => on_disk(g, move |g| g.raise_ceiling(lease_ms)).await,
+        }
+    }
+
+    async fn lower(&self, epoch: u64, from: u32, lease_ms: u32) -> Result<Option<u32>, String> {
+        match self {
+            Keeper::Raft(node) => node.lower_ceiling(epoch, from, lease_ms).await,
+            Keeper::Dir(g) => on_disk(g, move |g| g.lower_ceiling(from, lease_ms)).await,
         }
     }
 
@@ -261,6 +270,11 @@ pub(crate) struct State {
     conn_seq: u32,
     counters: Counters,
     scratch: BytesMut,
+    /// Since when (core ms) no session has held a lease as long as the ceiling, and
+    /// the longest lease held since: the ceiling comes down to it after a whole
+    /// ceiling of that.
+    ceiling_quiet_since_ms: u64,
+    ceiling_quiet_peak_ms: u32,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -489,6 +503,7 @@ impl Shared {
                     } else {
                         0
                     }),
+                    lowering: false.into(),
                 }),
                 keeper: Keeper::Dir(g),
             }),
@@ -524,6 +539,8 @@ impl Shared {
                 conn_seq: 0,
                 counters: Counters::default(),
                 scratch: BytesMut::new(),
+                ceiling_quiet_since_ms: 0,
+                ceiling_quiet_peak_ms: 0,
             }),
             cfg,
             start: Instant::now(),
@@ -653,7 +670,10 @@ impl Shared {
                         0
                     };
                     c.settle_epoch.store(settle, Ordering::Release);
+                    c.lowering.store(false, Ordering::Release);
                 }
+                st.ceiling_quiet_since_ms = now;
+                st.ceiling_quiet_peak_ms = 0;
                 self.epoch.store(m.epoch, Ordering::Relaxed);
                 st.serving = Serving::Yes;
                 st.role = ROLE_MASTER;
@@ -1191,7 +1211,57 @@ impl Shared {
                     }
                 });
             }
+            self.maybe_lower_ceiling(st, k, now);
         }
+    }
+
+    /// Lowers the lease ceiling to the leases in use once no session has held a lease
+    /// as long as it for a whole ceiling (plus a little): every lease view granted
+    /// longer than the new ceiling has run out by then, so a successor's recovery
+    /// window may be that much shorter. Not inside a recovery window, whose adopted
+    /// sessions are still coming back with their leases.
+    fn maybe_lower_ceiling(&self, st: &mut State, k: &CeilingKeeper, now: u64) {
+        let c = &k.ceiling;
+        if st.core.recovery_left_ms().is_some() || c.lowering.load(Ordering::Acquire) {
+            st.ceiling_quiet_since_ms = now;
+            st.ceiling_quiet_peak_ms = 0;
+            return;
+        }
+        let ceiling = c.lease_ms.load(Ordering::Acquire);
+        let longest = st.core.lease_ms_longest().max(self.cfg.core.lease_ms_min);
+        if longest >= ceiling || c.wanted_ms.load(Ordering::Acquire) > ceiling {
+            st.ceiling_quiet_since_ms = now;
+            st.ceiling_quiet_peak_ms = 0;
+            return;
+        }
+        st.ceiling_quiet_peak_ms = st.ceiling_quiet_peak_ms.max(longest);
+        if now.saturating_sub(st.ceiling_quiet_since_ms) < ceiling as u64 + CEILING_QUIET_SLACK_MS {
+            return;
+        }
+        let target = st.ceiling_quiet_peak_ms;
+        let epoch = c.epoch.load(Ordering::Acquire);
+        // From now on a HELLO asking for more than the target raises the ceiling
+        // first; the record follows.
+        c.lease_ms.store(target, Ordering::Release);
+        c.wanted_ms.store(0, Ordering::Release);
+        c.lowering.store(true, Ordering::Release);
+        st.ceiling_quiet_since_ms = now;
+        st.ceiling_quiet_peak_ms = 0;
+        let (keeper, c) = (k.keeper.clone(), k.ceiling.clone());
+        tokio::spawn(async move {
+            match keeper.lower(epoch, ceiling, target).await {
+                Ok(Some(now_ms)) => {
+                    tracing::info!(
+                        epoch,
+                        lease_ms = now_ms,
+                        "lease ceiling lowered to the leases in use"
+                    )
+                }
+                Ok(None) => tracing::debug!(epoch, "lease ceiling not lowered: raised meanwhile"),
+                Err(e) => tracing::warn!(error = %e, "could not lower the lease ceiling"),
+            }
+            c.lowering.store(false, Ordering::Release);
+        });
     }
 
     pub(crate) fn shutdown(&self) {
@@ -1464,6 +1534,10 @@ fn addr_of(conns: &slab::Slab<ConnOut>, conn: ConnId) -> std::net::IpAddr {
 }
 
 /// A random number of milliseconds below `max`, to spread clients told to retry.
+/// How much longer than a whole ceiling the leases in use must have stayed below it
+/// before the ceiling comes down (the ticker's granularity, and then some).
+const CEILING_QUIET_SLACK_MS: u64 = 100;
+
 /// When a client asking for a lease above the master's ceiling should come back: a
 /// raise is one Raft write (a few ms on one site, a round trip across data centres).
 const RAISE_RETRY_MS: u64 = 20;
