@@ -33,12 +33,18 @@
 //! ```
 
 mod client;
+mod direct;
+mod handshake;
 mod mux;
+mod name;
+mod net;
 mod recipes;
+mod session;
 mod types;
 
-pub use client::{server_stats, tls_exporter, Client, ClientOptions, ClientTls};
+pub use client::{Client, ClientOptions, ClientTls, LEASE_MS_DEFAULT};
 pub use mux::{Mux, MuxSession};
+pub use net::{server_stats, tls_exporter};
 pub use portswitch_proto::ErrorCode;
 pub use recipes::{
     Discovery, DiscoveryChange, Election, LeaderChange, LeaderWatch, Leadership, Lock, ServiceWatch,

@@ -6,35 +6,36 @@
 //! the kernel once per request of each. Over a [`Mux`] their requests share frames:
 //! whatever the sessions submit while a write is in flight goes out in the next frame.
 //!
-//! Each [`MuxSession`] keeps its own lease view, exactly like a [`crate::Client`]: it
-//! counts from the send time of the last request of that session the server
-//! answered, keeps each session alive with PINGs that ride in the shared frames, and
-//! reports [`Event::OwnershipLost`] when the view runs out, the server ends the
-//! session, or the connection drops. A mux does not reconnect: when its connection
-//! is gone its sessions are lost to it (a session that did not ask to end on
-//! disconnect stays on the server for its lease, and [`crate::Client`] can resume it
-//! with [`MuxSession::info`]'s id and secret).
+//! Each [`MuxSession`] is a [`Client`] in every respect — the same session state
+//! machine keeps its lease view, ports, watches and queue places — whose requests
+//! ride on its channel. When the connection is lost (the master died, stopped
+//! answering, or stepped down), the mux finds the group's master among
+//! [`ClientOptions::servers`], connects again and resumes every session on its
+//! channel; on a new master each reclaims its ports and takes its places in queues
+//! again, exactly as a [`Client`] does. Sessions that asked to end on disconnect end
+//! with the connection.
 
-use std::borrow::Borrow;
 use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use portswitch_proto::frame::{frame_len, messages};
-use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, PROTOCOL_VERSION};
+use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX};
 use portswitch_proto::msg::op;
 use portswitch_proto::{
-    ErrorCode, Event as WireEvent, FrameBuf, Hello, Reply, Request, ServerLimits, ServerMsg,
+    ErrorCode, Event as WireEvent, FrameBuf, HelloOk, Reply, Request, ServerMsg,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{broadcast, oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
-use crate::client::{check_limits, open_stream, owned_answer, safe_lease, Answer, Stream};
+use crate::client::{Link, Signals, Tx};
+use crate::direct::RECONNECT_BACKOFF_MAX;
+use crate::handshake::{nonce_seed, Handshake, Next};
+use crate::net::{open_stream, retry_hint, wait_as_told, Stream};
+use crate::session::{Effects, Kind, Phase, SessionCore, Wire};
 use crate::types::*;
-use crate::ClientOptions;
-use portswitch_auth::scram;
+use crate::{Client, ClientOptions};
 
 /// One connection carrying sessions on channels. Cheap to clone.
 #[derive(Clone)]
@@ -43,31 +44,93 @@ pub struct Mux {
     guard: Arc<Guard>,
 }
 
-/// Closes the connection when the last [`Mux`] and [`MuxSession`] are dropped.
+/// Closes the connection when the last [`Mux`] and [`MuxSession`] are dropped (after
+/// the BYEs of dropped sessions are written).
 struct Guard(Arc<Inner>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.kill("the mux was dropped", true);
+        self.0.shut("the mux was dropped", true);
     }
 }
 
-/// A session on a channel of a [`Mux`]. Dropping it ends the session (BYE), like
-/// dropping the last clone of a [`crate::Client`].
+/// A session on a channel of a [`Mux`]: a [`Client`] (it dereferences to one) whose
+/// requests share the mux's connection. Dropping it ends the session (BYE).
 pub struct MuxSession {
-    inner: Arc<Inner>,
-    _guard: Arc<Guard>,
+    client: Client,
     channel: u16,
-    info: SessionInfo,
-    alive: watch::Receiver<bool>,
-    events: broadcast::Sender<Event>,
 }
 
-struct Inner {
+impl std::ops::Deref for MuxSession {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::fmt::Debug for MuxSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxSession")
+            .field("channel", &self.channel)
+            .field("session", &self.client.session().id)
+            .finish()
+    }
+}
+
+impl MuxSession {
+    pub fn info(&self) -> SessionInfo {
+        self.client.session()
+    }
+
+    /// The channel this session rides on.
+    pub fn channel(&self) -> u16 {
+        self.channel
+    }
+
+    /// The session as a [`Client`] handle (clones share the session).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+pub(crate) struct Inner {
     opts: ClientOptions,
-    exporter: Option<[u8; 32]>,
+    answer_timeout: Duration,
     st: Mutex<St>,
     wake_writer: Notify,
+    /// The connection's generation while it is up, 0 while it is not.
+    up: watch::Sender<u64>,
+}
+
+/// Where a reply goes.
+enum Dest {
+    /// To the session core of its channel.
+    Session,
+    /// To a handshake (HELLO or AUTH) in progress on its channel, as raw bytes.
+    Handshake(oneshot::Sender<Result<(u8, Bytes)>>),
+}
+
+/// A request on the wire, in send order: the server answers a connection's requests
+/// in request order.
+struct Route {
+    channel: u16,
+    /// When the writer took it (until then, when the writer last took anything).
+    sent_at: Instant,
+    to: Dest,
+}
+
+enum SlotState {
+    /// A new session's HELLO is in flight.
+    Opening,
+    Session(Box<SessionCore<Tx>>),
+}
+
+struct Slot {
+    state: SlotState,
+    signals: Arc<Signals>,
+    /// Which opening of the channel this is: a handle of an earlier session on a
+    /// reused channel must not reach the new one.
+    key: u64,
 }
 
 struct St {
@@ -75,180 +138,252 @@ struct St {
     /// The channel the last CHANNEL switch in `out` (or already written) names.
     out_channel: u16,
     next_id: u32,
-    /// Requests awaiting replies, in the order sent: the server answers a
-    /// connection's requests in request order.
-    pending: VecDeque<(u32, Pending)>,
-    /// How many entries at the back of `pending` the writer has not taken yet: their
+    route: VecDeque<Route>,
+    /// How many entries at the back of `route` the writer has not taken yet: their
     /// `sent_at` is stamped when it does (one clock read per write, not per request).
     unstamped: usize,
     /// When the writer last took requests to write.
     clock: Instant,
-    /// The writer has been woken and has not taken the buffer since: no need to
-    /// wake it again.
+    /// The writer has been woken and has not taken the buffer since.
     writer_woken: bool,
-    channels: Chans,
+    slots: Vec<Option<Slot>>,
     /// Channels given back by closed sessions, reused before new numbers.
     free: Vec<u16>,
     next_channel: u32,
     /// What the server announced in the first HELLO_OK (0 until then).
     channels_max: u32,
-    limits: Option<ServerLimits>,
-    /// Why the connection is gone, once it is.
-    dead: Option<String>,
-    /// The code of a GOAWAY that closed the connection: the requests it left
-    /// unanswered were not carried out, and get this error.
-    goaway: Option<ErrorCode>,
+    /// Openings of channels so far (each slot's key).
+    openings: u64,
+    /// The current connection's generation; tasks of older ones stop.
+    gen: u64,
+    /// A connection is up.
+    connected: bool,
+    /// Its `tls-exporter` value (channel binding), over TLS.
+    exporter: Option<[u8; 32]>,
+    /// The server it goes to (or went to last).
+    server: String,
+    /// The reconnect task runs.
+    reconnecting: bool,
+    /// Wakes the current connection's reader when the connection must go.
+    conn_dead: Option<Arc<Notify>>,
+    /// Why the application shut the mux down, once it did.
+    shut: Option<String>,
+    /// The GOAWAY that closed the last connection: handshakes it left unanswered
+    /// get its code.
+    goaway: Option<(ErrorCode, String)>,
 }
 
-struct Pending {
-    /// Taken when the session ends before the reply comes (the reply is then
-    /// dropped on arrival, keeping the queue in step with the server).
-    tx: Option<oneshot::Sender<Result<Got>>>,
+/// The connection's output, as the sessions' wires see it.
+struct Out<'a> {
+    out: &'a mut FrameBuf,
+    out_channel: &'a mut u16,
+    next_id: &'a mut u32,
+    route: &'a mut VecDeque<Route>,
+    unstamped: &'a mut usize,
+    clock: Instant,
+}
+
+impl Out<'_> {
+    fn push(&mut self, channel: u16, req: &Request<'_>, to: Dest) -> u32 {
+        if *self.out_channel != channel {
+            self.out.push_channel(channel);
+            *self.out_channel = channel;
+        }
+        *self.next_id = self.next_id.wrapping_add(1).max(1);
+        let id = *self.next_id;
+        self.out.push_request(id, req);
+        self.route.push_back(Route {
+            channel,
+            sent_at: self.clock,
+            to,
+        });
+        *self.unstamped += 1;
+        id
+    }
+}
+
+/// One session's wire: its channel of the connection.
+struct ChanWire<'a, 'b> {
+    out: &'a mut Out<'b>,
     channel: u16,
-    /// When the writer took the request to write (before the server can have seen
-    /// it, so safe to count a lease view from); until then, when the writer last
-    /// took anything.
-    sent_at: Instant,
-    kind: Kind,
 }
 
-/// What a reply changes besides answering its request.
-enum Kind {
-    Plain,
-    Register(Name),
-    Unregister(Name),
+impl Wire for ChanWire<'_, '_> {
+    fn push(&mut self, req: &Request<'_>) -> u32 {
+        self.out.push(self.channel, req, Dest::Session)
+    }
 }
 
-/// A port name as a session keeps it: inline when short (most names, no allocation
-/// per request), shared bytes otherwise. Hashes and compares as its bytes, so the
-/// owned set is looked up with a plain `&[u8]`.
-#[derive(Clone)]
-enum Name {
-    Inline {
-        len: u8,
-        bytes: [u8; NAME_INLINE_MAX],
-    },
-    Heap(Bytes),
-}
+impl St {
+    fn split(&mut self) -> (Out<'_>, &mut Vec<Option<Slot>>) {
+        let clock = self.clock;
+        (
+            Out {
+                out: &mut self.out,
+                out_channel: &mut self.out_channel,
+                next_id: &mut self.next_id,
+                route: &mut self.route,
+                unstamped: &mut self.unstamped,
+                clock,
+            },
+            &mut self.slots,
+        )
+    }
 
-/// The longest name kept inline by [`Name`].
-const NAME_INLINE_MAX: usize = 30;
+    fn slot(&mut self, ch: u16) -> Option<&mut Slot> {
+        self.slots.get_mut(ch as usize)?.as_mut()
+    }
 
-impl Name {
-    fn new(port: &[u8]) -> Name {
-        if port.len() <= NAME_INLINE_MAX {
-            let mut bytes = [0; NAME_INLINE_MAX];
-            bytes[..port.len()].copy_from_slice(port);
-            Name::Inline {
-                len: port.len() as u8,
-                bytes,
-            }
+    /// The slot of channel `ch` if it still holds session `key`.
+    fn slot_of(&mut self, ch: u16, key: u64) -> Option<&mut Slot> {
+        self.slot(ch).filter(|s| s.key == key)
+    }
+
+    /// Runs `f` on the core of channel `ch` with its wire; collects the effects.
+    fn drive<R>(
+        &mut self,
+        ch: u16,
+        fx: &mut Vec<(Arc<Signals>, Effects<Tx>)>,
+        f: impl FnOnce(&mut SessionCore<Tx>, &mut ChanWire<'_, '_>) -> R,
+    ) -> Option<R> {
+        let (mut out, slots) = self.split();
+        let slot = slots.get_mut(ch as usize)?.as_mut()?;
+        let SlotState::Session(core) = &mut slot.state else {
+            return None;
+        };
+        let r = f(
+            core,
+            &mut ChanWire {
+                out: &mut out,
+                channel: ch,
+            },
+        );
+        let mut e = Effects::default();
+        core.take_effects(&mut e);
+        if !e.is_empty() {
+            fx.push((slot.signals.clone(), e));
+        }
+        Some(r)
+    }
+
+    /// The stamped request that has waited longest for its answer.
+    fn oldest_sent(&self) -> Option<Instant> {
+        if self.route.len() > self.unstamped {
+            self.route.front().map(|r| r.sent_at)
         } else {
-            Name::Heap(Bytes::copy_from_slice(port))
+            None
         }
     }
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Name::Inline { len, bytes } => &bytes[..*len as usize],
-            Name::Heap(b) => b,
+
+    /// The writer took everything queued at `now`: that is when it was sent.
+    fn stamp(&mut self, now: Instant) {
+        self.clock = now;
+        let from = self.route.len() - self.unstamped;
+        self.unstamped = 0;
+        for r in self.route.range_mut(from..) {
+            r.sent_at = now;
         }
     }
-    fn into_bytes(self) -> Bytes {
-        match self {
-            Name::Heap(b) => b,
-            inline => Bytes::copy_from_slice(inline.as_slice()),
+
+    /// Drops the current connection: handshakes in flight fail, sessions on it are
+    /// detached (those that end on disconnect end).
+    fn drop_connection(&mut self, why: &str, fx: &mut Vec<(Arc<Signals>, Effects<Tx>)>) {
+        if !self.connected {
+            return;
+        }
+        self.connected = false;
+        self.gen += 1;
+        self.out.clear();
+        self.out_channel = 0;
+        self.unstamped = 0;
+        if let Some(dead) = self.conn_dead.take() {
+            dead.notify_one();
+        }
+        let err = || match &self.goaway {
+            Some((code, message)) => Error::Server {
+                code: *code,
+                message: message.clone(),
+            },
+            None => Error::ConnectionLost,
+        };
+        for r in std::mem::take(&mut self.route) {
+            if let Dest::Handshake(tx) = r.to {
+                let _ = tx.send(Err(err()));
+            }
+        }
+        for slot in self.slots.iter_mut().flatten() {
+            if let SlotState::Session(core) = &mut slot.state {
+                core.detached(why);
+                let mut e = Effects::default();
+                core.take_effects(&mut e);
+                if !e.is_empty() {
+                    fx.push((slot.signals.clone(), e));
+                }
+            }
         }
     }
-}
 
-impl Borrow<[u8]> for Name {
-    fn borrow(&self) -> &[u8] {
-        self.as_slice()
+    /// Channels whose session waits to be resumed.
+    fn detached(&self) -> Vec<u16> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Some(Slot {
+                    state: SlotState::Session(core),
+                    ..
+                }) if *core.phase() == Phase::Detached => Some(i as u16),
+                _ => None,
+            })
+            .collect()
     }
 }
 
-impl Hash for Name {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        self.as_slice().hash(h)
+fn deliver(fx: Vec<(Arc<Signals>, Effects<Tx>)>) {
+    for (signals, mut e) in fx {
+        signals.deliver(&mut e);
     }
-}
-
-impl PartialEq for Name {
-    fn eq(&self, other: &Name) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for Name {}
-
-struct Chan {
-    safe_lease: Duration,
-    view_end: Instant,
-    /// When this channel last sent anything (its keepalive is due a third of a lease
-    /// later).
-    last_sent: Instant,
-    lease: Duration,
-    /// The ports this session owns (foldhash: the names are the application's own,
-    /// and this set is touched on every REGISTER and UNREGISTER).
-    owned: hashbrown::HashSet<Name, foldhash::fast::RandomState>,
-    alive: watch::Sender<bool>,
-    events: broadcast::Sender<Event>,
-    /// Set between HELLO and HELLO_OK: not yet kept alive or checked.
-    opening: bool,
-}
-
-/// A reply in owned form, as the pending request gets it.
-enum Got {
-    Answer(Answer),
-    HelloOk {
-        ok: portswitch_proto::HelloOk<'static>,
-        auth: Vec<u8>,
-    },
-    AuthContinue(Vec<u8>),
-}
-
-fn own(reply: &Reply<'_>) -> Result<Got> {
-    Ok(match *reply {
-        Reply::HelloOk(h) => Got::HelloOk {
-            ok: portswitch_proto::HelloOk { auth: &[], ..h },
-            auth: h.auth.to_vec(),
-        },
-        Reply::AuthContinue { data } => Got::AuthContinue(data.to_vec()),
-        ref r => Got::Answer(owned_answer(r)?),
-    })
 }
 
 impl Mux {
     /// Connects to `opts.addr` (TCP, then TLS if configured). No session is opened
-    /// until [`Mux::session`].
+    /// until [`Mux::session`]; the first one finds the group's master if `addr` is
+    /// not it.
     pub async fn connect(opts: ClientOptions) -> Result<Mux> {
+        opts.check()?;
         let addr = opts.addr.clone();
         let (stream, exporter) = open_stream(&opts, &addr).await?;
+        let (up, _) = watch::channel(0);
         let inner = Arc::new(Inner {
+            answer_timeout: opts.answer_timeout_for(opts.lease_ms()),
             st: Mutex::new(St {
                 out: FrameBuf::new(FRAME_BYTES_MAX, COMMANDS_PER_FRAME_MAX),
                 out_channel: 0,
                 next_id: 0,
-                pending: VecDeque::new(),
+                route: VecDeque::new(),
                 unstamped: 0,
                 clock: Instant::now(),
                 writer_woken: false,
-                channels: Chans::default(),
+                slots: Vec::new(),
                 free: Vec::new(),
                 next_channel: 1,
                 channels_max: 0,
-                limits: None,
-                dead: None,
+                openings: 0,
+                gen: 0,
+                connected: false,
+                exporter: None,
+                server: addr,
+                reconnecting: false,
+                conn_dead: None,
+                shut: None,
                 goaway: None,
             }),
             opts,
-            exporter,
             wake_writer: Notify::new(),
+            up,
         });
-        let (rd, wr) = tokio::io::split(stream);
-        tokio::spawn(writer(inner.clone(), wr));
-        tokio::spawn(reader(inner.clone(), rd));
-        tokio::spawn(keepalive(Arc::downgrade(&inner)));
+        inner.install(stream, exporter);
+        tokio::spawn(ticker(Arc::downgrade(&inner)));
         Ok(Mux {
             guard: Arc::new(Guard(inner.clone())),
             inner,
@@ -259,315 +394,42 @@ impl Mux {
     /// end-on-disconnect flag, node name and credentials.
     pub async fn session(&self) -> Result<MuxSession> {
         let inner = &self.inner;
-        let channel = {
-            let mut st = inner.lock();
-            if let Some(why) = &st.dead {
-                return Err(Error::SessionLost(why.clone()));
-            }
-            let channel = match st.free.pop() {
-                Some(c) => c,
-                None => {
-                    if st.channels_max != 0 && st.next_channel >= st.channels_max {
-                        return Err(Error::Server {
-                            code: ErrorCode::ChannelsMax,
-                            message: format!(
-                                "this connection carries the {} channels the server allows",
-                                st.channels_max.saturating_sub(1)
-                            ),
-                        });
-                    }
-                    let c = st.next_channel as u16;
-                    st.next_channel += 1;
-                    c
-                }
-            };
-            let (alive, _) = watch::channel(true);
-            let (events, _) = broadcast::channel(inner.opts.events_capacity.max(1));
-            st.channels.insert(
-                channel,
-                Chan {
-                    safe_lease: Duration::ZERO,
-                    view_end: Instant::now(),
-                    last_sent: Instant::now(),
-                    lease: inner.opts.lease,
-                    owned: hashbrown::HashSet::default(),
-                    alive,
-                    events,
-                    opening: true,
-                },
-            );
-            channel
-        };
-        // A server admitting HELLOs at its rate limit, or raising its lease ceiling,
-        // says when to come back: do, until the connect timeout.
-        let deadline = Instant::now() + inner.opts.connect_timeout;
-        let hello = loop {
-            match self.hello(channel).await {
-                Err(e) if crate::client::retry_hint(&e).is_some() && Instant::now() < deadline => {
-                    crate::client::wait_as_told(crate::client::retry_hint(&e).unwrap()).await;
-                }
-                other => break other,
-            }
-        };
-        match hello {
-            Ok(info) => {
-                let st = inner.lock();
-                let c = st.channels.get(&channel).expect("opened above");
+        let (channel, key) = inner.open_channel()?;
+        match inner.open_session(channel).await {
+            Ok(signals) => {
+                let info = inner
+                    .with(channel, key, |core| core.info())
+                    .ok_or(Error::SessionLost("the mux was shut down".into()))?;
+                let keep: Arc<dyn std::any::Any + Send + Sync> = self.guard.clone();
+                let link = Link::Mux(inner.clone(), channel, key);
                 Ok(MuxSession {
-                    inner: inner.clone(),
-                    _guard: self.guard.clone(),
+                    client: Client::new(link, signals, info, Some(keep)),
                     channel,
-                    info,
-                    alive: c.alive.subscribe(),
-                    events: c.events.clone(),
                 })
             }
             Err(e) => {
-                let mut st = inner.lock();
-                st.channels.remove(&channel);
-                st.free.push(channel);
+                inner.release_channel(channel, key);
                 Err(e)
             }
         }
     }
 
-    /// HELLO (and with credentials the SCRAM round trip) on `channel`.
-    async fn hello(&self, channel: u16) -> Result<SessionInfo> {
-        let inner = &self.inner;
-        let opts = &inner.opts;
-        let lease_ms = u32::try_from(opts.lease.as_millis()).unwrap_or(u32::MAX);
-        let binding = match &inner.exporter {
-            Some(e) => scram::Channel::TlsExporter(e),
-            None => scram::Channel::Plain,
-        };
-        let (exchange, credentials) = crate::client::scram_first(opts, binding)?;
-        let hello = Hello {
-            version_min: PROTOCOL_VERSION,
-            version_max: PROTOCOL_VERSION,
-            features: 0,
-            lease_ms,
-            end_on_disconnect: opts.end_on_disconnect,
-            node_name: opts.node_name.as_bytes(),
-            credentials: &credentials,
-            resume_session: 0,
-            resume_secret: 0,
-        };
-        let sent_at = Instant::now();
-        let first = inner
-            .call(channel, &Request::Hello(hello), Kind::Plain, true)?
-            .await
-            .map_err(|_| Error::ConnectionLost)??;
-        let ok = match (first, exchange) {
-            (Got::AuthContinue(data), Some(exchange)) => {
-                let challenge = std::str::from_utf8(&data)
-                    .map_err(|_| Error::Protocol("challenge is not UTF-8".into()))?;
-                let (awaiting, client_final) = exchange
-                    .respond(challenge, binding)
-                    .map_err(|e| Error::Protocol(format!("authentication: {e}")))?;
-                let req = Request::Auth {
-                    data: client_final.as_bytes(),
-                };
-                match inner
-                    .call(channel, &req, Kind::Plain, true)?
-                    .await
-                    .map_err(|_| Error::ConnectionLost)??
-                {
-                    Got::HelloOk { ok: h, auth } => {
-                        awaiting
-                            .verify(std::str::from_utf8(&auth).unwrap_or(""))
-                            .map_err(|e| {
-                                Error::Protocol(format!("the server failed to authenticate: {e}"))
-                            })?;
-                        h
-                    }
-                    other => return Err(refused(other)),
-                }
-            }
-            (Got::HelloOk { .. }, Some(_)) => {
-                return Err(Error::Protocol(
-                    "the server accepted the session without authenticating".into(),
-                ))
-            }
-            (Got::HelloOk { ok, .. }, None) => ok,
-            (other, _) => return Err(refused(other)),
-        };
-        if ok.channels_max <= channel as u32 {
-            return Err(Error::Protocol(format!(
-                "the server does not multiplex sessions (channels_max {})",
-                ok.channels_max
-            )));
-        }
-        let info = SessionInfo {
-            id: ok.session,
-            secret: ok.secret,
-            epoch: ok.epoch,
-            lease_ms: ok.lease_ms,
-            limits: ok.limits,
-        };
-        let mut st = inner.lock();
-        st.channels_max = ok.channels_max;
-        st.limits.get_or_insert(ok.limits);
-        let safe = safe_lease(&inner.opts, ok.lease_ms);
-        if let Some(c) = st.channels.get_mut(&channel) {
-            c.opening = false;
-            c.safe_lease = safe;
-            c.lease = Duration::from_millis(ok.lease_ms as u64);
-            c.view_end = c.view_end.max(sent_at + safe);
-        }
-        Ok(info)
-    }
-
     /// Sessions open on this connection.
     pub fn sessions(&self) -> usize {
-        self.inner.lock().channels.len()
+        self.inner.lock().slots.iter().flatten().count()
     }
 
-    /// Whether the connection is still up.
+    /// Whether the connection is up (it is down between a failure and the moment a
+    /// server takes the sessions back).
     pub fn is_connected(&self) -> bool {
-        self.inner.lock().dead.is_none()
+        self.inner.lock().connected
     }
 
     /// Closes the connection; every session on it is lost to this process (the
     /// server ends those that asked to end on disconnect and keeps the others for
     /// their lease).
     pub fn shutdown(&self) {
-        self.inner.kill("closed by the application", false);
-    }
-}
-
-fn refused(r: Got) -> Error {
-    match r {
-        Got::Answer(a) => Error::Protocol(format!("unexpected handshake answer {a:?}")),
-        _ => Error::Protocol("unexpected handshake answer".into()),
-    }
-}
-
-impl MuxSession {
-    pub fn info(&self) -> SessionInfo {
-        self.info
-    }
-
-    /// The channel this session rides on.
-    pub fn channel(&self) -> u16 {
-        self.channel
-    }
-
-    /// Subscribes to this session's events (from now on).
-    pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
-    }
-
-    /// Whether the session is still held (the lease view has not run out).
-    pub fn is_alive(&self) -> bool {
-        *self.alive.borrow()
-    }
-
-    /// Resolves when the session is lost or closed.
-    pub async fn lost(&self) {
-        let mut rx = self.alive.clone();
-        let _ = rx.wait_for(|alive| !alive).await;
-    }
-
-    /// Registers `port` without waiting: owned, or taken by someone else.
-    pub async fn register(
-        &self,
-        port: impl AsRef<[u8]>,
-        value: impl AsRef<[u8]>,
-    ) -> Result<RegisterOutcome> {
-        let port = port.as_ref();
-        let req = Request::Register {
-            port,
-            value: value.as_ref(),
-            wait: false,
-        };
-        let kind = Kind::Register(Name::new(port));
-        match self.answer(&req, kind).await? {
-            Answer::Registered(token) => Ok(RegisterOutcome::Owned { token }),
-            Answer::Taken(session, token, node) => Ok(RegisterOutcome::Taken {
-                session,
-                token,
-                node,
-            }),
-            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
-        }
-    }
-
-    /// Releases a port this session owns.
-    pub async fn unregister(&self, port: impl AsRef<[u8]>) -> Result<()> {
-        let port = port.as_ref();
-        let kind = Kind::Unregister(Name::new(port));
-        match self.answer(&Request::Unregister { port }, kind).await? {
-            Answer::Ok => Ok(()),
-            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
-        }
-    }
-
-    /// The owner of `port`, or `None` if it is free.
-    pub async fn query(&self, port: impl AsRef<[u8]>) -> Result<Option<Owner>> {
-        let port = port.as_ref();
-        match self.answer(&Request::Query { port }, Kind::Plain).await? {
-            Answer::Owner(o) => Ok(Some(Owner {
-                port: Bytes::copy_from_slice(port),
-                ..o
-            })),
-            Answer::Free => Ok(None),
-            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
-        }
-    }
-
-    /// A round trip that also renews the lease.
-    pub async fn ping(&self) -> Result<()> {
-        match self.answer(&Request::Ping, Kind::Plain).await? {
-            Answer::Ok => Ok(()),
-            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
-        }
-    }
-
-    /// Ends the session (its ports are released at once) and frees its channel.
-    pub async fn close(&self) -> Result<()> {
-        let r = self.answer(&Request::Bye, Kind::Plain).await;
-        self.inner
-            .end(self.channel, None, "closed by the application");
-        self.free_channel();
-        r.map(|_| ())
-    }
-
-    /// Frees the channel for the next session (once the session is over).
-    fn free_channel(&self) {
-        let mut st = self.inner.lock();
-        if !st.channels.contains_key(&self.channel) && !st.free.contains(&self.channel) {
-            st.free.push(self.channel);
-        }
-    }
-
-    async fn answer(&self, req: &Request<'_>, kind: Kind) -> Result<Answer> {
-        // `call` refuses a session that is over.
-        match self
-            .inner
-            .call(self.channel, req, kind, false)?
-            .await
-            .map_err(|_| Error::ConnectionLost)??
-        {
-            Got::Answer(a) => Ok(a),
-            _ => Err(Error::Protocol(
-                "handshake reply outside a handshake".into(),
-            )),
-        }
-    }
-}
-
-impl Drop for MuxSession {
-    fn drop(&mut self) {
-        // A forgotten session must not keep its ports: BYE, sent with whatever is
-        // queued (the reply is not waited for).
-        if self
-            .inner
-            .call(self.channel, &Request::Bye, Kind::Plain, false)
-            .is_ok()
-        {
-            self.inner.end(self.channel, None, "session dropped");
-        }
-        self.free_channel();
+        self.inner.shut("closed by the application", false);
     }
 }
 
@@ -576,46 +438,297 @@ impl Inner {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `req` on `channel`; the receiver gets the reply in owned form.
-    fn call(
+    pub(crate) fn with<R>(
         &self,
-        channel: u16,
+        ch: u16,
+        key: u64,
+        f: impl FnOnce(&SessionCore<Tx>) -> R,
+    ) -> Option<R> {
+        let mut st = self.lock();
+        match &st.slot_of(ch, key)?.state {
+            SlotState::Session(core) => Some(f(core)),
+            SlotState::Opening => None,
+        }
+    }
+
+    pub(crate) fn submit(
+        &self,
+        ch: u16,
+        key: u64,
         req: &Request<'_>,
         kind: Kind,
-        opening: bool,
-    ) -> Result<oneshot::Receiver<Result<Got>>> {
-        let (rx, wake) = {
+        done: Option<Tx>,
+    ) -> Result<()> {
+        let mut fx = Vec::new();
+        let (r, wake) = {
             let mut st = self.lock();
-            if let Some(why) = &st.dead {
+            if st.slot_of(ch, key).is_none() {
+                return Err(Error::SessionLost("the session is over".into()));
+            }
+            let clock = st.clock;
+            let r = st
+                .drive(ch, &mut fx, |core, wire| {
+                    core.submit(req, kind, done, clock, wire)
+                })
+                .unwrap_or_else(|| Err(Error::SessionLost("the session is over".into())));
+            (r, !std::mem::replace(&mut st.writer_woken, true))
+        };
+        if wake {
+            self.wake_writer.notify_one();
+        }
+        deliver(fx);
+        r
+    }
+
+    /// The session on `ch` is over for the application: its channel is freed once
+    /// what it queued (a BYE) is on its way.
+    pub(crate) fn close_session(&self, ch: u16, key: u64) {
+        let mut fx = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.slot_of(ch, key).is_none() {
+                return;
+            }
+            st.drive(ch, &mut fx, |core, _| core.end(Phase::Closed));
+            if let Some(s) = st.slots.get_mut(ch as usize) {
+                if s.take().is_some() {
+                    st.free.push(ch);
+                }
+            }
+        }
+        self.wake_writer.notify_one();
+        deliver(fx);
+    }
+
+    /// Every session is lost to this process and the connection closes (`flush`:
+    /// after what is queued, the BYEs of dropped sessions, is written).
+    fn shut(&self, reason: &str, flush: bool) {
+        let mut fx = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.shut.is_none() {
+                st.shut = Some(reason.to_string());
+            }
+            if !flush {
+                st.out.clear();
+            }
+            for slot in st.slots.iter_mut().flatten() {
+                if let SlotState::Session(core) = &mut slot.state {
+                    core.end(Phase::Lost(reason.to_string()));
+                    let mut e = Effects::default();
+                    core.take_effects(&mut e);
+                    fx.push((slot.signals.clone(), e));
+                }
+            }
+            for r in std::mem::take(&mut st.route) {
+                if let Dest::Handshake(tx) = r.to {
+                    let _ = tx.send(Err(Error::SessionLost(reason.to_string())));
+                }
+            }
+            st.unstamped = 0;
+            if let Some(dead) = st.conn_dead.take() {
+                dead.notify_one();
+            }
+        }
+        self.up.send_replace(0);
+        self.wake_writer.notify_one();
+        deliver(fx);
+    }
+
+    /// Takes a channel for a new session.
+    fn open_channel(&self) -> Result<(u16, u64)> {
+        let mut st = self.lock();
+        if let Some(why) = &st.shut {
+            return Err(Error::SessionLost(why.clone()));
+        }
+        let channel = match st.free.pop() {
+            Some(c) => c,
+            None => {
+                if st.channels_max != 0 && st.next_channel >= st.channels_max {
+                    return Err(Error::Server {
+                        code: ErrorCode::ChannelsMax,
+                        message: format!(
+                            "this connection carries the {} channels the server allows",
+                            st.channels_max.saturating_sub(1)
+                        ),
+                    });
+                }
+                if st.next_channel > u16::MAX as u32 {
+                    return Err(Error::Server {
+                        code: ErrorCode::ChannelsMax,
+                        message: "this connection carries 65,535 channels".into(),
+                    });
+                }
+                let c = st.next_channel as u16;
+                st.next_channel += 1;
+                c
+            }
+        };
+        let i = channel as usize;
+        if st.slots.len() <= i {
+            st.slots.resize_with(i + 1, || None);
+        }
+        st.openings += 1;
+        let key = st.openings;
+        st.slots[i] = Some(Slot {
+            state: SlotState::Opening,
+            signals: Signals::new(self.opts.events_capacity),
+            key,
+        });
+        Ok((channel, key))
+    }
+
+    fn release_channel(&self, ch: u16, key: u64) {
+        let mut st = self.lock();
+        if st.slot_of(ch, key).is_none() {
+            return;
+        }
+        if let Some(s) = st.slots.get_mut(ch as usize) {
+            if s.take().is_some() {
+                st.free.push(ch);
+            }
+        }
+    }
+
+    /// Opens a new session on `ch`: HELLO (SCRAM), following the group's master and
+    /// waiting as long as the server says, until the connect timeout.
+    async fn open_session(self: &Arc<Self>, ch: u16) -> Result<Arc<Signals>> {
+        let deadline = Instant::now() + self.opts.connect_timeout;
+        loop {
+            self.connected_by(deadline).await?;
+            let e = match self.handshake(ch, None).await {
+                Ok((ok, sent_at)) => {
+                    if ok.channels_max <= ch as u32 {
+                        return Err(Error::Protocol(format!(
+                            "the server does not multiplex sessions (channels_max {})",
+                            ok.channels_max
+                        )));
+                    }
+                    let mut st = self.lock();
+                    st.channels_max = ok.channels_max;
+                    let slot = st.slot(ch).ok_or(Error::Closed)?;
+                    slot.state = SlotState::Session(Box::new(SessionCore::new(
+                        self.opts.settings(),
+                        &ok,
+                        sent_at,
+                    )));
+                    return Ok(slot.signals.clone());
+                }
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(e);
+            }
+            if let Some(wait) = retry_hint(&e) {
+                wait_as_told(wait).await;
+                continue;
+            }
+            match &e {
+                // Not the master: move the connection to the one it names (or look
+                // for it) and ask again.
+                Error::Server {
+                    code: ErrorCode::NotMaster,
+                    message,
+                } => {
+                    let hint = message.strip_prefix("master=").map(str::to_string);
+                    self.move_connection(hint, "not the master");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Error::ConnectionLost | Error::Io(_) => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until a connection is up (starting the reconnect task if none runs).
+    async fn connected_by(self: &Arc<Self>, deadline: Instant) -> Result<()> {
+        let mut up = self.up.subscribe();
+        loop {
+            {
+                let mut st = self.lock();
+                if let Some(why) = &st.shut {
+                    return Err(Error::SessionLost(why.clone()));
+                }
+                if st.connected {
+                    return Ok(());
+                }
+                if !st.reconnecting {
+                    st.reconnecting = true;
+                    tokio::spawn(reconnect(self.clone(), None));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, up.changed()).await.is_err() {
+                let server = self.lock().server.clone();
+                return Err(Error::ConnectTimeout(server));
+            }
+        }
+    }
+
+    /// Drops the current connection and connects again (to `hint` first).
+    fn move_connection(self: &Arc<Self>, hint: Option<String>, why: &str) {
+        let mut fx = Vec::new();
+        let start = {
+            let mut st = self.lock();
+            st.goaway = None;
+            st.drop_connection(why, &mut fx);
+            !std::mem::replace(&mut st.reconnecting, true) && st.shut.is_none()
+        };
+        self.up.send_replace(0);
+        if start {
+            tokio::spawn(reconnect(self.clone(), hint));
+        }
+        deliver(fx);
+    }
+
+    /// HELLO (and with credentials the SCRAM round trip) on channel `ch`, resuming
+    /// `resume` if given. Returns the server's answer and when HELLO was sent.
+    async fn handshake(
+        &self,
+        ch: u16,
+        resume: Option<(u64, u64)>,
+    ) -> Result<(HelloOk<'static>, Instant)> {
+        let exporter = self.lock().exporter;
+        let mut hs = Handshake::start(&self.opts, exporter, &nonce_seed()?);
+        let lease_ms = self.opts.lease_ms();
+        let sent_at = Instant::now();
+        let mut rx = self.call_raw(ch, &Request::Hello(hs.hello(&self.opts, lease_ms, resume)))?;
+        loop {
+            let (opcode, body) = rx.await.map_err(|_| Error::ConnectionLost)??;
+            let reply = Reply::decode(opcode, &body)
+                .map_err(|e| Error::Protocol(format!("handshake answer: {e}")))?;
+            match hs.on_reply(&reply)? {
+                Next::Auth(client_final) => {
+                    rx = self.call_raw(
+                        ch,
+                        &Request::Auth {
+                            data: client_final.as_bytes(),
+                        },
+                    )?;
+                }
+                Next::Done(ok) => return Ok((ok, sent_at)),
+            }
+        }
+    }
+
+    /// Queues a handshake request on `ch`; the receiver gets the raw reply.
+    fn call_raw(
+        &self,
+        ch: u16,
+        req: &Request<'_>,
+    ) -> Result<oneshot::Receiver<Result<(u8, Bytes)>>> {
+        let (tx, rx) = oneshot::channel();
+        let wake = {
+            let mut st = self.lock();
+            if let Some(why) = &st.shut {
                 return Err(Error::SessionLost(why.clone()));
             }
-            if let Some(l) = &st.limits {
-                check_limits(l, req)?;
+            if !st.connected {
+                return Err(Error::ConnectionLost);
             }
-            match st.channels.get(&channel) {
-                Some(c) if c.opening == opening => {}
-                _ => return Err(Error::SessionLost("the session is over".into())),
-            }
-            st.next_id = st.next_id.wrapping_add(1).max(1);
-            let id = st.next_id;
-            if st.out_channel != channel {
-                st.out.push_channel(channel);
-                st.out_channel = channel;
-            }
-            st.out.push_request(id, req);
-            let (tx, rx) = oneshot::channel();
-            let sent_at = st.clock;
-            st.pending.push_back((
-                id,
-                Pending {
-                    tx: Some(tx),
-                    channel,
-                    sent_at,
-                    kind,
-                },
-            ));
-            st.unstamped += 1;
-            (rx, !std::mem::replace(&mut st.writer_woken, true))
+            let (mut out, _) = st.split();
+            out.push(ch, req, Dest::Handshake(tx));
+            !std::mem::replace(&mut st.writer_woken, true)
         };
         if wake {
             self.wake_writer.notify_one();
@@ -623,97 +736,247 @@ impl Inner {
         Ok(rx)
     }
 
-    /// Ends `channel`'s session on the client's side and tells the application.
-    fn end(&self, channel: u16, code: Option<ErrorCode>, reason: &str) {
-        let (chan, waiting) = {
+    /// Makes `stream` the connection and starts its reader and writer.
+    fn install(self: &Arc<Self>, stream: Stream, exporter: Option<[u8; 32]>) {
+        let (rd, wr) = tokio::io::split(stream);
+        let dead = Arc::new(Notify::new());
+        let gen = {
             let mut st = self.lock();
-            let waiting: Vec<_> = st
-                .pending
-                .iter_mut()
-                .filter(|(_, p)| p.channel == channel)
-                .filter_map(|(_, p)| p.tx.take())
-                .collect();
-            (st.channels.remove(&channel), waiting)
+            st.gen += 1;
+            st.connected = true;
+            st.exporter = exporter;
+            st.goaway = None;
+            st.out.clear();
+            st.out_channel = 0;
+            st.route.clear();
+            st.unstamped = 0;
+            st.conn_dead = Some(dead.clone());
+            st.gen
         };
-        // Requests of an ended session are not left hanging.
-        for tx in waiting {
-            let _ = tx.send(Err(Error::SessionLost(reason.to_string())));
-        }
-        if let Some(c) = chan {
-            finish_chan(c, code, reason);
-        }
+        tokio::spawn(writer(self.clone(), wr, gen));
+        tokio::spawn(reader(self.clone(), rd, gen, dead));
+        self.up.send_replace(gen);
     }
 
-    /// The connection is gone: every session on it is lost to this process.
-    /// `flush`: what is queued (the BYEs of dropped sessions) is still written.
-    fn kill(&self, reason: &str, flush: bool) {
-        let (chans, pending, goaway) = {
+    /// Resumes the session on `ch` on the current connection.
+    async fn resume(self: &Arc<Self>, ch: u16) -> Result<()> {
+        let info = {
             let mut st = self.lock();
-            if st.dead.is_none() {
-                st.dead = Some(reason.to_string());
+            match st.slot(ch).map(|s| &s.state) {
+                Some(SlotState::Session(core)) => core.info(),
+                _ => return Ok(()),
             }
-            if !flush {
-                st.out.clear();
-            }
-            st.unstamped = 0;
-            (
-                std::mem::take(&mut st.channels),
-                std::mem::take(&mut st.pending),
-                st.goaway,
-            )
         };
-        for (_, p) in pending {
-            if let Some(tx) = p.tx {
-                let _ = tx.send(Err(match goaway {
-                    Some(code) => Error::Server {
-                        code,
-                        message: reason.to_string(),
-                    },
-                    None => Error::ConnectionLost,
-                }));
-            }
+        let (ok, sent_at) = self.handshake(ch, Some((info.id, info.secret))).await?;
+        if ok.epoch < info.epoch {
+            // A master older than one this session has seen is deposed (or about to
+            // learn it is): its answers must not extend the lease view.
+            return Err(Error::Server {
+                code: ErrorCode::NotMaster,
+                message: format!("epoch {} is older than {} seen", ok.epoch, info.epoch),
+            });
         }
-        for c in chans.0.into_iter().flatten() {
-            finish_chan(c, None, reason);
+        let mut fx = Vec::new();
+        {
+            let mut st = self.lock();
+            st.channels_max = ok.channels_max;
+            let now = Instant::now();
+            st.drive(ch, &mut fx, |core, wire| {
+                core.resumed(&ok, sent_at, now, wire)
+            });
+            st.writer_woken = true;
         }
         self.wake_writer.notify_one();
+        deliver(fx);
+        Ok(())
     }
 }
 
-fn finish_chan(c: Chan, code: Option<ErrorCode>, reason: &str) {
-    c.alive.send_replace(false);
-    let reason = match code {
-        Some(code) => format!("{reason} ({code})"),
-        None => reason.to_string(),
-    };
-    let _ = c.events.send(Event::OwnershipLost {
-        ports: c.owned.into_iter().map(|p| (p.into_bytes(), 0)).collect(),
-        reason,
-    });
+/// Finds a server that takes the sessions back and resumes every detached session on
+/// it; runs until none is left detached (or the mux is shut down). One at a time.
+async fn reconnect(inner: Arc<Inner>, mut hint: Option<String>) {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let (connected, failed, detached) = {
+            let mut st = inner.lock();
+            if st.shut.is_some() {
+                st.reconnecting = false;
+                return;
+            }
+            let detached = st.detached();
+            // Done when every session is back; with none to resume, a connection is
+            // made only while a new session waits for one.
+            let opening = st
+                .slots
+                .iter()
+                .flatten()
+                .any(|s| matches!(s.state, SlotState::Opening));
+            if detached.is_empty() && (st.connected || !opening) {
+                st.reconnecting = false;
+                return;
+            }
+            (st.connected, st.server.clone(), detached)
+        };
+        if connected {
+            // Resume the rest on this connection, all at once (their HELLOs share
+            // frames); a server admitting HELLOs at its rate says when to come back.
+            let tasks: Vec<_> = detached
+                .into_iter()
+                .map(|ch| {
+                    let inner = inner.clone();
+                    tokio::spawn(async move { (ch, inner.resume(ch).await) })
+                })
+                .collect();
+            let mut wait = None;
+            let mut failed_any = false;
+            for t in tasks {
+                let Ok((ch, r)) = t.await else { continue };
+                match r {
+                    Ok(()) => {}
+                    Err(e) => {
+                        failed_any = true;
+                        if let Some(w) = retry_hint(&e) {
+                            wait = Some(w);
+                        } else if let Error::Server { code, message } = &e {
+                            if !matches!(code, ErrorCode::NotMaster) {
+                                end_session(
+                                    &inner,
+                                    ch,
+                                    format!("resume refused: {code}: {message}"),
+                                );
+                            } else {
+                                inner.move_connection(
+                                    message.strip_prefix("master=").map(str::to_string),
+                                    "not the master",
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(w) = wait {
+                wait_as_told(w).await;
+            } else if failed_any {
+                tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+            }
+            continue;
+        }
+        // No connection: the server named first, then the others, the one that just
+        // failed last (it may be stopped rather than dead, and cost a whole answer
+        // timeout).
+        let mut candidates: Vec<String> = Vec::new();
+        if let Some(h) = hint.take() {
+            candidates.push(h);
+        }
+        for a in std::iter::once(&inner.opts.addr).chain(inner.opts.servers.iter()) {
+            if *a != failed && !candidates.contains(a) {
+                candidates.push(a.clone());
+            }
+        }
+        if !candidates.contains(&failed) {
+            candidates.push(failed.clone());
+        }
+        let mut progressed = false;
+        for addr in candidates {
+            let Ok((stream, exporter)) = open_stream(&inner.opts, &addr).await else {
+                continue;
+            };
+            inner.lock().server = addr.clone();
+            inner.install(stream, exporter);
+            let Some(&probe) = detached.first() else {
+                progressed = true;
+                break; // nothing to resume: the next session's HELLO finds the master
+            };
+            match inner.resume(probe).await {
+                Ok(()) => {
+                    progressed = true;
+                    break;
+                }
+                Err(e) => {
+                    if let Some(w) = retry_hint(&e) {
+                        // The master, taking over or admitting HELLOs at its rate.
+                        wait_as_told(w).await;
+                        progressed = true;
+                        break;
+                    }
+                    match e {
+                        Error::Server {
+                            code: ErrorCode::NotMaster,
+                            message,
+                        } => {
+                            let mut fx = Vec::new();
+                            inner.lock().drop_connection("not the master", &mut fx);
+                            inner.up.send_replace(0);
+                            deliver(fx);
+                            if let Some(m) = message.strip_prefix("master=") {
+                                hint = Some(m.to_string());
+                                progressed = true;
+                                break;
+                            }
+                        }
+                        Error::Server { code, message } => {
+                            // This session cannot be had; the others may.
+                            end_session(
+                                &inner,
+                                probe,
+                                format!("resume refused: {code}: {message}"),
+                            );
+                            progressed = true;
+                            break;
+                        }
+                        _ => {
+                            let mut fx = Vec::new();
+                            inner.lock().drop_connection("no answer", &mut fx);
+                            inner.up.send_replace(0);
+                            deliver(fx);
+                        }
+                    }
+                }
+            }
+        }
+        if progressed {
+            backoff = Duration::from_millis(20);
+            continue;
+        }
+        // Jittered exponential backoff, so that many clients do not reconnect in step.
+        tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
 }
 
-async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>) {
+fn end_session(inner: &Inner, ch: u16, why: String) {
+    let mut fx = Vec::new();
+    inner
+        .lock()
+        .drive(ch, &mut fx, |core, _| core.end(Phase::Lost(why)));
+    deliver(fx);
+}
+
+async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>, gen: u64) {
     let mut buf = BytesMut::new();
     loop {
-        let dead = {
+        let last = {
             let mut st = inner.lock();
+            if st.gen != gen {
+                break;
+            }
             st.out.take_into(&mut buf);
             st.writer_woken = false;
             if st.unstamped > 0 {
                 st.stamp(Instant::now());
             }
-            st.dead.is_some()
+            st.shut.is_some()
         };
         if !buf.is_empty() {
             if wr.write_all(&buf).await.is_err() {
-                inner.kill("connection write failed", false);
-                break;
+                break; // the reader sees the connection fail
             }
-            if !dead {
+            if !last {
                 continue; // more may have piled up during the write
             }
         }
-        if dead {
+        if last {
             break;
         }
         inner.wake_writer.notified().await;
@@ -723,7 +986,7 @@ async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>) {
     let _ = wr.shutdown().await;
 }
 
-async fn reader(inner: Arc<Inner>, mut rd: ReadHalf<Stream>) {
+async fn reader(inner: Arc<Inner>, mut rd: ReadHalf<Stream>, gen: u64, dead: Arc<Notify>) {
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut channel = 0u16;
     let why = 'conn: loop {
@@ -731,7 +994,7 @@ async fn reader(inner: Arc<Inner>, mut rd: ReadHalf<Stream>) {
             match frame_len(&buf, FRAME_BYTES_MAX) {
                 Ok(Some(n)) => {
                     let frame = buf.split_to(n);
-                    if let Err(why) = dispatch(&inner, &frame, &mut channel) {
+                    if let Err(why) = dispatch(&inner, &frame, &mut channel, gen) {
                         break 'conn why;
                     }
                 }
@@ -739,26 +1002,59 @@ async fn reader(inner: Arc<Inner>, mut rd: ReadHalf<Stream>) {
                 Err(e) => break 'conn format!("the server sent a malformed frame: {e}"),
             }
         }
-        if inner.lock().dead.is_some() {
-            return;
+        {
+            let st = inner.lock();
+            if st.gen != gen || st.shut.is_some() {
+                return;
+            }
         }
-        match rd.read_buf(&mut buf).await {
-            Ok(0) => break "connection closed by the server".to_string(),
-            Err(e) => break format!("connection error: {e}"),
-            Ok(_) => {}
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break "connection closed by the server".to_string(),
+                Err(e) => break format!("connection error: {e}"),
+                Ok(_) => {}
+            },
+            _ = dead.notified() => break "the server stopped answering".to_string(),
         }
     };
-    inner.kill(&why, false);
+    drop(rd);
+    connection_lost(&inner, gen, &why);
+}
+
+/// The connection of generation `gen` failed: its sessions are detached and the
+/// reconnect task resumes them.
+fn connection_lost(inner: &Arc<Inner>, gen: u64, why: &str) {
+    let mut fx = Vec::new();
+    let start = {
+        let mut st = inner.lock();
+        if st.gen != gen || st.shut.is_some() {
+            return;
+        }
+        st.drop_connection(why, &mut fx);
+        !std::mem::replace(&mut st.reconnecting, true)
+    };
+    inner.up.send_replace(0);
+    if start {
+        tokio::spawn(reconnect(inner.clone(), None));
+    }
+    deliver(fx);
 }
 
 /// Handles every message of one frame; `Err` when the connection must end.
-fn dispatch(inner: &Inner, frame: &[u8], channel: &mut u16) -> std::result::Result<(), String> {
-    let mut replies = Vec::new();
-    let mut events: Vec<(broadcast::Sender<Event>, Event)> = Vec::new();
-    let mut ended: Vec<(u16, ErrorCode, String)> = Vec::new();
-    let mut goaway = None;
-    {
+fn dispatch(
+    inner: &Inner,
+    frame: &[u8],
+    channel: &mut u16,
+    gen: u64,
+) -> std::result::Result<(), String> {
+    let mut fx = Vec::new();
+    let mut raw = Vec::new();
+    let r = (|| {
         let mut st = inner.lock();
+        if st.gen != gen {
+            return Ok(());
+        }
+        let now = Instant::now();
         for m in messages(&frame[4..], usize::MAX) {
             let m = m.map_err(|e| format!("the server sent a malformed frame: {e}"))?;
             if m.opcode == op::CHANNEL {
@@ -770,233 +1066,109 @@ fn dispatch(inner: &Inner, frame: &[u8], channel: &mut u16) -> std::result::Resu
             };
             match msg {
                 ServerMsg::Reply { id, reply } => {
-                    let p = match st.pending.pop_front() {
-                        Some((want, p)) if want == id => p,
+                    let route = match st.route.pop_front() {
+                        Some(r) if r.channel == *channel => r,
                         _ => return Err(format!("the server answered request {id} out of order")),
                     };
-                    if let Some(c) = st.channels.get_mut(&p.channel) {
-                        // Any answer proves the server heard the session at send time.
-                        c.view_end = c.view_end.max(p.sent_at + c.safe_lease);
-                        match (p.kind, &reply) {
-                            (Kind::Register(port), Reply::Registered { .. }) => {
-                                c.owned.insert(port);
-                            }
-                            (Kind::Unregister(port), Reply::Ok)
-                            | (Kind::Unregister(port), Reply::Error { .. }) => {
-                                c.owned.remove(port.as_slice());
-                            }
-                            _ => {}
-                        }
+                    if st.route.len() < st.unstamped {
+                        st.unstamped = st.route.len();
                     }
-                    if let Some(tx) = p.tx {
-                        replies.push((tx, own(&reply)));
+                    match route.to {
+                        Dest::Handshake(tx) => {
+                            raw.push((tx, m.opcode, Bytes::copy_from_slice(m.body)));
+                        }
+                        Dest::Session => {
+                            let ch = *channel;
+                            if let Some(r) = st.drive(ch, &mut fx, |core, wire| {
+                                core.handle_reply(id, &reply, now, wire)
+                            }) {
+                                r?;
+                            }
+                        }
                     }
                 }
                 ServerMsg::Event(WireEvent::GoAway { code, message }) => {
                     let why = String::from_utf8_lossy(message).into_owned();
                     if *channel == 0 {
-                        goaway = Some(format!("server closed the connection: {code}: {why}"));
-                        st.goaway = Some(code);
-                    } else {
-                        ended.push((*channel, code, why));
+                        st.goaway = Some((code, format!("server closed the connection: {why}")));
+                        return Err(format!("server closed the connection: {code}: {why}"));
                     }
+                    // The server ended this channel's session (it expired, say).
+                    let ch = *channel;
+                    st.drive(ch, &mut fx, |core, _| {
+                        core.end(Phase::Lost(format!(
+                            "the server ended the session: {code}: {why}"
+                        )))
+                    });
                 }
                 ServerMsg::Event(e) => {
-                    if let Some(c) = st.channels.get_mut(channel) {
-                        let ev = match e {
-                            WireEvent::Acquired { port, token } => {
-                                c.owned.insert(Name::new(port));
-                                Event::Acquired {
-                                    port: Bytes::copy_from_slice(port),
-                                    token,
-                                }
-                            }
-                            WireEvent::Released { port, token } => Event::Released {
-                                port: Bytes::copy_from_slice(port),
-                                token,
-                            },
-                            WireEvent::Claimed {
-                                port,
-                                session,
-                                token,
-                                node,
-                            } => Event::Claimed {
-                                port: Bytes::copy_from_slice(port),
-                                session,
-                                token,
-                                node: Bytes::copy_from_slice(node),
-                            },
-                            WireEvent::Message {
-                                from,
-                                port,
-                                payload,
-                            } => Event::Message {
-                                from,
-                                port: Bytes::copy_from_slice(port),
-                                payload: Bytes::copy_from_slice(payload),
-                            },
-                            WireEvent::Resync => Event::Resync,
-                            WireEvent::Recovered => Event::Recovered,
-                            WireEvent::GoAway { .. } => continue,
-                        };
-                        events.push((c.events.clone(), ev));
-                    }
+                    let ch = *channel;
+                    st.drive(ch, &mut fx, |core, _| core.handle_event(&e));
                 }
             }
         }
+        Ok(())
+    })();
+    inner.wake_writer.notify_one();
+    for (tx, opcode, body) in raw {
+        let _ = tx.send(Ok((opcode, body)));
     }
-    for (tx, got) in replies {
-        let _ = tx.send(got);
-    }
-    for (tx, ev) in events {
-        let _ = tx.send(ev);
-    }
-    for (channel, code, why) in ended {
-        inner.end(
-            channel,
-            Some(code),
-            &format!("the server ended the session: {why}"),
-        );
-    }
-    match goaway {
-        Some(why) => Err(why),
-        None => Ok(()),
-    }
+    deliver(fx);
+    r
 }
 
-/// Keeps every session alive: a PING for each that sent nothing for a third of its
-/// lease (they ride together in the next frame), and the lease view of each checked.
-async fn keepalive(weak: std::sync::Weak<Inner>) {
+/// How often sessions' keepalives, deadlines and lease views are looked at.
+const TICK_MS: u64 = 20;
+
+/// Keeps every session alive (their PINGs ride together in the next frame), checks
+/// their deadlines, and leaves a server that stopped answering.
+async fn ticker(weak: Weak<Inner>) {
     loop {
-        tokio::time::sleep(Duration::from_millis(KEEPALIVE_TICK_MS)).await;
+        tokio::time::sleep(Duration::from_millis(TICK_MS)).await;
         let Some(inner) = weak.upgrade() else { return };
         let now = Instant::now();
-        let (due, expired) = {
-            let st = inner.lock();
-            if st.dead.is_some() {
+        let mut fx = Vec::new();
+        let (stuck, gen) = {
+            let mut st = inner.lock();
+            if st.shut.is_some() {
                 return;
             }
             // A server that stopped answering (SIGSTOP keeps its sockets open) is
-            // left like a dead one, as `Client` does.
-            // (Only requests the writer took count: the others were not sent yet.)
-            let stuck = st.pending.len() > st.unstamped
-                && st.pending.front().is_some_and(|(_, p)| {
-                    now.duration_since(p.sent_at) > inner.opts.answer_timeout
-                });
-            if stuck {
-                drop(st);
-                inner.kill("the server did not answer within answer_timeout", false);
-                return;
+            // left like a dead one. (Only requests the writer took count: the others
+            // were not sent yet.)
+            let stuck = st.connected
+                && st
+                    .oldest_sent()
+                    .is_some_and(|t| now.saturating_duration_since(t) > inner.answer_timeout);
+            let due: Vec<u16> = st
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| match s {
+                    Some(Slot {
+                        state: SlotState::Session(core),
+                        ..
+                    }) if core.next_timeout().is_some_and(|t| t <= now) => Some(i as u16),
+                    _ => None,
+                })
+                .collect();
+            for ch in due {
+                st.drive(ch, &mut fx, |core, wire| core.handle_timeout(now, wire));
             }
-            let mut due = Vec::new();
-            let mut expired = Vec::new();
-            for (ch, c) in st.channels.iter() {
-                if c.opening {
-                    continue;
-                }
-                if c.view_end <= now {
-                    expired.push(ch);
-                } else if now.duration_since(c.last_sent) >= c.lease / 3 {
-                    due.push(ch);
-                }
+            if !st.out.is_empty() {
+                st.writer_woken = true;
             }
-            (due, expired)
+            (stuck, st.gen)
         };
-        for ch in expired {
-            inner.end(ch, None, "lease view expired without contact");
+        inner.wake_writer.notify_one();
+        deliver(fx);
+        if stuck {
+            tracing::debug!("no answer within the answer timeout: dropping the connection");
+            connection_lost(
+                &inner,
+                gen,
+                "the server did not answer within the answer timeout",
+            );
         }
-        for ch in due {
-            if let Ok(rx) = inner.call(ch, &Request::Ping, Kind::Plain, false) {
-                drop(rx); // the reply renews the view in `dispatch`
-            }
-        }
-    }
-}
-
-impl St {
-    /// The writer took everything queued at `now`: that is when those requests
-    /// were sent, and when their sessions last sent anything.
-    fn stamp(&mut self, now: Instant) {
-        self.clock = now;
-        let from = self.pending.len() - self.unstamped;
-        self.unstamped = 0;
-        let St {
-            pending, channels, ..
-        } = self;
-        for (_, p) in pending.range_mut(from..) {
-            p.sent_at = now;
-            if let Some(c) = channels.get_mut(&p.channel) {
-                c.last_sent = now;
-            }
-        }
-    }
-}
-
-/// Sessions by channel number (dense: channels are handed out from 1 up and reused).
-#[derive(Default)]
-struct Chans(Vec<Option<Chan>>);
-
-impl Chans {
-    fn get(&self, ch: &u16) -> Option<&Chan> {
-        self.0.get(*ch as usize)?.as_ref()
-    }
-    fn get_mut(&mut self, ch: &u16) -> Option<&mut Chan> {
-        self.0.get_mut(*ch as usize)?.as_mut()
-    }
-    fn insert(&mut self, ch: u16, c: Chan) {
-        let i = ch as usize;
-        if self.0.len() <= i {
-            self.0.resize_with(i + 1, || None);
-        }
-        self.0[i] = Some(c);
-    }
-    fn remove(&mut self, ch: &u16) -> Option<Chan> {
-        self.0.get_mut(*ch as usize)?.take()
-    }
-    fn contains_key(&self, ch: &u16) -> bool {
-        self.get(ch).is_some()
-    }
-    fn len(&self) -> usize {
-        self.0.iter().filter(|c| c.is_some()).count()
-    }
-    fn iter(&self) -> impl Iterator<Item = (u16, &Chan)> {
-        self.0
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| Some((i as u16, c.as_ref()?)))
-    }
-}
-
-/// How often sessions' keepalives and lease views are looked at.
-const KEEPALIVE_TICK_MS: u64 = 20;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_short_and_long_are_found_by_their_bytes() {
-        let mut owned: hashbrown::HashSet<Name, foldhash::fast::RandomState> =
-            hashbrown::HashSet::default();
-        let short = b"p-1".to_vec();
-        let edge = vec![b'e'; NAME_INLINE_MAX];
-        let long = vec![b'l'; NAME_INLINE_MAX + 1];
-        for n in [&short, &edge, &long] {
-            assert!(owned.insert(Name::new(n)));
-        }
-        assert!(matches!(Name::new(&edge), Name::Inline { .. }));
-        assert!(matches!(Name::new(&long), Name::Heap(_)));
-        assert!(
-            !owned.insert(Name::new(&short)),
-            "the same bytes are one name"
-        );
-        for n in [&short, &edge, &long] {
-            assert!(owned.contains(n.as_slice()));
-        }
-        assert!(owned.remove(long.as_slice()));
-        assert!(!owned.contains(&b"p-"[..]));
-        let mut back: Vec<Bytes> = owned.into_iter().map(Name::into_bytes).collect();
-        back.sort();
-        assert_eq!(back, vec![Bytes::from(edge), Bytes::from(short)]);
     }
 }

@@ -62,24 +62,40 @@ impl Lock {
         &self.name
     }
 
-    /// Resolves when the lock is lost (the session is over). Stop using it then.
+    /// Resolves when the lock is lost: the session is over, or a new master did not
+    /// give the port back ([`Event::PortLost`]). Stop using it then.
     pub async fn lost(&self) {
-        self.client.lost().await
+        port_lost(&self.client, &self.name, self.token).await
     }
 
     /// Whether the lock is still held, as far as this client knows.
     pub fn is_held(&self) -> bool {
-        self.client.is_alive()
-            && self
-                .client
-                .owned_ports()
-                .iter()
-                .any(|(p, t)| *p == self.name && *t == self.token)
+        self.client.is_alive() && self.client.owns(&self.name, self.token)
     }
 
     /// Releases the lock; the next waiter gets it.
     pub async fn release(self) -> Result<()> {
         self.client.unregister(&self.name).await
+    }
+}
+
+/// Resolves when `client` no longer holds `port` with `token`: its session is over,
+/// or the port was lost (a new master did not give it back, or it was released).
+async fn port_lost(client: &Client, port: &[u8], token: u64) {
+    let mut events = client.events();
+    loop {
+        if !client.is_alive() || !client.owns(port, token) {
+            return;
+        }
+        tokio::select! {
+            _ = client.lost() => return,
+            e = events.recv() => match e {
+                Ok(Event::PortLost { port: p, token: t, .. }) if p == port && t == token => return,
+                Err(broadcast::error::RecvError::Closed) => return,
+                // Anything else (events missed included): look again.
+                _ => {}
+            },
+        }
     }
 }
 
@@ -183,9 +199,16 @@ impl Leadership {
         self.token
     }
 
-    /// Resolves when leadership is lost (the session is over).
+    /// Resolves when leadership is lost: the session is over, or a new master did
+    /// not give the port back.
     pub async fn lost(&self) {
-        self.election.client.lost().await
+        port_lost(&self.election.client, &self.election.name, self.token).await
+    }
+
+    /// Whether this candidate still leads, as far as this client knows.
+    pub fn is_leader(&self) -> bool {
+        let c = &self.election.client;
+        c.is_alive() && c.owns(&self.election.name, self.token)
     }
 
     /// Steps down; the next candidate in line leads.

@@ -120,7 +120,7 @@ async fn a_mux_quiet_for_longer_than_answer_timeout_keeps_its_connection() {
     let srv = server().await;
     let mut o = opts(&srv);
     o.lease = Duration::from_secs(30);
-    o.answer_timeout = Duration::from_millis(300);
+    o.answer_timeout = Some(Duration::from_millis(300));
     let mux = Mux::connect(o).await.unwrap();
     let s = mux.session().await.unwrap();
     s.register("quiet", "").await.unwrap();
@@ -502,7 +502,7 @@ async fn a_mux_on_a_server_that_does_not_multiplex_is_told_why() {
     cfg.core.channels_per_connection_max = 1;
     let srv = server_with(cfg).await;
     let mux = Mux::connect(opts(&srv)).await.unwrap();
-    let e = mux.session().await.err().expect("refused");
+    let e = mux.session().await.expect_err("refused");
     assert_eq!(e.code(), Some(ErrorCode::ChannelsMax), "{e:?}");
     // Plain clients are served as ever.
     client(&srv).await.register("p", "").await.unwrap();

@@ -785,15 +785,18 @@ async fn succeeds(what: &str, cmd: &mut Command) {
 }
 
 #[tokio::test]
-async fn mux_sessions_leave_a_stopped_server_and_no_request_hangs() {
+async fn mux_sessions_leave_a_stopped_server_and_resume_when_it_answers_again() {
     let srv = serve(&[], &[]).await;
     let pid = srv.child.id().unwrap().to_string();
     let mut o = ClientOptions::new(srv.addr.clone());
     o.lease = Duration::from_secs(30);
-    o.answer_timeout = Duration::from_millis(500);
+    o.answer_timeout = Some(Duration::from_millis(500));
     let mux = portswitch_client::Mux::connect(o).await.unwrap();
     let s = mux.session().await.unwrap();
-    s.register("held", "").await.unwrap();
+    let token = match s.register("held", "").await.unwrap() {
+        portswitch_client::RegisterOutcome::Owned { token } => token,
+        other => panic!("{other:?}"),
+    };
     let mut events = s.events();
     let kill = |sig: &str| {
         assert!(std::process::Command::new("kill")
@@ -804,20 +807,42 @@ async fn mux_sessions_leave_a_stopped_server_and_no_request_hangs() {
     };
     kill("-STOP");
     stopped(&pid).await;
-    // Asked of a stopped server: answered with an error once answer_timeout passes,
-    // long before the 30 s lease, rather than never.
+    // Asked of a stopped server: answered with an error once the answer timeout
+    // passes, long before the 30 s lease, rather than never.
     let e = within("a request to a stopped server", s.query("held"))
         .await
         .unwrap_err();
-    kill("-CONT");
     assert!(
         matches!(e, portswitch_client::Error::ConnectionLost),
         "{e:?}"
     );
-    within("the session is lost to the process", s.lost()).await;
-    match within("OwnershipLost", events.recv()).await.unwrap() {
-        Event::OwnershipLost { ports, .. } => assert_eq!(&ports[0].0[..], b"held"),
-        other => panic!("{other:?}"),
+    kill("-CONT");
+    // The mux connects again and resumes the session: it still owns its port.
+    let back = within("the session is resumed", async {
+        loop {
+            if let Ok(Some(o)) = s.query("held").await {
+                return o;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!((back.session, back.token), (s.info().id, token));
+    assert!(s.is_alive());
+    assert!(s.owns("held", token));
+    assert!(mux.is_connected());
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e);
     }
-    assert!(!mux.is_connected());
+    assert!(
+        seen.contains(&Event::Disconnected) && seen.contains(&Event::Reconnected),
+        "{seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::OwnershipLost { .. })),
+        "{seen:?}"
+    );
 }

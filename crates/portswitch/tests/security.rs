@@ -423,11 +423,11 @@ async fn sessions_on_channels_log_in_each_and_are_held_to_their_grants() {
     // A wrong password fails that channel's login alone; the others carry on.
     o.credentials = Some(("alice".into(), "Not-Her-Password-1".into()));
     let wrong = portswitch_client::Mux::connect(o).await.unwrap();
-    let e = wrong.session().await.err().expect("refused");
+    let e = wrong.session().await.expect_err("refused");
     assert_eq!(e.code(), Some(ErrorCode::AuthFailed));
     // Without credentials on a server with users: refused.
     let anon = portswitch_client::Mux::connect(opts(&srv)).await.unwrap();
-    let e = anon.session().await.err().expect("refused");
+    let e = anon.session().await.expect_err("refused");
     assert_eq!(e.code(), Some(ErrorCode::AuthRequired));
     assert!(b.query("svc/mux").await.unwrap().is_some());
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,0 +1,1080 @@
+//! The session state machine: everything a client knows and decides about one
+//! session, with no I/O, no clock and no runtime. [`crate::Client`] drives one per
+//! connection; [`crate::Mux`] drives many over one connection, one per channel.
+//!
+//! # Driving contract
+//!
+//! Inputs, each with the time `now` (never earlier than the last one given):
+//! - [`SessionCore::submit`]: a request of the application;
+//! - [`SessionCore::handle_reply`] and [`SessionCore::handle_event`]: what the server
+//!   sent for this session, in the order it arrived;
+//! - [`SessionCore::detached`]: the connection is gone;
+//! - [`SessionCore::resumed`]: a HELLO resuming this session on a new connection was
+//!   answered;
+//! - [`SessionCore::handle_timeout`]: time passed; call it no later than
+//!   [`SessionCore::next_timeout`].
+//!
+//! Outputs: requests are pushed onto the [`Wire`] given to each input, as soon as they
+//! are decided (a session detached from its connection keeps them until it is
+//! resumed); completions of requests and events for the application are collected and
+//! drained with [`SessionCore::take_effects`] after each input — drivers deliver them
+//! outside their lock.
+//!
+//! # The rules it keeps
+//!
+//! - **The lease view** runs from the send time of the last request the server
+//!   answered (save answers that say it has no such session), shortened by the lease
+//!   margin. When it runs out the session is over from the client's side: every port is
+//!   reported lost ([`Event::OwnershipLost`]) before the server could give it to anyone.
+//! - **Failover.** A session resumed on a master of a higher epoch RECLAIMs every port
+//!   it owns with its token (a window of [`RECLAIM_IN_FLIGHT_MAX`] at a time), re-sends
+//!   its watches and its places in queues, then whatever the application asked while it
+//!   was away, and reports [`Event::Resync`]. A request that names a port not yet
+//!   reclaimed is preceded by that port's RECLAIM, so an UNREGISTER can never reach the
+//!   new master before the port is taken back (it would be refused, and the RECLAIM
+//!   after it would hold the port forever). A port not reclaimed by the time the new
+//!   master's recovery window could close is given up ([`Event::PortLost`]).
+//! - **Waiting.** A REGISTER that waits until granted (`register_wait`, locks,
+//!   elections) survives a lost connection: it is sent again on the next one (REGISTER
+//!   is idempotent for the session that sent it), and its place in the queue is taken
+//!   again on a new master. Ports being let go when the connection drops are not taken
+//!   back, whether or not the server saw the UNREGISTER.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use portswitch_proto::{ErrorCode, Event as WireEvent, HelloOk, Reply, Request};
+
+use crate::name::Name;
+use crate::types::*;
+
+/// Maps keyed by port names (foldhash: touched on every REGISTER and UNREGISTER).
+pub(crate) type Map<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// RECLAIMs a session keeps in flight after a failover: enough to fill frames, few
+/// enough that a session with a million ports floods neither the new master's send
+/// queue nor its own memory.
+pub(crate) const RECLAIM_IN_FLIGHT_MAX: usize = 1_024;
+
+/// Where a session's requests go: its connection, or its channel of a shared one.
+pub(crate) trait Wire {
+    /// Queues `req` and returns the request id it goes out with.
+    fn push(&mut self, req: &Request<'_>) -> u32;
+}
+
+/// How a session keeps itself.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// The fraction of the lease the view gives up early (clock-rate margin).
+    pub lease_margin: f64,
+    /// The session ends with its connection.
+    pub end_on_disconnect: bool,
+    /// Longest quiet time before a PING (never more than a quarter of the lease).
+    pub keepalive: Option<Duration>,
+}
+
+/// An owned reply.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Ok,
+    Registered(u64),
+    Taken(u64, u64, Bytes),
+    Queued(u32),
+    Owner(Owner),
+    Free,
+    Watching(Option<(u64, u64)>),
+    Delivered,
+    NoOwner,
+    Count(u64),
+    Page(Page),
+    Stats(Vec<(String, u64)>),
+    Admin(Bytes),
+}
+
+/// What a request changes in the session besides answering it.
+#[derive(Debug)]
+pub(crate) enum Kind {
+    Plain,
+    Register {
+        port: Name,
+        value: Bytes,
+        wait: bool,
+        /// Complete only when the port is granted (not at QUEUED); survives a lost
+        /// connection.
+        until_granted: bool,
+    },
+    Unregister(Name),
+    Reclaim {
+        port: Name,
+        token: u64,
+    },
+    Watch {
+        name: Bytes,
+        prefix: bool,
+    },
+    Unwatch {
+        name: Bytes,
+        prefix: bool,
+    },
+}
+
+impl Kind {
+    /// The port a request of this kind names, for the reclaim-first rule.
+    fn port(&self) -> Option<&Name> {
+        match self {
+            Kind::Register { port, .. } | Kind::Unregister(port) => Some(port),
+            _ => None,
+        }
+    }
+}
+
+struct Pending<T> {
+    id: u32,
+    /// Submission order within the session.
+    seq: u64,
+    sent_at: Instant,
+    kind: Kind,
+    done: Option<T>,
+}
+
+/// A request submitted while the session had no connection, kept encoded.
+struct Deferred<T> {
+    opcode: u8,
+    body: Bytes,
+    seq: u64,
+    kind: Kind,
+    done: Option<T>,
+}
+
+impl<T> Deferred<T> {
+    fn of(req: &Request<'_>, seq: u64, kind: Kind, done: Option<T>) -> Deferred<T> {
+        let mut body = BytesMut::with_capacity(req.body_len());
+        req.encode_body(&mut body);
+        Deferred {
+            opcode: req.opcode(),
+            body: body.freeze(),
+            seq,
+            kind,
+            done,
+        }
+    }
+}
+
+/// Where a session stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// On a connection.
+    Live,
+    /// Between connections; requests wait for the next one.
+    Detached,
+    /// Over: the lease view ran out, or the server ended or refused it.
+    Lost(String),
+    /// Closed by the application.
+    Closed,
+}
+
+/// What the driver delivers after an input.
+pub(crate) struct Effects<T> {
+    pub done: Vec<(T, Result<Answer>)>,
+    pub events: Vec<Event>,
+    /// The session ended during this input.
+    pub ended: bool,
+}
+
+impl<T> Default for Effects<T> {
+    fn default() -> Self {
+        Effects {
+            done: Vec::new(),
+            events: Vec::new(),
+            ended: false,
+        }
+    }
+}
+
+impl<T> Effects<T> {
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty() && self.events.is_empty() && !self.ended
+    }
+}
+
+/// The state machine of one session.
+pub(crate) struct SessionCore<T> {
+    settings: Settings,
+    info: SessionInfo,
+    safe_lease: Duration,
+    keepalive_every: Duration,
+    phase: Phase,
+    pending: VecDeque<Pending<T>>,
+    backlog: Vec<Deferred<T>>,
+    seq: u64,
+    /// Ports this session owns, with their tokens.
+    owned: Map<Name, u64>,
+    /// Non-empty values of owned ports (sent again with RECLAIM).
+    values: Map<Name, Bytes>,
+    /// Ports whose queue this session is in, with the value to register.
+    queued: Map<Name, Bytes>,
+    /// Requests completed when their port is granted.
+    grant_waiters: Map<Name, Vec<T>>,
+    watches: hashbrown::HashSet<(Bytes, bool), foldhash::fast::RandomState>,
+    /// Ports with an UNREGISTER in flight, and its `seq`: a REGISTER answered (or an
+    /// ACQUIRED received) after it was sent does not make them owned again.
+    letting_go: Map<Name, u64>,
+    /// Owned ports not yet reclaimed on the current master; `true` once a RECLAIM is
+    /// in flight for it on this connection.
+    unconfirmed: Map<Name, bool>,
+    /// When every unconfirmed port must be given up: the earliest the new master's
+    /// recovery window can close.
+    unconfirmed_until: Option<Instant>,
+    to_reclaim: VecDeque<Name>,
+    reclaims_in_flight: usize,
+    /// Resumed on a new master: Resync is due once every port is reclaimed (and
+    /// watches and queue places must be re-sent on any later resume until then).
+    resync_due: bool,
+    view_end: Instant,
+    last_sent: Instant,
+    fx: Effects<T>,
+}
+
+impl<T> SessionCore<T> {
+    /// A session the server opened with `ok` for a HELLO sent at `hello_sent_at`.
+    pub fn new(settings: Settings, ok: &HelloOk<'_>, hello_sent_at: Instant) -> SessionCore<T> {
+        let lease = Duration::from_millis(ok.lease_ms as u64);
+        let margin = settings.lease_margin.clamp(0.0, 0.9);
+        let safe_lease = lease.mul_f64(1.0 - margin);
+        let keepalive_every = settings
+            .keepalive
+            .map_or(lease / 4, |k| k.min(lease / 4))
+            .max(Duration::from_millis(1));
+        SessionCore {
+            settings,
+            info: SessionInfo {
+                id: ok.session,
+                secret: ok.secret,
+                epoch: ok.epoch,
+                lease_ms: ok.lease_ms,
+                limits: ok.limits,
+            },
+            safe_lease,
+            keepalive_every,
+            phase: Phase::Live,
+            pending: VecDeque::new(),
+            backlog: Vec::new(),
+            seq: 0,
+            owned: Map::default(),
+            values: Map::default(),
+            queued: Map::default(),
+            grant_waiters: Map::default(),
+            watches: Default::default(),
+            letting_go: Map::default(),
+            unconfirmed: Map::default(),
+            unconfirmed_until: None,
+            to_reclaim: VecDeque::new(),
+            reclaims_in_flight: 0,
+            resync_due: false,
+            view_end: hello_sent_at + safe_lease,
+            last_sent: hello_sent_at,
+            fx: Effects::default(),
+        }
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        self.info
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Lost(_) | Phase::Closed)
+    }
+
+    /// Ports owned, as far as the client knows, with their tokens.
+    pub fn owned_ports(&self) -> Vec<(Bytes, u64)> {
+        self.owned.iter().map(|(k, v)| (k.to_bytes(), *v)).collect()
+    }
+
+    /// Whether the session owns `port` with `token`.
+    pub fn owns(&self, port: &[u8], token: u64) -> bool {
+        self.owned.get(port) == Some(&token)
+    }
+
+    /// Until when the lease view lasts without further answers.
+    pub fn view_end(&self) -> Instant {
+        self.view_end
+    }
+
+    /// When the oldest request still unanswered was sent.
+    pub fn oldest_unanswered(&self) -> Option<Instant> {
+        self.pending.front().map(|p| p.sent_at)
+    }
+
+    pub fn take_effects(&mut self, into: &mut Effects<T>) {
+        into.done.append(&mut self.fx.done);
+        into.events.append(&mut self.fx.events);
+        into.ended |= std::mem::take(&mut self.fx.ended);
+    }
+
+    fn complete(&mut self, done: Option<T>, r: Result<Answer>) {
+        if let Some(d) = done {
+            self.fx.done.push((d, r));
+        }
+    }
+
+    // ----- inputs ---------------------------------------------------------------
+
+    /// A request of the application. Errors (session over, a limit exceeded) come
+    /// back at once; otherwise `done` is completed later with the answer.
+    pub fn submit(
+        &mut self,
+        req: &Request<'_>,
+        kind: Kind,
+        done: Option<T>,
+        now: Instant,
+        wire: &mut impl Wire,
+    ) -> Result<()> {
+        match &self.phase {
+            Phase::Lost(why) => return Err(Error::SessionLost(why.clone())),
+            Phase::Closed => return Err(Error::Closed),
+            Phase::Live | Phase::Detached => {}
+        }
+        check_limits(&self.info.limits, req)?;
+        self.seq += 1;
+        let seq = self.seq;
+        match &kind {
+            Kind::Unregister(port) => {
+                self.letting_go.insert(port.clone(), seq);
+                // Leaving a queue: nobody waits for the grant any more.
+                self.queued.remove(port.as_slice());
+                if let Some(ws) = self.grant_waiters.remove(port.as_slice()) {
+                    for w in ws {
+                        self.fx.done.push((w, Err(left_the_queue())));
+                    }
+                }
+            }
+            Kind::Unwatch { name, prefix } => {
+                self.watches.remove(&(name.clone(), *prefix));
+            }
+            _ => {}
+        }
+        if self.phase == Phase::Detached {
+            self.backlog.push(Deferred::of(req, seq, kind, done));
+            return Ok(());
+        }
+        self.send(req, kind, done, seq, now, wire);
+        Ok(())
+    }
+
+    fn send_deferred(&mut self, d: Deferred<T>, now: Instant, wire: &mut impl Wire) {
+        match Request::decode(d.opcode, &d.body) {
+            Ok(req) => self.send(&req, d.kind, d.done, d.seq, now, wire),
+            Err(e) => {
+                let e = Error::Protocol(format!("a deferred request did not decode: {e}"));
+                self.complete(d.done, Err(e));
+            }
+        }
+    }
+
+    /// Puts a request on the wire, preceded by its port's RECLAIM if that is still due.
+    fn send(
+        &mut self,
+        req: &Request<'_>,
+        kind: Kind,
+        done: Option<T>,
+        seq: u64,
+        now: Instant,
+        wire: &mut impl Wire,
+    ) {
+        if let Some(port) = kind.port() {
+            if self.unconfirmed.get(port.as_slice()) == Some(&false) {
+                let port = port.clone();
+                self.reclaim(&port, now, wire);
+            }
+        }
+        let id = wire.push(req);
+        self.pending.push_back(Pending {
+            id,
+            seq,
+            sent_at: now,
+            kind,
+            done,
+        });
+        self.last_sent = now;
+    }
+
+    /// Sends the RECLAIM of `port` if it is unconfirmed and none is in flight.
+    fn reclaim(&mut self, port: &Name, now: Instant, wire: &mut impl Wire) {
+        let (Some(sent), Some(&token)) = (
+            self.unconfirmed.get_mut(port.as_slice()),
+            self.owned.get(port.as_slice()),
+        ) else {
+            return;
+        };
+        if *sent {
+            return;
+        }
+        *sent = true;
+        let value = self
+            .values
+            .get(port.as_slice())
+            .cloned()
+            .unwrap_or_default();
+        let id = wire.push(&Request::Reclaim {
+            port: port.as_slice(),
+            token,
+            value: &value,
+        });
+        self.seq += 1;
+        self.pending.push_back(Pending {
+            id,
+            seq: self.seq,
+            sent_at: now,
+            kind: Kind::Reclaim {
+                port: port.clone(),
+                token,
+            },
+            done: None,
+        });
+        self.reclaims_in_flight += 1;
+        self.last_sent = now;
+    }
+
+    /// The server's reply to request `id`. Replies come in request order; one out of
+    /// order is a protocol violation (`Err`), and the driver must drop the connection.
+    pub fn handle_reply(
+        &mut self,
+        id: u32,
+        reply: &Reply<'_>,
+        now: Instant,
+        wire: &mut impl Wire,
+    ) -> std::result::Result<(), String> {
+        let p = match self.pending.pop_front() {
+            Some(p) if p.id == id => p,
+            Some(p) => {
+                let want = p.id;
+                self.pending.push_front(p);
+                return Err(format!(
+                    "the server answered request {id} while {want} was due"
+                ));
+            }
+            None => return Err(format!("the server answered request {id}, never sent")),
+        };
+        // An answer proves the server held the session when the request was sent —
+        // unless it says the server has no such session.
+        let disproves = matches!(
+            reply,
+            Reply::Error {
+                code: ErrorCode::NoSession
+                    | ErrorCode::NotMaster
+                    | ErrorCode::SessionExpired
+                    | ErrorCode::ResumeFailed,
+                ..
+            }
+        );
+        if !disproves {
+            let end = p.sent_at + self.safe_lease;
+            if end > self.view_end {
+                self.view_end = end;
+            }
+        }
+        let answer = owned_answer(reply);
+        let Pending {
+            seq, kind, done, ..
+        } = p;
+        match kind {
+            Kind::Register {
+                port,
+                value,
+                wait,
+                until_granted,
+            } => self.on_register(port, value, wait, until_granted, seq, answer, done),
+            Kind::Unregister(port) => {
+                let gone = match &answer {
+                    Ok(Answer::Ok) => true,
+                    Err(e) => e.code() == Some(ErrorCode::NotOwner),
+                    Ok(_) => false,
+                };
+                if gone {
+                    self.forget_port(port.as_slice());
+                }
+                if self.letting_go.get(port.as_slice()) == Some(&seq) {
+                    self.letting_go.remove(port.as_slice());
+                }
+                self.complete(done, answer);
+            }
+            Kind::Reclaim { port, token } => {
+                self.on_reclaim(port, token, answer);
+                self.continue_recovery(now, wire);
+            }
+            Kind::Watch { name, prefix } => {
+                if matches!(answer, Ok(Answer::Watching(_))) {
+                    self.watches.insert((name, prefix));
+                }
+                self.complete(done, answer);
+            }
+            Kind::Plain | Kind::Unwatch { .. } => self.complete(done, answer),
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_register(
+        &mut self,
+        port: Name,
+        value: Bytes,
+        wait: bool,
+        until_granted: bool,
+        seq: u64,
+        answer: Result<Answer>,
+        done: Option<T>,
+    ) {
+        // Released since this REGISTER was sent: the server releases it right after.
+        let let_go = self
+            .letting_go
+            .get(port.as_slice())
+            .is_some_and(|&u| u > seq);
+        match answer {
+            Ok(Answer::Registered(t)) => {
+                if !let_go {
+                    self.granted(&port, t, Some(&value));
+                }
+                self.complete(done, Ok(Answer::Registered(t)));
+            }
+            Ok(Answer::Queued(position)) if wait && !let_go => {
+                self.queued.insert(port.clone(), value);
+                match done {
+                    Some(d) if until_granted => {
+                        self.grant_waiters.entry(port).or_default().push(d);
+                    }
+                    done => self.complete(done, Ok(Answer::Queued(position))),
+                }
+            }
+            Ok(Answer::Queued(_)) if until_granted => self.complete(done, Err(left_the_queue())),
+            Ok(Answer::Taken(..)) if until_granted => self.complete(
+                done,
+                Err(Error::Protocol("TAKEN for a waiting REGISTER".into())),
+            ),
+            other => self.complete(done, other),
+        }
+    }
+
+    /// `port` is this session's with `token`: owned, out of its queue, and whoever
+    /// waits for the grant has it.
+    fn granted(&mut self, port: &Name, token: u64, value: Option<&Bytes>) {
+        self.owned.insert(port.clone(), token);
+        let queued_value = self.queued.remove(port.as_slice());
+        match value.or(queued_value.as_ref()) {
+            Some(v) if !v.is_empty() => {
+                self.values.insert(port.clone(), v.clone());
+            }
+            _ => {
+                self.values.remove(port.as_slice());
+            }
+        }
+        if let Some(ws) = self.grant_waiters.remove(port.as_slice()) {
+            for w in ws {
+                self.fx.done.push((w, Ok(Answer::Registered(token))));
+            }
+        }
+    }
+
+    fn forget_port(&mut self, port: &[u8]) {
+        self.owned.remove(port);
+        self.values.remove(port);
+        self.unconfirmed.remove(port);
+    }
+
+    fn on_reclaim(&mut self, port: Name, token: u64, answer: Result<Answer>) {
+        self.reclaims_in_flight = self.reclaims_in_flight.saturating_sub(1);
+        let reason = match answer {
+            Ok(Answer::Registered(t)) if t == token => {
+                self.unconfirmed.remove(port.as_slice());
+                return;
+            }
+            // Not this master after all (deposed meanwhile): reclaim on the next one.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(
+                        ErrorCode::NotMaster
+                            | ErrorCode::NoSession
+                            | ErrorCode::SessionExpired
+                            | ErrorCode::ResumeFailed
+                    )
+                ) =>
+            {
+                if let Some(sent) = self.unconfirmed.get_mut(port.as_slice()) {
+                    *sent = false;
+                }
+                return;
+            }
+            Ok(other) => format!("the new master answered {other:?}"),
+            Err(e) => format!("the new master refused: {e}"),
+        };
+        self.unconfirmed.remove(port.as_slice());
+        if self.owned.get(port.as_slice()) == Some(&token) {
+            self.owned.remove(port.as_slice());
+            self.values.remove(port.as_slice());
+            self.fx.events.push(Event::PortLost {
+                port: port.to_bytes(),
+                token,
+                reason,
+            });
+        }
+    }
+
+    /// Keeps RECLAIMs flowing; reports Resync once every port is reclaimed.
+    fn continue_recovery(&mut self, now: Instant, wire: &mut impl Wire) {
+        while self.reclaims_in_flight < RECLAIM_IN_FLIGHT_MAX {
+            let Some(port) = self.to_reclaim.pop_front() else {
+                break;
+            };
+            self.reclaim(&port, now, wire);
+        }
+        if self.resync_due && self.to_reclaim.is_empty() && self.reclaims_in_flight == 0 {
+            self.resync_due = false;
+            self.fx.events.push(Event::Resync);
+        }
+    }
+
+    /// An event for this session.
+    pub fn handle_event(&mut self, ev: &WireEvent<'_>) {
+        let ev = match *ev {
+            WireEvent::Acquired { port, token } => {
+                // Granted before the server saw our UNREGISTER, which releases it
+                // again: not ours.
+                if !self.letting_go.contains_key(port) {
+                    self.granted(&Name::new(port), token, None);
+                }
+                Event::Acquired {
+                    port: Bytes::copy_from_slice(port),
+                    token,
+                }
+            }
+            WireEvent::Released { port, token } => Event::Released {
+                port: Bytes::copy_from_slice(port),
+                token,
+            },
+            WireEvent::Claimed {
+                port,
+                session,
+                token,
+                node,
+            } => Event::Claimed {
+                port: Bytes::copy_from_slice(port),
+                session,
+                token,
+                node: Bytes::copy_from_slice(node),
+            },
+            WireEvent::Message {
+                from,
+                port,
+                payload,
+            } => Event::Message {
+                from,
+                port: Bytes::copy_from_slice(port),
+                payload: Bytes::copy_from_slice(payload),
+            },
+            WireEvent::Resync => Event::Resync,
+            WireEvent::Recovered => Event::Recovered,
+            // The driver decides what a GOAWAY means for the connection and session.
+            WireEvent::GoAway { .. } => return,
+        };
+        self.fx.events.push(ev);
+    }
+
+    /// The connection is gone. Requests in flight fail with `ConnectionLost` (their
+    /// outcome is unknown), except waits until granted, which are sent again on the
+    /// next connection. A session that ends on disconnect ends now.
+    pub fn detached(&mut self, why: &str) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        // Ports the application was letting go of are not ours to take back, whether
+        // or not the server saw the UNREGISTER. (One submitted while detached was not
+        // sent: that port is still ours, reclaimed and then released on the next
+        // connection.)
+        let sent: Vec<(Name, u64)> = self
+            .pending
+            .iter()
+            .filter_map(|p| match &p.kind {
+                Kind::Unregister(port) => Some((port.clone(), p.seq)),
+                _ => None,
+            })
+            .collect();
+        for (port, seq) in sent {
+            self.forget_port(port.as_slice());
+            if self.letting_go.get(port.as_slice()) == Some(&seq) {
+                self.letting_go.remove(port.as_slice());
+            }
+        }
+        for sent in self.unconfirmed.values_mut() {
+            *sent = false;
+        }
+        self.reclaims_in_flight = 0;
+        let mut again = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            match p.kind {
+                Kind::Register {
+                    ref port,
+                    ref value,
+                    until_granted: true,
+                    ..
+                } => {
+                    let req = Request::Register {
+                        port: port.as_slice(),
+                        value,
+                        wait: true,
+                    };
+                    let mut d = Deferred::of(&req, p.seq, Kind::Plain, p.done);
+                    d.kind = p.kind;
+                    again.push(d);
+                }
+                _ => self.complete(p.done, Err(Error::ConnectionLost)),
+            }
+        }
+        again.append(&mut self.backlog);
+        self.backlog = again;
+        if self.settings.end_on_disconnect {
+            self.end(Phase::Lost(format!(
+                "{why}; the session ends on disconnect"
+            )));
+            return;
+        }
+        self.phase = Phase::Detached;
+        self.fx.events.push(Event::Disconnected);
+    }
+
+    /// A HELLO resuming this session, sent at `sent_at`, was answered with `ok` on a
+    /// new connection whose requests go to `wire`. The driver has already refused a
+    /// master of an older epoch than [`SessionInfo::epoch`].
+    pub fn resumed(
+        &mut self,
+        ok: &HelloOk<'_>,
+        sent_at: Instant,
+        now: Instant,
+        wire: &mut impl Wire,
+    ) {
+        if self.phase != Phase::Detached {
+            return;
+        }
+        debug_assert!(
+            ok.epoch >= self.info.epoch,
+            "the driver refuses older masters"
+        );
+        // Ports whose reclaim deadline passed are given up before anything else.
+        self.give_up_unreclaimed(now);
+        let new_master = ok.epoch > self.info.epoch;
+        self.phase = Phase::Live;
+        self.info.epoch = ok.epoch;
+        let end = sent_at + self.safe_lease;
+        if end > self.view_end {
+            self.view_end = end;
+        }
+        self.last_sent = sent_at;
+        if new_master {
+            // Every port must be reclaimed before the new master's window can close;
+            // past that the client must not count on it.
+            let margin = self.settings.lease_margin.clamp(0.0, 0.9);
+            let window = Duration::from_millis(ok.recovery_ms as u64).mul_f64(1.0 - margin);
+            self.unconfirmed_until = Some(sent_at + window);
+            let ports: Vec<Name> = self.owned.keys().cloned().collect();
+            for p in &ports {
+                self.unconfirmed.insert(p.clone(), false);
+            }
+            self.to_reclaim = ports.into();
+            self.resync_due = true;
+        } else {
+            // A reclaim cut short by a dropped connection is finished here.
+            self.to_reclaim = self
+                .unconfirmed
+                .iter()
+                .filter(|(_, sent)| !**sent)
+                .map(|(p, _)| p.clone())
+                .collect();
+        }
+        self.fx.events.push(Event::Reconnected);
+        // Reclaims first (a window of them; the rest as answers come), then watches and
+        // queue places, then what the application asked meanwhile.
+        while self.reclaims_in_flight < RECLAIM_IN_FLIGHT_MAX {
+            let Some(port) = self.to_reclaim.pop_front() else {
+                break;
+            };
+            self.reclaim(&port, now, wire);
+        }
+        if self.resync_due {
+            let watches: Vec<(Bytes, bool)> = self.watches.iter().cloned().collect();
+            for (name, prefix) in watches {
+                let req = Request::Watch {
+                    name: &name,
+                    prefix,
+                };
+                self.seq += 1;
+                let seq = self.seq;
+                self.send(
+                    &req,
+                    Kind::Watch {
+                        name: name.clone(),
+                        prefix,
+                    },
+                    None,
+                    seq,
+                    now,
+                    wire,
+                );
+            }
+            let queued: Vec<(Name, Bytes)> = self
+                .queued
+                .iter()
+                .map(|(p, v)| (p.clone(), v.clone()))
+                .collect();
+            for (port, value) in queued {
+                // Waits until granted are in the backlog already: they go out below.
+                if self
+                    .backlog
+                    .iter()
+                    .any(|d| matches!(&d.kind, Kind::Register { port: p, .. } if *p == port))
+                {
+                    continue;
+                }
+                let req = Request::Register {
+                    port: port.as_slice(),
+                    value: &value,
+                    wait: true,
+                };
+                self.seq += 1;
+                let seq = self.seq;
+                let kind = Kind::Register {
+                    port: port.clone(),
+                    value: value.clone(),
+                    wait: true,
+                    until_granted: false,
+                };
+                self.send(&req, kind, None, seq, now, wire);
+            }
+        }
+        for d in std::mem::take(&mut self.backlog) {
+            self.send_deferred(d, now, wire);
+        }
+        self.continue_recovery(now, wire);
+    }
+
+    /// Ports still unreclaimed when the new master's window could close are lost.
+    fn give_up_unreclaimed(&mut self, now: Instant) {
+        let Some(until) = self.unconfirmed_until else {
+            return;
+        };
+        if now < until {
+            return;
+        }
+        self.unconfirmed_until = None;
+        let late: Vec<Name> = self.unconfirmed.drain().map(|(p, _)| p).collect();
+        for port in late {
+            self.values.remove(port.as_slice());
+            if let Some(token) = self.owned.remove(port.as_slice()) {
+                self.fx.events.push(Event::PortLost {
+                    port: port.to_bytes(),
+                    token,
+                    reason: "not reclaimed before the new master's recovery window could close"
+                        .into(),
+                });
+            }
+        }
+    }
+
+    /// Time passed: keepalive, reclaim deadlines, and the lease view.
+    pub fn handle_timeout(&mut self, now: Instant, wire: &mut impl Wire) {
+        if self.is_over() {
+            return;
+        }
+        self.give_up_unreclaimed(now);
+        if now >= self.view_end {
+            self.end(Phase::Lost(
+                "no answer from the server within the lease".into(),
+            ));
+            return;
+        }
+        if self.phase == Phase::Live {
+            if now >= self.last_sent + self.keepalive_every {
+                self.seq += 1;
+                let seq = self.seq;
+                self.send(&Request::Ping, Kind::Plain, None, seq, now, wire);
+            }
+            self.continue_recovery(now, wire);
+        }
+    }
+
+    /// The latest time by which [`SessionCore::handle_timeout`] must be called.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        if self.is_over() {
+            return None;
+        }
+        let mut t = self.view_end;
+        if self.phase == Phase::Live {
+            t = t.min(self.last_sent + self.keepalive_every);
+        }
+        if let Some(u) = self.unconfirmed_until {
+            if !self.unconfirmed.is_empty() {
+                t = t.min(u);
+            }
+        }
+        Some(t)
+    }
+
+    /// Ends the session from the client's side: everything waiting fails; a lost
+    /// session reports every port it owned as lost.
+    pub fn end(&mut self, phase: Phase) {
+        if self.is_over() {
+            return;
+        }
+        let err = |p: &Phase| match p {
+            Phase::Lost(why) => Error::SessionLost(why.clone()),
+            _ => Error::Closed,
+        };
+        for p in std::mem::take(&mut self.pending) {
+            self.complete(p.done, Err(err(&phase)));
+        }
+        for d in std::mem::take(&mut self.backlog) {
+            self.complete(d.done, Err(err(&phase)));
+        }
+        for (_, ws) in std::mem::take(&mut self.grant_waiters) {
+            for w in ws {
+                self.fx.done.push((w, Err(err(&phase))));
+            }
+        }
+        let owned: Vec<(Bytes, u64)> = self.owned.drain().map(|(p, t)| (p.to_bytes(), t)).collect();
+        if let Phase::Lost(reason) = &phase {
+            self.fx.events.push(Event::OwnershipLost {
+                ports: owned,
+                reason: reason.clone(),
+            });
+        }
+        self.values.clear();
+        self.queued.clear();
+        self.watches.clear();
+        self.letting_go.clear();
+        self.unconfirmed.clear();
+        self.to_reclaim.clear();
+        self.phase = phase;
+        self.fx.ended = true;
+    }
+}
+
+fn left_the_queue() -> Error {
+    Error::Server {
+        code: ErrorCode::NotOwner,
+        message: "the port was unregistered while waiting for it".into(),
+    }
+}
+
+pub(crate) fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
+    let b = Bytes::copy_from_slice;
+    Ok(match *r {
+        Reply::Ok => Answer::Ok,
+        Reply::Registered { token } => Answer::Registered(token),
+        Reply::Taken {
+            session,
+            token,
+            node,
+        } => Answer::Taken(session, token, b(node)),
+        Reply::Queued { position } => Answer::Queued(position),
+        Reply::Owner {
+            session,
+            token,
+            node,
+            value,
+        } => Answer::Owner(Owner {
+            port: Bytes::new(),
+            session,
+            token,
+            node: b(node),
+            value: b(value),
+        }),
+        Reply::Free => Answer::Free,
+        Reply::Watching { owner } => Answer::Watching(owner),
+        Reply::Delivered => Answer::Delivered,
+        Reply::NoOwner => Answer::NoOwner,
+        Reply::Count { count } => Answer::Count(count),
+        Reply::Page { next_cursor, .. } => Answer::Page(Page {
+            next_cursor,
+            entries: r
+                .page_entries()
+                .map(|e| Owner {
+                    port: b(e.port),
+                    session: e.session,
+                    token: e.token,
+                    node: b(e.node),
+                    value: b(e.value),
+                })
+                .collect(),
+        }),
+        Reply::Stats { .. } => Answer::Stats(
+            r.stats_entries()
+                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v))
+                .collect(),
+        ),
+        Reply::Error { code, message } => {
+            return Err(Error::Server {
+                code,
+                message: String::from_utf8_lossy(message).into_owned(),
+            })
+        }
+        Reply::AdminOk { result } => Answer::Admin(b(result)),
+        Reply::HelloOk(_) | Reply::AuthContinue { .. } => {
+            return Err(Error::Protocol(
+                "handshake reply outside a handshake".into(),
+            ))
+        }
+    })
+}
+
+/// Refuses, before sending, a request that exceeds a limit the server announced.
+pub(crate) fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>) -> Result<()> {
+    let check = |what, len: usize, max: u32| {
+        if len > max as usize {
+            Err(Error::TooLarge {
+                what,
+                len,
+                max: max as usize,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    match *req {
+        Request::Register { port, value, .. } | Request::Reclaim { port, value, .. } => {
+            check("port name", port.len(), l.port_name_bytes_max)?;
+            check("value", value.len(), l.value_bytes_max)
+        }
+        Request::Unregister { port } | Request::Query { port } => {
+            check("port name", port.len(), l.port_name_bytes_max)
+        }
+        Request::Watch { name, .. } | Request::Unwatch { name, .. } => {
+            check("port name", name.len(), l.port_name_bytes_max)
+        }
+        Request::Send { port, payload } => {
+            check("port name", port.len(), l.port_name_bytes_max)?;
+            check("payload", payload.len(), l.payload_bytes_max)
+        }
+        Request::Broadcast { prefix, payload } => {
+            check(
+                "prefix",
+                prefix.map_or(0, |p| p.len()),
+                l.port_name_bytes_max,
+            )?;
+            check("payload", payload.len(), l.payload_bytes_max)
+        }
+        Request::List { prefix, .. } => check("prefix", prefix.len(), l.port_name_bytes_max),
+        Request::Admin { command } => check(
+            "admin command",
+            command.len(),
+            portswitch_proto::limits::ADMIN_BYTES_MAX as u32,
+        ),
+        Request::Hello(_)
+        | Request::Auth { .. }
+        | Request::Ping
+        | Request::Bye
+        | Request::Stats => Ok(()),
+    }
+}
