@@ -48,6 +48,12 @@ pub enum Workload {
     /// --ports ports in all, then SIGKILL the master --rounds times; time until every
     /// session is back with every port on the new master.
     Failover,
+    /// Start a group of three members on loopback; --connections sessions contend for
+    /// --locks locks (acquire, hold --hold-ms, release) for --duration seconds while
+    /// the master suffers --faults (kill: SIGKILL, stop: SIGSTOP for --stop-ms);
+    /// checks that no two holders' intervals overlap and tokens rise, and reports
+    /// grants per second and how soon grants resume after each fault.
+    FailoverLocks,
     /// Needs root. Three members in three network namespaces ("data centres") with
     /// --delay-ms between them through a relay: register-unregister throughput next to
     /// the master and across the WAN, then --rounds times the master's data centre is
@@ -126,10 +132,33 @@ pub struct BenchArgs {
     /// hold-sessions: connections being opened at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
-    /// hold-sessions: sessions per connection, each on a channel of its own (1: one
-    /// connection per session, no channels).
+    /// hold-sessions, failover-locks: sessions per connection, each on a channel of
+    /// its own (1: one connection per session, no channels).
     #[arg(long, default_value_t = 1)]
     channels: usize,
+    /// failover-locks: locks the sessions contend for.
+    #[arg(long, default_value_t = 8)]
+    locks: usize,
+    /// failover-locks: which lock a session asks for next.
+    #[arg(long, value_enum, default_value = "fixed")]
+    pick: crate::failover_locks::Pick,
+    /// failover-locks: faults applied to the master, evenly spread over the run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kill,stop,kill,stop,kill"
+    )]
+    faults: Vec<crate::failover_locks::Fault>,
+    /// failover-locks: how long a SIGSTOP lasts before SIGCONT.
+    #[arg(long, default_value_t = 4_000)]
+    stop_ms: u64,
+    /// failover-locks: seconds before the first fault (a master lowers its lease
+    /// ceiling to the leases in use after a whole ceiling of them, 10 s at first).
+    #[arg(long, default_value_t = 12.0)]
+    warmup_s: f64,
+    /// failover-locks: how long a holder keeps a lock before releasing it.
+    #[arg(long, default_value_t = 5)]
+    hold_ms: u64,
 }
 
 /// How bench connections reach and log in to the server.
@@ -216,6 +245,22 @@ pub async fn run(args: BenchArgs) -> AppResult {
             ports: args.ports,
             rounds: args.rounds,
             lease_ms: args.lease_ms,
+            json: args.json,
+        })
+        .await;
+    }
+    if args.workload == Workload::FailoverLocks {
+        return crate::failover_locks::run(crate::failover_locks::FailoverLocksArgs {
+            sessions: args.connections,
+            channels: args.channels,
+            locks: args.locks,
+            pick: args.pick,
+            duration: Duration::from_secs_f64(args.duration.max(1.0)),
+            faults: args.faults.clone(),
+            stop_ms: args.stop_ms,
+            warmup: Duration::from_secs_f64(args.warmup_s.max(0.0)),
+            lease_ms: args.lease_ms,
+            hold_ms: args.hold_ms,
             json: args.json,
         })
         .await;
@@ -729,6 +774,7 @@ async fn drive(
                             | Workload::Login
                             | Workload::HoldSessions
                             | Workload::Failover
+                            | Workload::FailoverLocks
                             | Workload::Wan => {
                                 unreachable!()
                             }

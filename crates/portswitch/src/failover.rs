@@ -31,17 +31,44 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
-struct Group {
+/// A group of three `portswitch serve` members on loopback, as child processes.
+pub(crate) struct Group {
     exe: std::path::PathBuf,
     dir: std::path::PathBuf,
-    addrs: Vec<String>,
+    pub(crate) addrs: Vec<String>,
     members: String,
     lease_ms_max: u32,
     children: Vec<Option<Child>>,
 }
 
 impl Group {
-    async fn spawn(&mut self, i: usize) -> Res<()> {
+    /// Starts three members in a fresh temporary directory and waits for a master.
+    pub(crate) async fn start(lease_ms_max: u32) -> Res<Group> {
+        let dir = std::env::temp_dir().join(format!("portswitch-failover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let addrs: Vec<String> = (0..3)
+            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<_, _>>()?;
+        let mut members = Vec::new();
+        for (i, a) in addrs.iter().enumerate() {
+            members.push(format!("{}=127.0.0.1:{}/{a}", i + 1, free_port()?));
+        }
+        let mut g = Group {
+            exe: std::env::current_exe()?,
+            dir,
+            addrs,
+            members: members.join(","),
+            lease_ms_max,
+            children: vec![None, None, None],
+        };
+        for i in 0..3 {
+            g.spawn(i).await?;
+        }
+        g.master().await?;
+        Ok(g)
+    }
+
+    pub(crate) async fn spawn(&mut self, i: usize) -> Res<()> {
         let lease = self.lease_ms_max.to_string();
         let extra = [
             "--no-http",
@@ -65,8 +92,41 @@ impl Group {
     }
 
     /// The member serving as master, waiting up to 30 s.
-    async fn master(&self) -> Res<usize> {
+    pub(crate) async fn master(&self) -> Res<usize> {
         find_master(&self.addrs, |i| self.children[i].is_none()).await
+    }
+
+    /// SIGKILLs member `i` and reaps it.
+    pub(crate) async fn kill(&mut self, i: usize) -> Res<()> {
+        if let Some(mut child) = self.children[i].take() {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends member `i` a signal by name (`-STOP`, `-CONT`).
+    pub(crate) fn signal(&self, i: usize, sig: &str) -> Res<()> {
+        let pid = self.children[i]
+            .as_ref()
+            .and_then(|c| c.id())
+            .ok_or("member not running")?;
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            return Err(format!("kill {sig} {pid} failed").into());
+        }
+        Ok(())
+    }
+
+    /// Stops every member and removes the group's directory.
+    pub(crate) async fn stop(mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -204,27 +264,7 @@ pub async fn run(args: FailoverArgs) -> AppResult {
     if args.sessions == 0 || args.rounds == 0 {
         return Err("--connections and --rounds must be at least 1".into());
     }
-    let dir = std::env::temp_dir().join(format!("portswitch-failover-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let addrs: Vec<String> = (0..3)
-        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-        .collect::<Result<_, _>>()?;
-    let mut members = Vec::new();
-    for (i, a) in addrs.iter().enumerate() {
-        members.push(format!("{}=127.0.0.1:{}/{a}", i + 1, free_port()?));
-    }
-    let mut g = Group {
-        exe: std::env::current_exe()?,
-        dir: dir.clone(),
-        addrs,
-        members: members.join(","),
-        lease_ms_max: args.lease_ms,
-        children: vec![None, None, None],
-    };
-    for i in 0..3 {
-        g.spawn(i).await?;
-    }
-    g.master().await?;
+    let mut g = Group::start(args.lease_ms).await?;
 
     let lost = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -246,11 +286,8 @@ pub async fn run(args: FailoverArgs) -> AppResult {
     for round in 0..args.rounds {
         let m = g.master().await?;
         let watch = RecoveryWatch::start(&clients, &lost);
-        let child = g.children[m].as_mut().expect("running");
         let killed_at = Instant::now();
-        child.start_kill()?;
-        child.wait().await?;
-        g.children[m] = None;
+        g.kill(m).await?;
         let new_master = g.master().await?;
         let serving_after = killed_at.elapsed();
         let limit = Duration::from_millis(args.lease_ms as u64);
@@ -308,10 +345,7 @@ pub async fn run(args: FailoverArgs) -> AppResult {
     for c in &clients {
         let _ = c.close().await;
     }
-    for c in g.children.iter_mut().flatten() {
-        let _ = c.start_kill();
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    g.stop().await;
     Ok(if lost == 0 && incomplete == 0 {
         ExitCode::SUCCESS
     } else {

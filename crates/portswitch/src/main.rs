@@ -6,6 +6,7 @@ mod cert;
 mod ctl;
 mod dev;
 mod failover;
+mod failover_locks;
 mod hold;
 mod relay;
 mod serve;
