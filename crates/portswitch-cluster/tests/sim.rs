@@ -16,12 +16,17 @@
 //! deterministically). Clients follow the client library's rules: the lease view from
 //! the send time of the last answered request less a 10% margin, resume on any server,
 //! reclaim with tokens on a higher epoch, refuse a lower epoch, give up when the view
-//! runs out.
+//! runs out; every REGISTER waits in the port's queue, and a client keeps its places
+//! in queues across a failover (re-queued on a new master, a REGISTER cut short by a
+//! lost connection sent again), as the library does.
 //!
 //! Invariants checked on every run:
 //! - never two clients whose lease views of the same port overlap in time;
 //! - the tokens of a port, in the order owners come to believe in them, only increase;
-//! - after the faults stop, every client gets service again.
+//! - after the faults stop, every client gets service again;
+//! - after the faults stop, every client that waits for a port is in the master's
+//!   queue for it (or owns it) within [`STARVE_MS`]: a waiter the master lost track
+//!   of would wait forever.
 //!
 //! `PORTSWITCH_SIM_SEEDS=N` runs N seeds (default 300); `PORTSWITCH_SIM_SEED=S` runs
 //! seed S alone, printing its trace.
@@ -30,7 +35,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use portswitch_cluster::MasterLease;
-use portswitch_core::{Config, ConnId, Core, Outbox};
+use portswitch_core::{Config, ConnId, Core, Lookup, Outbox};
 use portswitch_proto::{ErrorCode, Event, Hello, Reply, Request};
 
 const SERVERS: usize = 3;
@@ -50,6 +55,12 @@ const ANSWER_TIMEOUT_MS: u64 = 1_000;
 /// Simulated time with faults, then with none.
 const FAULT_MS: u64 = 15_000;
 const HEAL_MS: u64 = 15_000;
+/// After the faults stop, when waiters must be served: a new master's election,
+/// its wait, its recovery window (2 s leases) and clients finding it.
+const SETTLE_MS: u64 = 6_000;
+/// How long a client may believe it waits for a port while the master does not have
+/// it in the queue (message delays after the faults stop are a few ms).
+const STARVE_MS: u64 = 1_000;
 
 // ---------------------------------------------------------------- time & randomness
 
@@ -135,6 +146,7 @@ enum Resp {
         recovery_ms: u64,
     },
     Registered(u64),
+    Queued,
     Ok,
     Other,
     Err(ErrorCode),
@@ -229,6 +241,7 @@ impl Outbox for Rec {
                 recovery_ms: h.recovery_ms as u64,
             },
             Reply::Registered { token } => Resp::Registered(token),
+            Reply::Queued { .. } => Resp::Queued,
             Reply::Ok => Resp::Ok,
             Reply::Error { code, .. } => Resp::Err(code),
             _ => Resp::Other,
@@ -278,6 +291,10 @@ struct Client {
     pending: BTreeMap<u32, (u64, Req)>,
     /// Ports with an UNREGISTER in flight, by its request id (as the client library).
     letting_go: BTreeMap<&'static str, u32>,
+    /// Ports whose queue this client is in (QUEUED answered), and since when (real).
+    queued: BTreeMap<&'static str, u64>,
+    /// REGISTERs cut short by a lost connection: sent again on the next one.
+    resend: BTreeSet<&'static str>,
     next_id: u32,
     next_ping_local: u64,
     retry_at_local: u64,
@@ -306,6 +323,9 @@ struct World {
     faults: bool,
     /// Per port: the highest token some client has believed in, and which client.
     believed: HashMap<&'static str, (u64, usize)>,
+    /// (client, port) a waiter was first seen waiting while the master had the port
+    /// free, and when.
+    starving: HashMap<(usize, &'static str), u64>,
     trace: bool,
     log: Vec<String>,
     stats: Counts,
@@ -320,6 +340,10 @@ struct Counts {
     reclaims_kept: u64,
     sessions_lost: u64,
     crashes: u64,
+    /// Places in queues taken again on a new master.
+    requeued: u64,
+    /// Grants to waiters (ACQUIRED believed).
+    waiters_granted: u64,
 }
 
 impl std::ops::AddAssign for Counts {
@@ -330,6 +354,8 @@ impl std::ops::AddAssign for Counts {
         self.reclaims_kept += o.reclaims_kept;
         self.sessions_lost += o.sessions_lost;
         self.crashes += o.crashes;
+        self.requeued += o.requeued;
+        self.waiters_granted += o.waiters_granted;
     }
 }
 
@@ -374,6 +400,8 @@ impl World {
                 unconfirmed: BTreeMap::new(),
                 pending: BTreeMap::new(),
                 letting_go: BTreeMap::new(),
+                queued: BTreeMap::new(),
+                resend: BTreeSet::new(),
                 next_id: 0,
                 next_ping_local: 0,
                 retry_at_local: 0,
@@ -396,6 +424,7 @@ impl World {
             delay_max: 5,
             faults: true,
             believed: HashMap::new(),
+            starving: HashMap::new(),
             trace: false,
             log: Vec::new(),
             stats: Counts::default(),
@@ -925,6 +954,8 @@ impl World {
         let id = cl.next_id;
         if let Req::Unregister(p) = req {
             cl.letting_go.insert(p, id);
+            cl.queued.remove(p);
+            cl.resend.remove(p);
         }
         let local = cl.clock.local(self.now);
         cl.pending.insert(id, (local, req.clone()));
@@ -985,6 +1016,8 @@ impl World {
             cl.session = None;
             cl.owned.clear();
             cl.unconfirmed.clear();
+            cl.queued.clear();
+            cl.resend.clear();
             self.stats.sessions_lost += 1;
             self.note(format!("client {c} lost its session ({why}; {n} ports)"));
             // Like the client library: a lost session's requests fail; the
@@ -997,6 +1030,18 @@ impl World {
         let cl = &mut self.clients[c];
         cl.conn = None;
         cl.handshaking = None;
+        // A wait cut short by the lost connection is sent again on the next one.
+        if cl.session.is_some() {
+            let cut: Vec<&'static str> = cl
+                .pending
+                .values()
+                .filter_map(|(_, r)| match r {
+                    Req::Register(p) => Some(*p),
+                    _ => None,
+                })
+                .collect();
+            cl.resend.extend(cut);
+        }
         cl.pending.clear();
         cl.letting_go.clear();
         cl.server = (cl.server + 1) % SERVERS;
@@ -1062,12 +1107,58 @@ impl World {
                 self.clients[c].unconfirmed.remove(port);
                 self.note(format!("client {c} lets go of {port}"));
                 self.client_send(c, Req::Unregister(port));
-            } else if !self.clients[c]
-                .pending
-                .values()
-                .any(|(_, r)| matches!(r, Req::Register(p) if *p == port))
+            } else if self.clients[c].queued.contains_key(port) && self.rng.bool() {
+                self.note(format!("client {c} leaves the queue of {port}"));
+                self.client_send(c, Req::Unregister(port));
+            } else if !self.clients[c].queued.contains_key(port)
+                && !self.clients[c]
+                    .pending
+                    .values()
+                    .any(|(_, r)| matches!(r, Req::Register(p) if *p == port))
             {
+                // A waiter waits: it does not ask again (that would hide a place in a
+                // queue the master lost).
                 self.client_send(c, Req::Register(port));
+            }
+        }
+        self.check_waiters(c);
+    }
+
+    /// After the faults stop: a port client `c` waits for must have `c` in the
+    /// master's queue (or as its owner, the grant on its way); a waiter the master
+    /// lost track of would wait forever.
+    fn check_waiters(&mut self, c: usize) {
+        if self.faults || self.now < FAULT_MS + SETTLE_MS {
+            return;
+        }
+        let Some(master) = (0..SERVERS).find(|&s| {
+            matches!(&self.servers[s].role, Role::Leader(l) if l.serving)
+                && self.servers[s].core.is_some()
+        }) else {
+            return;
+        };
+        let waiting: Vec<(&'static str, u64)> = self.clients[c]
+            .queued
+            .iter()
+            .map(|(p, since)| (*p, *since))
+            .collect();
+        let Some((sid, _)) = self.clients[c].session else {
+            return;
+        };
+        for (p, since) in waiting {
+            let core = self.servers[master].core.as_ref().expect("checked");
+            let known = core.waiting(p.as_bytes()).contains(&sid)
+                || matches!(core.lookup(p.as_bytes()), Lookup::Owned { session, .. } if session == sid);
+            if known || self.now < since + STARVE_MS {
+                self.starving.remove(&(c, p));
+                continue;
+            }
+            let first = *self.starving.entry((c, p)).or_insert(self.now);
+            if self.now >= first + STARVE_MS {
+                self.fail(format!(
+                    "client {c} has waited for {p} since {since} ms; master {master} has not had it in the queue since {first} ms ({:?})",
+                    core.lookup(p.as_bytes())
+                ));
             }
         }
     }
@@ -1097,11 +1188,14 @@ impl World {
                 if self.clients[client].letting_go.contains_key(port) {
                     return;
                 }
+                self.clients[client].queued.remove(port);
+                self.clients[client].resend.remove(port);
                 if self.clients[client].owned.insert(port, token) == Some(token) {
                     return;
                 }
                 if self.believes(client, port) {
                     self.check_grant(client, port, token);
+                    self.stats.waiters_granted += 1;
                 }
             }
             Msg::ToClient {
@@ -1169,6 +1263,8 @@ impl World {
                 if resume.is_none() {
                     cl.owned.clear();
                     cl.unconfirmed.clear();
+                    cl.queued.clear();
+                    cl.resend.clear();
                     cl.view_end_local = 0;
                 }
                 if new_master {
@@ -1196,6 +1292,20 @@ impl World {
                 for (p, t) in todo {
                     self.client_send(c, Req::Reclaim(p, t));
                 }
+                // Places in queues: taken again on a new master (the old one's queues
+                // are gone), and waits cut short by the lost connection sent again.
+                let mut again: BTreeSet<&'static str> = std::mem::take(&mut self.clients[c].resend);
+                if new_master {
+                    let queued: Vec<&'static str> =
+                        self.clients[c].queued.keys().copied().collect();
+                    self.stats.requeued += queued.len() as u64;
+                    again.extend(queued);
+                }
+                for p in again {
+                    if !self.clients[c].owned.contains_key(p) {
+                        self.client_send(c, Req::Register(p));
+                    }
+                }
             }
             (Req::Hello { .. }, Resp::Err(ErrorCode::NotMaster)) => self.disconnect(c),
             (Req::Hello { .. }, Resp::Err(code)) => {
@@ -1209,8 +1319,16 @@ impl World {
             {
                 extend(self);
             }
+            (Req::Register(p), Resp::Queued) => {
+                extend(self);
+                if self.clients[c].letting_go.get(p).is_none_or(|&u| u <= id) {
+                    let now = self.now;
+                    self.clients[c].queued.entry(p).or_insert(now);
+                }
+            }
             (Req::Register(p), Resp::Registered(token)) => {
                 extend(self);
+                self.clients[c].queued.remove(p);
                 // Asking again for a port already granted answers with its token: the
                 // same grant, not a new one.
                 if self.clients[c].owned.insert(p, token) == Some(token) {
@@ -1401,6 +1519,8 @@ fn simulated_groups_keep_ownership_exclusive_tokens_rising_and_clients_served() 
         total += run_seed(seed, false);
     }
     println!("{n} seeds: {total:?}");
-    // The faults must have made the group fail over, and clients keep ports across it.
+    // The faults must have made the group fail over, clients keep ports across it,
+    // and waiters took their places again and were granted.
     assert!(total.masters_with_window > 0 && total.reclaims_kept > 0 && total.crashes > 0);
+    assert!(total.requeued > 0 && total.waiters_granted > 0, "{total:?}");
 }

@@ -95,6 +95,18 @@ struct Session {
     adopted: bool,
 }
 
+/// A port as [`Core::lookup`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Owned {
+        session: u64,
+        token: u64,
+    },
+    Free,
+    /// In a recovery window, nobody has reclaimed it yet.
+    Unknown,
+}
+
 /// Who a session authenticated as, and what its roles let it do. The driver verifies
 /// credentials; the core enforces the access on every request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +265,40 @@ impl Core {
             "a recovery window opens on a fresh core"
         );
         self.recovery_until = Some(now_ms + window_ms);
+    }
+
+    /// What this core knows of the port `name` now, without a session: for drivers'
+    /// diagnostics and for simulations checking the core from outside.
+    pub fn lookup(&self, name: &[u8]) -> Lookup {
+        match self
+            .ports
+            .find(name)
+            .filter(|&p| self.ports.get(p).owner != NONE)
+        {
+            Some(port) => {
+                let e = self.ports.get(port);
+                Lookup::Owned {
+                    session: self.sessions[e.owner as usize].id,
+                    token: e.token,
+                }
+            }
+            None if self.unknown(name) => Lookup::Unknown,
+            None => Lookup::Free,
+        }
+    }
+
+    /// The sessions waiting in the queue of the port `name`, first first (for
+    /// diagnostics and simulations, like [`Core::lookup`]).
+    pub fn waiting(&self, name: &[u8]) -> Vec<u64> {
+        let Some(port) = self.ports.find(name) else {
+            return Vec::new();
+        };
+        self.ports.extra(port).map_or(Vec::new(), |x| {
+            x.queue
+                .iter()
+                .map(|w| self.sessions[w.session as usize].id)
+                .collect()
+        })
     }
 
     /// The longest lease any session of this core holds now (0 without sessions).

@@ -50,5 +50,5 @@ mod core;
 mod table;
 
 pub use crate::config::{Config, ConfigError, LEASE_MS_DEFAULT, LEASE_MS_MAX, LEASE_MS_MIN};
-pub use crate::core::{Batch, ConnId, Core, Identity, Outbox, Stats};
+pub use crate::core::{Batch, ConnId, Core, Identity, Lookup, Outbox, Stats};
 pub use portswitch_auth::acl::{Access, Grant, Perm, Perms, Role};

@@ -121,7 +121,7 @@ pub struct BenchArgs {
     /// wan: sessions holding --ports ports through the failovers.
     #[arg(long, default_value_t = 100)]
     sessions: usize,
-    /// wan: a flag for every member's `serve` (repeatable), e.g.
+    /// wan, failover-locks: a flag for every member's `serve` (repeatable), e.g.
     /// --member-flag=--heartbeat-ms=100
     #[arg(long = "member-flag", allow_hyphen_values = true)]
     member_flags: Vec<String>,
@@ -261,6 +261,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
             warmup: Duration::from_secs_f64(args.warmup_s.max(0.0)),
             lease_ms: args.lease_ms,
             hold_ms: args.hold_ms,
+            member_flags: args.member_flags.clone(),
             json: args.json,
         })
         .await;

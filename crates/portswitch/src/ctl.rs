@@ -115,10 +115,14 @@ enum Cmd {
     /// Server counters.
     Status,
     /// Run a command while holding a lock; its fencing token is in PORTSWITCH_TOKEN.
-    /// The command is killed if the lock is lost.
+    /// The command (its whole process group) is stopped if the lock is lost. Without
+    /// a command, hold the lock until interrupted.
     Lock {
         name: String,
-        #[arg(last = true, required = true)]
+        /// How long the command has after SIGTERM before SIGKILL.
+        #[arg(long, default_value_t = 1_000)]
+        kill_after_ms: u64,
+        #[arg(last = true)]
         command: Vec<String>,
     },
     /// Manage users (needs the admin permission; the very first user, who must have
@@ -146,6 +150,10 @@ enum Cmd {
         value: String,
         #[arg(long)]
         observe: bool,
+        /// How long the command has after SIGTERM before SIGKILL, once leadership is
+        /// lost.
+        #[arg(long, default_value_t = 1_000)]
+        kill_after_ms: u64,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -286,6 +294,8 @@ pub async fn run(args: CtlArgs) -> AppResult {
         } => {
             opts.end_on_disconnect = end_on_disconnect;
             let client = Client::connect(opts).await?;
+            // Listen before asking, so that a grant cannot slip past.
+            let mut events = client.events();
             let token = match client
                 .register_with(name.as_bytes(), value.as_bytes(), wait)
                 .await?
@@ -310,16 +320,21 @@ pub async fn run(args: CtlArgs) -> AppResult {
                     if !json {
                         eprintln!("queued at position {position}; waiting");
                     }
-                    let mut events = client.events();
-                    loop {
-                        match events.recv().await {
-                            Ok(Event::Acquired { port, token }) if port == name.as_bytes() => {
-                                break token
+                    let granted = async {
+                        loop {
+                            match events.recv().await {
+                                Ok(Event::Acquired { port, token }) if port == name.as_bytes() => {
+                                    return Ok(token)
+                                }
+                                Ok(Event::OwnershipLost { reason, .. }) => return Err(reason),
+                                Ok(_) => {}
+                                Err(e) => return Err(e.to_string()),
                             }
-                            Ok(Event::OwnershipLost { reason, .. }) => return Err(reason.into()),
-                            Ok(_) => {}
-                            Err(e) => return Err(e.into()),
                         }
+                    };
+                    match until_interrupted(&client, granted).await? {
+                        Ok(token) => token,
+                        Err(reason) => return Err(reason.into()),
                     }
                 }
             };
@@ -502,8 +517,32 @@ pub async fn run(args: CtlArgs) -> AppResult {
                         format!("{}: released (token {token})", text(&port)),
                         json!({"port": text(&port), "event": "released", "token": token}),
                     ),
+                    Event::Resync if !prefix => {
+                        // Events may have been missed (a failover, say): the state now.
+                        match client.query(&name).await {
+                            Ok(Some(o)) => out(
+                                format!(
+                                    "{name}: resync: owned by session {} ({}) token {}",
+                                    hex(o.session),
+                                    text(&o.node),
+                                    o.token
+                                ),
+                                json!({"port": name, "event": "resync", "session": hex(o.session), "node": text(&o.node), "token": o.token}),
+                            ),
+                            Ok(None) => out(
+                                format!("{name}: resync: free"),
+                                json!({"port": name, "event": "resync", "session": null}),
+                            ),
+                            // A new master still recovering: the owner may not be
+                            // back yet; the next change is reported as it comes.
+                            Err(e) => out(
+                                format!("{name}: resync: {e}"),
+                                json!({"port": name, "event": "resync", "error": e.to_string()}),
+                            ),
+                        }
+                    }
                     Event::Resync => out(
-                        "resync: events were missed".into(),
+                        "resync: events were missed; list the prefix for the state now".into(),
                         json!({"event": "resync"}),
                     ),
                     Event::OwnershipLost { reason, .. } => {
@@ -595,13 +634,29 @@ pub async fn run(args: CtlArgs) -> AppResult {
                 ExitCode::SUCCESS
             })
         }
-        Cmd::Lock { name, command } => {
+        Cmd::Lock {
+            name,
+            kill_after_ms,
+            command,
+        } => {
             let client = Client::connect(opts).await?;
-            let lock = Lock::acquire(&client, &name).await?;
+            let lock = until_interrupted(&client, Lock::acquire(&client, &name)).await??;
             if !json {
                 eprintln!("holding lock {name} with token {}", lock.token());
             }
-            let code = run_while(&command, lock.token(), &name, lock.lost()).await?;
+            let grace = Duration::from_millis(kill_after_ms);
+            let code = if command.is_empty() {
+                // Like `etcdctl lock NAME`: hold until interrupted.
+                tokio::select! {
+                    _ = lock.lost() => {
+                        eprintln!("lock {name} lost");
+                        ExitCode::from(4)
+                    }
+                    _ = interrupted() => ExitCode::SUCCESS,
+                }
+            } else {
+                run_while(&command, lock.token(), &name, lock.lost(), grace).await?
+            };
             if client.is_alive() {
                 lock.release().await?;
                 client.close().await?;
@@ -685,13 +740,14 @@ pub async fn run(args: CtlArgs) -> AppResult {
             name,
             value,
             observe,
+            kill_after_ms,
             command,
         } => {
             let client = Client::connect(opts).await?;
             let election = Election::new(&client, &name);
             if observe {
-                let mut w = election.observe().await?;
-                while let Some(change) = w.next().await {
+                let mut w = until_interrupted(&client, election.observe()).await??;
+                while let Some(change) = until_interrupted(&client, w.next()).await? {
                     match change {
                         LeaderChange::Leader(o) => out(
                             format!(
@@ -714,11 +770,19 @@ pub async fn run(args: CtlArgs) -> AppResult {
             if command.is_empty() {
                 return Err("elect needs -- COMMAND (or --observe)".into());
             }
-            let leadership = election.campaign(&value).await?;
+            let leadership = until_interrupted(&client, election.campaign(&value)).await??;
             if !json {
                 eprintln!("elected leader of {name} with token {}", leadership.token());
             }
-            let code = run_while(&command, leadership.token(), &name, leadership.lost()).await?;
+            let grace = Duration::from_millis(kill_after_ms);
+            let code = run_while(
+                &command,
+                leadership.token(),
+                &name,
+                leadership.lost(),
+                grace,
+            )
+            .await?;
             if client.is_alive() {
                 leadership.resign().await?;
                 client.close().await?;
@@ -728,38 +792,93 @@ pub async fn run(args: CtlArgs) -> AppResult {
     }
 }
 
-/// Runs `command` with the token in its environment until it exits (its exit code is
-/// returned) or `lost` resolves (it is killed, exit code 4).
+/// Runs `command` in a process group of its own, with the token in its environment,
+/// until it exits (its exit code is returned), `lost` resolves (exit code 4) or this
+/// process is interrupted (130). Stopping it sends SIGTERM to the whole group and,
+/// `grace` later, SIGKILL: whatever it started stops with it.
 async fn run_while(
     command: &[String],
     token: u64,
     name: &str,
     lost: impl std::future::Future<Output = ()>,
+    grace: Duration,
 ) -> AppResult {
     let (program, rest) = command.split_first().ok_or("no command given")?;
     let mut child = tokio::process::Command::new(program)
         .args(rest)
         .env("PORTSWITCH_TOKEN", token.to_string())
         .env("PORTSWITCH_NAME", name)
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
-    tokio::select! {
+    let group = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
+    let code = tokio::select! {
         status = child.wait() => {
             let status = status?;
-            Ok(ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8)))
+            // Nothing the command left behind may run on without the lock.
+            if let Some(g) = group {
+                let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+            }
+            return Ok(ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8)));
         }
         _ = lost => {
-            let _ = child.kill().await;
-            eprintln!("ownership of {name} lost: command killed");
-            Ok(ExitCode::from(4))
+            eprintln!("ownership of {name} lost: stopping the command");
+            ExitCode::from(4)
         }
+        _ = interrupted() => ExitCode::from(130),
+    };
+    stop_group(&mut child, group, grace).await;
+    Ok(code)
+}
+
+/// SIGTERM to the group, then SIGKILL to what is left after `grace`.
+async fn stop_group(
+    child: &mut tokio::process::Child,
+    group: Option<nix::unistd::Pid>,
+    grace: Duration,
+) {
+    use nix::sys::signal::{killpg, Signal};
+    let Some(g) = group else {
+        let _ = child.kill().await;
+        return;
+    };
+    let _ = killpg(g, Signal::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = killpg(g, Signal::SIGKILL);
+        let _ = child.wait().await;
+    } else {
+        // The leader of the group is gone; anything it left behind goes too.
+        let _ = killpg(g, Signal::SIGKILL);
+    }
+}
+
+/// Runs `fut` unless SIGINT or SIGTERM comes first; then the session says BYE (so it
+/// leaves every queue and releases every port at once) and the error says so.
+async fn until_interrupted<T>(
+    client: &Client,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Box<dyn std::error::Error + Send + Sync>> {
+    tokio::select! {
+        r = fut => Ok(r),
         _ = interrupted() => {
-            let _ = child.kill().await;
-            Ok(ExitCode::from(130))
+            let _ = client.close().await;
+            Err(Interrupted.into())
         }
     }
 }
+
+/// The command was interrupted (exit code 130).
+#[derive(Debug)]
+pub(crate) struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted; the session ended")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// Resolves on SIGINT or SIGTERM, so that `kill` releases ports as cleanly as Ctrl-C.
 pub(crate) async fn interrupted() {

@@ -1,6 +1,8 @@
 //! `portswitch dev`: a local group of servers in one command, for trying things out.
 //! Each member is a `portswitch serve` child process on loopback with its own data
-//! directory; Ctrl-C stops them all.
+//! directory. It says which member is master and follows changes; a member that dies
+//! (kill -9 it to try a failover) leaves the others serving, and the command to start
+//! it again is printed. Ctrl-C stops them all.
 
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
@@ -17,8 +19,9 @@ pub struct DevArgs {
     #[arg(long, default_value_t = 3)]
     nodes: u64,
     /// Client port of the first member; member i listens on BASE+i-1 for clients,
-    /// BASE+100+i-1 for peers and BASE+200+i-1 for HTTP.
-    #[arg(long, default_value_t = 7400)]
+    /// BASE+100+i-1 for peers and BASE+200+i-1 for HTTP. (The default leaves 7400
+    /// and 7401 to a `portswitch serve` started with its defaults.)
+    #[arg(long, default_value_t = 7410)]
     base_port: u16,
     /// Where the members keep their state [default: a new directory under the
     /// system's temporary directory]
@@ -43,15 +46,43 @@ pub async fn run(args: DevArgs) -> AppResult {
     let members: Vec<String> = (1..=args.nodes)
         .map(|i| format!("{i}=127.0.0.1:{}/127.0.0.1:{}", port(100, i), port(0, i)))
         .collect();
+    for i in 1..=args.nodes {
+        for (what, offset) in [("client", 0), ("peer", 100), ("HTTP", 200)] {
+            let p = port(offset, i);
+            if std::net::TcpListener::bind(("127.0.0.1", p as u16)).is_err() {
+                return Err(format!(
+                    "port {p} (member {i}'s {what} port) is taken; choose others with --base-port"
+                )
+                .into());
+            }
+        }
+    }
     let exe = std::env::current_exe()?;
-    let mut children: Vec<Child> = Vec::new();
+    let mut children: Vec<Option<Child>> = Vec::new();
+    let member_args = |i: u64| -> Vec<String> {
+        vec![
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", port(0, i)),
+            "--http-listen".into(),
+            format!("127.0.0.1:{}", port(200, i)),
+            "--log".into(),
+            args.log.clone(),
+            "--data-dir".into(),
+            dir.join(i.to_string()).to_string_lossy().into_owned(),
+            "--node-id".into(),
+            i.to_string(),
+            "--member".into(),
+            members.join(","),
+        ]
+    };
     for i in 1..=args.nodes {
         let http = format!("127.0.0.1:{}", port(200, i));
         let extra = ["--http-listen", &http, "--log", &args.log];
         let listen = format!("127.0.0.1:{}", port(0, i));
         let data = dir.join(i.to_string());
         let member = start_member(&exe, i, &listen, &data, &members.join(","), &extra).await?;
-        children.push(member);
+        children.push(Some(member));
     }
     let addrs: Vec<String> = (1..=args.nodes)
         .map(|i| format!("127.0.0.1:{}", port(0, i)))
@@ -63,27 +94,76 @@ pub async fn run(args: DevArgs) -> AppResult {
     );
     for i in 1..=args.nodes {
         println!(
-            "  member {i}: clients 127.0.0.1:{}  peers 127.0.0.1:{}  http http://127.0.0.1:{}/cluster",
+            "  member {i}: clients 127.0.0.1:{}  peers 127.0.0.1:{}  http http://127.0.0.1:{}/cluster  pid {}",
             port(0, i),
             port(100, i),
-            port(200, i)
+            port(200, i),
+            children[i as usize - 1]
+                .as_ref()
+                .and_then(|c| c.id())
+                .map_or("?".to_string(), |p| p.to_string())
         );
     }
     println!("try:  portswitch ctl --addr {} status", addrs.join(","));
     println!("Ctrl-C stops the group.");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        (i, status) = first_exit(&mut children) => {
-            eprintln!("member {} exited ({status:?}); stopping the group", i + 1);
+    let mut master: Option<(usize, u64)> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = crate::ctl::interrupted() => break,
+            _ = tick.tick() => {}
+        }
+        for (i, slot) in children.iter_mut().enumerate() {
+            let Some(c) = slot else { continue };
+            if let Ok(Some(status)) = c.try_wait() {
+                *slot = None;
+                println!(
+                    "member {} exited ({status}); the others go on. Start it again with:\n  {} {}",
+                    i + 1,
+                    exe.display(),
+                    member_args(i as u64 + 1).join(" ")
+                );
+            }
+        }
+        if children.iter().all(Option::is_none) {
+            println!("every member has exited");
+            return Ok(ExitCode::from(1));
+        }
+        let now = find_master(&addrs, &children).await;
+        if now != master {
+            match now {
+                Some((m, epoch)) => println!("member {} is master (epoch {epoch})", m + 1),
+                None => println!("no master yet"),
+            }
+            master = now;
         }
     }
-    for c in &mut children {
+    for c in children.iter_mut().flatten() {
         let _ = c.start_kill();
     }
-    for c in &mut children {
+    for c in children.iter_mut().flatten() {
         let _ = c.wait().await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The running member that serves as master, and its epoch (asked by STATS).
+async fn find_master(addrs: &[String], children: &[Option<Child>]) -> Option<(usize, u64)> {
+    let mut opts = portswitch_client::ClientOptions::new("unused");
+    opts.connect_timeout = std::time::Duration::from_millis(200);
+    for (i, a) in addrs.iter().enumerate() {
+        if children[i].is_none() {
+            continue;
+        }
+        let Ok(stats) = portswitch_client::server_stats(&opts, a).await else {
+            continue;
+        };
+        let get = |k: &str| stats.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        if get("role") == Some(3) {
+            return Some((i, get("epoch").unwrap_or(0)));
+        }
+    }
+    None
 }
 
 /// Starts `exe serve` as member `id` of the group `members` (plus `extra` flags)
@@ -130,17 +210,5 @@ pub(crate) async fn start_member_in(
     match lines.next_line().await? {
         Some(l) if l.starts_with("listening on") => Ok(child),
         other => Err(format!("member {id} did not start: {other:?}").into()),
-    }
-}
-
-/// Resolves when any child exits: its index and status.
-async fn first_exit(children: &mut [Child]) -> (usize, std::io::Result<std::process::ExitStatus>) {
-    loop {
-        for (i, c) in children.iter_mut().enumerate() {
-            if let Ok(Some(status)) = c.try_wait() {
-                return (i, Ok(status));
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

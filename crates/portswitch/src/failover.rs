@@ -38,12 +38,19 @@ pub(crate) struct Group {
     pub(crate) addrs: Vec<String>,
     members: String,
     lease_ms_max: u32,
+    /// Flags every member gets besides the group's.
+    flags: Vec<String>,
     children: Vec<Option<Child>>,
 }
 
 impl Group {
     /// Starts three members in a fresh temporary directory and waits for a master.
     pub(crate) async fn start(lease_ms_max: u32) -> Res<Group> {
+        Group::start_with(lease_ms_max, &[]).await
+    }
+
+    /// [`Group::start`], every member also given `flags`.
+    pub(crate) async fn start_with(lease_ms_max: u32, flags: &[String]) -> Res<Group> {
         let dir = std::env::temp_dir().join(format!("portswitch-failover-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let addrs: Vec<String> = (0..3)
@@ -59,6 +66,7 @@ impl Group {
             addrs,
             members: members.join(","),
             lease_ms_max,
+            flags: flags.to_vec(),
             children: vec![None, None, None],
         };
         for i in 0..3 {
@@ -70,13 +78,14 @@ impl Group {
 
     pub(crate) async fn spawn(&mut self, i: usize) -> Res<()> {
         let lease = self.lease_ms_max.to_string();
-        let extra = [
+        let mut extra = vec![
             "--no-http",
             "--lease-ms-max",
             &lease,
             "--log",
             "error,openraft=off",
         ];
+        extra.extend(self.flags.iter().map(String::as_str));
         let data = self.dir.join(i.to_string());
         let child = crate::dev::start_member(
             &self.exe,

@@ -66,6 +66,8 @@ pub struct FailoverLocksArgs {
     pub warmup: Duration,
     pub lease_ms: u32,
     pub hold_ms: u64,
+    /// Flags for every member's `serve`.
+    pub member_flags: Vec<String>,
     pub json: bool,
 }
 
@@ -102,7 +104,7 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
     if args.sessions == 0 || args.locks == 0 {
         return Err("--connections and --locks must be at least 1".into());
     }
-    let mut g = Group::start(args.lease_ms.max(10_000)).await?;
+    let mut g = Group::start_with(args.lease_ms.max(10_000), &args.member_flags).await?;
     let addrs = g.addrs.clone();
     let mut template = ClientOptions::new(addrs[0].clone());
     template.servers = addrs.clone();

@@ -66,6 +66,10 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(code) => code,
+        Err(e) if e.is::<ctl::Interrupted>() => {
+            eprintln!("{e}");
+            std::process::ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::from(1)

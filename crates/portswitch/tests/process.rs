@@ -846,3 +846,127 @@ async fn mux_sessions_leave_a_stopped_server_and_resume_when_it_answers_again() 
         "{seen:?}"
     );
 }
+
+/// Ctrl-C (or SIGTERM) on a CLI that waits in a queue ends its session: it leaves
+/// the queue at once, so the port is never granted to a process that is gone.
+#[tokio::test]
+async fn interrupted_cli_waiters_leave_their_queues() {
+    let srv = serve(&[], &[]).await;
+    let w = watcher(&srv.addr).await;
+    assert!(matches!(
+        w.register("q", "").await.unwrap(),
+        portswitch_client::RegisterOutcome::Owned { .. }
+    ));
+    let quiet = |args: &[&str]| {
+        let mut c = ctl(&srv.addr, args);
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c.spawn().unwrap()
+    };
+    let mut waiting = [
+        quiet(&["register", "q", "--wait"]),
+        quiet(&["lock", "q"]),
+        quiet(&["elect", "q", "--", "true"]),
+    ];
+    let stat = |name: &'static str| {
+        let w = w.clone();
+        async move {
+            let s = w.stats().await.unwrap();
+            s.iter().find(|(k, _)| k == name).unwrap().1
+        }
+    };
+    common::eventually_async("three waiters", || async { stat("waiters").await == 3 }).await;
+    for (i, c) in waiting.iter_mut().enumerate() {
+        let pid = c.id().unwrap().to_string();
+        let sig = if i == 1 { "-TERM" } else { "-INT" };
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = within("the waiter exits", c.wait()).await.unwrap();
+        assert_eq!(status.code(), Some(130), "waiter {i}");
+    }
+    assert_eq!(stat("waiters").await, 0);
+    assert_eq!(
+        stat("sessions").await,
+        1,
+        "only the holder's session is left"
+    );
+    w.unregister("q").await.unwrap();
+    assert_eq!(w.query("q").await.unwrap(), None, "granted to nobody");
+}
+
+/// A lock lost while its command runs stops the command's whole process group:
+/// SIGTERM, then SIGKILL after the grace period. What the command started in the
+/// background stops too.
+#[tokio::test]
+async fn a_lost_lock_stops_the_commands_whole_process_group() {
+    let srv = serve(&[], &[]).await;
+    let pid = srv.child.id().unwrap().to_string();
+    let dir = std::env::temp_dir().join(format!("portswitch-pgroup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("grandchild.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    // The background sleep ignores SIGTERM: only the SIGKILL that follows stops it.
+    let script = format!(
+        "(trap '' TERM; exec sleep 300) & echo $! > {}; wait",
+        pidfile.display()
+    );
+    let mut lock = ctl(
+        &srv.addr,
+        &[
+            "--lease-ms",
+            "1000",
+            "lock",
+            "g",
+            "--kill-after-ms",
+            "300",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let grandchild = within("the command starts", async {
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&pidfile) {
+                if let Ok(p) = s.trim().parse::<u32>() {
+                    return p;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let alive = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+            // A zombie (state Z) has stopped running; it waits only to be reaped.
+            !s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+    };
+    assert!(alive(grandchild));
+    // A server that stops answering: the lock's lease view runs out.
+    let kill = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    kill("-STOP");
+    let status = within("ctl lock gives up", lock.wait()).await.unwrap();
+    kill("-CONT");
+    assert_eq!(status.code(), Some(4), "the lock was lost");
+    within("the background process stops", async {
+        while alive(grandchild) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,6 +1,8 @@
 //! Helpers for tests against a real server on loopback.
 #![allow(dead_code)]
 
+pub mod group;
+
 use std::time::Duration;
 
 use bytes::BytesMut;
