@@ -1078,3 +1078,345 @@ pub(crate) fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>
         | Request::Stats => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session core fed inputs, its effects checked: no sockets, no clock.
+
+    use super::*;
+    use portswitch_proto::ServerLimits;
+
+    /// Records requests as the server would read them.
+    #[derive(Default)]
+    struct Tape {
+        next_id: u32,
+        sent: Vec<(u32, String)>,
+    }
+
+    impl Wire for Tape {
+        fn push(&mut self, req: &Request<'_>) -> u32 {
+            self.next_id += 1;
+            let text = match *req {
+                Request::Register { port, wait, .. } => {
+                    format!(
+                        "REGISTER {}{}",
+                        lossy(port),
+                        if wait { " wait" } else { "" }
+                    )
+                }
+                Request::Unregister { port } => format!("UNREGISTER {}", lossy(port)),
+                Request::Reclaim { port, token, .. } => format!("RECLAIM {} {token}", lossy(port)),
+                Request::Watch { name, .. } => format!("WATCH {}", lossy(name)),
+                Request::Ping => "PING".into(),
+                ref other => format!("{other:?}"),
+            };
+            self.sent.push((self.next_id, text));
+            self.next_id
+        }
+    }
+
+    impl Tape {
+        /// Requests sent since the last call.
+        fn take(&mut self) -> Vec<String> {
+            std::mem::take(&mut self.sent)
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect()
+        }
+        fn last_id(&self) -> u32 {
+            self.next_id
+        }
+    }
+
+    fn lossy(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    const LIMITS: ServerLimits = ServerLimits {
+        frame_bytes_max: 1 << 20,
+        commands_per_frame_max: 4_096,
+        port_name_bytes_max: 256,
+        value_bytes_max: 1_024,
+        payload_bytes_max: 65_536,
+        ports_per_session_max: 100_000,
+        watches_per_session_max: 1_000,
+        queue_len_max: 1_000,
+        list_limit_max: 1_000,
+        lease_ms_min: 100,
+        lease_ms_max: 60_000,
+    };
+
+    fn hello_ok(epoch: u64, recovery_ms: u32) -> HelloOk<'static> {
+        HelloOk {
+            version: 1,
+            features: 0,
+            session: 7,
+            secret: 8,
+            epoch,
+            lease_ms: 10_000,
+            resumed: epoch > 1,
+            limits: LIMITS,
+            auth: &[],
+            recovery_ms,
+            channels_max: 0,
+        }
+    }
+
+    type Done = std::sync::mpsc::Sender<Result<Answer>>;
+
+    fn core(t0: Instant) -> SessionCore<Done> {
+        let settings = Settings {
+            lease_margin: 0.1,
+            end_on_disconnect: false,
+            keepalive: None,
+        };
+        SessionCore::new(settings, &hello_ok(1, 0), t0)
+    }
+
+    fn register(port: &str, wait: bool, until_granted: bool) -> (Request<'_>, Kind) {
+        (
+            Request::Register {
+                port: port.as_bytes(),
+                value: b"",
+                wait,
+            },
+            Kind::Register {
+                port: Name::new(port.as_bytes()),
+                value: Bytes::new(),
+                wait,
+                until_granted,
+            },
+        )
+    }
+
+    /// Submits REGISTER of `port` and answers it REGISTERED `token`.
+    fn own(s: &mut SessionCore<Done>, w: &mut Tape, port: &str, token: u64, now: Instant) {
+        let (req, kind) = register(port, false, false);
+        s.submit(&req, kind, None, now, w).unwrap();
+        let id = w.last_id();
+        s.handle_reply(id, &Reply::Registered { token }, now, w)
+            .unwrap();
+        w.take();
+    }
+
+    fn completions(s: &mut SessionCore<Done>) -> Effects<Done> {
+        let mut fx = Effects::default();
+        s.take_effects(&mut fx);
+        fx
+    }
+
+    #[test]
+    fn a_release_asked_for_between_masters_follows_its_ports_reclaim() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        own(&mut s, &mut w, "a", 5, t0);
+        own(&mut s, &mut w, "b", 6, t0);
+        s.detached("gone");
+        // The application lets go of b while no connection is up.
+        s.submit(
+            &Request::Unregister { port: b"b" },
+            Kind::Unregister(Name::new(b"b")),
+            None,
+            t0,
+            &mut w,
+        )
+        .unwrap();
+        assert!(w.take().is_empty(), "nothing goes out without a connection");
+        s.resumed(&hello_ok(2, 5_000), t0, t0, &mut w);
+        let sent = w.take();
+        let reclaim_b = sent.iter().position(|r| r == "RECLAIM b 6").unwrap();
+        let unregister_b = sent.iter().position(|r| r == "UNREGISTER b").unwrap();
+        assert!(reclaim_b < unregister_b, "{sent:?}");
+        assert!(sent.contains(&"RECLAIM a 5".to_string()), "{sent:?}");
+        assert_eq!(
+            sent.iter().filter(|r| r.starts_with("RECLAIM b")).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_request_naming_a_port_beyond_the_reclaim_window_sends_its_reclaim_first() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        let n = RECLAIM_IN_FLIGHT_MAX + 10;
+        for i in 0..n {
+            own(&mut s, &mut w, &format!("p{i}"), 100 + i as u64, t0);
+        }
+        s.detached("gone");
+        s.resumed(&hello_ok(2, 5_000), t0, t0, &mut w);
+        let first = w.take();
+        assert_eq!(first.len(), RECLAIM_IN_FLIGHT_MAX, "a window of reclaims");
+        // Some port whose reclaim has not gone out yet.
+        let late = (0..n)
+            .map(|i| format!("p{i}"))
+            .find(|p| {
+                !first
+                    .iter()
+                    .any(|r| r.starts_with(&format!("RECLAIM {p} ")))
+            })
+            .unwrap();
+        s.submit(
+            &Request::Unregister {
+                port: late.as_bytes(),
+            },
+            Kind::Unregister(Name::new(late.as_bytes())),
+            None,
+            t0,
+            &mut w,
+        )
+        .unwrap();
+        let sent = w.take();
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(sent[0].starts_with(&format!("RECLAIM {late} ")), "{sent:?}");
+        assert_eq!(sent[1], format!("UNREGISTER {late}"));
+    }
+
+    #[test]
+    fn places_in_queues_are_taken_again_on_a_new_master_and_waits_survive() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        // A wait until granted, answered QUEUED.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (req, kind) = register("lock", true, true);
+        s.submit(&req, kind, Some(tx), t0, &mut w).unwrap();
+        let id = w.last_id();
+        s.handle_reply(id, &Reply::Queued { position: 1 }, t0, &mut w)
+            .unwrap();
+        // A plain wait, its REGISTER cut short by the lost connection.
+        let (req, kind) = register("other", true, true);
+        let (tx2, rx2) = std::sync::mpsc::channel();
+        s.submit(&req, kind, Some(tx2), t0, &mut w).unwrap();
+        w.take();
+        s.detached("gone");
+        for fx in completions(&mut s).done {
+            let _ = fx.0.send(fx.1);
+        }
+        assert!(
+            rx.try_recv().is_err() && rx2.try_recv().is_err(),
+            "still waiting"
+        );
+        s.resumed(&hello_ok(2, 5_000), t0, t0, &mut w);
+        let sent = w.take();
+        assert!(sent.contains(&"REGISTER lock wait".to_string()), "{sent:?}");
+        assert!(
+            sent.contains(&"REGISTER other wait".to_string()),
+            "{sent:?}"
+        );
+        // The new master grants it: the waiter has its token.
+        s.handle_event(&WireEvent::Acquired {
+            port: b"lock",
+            token: 2 << 32 | 1,
+        });
+        for (d, r) in completions(&mut s).done {
+            let _ = d.send(r);
+        }
+        assert!(matches!(rx.try_recv(), Ok(Ok(Answer::Registered(t))) if t == 2 << 32 | 1));
+        assert!(s.owns(b"lock", 2 << 32 | 1));
+    }
+
+    #[test]
+    fn a_port_being_let_go_when_the_connection_drops_is_not_reclaimed() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        own(&mut s, &mut w, "kept", 1, t0);
+        own(&mut s, &mut w, "going", 2, t0);
+        s.submit(
+            &Request::Unregister { port: b"going" },
+            Kind::Unregister(Name::new(b"going")),
+            None,
+            t0,
+            &mut w,
+        )
+        .unwrap();
+        w.take();
+        s.detached("gone");
+        s.resumed(&hello_ok(2, 5_000), t0, t0, &mut w);
+        assert_eq!(w.take(), vec!["RECLAIM kept 1"]);
+        assert_eq!(s.owned_ports(), vec![(Bytes::from_static(b"kept"), 1)]);
+    }
+
+    #[test]
+    fn a_port_not_reclaimed_before_the_window_can_close_is_lost() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        own(&mut s, &mut w, "slow", 3, t0);
+        s.detached("gone");
+        s.resumed(&hello_ok(2, 1_000), t0, t0, &mut w);
+        w.take();
+        completions(&mut s);
+        // 1 s less the 10% margin.
+        let late = t0 + Duration::from_millis(900);
+        assert_eq!(s.next_timeout(), Some(late));
+        s.handle_timeout(late, &mut w);
+        let fx = completions(&mut s);
+        assert!(
+            fx.events
+                .iter()
+                .any(|e| matches!(e, Event::PortLost { port, token: 3, .. } if port == "slow")),
+            "{:?}",
+            fx.events
+        );
+        assert!(s.owned_ports().is_empty());
+        assert!(!s.is_over(), "the session itself goes on");
+    }
+
+    #[test]
+    fn the_lease_view_runs_from_the_send_time_and_then_the_session_is_lost() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        own(&mut s, &mut w, "p", 9, t0);
+        let sent = t0 + Duration::from_secs(2);
+        s.submit(&Request::Ping, Kind::Plain, None, sent, &mut w)
+            .unwrap();
+        // Answered much later: the view counts from when it was sent.
+        s.handle_reply(
+            w.last_id(),
+            &Reply::Ok,
+            sent + Duration::from_secs(5),
+            &mut w,
+        )
+        .unwrap();
+        assert_eq!(s.view_end(), sent + Duration::from_secs(9));
+        // An answer saying the server has no such session proves nothing.
+        s.submit(
+            &Request::Ping,
+            Kind::Plain,
+            None,
+            sent + Duration::from_secs(6),
+            &mut w,
+        )
+        .unwrap();
+        let no_session = Reply::Error {
+            code: ErrorCode::NoSession,
+            message: b"",
+        };
+        s.handle_reply(
+            w.last_id(),
+            &no_session,
+            sent + Duration::from_secs(6),
+            &mut w,
+        )
+        .unwrap();
+        assert_eq!(s.view_end(), sent + Duration::from_secs(9));
+        completions(&mut s);
+        s.handle_timeout(s.view_end(), &mut w);
+        let fx = completions(&mut s);
+        assert!(fx.ended && s.is_over());
+        assert!(fx
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::OwnershipLost { ports, .. } if ports == &[(Bytes::from_static(b"p"), 9)])));
+    }
+
+    #[test]
+    fn replies_out_of_request_order_are_refused() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        s.submit(&Request::Ping, Kind::Plain, None, t0, &mut w)
+            .unwrap();
+        s.submit(&Request::Ping, Kind::Plain, None, t0, &mut w)
+            .unwrap();
+        let second = w.last_id();
+        assert!(s.handle_reply(second, &Reply::Ok, t0, &mut w).is_err());
+    }
+}

@@ -308,3 +308,97 @@ fn only_the_user_who_owned_a_session_may_have_it_adopted() {
         }
     }
 }
+
+#[test]
+fn a_port_reclaimed_and_released_in_the_window_is_known_free() {
+    let mut old = old_master();
+    let (sa, secret_a) = old.session(A, 5_000);
+    let tp = token_of(&old.register(A, "p"));
+    let tq = token_of(&old.register(A, "q"));
+
+    let mut h = new_master(0);
+    h.session(B, 60_000);
+    h.session(C, 60_000);
+    assert!(matches!(
+        resume(&mut h, A, sa, secret_a),
+        Out::HelloOk { .. }
+    ));
+    assert!(matches!(reclaim(&mut h, A, "p", tp), Out::Registered(..)));
+    assert!(matches!(reclaim(&mut h, A, "q", tq), Out::Registered(..)));
+    // B waits for q behind A.
+    assert!(matches!(register_wait(&mut h, B, "q"), Out::Queued(_, 1)));
+    // A lets go of both inside the window: q goes to its waiter at once...
+    let outs = h.req(A, Request::Unregister { port: b"q" });
+    assert!(
+        outs.iter()
+            .any(|(c, o)| *c == B && matches!(o, Out::Acquired(p, t) if p == "q" && *t >> 32 == 6)),
+        "{outs:?}"
+    );
+    // ...and p is free for anyone: known, queried, registered, sent to.
+    h.req(A, Request::Unregister { port: b"p" });
+    assert!(matches!(
+        h.one(C, Request::Query { port: b"p" }),
+        Out::Free(_)
+    ));
+    assert!(matches!(
+        h.one(
+            C,
+            Request::Send {
+                port: b"p",
+                payload: b"x"
+            }
+        ),
+        Out::NoOwner(_)
+    ));
+    let t = token_of(&h.register(C, "p"));
+    assert!(t > tp && t >> 32 == 6);
+    // Released again, still known.
+    h.req(C, Request::Unregister { port: b"p" });
+    assert!(matches!(
+        h.one(B, Request::Query { port: b"p" }),
+        Out::Free(_)
+    ));
+    // A name nobody reclaimed is not.
+    assert!(matches!(
+        h.register(C, "r"),
+        Out::Err(_, ErrorCode::Recovering)
+    ));
+    assert!(h.core.recovery_left_ms().is_some());
+}
+
+#[test]
+fn sessions_of_the_earlier_master_requeue_ahead_of_newcomers() {
+    let mut old = old_master();
+    let (sa, secret_a) = old.session(A, 5_000);
+    let mut h = new_master(0);
+    // A newcomer queues for an unknown port first.
+    let (sb, _) = h.session(B, 60_000);
+    assert!(matches!(register_wait(&mut h, B, "job"), Out::Queued(_, 1)));
+    // A waiter of the earlier master takes its place again: ahead of the newcomer.
+    assert!(matches!(
+        resume(&mut h, A, sa, secret_a),
+        Out::HelloOk { .. }
+    ));
+    assert!(matches!(register_wait(&mut h, A, "job"), Out::Queued(_, 1)));
+    assert_eq!(h.core.waiting(b"job"), vec![sa, sb]);
+    // The window closes: the earlier waiter is granted first.
+    let outs = h.advance(WINDOW);
+    assert!(
+        outs.iter()
+            .any(|(c, o)| *c == A && matches!(o, Out::Acquired(p, _) if p == "job")),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn the_core_knows_the_longest_lease_its_sessions_hold() {
+    let mut h = H::new();
+    assert_eq!(h.core.lease_ms_longest(), 0);
+    h.session(A, 2_000);
+    h.session(B, 30_000);
+    assert_eq!(h.core.lease_ms_longest(), 30_000);
+    h.req(B, Request::Bye);
+    assert_eq!(h.core.lease_ms_longest(), 2_000);
+    h.advance(2_001);
+    assert_eq!(h.core.lease_ms_longest(), 0, "A expired");
+}

@@ -285,6 +285,26 @@ mod tests {
     }
 
     #[test]
+    fn a_lowered_ceiling_is_what_the_next_restart_owes() {
+        let dir = temp_dir("lower");
+        let first = GroupState::open(&dir, 10, 300_000, 10_000, None).unwrap();
+        first.settle().unwrap();
+        // Every client used 2 s leases for a whole ceiling: recorded lower.
+        assert_eq!(first.lower_ceiling(10_000, 2_000).unwrap(), Some(2_000));
+        // A lower that lost the race with a raise is not recorded.
+        first.raise_ceiling(5_000).unwrap();
+        assert_eq!(first.lower_ceiling(2_000, 1_000).unwrap(), None);
+        assert_eq!(first.lower_ceiling(5_000, 2_000).unwrap(), Some(2_000));
+        drop(first);
+        // The restart owes 2 s (+10%) and starts granting at 2 s.
+        let second = GroupState::open(&dir, 10, 300_000, 10_000, None).unwrap();
+        assert_eq!(second.recovery_window_ms, Some(2_200));
+        assert_eq!(second.lease_ceiling_ms, 2_000);
+        drop(second);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_window_covers_the_ceiling_granted_not_the_longest_allowed() {
         let dir = temp_dir("ceiling");
         let first = GroupState::open(&dir, 10, 300_000, 10_000, None).unwrap();
