@@ -280,7 +280,7 @@ fn dispatch(sh: &Shared, body: &[u8], gen: u64) -> std::result::Result<(), Strin
                         end_by_goaway(core, code, &why);
                         return Err(format!("the server closed the connection: {code}: {why}"));
                     }
-                    ServerMsg::Event(e) => core.handle_event(&e),
+                    ServerMsg::Event(e) => core.handle_event(&e, now),
                 }
             }
             Ok(())

@@ -1103,7 +1103,7 @@ fn dispatch(
                 }
                 ServerMsg::Event(e) => {
                     let ch = *channel;
-                    st.drive(ch, &mut fx, |core, _| core.handle_event(&e));
+                    st.drive(ch, &mut fx, |core, _| core.handle_event(&e, now));
                 }
             }
         }

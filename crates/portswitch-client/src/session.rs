@@ -34,6 +34,14 @@
 //!   new master before the port is taken back (it would be refused, and the RECLAIM
 //!   after it would hold the port forever). A port not reclaimed by the time the new
 //!   master's recovery window could close is given up ([`Event::PortLost`]).
+//! - **A release goes only to a server heard from lately.** An UNREGISTER submitted
+//!   when the session has heard nothing from its server for [`PROBE_AFTER`] waits
+//!   behind a PING (and whatever the session submits after it waits too, to keep its
+//!   order). If the server answers, out it goes; if the server died or went silent
+//!   meanwhile, the port is still the session's: reclaimed on the new master and
+//!   released there, free at once. Sent blindly, a release of unknown outcome leaves
+//!   the port unknown to the new master until its recovery window closes — for every
+//!   lock whose holder let go while a stopped master went unnoticed.
 //! - **Waiting.** A REGISTER that waits until granted (`register_wait`, locks,
 //!   elections) survives a lost connection: it is sent again on the next one (REGISTER
 //!   is idempotent for the session that sent it), and its place in the queue is taken
@@ -56,6 +64,12 @@ pub(crate) type Map<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState
 /// enough that a session with a million ports floods neither the new master's send
 /// queue nor its own memory.
 pub(crate) const RECLAIM_IN_FLIGHT_MAX: usize = 1_024;
+
+/// How long a session may have heard nothing from its server before an UNREGISTER
+/// waits for a PING's answer (see the module docs): longer than a request's round
+/// trip, so that a release right after an answer (the usual acquire, work, release)
+/// costs nothing; a release after a longer quiet costs one round trip.
+pub(crate) const PROBE_AFTER: Duration = Duration::from_millis(2);
 
 /// Where a session's requests go: its connection, or its channel of a shared one.
 pub(crate) trait Wire {
@@ -117,6 +131,8 @@ pub(crate) enum Kind {
         name: Bytes,
         prefix: bool,
     },
+    /// A PING proving the server alive before held requests go out.
+    Probe,
 }
 
 impl Kind {
@@ -207,6 +223,9 @@ pub(crate) struct SessionCore<T> {
     phase: Phase,
     pending: VecDeque<Pending<T>>,
     backlog: Vec<Deferred<T>>,
+    /// Requests held behind a probe (an UNREGISTER after a quiet spell, and all after
+    /// it), in order.
+    held: VecDeque<Deferred<T>>,
     seq: u64,
     /// Ports this session owns, with their tokens.
     owned: Map<Name, u64>,
@@ -233,6 +252,8 @@ pub(crate) struct SessionCore<T> {
     resync_due: bool,
     view_end: Instant,
     last_sent: Instant,
+    /// When the server was last heard from (a reply or an event).
+    last_heard: Instant,
     fx: Effects<T>,
 }
 
@@ -260,6 +281,7 @@ impl<T> SessionCore<T> {
             phase: Phase::Live,
             pending: VecDeque::new(),
             backlog: Vec::new(),
+            held: VecDeque::new(),
             seq: 0,
             owned: Map::default(),
             values: Map::default(),
@@ -274,6 +296,7 @@ impl<T> SessionCore<T> {
             resync_due: false,
             view_end: hello_sent_at + safe_lease,
             last_sent: hello_sent_at,
+            last_heard: hello_sent_at,
             fx: Effects::default(),
         }
     }
@@ -360,6 +383,16 @@ impl<T> SessionCore<T> {
         }
         if self.phase == Phase::Detached {
             self.backlog.push(Deferred::of(req, seq, kind, done));
+            return Ok(());
+        }
+        let quiet = now.saturating_duration_since(self.last_heard) >= PROBE_AFTER;
+        if !self.held.is_empty() || (matches!(kind, Kind::Unregister(_)) && quiet) {
+            if self.held.is_empty() {
+                self.seq += 1;
+                let probe = self.seq;
+                self.send(&Request::Ping, Kind::Probe, None, probe, now, wire);
+            }
+            self.held.push_back(Deferred::of(req, seq, kind, done));
             return Ok(());
         }
         self.send(req, kind, done, seq, now, wire);
@@ -478,6 +511,7 @@ impl<T> SessionCore<T> {
                 self.view_end = end;
             }
         }
+        self.last_heard = now;
         let answer = owned_answer(reply);
         let Pending {
             seq, kind, done, ..
@@ -514,6 +548,12 @@ impl<T> SessionCore<T> {
                 self.complete(done, answer);
             }
             Kind::Plain | Kind::Unwatch { .. } => self.complete(done, answer),
+            Kind::Probe => {
+                // The server answered everything sent before: what waited goes out.
+                for d in std::mem::take(&mut self.held) {
+                    self.send_deferred(d, now, wire);
+                }
+            }
         }
         Ok(())
     }
@@ -639,7 +679,8 @@ impl<T> SessionCore<T> {
     }
 
     /// An event for this session.
-    pub fn handle_event(&mut self, ev: &WireEvent<'_>) {
+    pub fn handle_event(&mut self, ev: &WireEvent<'_>, now: Instant) {
+        self.last_heard = self.last_heard.max(now);
         let ev = match *ev {
             WireEvent::Acquired { port, token } => {
                 // Granted before the server saw our UNREGISTER, which releases it
@@ -734,6 +775,8 @@ impl<T> SessionCore<T> {
                 _ => self.complete(p.done, Err(Error::ConnectionLost)),
             }
         }
+        // Held behind a probe: not sent, so still the session's to send elsewhere.
+        again.extend(self.held.drain(..));
         again.append(&mut self.backlog);
         self.backlog = again;
         if self.settings.end_on_disconnect {
@@ -773,6 +816,7 @@ impl<T> SessionCore<T> {
             self.view_end = end;
         }
         self.last_sent = sent_at;
+        self.last_heard = now;
         if new_master {
             // Every port must be reclaimed before the new master's window can close;
             // past that the client must not count on it.
@@ -935,7 +979,10 @@ impl<T> SessionCore<T> {
         for p in std::mem::take(&mut self.pending) {
             self.complete(p.done, Err(err(&phase)));
         }
-        for d in std::mem::take(&mut self.backlog) {
+        for d in std::mem::take(&mut self.backlog)
+            .into_iter()
+            .chain(std::mem::take(&mut self.held))
+        {
             self.complete(d.done, Err(err(&phase)));
         }
         for (_, ws) in std::mem::take(&mut self.grant_waiters) {
@@ -1303,10 +1350,13 @@ mod tests {
             "{sent:?}"
         );
         // The new master grants it: the waiter has its token.
-        s.handle_event(&WireEvent::Acquired {
-            port: b"lock",
-            token: 2 << 32 | 1,
-        });
+        s.handle_event(
+            &WireEvent::Acquired {
+                port: b"lock",
+                token: 2 << 32 | 1,
+            },
+            t0,
+        );
         for (d, r) in completions(&mut s).done {
             let _ = d.send(r);
         }
@@ -1406,6 +1456,49 @@ mod tests {
             .events
             .iter()
             .any(|e| matches!(e, Event::OwnershipLost { ports, .. } if ports == &[(Bytes::from_static(b"p"), 9)])));
+    }
+
+    #[test]
+    fn a_release_after_a_quiet_spell_waits_for_the_server_to_answer_a_ping() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        own(&mut s, &mut w, "p", 4, t0);
+        own(&mut s, &mut w, "q", 5, t0);
+        // Right after an answer: out at once.
+        let unregister = |port: &'static str| {
+            (
+                Request::Unregister {
+                    port: port.as_bytes(),
+                },
+                Kind::Unregister(Name::new(port.as_bytes())),
+            )
+        };
+        let (r, k) = unregister("q");
+        s.submit(&r, k, None, t0, &mut w).unwrap();
+        assert_eq!(w.take(), vec!["UNREGISTER q"]);
+        s.handle_reply(w.last_id(), &Reply::Ok, t0, &mut w).unwrap();
+        // After a second of quiet: a PING first, and the release (and what follows
+        // it) waits for its answer.
+        let later = t0 + Duration::from_secs(1);
+        let (r, k) = unregister("p");
+        s.submit(&r, k, None, later, &mut w).unwrap();
+        let (req, kind) = register("r", false, false);
+        s.submit(&req, kind, None, later, &mut w).unwrap();
+        assert_eq!(w.take(), vec!["PING"]);
+        let ping = w.last_id();
+        s.handle_reply(ping, &Reply::Ok, later, &mut w).unwrap();
+        assert_eq!(w.take(), vec!["UNREGISTER p", "REGISTER r"]);
+
+        // The same, but the server never answers the PING: the port is still ours,
+        // reclaimed and released on the new master.
+        let (mut s, mut w) = (core(t0), Tape::default());
+        own(&mut s, &mut w, "p", 4, t0);
+        let (r, k) = unregister("p");
+        s.submit(&r, k, None, later, &mut w).unwrap();
+        assert_eq!(w.take(), vec!["PING"]);
+        s.detached("silent");
+        s.resumed(&hello_ok(2, 5_000), later, later, &mut w);
+        assert_eq!(w.take(), vec!["RECLAIM p 4", "UNREGISTER p"]);
     }
 
     #[test]

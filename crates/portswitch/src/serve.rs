@@ -72,10 +72,12 @@ pub struct ServeArgs {
     /// How long one quorum confirmation lets the master serve, ms [default: 300]
     #[arg(long, env = "PORTSWITCH_MASTER_LEASE_MS")]
     master_lease_ms: Option<u64>,
-    /// Longest session lease a new master grants before it raises its ceiling
+    /// Longest session lease the first master grants before it raises its ceiling
     /// (recorded in the data directory, or through the group; once, when a client
-    /// asks for more); a successor's recovery window covers the ceiling, ms
-    /// [default: 10000]
+    /// asks for more). A successor's recovery window covers the ceiling; a later
+    /// master starts at its predecessor's ceiling (at most this), and a master lowers
+    /// its ceiling to the leases in use once longer ones have been gone for a whole
+    /// ceiling, ms [default: 10000]
     #[arg(long, env = "PORTSWITCH_LEASE_CEILING_START_MS")]
     lease_ceiling_start_ms: Option<u32>,
     /// Raft heartbeat interval between members, ms [default: 50]
