@@ -465,10 +465,16 @@ impl Inner {
             if st.slot_of(ch, key).is_none() {
                 return Err(Error::SessionLost("the session is over".into()));
             }
-            let clock = st.clock;
+            // The writer's clock stamps send times (one clock read per write, not per
+            // request); a release asks the real time, to know how long the server has
+            // been quiet (see `session::PROBE_AFTER`).
+            let now = match kind {
+                Kind::Unregister(_) => Instant::now(),
+                _ => st.clock,
+            };
             let r = st
                 .drive(ch, &mut fx, |core, wire| {
-                    core.submit(req, kind, done, clock, wire)
+                    core.submit(req, kind, done, now, wire)
                 })
                 .unwrap_or_else(|| Err(Error::SessionLost("the session is over".into())));
             (r, !std::mem::replace(&mut st.writer_woken, true))

@@ -386,6 +386,7 @@ impl<T> SessionCore<T> {
             return Ok(());
         }
         let quiet = now.saturating_duration_since(self.last_heard) >= PROBE_AFTER;
+
         if !self.held.is_empty() || (matches!(kind, Kind::Unregister(_)) && quiet) {
             if self.held.is_empty() {
                 self.seq += 1;
@@ -732,6 +733,7 @@ impl<T> SessionCore<T> {
         if self.phase != Phase::Live {
             return;
         }
+
         // Ports the application was letting go of are not ours to take back, whether
         // or not the server saw the UNREGISTER. (One submitted while detached was not
         // sent: that port is still ours, reclaimed and then released on the next

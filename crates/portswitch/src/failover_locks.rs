@@ -142,34 +142,6 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
         )));
     }
 
-    if std::env::var_os("PORTSWITCH_DEBUG_LOCKS").is_some() {
-        let (addrs, o) = (addrs.clone(), template.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                for a in &addrs {
-                    if let Ok(s) = portswitch_client::server_stats(&o, a).await {
-                        let keep = [
-                            "role",
-                            "sessions",
-                            "waiters",
-                            "ports_owned",
-                            "recovery_left_ms",
-                            "grants_total",
-                            "epoch",
-                            "sessions_adopted_total",
-                            "ports_reclaimed_total",
-                        ];
-                        let s: Vec<_> = s
-                            .into_iter()
-                            .filter(|(k, _)| keep.contains(&k.as_str()))
-                            .collect();
-                        eprintln!("{:>6.1} {a}: {s:?}", secs(start, Instant::now()));
-                    }
-                }
-            }
-        });
-    }
     // The faults, evenly spread over the run after the warm-up.
     let mut faults_at = Vec::new();
     let warmup = args.warmup.min(args.duration / 2);
