@@ -318,8 +318,8 @@ impl Client {
         port: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<RegisterOutcome> {
-        self.register_with(port.as_ref(), value.as_ref(), false)
-            .await
+        let rx = self.start_register(port.as_ref(), value.as_ref(), false);
+        register_outcome(answer(rx).await?)
     }
 
     /// Registers `port`, joining its FIFO queue if taken; `Queued` means an
@@ -331,25 +331,18 @@ impl Client {
         value: &[u8],
         wait: bool,
     ) -> Result<RegisterOutcome> {
+        let rx = self.start_register(port, value, wait);
+        register_outcome(answer(rx).await?)
+    }
+
+    fn start_register(&self, port: &[u8], value: &[u8], wait: bool) -> Started {
         let kind = Kind::Register {
             port: Name::new(port),
             value: Bytes::copy_from_slice(value),
             wait,
             until_granted: false,
         };
-        let a = self
-            .request(&Request::Register { port, value, wait }, kind)
-            .await?;
-        Ok(match a {
-            Answer::Registered(token) => RegisterOutcome::Owned { token },
-            Answer::Taken(session, token, node) => RegisterOutcome::Taken {
-                session,
-                token,
-                node,
-            },
-            Answer::Queued(position) => RegisterOutcome::Queued { position },
-            other => return Err(unexpected(other)),
-        })
+        self.start(&Request::Register { port, value, wait }, kind)
     }
 
     /// Registers `port`, waiting in its FIFO queue until granted. Returns the token.
@@ -372,7 +365,8 @@ impl Client {
             value,
             wait: true,
         };
-        match self.request(&req, kind).await? {
+        let rx = self.start(&req, kind);
+        match answer(rx).await? {
             Answer::Registered(token) => Ok(token),
             other => Err(unexpected(other)),
         }
@@ -381,11 +375,11 @@ impl Client {
     /// Releases a port this session owns, or leaves its queue.
     pub async fn unregister(&self, port: impl AsRef<[u8]>) -> Result<()> {
         let port = port.as_ref();
-        self.ok(
+        let rx = self.start(
             &Request::Unregister { port },
             Kind::Unregister(Name::new(port)),
-        )
-        .await
+        );
+        ok(answer(rx).await?)
     }
 
     /// The owner of `port`, or `None` if it is free.
@@ -569,17 +563,48 @@ impl Client {
     }
 
     async fn ok(&self, req: &Request<'_>, kind: Kind) -> Result<()> {
-        match self.request(req, kind).await? {
-            Answer::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        ok(answer(self.start(req, kind)).await?)
     }
 
     async fn request(&self, req: &Request<'_>, kind: Kind) -> Result<Answer> {
+        answer(self.start(req, kind)).await
+    }
+
+    /// Submits a request now; what is awaited afterwards is only its answer. (The
+    /// request and what it changes are not kept across an await: on a busy shared
+    /// connection every byte of a request's future is copied around per request.)
+    fn start(&self, req: &Request<'_>, kind: Kind) -> Started {
         let (tx, rx) = oneshot::channel();
         self.link.submit(req, kind, Some(tx))?;
-        rx.await.map_err(|_| Error::ConnectionLost)?
+        Ok(rx)
     }
+}
+
+/// A submitted request: its answer to come, or why it was not sent.
+type Started = Result<oneshot::Receiver<Result<Answer>>>;
+
+async fn answer(started: Started) -> Result<Answer> {
+    started?.await.map_err(|_| Error::ConnectionLost)?
+}
+
+fn ok(a: Answer) -> Result<()> {
+    match a {
+        Answer::Ok => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn register_outcome(a: Answer) -> Result<RegisterOutcome> {
+    Ok(match a {
+        Answer::Registered(token) => RegisterOutcome::Owned { token },
+        Answer::Taken(session, token, node) => RegisterOutcome::Taken {
+            session,
+            token,
+            node,
+        },
+        Answer::Queued(position) => RegisterOutcome::Queued { position },
+        other => return Err(unexpected(other)),
+    })
 }
 
 pub(crate) fn unexpected(a: Answer) -> Error {

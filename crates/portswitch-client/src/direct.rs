@@ -193,6 +193,9 @@ async fn writer(sh: Arc<Shared>, mut wr: WriteHalf<Stream>, gen: u64, dead: Arc<
             // thousands of sessions would otherwise hold every old socket as well as
             // every new attempt through a failover, and run out of descriptors.
             if st.gen != gen || st.detached {
+                // A newer connection's writer may have been meant by the wake-up this
+                // one took: pass it on.
+                sh.wake_writer.notify_one();
                 break;
             }
             st.out.take_into(&mut buf);

@@ -33,7 +33,7 @@ use crate::client::{Link, Signals, Tx};
 use crate::direct::RECONNECT_BACKOFF_MAX;
 use crate::handshake::{nonce_seed, Handshake, Next};
 use crate::net::{open_stream, retry_hint, wait_as_told, Stream};
-use crate::session::{Effects, Kind, Phase, SessionCore, Wire};
+use crate::session::{Answer, Effects, Kind, Phase, SessionCore, Wire};
 use crate::types::*;
 use crate::{Client, ClientOptions};
 
@@ -243,7 +243,7 @@ impl St {
     fn drive<R>(
         &mut self,
         ch: u16,
-        fx: &mut Vec<(Arc<Signals>, Effects<Tx>)>,
+        fx: &mut Fx,
         f: impl FnOnce(&mut SessionCore<Tx>, &mut ChanWire<'_, '_>) -> R,
     ) -> Option<R> {
         let (mut out, slots) = self.split();
@@ -258,11 +258,7 @@ impl St {
                 channel: ch,
             },
         );
-        let mut e = Effects::default();
-        core.take_effects(&mut e);
-        if !e.is_empty() {
-            fx.push((slot.signals.clone(), e));
-        }
+        fx.collect(core, &slot.signals);
         Some(r)
     }
 
@@ -287,7 +283,7 @@ impl St {
 
     /// Drops the current connection: handshakes in flight fail, sessions on it are
     /// detached (those that end on disconnect end).
-    fn drop_connection(&mut self, why: &str, fx: &mut Vec<(Arc<Signals>, Effects<Tx>)>) {
+    fn drop_connection(&mut self, why: &str, fx: &mut Fx) {
         if !self.connected {
             return;
         }
@@ -314,11 +310,7 @@ impl St {
         for slot in self.slots.iter_mut().flatten() {
             if let SlotState::Session(core) = &mut slot.state {
                 core.detached(why);
-                let mut e = Effects::default();
-                core.take_effects(&mut e);
-                if !e.is_empty() {
-                    fx.push((slot.signals.clone(), e));
-                }
+                fx.collect(core, &slot.signals);
             }
         }
     }
@@ -339,8 +331,31 @@ impl St {
     }
 }
 
-fn deliver(fx: Vec<(Arc<Signals>, Effects<Tx>)>) {
-    for (signals, mut e) in fx {
+/// What sessions' cores produced under the lock, delivered once it is released:
+/// completions (no per-session state needed), and the events and ends of sessions
+/// that had any, with their signals.
+#[derive(Default)]
+struct Fx {
+    done: Vec<(Tx, Result<Answer>)>,
+    signals: Vec<(Arc<Signals>, Effects<Tx>)>,
+}
+
+impl Fx {
+    fn collect(&mut self, core: &mut SessionCore<Tx>, signals: &Arc<Signals>) {
+        core.take_done(&mut self.done);
+        if core.has_signals() {
+            let mut e = Effects::default();
+            core.take_effects(&mut e);
+            self.signals.push((signals.clone(), e));
+        }
+    }
+}
+
+fn deliver(fx: Fx) {
+    for (tx, r) in fx.done {
+        let _ = tx.send(r);
+    }
+    for (signals, mut e) in fx.signals {
         signals.deliver(&mut e);
     }
 }
@@ -459,19 +474,17 @@ impl Inner {
         kind: Kind,
         done: Option<Tx>,
     ) -> Result<()> {
-        let mut fx = Vec::new();
+        let mut fx = Fx::default();
+        // The writer's clock stamps send times (one clock read per write, not per
+        // request); a release asks the real time, to know how long the server has been
+        // quiet (see `session::PROBE_AFTER`).
+        let real = matches!(kind, Kind::Unregister(_)).then(Instant::now);
         let (r, wake) = {
             let mut st = self.lock();
             if st.slot_of(ch, key).is_none() {
                 return Err(Error::SessionLost("the session is over".into()));
             }
-            // The writer's clock stamps send times (one clock read per write, not per
-            // request); a release asks the real time, to know how long the server has
-            // been quiet (see `session::PROBE_AFTER`).
-            let now = match kind {
-                Kind::Unregister(_) => Instant::now(),
-                _ => st.clock,
-            };
+            let now = real.unwrap_or(st.clock);
             let r = st
                 .drive(ch, &mut fx, |core, wire| {
                     core.submit(req, kind, done, now, wire)
@@ -489,7 +502,7 @@ impl Inner {
     /// The session on `ch` is over for the application: its channel is freed once
     /// what it queued (a BYE) is on its way.
     pub(crate) fn close_session(&self, ch: u16, key: u64) {
-        let mut fx = Vec::new();
+        let mut fx = Fx::default();
         {
             let mut st = self.lock();
             if st.slot_of(ch, key).is_none() {
@@ -509,7 +522,7 @@ impl Inner {
     /// Every session is lost to this process and the connection closes (`flush`:
     /// after what is queued, the BYEs of dropped sessions, is written).
     fn shut(&self, reason: &str, flush: bool) {
-        let mut fx = Vec::new();
+        let mut fx = Fx::default();
         {
             let mut st = self.lock();
             if st.shut.is_none() {
@@ -521,9 +534,7 @@ impl Inner {
             for slot in st.slots.iter_mut().flatten() {
                 if let SlotState::Session(core) = &mut slot.state {
                     core.end(Phase::Lost(reason.to_string()));
-                    let mut e = Effects::default();
-                    core.take_effects(&mut e);
-                    fx.push((slot.signals.clone(), e));
+                    fx.collect(core, &slot.signals);
                 }
             }
             for r in std::mem::take(&mut st.route) {
@@ -673,7 +684,7 @@ impl Inner {
 
     /// Drops the current connection and connects again (to `hint` first).
     fn move_connection(self: &Arc<Self>, hint: Option<String>, why: &str) {
-        let mut fx = Vec::new();
+        let mut fx = Fx::default();
         let start = {
             let mut st = self.lock();
             st.goaway = None;
@@ -756,6 +767,9 @@ impl Inner {
             st.out_channel = 0;
             st.route.clear();
             st.unstamped = 0;
+            // The new writer takes whatever is queued first thing; the next request
+            // wakes it.
+            st.writer_woken = false;
             st.conn_dead = Some(dead.clone());
             st.gen
         };
@@ -782,7 +796,7 @@ impl Inner {
                 message: format!("epoch {} is older than {} seen", ok.epoch, info.epoch),
             });
         }
-        let mut fx = Vec::new();
+        let mut fx = Fx::default();
         {
             let mut st = self.lock();
             st.channels_max = ok.channels_max;
@@ -911,7 +925,7 @@ async fn reconnect(inner: Arc<Inner>, mut hint: Option<String>) {
                             code: ErrorCode::NotMaster,
                             message,
                         } => {
-                            let mut fx = Vec::new();
+                            let mut fx = Fx::default();
                             inner.lock().drop_connection("not the master", &mut fx);
                             inner.up.send_replace(0);
                             deliver(fx);
@@ -932,7 +946,7 @@ async fn reconnect(inner: Arc<Inner>, mut hint: Option<String>) {
                             break;
                         }
                         _ => {
-                            let mut fx = Vec::new();
+                            let mut fx = Fx::default();
                             inner.lock().drop_connection("no answer", &mut fx);
                             inner.up.send_replace(0);
                             deliver(fx);
@@ -952,7 +966,7 @@ async fn reconnect(inner: Arc<Inner>, mut hint: Option<String>) {
 }
 
 fn end_session(inner: &Inner, ch: u16, why: String) {
-    let mut fx = Vec::new();
+    let mut fx = Fx::default();
     inner
         .lock()
         .drive(ch, &mut fx, |core, _| core.end(Phase::Lost(why)));
@@ -965,6 +979,9 @@ async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>, gen: u64) {
         let last = {
             let mut st = inner.lock();
             if st.gen != gen {
+                // A newer connection's writer may have been meant by the wake-up this
+                // one took: pass it on.
+                inner.wake_writer.notify_one();
                 break;
             }
             st.out.take_into(&mut buf);
@@ -1030,7 +1047,7 @@ async fn reader(inner: Arc<Inner>, mut rd: ReadHalf<Stream>, gen: u64, dead: Arc
 /// The connection of generation `gen` failed: its sessions are detached and the
 /// reconnect task resumes them.
 fn connection_lost(inner: &Arc<Inner>, gen: u64, why: &str) {
-    let mut fx = Vec::new();
+    let mut fx = Fx::default();
     let start = {
         let mut st = inner.lock();
         if st.gen != gen || st.shut.is_some() {
@@ -1053,8 +1070,9 @@ fn dispatch(
     channel: &mut u16,
     gen: u64,
 ) -> std::result::Result<(), String> {
-    let mut fx = Vec::new();
+    let mut fx = Fx::default();
     let mut raw = Vec::new();
+    let mut wake = false;
     let r = (|| {
         let mut st = inner.lock();
         if st.gen != gen {
@@ -1113,9 +1131,14 @@ fn dispatch(
                 }
             }
         }
+        // Answers can make sessions send (the next reclaims, what waited behind a
+        // probe): wake the writer then, and only then.
+        wake = !st.out.is_empty() && !std::mem::replace(&mut st.writer_woken, true);
         Ok(())
     })();
-    inner.wake_writer.notify_one();
+    if wake {
+        inner.wake_writer.notify_one();
+    }
     for (tx, opcode, body) in raw {
         let _ = tx.send(Ok((opcode, body)));
     }
@@ -1133,8 +1156,8 @@ async fn ticker(weak: Weak<Inner>) {
         tokio::time::sleep(Duration::from_millis(TICK_MS)).await;
         let Some(inner) = weak.upgrade() else { return };
         let now = Instant::now();
-        let mut fx = Vec::new();
-        let (stuck, gen) = {
+        let mut fx = Fx::default();
+        let (stuck, gen, wake) = {
             let mut st = inner.lock();
             if st.shut.is_some() {
                 return;
@@ -1161,12 +1184,12 @@ async fn ticker(weak: Weak<Inner>) {
             for ch in due {
                 st.drive(ch, &mut fx, |core, wire| core.handle_timeout(now, wire));
             }
-            if !st.out.is_empty() {
-                st.writer_woken = true;
-            }
-            (stuck, st.gen)
+            let wake = !st.out.is_empty() && !std::mem::replace(&mut st.writer_woken, true);
+            (stuck, st.gen, wake)
         };
-        inner.wake_writer.notify_one();
+        if wake {
+            inner.wake_writer.notify_one();
+        }
         deliver(fx);
         if stuck {
             tracing::debug!("no answer within the answer timeout: dropping the connection");

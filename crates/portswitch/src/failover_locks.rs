@@ -415,6 +415,8 @@ impl Report {
                         stall = stall.max(i.start - last);
                         last = i.start;
                     }
+                    // Up to the next fault (or the end) without another grant counts too.
+                    stall = stall.max(next.saturating_duration_since(last));
                     // A release that failed around the fault: in flight when the
                     // master failed, its outcome unknown to the new master.
                     let transition = list.iter().any(|i| {
