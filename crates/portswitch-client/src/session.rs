@@ -69,7 +69,7 @@ pub(crate) const RECLAIM_IN_FLIGHT_MAX: usize = 1_024;
 /// waits for a PING's answer (see the module docs): longer than a request's round
 /// trip, so that a release right after an answer (the usual acquire, work, release)
 /// costs nothing; a release after a longer quiet costs one round trip.
-pub(crate) const PROBE_AFTER: Duration = Duration::from_millis(2);
+pub(crate) const PROBE_AFTER: Duration = Duration::from_micros(500);
 
 /// Where a session's requests go: its connection, or its channel of a shared one.
 pub(crate) trait Wire {
