@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use portswitch_proto::frame::{frame_len, messages};
-use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX};
+use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_BEFORE_LOGIN, FRAME_BYTES_MAX};
 use portswitch_proto::msg::op;
 use portswitch_proto::{
     ErrorCode, Event as WireEvent, FrameBuf, HelloOk, Reply, Request, ServerMsg,
@@ -372,7 +372,7 @@ impl Mux {
         let inner = Arc::new(Inner {
             answer_timeout: opts.answer_timeout_for(opts.lease_ms()),
             st: Mutex::new(St {
-                out: FrameBuf::new(FRAME_BYTES_MAX, COMMANDS_PER_FRAME_MAX),
+                out: FrameBuf::new(FRAME_BYTES_BEFORE_LOGIN, COMMANDS_PER_FRAME_MAX),
                 out_channel: 0,
                 next_id: 0,
                 route: VecDeque::new(),
@@ -705,7 +705,10 @@ impl Inner {
         ch: u16,
         resume: Option<(u64, u64)>,
     ) -> Result<(HelloOk<'static>, Instant)> {
-        let exporter = self.lock().exporter;
+        let (exporter, gen) = {
+            let st = self.lock();
+            (st.exporter, st.gen)
+        };
         let mut hs = Handshake::start(&self.opts, exporter, &nonce_seed()?);
         let lease_ms = self.opts.lease_ms();
         let sent_at = Instant::now();
@@ -723,7 +726,14 @@ impl Inner {
                         },
                     )?;
                 }
-                Next::Done(ok) => return Ok((ok, sent_at)),
+                Next::Done(ok) => {
+                    // The connection has a session: the server takes full frames now.
+                    let mut st = self.lock();
+                    if st.gen == gen {
+                        st.out.set_frame_bytes_max(FRAME_BYTES_MAX);
+                    }
+                    return Ok((ok, sent_at));
+                }
             }
         }
     }
@@ -764,6 +774,8 @@ impl Inner {
             st.exporter = exporter;
             st.goaway = None;
             st.out.clear();
+            // Until a HELLO succeeds on it, the server takes only small frames.
+            st.out.set_frame_bytes_max(FRAME_BYTES_BEFORE_LOGIN);
             st.out_channel = 0;
             st.route.clear();
             st.unstamped = 0;

@@ -20,6 +20,11 @@ pub struct Config {
     pub queue_len_max: u32,
     /// Sessions the core may hold (attached or waiting to be resumed).
     pub sessions_max: u32,
+    /// Ports the core may hold across all sessions (owned, or named by a queue or a
+    /// watch); past this, new ones are refused `ports_full`. Bounds memory whatever
+    /// the per-session limits multiply to (about 70 bytes a port, see
+    /// docs/BENCHMARKS.md).
+    pub ports_max: u64,
     /// Prefix watches across all sessions (each costs a check on every grant/release).
     pub prefix_watches_max: u32,
     /// Shortest lease a session may ask for.
@@ -53,6 +58,10 @@ pub struct Config {
 /// ending them all on disconnect is one short step.
 pub const CHANNELS_PER_CONNECTION_MAX_DEFAULT: u32 = 4_096;
 
+/// Default cap on ports across all sessions: 100 million, measured at 6.25 GiB of
+/// server memory (docs/BENCHMARKS.md, "100 million ports").
+pub const PORTS_MAX_DEFAULT: u64 = 100_000_000;
+
 /// Default shortest lease. Leases this short work at full load; shorter ones would
 /// make scheduling hiccups look like deaths.
 pub const LEASE_MS_MIN: u32 = 100;
@@ -71,6 +80,7 @@ impl Default for Config {
             watches_per_session_max: 100_000,
             queue_len_max: 100_000,
             sessions_max: 1_000_000,
+            ports_max: PORTS_MAX_DEFAULT,
             prefix_watches_max: 1_024,
             lease_ms_min: LEASE_MS_MIN,
             lease_ms_max: LEASE_MS_MAX,
@@ -150,6 +160,7 @@ impl Config {
             1,
             u32::MAX as u64 - 1,
         )?;
+        within("ports_max", self.ports_max, 1, u32::MAX as u64 - 1)?;
         within(
             "lease_ms_min",
             self.lease_ms_min.into(),

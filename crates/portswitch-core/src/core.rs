@@ -1132,6 +1132,7 @@ impl Core {
                 if !wait {
                     return Err(RECOVERING);
                 }
+                self.room_for_a_port()?;
                 let port = self.ports.insert(name);
                 let r = self.enqueue(me, port, value);
                 match r {
@@ -1144,6 +1145,7 @@ impl Core {
                 if held >= self.cfg.ports_per_session_max as usize {
                     return Err(PORTS_FULL);
                 }
+                self.room_for_a_port()?;
                 let port = self.ports.insert(name);
                 let token = self.grant(port, me, value, out);
                 return Ok(Reply::Registered { token });
@@ -1178,6 +1180,19 @@ impl Core {
             return Err(Fail::Taken { port, owner });
         }
         self.enqueue(me, port, value)
+    }
+
+    /// Whether the table may take one more port (`ports_max`). A RECLAIM is not
+    /// counted against it: it restores a port the earlier master held, within the
+    /// same limits, and refusing it would take the port from its owner.
+    fn room_for_a_port(&self) -> Result<(), Fail> {
+        if self.ports.len() as u64 >= self.cfg.ports_max {
+            return Err(Fail::Code(
+                ErrorCode::PortsFull,
+                "the server holds ports_max ports across all sessions",
+            ));
+        }
+        Ok(())
     }
 
     /// Puts session `me` in the queue of `port` (or tells it its place if it is in
@@ -1404,6 +1419,7 @@ impl Core {
                 if watching >= self.cfg.watches_per_session_max as usize {
                     return Err(WATCHES_FULL);
                 }
+                self.room_for_a_port()?;
                 self.ports.insert(name)
             }
         };

@@ -85,6 +85,12 @@ pub enum ErrorCode {
     /// A CHANNEL switch named a channel at or past the server's
     /// `channels_per_connection_max` (a structural error: the connection closes).
     ChannelsMax,
+    /// The server holds the most ports it may (`ports_max`, across all sessions):
+    /// only this request fails.
+    PortsFull,
+    /// The connection stayed without a session for the server's `login_timeout_ms`
+    /// (sent with GOAWAY; the connection is closed).
+    LoginTimeout,
     /// A code this library does not know.
     Other(u16),
 }
@@ -128,6 +134,8 @@ impl ErrorCode {
             ErrorCode::NotMaster => 33,
             ErrorCode::Overloaded => 34,
             ErrorCode::ChannelsMax => 35,
+            ErrorCode::PortsFull => 36,
+            ErrorCode::LoginTimeout => 37,
             ErrorCode::Other(n) => n,
         }
     }
@@ -170,6 +178,8 @@ impl ErrorCode {
             33 => ErrorCode::NotMaster,
             34 => ErrorCode::Overloaded,
             35 => ErrorCode::ChannelsMax,
+            36 => ErrorCode::PortsFull,
+            37 => ErrorCode::LoginTimeout,
             n => ErrorCode::Other(n),
         }
     }
@@ -212,6 +222,8 @@ impl ErrorCode {
             ErrorCode::NotMaster => "not_master",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::ChannelsMax => "channels_max",
+            ErrorCode::PortsFull => "ports_full",
+            ErrorCode::LoginTimeout => "login_timeout",
             ErrorCode::Other(_) => "other",
         }
     }

@@ -130,6 +130,17 @@ impl FrameBuf {
         }
     }
 
+    /// Frames begun from now on hold at most `frame_bytes_max` body bytes (the open
+    /// frame is closed if it already holds more).
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: usize) {
+        if let Some(start) = self.open {
+            if self.buf.len() - start - FRAME_HEADER_BYTES > frame_bytes_max {
+                self.close();
+            }
+        }
+        self.frame_bytes_max = frame_bytes_max;
+    }
+
     /// Bytes buffered (whole frames plus the open one).
     pub fn len(&self) -> usize {
         self.buf.len()
@@ -148,10 +159,10 @@ impl FrameBuf {
 
     fn begin(&mut self, opcode: u8, id: u32, body_len: usize) {
         let need = MESSAGE_HEADER_BYTES + body_len;
-        // Callers check lengths against the limits first; a message that cannot fit any
-        // frame would be a bug in that check.
+        // Callers check lengths against the protocol's limits first; a message that
+        // cannot fit any frame would be a bug in that check.
         assert!(
-            need <= self.frame_bytes_max,
+            need <= crate::limits::FRAME_BYTES_MAX,
             "message of {need} bytes cannot fit a frame"
         );
         if let Some(start) = self.open {
@@ -160,6 +171,8 @@ impl FrameBuf {
                 self.close();
             }
         }
+        // (A message larger than this buffer's frames — a small pre-login cap — gets a
+        // frame of its own; the peer then says plainly that it is too large.)
         if self.open.is_none() {
             self.open = Some(self.buf.len());
             self.open_messages = 0;

@@ -13,6 +13,12 @@ pub const FRAME_HEADER_BYTES: usize = 4;
 /// connection.
 pub const FRAME_BYTES_MAX: usize = 1 << 20;
 
+/// Largest frame a client sends on a connection before its first `HELLO_OK` there,
+/// and the least a server accepts before then (a server caps strangers' frames at its
+/// `frame_bytes_before_login_max`, never below this). Holds any HELLO or AUTH, and a
+/// few hundred HELLOs of a multiplexing client opening sessions at once.
+pub const FRAME_BYTES_BEFORE_LOGIN: usize = 16 << 10;
+
 /// Bytes of a message header: opcode `u8`, request id `u32`, body length `u32`.
 pub const MESSAGE_HEADER_BYTES: usize = 9;
 
@@ -74,6 +80,13 @@ const _: () = assert!(MESSAGE_HEADER_BYTES + 4 + ADMIN_BYTES_MAX <= FRAME_BYTES_
 // A LIST page always holds at least one entry of any size (the server trims pages by
 // bytes so that a page of LIST_LIMIT_MAX large entries still fits one frame).
 const _: () = assert!(MESSAGE_HEADER_BYTES + 12 + PAGE_ENTRY_BYTES_MAX <= FRAME_BYTES_MAX);
+// Any HELLO (credentials and node name at their largest) and any AUTH fits a frame
+// sent before login.
+const _: () = assert!(
+    MESSAGE_HEADER_BYTES + 64 + NODE_NAME_BYTES_MAX + CREDENTIALS_BYTES_MAX
+        <= FRAME_BYTES_BEFORE_LOGIN
+);
+const _: () = assert!(MESSAGE_HEADER_BYTES + 4 + AUTH_DATA_BYTES_MAX <= FRAME_BYTES_BEFORE_LOGIN);
 // Name lengths travel as u16.
 const _: () = assert!(PORT_NAME_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(VALUE_BYTES_MAX <= u16::MAX as usize);

@@ -38,6 +38,16 @@ pub const WRITE_STALL_MS_MAX_DEFAULT: u64 = 30_000;
 /// while they do. Bursts up to one second's worth pass at once.
 pub const HELLO_RATE_MAX_DEFAULT: u32 = 20_000;
 
+/// Default time a connection may stay without a session (no HELLO has succeeded on
+/// it: it sends nothing, or stalls in SCRAM) before it is closed with GOAWAY
+/// `login_timeout`. Bounds what strangers can hold.
+pub const LOGIN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default largest frame a connection may send before it has a session. HELLO and
+/// SCRAM messages are a few hundred bytes, and a multiplexing client opening many
+/// sessions at once splits its first HELLOs into frames this size. Without it, every
+/// stranger could make the server hold a read buffer of `frame_bytes_max` (1 MiB).
+pub const FRAME_BYTES_BEFORE_LOGIN_MAX_DEFAULT: u32 = 64 << 10;
+
 /// How long a graceful shutdown waits for connections to flush.
 pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
@@ -54,6 +64,10 @@ pub struct ServerConfig {
     pub write_stall_ms_max: u64,
     /// See [`HELLO_RATE_MAX_DEFAULT`].
     pub hello_rate_max: u32,
+    /// See [`LOGIN_TIMEOUT_MS_DEFAULT`].
+    pub login_timeout_ms: u64,
+    /// See [`FRAME_BYTES_BEFORE_LOGIN_MAX_DEFAULT`].
+    pub frame_bytes_before_login_max: u32,
     pub tick_ms: u64,
     /// The epoch to serve in. `None` takes the current Unix second after waiting for a
     /// fresh one to begin, so a restarted server's tokens are above its predecessor's.
@@ -88,6 +102,8 @@ impl Default for ServerConfig {
             send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
             write_stall_ms_max: WRITE_STALL_MS_MAX_DEFAULT,
             hello_rate_max: HELLO_RATE_MAX_DEFAULT,
+            login_timeout_ms: LOGIN_TIMEOUT_MS_DEFAULT,
+            frame_bytes_before_login_max: FRAME_BYTES_BEFORE_LOGIN_MAX_DEFAULT,
             tick_ms: TICK_MS_DEFAULT,
             epoch: None,
             recovery_window_ms: None,

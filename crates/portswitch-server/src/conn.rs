@@ -82,6 +82,10 @@ pub(crate) fn spawn<S>(
         let mut skip = 0;
         // Set after a suspension ends: feed what is buffered before reading more.
         let mut resume = false;
+        // Until a HELLO succeeds on it, the connection has login_timeout_ms.
+        let login_by = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(shared.config().login_timeout_ms);
+        let mut logged_in = false;
         loop {
             if !std::mem::take(&mut resume) {
                 // An idle connection (nothing buffered, last read a heartbeat's size)
@@ -112,9 +116,18 @@ pub(crate) fn spawn<S>(
                         writer_finished = true;
                         break;
                     }
+                    _ = tokio::time::sleep_until(login_by), if !logged_in => {
+                        shared.login_timed_out(conn);
+                        goaway_queued = true;
+                        break;
+                    }
                 }
             }
-            match shared.feed(conn, &buf, skip) {
+            let fed = shared.feed(conn, &buf, skip);
+            if !logged_in {
+                logged_in = shared.logged_in(conn);
+            }
+            match fed {
                 Fed::Consumed(n) => {
                     buf.advance(n);
                     skip = 0;

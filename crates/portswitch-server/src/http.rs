@@ -111,6 +111,7 @@ fn help_for(name: &str) -> &'static str {
         "hellos_throttled_total" => "HELLOs answered overloaded (hello_rate_max)",
         "slow_consumer_disconnects_total" => "Connections closed for not reading their output",
         "malformed_disconnects_total" => "Connections closed for malformed frames",
+        "login_timeouts_total" => "Connections closed for having no session within login_timeout_ms",
         "stalls_total" => "Server stalls longer than the stall threshold (not charged to leases)",
         "stalled_ms" => "Milliseconds of server stalls not charged to leases",
         "feed_lock_ns_total" => {

@@ -36,6 +36,10 @@ pub(crate) struct ConnOut {
     /// sessions see the disconnect too. Empty (no allocation) for a connection that
     /// never multiplexes.
     channels: Vec<u64>,
+    /// A HELLO has succeeded on this connection (on any channel). Until then its
+    /// frames are capped at `frame_bytes_before_login_max` and it has
+    /// `login_timeout_ms` to get there.
+    logged_in: bool,
 }
 
 const CHANNEL_UNKNOWN: u32 = u32::MAX;
@@ -284,6 +288,7 @@ struct Counters {
     hellos_throttled_total: u64,
     slow_consumer_total: u64,
     malformed_total: u64,
+    login_timeouts_total: u64,
     stalls_total: u64,
     /// Time spent handling frames under the state lock: the part of the server's
     /// work that one core does at a time (compare with the process's CPU time).
@@ -300,6 +305,7 @@ pub struct StatsSnapshot {
     pub hellos_throttled_total: u64,
     pub slow_consumer_disconnects_total: u64,
     pub malformed_disconnects_total: u64,
+    pub login_timeouts_total: u64,
     /// Server stalls longer than `STALL_MS_THRESHOLD`, and their total length.
     pub stalls_total: u64,
     pub stalled_ms: u64,
@@ -357,6 +363,7 @@ impl StatsSnapshot {
                 "malformed_disconnects_total",
                 self.malformed_disconnects_total,
             ),
+            ("login_timeouts_total", self.login_timeouts_total),
             ("stalls_total", self.stalls_total),
             ("stalled_ms", self.stalled_ms),
             ("feed_lock_ns_total", self.feed_lock_ns_total),
@@ -819,9 +826,40 @@ impl Shared {
             in_channel: 0,
             out_channel: 0,
             channels: Vec::new(),
+            logged_in: false,
         });
         st.counters.connections_total += 1;
         Some((id, notify))
+    }
+
+    /// Whether a HELLO has succeeded on `conn` (see `ConnOut::logged_in`).
+    pub(crate) fn logged_in(&self, conn: ConnId) -> bool {
+        self.lock()
+            .conns
+            .get(conn_key(conn))
+            .is_some_and(|c| c.id == conn && c.logged_in)
+    }
+
+    /// `conn` has had no session for `login_timeout_ms`: GOAWAY and close.
+    pub(crate) fn login_timed_out(&self, conn: ConnId) {
+        let mut st = self.lock();
+        let Some(c) = st.conns.get_mut(conn_key(conn)).filter(|c| c.id == conn) else {
+            return;
+        };
+        if c.logged_in || c.closing {
+            return;
+        }
+        let msg = format!(
+            "no session within login_timeout_ms ({} ms) of connecting",
+            self.cfg.login_timeout_ms
+        );
+        c.replace_with_goaway(&Event::GoAway {
+            code: ErrorCode::LoginTimeout,
+            message: msg.as_bytes(),
+        });
+        c.closing = true;
+        c.notify.notify_one();
+        st.counters.login_timeouts_total += 1;
     }
 
     pub(crate) fn connections(&self) -> usize {
@@ -843,13 +881,19 @@ impl Shared {
         // reads nothing more: in particular, a master that is deposed and elected
         // again must not answer an old connection's PING from its new core, which
         // would look to the client like proof that its session is alive.
-        let Some(mut channel) = st
+        let Some((mut channel, logged_in)) = st
             .conns
             .get(conn_key(conn))
             .filter(|c| c.id == conn && !c.closing)
-            .map(|c| c.in_channel)
+            .map(|c| (c.in_channel, c.logged_in))
         else {
             return Fed::Close;
+        };
+        // A stranger's frames are small: it cannot make the server buffer 1 MiB.
+        let frame_max = if logged_in {
+            frame_max
+        } else {
+            frame_max.min(self.cfg.frame_bytes_before_login_max as usize)
         };
         let channels_max = self.cfg.core.channels_per_connection_max;
         let hint = match &st.serving {
@@ -1075,6 +1119,19 @@ impl Shared {
                 "perm": perm.name(),
                 "name": String::from_utf8_lossy(&name),
             }));
+        }
+        if !logged_in && !close {
+            let c = st.conns.get(conn_key(conn));
+            let now_in = c.is_some_and(|c| {
+                c.ids()
+                    .into_iter()
+                    .any(|id| st.core.session_user(id).is_some())
+            });
+            if now_in {
+                if let Some(c) = st.conns.get_mut(conn_key(conn)) {
+                    c.logged_in = true;
+                }
+            }
         }
         let ids = match st.conns.get_mut(conn_key(conn)) {
             Some(c) => {
@@ -1352,6 +1409,7 @@ fn stats_snapshot(
         hellos_throttled_total: c.hellos_throttled_total,
         slow_consumer_disconnects_total: c.slow_consumer_total,
         malformed_disconnects_total: c.malformed_total,
+        login_timeouts_total: c.login_timeouts_total,
         stalls_total: c.stalls_total,
         stalled_ms,
         feed_lock_ns_total: c.feed_lock_ns,
@@ -1439,6 +1497,14 @@ fn edge(
     let addr = addr_of(out.conns, conn);
     let security = security_of(out.conns, conn);
     match *req {
+        // Answered before any authentication step, so a client learns at once.
+        Request::Hello(_) if core.session_user(conn).is_some() => refuse(
+            out,
+            conn,
+            id,
+            ErrorCode::SessionExists,
+            b"this connection (channel) already has a session",
+        ),
         Request::Hello(ref h) if auth.enabled() && h.credentials.is_empty() => {
             // A verified client certificate naming a user logs in as that user.
             match security
@@ -1587,6 +1653,7 @@ mod tests {
             in_channel: 0,
             out_channel: 0,
             channels: Vec::new(),
+            logged_in: false,
         }
     }
 

@@ -99,6 +99,18 @@ pub struct ServeArgs {
     /// Most ports one session may own plus wait for [default: 1000000]
     #[arg(long, env = "PORTSWITCH_PORTS_PER_SESSION_MAX")]
     ports_per_session_max: Option<u32>,
+    /// Most ports across all sessions; past it new ones get `ports_full`
+    /// [default: 100000000, ~6.3 GiB]
+    #[arg(long, env = "PORTSWITCH_PORTS_MAX")]
+    ports_max: Option<u64>,
+    /// How long a connection may stay without a session (not logged in) before it is
+    /// closed, ms [default: 10000]
+    #[arg(long, env = "PORTSWITCH_LOGIN_TIMEOUT_MS")]
+    login_timeout_ms: Option<u64>,
+    /// Largest frame a connection may send before it has a session, bytes
+    /// [default: 65536]
+    #[arg(long, env = "PORTSWITCH_FRAME_BYTES_BEFORE_LOGIN_MAX")]
+    frame_bytes_before_login_max: Option<u32>,
     /// Most watches of one session [default: 100000]
     #[arg(long, env = "PORTSWITCH_WATCHES_PER_SESSION_MAX")]
     watches_per_session_max: Option<u32>,
@@ -207,6 +219,9 @@ struct FileConfig {
     drift_per_mille: Option<u64>,
     sessions_max: Option<u32>,
     ports_per_session_max: Option<u32>,
+    ports_max: Option<u64>,
+    login_timeout_ms: Option<u64>,
+    frame_bytes_before_login_max: Option<u32>,
     watches_per_session_max: Option<u32>,
     queue_len_max: Option<u32>,
     prefix_watches_max: Option<u32>,
@@ -260,6 +275,9 @@ fn config(
         hello_rate_max => cfg.hello_rate_max,
         sessions_max => cfg.core.sessions_max,
         ports_per_session_max => cfg.core.ports_per_session_max,
+        ports_max => cfg.core.ports_max,
+        login_timeout_ms => cfg.login_timeout_ms,
+        frame_bytes_before_login_max => cfg.frame_bytes_before_login_max,
         watches_per_session_max => cfg.core.watches_per_session_max,
         queue_len_max => cfg.core.queue_len_max,
         prefix_watches_max => cfg.core.prefix_watches_max,
@@ -363,6 +381,19 @@ fn config(
     }
     if cfg.hello_rate_max == 0 {
         return Err("hello_rate_max must be at least 1".into());
+    }
+    if cfg.login_timeout_ms == 0 {
+        return Err("login_timeout_ms must be at least 1".into());
+    }
+    let before_login = portswitch_proto::limits::FRAME_BYTES_BEFORE_LOGIN as u32;
+    if cfg.frame_bytes_before_login_max < before_login
+        || cfg.frame_bytes_before_login_max > cfg.core.frame_bytes_max
+    {
+        return Err(format!(
+            "frame_bytes_before_login_max = {} is outside [{before_login}, frame_bytes_max = {}]",
+            cfg.frame_bytes_before_login_max, cfg.core.frame_bytes_max
+        )
+        .into());
     }
     if cfg.write_stall_ms_max == 0 {
         return Err("write_stall_ms_max must be at least 1".into());

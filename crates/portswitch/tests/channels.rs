@@ -508,3 +508,34 @@ async fn a_mux_on_a_server_that_does_not_multiplex_is_told_why() {
     client(&srv).await.register("p", "").await.unwrap();
     srv.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_thousand_sessions_opened_at_once_fit_the_servers_pre_login_frames() {
+    // The server takes only FRAME_BYTES_BEFORE_LOGIN-sized frames until a HELLO
+    // succeeds: a Mux opening 1,000 sessions at once on a new connection (~60 KB of
+    // HELLOs) must split them, not be cut off as frame_too_large.
+    let mut cfg = ServerConfig::ephemeral();
+    cfg.frame_bytes_before_login_max = portswitch_proto::limits::FRAME_BYTES_BEFORE_LOGIN as u32;
+    let srv = server_with(cfg).await;
+    let mux = std::sync::Arc::new(Mux::connect(opts(&srv)).await.unwrap());
+    let tasks: Vec<_> = (0..1_000)
+        .map(|_| {
+            let mux = mux.clone();
+            tokio::spawn(async move { mux.session().await })
+        })
+        .collect();
+    let mut sessions = Vec::new();
+    for t in tasks {
+        sessions.push(t.await.unwrap().expect("session opens"));
+    }
+    let last = sessions.last().unwrap();
+    assert!(matches!(
+        last.register("after", "").await.unwrap(),
+        RegisterOutcome::Owned { .. }
+    ));
+    let stats = client(&srv).await.stats().await.unwrap();
+    let get = |k: &str| stats.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    assert_eq!(get("sessions"), Some(1_001));
+    assert_eq!(get("malformed_disconnects_total"), Some(0));
+    srv.stop().await.unwrap();
+}

@@ -68,6 +68,13 @@ async fn every_limit_is_enforced_with_its_error() {
         err(&r.call(&[Request::Hello(hello(1_000, false))]).await[0]),
         "session_exists"
     );
+    // Said before any credential check (here: "auth_unavailable").
+    let mut creds = hello(1_000, false);
+    creds.credentials = b"alice:secret";
+    assert_eq!(
+        err(&r.call(&[Request::Hello(creds)]).await[0]),
+        "session_exists"
+    );
 
     let long = [b'n'; 17];
     let replies = r
@@ -399,8 +406,9 @@ async fn a_connection_full_of_sessions_ends_them_all_and_the_server_carries_on()
     healthy.register("svc/healthy", "").await.unwrap();
     // 4,000 sessions on one connection, each ending on disconnect and owning a port,
     // opened in one frame of 12,000 messages; plus a switch spree through every
-    // channel the server allows (switches alone change nothing).
-    let mut raw = Raw::connect(&srv).await;
+    // channel the server allows (switches alone change nothing). The connection
+    // logs in first (channel 0): before that the server takes only small frames.
+    let mut raw = Raw::session(&srv, 60_000, true).await;
     let names: Vec<String> = (0..4_000).map(|i| format!("many/{i}")).collect();
     let mut fb = portswitch_proto::FrameBuf::new(FRAME_BYTES_MAX, usize::MAX);
     for (i, name) in names.iter().enumerate() {
@@ -432,7 +440,7 @@ async fn a_connection_full_of_sessions_ends_them_all_and_the_server_carries_on()
         }
     };
     eventually_async("4,000 sessions and ports", || async {
-        stats("sessions").await == 4_001 && stats("ports_owned").await == 4_001
+        stats("sessions").await == 4_002 && stats("ports_owned").await == 4_001
     })
     .await;
     assert!(healthy.query("many/3999").await.unwrap().is_some());
@@ -452,5 +460,75 @@ async fn a_connection_full_of_sessions_ends_them_all_and_the_server_carries_on()
         .await;
     assert_eq!(bad.goaway().await, Some(ErrorCode::ChannelsMax));
     assert!(healthy.query("svc/healthy").await.unwrap().is_some());
+    srv.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn strangers_get_small_frames_and_a_deadline_to_log_in() {
+    let mut cfg = ServerConfig::ephemeral();
+    cfg.login_timeout_ms = 400;
+    cfg.frame_bytes_before_login_max = 16 << 10;
+    let srv = server_with(cfg).await;
+    let healthy = client(&srv).await;
+    healthy.register("mine", "").await.unwrap();
+
+    // A frame declared past the pre-login cap is refused from its header alone.
+    let mut big = Raw::connect(&srv).await;
+    big.send_bytes(&((16u32 << 10) + 1).to_be_bytes()).await;
+    assert_eq!(big.goaway().await, Some(ErrorCode::FrameTooLarge));
+
+    // A stranger that sends nothing (or only PINGs) is closed at the deadline.
+    let mut idle = Raw::connect(&srv).await;
+    assert!(idle.call(&[Request::Ping]).await[0].1.starts_with("Ok"));
+    let t = std::time::Instant::now();
+    assert_eq!(idle.goaway().await, Some(ErrorCode::LoginTimeout));
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+
+    // Once logged in: no deadline, and full-size frames (a 40 KiB SEND).
+    let mut member = Raw::session(&srv, 10_000, false).await;
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let payload = vec![7u8; 40 << 10];
+    let replies = member
+        .call(&[Request::Send {
+            port: b"mine",
+            payload: &payload,
+        }])
+        .await;
+    assert!(replies[0].1.starts_with("Delivered"), "{replies:?}");
+
+    let stats = healthy.stats().await.unwrap();
+    let get = |k: &str| stats.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    assert_eq!(get("login_timeouts_total"), Some(1));
+    assert_eq!(
+        healthy.query("mine").await.unwrap().unwrap().session,
+        healthy.session().id
+    );
+    srv.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ports_max_caps_ports_across_all_sessions_with_ports_full() {
+    let mut cfg = ServerConfig::ephemeral();
+    cfg.core.ports_max = 3;
+    let srv = server_with(cfg).await;
+    let a = client(&srv).await;
+    let b = client(&srv).await;
+    a.register("p1", "").await.unwrap();
+    a.register("p2", "").await.unwrap();
+    b.register("p3", "").await.unwrap();
+    let full = |e: portswitch_client::Error| e.code() == Some(ErrorCode::PortsFull);
+    assert!(full(b.register("p4", "").await.unwrap_err()));
+    // A watch of a name nobody holds needs an entry too.
+    assert!(full(b.watch("w").await.unwrap_err()));
+    // Existing ports keep working: re-register, queue behind an owner.
+    assert!(matches!(
+        a.register("p1", "v2").await.unwrap(),
+        RegisterOutcome::Owned { .. }
+    ));
+    a.unregister("p1").await.unwrap();
+    assert!(matches!(
+        b.register("p4", "").await.unwrap(),
+        RegisterOutcome::Owned { .. }
+    ));
     srv.stop().await.unwrap();
 }
