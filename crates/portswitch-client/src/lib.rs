@@ -45,7 +45,7 @@ mod types;
 pub use client::{Client, ClientOptions, ClientTls, LEASE_MS_DEFAULT};
 pub use mux::{Mux, MuxSession};
 pub use net::{server_stats, tls_exporter};
-pub use portswitch_proto::ErrorCode;
+pub use portswitch_proto::{ErrorCode, MemberRole};
 pub use recipes::{
     Discovery, DiscoveryChange, Election, LeaderChange, LeaderWatch, Leadership, Lock, ServiceWatch,
 };

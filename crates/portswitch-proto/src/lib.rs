@@ -36,9 +36,11 @@ pub mod code;
 pub mod frame;
 pub mod limits;
 pub mod msg;
+pub mod role;
 
 pub use code::ErrorCode;
 pub use frame::{FrameBuf, FrameError, RawMessage};
+pub use role::MemberRole;
 pub use msg::{
     BodyError, Event, Hello, HelloOk, PageEntry, Reply, Request, ServerLimits, ServerMsg,
 };

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use crate::auth::Auth;
 use crate::config::{ServerConfig, STALL_MS_THRESHOLD};
 use portswitch_core::Perm;
+use portswitch_proto::MemberRole;
 
 /// One connection's output side as the shared state sees it.
 pub(crate) struct ConnOut {
@@ -249,19 +250,13 @@ enum Serving {
     },
 }
 
-/// STATS `role`: 0 standalone, 1 follower, 2 taking over, 3 master.
-const ROLE_STANDALONE: u64 = 0;
-const ROLE_FOLLOWER: u64 = 1;
-const ROLE_TAKING_OVER: u64 = 2;
-const ROLE_MASTER: u64 = 3;
-
 pub(crate) struct State {
     pub(crate) core: Core,
     serving: Serving,
     /// HELLO admission: tokens left and when they were last refilled (real ms).
     hello_tokens: f64,
     hello_refilled_ms: u64,
-    role: u64,
+    role: MemberRole,
     auth: Auth,
     /// Permission denials of the current batch, for the audit log.
     denials: Vec<(String, Perm, Vec<u8>)>,
@@ -310,8 +305,8 @@ pub struct StatsSnapshot {
     pub stalls_total: u64,
     pub stalled_ms: u64,
     pub feed_lock_ns_total: u64,
-    /// 0 standalone, 1 follower, 2 taking over, 3 master.
-    pub role: u64,
+    /// STATS `role` (see [`MemberRole`]).
+    pub role: MemberRole,
     pub node_id: u64,
     pub master_lease_left_ms: u64,
     /// A group's master: the longest client lease it may grant before raising it.
@@ -367,7 +362,7 @@ impl StatsSnapshot {
             ("stalls_total", self.stalls_total),
             ("stalled_ms", self.stalled_ms),
             ("feed_lock_ns_total", self.feed_lock_ns_total),
-            ("role", self.role),
+            (MemberRole::STAT, self.role.to_u64()),
             ("node_id", self.node_id),
             ("master_lease_left_ms", self.master_lease_left_ms),
             ("lease_ceiling_ms", self.lease_ceiling_ms),
@@ -534,8 +529,8 @@ impl Shared {
                     },
                 },
                 role: match member {
-                    None => ROLE_STANDALONE,
-                    Some(_) => ROLE_FOLLOWER,
+                    None => MemberRole::Standalone,
+                    Some(_) => MemberRole::Follower,
                 },
                 auth,
                 denials: Vec::new(),
@@ -683,7 +678,7 @@ impl Shared {
                 st.ceiling_quiet_peak_ms = 0;
                 self.epoch.store(m.epoch, Ordering::Relaxed);
                 st.serving = Serving::Yes;
-                st.role = ROLE_MASTER;
+                st.role = MemberRole::Master;
                 tracing::info!(
                     epoch = m.epoch,
                     recovery_window_ms = m.recovery_window_ms,
@@ -695,7 +690,7 @@ impl Shared {
                 if let Serving::No { serve_at: at, .. } = &mut st.serving {
                     *at = *serve_at;
                 }
-                st.role = ROLE_TAKING_OVER;
+                st.role = MemberRole::TakingOver;
             }
             Role::Follower { master } => {
                 let hint = match master {
@@ -703,7 +698,7 @@ impl Shared {
                     None => NO_MASTER_YET.to_vec(),
                 };
                 self.depose(st, hint);
-                st.role = ROLE_FOLLOWER;
+                st.role = MemberRole::Follower;
             }
         }
     }
@@ -754,7 +749,7 @@ impl Shared {
             Some(m) if m.lease.valid() => true,
             Some(_) => {
                 self.depose(st, NO_MASTER_YET.to_vec());
-                st.role = ROLE_FOLLOWER;
+                st.role = MemberRole::Follower;
                 false
             }
         }
@@ -1339,14 +1334,14 @@ impl Shared {
         snap
     }
 
-    fn member_stats(&self, snap: &mut StatsSnapshot, role: u64) {
+    fn member_stats(&self, snap: &mut StatsSnapshot, role: MemberRole) {
         snap.role = role;
         if let Some(m) = &self.member {
             snap.node_id = m.node.id();
             snap.master_lease_left_ms = m.lease.left().as_millis() as u64;
         }
         if let Some(k) = &self.ceiling {
-            if role == ROLE_MASTER || role == ROLE_STANDALONE {
+            if role == MemberRole::Master || role == MemberRole::Standalone {
                 snap.lease_ceiling_ms = k.ceiling.lease_ms.load(Ordering::Acquire) as u64;
             }
         }
@@ -1413,7 +1408,7 @@ fn stats_snapshot(
         stalls_total: c.stalls_total,
         stalled_ms,
         feed_lock_ns_total: c.feed_lock_ns,
-        role: ROLE_STANDALONE,
+        role: MemberRole::Standalone,
         node_id: 0,
         master_lease_left_ms: 0,
         lease_ceiling_ms: 0,

@@ -12,6 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::AppResult;
+use portswitch_client::MemberRole;
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
@@ -159,7 +160,7 @@ async fn find_master(addrs: &[String], children: &[Option<Child>]) -> Option<(us
             continue;
         };
         let get = |k: &str| stats.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
-        if get("role") == Some(3) {
+        if MemberRole::from_stats(&stats) == Some(MemberRole::Master) {
             return Some((i, get("epoch").unwrap_or(0)));
         }
     }

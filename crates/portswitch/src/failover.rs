@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use portswitch_client::{server_stats, Client, ClientOptions, Event, RegisterOutcome};
+use portswitch_client::{server_stats, Client, ClientOptions, Event, MemberRole, RegisterOutcome};
 use tokio::process::Child;
 
 use crate::AppResult;
@@ -152,7 +152,7 @@ pub(crate) async fn find_master(addrs: &[String], skip: impl Fn(usize) -> bool) 
                 continue;
             }
             if let Ok(s) = server_stats(&opts, a).await {
-                if s.iter().any(|(k, v)| k == "role" && *v == 3) {
+                if MemberRole::from_stats(&s) == Some(MemberRole::Master) {
                     return Ok(i);
                 }
             }

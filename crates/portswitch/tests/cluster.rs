@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::group::{free_port, own, Group, LEASE_MS_MAX, ONE_GROUP};
 use common::{resynced, within};
-use portswitch_client::{server_stats, Client, ClientOptions, Error, RegisterOutcome};
+use portswitch_client::{server_stats, Client, ClientOptions, Error, MemberRole, RegisterOutcome};
 use portswitch_proto::msg::op;
 use portswitch_proto::ErrorCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -122,10 +122,10 @@ async fn a_killed_master_is_replaced_before_any_election_timeout() {
             continue;
         }
         let s = server_stats(&opts, addr).await.unwrap();
-        let role = s.iter().find(|(k, _)| k == "role").unwrap().1;
+        let role = MemberRole::from_stats(&s).unwrap();
         assert_ne!(
             role,
-            3,
+            MemberRole::Master,
             "member {} took over from a master that was only stopped",
             i + 1
         );
@@ -304,8 +304,8 @@ async fn a_master_stopped_past_its_lease_never_serves_again() {
     let stats = server_stats(&ClientOptions::new("unused"), &g.addrs[m])
         .await
         .unwrap();
-    let role = stats.iter().find(|(k, _)| k == "role").unwrap().1;
-    assert_ne!(role, 3, "the continued old master is not master");
+    let role = MemberRole::from_stats(&stats).unwrap();
+    assert_ne!(role, MemberRole::Master, "the continued old master is not master");
     assert_eq!(g.master(None).await, m2);
     assert!(a.is_alive());
     // A restarted member rejoins as a follower.
@@ -523,7 +523,7 @@ async fn members_are_added_and_removed_without_dropping_sessions() {
     let stats = server_stats(&ClientOptions::new("unused"), &g.addrs[m])
         .await
         .unwrap();
-    assert_ne!(stats.iter().find(|(k, _)| k == "role").unwrap().1, 3);
+    assert_ne!(MemberRole::from_stats(&stats), Some(MemberRole::Master));
     let out = within("member list", ctl(&["member", "list"]).output())
         .await
         .unwrap();

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use portswitch_client::{server_stats, Client, ClientOptions, RegisterOutcome};
+use portswitch_client::{server_stats, Client, ClientOptions, MemberRole, RegisterOutcome};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -176,7 +176,7 @@ impl Group {
                     continue;
                 }
                 if let Ok(s) = server_stats(&opts, a).await {
-                    if s.iter().any(|(k, v)| k == "role" && *v == 3) {
+                    if MemberRole::from_stats(&s) == Some(MemberRole::Master) {
                         return i;
                     }
                 }
