@@ -9,6 +9,7 @@
 //! - [`lease`]: the master lease — pure logic, driven with times.
 //! - [`node`]: runs a member and reports its [`Role`].
 
+pub mod error;
 pub mod lease;
 pub mod net;
 pub mod node;
@@ -16,6 +17,7 @@ pub mod store;
 pub mod tls;
 pub mod types;
 
+pub use error::ClusterError;
 pub use lease::{LeaseClock, MasterLease};
 pub use node::{ClusterConfig, ClusterNode, MasterInfo, Role};
 pub use tls::{PeerTls, PeerTlsSettings};

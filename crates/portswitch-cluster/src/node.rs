@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::error::ClusterError;
 use crate::lease::{LeaseClock, MasterLease};
 use crate::net::{serve_peers, Network};
 use crate::store::Store;
@@ -95,25 +96,26 @@ impl ClusterConfig {
     }
 
     /// Checks the settings relate as they must.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ClusterError> {
         if !self.members.contains_key(&self.id) {
-            return Err(format!("member {} is not in the member list", self.id));
+            return Err(ClusterError::NotInMemberList(self.id));
         }
         if !self.join && ![1, 3, 5].contains(&self.members.len()) {
-            return Err(format!(
-                "a group has 1, 3 or 5 members, not {}",
-                self.members.len()
-            ));
+            return Err(ClusterError::GroupSize(self.members.len()));
         }
         let (lo, hi) = self.election_timeout_ms;
         if self.heartbeat_ms == 0 || lo <= 2 * self.heartbeat_ms || hi <= lo {
-            return Err(
-                "need 0 < 2 × heartbeat_ms < election_timeout_ms_min < election_timeout_ms_max"
-                    .into(),
-            );
+            return Err(ClusterError::Timeouts {
+                heartbeat_ms: self.heartbeat_ms,
+                min: lo,
+                max: hi,
+            });
         }
         if self.lease.lease_ms <= 2 * self.heartbeat_ms {
-            return Err("master_lease_ms must be more than 2 × heartbeat_ms".into());
+            return Err(ClusterError::MasterLeaseTooShort {
+                lease_ms: self.lease.lease_ms,
+                heartbeat_ms: self.heartbeat_ms,
+            });
         }
         Ok(())
     }
@@ -315,40 +317,40 @@ impl ClusterNode {
     /// Adds member `id` (started with `join`) as a voter: it first catches up as a
     /// learner, then the group moves to the new membership through a joint
     /// configuration. Only the leader can do this. Sessions are untouched.
-    pub async fn add_member(&self, id: u64, member: Member) -> Result<ClusterStatus, String> {
+    pub async fn add_member(&self, id: u64, member: Member) -> Result<ClusterStatus, ClusterError> {
         let mut voters = self.voters();
         if voters.contains(&id) {
-            return Err(format!("member {id} is already in the group"));
+            return Err(ClusterError::AlreadyMember(id));
         }
         if voters.len() >= MEMBERS_MAX {
-            return Err(format!("a group has at most {MEMBERS_MAX} members"));
+            return Err(ClusterError::TooManyMembers(MEMBERS_MAX));
         }
         self.raft
             .add_learner(id, member, true)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ClusterError::from_raft)?;
         voters.insert(id);
         self.raft
             .change_membership(voters, false)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ClusterError::from_raft)?;
         Ok(self.status())
     }
 
     /// Removes member `id` from the group (it may be the master: it then steps down
     /// and another takes over, and clients resume their sessions there).
-    pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, String> {
+    pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClusterError> {
         let mut voters = self.voters();
         if !voters.remove(&id) {
-            return Err(format!("member {id} is not in the group"));
+            return Err(ClusterError::NotAMember(id));
         }
         if voters.is_empty() {
-            return Err("the last member cannot be removed".into());
+            return Err(ClusterError::LastMember);
         }
         self.raft
             .change_membership(voters, false)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ClusterError::from_raft)?;
         Ok(self.status())
     }
 
@@ -366,15 +368,13 @@ impl ClusterNode {
     /// group's `lease_ms_max`), once a quorum has recorded it: a successor's recovery
     /// window then covers them. Returns the ceiling now in force; fails if this
     /// member is not the master of `epoch` any more.
-    pub async fn raise_ceiling(&self, epoch: u64, lease_ms: u32) -> Result<u32, String> {
+    pub async fn raise_ceiling(&self, epoch: u64, lease_ms: u32) -> Result<u32, ClusterError> {
         let r = self
             .raft
             .client_write(Command::Raise { epoch, lease_ms })
             .await
-            .map_err(|e| e.to_string())?;
-        r.data
-            .ceiling
-            .ok_or_else(|| format!("epoch {epoch} is over"))
+            .map_err(ClusterError::from_raft)?;
+        r.data.ceiling.ok_or(ClusterError::EpochOver(epoch))
     }
 
     /// Lowers the ceiling of the master of `epoch` from `from` to `lease_ms` once a
@@ -386,7 +386,7 @@ impl ClusterNode {
         epoch: u64,
         from: u32,
         lease_ms: u32,
-    ) -> Result<Option<u32>, String> {
+    ) -> Result<Option<u32>, ClusterError> {
         let r = self
             .raft
             .client_write(Command::Lower {
@@ -395,18 +395,18 @@ impl ClusterNode {
                 lease_ms,
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ClusterError::from_raft)?;
         Ok(r.data.ceiling)
     }
 
     /// Records that the master of `epoch` closed its recovery window, so that its
     /// successor's window need cover only the leases it granted itself.
-    pub async fn settle(&self, epoch: u64) -> Result<(), String> {
+    pub async fn settle(&self, epoch: u64) -> Result<(), ClusterError> {
         self.raft
             .client_write(Command::Settle { epoch })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(ClusterError::from_raft)
     }
 
     /// Stops Raft and the member's tasks.

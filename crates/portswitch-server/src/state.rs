@@ -160,21 +160,27 @@ enum Keeper {
 impl Keeper {
     async fn raise(&self, epoch: u64, lease_ms: u32) -> Result<u32, String> {
         match self {
-            Keeper::Raft(node) => node.raise_ceiling(epoch, lease_ms).await,
+            Keeper::Raft(node) => node
+                .raise_ceiling(epoch, lease_ms)
+                .await
+                .map_err(|e| e.to_string()),
             Keeper::Dir(g) => on_disk(g, move |g| g.raise_ceiling(lease_ms)).await,
         }
     }
 
     async fn lower(&self, epoch: u64, from: u32, lease_ms: u32) -> Result<Option<u32>, String> {
         match self {
-            Keeper::Raft(node) => node.lower_ceiling(epoch, from, lease_ms).await,
+            Keeper::Raft(node) => node
+                .lower_ceiling(epoch, from, lease_ms)
+                .await
+                .map_err(|e| e.to_string()),
             Keeper::Dir(g) => on_disk(g, move |g| g.lower_ceiling(from, lease_ms)).await,
         }
     }
 
     async fn settle(&self, epoch: u64) -> Result<(), String> {
         match self {
-            Keeper::Raft(node) => node.settle(epoch).await,
+            Keeper::Raft(node) => node.settle(epoch).await.map_err(|e| e.to_string()),
             Keeper::Dir(g) => on_disk(g, |g| g.settle()).await,
         }
     }
@@ -582,8 +588,9 @@ impl Shared {
             let result = match (node, op) {
                 (Some(node), MemberOp::Add { id, member }) => node.add_member(id, member).await,
                 (Some(node), MemberOp::Remove { id }) => node.remove_member(id).await,
-                _ => Err("not a membership change".to_string()),
-            };
+                _ => Err(portswitch_cluster::ClusterError::NoGroup),
+            }
+            .map_err(|e| e.to_string());
             if let Some(shared) = me.and_then(|w| w.upgrade()) {
                 shared.reply_later(conn, id, result);
             }

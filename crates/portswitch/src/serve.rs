@@ -579,7 +579,7 @@ fn cluster_config(
     {
         c.election_timeout_ms.1 = v;
     }
-    c.validate()?;
+    c.validate().map_err(|e| e.to_string())?;
     Ok(Some(c))
 }
 
