@@ -33,7 +33,7 @@ mod http;
 mod state;
 pub mod tls;
 
-pub use config::{ServerConfig, CONNECTIONS_MAX_LIMIT};
+pub use config::{ServerConfig, CONNECTIONS_MAX_DEFAULT, CONNECTIONS_MAX_LIMIT};
 pub use state::StatsSnapshot;
 
 use std::future::Future;

@@ -414,6 +414,8 @@ fn config(
 /// ERROR, which buries everything else while a member is down; `--log
 /// info,openraft=warn` shows them.
 const LOG_DEFAULT: &str = "info,openraft=off";
+/// Descriptors kept for everything but client connections (data files, peers, HTTP).
+const DESCRIPTORS_SPARE: u64 = 1024;
 
 pub async fn run(args: ServeArgs) -> AppResult {
     let (cfg, log) = config(&args)?;
@@ -432,14 +434,29 @@ pub async fn run(args: ServeArgs) -> AppResult {
         std::process::abort();
     }));
     // Every connection is a descriptor: take the soft limit up to the hard one (as
-    // most servers do), and say so when even that is below connections_max.
-    let wanted = cfg.connections_max as u64 + 1024;
+    // most servers do). The default connections_max is sized to what that allows
+    // (connections past it are refused with a reason, not left in the accept queue);
+    // a connections_max set higher than the limit is worth a warning.
+    let mut cfg = cfg;
+    let wanted = cfg.connections_max as u64 + DESCRIPTORS_SPARE;
     match rlimit::increase_nofile_limit(wanted) {
-        Ok(got) if got < wanted => tracing::warn!(
-            descriptors = got,
-            connections_max = cfg.connections_max,
-            "the descriptor limit is below connections_max + 1024: connections past it wait in the accept queue (raise `ulimit -Hn`)"
-        ),
+        Ok(got) if got < wanted => {
+            let fits = (got.saturating_sub(DESCRIPTORS_SPARE) as usize).max(1);
+            if cfg.connections_max == portswitch_server::CONNECTIONS_MAX_DEFAULT {
+                tracing::info!(
+                    descriptors = got,
+                    connections_max = fits,
+                    "connections_max sized to the descriptor limit (raise `ulimit -Hn` for more)"
+                );
+                cfg.connections_max = fits;
+            } else {
+                tracing::warn!(
+                    descriptors = got,
+                    connections_max = cfg.connections_max,
+                    "the descriptor limit is below connections_max + {DESCRIPTORS_SPARE}: connections past it wait in the accept queue (raise `ulimit -Hn`)"
+                );
+            }
+        }
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot read the descriptor limit: {e}"),
     }

@@ -970,3 +970,28 @@ async fn a_lost_lock_stops_the_commands_whole_process_group() {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_default_serve_starts_without_warnings() {
+    // Nothing about a default configuration deserves a warning on every start (the
+    // descriptor limit sizes connections_max instead, said at info level).
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    within("server start", lines.next_line()).await.unwrap().unwrap();
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let out = within("stop", child.wait_with_output()).await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("portswitch serving"), "{log}");
+    assert!(!log.contains("WARN"), "{log}");
+}
