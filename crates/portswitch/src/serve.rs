@@ -372,6 +372,19 @@ fn config(
     if args.no_http || file.no_http == Some(true) {
         cfg.http_listen = None;
     }
+    // The same rule for the metrics and health endpoint, which has neither TLS nor
+    // authentication: loopback only (scrape through a proxy or an SSH tunnel)
+    // unless the operator says otherwise.
+    if let Some(h) = cfg.http_listen.filter(|h| !h.ip().is_loopback()) {
+        if !danger {
+            return Err(format!(
+                "refusing to serve metrics and health on {h}: the HTTP endpoint has no TLS or \
+                 authentication, so it listens on loopback only (put a proxy in front of it); \
+                 --danger-allow-insecure-network overrides this"
+            )
+            .into());
+        }
+    }
     if cfg.connections_max == 0 || cfg.connections_max > portswitch_server::CONNECTIONS_MAX_LIMIT {
         return Err(format!(
             "connections_max must be in [1, {}]",

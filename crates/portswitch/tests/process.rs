@@ -635,6 +635,27 @@ async fn a_server_beyond_loopback_requires_tls_and_authentication() {
         err.contains("refusing to listen") && err.contains("--danger-allow-insecure-network"),
         "{err}"
     );
+    // The metrics and health endpoint follows the same rule.
+    let out = within(
+        "serve",
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "10.255.255.1:7401",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to serve metrics") && err.contains("--danger-allow-insecure-network"),
+        "{err}"
+    );
 }
 
 async fn bench_json(addr: &str, args: &[&str]) -> (i32, serde_json::Value) {
