@@ -3,7 +3,7 @@
 //! A [`Client`] is one session on one connection. Calls from any number of tasks are
 //! batched into frames automatically and pipelined; replies are matched by request id.
 //!
-//! **The lease view** (DESIGN §3): the client counts the lease from the *send* time of
+//! **The lease view** (docs/PROTOCOL.md, "The client's lease view"): the client counts the lease from the *send* time of
 //! the last request the server answered, minus a safety margin for clock-rate drift.
 //! When that view runs out without contact, the session is over from the client's
 //! side: [`Event::OwnershipLost`] is sent and [`Client::lost`] resolves, before the

@@ -131,7 +131,7 @@ pub enum Event {
     Reconnected,
     /// The session is over. Every port listed (and any other) is no longer owned:
     /// stop acting as its owner now. Emitted before the server could have handed any
-    /// of them to someone else (DESIGN §3).
+    /// of them to someone else (docs/PROTOCOL.md, "The client's lease view").
     OwnershipLost {
         ports: Vec<(Bytes, u64)>,
         reason: String,

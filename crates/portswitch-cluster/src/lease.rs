@@ -1,4 +1,4 @@
-//! The master lease (DESIGN §4): a master serves only while a quorum has confirmed
+//! The master lease (docs/PROTOCOL.md, "Failover and the recovery window"): a master serves only while a quorum has confirmed
 //! it recently, and a new master waits out its predecessor's lease before serving.
 //!
 //! Why this is enough: a master extends its lease only from the time it *sent* a

@@ -249,9 +249,9 @@ impl Core {
     }
 
     /// Opens a **recovery window** of `window_ms` from `now_ms` on a core that has just
-    /// taken over from an earlier master (DESIGN §4). Until it closes: a HELLO resuming
-    /// a session of the earlier master (right id and secret under the group's keys) is
-    /// adopted with its id; adopted sessions RECLAIM their ports with their tokens; a
+    /// taken over from an earlier master (docs/PROTOCOL.md, "Failover and the recovery
+    /// window"). Until it closes: a HELLO resuming a session of the earlier master
+    /// (right id and secret under the group's keys) is adopted with its id; adopted sessions RECLAIM their ports with their tokens; a
     /// port nobody has reclaimed is unknown — REGISTER fails with `recovering` (or with
     /// WAIT queues for it), QUERY and SEND fail with `recovering`. When it closes,
     /// unreclaimed ports are free, their first waiters are granted them, and every

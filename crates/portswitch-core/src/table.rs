@@ -1,6 +1,6 @@
 //! The port table: every port that has an owner, a waiter or a watcher.
 //!
-//! Memory per port is a product figure (DESIGN §5), so entries are compact: names of up
+//! Memory per port is a product figure (docs/BENCHMARKS.md, "Memory per port"), so entries are compact: names of up
 //! to [`INLINE_NAME_BYTES`] bytes live inside the entry, values and the rarely-used
 //! watcher/queue lists live in side slabs addressed by `u32`, and the hash index stores
 //! only a `u32` slot per port. An entry never moves while it exists, so its slot is a

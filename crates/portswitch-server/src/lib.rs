@@ -74,7 +74,7 @@ impl Server {
             None => None,
         };
         // With a data directory alone, the server is a group of one: it takes over
-        // from the master that used the directory before (DESIGN §4). With members, it
+        // from the master that used the directory before (docs/PROTOCOL.md, "Failover and the recovery window"). With members, it
         // is one of a Raft group and serves only while elected master.
         let mut member = None;
         let group = match (&cfg.auth.data_dir, &cfg.cluster) {
@@ -252,8 +252,8 @@ impl Server {
 }
 
 /// Waits for a new wall-clock second to begin and returns it. Two servers started one
-/// after the other on one machine thus never share an epoch (DESIGN §4: epochs keep
-/// rising even without a disk).
+/// after the other on one machine thus never share an epoch (epochs keep rising even
+/// without a disk: docs/PROTOCOL.md, "Groups").
 async fn fresh_epoch() -> u64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
