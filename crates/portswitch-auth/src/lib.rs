@@ -1,6 +1,7 @@
 //! portswitch's security logic, without I/O: SCRAM-SHA-256 authentication
-//! ([`scram`]), password rules ([`policy`]), lockout after failed logins
-//! ([`lockout`]) and role-based access control on port-name prefixes ([`acl`]).
+//! ([`scram`]), password rules ([`policy`]), throttling of failed logins
+//! ([`lockout`]: a growing back-off per name and per address, never a long lock)
+//! and role-based access control on port-name prefixes ([`acl`]).
 //!
 //! Like the core, nothing here reads a clock, a socket or the OS's randomness: time,
 //! nonces and salts are passed in, so every rule can be tested exactly.

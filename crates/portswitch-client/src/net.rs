@@ -32,19 +32,22 @@ impl ClientTls {
 }
 
 fn tls_connector(t: &ClientTls) -> Result<tokio_rustls::TlsConnector> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |what: &str, e: &dyn std::fmt::Display| {
         Error::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{what}: {e}"),
         ))
     };
+    // The files' errors name the file; say which setting it was.
+    let file = |what: &'static str| {
+        move |e: portswitch_files::FileError| {
+            let e = std::io::Error::from(e);
+            Error::Io(std::io::Error::new(e.kind(), format!("TLS {what}: {e}")))
+        }
+    };
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&t.ca).map_err(|e| bad("CA file", &e))? {
-        roots
-            .add(c.map_err(|e| bad("CA file", &e))?)
-            .map_err(|e| bad("CA file", &e))?;
+    for c in portswitch_files::load_roots(&t.ca).map_err(file("CA"))? {
+        roots.add(c).map_err(|e| bad("CA file", &e))?;
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -53,11 +56,8 @@ fn tls_connector(t: &ClientTls) -> Result<tokio_rustls::TlsConnector> {
         .with_root_certificates(roots);
     let config = match &t.client_cert {
         Some((cert, key)) => {
-            let certs = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| bad("client certificate", &e))?
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| bad("client certificate", &e))?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("client key", &e))?;
+            let certs = portswitch_files::load_certs(cert).map_err(file("client certificate"))?;
+            let key = portswitch_files::load_key(key).map_err(file("client key"))?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| bad("client certificate", &e))?

@@ -2,10 +2,13 @@
 //! small JSON file rewritten (aside, synced, renamed) on every change. The group writes
 //! a handful of entries per election and nothing per client request, so the whole
 //! state stays a few kilobytes; snapshots keep the log short.
+//!
+//! The state holds the group's session-secret keys, so the file is written 0600 and
+//! refused on open if group or others have any access to it.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::{Cursor, Write};
+use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,6 +18,7 @@ use openraft::{
     AnyError, Entry, EntryPayload, LogId, OptionalSend, SnapshotMeta, StorageError, StorageIOError,
     StoredMembership, Vote,
 };
+use portswitch_files::SECRET_MODE;
 use serde::{Deserialize, Serialize};
 
 use crate::types::{GroupFacts, Member, Response, TypeConfig};
@@ -80,17 +84,17 @@ fn io_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
 impl Store {
     /// Opens (or creates) the state in `dir`.
     pub fn open(dir: &Path) -> std::io::Result<Store> {
-        std::fs::create_dir_all(dir)?;
+        portswitch_files::create_dir_private(dir)?;
         let path = dir.join(RAFT_FILE);
-        let persisted = match std::fs::read(&path) {
+        let persisted = match portswitch_files::read_secret(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!("{}: {e}", path.display()),
                 )
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
-            Err(e) => return Err(e),
+            Err(e) if e.is_not_found() => Persisted::default(),
+            Err(e) => return Err(e.into()),
         };
         Ok(Store {
             inner: Arc::new(Mutex::new(persisted)),
@@ -113,22 +117,14 @@ impl Store {
         p.vote.is_none() && p.log.is_empty() && p.last_purged.is_none()
     }
 
-    /// Writes the state durably: aside, sync, rename, sync the directory.
+    /// Writes the state durably (aside, sync, rename, sync the directory) and
+    /// privately: it holds the group's keys. Callers hold the state's lock, so writes
+    /// of the file never overlap.
     // openraft's traits return its (large) StorageError; boxing here would not help.
     #[allow(clippy::result_large_err)]
     fn persist(&self, p: &Persisted) -> Result<(), StorageError<u64>> {
         let bytes = serde_json::to_vec(p).map_err(io_err)?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io_err)?;
-        f.write_all(&bytes).map_err(io_err)?;
-        f.sync_all().map_err(io_err)?;
-        std::fs::rename(&tmp, &*self.path).map_err(io_err)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err)?;
-        }
-        Ok(())
+        portswitch_files::write_durable(&self.path, &bytes, SECRET_MODE).map_err(io_err)
     }
 
     fn snapshot_of(s: &StoredSnapshot) -> Snapshot<TypeConfig> {
@@ -371,6 +367,39 @@ mod tests {
         let state = s.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(2));
         assert_eq!(s.try_get_log_entries(1..3).await.unwrap().len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_state_is_written_private_and_refused_when_it_is_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir =
+            std::env::temp_dir().join(format!("portswitch-store-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut s = Store::open(&dir).unwrap();
+        let vote = Vote::new(3, 1);
+        s.save_vote(&vote).await.unwrap();
+        let path = dir.join(RAFT_FILE);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir) & 0o077, 0, "the data directory is the owner's");
+        assert!(!dir.join("raft.json.tmp").exists());
+        drop(s);
+        assert_eq!(
+            Store::open(&dir).unwrap().read_vote().await.unwrap(),
+            Some(vote)
+        );
+        // A state others can read may have leaked the group's keys: refused, with the fix.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = Store::open(&dir).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{0} is readable by group or others (mode 0640); run chmod 600 {0}",
+                path.display()
+            )
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

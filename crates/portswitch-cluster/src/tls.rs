@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Where a member's peer TLS material is.
@@ -44,26 +43,23 @@ fn bad(what: &str, path: &Path, e: impl std::fmt::Display) -> std::io::Error {
     )
 }
 
+/// Says which setting a file error is about (the error names the file).
+fn file(what: &str) -> impl Fn(portswitch_files::FileError) -> std::io::Error + '_ {
+    move |e| {
+        let e = std::io::Error::from(e);
+        std::io::Error::new(e.kind(), format!("peer TLS {what}: {e}"))
+    }
+}
+
 impl PeerTls {
     /// Loads the files, failing with the one at fault.
     pub fn load(s: &PeerTlsSettings) -> std::io::Result<PeerTls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&s.cert)
-            .map_err(|e| bad("certificate", &s.cert, e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad("certificate", &s.cert, e))?;
-        if certs.is_empty() {
-            return Err(bad("certificate", &s.cert, "no certificate in the file"));
-        }
-        let key = PrivateKeyDer::from_pem_file(&s.key).map_err(|e| bad("key", &s.key, e))?;
+        let certs = portswitch_files::load_certs(&s.cert).map_err(file("certificate"))?;
+        let key = portswitch_files::load_key(&s.key).map_err(file("key"))?;
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&s.ca).map_err(|e| bad("CA", &s.ca, e))? {
-            roots
-                .add(c.map_err(|e| bad("CA", &s.ca, e))?)
-                .map_err(|e| bad("CA", &s.ca, e))?;
-        }
-        if roots.is_empty() {
-            return Err(bad("CA", &s.ca, "no certificate in the file"));
+        for c in portswitch_files::load_roots(&s.ca).map_err(file("CA"))? {
+            roots.add(c).map_err(|e| bad("CA", &s.ca, e))?;
         }
         let roots = Arc::new(roots);
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())

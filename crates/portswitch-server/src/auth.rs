@@ -1,24 +1,33 @@
 //! Authentication at the server's edge: the user and role store (persisted as JSON in
-//! the data directory), SCRAM-SHA-256 exchanges in progress, lockout, admin commands
-//! and the audit log. The SCRAM, policy, lockout and ACL logic itself is
-//! `portswitch-auth`; this module does the bookkeeping and the I/O.
+//! the data directory), SCRAM-SHA-256 exchanges in progress, throttling of failed
+//! logins, admin commands and the audit log. The SCRAM, policy, throttling and ACL
+//! logic itself is `portswitch-auth`; this module does the bookkeeping and the I/O.
 //!
 //! A server with no users accepts sessions without credentials, as before. Once a user
 //! exists every HELLO must authenticate. The first user can only be created from a
 //! loopback connection and must have the `root` role, so that someone can administer.
+//!
+//! Files (all through `portswitch-files`): `auth.json` holds the password verifiers
+//! and `auth.key` the key the fake salts of unknown user names and the audit log's
+//! hashes of them derive from; both are written 0600 and refused on open if group or
+//! others have any access. The audit log is created 0600 and records a failed login
+//! for a name that is no user without the name (a password typed into the user field
+//! must not end up in a log), only a keyed hash of it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use portswitch_auth::acl::{Access, Grant, Perm, Perms, Role, ROOT_ROLE};
-use portswitch_auth::lockout::{Lockout, LockoutConfig};
+use portswitch_auth::lockout::{Lockout, LockoutConfig, Refused, Tracked};
 use portswitch_auth::policy::PasswordPolicy;
 use portswitch_auth::scram::{self, Channel, ServerExchange, Verifier};
 use portswitch_core::{ConnId, Identity};
+use portswitch_files::SECRET_MODE;
 use portswitch_proto::{ErrorCode, Hello};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -36,6 +45,15 @@ pub const ROLES_MAX: usize = 10_000;
 pub const GRANTS_PER_ROLE_MAX: usize = 1_000;
 /// Exchanges in progress at once (HELLO answered, AUTH not yet received).
 pub const PENDING_MAX: usize = 100_000;
+/// The user store's file in the data directory.
+pub const AUTH_FILE: &str = "auth.json";
+/// The key the fake salts of unknown user names and the audit log's hashes of them
+/// derive from, in the data directory: kept, so that a name shows the same salt
+/// before and after a restart (a new salt would tell a prober the name is no user).
+pub const AUTH_KEY_FILE: &str = "auth.key";
+/// Hex digits of the keyed hash an unknown user name is logged as: enough to tell
+/// repeated names apart, too few to test guesses against offline without the key.
+pub const AUDIT_USER_HASH_HEX: usize = 16;
 
 /// Security settings of a server.
 #[derive(Debug, Clone)]
@@ -47,7 +65,8 @@ pub struct AuthConfig {
     pub policy: PasswordPolicy,
     /// PBKDF2 iterations for new verifiers.
     pub iterations: u32,
-    /// JSON-lines audit log of logins, lockouts, denials and admin changes.
+    /// JSON-lines audit log of logins, refusals, back-offs, denials and admin
+    /// changes. Created 0600; a user name that is no user is logged as a keyed hash.
     pub audit_log: Option<PathBuf>,
     pub audit_log_bytes_max: u64,
 }
@@ -128,11 +147,17 @@ struct Audit {
 }
 
 impl Audit {
+    /// Opens (creating it 0600) the log. An existing log keeps the mode it has, which
+    /// may be the operator's choice (a log shipper's group): only warned about.
     fn open(path: PathBuf, bytes_max: u64) -> std::io::Result<Audit> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        let file = portswitch_files::open_append(&path, SECRET_MODE)?;
+        if !portswitch_files::is_private(&file)? {
+            tracing::warn!(
+                "the audit log {} is readable by group or others; it names users and \
+                 addresses (chmod 600 it unless that is meant)",
+                path.display()
+            );
+        }
         let bytes = file.metadata()?.len();
         Ok(Audit {
             path,
@@ -169,11 +194,9 @@ impl Audit {
         for n in (1..AUDIT_LOG_FILES).rev() {
             let _ = std::fs::rename(name(n), name(n + 1));
         }
+        // The copies keep the log's mode; the new log is created 0600.
         std::fs::rename(&self.path, name(1))?;
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        self.file = portswitch_files::open_append(&self.path, SECRET_MODE)?;
         self.bytes = 0;
         Ok(())
     }
@@ -186,8 +209,74 @@ pub(crate) struct Auth {
     roles: BTreeMap<String, Role>,
     lockout: Lockout,
     fake_salt_key: [u8; 32],
+    /// Keys the hashes unknown user names are logged as.
+    audit_key: [u8; 32],
+    /// The server's clock at the last login, and when that was: admin commands are
+    /// not given the time, and listing back-offs needs it.
+    clock: Option<(u64, Instant)>,
     pending: HashMap<ConnId, Pending>,
     audit: Option<Audit>,
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes keys of any size");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// The two keys derived from a server's auth key: the fake salts' and the audit
+/// log's.
+fn derive_keys(auth_key: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
+    (
+        hmac_sha256(auth_key, b"portswitch fake salt of unknown user names"),
+        hmac_sha256(auth_key, b"portswitch audit log hash of unknown user names"),
+    )
+}
+
+/// Reads the data directory's auth key, creating it on first use (0600, never
+/// replacing one that exists).
+fn auth_key(dir: &Path) -> std::io::Result<[u8; 32]> {
+    let path = dir.join(AUTH_KEY_FILE);
+    let read = |bytes: Vec<u8>| -> std::io::Result<[u8; 32]> {
+        let text = String::from_utf8(bytes).map_err(|e| invalid(&path, e))?;
+        key32(text.trim()).map_err(|e| invalid(&path, e))
+    };
+    match portswitch_files::read_secret(&path) {
+        Ok(bytes) => return read(bytes),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let text = format!("{}\n", B64.encode(key));
+    match portswitch_files::write_new_durable(&path, text.as_bytes(), SECRET_MODE) {
+        Ok(()) => Ok(key),
+        Err(portswitch_files::FileError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::AlreadyExists =>
+        {
+            read(portswitch_files::read_secret(&path)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn invalid(path: &Path, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("{}: {e}", path.display()),
+    )
+}
+
+/// The answer to an attempt refused for too many failures.
+fn refused_message(r: Refused, now_ms: u64) -> String {
+    let s = r.until_ms().saturating_sub(now_ms).div_ceil(1_000).max(1);
+    match r {
+        Refused::User { .. } => {
+            format!("too many failed logins for this user name: retry in {s} s")
+        }
+        Refused::Addr { .. } => format!("too many failed logins from this address: retry in {s} s"),
+    }
 }
 
 fn b64d(s: &str) -> std::io::Result<Vec<u8>> {
@@ -219,14 +308,37 @@ pub fn admin_offline(cfg: AuthConfig, command: &[u8]) -> Result<String, String> 
     let mut auth = Auth::load(cfg, fake_salt_key).map_err(|e| e.to_string())?;
     let cmd: Value =
         serde_json::from_slice(command).map_err(|e| format!("command is not JSON: {e}"))?;
+    if let Some(op) = cmd["op"].as_str().filter(|op| is_lockout_op(op)) {
+        return Err(format!(
+            "{op}: failed logins are counted in a running server's memory; send it to the \
+             server instead"
+        ));
+    }
     let local = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     auth.admin_command("(offline)".into(), local, cmd, &salt)
         .map_err(|(code, m)| format!("{}: {m}", code.name()))
 }
 
+/// Admin commands about failed logins: they act on the running server's memory, need
+/// no data directory and store nothing.
+fn is_lockout_op(op: &str) -> bool {
+    matches!(op, "user_unlock" | "addr_unlock" | "lockout_list")
+}
+
 impl Auth {
     /// Loads the store from the data directory (if any) and opens the audit log.
-    pub(crate) fn load(cfg: AuthConfig, fake_salt_key: [u8; 32]) -> std::io::Result<Auth> {
+    /// `random_key` keys the fake salts and the audit log's hashes of unknown user
+    /// names when there is no data directory; with one, the directory's own key
+    /// (`auth.key`, created on first use) does, so they survive a restart.
+    pub(crate) fn load(cfg: AuthConfig, random_key: [u8; 32]) -> std::io::Result<Auth> {
+        let key = match &cfg.data_dir {
+            Some(dir) => {
+                portswitch_files::create_dir_private(dir)?;
+                auth_key(dir)?
+            }
+            None => random_key,
+        };
+        let (fake_salt_key, audit_key) = derive_keys(&key);
         let mut auth = Auth {
             lockout: Lockout::new(cfg.lockout.clone()),
             audit: match &cfg.audit_log {
@@ -237,19 +349,20 @@ impl Auth {
             users: BTreeMap::new(),
             roles: BTreeMap::new(),
             fake_salt_key,
+            audit_key,
+            clock: None,
             pending: HashMap::new(),
         };
         if let Some(dir) = &auth.cfg.data_dir {
-            std::fs::create_dir_all(dir)?;
-            let path = dir.join("auth.json");
-            if path.exists() {
-                let text = std::fs::read_to_string(&path)?;
-                let file: StoreFile = serde_json::from_str(&text).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{}: {e}", path.display()),
-                    )
-                })?;
+            let path = dir.join(AUTH_FILE);
+            let bytes = match portswitch_files::read_secret(&path) {
+                Ok(bytes) => Some(bytes),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(bytes) = bytes {
+                let file: StoreFile =
+                    serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e))?;
                 for (name, u) in file.users {
                     let v = Verifier {
                         salt: b64d(&u.salt)?,
@@ -335,21 +448,15 @@ impl Auth {
         };
         let text = serde_json::to_string_pretty(&file)
             .map_err(|e| (ErrorCode::InvalidArgument, e.to_string()))?;
-        // Write aside, sync, then rename: a crash leaves the old or the new file, whole.
-        let write = || -> std::io::Result<()> {
-            let tmp = dir.join("auth.json.tmp");
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dir.join("auth.json"))?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            (
-                ErrorCode::InvalidArgument,
-                format!("cannot store users: {e}"),
-            )
-        })
+        // Private (it holds the verifiers), and a crash leaves the old or the new file.
+        portswitch_files::write_durable(&dir.join(AUTH_FILE), text.as_bytes(), SECRET_MODE).map_err(
+            |e| {
+                (
+                    ErrorCode::InvalidArgument,
+                    format!("cannot store users: {e}"),
+                )
+            },
+        )
     }
 
     fn access_of(&self, roles: &[String]) -> Access {
@@ -367,6 +474,76 @@ impl Auth {
         if let Some(a) = &mut self.audit {
             a.write(event);
         }
+    }
+
+    /// Logs a login event about the name `user` typed at `addr`. A name that is no
+    /// user may be a password typed into the wrong field: it is logged only as a
+    /// keyed hash (`user_hash`), which tells repeated names apart.
+    fn audit_login(&mut self, event: &str, user: &str, addr: IpAddr, mut fields: Value) {
+        if self.audit.is_none() {
+            return;
+        }
+        fields["event"] = event.into();
+        fields["addr"] = addr.to_string().into();
+        if self.users.contains_key(user) {
+            fields["user"] = user.into();
+            fields["user_known"] = true.into();
+        } else {
+            fields["user"] = Value::Null;
+            fields["user_known"] = false.into();
+            fields["user_hash"] = self.user_hash(user).into();
+        }
+        self.audit(fields);
+    }
+
+    /// What a name that is no user is shown as: a keyed hash, stable across restarts
+    /// when there is a data directory.
+    fn user_hash(&self, user: &str) -> String {
+        let hash = hmac_sha256(&self.audit_key, user.as_bytes());
+        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        hex[..AUDIT_USER_HASH_HEX].to_string()
+    }
+
+    /// Refuses an attempt while its name or address is throttled (logged).
+    fn throttled(&mut self, user: &str, addr: IpAddr, now_ms: u64) -> Result<(), Refusal> {
+        let Err(r) = self.lockout.check(user, addr, now_ms) else {
+            return Ok(());
+        };
+        let reason = match r {
+            Refused::User { .. } => "user_backoff",
+            Refused::Addr { .. } => "addr_refused",
+        };
+        let retry_ms = r.until_ms().saturating_sub(now_ms);
+        self.audit_login(
+            "login_refused_locked",
+            user,
+            addr,
+            json!({"reason": reason, "retry_ms": retry_ms}),
+        );
+        Err((ErrorCode::AuthFailed, refused_message(r, now_ms)))
+    }
+
+    /// The server's clock now, as well as this module knows it (see `clock`).
+    fn now_ms(&self) -> u64 {
+        self.clock.map_or(0, |(ms, at)| {
+            ms.saturating_add(at.elapsed().as_millis().try_into().unwrap_or(u64::MAX))
+        })
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        self.clock = Some((now_ms, Instant::now()));
+    }
+
+    /// An administrator ends the back-off of `user` (every one of it: the name's own
+    /// and those at its trusted addresses). Returns whether it had failures counted.
+    pub(crate) fn unlock_user(&mut self, user: &str) -> bool {
+        self.lockout.unlock_user(user)
+    }
+
+    /// An administrator ends the refusal of the address `addr` (for IPv6, of its /64).
+    /// Returns whether it had failures counted.
+    pub(crate) fn unlock_addr(&mut self, addr: IpAddr) -> bool {
+        self.lockout.unlock_addr(addr)
     }
 
     /// A HELLO with credentials: starts the exchange and returns the challenge.
@@ -405,12 +582,8 @@ impl Auth {
         )
         .map_err(|_| failed())?;
         let user = exchange.username().to_string();
-        if self.lockout.check(&user, addr, now_ms).is_err() {
-            self.audit(
-                json!({"event": "login_refused_locked", "user": user, "addr": addr.to_string()}),
-            );
-            return Err(failed());
-        }
+        self.tick(now_ms);
+        self.throttled(&user, addr, now_ms)?;
         let hello = OwnedHello {
             lease_ms: hello.lease_ms,
             end_on_disconnect: hello.end_on_disconnect,
@@ -440,12 +613,16 @@ impl Auth {
             ));
         };
         let user = p.exchange.username().to_string();
+        self.tick(now_ms);
+        // Again: failures of other attempts at this name, in flight at the same time,
+        // may have started a back-off since HELLO. The proof is then not checked.
+        self.throttled(&user, addr, now_ms)?;
         let result = std::str::from_utf8(client_final)
             .map_err(|_| scram::ScramError::Malformed("not UTF-8"))
             .and_then(|m| p.exchange.finish(m, channel));
         match result {
             Ok((user, server_final)) => {
-                self.lockout.success(&user, addr);
+                self.lockout.success(&user, addr, now_ms);
                 let roles = self
                     .users
                     .get(&user)
@@ -456,13 +633,23 @@ impl Auth {
                 Ok((p.hello, Identity { user, access }, server_final))
             }
             Err(e) => {
-                let locked = self.lockout.failure(&user, addr, now_ms);
-                self.audit(json!({"event": "login_failed", "user": user, "addr": addr.to_string(), "reason": e.to_string()}));
-                if locked.user_locked {
-                    self.audit(json!({"event": "lockout", "user": user, "lock_ms": self.cfg.lockout.lock_ms}));
+                let outcome = self.lockout.failure(&user, addr, now_ms);
+                self.audit_login(
+                    "login_failed",
+                    &user,
+                    addr,
+                    json!({"reason": e.to_string()}),
+                );
+                if let Some(ms) = outcome.user_refused_ms {
+                    self.audit_login(
+                        "lockout",
+                        &user,
+                        addr,
+                        json!({"kind": "user_backoff", "refuse_ms": ms}),
+                    );
                 }
-                if locked.addr_locked {
-                    self.audit(json!({"event": "lockout", "addr": addr.to_string(), "lock_ms": self.cfg.lockout.lock_ms}));
+                if let Some(ms) = outcome.addr_refused_ms {
+                    self.audit(json!({"event": "lockout", "kind": "addr_refused", "addr": addr.to_string(), "refuse_ms": ms}));
                 }
                 Err(failed())
             }
@@ -541,7 +728,9 @@ impl Auth {
     ) -> Result<String, Refusal> {
         let bad = |m: String| (ErrorCode::InvalidArgument, m);
         let op = cmd["op"].as_str().unwrap_or("");
-        if !op.ends_with("_list") && self.cfg.data_dir.is_none() {
+        // What the command changes: nothing, the memory (failed logins), or the store.
+        let stores = !op.ends_with("_list") && !is_lockout_op(op);
+        if stores && self.cfg.data_dir.is_none() {
             // Refuse before changing anything, so memory and disk never disagree.
             return Err(bad(
                 "the server has no --data-dir: users and roles cannot be stored".into(),
@@ -682,9 +871,66 @@ impl Auth {
                 })).collect::<Vec<_>>()})
                 )
                 .collect::<Vec<_>>()),
+            "user_unlock" => {
+                let user = text("user")?;
+                let counted = self.unlock_user(&user);
+                json!({"ok": true, "user": user, "had_failures": counted})
+            }
+            "addr_unlock" => {
+                let addr: IpAddr = text("addr")?
+                    .parse()
+                    .map_err(|e| bad(format!("\"addr\" is no IP address: {e}")))?;
+                let counted = self.unlock_addr(addr);
+                json!({"ok": true, "addr": addr.to_string(), "had_failures": counted})
+            }
+            "lockout_list" => {
+                let now_ms = self.now_ms();
+                json!(self
+                    .lockout
+                    .refused(now_ms)
+                    .into_iter()
+                    .map(|t| match t {
+                        Tracked::User {
+                            name,
+                            at,
+                            failures,
+                            refused_ms,
+                        } => {
+                            // Like the audit log, no name that is no user.
+                            let known = self.users.contains_key(&name);
+                            let hash = (!known).then(|| self.user_hash(&name));
+                            json!({
+                                "user": known.then_some(name),
+                                "user_known": known,
+                                "user_hash": hash,
+                                "at": at.map(|a| a.to_string()),
+                                "failures": failures,
+                                "refused_ms": refused_ms,
+                            })
+                        }
+                        Tracked::Addr {
+                            addr,
+                            failures,
+                            refused_ms,
+                        } => json!({
+                            "addr": addr.to_string(),
+                            "failures": failures,
+                            "refused_ms": refused_ms,
+                        }),
+                    })
+                    .collect::<Vec<_>>())
+            }
             _ => return Err(bad(format!("unknown admin op {op:?}"))),
         };
-        if !op.ends_with("_list") {
+        if is_lockout_op(op) && !op.ends_with("_list") {
+            let target = cmd
+                .get("user")
+                .or_else(|| cmd.get("addr"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            self.audit(json!({"event": "admin", "by": who, "op": op, "target": target, "addr": addr.to_string()}));
+        }
+        if stores {
             self.save()?;
             let target = cmd
                 .get("user")
@@ -700,6 +946,425 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portswitch_auth::scram::ClientExchange;
+    use std::os::unix::fs::PermissionsExt;
+
+    const ROOT_PW: &str = "Granite-Falcon-2026!";
+    const ALICE_PW: &str = "Tulip-Orbit-93";
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "portswitch-auth-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A server's Auth on `dir`, with root and alice, audit log in `dir`.
+    fn secured(dir: &Path, random_key: u8, lockout: LockoutConfig) -> Auth {
+        let mut auth = Auth::load(
+            AuthConfig {
+                data_dir: Some(dir.to_path_buf()),
+                audit_log: Some(dir.join("audit.log")),
+                iterations: scram::ITERATIONS_MIN,
+                lockout,
+                ..AuthConfig::default()
+            },
+            [random_key; 32],
+        )
+        .unwrap();
+        if !auth.enabled() {
+            let local = IpAddr::from([127, 0, 0, 1]);
+            for cmd in [
+                json!({"op": "user_add", "user": "root", "password": ROOT_PW, "roles": ["root"]}),
+                json!({"op": "user_add", "user": "alice", "password": ALICE_PW, "roles": []}),
+            ] {
+                let who = auth.check_admin(None, local).unwrap_or("(test)".into());
+                auth.admin_command(who, local, cmd, &[7; scram::SALT_BYTES])
+                    .unwrap();
+            }
+        }
+        auth
+    }
+
+    /// The salt the server offers `user` in its first message.
+    fn salt_offered(auth: &mut Auth, user: &str) -> String {
+        let (_, first) = ClientExchange::start(user, "whatever", "cnonce", Channel::Plain);
+        let hello = hello_with(&first);
+        let server_first = auth
+            .start(
+                99,
+                IpAddr::from([127, 0, 0, 1]),
+                &hello.0.as_hello_with(&hello.1),
+                "snonce",
+                0,
+                Channel::Plain,
+            )
+            .unwrap();
+        auth.forget(99);
+        server_first
+            .split(',')
+            .find_map(|f| f.strip_prefix("s="))
+            .unwrap()
+            .to_string()
+    }
+
+    fn hello_with(first: &str) -> (OwnedHello, Vec<u8>) {
+        (
+            OwnedHello {
+                lease_ms: 10_000,
+                end_on_disconnect: false,
+                node_name: b"test".to_vec(),
+                resume_session: 0,
+                resume_secret: 0,
+            },
+            format!("{MECHANISM}{first}").into_bytes(),
+        )
+    }
+
+    impl OwnedHello {
+        fn as_hello_with<'a>(&'a self, credentials: &'a [u8]) -> Hello<'a> {
+            Hello {
+                credentials,
+                ..self.as_hello()
+            }
+        }
+    }
+
+    /// HELLO on connection `conn`: the client's exchange, or the refusal.
+    fn hello(
+        auth: &mut Auth,
+        conn: ConnId,
+        user: &str,
+        password: &str,
+        addr: IpAddr,
+        now_ms: u64,
+    ) -> Result<(ClientExchange, String), Refusal> {
+        let (client, first) = ClientExchange::start(user, password, "cnonce", Channel::Plain);
+        let (h, creds) = hello_with(&first);
+        let server_first = auth.start(
+            conn,
+            addr,
+            &h.as_hello_with(&creds),
+            "snonce",
+            now_ms,
+            Channel::Plain,
+        )?;
+        Ok((client, server_first))
+    }
+
+    /// AUTH on `conn` after [`hello`].
+    fn auth_step(
+        auth: &mut Auth,
+        conn: ConnId,
+        (client, server_first): (ClientExchange, String),
+        addr: IpAddr,
+        now_ms: u64,
+    ) -> Result<String, Refusal> {
+        let (_, client_final) = client.respond(&server_first, Channel::Plain).unwrap();
+        auth.finish(conn, addr, client_final.as_bytes(), now_ms, Channel::Plain)
+            .map(|(_, ident, _)| ident.user)
+    }
+
+    fn login(
+        auth: &mut Auth,
+        user: &str,
+        password: &str,
+        addr: IpAddr,
+        now_ms: u64,
+    ) -> Result<String, Refusal> {
+        let started = hello(auth, 1, user, password, addr, now_ms)?;
+        auth_step(auth, 1, started, addr, now_ms)
+    }
+
+    fn audit_events(dir: &Path) -> Vec<Value> {
+        std::fs::read_to_string(dir.join("audit.log"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_password_typed_as_a_user_name_never_reaches_the_audit_log() {
+        let dir = temp_dir("redact");
+        let mut auth = secured(&dir, 1, LockoutConfig::default());
+        let addr = IpAddr::from([192, 0, 2, 1]);
+        let typo = "Tulip-Orbit-93";
+        assert_eq!(
+            login(&mut auth, typo, "", addr, 0).unwrap_err().0,
+            ErrorCode::AuthFailed
+        );
+        // A known user's failure still names them.
+        login(&mut auth, "alice", "Wrong-Guess-11", addr, 0).unwrap_err();
+        let log = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+        assert!(!log.contains(typo), "{log}");
+        let events = audit_events(&dir);
+        let failed: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["event"] == "login_failed")
+            .collect();
+        assert_eq!(failed.len(), 2, "{log}");
+        assert_eq!(failed[0]["user"], Value::Null);
+        assert_eq!(failed[0]["user_known"], false);
+        let hash = failed[0]["user_hash"].as_str().unwrap().to_string();
+        assert_eq!(hash.len(), AUDIT_USER_HASH_HEX);
+        assert!(hash.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(failed[1]["user"], "alice");
+        assert_eq!(failed[1]["user_known"], true);
+        // The same name hashes alike after a restart (the key is kept), so repeated
+        // attempts can be told apart from many names.
+        drop(auth);
+        let mut auth = secured(&dir, 2, LockoutConfig::default());
+        login(&mut auth, typo, "", addr, 0).unwrap_err();
+        login(&mut auth, "ghost", "", addr, 0).unwrap_err();
+        let events = audit_events(&dir);
+        let hashes: Vec<&str> = events
+            .iter()
+            .filter(|e| e["event"] == "login_failed" && e["user"].is_null())
+            .map(|e| e["user_hash"].as_str().unwrap())
+            .collect();
+        assert_eq!(hashes.len(), 3);
+        assert_eq!(hashes[0], hashes[1]);
+        assert_ne!(hashes[0], hashes[2]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_unknown_name_shows_the_same_salt_after_a_restart() {
+        let dir = temp_dir("salt");
+        let mut first = secured(&dir, 1, LockoutConfig::default());
+        let salt = salt_offered(&mut first, "nobody");
+        assert_ne!(salt, salt_offered(&mut first, "somebody-else"));
+        drop(first);
+        // A restart brings fresh randomness; the salt stays, as a real user's would.
+        let mut second = secured(&dir, 2, LockoutConfig::default());
+        assert_eq!(salt_offered(&mut second, "nobody"), salt);
+        // Without a data directory the randomness decides (nothing to keep it in).
+        let mut a = Auth::load(AuthConfig::default(), [1; 32]).unwrap();
+        let mut b = Auth::load(AuthConfig::default(), [2; 32]).unwrap();
+        assert_ne!(
+            salt_offered(&mut a, "nobody"),
+            salt_offered(&mut b, "nobody")
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn secrets_are_written_private_and_refused_when_they_are_not() {
+        let dir = temp_dir("modes");
+        let mut auth = secured(&dir, 1, LockoutConfig::default());
+        for f in [AUTH_FILE, AUTH_KEY_FILE, "audit.log"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        // Rotated copies of the audit log are private too.
+        auth.audit.as_mut().unwrap().bytes_max = 200;
+        for _ in 0..20 {
+            login(&mut auth, "ghost", "", IpAddr::from([192, 0, 2, 1]), 0).unwrap_err();
+        }
+        for f in ["audit.log", "audit.log.1", "audit.log.2"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        drop(auth);
+        for f in [AUTH_FILE, AUTH_KEY_FILE] {
+            let path = dir.join(f);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let err = Auth::load(
+                AuthConfig {
+                    data_dir: Some(dir.clone()),
+                    ..AuthConfig::default()
+                },
+                [0; 32],
+            )
+            .err()
+            .expect("refused");
+            assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{0} is readable by group or others (mode 0644); run chmod 600 {0}",
+                    path.display()
+                )
+            );
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let auth = secured(&dir, 1, LockoutConfig::default());
+        assert!(auth.users.contains_key("alice"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn guesses_back_off_the_name_and_an_admin_unlocks_it() {
+        let dir = temp_dir("unlock");
+        let lockout = LockoutConfig {
+            user_failures_max: 3,
+            addr_failures_max: 6,
+            ..LockoutConfig::default()
+        };
+        let mut auth = secured(&dir, 1, lockout);
+        let (attacker, office) = (
+            IpAddr::from([198, 51, 100, 9]),
+            IpAddr::from([192, 0, 2, 1]),
+        );
+        for _ in 0..3 {
+            login(&mut auth, "alice", "Wrong-Guess-11", attacker, 1_000).unwrap_err();
+        }
+        // The right password is refused during the back-off, and says for how long.
+        let (code, msg) = login(&mut auth, "alice", ALICE_PW, office, 1_500).unwrap_err();
+        assert_eq!(code, ErrorCode::AuthFailed);
+        assert_eq!(
+            msg,
+            "too many failed logins for this user name: retry in 1 s"
+        );
+        // It ends on its own (1 s, not 15 minutes).
+        assert_eq!(
+            login(&mut auth, "alice", ALICE_PW, office, 2_000).unwrap(),
+            "alice"
+        );
+        // Three more failures: alice backs off again, and the attacker's sixth failure
+        // has its address refused.
+        for _ in 0..3 {
+            login(&mut auth, "alice", "Wrong-Guess-11", attacker, 2_000).unwrap_err();
+        }
+        assert!(login(
+            &mut auth,
+            "alice",
+            ALICE_PW,
+            IpAddr::from([203, 0, 113, 5]),
+            2_001
+        )
+        .is_err());
+        // The attacker's address is refused for everyone now.
+        let (_, msg) = login(&mut auth, "root", ROOT_PW, attacker, 2_001).unwrap_err();
+        assert!(msg.contains("from this address"), "{msg}");
+        // An admin sees both and lifts both.
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let listed: Value = serde_json::from_str(
+            &auth
+                .admin_command(
+                    "root".into(),
+                    local,
+                    json!({"op": "lockout_list"}),
+                    &[0; 16],
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        let listed = listed.as_array().unwrap();
+        assert!(listed
+            .iter()
+            .any(|e| e["user"] == "alice" && e["at"].is_null()));
+        assert!(listed.iter().any(|e| e["addr"] == "198.51.100.9"));
+        let answer = auth
+            .admin_command(
+                "root".into(),
+                local,
+                json!({"op": "user_unlock", "user": "alice"}),
+                &[0; 16],
+            )
+            .unwrap();
+        assert!(answer.contains("\"had_failures\":true"), "{answer}");
+        assert_eq!(
+            login(
+                &mut auth,
+                "alice",
+                ALICE_PW,
+                IpAddr::from([203, 0, 113, 5]),
+                2_002
+            )
+            .unwrap(),
+            "alice"
+        );
+        auth.admin_command(
+            "root".into(),
+            local,
+            json!({"op": "addr_unlock", "addr": "198.51.100.9"}),
+            &[0; 16],
+        )
+        .unwrap();
+        assert_eq!(
+            login(&mut auth, "root", ROOT_PW, attacker, 2_003).unwrap(),
+            "root"
+        );
+        let bad = auth
+            .admin_command(
+                "root".into(),
+                local,
+                json!({"op": "addr_unlock", "addr": "nowhere"}),
+                &[0; 16],
+            )
+            .unwrap_err();
+        assert_eq!(bad.0, ErrorCode::InvalidArgument);
+        // Unlocks are audited; they store nothing and need no admin of the store.
+        let events = audit_events(&dir);
+        assert!(events
+            .iter()
+            .any(|e| e["event"] == "admin" && e["op"] == "user_unlock" && e["target"] == "alice"));
+        assert!(events.iter().any(|e| e["event"] == "lockout"
+            && e["kind"] == "user_backoff"
+            && e["user"] == "alice"));
+        assert!(events
+            .iter()
+            .any(|e| e["event"] == "lockout" && e["kind"] == "addr_refused"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn unlocking_needs_the_admin_permission_and_a_running_server() {
+        let dir = temp_dir("unlock-perm");
+        let auth_cfg = || AuthConfig {
+            data_dir: Some(dir.clone()),
+            ..AuthConfig::default()
+        };
+        let mut auth = secured(&dir, 1, LockoutConfig::default());
+        let nobody = Access::of(std::iter::empty());
+        let err = auth
+            .admin(
+                Some(("alice", &nobody)),
+                IpAddr::from([127, 0, 0, 1]),
+                br#"{"op":"user_unlock","user":"alice"}"#,
+                &[0; 16],
+            )
+            .unwrap_err();
+        assert_eq!(err.0, ErrorCode::PermissionDenied);
+        drop(auth);
+        let err = admin_offline(auth_cfg(), br#"{"op":"user_unlock","user":"alice"}"#).unwrap_err();
+        assert!(err.contains("running server"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn attempts_in_flight_together_are_held_to_the_back_off_too() {
+        let dir = temp_dir("parallel");
+        let lockout = LockoutConfig {
+            user_failures_max: 3,
+            ..LockoutConfig::default()
+        };
+        let mut auth = secured(&dir, 1, lockout);
+        let addr = IpAddr::from([198, 51, 100, 9]);
+        // Ten HELLOs at once all pass the check...
+        let started: Vec<_> = (0..10)
+            .map(|c| hello(&mut auth, 100 + c, "alice", "Wrong-Guess-11", addr, 0).unwrap())
+            .collect();
+        // ...but only three proofs are checked: the back-off began with the third.
+        for (c, s) in started.into_iter().enumerate() {
+            auth_step(&mut auth, 100 + c as u64, s, addr, 0).unwrap_err();
+        }
+        let events = audit_events(&dir);
+        let count = |kind: &str| events.iter().filter(|e| e["event"] == kind).count();
+        assert_eq!(count("login_failed"), 3);
+        assert_eq!(count("login_refused_locked"), 7);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     fn auth(data_dir: Option<PathBuf>) -> Auth {
         Auth::load(

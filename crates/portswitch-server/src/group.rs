@@ -5,13 +5,18 @@
 //! epoch and adopts its predecessor's sessions in a recovery window as long as the
 //! leases it granted — failover for a group of one. A group of three or five keeps
 //! the same facts in Raft; both apply them with [`GroupFacts::apply`].
+//!
+//! `group.json` holds the session-secret keys: it is written 0600 and refused on open
+//! if group or others have any access to it (anyone who read it could forge the
+//! secrets that resume sessions).
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use portswitch_cluster::{Command, GroupFacts};
+use portswitch_files::SECRET_MODE;
 use serde::{Deserialize, Serialize};
 
 /// The file's name in the data directory.
@@ -89,10 +94,10 @@ impl GroupState {
     ) -> io::Result<GroupState> {
         let lock = lock_dir(dir)?;
         let path = dir.join(GROUP_FILE);
-        let mut facts = match std::fs::read(&path) {
+        let mut facts = match portswitch_files::read_secret(&path) {
             Ok(bytes) => read_facts(&path, &bytes)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => GroupFacts::default(),
-            Err(e) => return Err(e),
+            Err(e) if e.is_not_found() => GroupFacts::default(),
+            Err(e) => return Err(e.into()),
         };
         let mut b = [0u8; 16];
         getrandom::getrandom(&mut b).map_err(|e| io::Error::other(e.to_string()))?;
@@ -119,7 +124,7 @@ impl GroupState {
                 lease + lease * RECOVERY_MARGIN_PER_MILLE / 1_000
             })
         });
-        write_aside(dir, &path, &facts)?;
+        write_facts(&path, &facts)?;
         Ok(GroupState {
             secret_keys: grant.secret_keys,
             epoch: grant.epoch,
@@ -172,7 +177,7 @@ impl GroupState {
         let mut facts = self.facts.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = facts.clone();
         next.apply(cmd);
-        write_aside(&self.dir, &self.dir.join(GROUP_FILE), &next)?;
+        write_facts(&self.dir.join(GROUP_FILE), &next)?;
         *facts = next.clone();
         Ok(next)
     }
@@ -205,7 +210,7 @@ fn read_facts(path: &Path, bytes: &[u8]) -> io::Result<GroupFacts> {
 
 /// Creates `dir` if need be and takes its lock (held while the returned file is open).
 pub(crate) fn lock_dir(dir: &Path) -> io::Result<File> {
-    std::fs::create_dir_all(dir)?;
+    portswitch_files::create_dir_private(dir)?;
     let lock = File::create(dir.join(LOCK_FILE))?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
@@ -220,23 +225,15 @@ pub(crate) fn lock_dir(dir: &Path) -> io::Result<File> {
     }
 }
 
-/// Writes aside, syncs, renames, syncs the directory: a crash leaves the old file or
-/// the new one, whole.
-fn write_aside(dir: &Path, path: &PathBuf, facts: &GroupFacts) -> io::Result<()> {
+/// Writes the facts durably and privately (they hold the session keys): a crash
+/// leaves the old file or the new one, whole.
+fn write_facts(path: &Path, facts: &GroupFacts) -> io::Result<()> {
     let f = GroupFile {
         format: 2,
         facts: facts.clone(),
     };
-    let tmp = dir.join("group.json.tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut out = opts.open(&tmp)?;
-    out.write_all(&serde_json::to_vec_pretty(&f).map_err(io::Error::other)?)?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    let bytes = serde_json::to_vec_pretty(&f).map_err(io::Error::other)?;
+    Ok(portswitch_files::write_durable(path, &bytes, SECRET_MODE)?)
 }
 
 #[cfg(test)]
@@ -281,6 +278,35 @@ mod tests {
         std::fs::write(dir.join(GROUP_FILE), br#"{"format": 3}"#).unwrap();
         let err = GroupState::open(&dir, 600, 30_000, 30_000, None).unwrap_err();
         assert!(err.to_string().contains("unknown format 3"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_keys_are_written_private_and_refused_when_they_are_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("modes");
+        let first = GroupState::open(&dir, 1, 10_000, 10_000, None).unwrap();
+        let path = dir.join(GROUP_FILE);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        first.raise_ceiling(20_000).unwrap();
+        assert_eq!(mode(&path), 0o600, "a rewrite stays private");
+        assert_eq!(mode(&dir) & 0o077, 0, "the data directory is the owner's");
+        drop(first);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = GroupState::open(&dir, 1, 10_000, 10_000, None).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(
+            err.to_string().contains(&format!(
+                "is readable by group or others (mode 0644); run chmod 600 {}",
+                path.display()
+            )),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let again = GroupState::open(&dir, 1, 10_000, 10_000, None).unwrap();
+        assert_eq!(again.epoch, 2);
+        drop(again);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -352,6 +378,12 @@ mod tests {
         std::fs::write(
             dir.join(GROUP_FILE),
             br#"{"format": 1, "secret_keys": [7, 9], "epoch": 40, "lease_ms_max": 120000}"#,
+        )
+        .unwrap();
+        // As the first versions wrote it too: private.
+        std::fs::set_permissions(
+            dir.join(GROUP_FILE),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .unwrap();
         let g = GroupState::open(&dir, 10, 300_000, 10_000, None).unwrap();

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -35,24 +34,27 @@ fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> std::io::Error 
     )
 }
 
+/// Says which setting a file error is about (the error names the file).
+fn file(what: &str) -> impl Fn(portswitch_files::FileError) -> std::io::Error + '_ {
+    move |e| {
+        let e = std::io::Error::from(e);
+        std::io::Error::new(e.kind(), format!("TLS {what}: {e}"))
+    }
+}
+
 /// Builds the acceptor, failing with the file at fault.
 pub fn acceptor(s: &TlsSettings) -> std::io::Result<TlsAcceptor> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&s.cert)
-        .map_err(|e| io_err("certificate", &s.cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| io_err("certificate", &s.cert, e))?;
-    let key = PrivateKeyDer::from_pem_file(&s.key).map_err(|e| io_err("key", &s.key, e))?;
+    let certs = portswitch_files::load_certs(&s.cert).map_err(file("certificate"))?;
+    let key = portswitch_files::load_key(&s.key).map_err(file("key"))?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?;
     let config = match &s.client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| io_err("client CA", ca, e))? {
-                roots
-                    .add(c.map_err(|e| io_err("client CA", ca, e))?)
-                    .map_err(|e| io_err("client CA", ca, e))?;
+            for c in portswitch_files::load_roots(ca).map_err(file("client CA"))? {
+                roots.add(c).map_err(|e| io_err("client CA", ca, e))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()

@@ -27,23 +27,38 @@ pub struct CertArgs {
     clients: Vec<String>,
 }
 
+/// Writes a file that must not exist yet: private keys 0600, certificates 0644,
+/// durably (a crash leaves no half-written key).
 fn write_new(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let _ = private;
-    let mut f = opts
-        .open(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    std::io::Write::write_all(&mut f, text.as_bytes())
+    let mode = if private {
+        portswitch_files::SECRET_MODE
+    } else {
+        portswitch_files::PUBLIC_MODE
+    };
+    Ok(portswitch_files::write_new_durable(
+        path,
+        text.as_bytes(),
+        mode,
+    )?)
 }
 
 pub fn run(args: CertArgs) -> AppResult {
     std::fs::create_dir_all(&args.out)?;
+    // Refuse before writing anything: a new CA beside an old server certificate
+    // would be a set that does not fit together.
+    let mut names = vec![
+        "ca.pem".to_string(),
+        "ca-key.pem".to_string(),
+        "server.pem".to_string(),
+        "server-key.pem".to_string(),
+    ];
+    for user in &args.clients {
+        names.push(format!("client-{user}.pem"));
+        names.push(format!("client-{user}-key.pem"));
+    }
+    if let Some(path) = names.iter().map(|n| args.out.join(n)).find(|p| p.exists()) {
+        return Err(format!("{} exists: nothing written", path.display()).into());
+    }
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name
@@ -111,4 +126,46 @@ pub fn run(args: CertArgs) -> AppResult {
         args.out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keys_are_private_certificates_public_and_nothing_is_overwritten() {
+        let out = std::env::temp_dir().join(format!("portswitch-cert-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let args = || CertArgs {
+            out: out.clone(),
+            hosts: vec!["localhost".into()],
+            clients: vec!["alice".into()],
+        };
+        run(args()).unwrap();
+        let mode = |n: &str| std::fs::metadata(out.join(n)).unwrap().permissions().mode() & 0o777;
+        for key in ["ca-key.pem", "server-key.pem", "client-alice-key.pem"] {
+            assert_eq!(mode(key), 0o600, "{key}");
+        }
+        for cert in ["ca.pem", "server.pem", "client-alice.pem"] {
+            assert_eq!(mode(cert) & 0o077 & !0o044, 0, "{cert}");
+            assert_ne!(mode(cert) & 0o400, 0, "{cert}");
+        }
+        // What it wrote loads as what it is.
+        assert_eq!(
+            portswitch_files::load_certs(&out.join("server.pem"))
+                .unwrap()
+                .len(),
+            1
+        );
+        portswitch_files::load_key(&out.join("server-key.pem")).unwrap();
+        // A second run refuses before writing anything, even a file that is missing.
+        let ca = std::fs::read(out.join("ca.pem")).unwrap();
+        std::fs::remove_file(out.join("client-alice-key.pem")).unwrap();
+        let err = run(args()).unwrap_err();
+        assert!(err.to_string().contains("ca.pem exists"), "{err}");
+        assert_eq!(std::fs::read(out.join("ca.pem")).unwrap(), ca);
+        assert!(!out.join("client-alice-key.pem").exists());
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }
