@@ -221,6 +221,27 @@ impl ServerExchange {
         server_nonce: &str,
         channel: Channel<'_>,
     ) -> Result<(ServerExchange, String), ScramError> {
+        Self::start_with(
+            client_first,
+            lookup,
+            fake_salt_key,
+            ITERATIONS_DEFAULT,
+            server_nonce,
+            channel,
+        )
+    }
+
+    /// [`ServerExchange::start`] on a server whose new verifiers use
+    /// `fake_iterations`: unknown users are offered that count too, so the count
+    /// does not tell them from real ones (whose verifiers mostly have it).
+    pub fn start_with(
+        client_first: &str,
+        lookup: impl FnOnce(&str) -> Option<Verifier>,
+        fake_salt_key: &[u8; 32],
+        fake_iterations: u32,
+        server_nonce: &str,
+        channel: Channel<'_>,
+    ) -> Result<(ServerExchange, String), ScramError> {
         if client_first.len() > MESSAGE_BYTES_MAX {
             return Err(ScramError::TooLong);
         }
@@ -259,7 +280,7 @@ impl ServerExchange {
             Some(v) => (v.salt.clone(), v.iterations),
             None => {
                 let fake = hmac(fake_salt_key, username.as_bytes());
-                (fake[..SALT_BYTES].to_vec(), ITERATIONS_DEFAULT)
+                (fake[..SALT_BYTES].to_vec(), fake_iterations)
             }
         };
         let nonce = format!("{client_nonce}{server_nonce}");
@@ -562,6 +583,17 @@ mod tests {
                 .unwrap();
         assert_eq!(a, b);
         assert!(a.ends_with(&format!(",i={ITERATIONS_DEFAULT}")));
+        // On a server configured for other counts, unknown users get that count.
+        let (_, c) = ServerExchange::start_with(
+            "n,,n=mallory,r=x",
+            |_| None,
+            &FAKE,
+            50_000,
+            "s",
+            Channel::Plain,
+        )
+        .unwrap();
+        assert!(c.ends_with(",i=50000"), "{c}");
     }
 
     #[test]

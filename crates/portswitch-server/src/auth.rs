@@ -573,10 +573,11 @@ impl Auth {
             ));
         }
         let users = &self.users;
-        let (exchange, server_first) = ServerExchange::start(
+        let (exchange, server_first) = ServerExchange::start_with(
             first,
             |u| users.get(u).map(|(v, _)| v.clone()),
             &self.fake_salt_key,
+            self.cfg.iterations,
             server_nonce,
             channel,
         )
