@@ -299,7 +299,7 @@ fn dispatch(sh: &Shared, body: &[u8], gen: u64) -> std::result::Result<(), Strin
 /// of this client's that the server handled late) the session resumes on a new
 /// connection at once.
 fn end_by_goaway(core: &mut SessionCore<Tx>, code: ErrorCode, why: &str) {
-    if code == ErrorCode::SessionExpired {
+    if matches!(code, ErrorCode::SessionExpired | ErrorCode::UserRemoved) {
         core.end(Phase::Lost(format!("{code}: {why}")));
     }
 }

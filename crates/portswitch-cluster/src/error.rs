@@ -41,6 +41,9 @@ pub enum ClusterError {
     /// A write for a master whose epoch has ended.
     #[error("epoch {0} is over")]
     EpochOver(u64),
+    /// The users changed since they were read (another admin change got in first).
+    #[error("the users and roles changed meanwhile; try again")]
+    UsersChanged,
     /// No quorum answered within the master lease.
     #[error("no quorum within the master lease ({0} ms)")]
     NoQuorum(u64),

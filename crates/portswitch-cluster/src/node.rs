@@ -308,7 +308,11 @@ impl ClusterNode {
                 .map(|(id, n)| (*id, n.clone()))
                 .collect(),
             voters: m.membership_config.membership().voter_ids().collect(),
-            facts: self.store.facts(),
+            // Never the users' verifiers: the status is shown to operators.
+            facts: GroupFacts {
+                users: None,
+                ..self.store.facts()
+            },
             lease_left_ms: self.lease.left().as_millis() as u64,
             millis_since_quorum_ack: m.millis_since_quorum_ack,
         }
@@ -407,6 +411,23 @@ impl ClusterNode {
             .await
             .map(|_| ())
             .map_err(ClusterError::from_raft)
+    }
+
+    /// The group's facts as this member has applied them.
+    pub fn facts(&self) -> GroupFacts {
+        self.store.facts()
+    }
+
+    /// Makes `store` the group's users and roles if they are still at version
+    /// `expect` (see [`Command::Users`]); returns the version written. Only the leader
+    /// can do this.
+    pub async fn write_users(&self, expect: u64, store: String) -> Result<u64, ClusterError> {
+        let r = self
+            .raft
+            .client_write(Command::Users { expect, store })
+            .await
+            .map_err(ClusterError::from_raft)?;
+        r.data.users_version.ok_or(ClusterError::UsersChanged)
     }
 
     /// Stops Raft and the member's tasks.

@@ -56,6 +56,10 @@ pub enum Command {
         from: u32,
         lease_ms: u32,
     },
+    /// The group's users and roles become `store` (the server's user-store document,
+    /// opaque here), if they are still at version `expect`: a compare-and-set, so two
+    /// admin changes racing through different masters cannot lose one another.
+    Users { expect: u64, store: String },
 }
 
 /// What the group knows, replicated and durable on every member.
@@ -82,6 +86,17 @@ pub struct GroupFacts {
     /// window covers this too. `None`, from before ceilings existed: `lease_ms_max`.
     #[serde(default)]
     pub lease_owed_ms: Option<u32>,
+    /// The group's users and roles (the server's user-store document), replicated so
+    /// that every master logs in the same users; `None` until the first admin change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<String>,
+    /// How many times `users` was written.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub users_version: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The answer to an applied [`Command::Master`].
@@ -105,6 +120,9 @@ pub struct Response {
     pub grant: Option<Grant>,
     /// For [`Command::Raise`]: the master's ceiling afterwards, if its epoch is current.
     pub ceiling: Option<u32>,
+    /// For [`Command::Users`]: the version written, if `expect` matched.
+    #[serde(default)]
+    pub users_version: Option<u64>,
 }
 
 impl GroupFacts {
@@ -120,6 +138,17 @@ impl GroupFacts {
     /// Applies a command: the pure, deterministic part of the state machine.
     pub fn apply(&mut self, cmd: &Command) -> Response {
         match *cmd {
+            Command::Users { expect, ref store } => {
+                let written = (expect == self.users_version).then(|| {
+                    self.users = Some(store.clone());
+                    self.users_version += 1;
+                    self.users_version
+                });
+                Response {
+                    users_version: written,
+                    ..Response::default()
+                }
+            }
             Command::Master {
                 node,
                 epoch_floor,
@@ -153,7 +182,7 @@ impl GroupFacts {
                         previous,
                         lease_ceiling_ms: self.ceiling(),
                     }),
-                    ceiling: None,
+                    ..Response::default()
                 }
             }
             Command::Raise { epoch, lease_ms } => {
@@ -163,8 +192,8 @@ impl GroupFacts {
                     c
                 });
                 Response {
-                    grant: None,
                     ceiling,
+                    ..Response::default()
                 }
             }
             Command::Settle { epoch } => {
@@ -184,8 +213,8 @@ impl GroupFacts {
                     c
                 });
                 Response {
-                    grant: None,
                     ceiling,
+                    ..Response::default()
                 }
             }
         }
@@ -236,6 +265,26 @@ mod tests {
             master_lease_ms: 300,
             lease_ms_start: Some(lease_ms_start),
         }
+    }
+
+    #[test]
+    fn users_are_written_only_over_the_version_they_were_read_at() {
+        let mut f = GroupFacts::default();
+        let put = |f: &mut GroupFacts, expect, s: &str| {
+            f.apply(&Command::Users {
+                expect,
+                store: s.into(),
+            })
+            .users_version
+        };
+        assert_eq!(put(&mut f, 0, "a"), Some(1));
+        // A change prepared against version 0 lost the race: refused, nothing lost.
+        assert_eq!(put(&mut f, 0, "b"), None);
+        assert_eq!((f.users.as_deref(), f.users_version), (Some("a"), 1));
+        assert_eq!(put(&mut f, 1, "c"), Some(2));
+        // Masters come and go; the users stay.
+        grant(&mut f, master(2, 0, [1, 2]));
+        assert_eq!((f.users.as_deref(), f.users_version), (Some("c"), 2));
     }
 
     #[test]

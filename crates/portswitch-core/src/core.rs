@@ -154,6 +154,8 @@ enum End {
     Bye,
     Expired,
     Disconnected,
+    /// Its user was deleted.
+    UserRemoved,
 }
 
 /// Per-frame context: the connection and its session, looked up once per frame.
@@ -381,6 +383,23 @@ impl Core {
         let slot = *self.conn_sessions.get(&conn)?;
         let s = &self.sessions[slot as usize];
         Some((s.user.as_deref(), s.access.as_deref()))
+    }
+
+    /// Ends every session of `user` (the user was deleted): each connection gets
+    /// GOAWAY `user_removed`, and the sessions' ports are released as on any end.
+    /// Returns how many sessions ended.
+    pub fn end_sessions_of(&mut self, user: &str, now_ms: u64, out: &mut impl Outbox) -> usize {
+        self.advance(now_ms);
+        let slots: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.user.as_deref() == Some(user) && !s.ending)
+            .map(|(k, _)| k as u32)
+            .collect();
+        for &slot in &slots {
+            self.end_session(slot, End::UserRemoved, out);
+        }
+        slots.len()
     }
 
     /// The earliest time at which [`Core::handle_timeout`] has work, if any.
@@ -905,14 +924,16 @@ impl Core {
         s.missed = None;
         if let Some(conn) = s.conn.take() {
             self.conn_sessions.remove(&conn);
-            if why == End::Expired {
-                out.event(
-                    conn,
-                    &Event::GoAway {
-                        code: ErrorCode::SessionExpired,
-                        message: b"session lease expired",
-                    },
-                );
+            let goaway = match why {
+                End::Expired => Some((ErrorCode::SessionExpired, &b"session lease expired"[..])),
+                End::UserRemoved => Some((
+                    ErrorCode::UserRemoved,
+                    &b"the session's user was deleted"[..],
+                )),
+                End::Bye | End::Disconnected => None,
+            };
+            if let Some((code, message)) = goaway {
+                out.event(conn, &Event::GoAway { code, message });
                 out.close(conn);
             }
         }

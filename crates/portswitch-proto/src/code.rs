@@ -91,6 +91,9 @@ pub enum ErrorCode {
     /// The connection stayed without a session for the server's `login_timeout_ms`
     /// (sent with GOAWAY; the connection is closed).
     LoginTimeout,
+    /// The session's user was deleted (sent with GOAWAY; the session is over and its
+    /// ports are released).
+    UserRemoved,
     /// A code this library does not know.
     Other(u16),
 }
@@ -136,6 +139,7 @@ impl ErrorCode {
             ErrorCode::ChannelsMax => 35,
             ErrorCode::PortsFull => 36,
             ErrorCode::LoginTimeout => 37,
+            ErrorCode::UserRemoved => 38,
             ErrorCode::Other(n) => n,
         }
     }
@@ -180,6 +184,7 @@ impl ErrorCode {
             35 => ErrorCode::ChannelsMax,
             36 => ErrorCode::PortsFull,
             37 => ErrorCode::LoginTimeout,
+            38 => ErrorCode::UserRemoved,
             n => ErrorCode::Other(n),
         }
     }
@@ -224,6 +229,7 @@ impl ErrorCode {
             ErrorCode::ChannelsMax => "channels_max",
             ErrorCode::PortsFull => "ports_full",
             ErrorCode::LoginTimeout => "login_timeout",
+            ErrorCode::UserRemoved => "user_removed",
             ErrorCode::Other(_) => "other",
         }
     }

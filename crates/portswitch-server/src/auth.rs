@@ -105,6 +105,39 @@ struct GrantFile {
     perms: String,
 }
 
+type Users = BTreeMap<String, (Verifier, Vec<String>)>;
+type Roles = BTreeMap<String, Role>;
+
+/// The users and roles of a store document.
+fn parse_store(file: StoreFile) -> std::io::Result<(Users, Roles)> {
+    let mut users = Users::new();
+    for (name, u) in file.users {
+        let v = Verifier {
+            salt: b64d(&u.salt)?,
+            iterations: u.iterations,
+            stored_key: key32(&u.stored_key)?,
+            server_key: key32(&u.server_key)?,
+        };
+        users.insert(name, (v, u.roles));
+    }
+    let mut roles = Roles::new();
+    for (name, grants) in file.roles {
+        let grants = grants
+            .into_iter()
+            .map(|g| {
+                Perms::parse(&g.perms)
+                    .map(|perms| Grant {
+                        prefix: g.prefix.into_bytes(),
+                        perms,
+                    })
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        roles.insert(name.clone(), Role { name, grants });
+    }
+    Ok((users, roles))
+}
+
 /// A HELLO kept while its authentication runs.
 #[derive(Debug, Clone)]
 pub(crate) struct OwnedHello {
@@ -205,8 +238,8 @@ impl Audit {
 /// See the module docs.
 pub(crate) struct Auth {
     cfg: AuthConfig,
-    users: BTreeMap<String, (Verifier, Vec<String>)>,
-    roles: BTreeMap<String, Role>,
+    users: Users,
+    roles: Roles,
     lockout: Lockout,
     fake_salt_key: [u8; 32],
     /// Keys the hashes unknown user names are logged as.
@@ -216,6 +249,48 @@ pub(crate) struct Auth {
     clock: Option<(u64, Instant)>,
     pending: HashMap<ConnId, Pending>,
     audit: Option<Audit>,
+    /// On a group's master: the version of the group's replicated users and roles
+    /// this store holds. Changes then go through the group (`AdminOutcome::Replicate`)
+    /// instead of straight to `auth.json`.
+    replicated: Option<u64>,
+}
+
+impl AdminOutcome {
+    /// The command's answer.
+    pub(crate) fn answer(&self) -> &str {
+        match self {
+            AdminOutcome::Done { answer, .. } | AdminOutcome::Replicate { answer, .. } => answer,
+        }
+    }
+}
+
+/// What an ADMIN command names, for the audit log.
+fn admin_target(cmd: &Value) -> Value {
+    cmd.get("user")
+        .or_else(|| cmd.get("role"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// What an ADMIN command decided.
+#[derive(Debug)]
+pub(crate) enum AdminOutcome {
+    /// Done (nothing stored, or stored in the data directory): the answer, and the
+    /// user it deleted, whose sessions must end.
+    Done {
+        answer: String,
+        deleted: Option<String>,
+    },
+    /// A change of a group's users and roles: write `store` through the group over
+    /// version `expect`, then [`Auth::adopt_replicated`] it, audit `audit`, end the
+    /// sessions of `deleted`, and answer `answer`. Nothing changed yet.
+    Replicate {
+        expect: u64,
+        store: String,
+        answer: String,
+        audit: Value,
+        deleted: Option<String>,
+    },
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -315,7 +390,9 @@ pub fn admin_offline(cfg: AuthConfig, command: &[u8]) -> Result<String, String> 
         ));
     }
     let local = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    // (An offline store follows no group: it is never `Replicate`.)
     auth.admin_command("(offline)".into(), local, cmd, &salt)
+        .map(|done| done.answer().to_string())
         .map_err(|(code, m)| format!("{}: {m}", code.name()))
 }
 
@@ -352,6 +429,7 @@ impl Auth {
             audit_key,
             clock: None,
             pending: HashMap::new(),
+            replicated: None,
         };
         if let Some(dir) = &auth.cfg.data_dir {
             let path = dir.join(AUTH_FILE);
@@ -363,34 +441,51 @@ impl Auth {
             if let Some(bytes) = bytes {
                 let file: StoreFile =
                     serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e))?;
-                for (name, u) in file.users {
-                    let v = Verifier {
-                        salt: b64d(&u.salt)?,
-                        iterations: u.iterations,
-                        stored_key: key32(&u.stored_key)?,
-                        server_key: key32(&u.server_key)?,
-                    };
-                    auth.users.insert(name, (v, u.roles));
-                }
-                for (name, grants) in file.roles {
-                    let grants = grants
-                        .into_iter()
-                        .map(|g| {
-                            Perms::parse(&g.perms)
-                                .map(|perms| Grant {
-                                    prefix: g.prefix.into_bytes(),
-                                    perms,
-                                })
-                                .map_err(|e| {
-                                    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
-                                })
-                        })
-                        .collect::<std::io::Result<Vec<_>>>()?;
-                    auth.roles.insert(name.clone(), Role { name, grants });
-                }
+                (auth.users, auth.roles) = parse_store(file)?;
             }
         }
         Ok(auth)
+    }
+
+    /// The users and roles as the document a group replicates (the `auth.json`
+    /// format).
+    pub(crate) fn store_json(&self) -> String {
+        serde_json::to_string(&self.store_file()).unwrap_or_default()
+    }
+
+    /// Whether this store follows a group's replicated users (see `replicated`).
+    pub(crate) fn replicated(&self) -> Option<u64> {
+        self.replicated
+    }
+
+    /// Makes this store follow the group's users at `version` (`None`: the group has
+    /// none yet — this store's own are what the group gets first).
+    pub(crate) fn follow_group(&mut self, users: Option<&str>, version: u64) {
+        match users {
+            Some(json) => self.adopt_replicated(json, version),
+            None => self.replicated = Some(version),
+        }
+    }
+
+    /// Takes the group's users and roles at `version`: they replace this store's, and
+    /// are kept in `auth.json` too (a member that restarts alone still has them).
+    pub(crate) fn adopt_replicated(&mut self, json: &str, version: u64) {
+        let parsed = serde_json::from_str::<StoreFile>(json)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            .and_then(parse_store);
+        match parsed {
+            Ok((users, roles)) => {
+                self.users = users;
+                self.roles = roles;
+                self.replicated = Some(version);
+                if self.cfg.data_dir.is_some() {
+                    if let Err((_, e)) = self.save() {
+                        tracing::warn!("cannot keep the group's users in auth.json: {e}");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(version, "the group's users do not parse: {e}"),
+        }
     }
 
     /// Whether HELLO must authenticate (some user exists).
@@ -413,7 +508,22 @@ impl Auth {
                 "the server has no --data-dir: users cannot be stored".into(),
             ));
         };
-        let file = StoreFile {
+        let file = self.store_file();
+        let text = serde_json::to_string_pretty(&file)
+            .map_err(|e| (ErrorCode::InvalidArgument, e.to_string()))?;
+        // Private (it holds the verifiers), and a crash leaves the old or the new file.
+        portswitch_files::write_durable(&dir.join(AUTH_FILE), text.as_bytes(), SECRET_MODE).map_err(
+            |e| {
+                (
+                    ErrorCode::InvalidArgument,
+                    format!("cannot store users: {e}"),
+                )
+            },
+        )
+    }
+
+    fn store_file(&self) -> StoreFile {
+        StoreFile {
             users: self
                 .users
                 .iter()
@@ -445,18 +555,7 @@ impl Auth {
                     (n.clone(), grants)
                 })
                 .collect(),
-        };
-        let text = serde_json::to_string_pretty(&file)
-            .map_err(|e| (ErrorCode::InvalidArgument, e.to_string()))?;
-        // Private (it holds the verifiers), and a crash leaves the old or the new file.
-        portswitch_files::write_durable(&dir.join(AUTH_FILE), text.as_bytes(), SECRET_MODE).map_err(
-            |e| {
-                (
-                    ErrorCode::InvalidArgument,
-                    format!("cannot store users: {e}"),
-                )
-            },
-        )
+        }
     }
 
     fn access_of(&self, roles: &[String]) -> Access {
@@ -683,7 +782,7 @@ impl Auth {
         addr: IpAddr,
         command: &[u8],
         salt: &[u8; scram::SALT_BYTES],
-    ) -> Result<String, Refusal> {
+    ) -> Result<AdminOutcome, Refusal> {
         let bad = |m: String| (ErrorCode::InvalidArgument, m);
         let who = self.check_admin(caller, addr)?;
         let cmd: Value = serde_json::from_slice(command)
@@ -726,17 +825,60 @@ impl Auth {
         addr: IpAddr,
         cmd: Value,
         salt: &[u8; scram::SALT_BYTES],
-    ) -> Result<String, Refusal> {
+    ) -> Result<AdminOutcome, Refusal> {
         let bad = |m: String| (ErrorCode::InvalidArgument, m);
         let op = cmd["op"].as_str().unwrap_or("");
         // What the command changes: nothing, the memory (failed logins), or the store.
         let stores = !op.ends_with("_list") && !is_lockout_op(op);
+        if let (true, Some(expect)) = (stores, self.replicated) {
+            // A group's users change through the group: work the change out on this
+            // store, hand back the document, and put the store back as it was until
+            // the group has it.
+            let before = (self.users.clone(), self.roles.clone());
+            let done = self.change(op, &cmd, salt);
+            let store = self.store_json();
+            (self.users, self.roles) = before;
+            let (answer, deleted) = done?;
+            return Ok(AdminOutcome::Replicate {
+                expect,
+                store,
+                answer,
+                audit: json!({"event": "admin", "by": who, "op": op, "target": admin_target(&cmd), "addr": addr.to_string()}),
+                deleted,
+            });
+        }
         if stores && self.cfg.data_dir.is_none() {
             // Refuse before changing anything, so memory and disk never disagree.
             return Err(bad(
                 "the server has no --data-dir: users and roles cannot be stored".into(),
             ));
         }
+        let (answer, deleted) = self.change(op, &cmd, salt)?;
+        if is_lockout_op(op) && !op.ends_with("_list") {
+            let target = cmd
+                .get("user")
+                .or_else(|| cmd.get("addr"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            self.audit(json!({"event": "admin", "by": who, "op": op, "target": target, "addr": addr.to_string()}));
+        }
+        if stores {
+            self.save()?;
+            let target = admin_target(&cmd);
+            self.audit(json!({"event": "admin", "by": who, "op": op, "target": target, "addr": addr.to_string()}));
+        }
+        Ok(AdminOutcome::Done { answer, deleted })
+    }
+
+    /// Runs `op` on this store (in memory): its answer, and the user it deleted.
+    fn change(
+        &mut self,
+        op: &str,
+        cmd: &Value,
+        salt: &[u8; scram::SALT_BYTES],
+    ) -> Result<(String, Option<String>), Refusal> {
+        let bad = |m: String| (ErrorCode::InvalidArgument, m);
+        let mut deleted = None;
         let text = |k: &str| {
             cmd[k]
                 .as_str()
@@ -799,6 +941,7 @@ impl Auth {
                 if self.users.remove(&user).is_none() {
                     return Err(bad(format!("no user {user}")));
                 }
+                deleted = Some(user.clone());
                 json!({"ok": true, "user": user})
             }
             "user_grant" | "user_revoke" => {
@@ -923,24 +1066,7 @@ impl Auth {
             }
             _ => return Err(bad(format!("unknown admin op {op:?}"))),
         };
-        if is_lockout_op(op) && !op.ends_with("_list") {
-            let target = cmd
-                .get("user")
-                .or_else(|| cmd.get("addr"))
-                .cloned()
-                .unwrap_or(Value::Null);
-            self.audit(json!({"event": "admin", "by": who, "op": op, "target": target, "addr": addr.to_string()}));
-        }
-        if stores {
-            self.save()?;
-            let target = cmd
-                .get("user")
-                .or_else(|| cmd.get("role"))
-                .cloned()
-                .unwrap_or(Value::Null);
-            self.audit(json!({"event": "admin", "by": who, "op": op, "target": target, "addr": addr.to_string()}));
-        }
-        Ok(result.to_string())
+        Ok((result.to_string(), deleted))
     }
 }
 
@@ -1250,14 +1376,14 @@ mod tests {
         // An admin sees both and lifts both.
         let local = IpAddr::from([127, 0, 0, 1]);
         let listed: Value = serde_json::from_str(
-            &auth
-                .admin_command(
-                    "root".into(),
-                    local,
-                    json!({"op": "lockout_list"}),
-                    &[0; 16],
-                )
-                .unwrap(),
+            auth.admin_command(
+                "root".into(),
+                local,
+                json!({"op": "lockout_list"}),
+                &[0; 16],
+            )
+            .unwrap()
+            .answer(),
         )
         .unwrap();
         let listed = listed.as_array().unwrap();
@@ -1273,6 +1399,7 @@ mod tests {
                 &[0; 16],
             )
             .unwrap();
+        let answer = answer.answer();
         assert!(answer.contains("\"had_failures\":true"), "{answer}");
         assert_eq!(
             login(

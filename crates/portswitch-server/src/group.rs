@@ -198,6 +198,8 @@ fn read_facts(path: &Path, bytes: &[u8]) -> io::Result<GroupFacts> {
                 master_lease_ms: 0,
                 lease_ceiling_ms: None,
                 lease_owed_ms: None,
+                users: None,
+                users_version: 0,
             })
         }
         2 => {

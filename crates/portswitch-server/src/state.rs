@@ -11,7 +11,7 @@ use portswitch_proto::frame::{frame_len, messages, FrameError};
 use portswitch_proto::{msg::encode_stat, msg::op, ErrorCode, Event, FrameBuf, Reply, Request};
 use tokio::sync::Notify;
 
-use crate::auth::Auth;
+use crate::auth::{AdminOutcome, Auth};
 use crate::config::{ServerConfig, STALL_MS_THRESHOLD};
 use portswitch_core::Perm;
 use portswitch_proto::MemberRole;
@@ -599,6 +599,71 @@ impl Shared {
         rx
     }
 
+    /// Writes a change of the group's users through Raft; when it is committed (or
+    /// refused) the change is taken here and answered, and the receiver resolves.
+    fn start_users_op(
+        &self,
+        conn: ConnId,
+        id: u32,
+        change: UsersChange,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (answered, rx) = tokio::sync::oneshot::channel();
+        let node = self.member.as_ref().map(|m| m.node.clone());
+        let me = self.me.get().cloned();
+        tokio::spawn(async move {
+            let written = match node {
+                Some(node) => node.write_users(change.expect, change.store.clone()).await,
+                None => Err(portswitch_cluster::ClusterError::NoGroup),
+            };
+            if let Some(shared) = me.and_then(|w| w.upgrade()) {
+                shared.users_written(conn, id, change, written);
+            }
+            let _ = answered.send(());
+        });
+        rx
+    }
+
+    fn users_written(
+        &self,
+        conn: ConnId,
+        id: u32,
+        change: UsersChange,
+        written: Result<u64, portswitch_cluster::ClusterError>,
+    ) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let now = self.now_ms(st);
+        let mut out = Out {
+            conns: &mut st.conns,
+            dirty: &mut st.dirty,
+            denials: &mut st.denials,
+        };
+        match written {
+            Ok(version) => {
+                st.auth.adopt_replicated(&change.store, version);
+                st.auth.audit(change.audit);
+                if let Some(user) = &change.deleted {
+                    st.core.end_sessions_of(user, now, &mut out);
+                }
+                out.reply(
+                    conn,
+                    id,
+                    &Reply::AdminOk {
+                        result: change.answer.as_bytes(),
+                    },
+                );
+            }
+            Err(e) => {
+                let code = match e {
+                    portswitch_cluster::ClusterError::NotLeader { .. } => ErrorCode::NotMaster,
+                    _ => ErrorCode::InvalidArgument,
+                };
+                refuse(&mut out, conn, id, code, e.to_string().as_bytes());
+            }
+        }
+        self.flush(st, now);
+    }
+
     fn reply_later(
         &self,
         conn: ConnId,
@@ -683,6 +748,28 @@ impl Shared {
                 }
                 st.ceiling_quiet_since_ms = now;
                 st.ceiling_quiet_peak_ms = 0;
+                // Log in the group's users; a group without any yet gets this
+                // member's own (its auth.json) as the first version.
+                if let Some(member) = &self.member {
+                    let facts = member.node.facts();
+                    st.auth
+                        .follow_group(facts.users.as_deref(), facts.users_version);
+                    if facts.users.is_none() && st.auth.enabled() {
+                        let store = st.auth.store_json();
+                        let node = member.node.clone();
+                        let me = self.me.get().cloned();
+                        tokio::spawn(async move {
+                            match node.write_users(0, store).await {
+                                Ok(version) => {
+                                    if let Some(shared) = me.and_then(|w| w.upgrade()) {
+                                        shared.lock().auth.follow_group(None, version);
+                                    }
+                                }
+                                Err(e) => tracing::warn!("cannot give the group its users: {e}"),
+                            }
+                        });
+                    }
+                }
                 self.epoch.store(m.epoch, Ordering::Relaxed);
                 st.serving = Serving::Yes;
                 st.role = MemberRole::Master;
@@ -1083,6 +1170,49 @@ impl Shared {
                         );
                         refuse(&mut out, vconn, m.id, ErrorCode::Overloaded, msg.as_bytes());
                     }
+                    Ok(Request::Admin { command }) if st.auth.replicated().is_some() => {
+                        // A group's users: a change is written through the group first.
+                        let caller = st
+                            .core
+                            .session_user(vconn)
+                            .and_then(|(u, a)| Some((u?, a?)));
+                        let addr = addr_of(out.conns, conn);
+                        let mut salt = [0u8; portswitch_auth::scram::SALT_BYTES];
+                        fill_random(&mut salt);
+                        match st.auth.admin(caller, addr, command, &salt) {
+                            Ok(AdminOutcome::Done { answer, deleted }) => {
+                                if let Some(user) = deleted {
+                                    st.core.end_sessions_of(&user, now, &mut out);
+                                }
+                                out.reply(
+                                    vconn,
+                                    m.id,
+                                    &Reply::AdminOk {
+                                        result: answer.as_bytes(),
+                                    },
+                                );
+                            }
+                            Ok(AdminOutcome::Replicate {
+                                expect,
+                                store,
+                                answer,
+                                audit,
+                                deleted,
+                            }) => {
+                                let change = UsersChange {
+                                    expect,
+                                    store,
+                                    answer,
+                                    audit,
+                                    deleted,
+                                };
+                                let answered = self.start_users_op(vconn, m.id, change);
+                                suspended = Some((i + 1, answered));
+                                break;
+                            }
+                            Err((code, msg)) => refuse(&mut out, vconn, m.id, code, msg.as_bytes()),
+                        }
+                    }
                     Ok(req) if is_edge(&req) => edge(
                         &mut st.auth,
                         &mut st.core,
@@ -1466,6 +1596,15 @@ impl MemberOp {
     }
 }
 
+/// A change of a group's users on its way through Raft.
+struct UsersChange {
+    expect: u64,
+    store: String,
+    answer: String,
+    audit: serde_json::Value,
+    deleted: Option<String>,
+}
+
 /// What a member that is not master says when it knows of none.
 const NO_MASTER_YET: &[u8] = b"no master yet: the group is electing one; retry shortly";
 
@@ -1564,12 +1703,25 @@ fn edge(
             let mut salt = [0u8; portswitch_auth::scram::SALT_BYTES];
             fill_random(&mut salt);
             match auth.admin(caller, addr, command, &salt) {
-                Ok(result) => out.reply(
+                Ok(AdminOutcome::Done { answer, deleted }) => {
+                    if let Some(user) = deleted {
+                        core.end_sessions_of(&user, now, out);
+                    }
+                    out.reply(
+                        conn,
+                        id,
+                        &Reply::AdminOk {
+                            result: answer.as_bytes(),
+                        },
+                    )
+                }
+                // (A group's master takes these in `feed`, where it can wait.)
+                Ok(AdminOutcome::Replicate { .. }) => refuse(
+                    out,
                     conn,
                     id,
-                    &Reply::AdminOk {
-                        result: result.as_bytes(),
-                    },
+                    ErrorCode::NotMaster,
+                    b"users change through the group's master",
                 ),
                 Err((code, msg)) => refuse(out, conn, id, code, msg.as_bytes()),
             }

@@ -305,7 +305,11 @@ async fn a_master_stopped_past_its_lease_never_serves_again() {
         .await
         .unwrap();
     let role = MemberRole::from_stats(&stats).unwrap();
-    assert_ne!(role, MemberRole::Master, "the continued old master is not master");
+    assert_ne!(
+        role,
+        MemberRole::Master,
+        "the continued old master is not master"
+    );
     assert_eq!(g.master(None).await, m2);
     assert!(a.is_alive());
     // A restarted member rejoins as a follower.
@@ -534,4 +538,74 @@ async fn members_are_added_and_removed_without_dropping_sessions() {
     );
     assert!(a.is_alive());
     g.children[m].as_mut().unwrap().start_kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_belong_to_the_group_and_a_deleted_users_sessions_end() {
+    const ROOT_PW: &str = "Granite-Falcon-2026!";
+    const ALICE_PW: &str = "Tulip-Orbit-93";
+    let mut g = Group::start("users").await;
+    let addrs = g.addrs.clone();
+    let login = |user: &str, pw: &str| {
+        let mut o = ClientOptions::new(addrs[0].clone());
+        o.servers = addrs[1..].to_vec();
+        o.credentials = Some((user.to_string(), pw.to_string()));
+        o.connect_timeout = Duration::from_secs(10);
+        Client::connect(o)
+    };
+    // The first user, from loopback, on whichever member is master.
+    let anon = g.client().await;
+    anon.admin(
+        &serde_json::json!({"op": "user_add", "user": "root", "password": ROOT_PW, "roles": ["root"]})
+            .to_string(),
+    )
+    .await
+    .unwrap();
+    drop(anon);
+    let root = login("root", ROOT_PW).await.unwrap();
+    root.admin(
+        &serde_json::json!({"op": "role_add", "role": "w", "grants": [{"prefix": "svc/", "perms": "register,query"}]})
+            .to_string(),
+    )
+    .await
+    .unwrap();
+    root.admin(
+        &serde_json::json!({"op": "user_add", "user": "alice", "password": ALICE_PW, "roles": ["w"]})
+            .to_string(),
+    )
+    .await
+    .unwrap();
+    drop(root);
+    let alice = login("alice", ALICE_PW).await.unwrap();
+    let token = own(&alice, "svc/a").await;
+    let mut events = alice.events();
+
+    // The master dies: the users were the group's, so the next master logs them in,
+    // and alice's session resumes there with its port.
+    let m = g.master(None).await;
+    g.kill(m).await;
+    let m2 = g.master(Some(m)).await;
+    assert_ne!(m, m2);
+    let root = login("root", ROOT_PW)
+        .await
+        .expect("root logs in at the new master");
+    resynced(&mut events).await;
+    assert_eq!(
+        root.query("svc/a")
+            .await
+            .unwrap()
+            .map(|o| (o.session, o.token)),
+        Some((alice.session().id, token))
+    );
+
+    // Deleting alice ends her sessions at once and frees her port.
+    root.admin(&serde_json::json!({"op": "user_del", "user": "alice"}).to_string())
+        .await
+        .unwrap();
+    common::eventually_async("alice's session ended", || async { !alice.is_alive() }).await;
+    common::eventually_async("alice's port freed", || async {
+        root.query("svc/a").await.unwrap().is_none()
+    })
+    .await;
+    assert!(login("alice", ALICE_PW).await.is_err());
 }

@@ -432,3 +432,21 @@ async fn sessions_on_channels_log_in_each_and_are_held_to_their_grants() {
     assert!(b.query("svc/mux").await.unwrap().is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn deleting_a_user_ends_its_sessions_and_frees_its_ports() {
+    let dir = tempdir("deluser");
+    let srv = server_with(secure_config(&dir)).await;
+    let root = bootstrap(&srv).await;
+    let alice = login(&srv, "alice", ALICE_PW).await.unwrap();
+    assert!(matches!(
+        alice.register("svc/a", "x").await.unwrap(),
+        RegisterOutcome::Owned { .. }
+    ));
+    root.admin(&json!({"op": "user_del", "user": "alice"}).to_string())
+        .await
+        .unwrap();
+    eventually_async("alice's session ended", || async { !alice.is_alive() }).await;
+    assert!(root.query("svc/a").await.unwrap().is_none());
+    let _ = std::fs::remove_dir_all(dir);
+}
