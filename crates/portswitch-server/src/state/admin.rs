@@ -105,13 +105,9 @@ impl Shared {
         rx
     }
 
-    pub(super) fn users_written(
-        &self,
-        conn: ConnId,
-        id: u32,
-        change: UsersChange,
-        written: Result<u64, portswitch_cluster::ClusterError>,
-    ) {
+    /// Answers a request whose answer waited (for Raft): `f` gets the core, the
+    /// auth store, the output and the time, under the lock.
+    fn answer_later(&self, f: impl FnOnce(&mut Core, &mut Auth, &mut Out<'_>, u64)) {
         let mut st = self.lock();
         let st = &mut *st;
         let now = self.now_ms(st);
@@ -120,30 +116,35 @@ impl Shared {
             dirty: &mut st.dirty,
             denials: &mut st.denials,
         };
-        match written {
+        f(&mut st.core, &mut st.auth, &mut out, now);
+        self.flush(st, now);
+    }
+
+    pub(super) fn users_written(
+        &self,
+        conn: ConnId,
+        id: u32,
+        change: UsersChange,
+        written: Result<u64, portswitch_cluster::ClusterError>,
+    ) {
+        self.answer_later(|core, auth, out, now| match written {
             Ok(version) => {
-                st.auth.adopt_replicated(&change.store, version);
-                st.auth.audit(change.audit);
+                auth.adopt_replicated(&change.store, version);
+                auth.audit(change.audit);
                 if let Some(user) = &change.deleted {
-                    st.core.end_sessions_of(user, now, &mut out);
+                    core.end_sessions_of(user, now, out);
                 }
-                out.reply(
-                    conn,
-                    id,
-                    &Reply::AdminOk {
-                        result: change.answer.as_bytes(),
-                    },
-                );
+                let result = change.answer.as_bytes();
+                out.reply(conn, id, &Reply::AdminOk { result });
             }
             Err(e) => {
                 let code = match e {
                     portswitch_cluster::ClusterError::NotLeader { .. } => ErrorCode::NotMaster,
                     _ => ErrorCode::InvalidArgument,
                 };
-                refuse(&mut out, conn, id, code, e.to_string().as_bytes());
+                refuse(out, conn, id, code, e.to_string().as_bytes());
             }
-        }
-        self.flush(st, now);
+        });
     }
 
     pub(super) fn reply_later(
@@ -152,27 +153,13 @@ impl Shared {
         id: u32,
         result: Result<portswitch_cluster::node::ClusterStatus, String>,
     ) {
-        let mut st = self.lock();
-        let st = &mut *st;
-        let now = self.now_ms(st);
-        let mut out = Out {
-            conns: &mut st.conns,
-            dirty: &mut st.dirty,
-            denials: &mut st.denials,
-        };
-        match result {
+        self.answer_later(|_, _, out, _| match result {
             Ok(status) => {
                 let json = serde_json::to_string(&status).unwrap_or_default();
-                out.reply(
-                    conn,
-                    id,
-                    &Reply::AdminOk {
-                        result: json.as_bytes(),
-                    },
-                );
+                let result = json.as_bytes();
+                out.reply(conn, id, &Reply::AdminOk { result });
             }
-            Err(e) => refuse(&mut out, conn, id, ErrorCode::InvalidArgument, e.as_bytes()),
-        }
-        self.flush(st, now);
+            Err(e) => refuse(out, conn, id, ErrorCode::InvalidArgument, e.as_bytes()),
+        });
     }
 }
