@@ -78,7 +78,11 @@ pub(crate) async fn open_stream(
     let connect = TcpStream::connect(addr);
     let tcp = tokio::time::timeout(opts.connect_timeout, connect)
         .await
-        .map_err(|_| Error::ConnectTimeout(addr.to_string()))??;
+        .map_err(|_| Error::ConnectTimeout(addr.to_string()))?
+        .map_err(|source| Error::Unreachable {
+            addr: addr.to_string(),
+            source,
+        })?;
     tcp.set_nodelay(true)?;
     let Some(t) = &opts.tls else {
         return Ok((Box::new(tcp), None));
@@ -99,9 +103,39 @@ pub(crate) async fn open_stream(
     })?;
     let tls = tokio::time::timeout(opts.connect_timeout, tls_connector(t)?.connect(name, tcp))
         .await
-        .map_err(|_| Error::ConnectTimeout(addr.to_string()))??;
+        .map_err(|_| Error::ConnectTimeout(addr.to_string()))?
+        .map_err(|e| tls_failure(addr, e))?;
     let exporter = tls_exporter(&tls);
     Ok((Box::new(tls), exporter))
+}
+
+/// The error for a failed TLS handshake with `addr`. A portswitch server that does
+/// not speak TLS reads the ClientHello as a frame of some 369 MB, answers GOAWAY in a
+/// frame (whose first byte, 0, is no TLS record type) and closes: that is named for
+/// what it is. Anything else (an untrusted certificate, say) keeps rustls's words,
+/// with the server's address.
+fn tls_failure(addr: &str, e: std::io::Error) -> Error {
+    let not_tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| {
+            matches!(
+                r,
+                rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType
+                        | rustls::InvalidMessage::UnknownProtocolVersion
+                )
+            )
+        });
+    if not_tls {
+        return Error::TlsUnexpected {
+            addr: addr.to_string(),
+        };
+    }
+    Error::Io(std::io::Error::new(
+        e.kind(),
+        format!("TLS handshake with {addr}: {e}"),
+    ))
 }
 
 /// The `tls-exporter` channel-binding value of a TLS connection (RFC 9266): 32 bytes
@@ -126,17 +160,27 @@ pub(crate) async fn handshake(
     resume: Option<(u64, u64)>,
 ) -> Result<(Stream, HelloOk<'static>, BytesMut, Instant)> {
     let (mut stream, exporter) = open_stream(opts, addr).await?;
+    let (hello_ok, leftover, sent_at) =
+        handshake_on(&mut stream, exporter, opts, addr, lease_ms, resume).await?;
+    Ok((stream, hello_ok, leftover, sent_at))
+}
+
+/// Opens (or resumes) a session on an open stream: see [`handshake`].
+async fn handshake_on(
+    stream: &mut Stream,
+    exporter: Option<[u8; 32]>,
+    opts: &ClientOptions,
+    addr: &str,
+    lease_ms: u32,
+    resume: Option<(u64, u64)>,
+) -> Result<(HelloOk<'static>, BytesMut, Instant)> {
     let deadline = tokio::time::Instant::now() + opts.answer_timeout_for(lease_ms);
     let mut hs = Handshake::start(opts, exporter, &nonce_seed()?);
     let sent_at = Instant::now();
-    send_one(
-        &mut stream,
-        &Request::Hello(hs.hello(opts, lease_ms, resume)),
-    )
-    .await?;
+    send_one(stream, &Request::Hello(hs.hello(opts, lease_ms, resume))).await?;
     let mut buf = BytesMut::with_capacity(4096);
     loop {
-        let frame = next_frame(&mut stream, &mut buf, deadline, addr).await?;
+        let frame = next_frame(stream, &mut buf, deadline, addr).await?;
         let (msg, rest) = first_message(&frame)?;
         let reply = match msg {
             ServerMsg::Reply { reply, .. } => reply,
@@ -145,7 +189,7 @@ pub(crate) async fn handshake(
         match hs.on_reply(&reply)? {
             Next::Auth(client_final) => {
                 send_one(
-                    &mut stream,
+                    stream,
                     &Request::Auth {
                         data: client_final.as_bytes(),
                     },
@@ -161,28 +205,82 @@ pub(crate) async fn handshake(
                     leftover.extend_from_slice(rest);
                 }
                 leftover.extend_from_slice(&buf);
-                return Ok((stream, hello_ok, leftover, sent_at));
+                return Ok((hello_ok, leftover, sent_at));
             }
         }
     }
 }
 
-/// STATS of the server at `addr`, without opening a session (works on any member of
-/// a group, master or not).
+/// STATS of the server at `addr` (works on any member of a group, master or not).
+///
+/// Without credentials no session is opened: STATS needs none. With credentials
+/// (`opts.credentials`) the client logs in first, on the same connection, so that
+/// credentials the server refuses fail the call rather than pass unnoticed; the
+/// session it opens ends with its connection (BYE, and `end_on_disconnect`). A member
+/// that is not master opens no sessions and so cannot check credentials: it answers
+/// HELLO `not_master`, and its figures are read without a login.
 pub async fn server_stats(opts: &ClientOptions, addr: &str) -> Result<Vec<(String, u64)>> {
-    let (mut stream, _) = open_stream(opts, addr).await?;
-    send_one(&mut stream, &Request::Stats).await?;
+    let (mut stream, exporter) = open_stream(opts, addr).await?;
     let mut buf = BytesMut::with_capacity(4096);
-    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
-    let frame = next_frame(&mut stream, &mut buf, deadline, addr).await?;
-    let (msg, _) = first_message(&frame)?;
-    match msg {
-        ServerMsg::Reply { reply, .. } => match owned_answer(&reply)? {
-            Answer::Stats(s) => Ok(s),
-            other => Err(unexpected(other)),
-        },
-        other => Err(refusal(other)),
+    let mut logged_in = false;
+    if opts.credentials.is_some() {
+        let mut once = opts.clone();
+        once.end_on_disconnect = true;
+        let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+        loop {
+            let lease_ms = once.lease_ms();
+            match handshake_on(&mut stream, exporter, &once, addr, lease_ms, None).await {
+                Ok((_, rest, _)) => {
+                    buf = rest;
+                    logged_in = true;
+                    break;
+                }
+                Err(Error::Server {
+                    code: ErrorCode::NotMaster,
+                    ..
+                }) => break,
+                // Admitting sessions at its own pace, or raising its lease ceiling:
+                // come back when it says, while the connect timeout lasts.
+                Err(e) => match retry_hint(&e) {
+                    Some(wait) if tokio::time::Instant::now() + wait < deadline => {
+                        wait_as_told(wait).await
+                    }
+                    _ => return Err(e),
+                },
+            }
+        }
     }
+    send_one(&mut stream, &Request::Stats).await?;
+    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+    let stats = loop {
+        let frame = next_frame(&mut stream, &mut buf, deadline, addr).await?;
+        // A session may get events (none are expected); the answer is the reply.
+        let mut found = None;
+        for m in messages(&frame[4..], COMMANDS_PER_FRAME_MAX) {
+            let m = m.map_err(|e| Error::Protocol(e.to_string()))?;
+            let msg = ServerMsg::decode(m.opcode, m.id, m.body)
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            match msg {
+                ServerMsg::Reply { reply, .. } => {
+                    found = Some(match owned_answer(&reply)? {
+                        Answer::Stats(s) => Ok(s),
+                        other => Err(unexpected(other)),
+                    });
+                    break;
+                }
+                ServerMsg::Event(WireEvent::GoAway { .. }) => return Err(refusal(msg)),
+                ServerMsg::Event(_) => {}
+            }
+        }
+        if let Some(r) = found {
+            break r;
+        }
+    };
+    if logged_in {
+        // Best effort: the session ends with its connection anyway.
+        let _ = send_one(&mut stream, &Request::Bye).await;
+    }
+    stats
 }
 
 /// What a handshake with some server of the group came to.
@@ -195,7 +293,10 @@ pub(crate) fn try_elsewhere(e: &Error) -> bool {
         Error::Server { code, .. } => {
             matches!(code, ErrorCode::NotMaster | ErrorCode::Overloaded)
         }
-        Error::Io(_) | Error::ConnectTimeout(_) | Error::ConnectionLost => true,
+        Error::Io(_)
+        | Error::Unreachable { .. }
+        | Error::ConnectTimeout(_)
+        | Error::ConnectionLost => true,
         _ => false,
     }
 }
@@ -341,10 +442,15 @@ pub(crate) async fn next_frame(
     addr: &str,
 ) -> Result<BytesMut> {
     loop {
-        if let Some(n) =
-            frame_len(buf, FRAME_BYTES_MAX).map_err(|e| Error::Protocol(e.to_string()))?
-        {
-            return Ok(buf.split_to(n));
+        match frame_len(buf, FRAME_BYTES_MAX) {
+            Ok(Some(n)) => return Ok(buf.split_to(n)),
+            Ok(None) => {}
+            Err(_) if looks_like_tls(buf) => {
+                return Err(Error::TlsExpected {
+                    addr: addr.to_string(),
+                })
+            }
+            Err(e) => return Err(Error::Protocol(e.to_string())),
         }
         let read = tokio::time::timeout_at(deadline, stream.read_buf(buf))
             .await
@@ -354,6 +460,19 @@ pub(crate) async fn next_frame(
         }
     }
 }
+
+/// Whether bytes that are no valid frame start like a TLS record: content type
+/// (change_cipher_spec 20, alert 21, handshake 22, application_data 23, heartbeat
+/// 24), then protocol version 3.x. Read as a frame header, such a record claims some
+/// 336 to 403 MB (a TLS alert: 352,518,912 bytes), far past any frame limit, so no
+/// valid frame is ever taken for one.
+pub(crate) fn looks_like_tls(buf: &[u8]) -> bool {
+    buf.len() >= 3 && (20..=24).contains(&buf[0]) && buf[1] == 3 && buf[2] <= 4
+}
+
+// The smallest length a TLS record header reads as (20, 3, 0, 0) is past the frame
+// limit, so `next_frame` asks `looks_like_tls` only of bytes that are no frame.
+const _: () = assert!(FRAME_BYTES_MAX < 0x1403_0000);
 
 /// The first message of a frame, and the bytes of the frame's other messages.
 pub(crate) fn first_message(frame: &[u8]) -> Result<(ServerMsg<'_>, &[u8])> {

@@ -38,6 +38,35 @@ pub enum Error {
     /// Connecting took longer than `connect_timeout`.
     #[error("timed out connecting to {0}")]
     ConnectTimeout(String),
+    /// No connection could be opened to the server: nothing listens there
+    /// (connection refused), no route to it, or its name does not resolve.
+    #[error("cannot reach {addr}: {}", reach_failure(.source))]
+    Unreachable {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A plaintext connection was answered in TLS: the server wants TLS
+    /// ([`crate::ClientOptions::tls`]).
+    #[error("{addr} speaks TLS: connect with TLS, trusting the CA of its certificate")]
+    TlsExpected { addr: String },
+    /// A TLS connection was answered in plaintext: the server does not speak TLS.
+    #[error("{addr} does not speak TLS (it answered in plaintext): connect without TLS")]
+    TlsUnexpected { addr: String },
+}
+
+/// Why a connection could not be opened, in the words of the socket error (without
+/// the OS error number, which says nothing more).
+fn reach_failure(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused => "connection refused".into(),
+        K::TimedOut => "timed out".into(),
+        K::HostUnreachable => "no route to host".into(),
+        K::NetworkUnreachable => "network unreachable".into(),
+        K::AddrNotAvailable => "address not available".into(),
+        _ => e.to_string(),
+    }
 }
 
 impl Error {

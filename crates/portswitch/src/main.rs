@@ -44,13 +44,14 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let is_ctl = matches!(cli.command, Command::Ctl(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            ctl::note(&format!("error: cannot start the async runtime: {e}"));
             return std::process::ExitCode::from(2);
         }
     };
@@ -66,12 +67,23 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(code) => code,
+        // Whoever read the output has gone (`ctl list | head -1`): nothing to say.
+        Err(e) if e.is::<ctl::StdoutClosed>() => std::process::ExitCode::from(141),
         Err(e) if e.is::<ctl::Interrupted>() => {
-            eprintln!("{e}");
+            ctl::note(&e.to_string());
             std::process::ExitCode::from(130)
         }
+        Err(e) if e.is::<ctl::TimedOut>() => {
+            ctl::note(&format!("error: {e}"));
+            std::process::ExitCode::from(124)
+        }
+        // What ctl reports may carry a server's words: shown escaped, like its output.
+        Err(e) if is_ctl => {
+            ctl::note(&format!("error: {}", ctl::shown(&e.to_string())));
+            std::process::ExitCode::from(1)
+        }
         Err(e) => {
-            eprintln!("error: {e}");
+            ctl::note(&format!("error: {e}"));
             std::process::ExitCode::from(1)
         }
     }

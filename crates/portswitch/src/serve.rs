@@ -12,8 +12,9 @@ use crate::AppResult;
 
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
-    /// Address for clients [default: 127.0.0.1:7400]
-    #[arg(long, env = "PORTSWITCH_LISTEN")]
+    /// Address for clients, HOST:PORT; a host name is resolved (`localhost` is
+    /// 127.0.0.1) [default: 127.0.0.1:7400]
+    #[arg(long, env = "PORTSWITCH_LISTEN", value_parser = parse_listen)]
     listen: Option<SocketAddr>,
     /// Address for HTTP /metrics and /health [default: 127.0.0.1:7401]
     #[arg(long, env = "PORTSWITCH_HTTP_LISTEN")]
@@ -196,6 +197,7 @@ pub struct ServeArgs {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    #[serde(default, deserialize_with = "listen_in_file")]
     listen: Option<SocketAddr>,
     http_listen: Option<SocketAddr>,
     no_http: Option<bool>,
@@ -527,6 +529,42 @@ pub async fn shutdown_signal() {
 }
 
 /// Parses `ID=PEER_ADDR/CLIENT_ADDR`.
+/// A listen address: an IP address and port, or a host name and port. `localhost`
+/// (and any name under `.localhost`, RFC 6761) is 127.0.0.1 without asking a
+/// resolver, so it is loopback for the listen-safety rules whatever the resolver
+/// says; another name is resolved, preferring IPv4, and the rules apply to the
+/// address it resolves to (the one bound).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s}: expected HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{s}: {port:?} is not a port number"))?;
+    let host_lower = host.to_ascii_lowercase();
+    if host_lower == "localhost" || host_lower.ends_with(".localhost") {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("{s}: cannot resolve {host}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s}: {host} resolves to no address"))
+}
+
+/// `listen` in the settings file, parsed as `--listen` is.
+fn listen_in_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_listen(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
 fn parse_member(s: &str) -> Result<(u64, portswitch_cluster::Member), String> {
     let bad = || format!("--member {s}: expected ID=PEER_ADDR/CLIENT_ADDR");
     let (id, addrs) = s.split_once('=').ok_or_else(bad)?;
@@ -753,6 +791,39 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("port_name_bytes_max"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_localhost_stays_loopback() {
+        assert_eq!(
+            parse_listen("127.0.0.1:7400").unwrap(),
+            "127.0.0.1:7400".parse().unwrap()
+        );
+        assert_eq!(parse_listen("[::1]:0").unwrap(), "[::1]:0".parse().unwrap());
+        for name in ["localhost:7411", "LocalHost:7411", "ps.localhost:7411"] {
+            let a = parse_listen(name).unwrap();
+            assert!(a.ip().is_loopback() && a.port() == 7411, "{name}: {a}");
+        }
+        assert!(parse_listen("localhost").unwrap_err().contains("HOST:PORT"));
+        assert!(parse_listen("localhost:http").unwrap_err().contains("port"));
+        // The listen-safety rules see the address: loopback by name needs no TLS.
+        let args = ServeArgs {
+            listen: Some(parse_listen("localhost:0").unwrap()),
+            ..Default::default()
+        };
+        assert!(config(&args).unwrap().0.listen.ip().is_loopback());
+        // And the settings file takes the same form.
+        let dir = std::env::temp_dir().join(format!("portswitch-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "listen = \"localhost:9001\"\n").unwrap();
+        let (cfg, _) = config(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

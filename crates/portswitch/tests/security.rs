@@ -371,7 +371,7 @@ async fn users_made_offline_log_in_and_a_running_server_is_not_touched() {
     assert!(out.status.success(), "{out:?}");
     let out = ctl(&["user", "add", "ops"]);
     assert!(!out.status.success(), "a second ops was added: {out:?}");
-    let out = ctl(&["user", "list"]);
+    let out = ctl(&["--json", "user", "list"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("\"ops\""),
         "{out:?}"
