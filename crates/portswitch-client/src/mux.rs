@@ -171,6 +171,9 @@ struct St {
     /// The GOAWAY that closed the last connection: handshakes it left unanswered
     /// get its code.
     goaway: Option<(ErrorCode, String)>,
+    /// The last connection was answered with a TLS record: the server speaks TLS and
+    /// this Mux does not (handshakes it left unanswered fail with that).
+    tls_expected: bool,
 }
 
 /// The connection's output, as the sessions' wires see it.
@@ -296,6 +299,9 @@ impl St {
             dead.notify_one();
         }
         let err = || match &self.goaway {
+            _ if self.tls_expected => Error::TlsExpected {
+                addr: self.server.clone(),
+            },
             Some((code, message)) => Error::Server {
                 code: *code,
                 message: message.clone(),
@@ -392,6 +398,7 @@ impl Mux {
                 conn_dead: None,
                 shut: None,
                 goaway: None,
+                tls_expected: false,
             }),
             opts,
             wake_writer: Notify::new(),
@@ -773,6 +780,7 @@ impl Inner {
             st.connected = true;
             st.exporter = exporter;
             st.goaway = None;
+            st.tls_expected = false;
             st.out.clear();
             // Until a HELLO succeeds on it, the server takes only small frames.
             st.out.set_frame_bytes_max(FRAME_BYTES_BEFORE_LOGIN);
@@ -1034,6 +1042,11 @@ async fn reader(inner: Arc<Inner>, mut rd: ReadHalf<Stream>, gen: u64, dead: Arc
                     }
                 }
                 Ok(None) => break,
+                Err(_) if crate::net::looks_like_tls(&buf) => {
+                    inner.lock().tls_expected = true;
+                    break 'conn "the server speaks TLS: configure a CA (ClientOptions::tls)"
+                        .to_string();
+                }
                 Err(e) => break 'conn format!("the server sent a malformed frame: {e}"),
             }
         }

@@ -539,3 +539,34 @@ async fn a_thousand_sessions_opened_at_once_fit_the_servers_pre_login_frames() {
     assert_eq!(get("malformed_disconnects_total"), Some(0));
     srv.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_plain_mux_to_a_tls_server_is_told_the_server_speaks_tls() {
+    let dir = std::env::temp_dir().join(format!("portswitch-mux-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portswitch"))
+        .args(["cert", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut cfg = ServerConfig::ephemeral();
+    cfg.tls = Some(portswitch_server::tls::TlsSettings {
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+        client_ca: None,
+    });
+    let srv = server_with(cfg).await;
+    let mut o = opts(&srv);
+    o.connect_timeout = Duration::from_secs(2);
+    let e = match Mux::connect(o).await {
+        Ok(mux) => mux.session().await.map(|_| ()).unwrap_err(),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(e, portswitch_client::Error::TlsExpected { .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("TLS"), "{e}");
+    srv.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
