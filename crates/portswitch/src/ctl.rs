@@ -60,9 +60,10 @@ pub struct CtlArgs {
     /// Key (PEM) of --cert.
     #[arg(long, global = true, requires = "cert")]
     key: Option<std::path::PathBuf>,
-    /// user and role commands only: change the user store in this data directory of
-    /// a stopped server instead of asking a running one (the first user of a server
-    /// reachable only over the network; every member of a group keeps its own users).
+    /// user and role commands only (not `user unlock`): change the user store in this
+    /// data directory of a stopped server instead of asking a running one (the first
+    /// user of a server reachable only over the network; every member of a group
+    /// keeps its own users).
     #[arg(long, global = true)]
     data_dir: Option<std::path::PathBuf>,
     /// Give up waiting — for a queued `register --wait`, a lock, leadership, or the
@@ -156,6 +157,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RoleCmd,
     },
+    /// Failed logins: what the server refuses now, and ending an address's refusal
+    /// (a user name's back-off: `user unlock NAME`). Needs the admin permission and
+    /// a running server: the counts are in its memory.
+    Lockout {
+        #[command(subcommand)]
+        cmd: LockoutCmd,
+    },
     /// Manage the members of a group (on its master; sessions carry on).
     Member {
         #[command(subcommand)]
@@ -199,6 +207,25 @@ enum UserCmd {
     Grant { name: String, role: String },
     /// Take a role from a user.
     Revoke { name: String, role: String },
+    /// End the back-off of a user name after failed logins, at once (everywhere:
+    /// also at addresses the user logged in from lately). Asks the running server.
+    Unlock { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum LockoutCmd {
+    /// User names in a back-off and addresses refused, longest first (a table; with
+    /// --json, one JSON array). Names that are no user show as the audit log's hash
+    /// of them.
+    List,
+    /// End the refusal of a source address after failed logins, at once (an IPv6
+    /// address: its /64, as the server counts them).
+    UnlockAddr {
+        /// The client's IP address (IPv6: any address in the /64 `lockout list` shows).
+        // Not named `addr`: that is the global --addr, the server's.
+        #[arg(value_name = "IP")]
+        ip: std::net::IpAddr,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -694,6 +721,21 @@ async fn dispatch(args: CtlArgs, ctx: &Ctx) -> AppResult {
     }
     let json = args.json;
     let offline = args.data_dir.clone();
+    if offline.is_some()
+        && matches!(
+            args.cmd,
+            Cmd::Lockout { .. }
+                | Cmd::User {
+                    cmd: UserCmd::Unlock { .. }
+                }
+        )
+    {
+        return Err(
+            "failed logins are counted in a running server's memory (a stopped server \
+             keeps none): leave out --data-dir and ask the server"
+                .into(),
+        );
+    }
     if offline.is_some() && !matches!(args.cmd, Cmd::User { .. } | Cmd::Role { .. }) {
         return Err("--data-dir applies to user and role commands only".into());
     }
@@ -1082,8 +1124,28 @@ async fn dispatch(args: CtlArgs, ctx: &Ctx) -> AppResult {
             }
             Ok(code)
         }
+        Cmd::Lockout { cmd } => match cmd {
+            LockoutCmd::List => {
+                let result = admin(ctx, opts, None, &json!({"op": "lockout_list"})).await?;
+                if json {
+                    out.raw(&json_line(&result))?;
+                } else {
+                    out.raw(&lockout_table(&result))?;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            LockoutCmd::UnlockAddr { ip } => {
+                let command = json!({"op": "addr_unlock", "addr": ip.to_string()});
+                let result = admin(ctx, opts, None, &command).await?;
+                unlocked(out, &result, &format!("address {}", shown_addr(ip)))
+            }
+        },
         Cmd::User { cmd } => {
             let listing = matches!(cmd, UserCmd::List);
+            let unlocking = match &cmd {
+                UserCmd::Unlock { name } => Some(name.clone()),
+                _ => None,
+            };
             let command = match cmd {
                 UserCmd::Add { name, roles } => {
                     json!({"op": "user_add", "user": name, "password": new_password()?, "roles": roles})
@@ -1099,8 +1161,12 @@ async fn dispatch(args: CtlArgs, ctx: &Ctx) -> AppResult {
                 UserCmd::Revoke { name, role } => {
                     json!({"op": "user_revoke", "user": name, "role": role})
                 }
+                UserCmd::Unlock { name } => json!({"op": "user_unlock", "user": name}),
             };
             let result = admin(ctx, opts, offline, &command).await?;
+            if let Some(name) = unlocking {
+                return unlocked(out, &result, &format!("user {}", shown(&name)));
+            }
             if json {
                 out.raw(&json_line(&result))?;
             } else if listing {
@@ -1360,6 +1426,83 @@ fn roles_table(result: &serde_json::Value) -> String {
     table(&["ROLE", "PREFIX", "PERMISSIONS"], &rows)
 }
 
+/// The answer to `user unlock` or `lockout unlock-addr`: the server's JSON, or a line
+/// saying whether there was anything to end.
+fn unlocked(out: Out, result: &serde_json::Value, who: &str) -> AppResult {
+    if out.json {
+        out.raw(&json_line(result))?;
+    } else if result["had_failures"].as_bool().unwrap_or(false) {
+        out.raw(&format!("unlocked {who}"))?;
+    } else {
+        out.raw(&format!(
+            "{who} had no failed logins counted: nothing to unlock"
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An address as the server counts it: an IPv6 address stands for its /64.
+fn shown_addr(addr: std::net::IpAddr) -> String {
+    match addr {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+            format!("{net}/64")
+        }
+        a => a.to_canonical().to_string(),
+    }
+}
+
+/// How long something is refused for, from milliseconds: tenths of a second below
+/// 10 s, whole seconds (rounded up) below a minute, then minutes and seconds.
+fn refused_for(ms: u64) -> String {
+    if ms < 10_000 {
+        return format!("{:.1}s", ms as f64 / 1e3);
+    }
+    let secs = ms.div_ceil(1_000);
+    if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    }
+}
+
+/// `lockout list` as a table: who is refused (a user name, at a trusted address if
+/// that is the back-off; a name that is no user by its hash, as in the audit log; an
+/// address), after how many failures, for how much longer.
+fn lockout_table(result: &serde_json::Value) -> String {
+    let entries = result.as_array().map(Vec::as_slice).unwrap_or_default();
+    if entries.is_empty() {
+        return "no user name or address is refused now".into();
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let who = match (e["addr"].as_str(), e["user"].as_str()) {
+                (Some(addr), _) => match addr.parse() {
+                    Ok(ip) => format!("address {}", shown_addr(ip)),
+                    Err(_) => format!("address {}", shown(addr)),
+                },
+                (None, Some(user)) => format!("user {}", shown(user)),
+                (None, None) => format!(
+                    "unknown user #{}",
+                    shown(e["user_hash"].as_str().unwrap_or("?"))
+                ),
+            };
+            let who = match e["at"].as_str() {
+                Some(at) => format!("{who} from {}", shown(at)),
+                None => who,
+            };
+            vec![
+                who,
+                e["failures"].as_u64().map_or("?".into(), |n| n.to_string()),
+                e["refused_ms"].as_u64().map_or("?".into(), refused_for),
+            ]
+        })
+        .collect();
+    table(&["WHO", "FAILURES", "REFUSED FOR"], &rows)
+}
+
 /// Runs `command` in a process group of its own, with the token in its environment,
 /// until it exits (its exit code is returned), `lost` resolves (exit code 4) or this
 /// process is interrupted (130). Stopping it sends SIGTERM to the whole group and,
@@ -1537,5 +1680,31 @@ mod tests {
             roles_table(&roles),
             "ROLE  PREFIX  PERMISSIONS\nw     svc/    register,query\nw     \"\"      list"
         );
+    }
+
+    #[test]
+    fn the_lockout_table_names_who_and_for_how_long() {
+        let list = json!([
+            {"addr": "2001:db8:1:2::", "failures": 25, "refused_ms": 900_000},
+            {"user": "al\u{1b}ice", "user_known": true, "user_hash": null, "at": "127.0.0.1",
+             "failures": 7, "refused_ms": 61_001},
+            {"user": null, "user_known": false, "user_hash": "0123456789abcdef", "at": null,
+             "failures": 5, "refused_ms": 999},
+            {"addr": "203.0.113.7", "failures": 20, "refused_ms": 12_345},
+        ]);
+        assert_eq!(
+            lockout_table(&list),
+            "WHO                             FAILURES  REFUSED FOR\n\
+             address 2001:db8:1:2::/64       25        15m00s\n\
+             user al\\x1bice from 127.0.0.1   7         1m02s\n\
+             unknown user #0123456789abcdef  5         1.0s\n\
+             address 203.0.113.7             20        13s"
+        );
+        assert_eq!(
+            lockout_table(&json!([])),
+            "no user name or address is refused now"
+        );
+        assert_eq!(shown_addr("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1");
+        assert_eq!(refused_for(1_250), "1.2s");
     }
 }

@@ -161,13 +161,18 @@ pub struct ServeArgs {
     /// Size at which the audit log rotates (5 old files kept) [default: 67108864]
     #[arg(long, env = "PORTSWITCH_AUDIT_LOG_BYTES_MAX")]
     audit_log_bytes_max: Option<u64>,
-    /// Consecutive failed logins that lock a user name [default: 5]
+    /// Failed logins of a user name in a row before it backs off: each further one
+    /// refuses the name for 1 s, doubling to 60 s (0: never). Admins see it with
+    /// `ctl lockout list` and end it with `ctl user unlock NAME` [default: 5]
     #[arg(long, env = "PORTSWITCH_LOCKOUT_USER_FAILURES")]
     lockout_user_failures: Option<u32>,
-    /// Consecutive failed logins that lock a source address [default: 20]
+    /// Failed logins from a source address (any names; IPv6 by /64) before each
+    /// further one refuses it for --lockout-ms, doubling up to 15 minutes (0: never).
+    /// Admins end it with `ctl lockout unlock-addr IP` [default: 20]
     #[arg(long, env = "PORTSWITCH_LOCKOUT_ADDR_FAILURES")]
     lockout_addr_failures: Option<u32>,
-    /// How long a lockout lasts, ms [default: 900000]
+    /// The first refusal of a source address after --lockout-addr-failures, ms; each
+    /// further failure doubles it, up to 15 minutes [default: 10000]
     #[arg(long, env = "PORTSWITCH_LOCKOUT_MS")]
     lockout_ms: Option<u64>,
     /// Shortest password accepted [default: 12]

@@ -509,3 +509,390 @@ async fn serve_listens_on_localhost_by_name() {
     assert_ne!(code, 0);
     assert!(err.contains("no-such-host.invalid"), "{err}");
 }
+
+/// Runs `user add root --role root` (with `cmd`'s connection flags), the password on
+/// standard input: the first user, from loopback, needs no login.
+async fn add_root(mut cmd: Command) {
+    let mut add = cmd
+        .args(["user", "add", "root", "--role", "root"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = add.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{ROOT_PW}\n").as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    assert!(within("user add root", add.wait()).await.unwrap().success());
+}
+
+/// The JSON array `ctl --json lockout list` printed.
+fn lockout_entries(out: &str) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// Failed logins back a user name off: `lockout list` shows it (a table, JSON with
+/// --json; a name that is no user only by its hash), the right password is refused
+/// until `user unlock` ends the back-off, and then it logs in. Only an admin may do
+/// either, and only on a running server.
+#[tokio::test]
+async fn a_user_backing_off_after_failed_logins_is_listed_and_unlocked() {
+    let dir = tempdir("unlock-user");
+    let data = dir.join("data");
+    let srv = serve(
+        "127.0.0.1:0",
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--scram-iterations",
+            "4096",
+            "--lockout-user-failures",
+            "2",
+        ],
+    )
+    .await;
+    add_root(ctl(&srv.addr, &[])).await;
+    let as_user = |user: &str, pw: &str, args: &[&str]| {
+        let mut c = ctl(&srv.addr, args);
+        c.env("PORTSWITCH_USER", user)
+            .env("PORTSWITCH_PASSWORD", pw);
+        c
+    };
+    let as_root = |args: &[&str]| as_user("root", ROOT_PW, args);
+    let (code, _, err) = run(&mut as_root(&[
+        "role",
+        "add",
+        "writers",
+        "--grant",
+        "svc/=register",
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(as_root(&["user", "add", "alice", "--role", "writers"])
+        .env("PORTSWITCH_NEW_PASSWORD", "Tulip-Orbit-93"))
+    .await;
+    assert_eq!(code, 0, "{err}");
+
+    // Without the admin permission: neither.
+    for args in [&["lockout", "list"][..], &["user", "unlock", "alice"]] {
+        let (code, _, err) = run(&mut as_user("alice", "Tulip-Orbit-93", args)).await;
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains("permission_denied"), "{args:?}: {err}");
+    }
+    let (code, out, err) = run(&mut as_root(&["lockout", "list"])).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "no user name or address is refused now"),
+        "{err}"
+    );
+
+    // Wrong passwords for alice, and for a name that is no user, until both back off
+    // for long enough to look at (1 s, then 2 s, 4 s: each failure after a back-off
+    // ends doubles it).
+    let mut found = Vec::new();
+    for _ in 0..8 {
+        for user in ["alice", "mallory"] {
+            let (code, _, err) = run(&mut as_user(
+                user,
+                "Not-The-Password-1",
+                &["query", "svc/x"],
+            ))
+            .await;
+            assert_eq!(code, 1, "{err}");
+            assert!(err.contains("auth_failed"), "{err}");
+        }
+        let (code, out, err) = run(&mut as_root(&["--json", "lockout", "list"])).await;
+        assert_eq!(code, 0, "{err}");
+        found = lockout_entries(&out);
+        let shortest = found
+            .iter()
+            .map(|e| e["refused_ms"].as_u64().unwrap())
+            .min();
+        if found.len() == 2 && shortest >= Some(3_000) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(shortest.unwrap_or(0) + 100)).await;
+    }
+    assert_eq!(found.len(), 2, "{found:?}");
+    let alice = found
+        .iter()
+        .find(|e| e["user"] == "alice")
+        .expect("alice listed");
+    assert_eq!(alice["user_known"], true);
+    // She logged in from here a moment ago: the back-off is the one of her name at
+    // this address (guesses from elsewhere would not delay her here).
+    assert_eq!(alice["at"], "127.0.0.1", "{alice}");
+    assert!(alice["failures"].as_u64().unwrap() >= 3, "{alice}");
+    // The name that is no user: not shown, only its hash (as in the audit log).
+    let other = found
+        .iter()
+        .find(|e| e["user"].is_null())
+        .expect("mallory listed");
+    assert_eq!(other["user_known"], false);
+    let hash = other["user_hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 16, "{other}");
+    assert!(!other.to_string().contains("mallory"), "{other}");
+
+    // The table: who, failures, for how much longer.
+    let (code, out, err) = run(&mut as_root(&["lockout", "list"])).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("WHO "), "{out}");
+    assert!(lines[0].ends_with("FAILURES  REFUSED FOR"), "{out}");
+    let col = lines[0].find("FAILURES").unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("user alice from 127.0.0.1 ")
+                && l[col..].split_whitespace().next() == Some(&alice["failures"].to_string())),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("unknown user #{hash} "))),
+        "{out}"
+    );
+    assert!(!out.contains("mallory"), "{out}");
+
+    // Her own password is refused during the back-off, whatever it is.
+    let (code, _, err) = run(&mut as_user("alice", "Tulip-Orbit-93", &["query", "svc/x"])).await;
+    assert_eq!(code, 1, "logged in during the back-off");
+    assert!(err.contains("retry in"), "{err}");
+
+    // Not offline: a stopped server keeps no count.
+    let (code, _, err) = run(&mut as_root(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "user",
+        "unlock",
+        "alice",
+    ]))
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("running server") && err.contains("--data-dir"),
+        "{err}"
+    );
+
+    let (code, out, err) = run(&mut as_root(&["user", "unlock", "alice"])).await;
+    assert_eq!((code, out.trim()), (0, "unlocked user alice"), "{err}");
+    let (code, out, err) = run(&mut as_user("alice", "Tulip-Orbit-93", &["query", "svc/x"])).await;
+    // Logged in: only her role stops the query.
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("permission_denied"), "{err}");
+    let (code, out, err) = run(&mut as_user(
+        "alice",
+        "Tulip-Orbit-93",
+        &["register", "svc/x", "--hold-secs", "0"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    // Nothing left to unlock for her; the other name is still listed.
+    let (code, out, err) = run(&mut as_root(&["--json", "user", "unlock", "alice"])).await;
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"ok": true, "user": "alice", "had_failures": false})
+    );
+    let (code, out, _) = run(&mut as_root(&["user", "unlock", "alice"])).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("nothing to unlock"), "{out}");
+    let (_, out, _) = run(&mut as_root(&["--json", "lockout", "list"])).await;
+    let left = lockout_entries(&out);
+    assert!(left.iter().all(|e| e["user"].is_null()), "{left:?}");
+
+    // A reader that goes away ends it quietly, as every listing.
+    let mut child = as_root(&["lockout", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = within("ctl exits", child.wait_with_output()).await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(141),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stderr.is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `portswitch cert --client NAME` into a directory holding a CA adds the client's
+/// certificate, signed by that CA, leaving ca.pem and the server's certificate as
+/// they were: a server already trusting the CA accepts it. With it, root logs in
+/// while its address is refused after failed logins (a certificate login is not
+/// throttled), sees the refusal in `lockout list` and ends it.
+#[tokio::test]
+async fn cert_adds_clients_to_its_ca_and_an_admin_unlocks_a_refused_address() {
+    let dir = tempdir("unlock-addr");
+    let certs = dir.join("certs");
+    let c = certs.to_str().unwrap();
+    let (code, _, err) = run(Command::new(BIN).args(["cert", "--out", c])).await;
+    assert_eq!(code, 0, "{err}");
+    let p = |f: &str| certs.join(f).to_str().unwrap().to_string();
+    let kept = ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"];
+    let before: Vec<Vec<u8>> = kept.iter().map(|f| std::fs::read(p(f)).unwrap()).collect();
+    let data = dir.join("data");
+    let srv = serve(
+        "127.0.0.1:0",
+        &[
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("server-key.pem"),
+            "--tls-client-ca",
+            &p("ca.pem"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--scram-iterations",
+            "4096",
+            "--lockout-addr-failures",
+            "3",
+            "--lockout-ms",
+            "60000",
+        ],
+    )
+    .await;
+
+    // root's certificate, made after the server started, beside the CA it trusts.
+    let (code, out, err) =
+        run(Command::new(BIN).args(["cert", "--out", c, "--client", "root"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("client-root.pem") && !out.contains("ca.pem"),
+        "{out}"
+    );
+    let after: Vec<Vec<u8>> = kept.iter().map(|f| std::fs::read(p(f)).unwrap()).collect();
+    assert!(before == after, "ca.pem or the server's files changed");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(p("client-root-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Again: refused, nothing written.
+    let (code, _, err) =
+        run(Command::new(BIN).args(["cert", "--out", c, "--client", "root"])).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("client-root.pem exists"), "{err}");
+    // A TLS implementation other than ours agrees, where openssl is installed.
+    if let Ok(out) = std::process::Command::new("openssl")
+        .args([
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            &p("ca.pem"),
+            &p("client-root.pem"),
+        ])
+        .output()
+    {
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && said.contains(": OK"), "{said}");
+    }
+
+    let tls = |args: &[&str]| {
+        let mut c = ctl(&srv.addr, &["--ca", &p("ca.pem")]);
+        c.args(args);
+        c
+    };
+    let with_password = |pw: &str, args: &[&str]| {
+        let mut c = tls(&["--user", "root"]);
+        c.args(args).env("PORTSWITCH_PASSWORD", pw);
+        c
+    };
+    let with_cert = |args: &[&str]| {
+        let mut c = tls(&[
+            "--cert",
+            &p("client-root.pem"),
+            "--key",
+            &p("client-root-key.pem"),
+        ]);
+        c.args(args);
+        c
+    };
+    add_root(tls(&[])).await;
+    let (code, out, err) = run(&mut with_cert(&["query", "x"])).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "x: free"),
+        "the new certificate logs in: {err}"
+    );
+
+    // Three failed logins from 127.0.0.1, whatever the names: the address is refused,
+    // even with the right password.
+    for user in ["root", "nobody", "root"] {
+        let mut c = tls(&["--user", user, "query", "x"]);
+        c.env("PORTSWITCH_PASSWORD", "Not-The-Password-1");
+        let (code, _, err) = run(&mut c).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("auth_failed"), "{err}");
+    }
+    let (code, _, err) = run(&mut with_password(ROOT_PW, &["query", "x"])).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("from this address: retry in"), "{err}");
+
+    // root by certificate sees it, and ends it.
+    let (code, out, err) = run(&mut with_cert(&["--json", "lockout", "list"])).await;
+    assert_eq!(code, 0, "{err}");
+    let entries = lockout_entries(&out);
+    assert_eq!(entries.len(), 1, "{out}");
+    assert_eq!(entries[0]["addr"], "127.0.0.1");
+    assert_eq!(entries[0]["failures"], 3);
+    assert!(entries[0]["refused_ms"].as_u64().unwrap() > 50_000, "{out}");
+    let (code, out, err) = run(&mut with_cert(&["lockout", "list"])).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(
+        lines[1].split_whitespace().take(3).collect::<Vec<_>>(),
+        ["address", "127.0.0.1", "3"],
+        "{out}"
+    );
+    assert!(lines[1].ends_with('s'), "{out}");
+    // An address is checked before it is sent.
+    let (code, _, err) = run(&mut with_cert(&["lockout", "unlock-addr", "nowhere"])).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid IP address"), "{err}");
+    let (code, out, err) = run(&mut with_cert(&["lockout", "unlock-addr", "127.0.0.1"])).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "unlocked address 127.0.0.1"),
+        "{err}"
+    );
+
+    // The password works again; nothing is left to unlock or list.
+    let (code, out, err) = run(&mut with_password(ROOT_PW, &["query", "x"])).await;
+    assert_eq!((code, out.trim()), (0, "x: free"), "{err}");
+    let (code, out, err) = run(&mut with_password(
+        ROOT_PW,
+        &["--json", "lockout", "unlock-addr", "127.0.0.1"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"ok": true, "addr": "127.0.0.1", "had_failures": false})
+    );
+    let (_, out, _) = run(&mut with_password(ROOT_PW, &["--json", "lockout", "list"])).await;
+    assert!(lockout_entries(&out).is_empty(), "{out}");
+    let (code, _, err) = run(&mut with_password(
+        ROOT_PW,
+        &["--data-dir", data.to_str().unwrap(), "lockout", "list"],
+    ))
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("running server"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
