@@ -1620,13 +1620,7 @@ async fn admin(
 
 /// The STATS `role` number as a word.
 fn role_name(role: u64) -> &'static str {
-    match role {
-        0 => "standalone",
-        1 => "follower",
-        2 => "taking-over",
-        3 => "master",
-        _ => "unknown",
-    }
+    portswitch_client::MemberRole::from_u64(role).name()
 }
 
 #[cfg(test)]
