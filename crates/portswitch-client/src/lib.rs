@@ -39,7 +39,7 @@ mod mux;
 mod name;
 mod net;
 mod recipes;
-mod session;
+pub mod session;
 mod types;
 
 pub use client::{Client, ClientOptions, ClientTls, LEASE_MS_DEFAULT};

@@ -2,6 +2,30 @@
 //! session, with no I/O, no clock and no runtime. [`crate::Client`] drives one per
 //! connection; [`crate::Mux`] drives many over one connection, one per channel.
 //!
+//! It is public as a sans-IO API, in the manner of `quinn-proto`: a driver of its own
+//! — another runtime, an event loop, or a deterministic simulation (this workspace's
+//! `portswitch-cluster/tests/sim.rs` drives it against simulated servers) — owns the
+//! connections, the timers and the HELLO exchange, and the session's rules stay here.
+//!
+//! # What the driver does
+//!
+//! - Opens a connection and sends HELLO (with the session's id and secret
+//!   ([`SessionCore::info`]) to resume it); without credentials HELLO is answered by
+//!   HELLO_OK. The first HELLO_OK makes the session, [`SessionCore::new`]; a later one
+//!   is handed to [`SessionCore::resumed`] — after refusing a server whose epoch is
+//!   older than [`SessionInfo::epoch`] (it is deposed, or about to learn it is: its
+//!   answers must not extend the lease view). A HELLO answered `not_master` means:
+//!   try another server.
+//! - Implements [`Wire`]: each request the session decides on is pushed onto it, and
+//!   the driver sends it on the current connection with the request id it returns.
+//! - Hands every reply and event from the server to the session, and calls
+//!   [`SessionCore::detached`] when the connection is lost (a GOAWAY, a closed socket,
+//!   or an answer that takes too long: see [`SessionCore::oldest_unanswered`]). A
+//!   GOAWAY `session_expired` ends the session ([`SessionCore::end`]).
+//! - Calls [`SessionCore::handle_timeout`] by [`SessionCore::next_timeout`], and
+//!   delivers [`Effects`] after each input. Once the session is over
+//!   ([`SessionCore::is_over`]) it is dropped: a new session needs a new HELLO.
+//!
 //! # Driving contract
 //!
 //! Inputs, each with the time `now` (never earlier than the last one given):
@@ -63,23 +87,26 @@ pub(crate) type Map<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState
 /// RECLAIMs a session keeps in flight after a failover: enough to fill frames, few
 /// enough that a session with a million ports floods neither the new master's send
 /// queue nor its own memory.
-pub(crate) const RECLAIM_IN_FLIGHT_MAX: usize = 1_024;
+pub const RECLAIM_IN_FLIGHT_MAX: usize = 1_024;
 
 /// How long a session may have heard nothing from its server before an UNREGISTER
 /// waits for a PING's answer (see the module docs): longer than a request's round
 /// trip, so that a release right after an answer (the usual acquire, work, release)
 /// costs nothing; a release after a longer quiet costs one round trip.
-pub(crate) const PROBE_AFTER: Duration = Duration::from_micros(500);
+pub const PROBE_AFTER: Duration = Duration::from_micros(500);
 
 /// Where a session's requests go: its connection, or its channel of a shared one.
-pub(crate) trait Wire {
-    /// Queues `req` and returns the request id it goes out with.
+/// Implemented by the driver.
+pub trait Wire {
+    /// Queues `req` and returns the request id it goes out with: non-zero, and unique
+    /// among the requests of the connection still unanswered. Replies carry it back
+    /// to [`SessionCore::handle_reply`], in the order the requests were pushed.
     fn push(&mut self, req: &Request<'_>) -> u32;
 }
 
 /// How a session keeps itself.
 #[derive(Debug, Clone)]
-pub(crate) struct Settings {
+pub struct Settings {
     /// The fraction of the lease the view gives up early (clock-rate margin).
     pub lease_margin: f64,
     /// The session ends with its connection.
@@ -88,54 +115,112 @@ pub(crate) struct Settings {
     pub keepalive: Option<Duration>,
 }
 
-/// An owned reply.
+/// An owned reply: what a request submitted with a completion is completed with
+/// (server errors are [`Error::Server`]).
 #[derive(Debug)]
-pub(crate) enum Answer {
+pub enum Answer {
+    /// OK (PING, UNREGISTER, UNWATCH, BYE).
     Ok,
+    /// REGISTERED: the session owns the port with this token (for a wait until
+    /// granted, the grant that ended the wait).
     Registered(u64),
+    /// TAKEN: another session (id, token, node) owns the port.
     Taken(u64, u64, Bytes),
+    /// QUEUED at this position (1 = next).
     Queued(u32),
+    /// OWNER, for QUERY (its `port` is left empty).
     Owner(Owner),
+    /// FREE, for QUERY.
     Free,
+    /// WATCHING, with the watched port's owner (session, token) if any.
     Watching(Option<(u64, u64)>),
+    /// DELIVERED, for SEND.
     Delivered,
+    /// NO_OWNER, for SEND.
     NoOwner,
+    /// COUNT, for BROADCAST.
     Count(u64),
+    /// PAGE, for LIST.
     Page(Page),
+    /// STATS.
     Stats(Vec<(String, u64)>),
+    /// ADMIN_OK, its JSON result.
     Admin(Bytes),
 }
 
-/// What a request changes in the session besides answering it.
+/// What a request changes in the session besides answering it: submitted with the
+/// request it describes (the two must agree). Build the variants that name a port
+/// with [`Kind::register`] and [`Kind::unregister`].
+// `Name`, the crate's inline port name, is not public: the constructors take bytes.
 #[derive(Debug)]
-pub(crate) enum Kind {
+#[allow(private_interfaces)]
+pub enum Kind {
+    /// Nothing but the answer (PING, QUERY, SEND, LIST, BYE, ...).
     Plain,
+    /// REGISTER of `port`.
     Register {
+        /// The port.
         port: Name,
+        /// Its value (sent again with RECLAIM after a failover).
         value: Bytes,
+        /// Wait in the port's queue if it is taken.
         wait: bool,
         /// Complete only when the port is granted (not at QUEUED); survives a lost
         /// connection.
         until_granted: bool,
     },
+    /// UNREGISTER of a port: release it or leave its queue.
     Unregister(Name),
+    /// An UNREGISTER sent again on a new connection because the old one dropped
+    /// before it was answered (the session sends these itself): the port is no
+    /// longer the session's either way, so `not_owner` (it had arrived) or
+    /// `recovering` (a new master that never had it) answer it as done.
+    UnregisterAgain(Name),
+    /// A RECLAIM the session sends itself after a failover.
     Reclaim {
+        /// The port.
         port: Name,
+        /// The token it is reclaimed with.
         token: u64,
     },
+    /// WATCH of a port (or a prefix): re-sent on a new master.
     Watch {
+        /// The port name or prefix.
         name: Bytes,
+        /// Whether `name` is a prefix.
         prefix: bool,
     },
+    /// UNWATCH.
     Unwatch {
+        /// The port name or prefix.
         name: Bytes,
+        /// Whether `name` is a prefix.
         prefix: bool,
     },
-    /// A PING proving the server alive before held requests go out.
+    /// A PING proving the server alive before held requests go out (the session sends
+    /// these itself).
     Probe,
 }
 
 impl Kind {
+    /// The kind of a REGISTER of `port` with `value`; `until_granted` (with `wait`) is
+    /// what `Client::register_wait` and the lock and election recipes use: the
+    /// completion comes with the grant, and the wait survives lost connections and
+    /// failovers.
+    pub fn register(port: &[u8], value: Bytes, wait: bool, until_granted: bool) -> Kind {
+        Kind::Register {
+            port: Name::new(port),
+            value,
+            wait,
+            until_granted,
+        }
+    }
+
+    /// The kind of an UNREGISTER of `port`.
+    pub fn unregister(port: &[u8]) -> Kind {
+        Kind::Unregister(Name::new(port))
+    }
+
     /// The port a request of this kind names, for the reclaim-first rule.
     fn port(&self) -> Option<&Name> {
         match self {
@@ -179,7 +264,7 @@ impl<T> Deferred<T> {
 
 /// Where a session stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Phase {
+pub enum Phase {
     /// On a connection.
     Live,
     /// Between connections; requests wait for the next one.
@@ -191,8 +276,10 @@ pub(crate) enum Phase {
 }
 
 /// What the driver delivers after an input.
-pub(crate) struct Effects<T> {
+pub struct Effects<T> {
+    /// Completions of submitted requests, each with the `done` it was submitted with.
     pub done: Vec<(T, Result<Answer>)>,
+    /// Events for the application, in order.
     pub events: Vec<Event>,
     /// The session ended during this input.
     pub ended: bool,
@@ -208,8 +295,9 @@ impl<T> Default for Effects<T> {
     }
 }
 
-/// The state machine of one session.
-pub(crate) struct SessionCore<T> {
+/// The state machine of one session. `T` is whatever the driver completes a request
+/// through (a channel's sender, a request number, ...).
+pub struct SessionCore<T> {
     settings: Settings,
     info: SessionInfo,
     safe_lease: Duration,
@@ -298,14 +386,18 @@ impl<T> SessionCore<T> {
         }
     }
 
+    /// The session's id, secret (to resume it), lease and limits, and the epoch of
+    /// the latest master it was on.
     pub fn info(&self) -> SessionInfo {
         self.info
     }
 
+    /// Where the session stands.
     pub fn phase(&self) -> &Phase {
         &self.phase
     }
 
+    /// Whether the session is over (lost or closed): it takes no more input.
     pub fn is_over(&self) -> bool {
         matches!(self.phase, Phase::Lost(_) | Phase::Closed)
     }
@@ -313,6 +405,12 @@ impl<T> SessionCore<T> {
     /// Ports owned, as far as the client knows, with their tokens.
     pub fn owned_ports(&self) -> Vec<(Bytes, u64)> {
         self.owned.iter().map(|(k, v)| (k.to_bytes(), *v)).collect()
+    }
+
+    /// Ports whose queue the session is in, as far as it knows (QUEUED answered and
+    /// not yet granted or left): taken again on a new master.
+    pub fn queued_ports(&self) -> Vec<Bytes> {
+        self.queued.keys().map(Name::to_bytes).collect()
     }
 
     /// Whether the session owns `port` with `token`.
@@ -330,7 +428,8 @@ impl<T> SessionCore<T> {
         self.pending.front().map(|p| p.sent_at)
     }
 
-    /// Moves the completions out (into a buffer the driver reuses).
+    /// Moves the completions out (into a buffer the driver reuses); events stay for
+    /// [`SessionCore::take_effects`].
     pub fn take_done(&mut self, into: &mut Vec<(T, Result<Answer>)>) {
         into.append(&mut self.fx.done);
     }
@@ -340,6 +439,7 @@ impl<T> SessionCore<T> {
         !self.fx.events.is_empty() || self.fx.ended
     }
 
+    /// Moves completions, events and the end out into `into` (after each input).
     pub fn take_effects(&mut self, into: &mut Effects<T>) {
         into.done.append(&mut self.fx.done);
         into.events.append(&mut self.fx.events);
@@ -550,6 +650,19 @@ impl<T> SessionCore<T> {
                 self.unregistering = self.unregistering.saturating_sub(1);
                 self.complete(done, answer);
             }
+            Kind::UnregisterAgain(_) => {
+                self.unregistering = self.unregistering.saturating_sub(1);
+                let done_either_way = match &answer {
+                    Err(e) => matches!(e.code(), Some(ErrorCode::NotOwner | ErrorCode::Recovering)),
+                    Ok(_) => true,
+                };
+                let answer = if done_either_way {
+                    Ok(Answer::Ok)
+                } else {
+                    answer
+                };
+                self.complete(done, answer);
+            }
             Kind::Reclaim { port, token } => {
                 self.on_reclaim(port, token, answer);
                 self.continue_recovery(now, wire);
@@ -643,7 +756,8 @@ impl<T> SessionCore<T> {
             return false;
         }
         let is = |kind: &Kind, s: u64| {
-            s > seq && matches!(kind, Kind::Unregister(p) if p.as_slice() == port)
+            s > seq
+                && matches!(kind, Kind::Unregister(p) | Kind::UnregisterAgain(p) if p.as_slice() == port)
         };
         self.pending.iter().any(|p| is(&p.kind, p.seq))
             || self.held.iter().any(|d| is(&d.kind, d.seq))
@@ -769,21 +883,22 @@ impl<T> SessionCore<T> {
         }
 
         // Ports the application was letting go of are not ours to take back, whether
-        // or not the server saw the UNREGISTER. (One submitted while detached was not
-        // sent: that port is still ours, reclaimed and then released on the next
-        // connection.)
+        // or not the server saw the UNREGISTER: not reclaimed on a new master. The
+        // UNREGISTER goes out again on the next connection (on the same master it may
+        // never have arrived, and the port would stay the session's for its life).
+        // (One submitted while detached was not sent: that port is still ours,
+        // reclaimed and then released on the next connection.)
         let sent: Vec<(Name, u64)> = self
             .pending
             .iter()
             .filter_map(|p| match &p.kind {
-                Kind::Unregister(port) => Some((port.clone(), p.seq)),
+                Kind::Unregister(port) | Kind::UnregisterAgain(port) => Some((port.clone(), p.seq)),
                 _ => None,
             })
             .collect();
         for (port, _) in &sent {
             self.forget_port(port.as_slice());
         }
-        self.unregistering = self.unregistering.saturating_sub(sent.len());
         for sent in self.unconfirmed.values_mut() {
             *sent = false;
         }
@@ -791,6 +906,25 @@ impl<T> SessionCore<T> {
         let mut again = Vec::new();
         for p in std::mem::take(&mut self.pending) {
             match p.kind {
+                // The application left the queue after asking: the wait is over.
+                Kind::Register {
+                    ref port,
+                    until_granted: true,
+                    ..
+                } if sent.iter().any(|(q, s)| q == port && *s > p.seq) => {
+                    self.complete(p.done, Err(left_the_queue()));
+                }
+                Kind::Unregister(port) | Kind::UnregisterAgain(port) => {
+                    let req = Request::Unregister {
+                        port: port.as_slice(),
+                    };
+                    again.push(Deferred::of(
+                        &req,
+                        p.seq,
+                        Kind::UnregisterAgain(port.clone()),
+                        p.done,
+                    ));
+                }
                 Kind::Register {
                     ref port,
                     ref value,
@@ -902,35 +1036,38 @@ impl<T> SessionCore<T> {
                     wire,
                 );
             }
-            let queued: Vec<(Name, Bytes)> = self
-                .queued
+        }
+        // Places in queues, on every resume: on a new master they must be taken again;
+        // on the same one a grant (ACQUIRED) may have been lost with the connection,
+        // and REGISTER answers a waiter its place, or the owner its grant.
+        let queued: Vec<(Name, Bytes)> = self
+            .queued
+            .iter()
+            .map(|(p, v)| (p.clone(), v.clone()))
+            .collect();
+        for (port, value) in queued {
+            // Waits until granted are in the backlog already: they go out below.
+            if self
+                .backlog
                 .iter()
-                .map(|(p, v)| (p.clone(), v.clone()))
-                .collect();
-            for (port, value) in queued {
-                // Waits until granted are in the backlog already: they go out below.
-                if self
-                    .backlog
-                    .iter()
-                    .any(|d| matches!(&d.kind, Kind::Register { port: p, .. } if *p == port))
-                {
-                    continue;
-                }
-                let req = Request::Register {
-                    port: port.as_slice(),
-                    value: &value,
-                    wait: true,
-                };
-                self.seq += 1;
-                let seq = self.seq;
-                let kind = Kind::Register {
-                    port: port.clone(),
-                    value: value.clone(),
-                    wait: true,
-                    until_granted: false,
-                };
-                self.send(&req, kind, None, seq, now, wire);
+                .any(|d| matches!(&d.kind, Kind::Register { port: p, .. } if *p == port))
+            {
+                continue;
             }
+            let req = Request::Register {
+                port: port.as_slice(),
+                value: &value,
+                wait: true,
+            };
+            self.seq += 1;
+            let seq = self.seq;
+            let kind = Kind::Register {
+                port: port.clone(),
+                value: value.clone(),
+                wait: true,
+                until_granted: false,
+            };
+            self.send(&req, kind, None, seq, now, wire);
         }
         for d in std::mem::take(&mut self.backlog) {
             self.send_deferred(d, now, wire);
@@ -1404,10 +1541,11 @@ mod tests {
         let (mut s, mut w) = (core(t0), Tape::default());
         own(&mut s, &mut w, "kept", 1, t0);
         own(&mut s, &mut w, "going", 2, t0);
+        let (tx, rx) = std::sync::mpsc::channel();
         s.submit(
             &Request::Unregister { port: b"going" },
             Kind::Unregister(Name::new(b"going")),
-            None,
+            Some(tx),
             t0,
             &mut w,
         )
@@ -1415,8 +1553,112 @@ mod tests {
         w.take();
         s.detached("gone");
         s.resumed(&hello_ok(2, 5_000), t0, t0, &mut w);
-        assert_eq!(w.take(), vec!["RECLAIM kept 1"]);
+        // Not reclaimed; its release goes out again (on the same master it may never
+        // have arrived), and not_owner — it had — answers the application as done.
+        assert_eq!(w.take(), vec!["RECLAIM kept 1", "UNREGISTER going"]);
         assert_eq!(s.owned_ports(), vec![(Bytes::from_static(b"kept"), 1)]);
+        let id = w.last_id();
+        s.handle_reply(id - 1, &Reply::Registered { token: 1 }, t0, &mut w)
+            .unwrap();
+        let not_owner = Reply::Error {
+            code: ErrorCode::NotOwner,
+            message: b"not yours",
+        };
+        s.handle_reply(id, &not_owner, t0, &mut w).unwrap();
+        for (d, r) in completions(&mut s).done {
+            let _ = d.send(r);
+        }
+        assert!(matches!(rx.try_recv(), Ok(Ok(Answer::Ok))));
+    }
+
+    #[test]
+    fn a_release_cut_short_goes_out_again_on_the_same_master() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        own(&mut s, &mut w, "p", 4, t0);
+        s.submit(
+            &Request::Unregister { port: b"p" },
+            Kind::Unregister(Name::new(b"p")),
+            None,
+            t0,
+            &mut w,
+        )
+        .unwrap();
+        w.take();
+        s.detached("stalled");
+        s.resumed(&hello_ok(1, 0), t0, t0, &mut w);
+        assert_eq!(w.take(), vec!["UNREGISTER p"]);
+        assert!(s.owned_ports().is_empty());
+    }
+
+    #[test]
+    fn a_grant_lost_with_the_connection_is_learned_on_the_same_master() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (req, kind) = register("lock", true, true);
+        s.submit(&req, kind, Some(tx), t0, &mut w).unwrap();
+        let id = w.last_id();
+        s.handle_reply(id, &Reply::Queued { position: 1 }, t0, &mut w)
+            .unwrap();
+        w.take();
+        // The ACQUIRED went out on a connection that stalled and was dropped.
+        s.detached("no answer in time");
+        s.resumed(&hello_ok(1, 0), t0, t0, &mut w);
+        assert_eq!(w.take(), vec!["REGISTER lock wait"]);
+        // The master answers the owner its grant.
+        let id = w.last_id();
+        s.handle_reply(id, &Reply::Registered { token: 9 }, t0, &mut w)
+            .unwrap();
+        for (d, r) in completions(&mut s).done {
+            let _ = d.send(r);
+        }
+        assert!(matches!(rx.try_recv(), Ok(Ok(Answer::Registered(9)))));
+        assert!(s.owns(b"lock", 9));
+    }
+
+    #[test]
+    fn a_queue_place_taken_again_is_retried_if_that_connection_drops_too() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        let (req, kind) = register("lock", true, true);
+        s.submit(&req, kind, None, t0, &mut w).unwrap();
+        let id = w.last_id();
+        s.handle_reply(id, &Reply::Queued { position: 2 }, t0, &mut w)
+            .unwrap();
+        s.detached("gone");
+        s.resumed(&hello_ok(2, 5_000), t0, t0, &mut w);
+        w.take();
+        // Dropped again before the new master answered the re-queue.
+        s.detached("gone again");
+        s.resumed(&hello_ok(2, 5_000), t0, t0, &mut w);
+        assert_eq!(w.take(), vec!["REGISTER lock wait"]);
+    }
+
+    #[test]
+    fn a_wait_the_application_left_is_not_sent_again() {
+        let t0 = Instant::now();
+        let (mut s, mut w) = (core(t0), Tape::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (req, kind) = register("lock", true, true);
+        s.submit(&req, kind, Some(tx), t0, &mut w).unwrap();
+        // The application gives up before the REGISTER is answered.
+        s.submit(
+            &Request::Unregister { port: b"lock" },
+            Kind::Unregister(Name::new(b"lock")),
+            None,
+            t0,
+            &mut w,
+        )
+        .unwrap();
+        w.take();
+        s.detached("gone");
+        for (d, r) in completions(&mut s).done {
+            let _ = d.send(r);
+        }
+        assert!(matches!(rx.try_recv(), Ok(Err(_))), "the wait ended");
+        s.resumed(&hello_ok(1, 0), t0, t0, &mut w);
+        assert_eq!(w.take(), vec!["UNREGISTER lock"]);
     }
 
     #[test]
