@@ -436,7 +436,7 @@ async fn on_disconnect(sh: Arc<Shared>, gen: u64, why: String) {
                 sh.signals.deliver(&mut fx);
                 return;
             }
-            Ok(Err(Error::Server { code, message }))
+            Ok(Err(Error::Server { code, message, .. }))
                 if !matches!(code, ErrorCode::NotMaster | ErrorCode::Overloaded) =>
             {
                 let mut fx = Effects::default();

@@ -106,10 +106,15 @@ impl Handshake {
                     })?;
                 Ok(Next::Done(HelloOk { auth: &[], ..*h }))
             }
-            (_, Reply::Error { code, message }) => Err(Error::Server {
-                code: *code,
-                message: String::from_utf8_lossy(message).into_owned(),
-            }),
+            (
+                _,
+                Reply::Error {
+                    code,
+                    message,
+                    retry_ms,
+                    master,
+                },
+            ) => Err(Error::of_reply(*code, message, *retry_ms, master)),
             (_, other) => Err(Error::Protocol(format!(
                 "unexpected handshake answer {other:?}"
             ))),

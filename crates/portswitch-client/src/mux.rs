@@ -302,10 +302,7 @@ impl St {
             _ if self.tls_expected => Error::TlsExpected {
                 addr: self.server.clone(),
             },
-            Some((code, message)) => Error::Server {
-                code: *code,
-                message: message.clone(),
-            },
+            Some((code, message)) => Error::server(*code, message.clone()),
             None => Error::ConnectionLost,
         };
         for r in std::mem::take(&mut self.route) {
@@ -569,19 +566,19 @@ impl Inner {
             Some(c) => c,
             None => {
                 if st.channels_max != 0 && st.next_channel >= st.channels_max {
-                    return Err(Error::Server {
-                        code: ErrorCode::ChannelsMax,
-                        message: format!(
+                    return Err(Error::server(
+                        ErrorCode::ChannelsMax,
+                        format!(
                             "this connection carries the {} channels the server allows",
                             st.channels_max.saturating_sub(1)
                         ),
-                    });
+                    ));
                 }
                 if st.next_channel > u16::MAX as u32 {
-                    return Err(Error::Server {
-                        code: ErrorCode::ChannelsMax,
-                        message: "this connection carries 65,535 channels".into(),
-                    });
+                    return Err(Error::server(
+                        ErrorCode::ChannelsMax,
+                        "this connection carries 65,535 channels",
+                    ));
                 }
                 let c = st.next_channel as u16;
                 st.next_channel += 1;
@@ -652,10 +649,10 @@ impl Inner {
                 // for it) and ask again.
                 Error::Server {
                     code: ErrorCode::NotMaster,
-                    message,
+                    master,
+                    ..
                 } => {
-                    let hint = message.strip_prefix("master=").map(str::to_string);
-                    self.move_connection(hint, "not the master");
+                    self.move_connection(master.clone(), "not the master");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Error::ConnectionLost | Error::Io(_) => {}
@@ -811,10 +808,10 @@ impl Inner {
         if ok.epoch < info.epoch {
             // A master older than one this session has seen is deposed (or about to
             // learn it is): its answers must not extend the lease view.
-            return Err(Error::Server {
-                code: ErrorCode::NotMaster,
-                message: format!("epoch {} is older than {} seen", ok.epoch, info.epoch),
-            });
+            return Err(Error::server(
+                ErrorCode::NotMaster,
+                format!("epoch {} is older than {} seen", ok.epoch, info.epoch),
+            ));
         }
         let mut fx = Fx::default();
         {
@@ -877,7 +874,13 @@ async fn reconnect(inner: Arc<Inner>, mut hint: Option<String>) {
                         failed_any = true;
                         if let Some(w) = retry_hint(&e) {
                             wait = Some(w);
-                        } else if let Error::Server { code, message } = &e {
+                        } else if let Error::Server {
+                            code,
+                            message,
+                            master,
+                            ..
+                        } = &e
+                        {
                             if !matches!(code, ErrorCode::NotMaster) {
                                 end_session(
                                     &inner,
@@ -885,10 +888,7 @@ async fn reconnect(inner: Arc<Inner>, mut hint: Option<String>) {
                                     format!("resume refused: {code}: {message}"),
                                 );
                             } else {
-                                inner.move_connection(
-                                    message.strip_prefix("master=").map(str::to_string),
-                                    "not the master",
-                                );
+                                inner.move_connection(master.clone(), "not the master");
                             }
                         }
                     }
@@ -943,19 +943,20 @@ async fn reconnect(inner: Arc<Inner>, mut hint: Option<String>) {
                     match e {
                         Error::Server {
                             code: ErrorCode::NotMaster,
-                            message,
+                            master,
+                            ..
                         } => {
                             let mut fx = Fx::default();
                             inner.lock().drop_connection("not the master", &mut fx);
                             inner.up.send_replace(0);
                             deliver(fx);
-                            if let Some(m) = message.strip_prefix("master=") {
-                                hint = Some(m.to_string());
+                            if let Some(m) = master {
+                                hint = Some(m);
                                 progressed = true;
                                 break;
                             }
                         }
-                        Error::Server { code, message } => {
+                        Error::Server { code, message, .. } => {
                             // This session cannot be had; the others may.
                             end_session(
                                 &inner,

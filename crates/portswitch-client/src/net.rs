@@ -301,23 +301,18 @@ pub(crate) fn try_elsewhere(e: &Error) -> bool {
     }
 }
 
-/// How long a member taking over as master asked us to wait (`retry_ms=N` in its
+/// How long a member taking over as master asked us to wait (the `retry_ms` of its
 /// `not_master` answer), if it did.
 pub(crate) fn retry_hint(e: &Error) -> Option<Duration> {
     let Error::Server {
         code: ErrorCode::NotMaster | ErrorCode::Overloaded,
-        message,
+        retry_ms: Some(ms),
+        ..
     } = e
     else {
         return None;
     };
-    let (_, n) = message.split_once("retry_ms=")?;
-    let ms: u64 = n
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms.min(10_000)))
+    Some(Duration::from_millis((*ms as u64).min(10_000)))
 }
 
 /// Waits as long as a server said (`retry_ms`), spread over a few ms more so that
@@ -328,7 +323,7 @@ pub(crate) async fn wait_as_told(wait: Duration) {
 }
 
 /// Handshakes with the group's master: `addr`, then the other servers, following a
-/// follower's `master=` hint at once. `failed` (the server whose connection just
+/// follower's hint at the master at once. `failed` (the server whose connection just
 /// failed) is asked alongside them rather than first: it may be silent rather than
 /// dead (its data centre cut off), and then an attempt on it costs a whole
 /// `answer_timeout`, while a live member answers in a round trip and names the
@@ -364,13 +359,15 @@ pub(crate) async fn handshake_any(
                 },
             ) => Some(Err(e)),
             Err(e) if try_elsewhere(&e) => {
-                if let Error::Server { message, .. } = &e {
-                    if let Some(master) = message.strip_prefix("master=") {
-                        // A hint at the server that just failed us adds nothing:
-                        // it is being asked already.
-                        if Some(master) != failed {
-                            todo.push_front(master.to_string());
-                        }
+                if let Error::Server {
+                    master: Some(master),
+                    ..
+                } = &e
+                {
+                    // A hint at the server that just failed us adds nothing: it is
+                    // being asked already.
+                    if Some(master.as_str()) != failed {
+                        todo.push_front(master.clone());
                     }
                 }
                 tracing::debug!(%addr, error = %e, "not served here; trying the next server");
@@ -489,13 +486,18 @@ pub(crate) fn first_message(frame: &[u8]) -> Result<(ServerMsg<'_>, &[u8])> {
 pub(crate) fn refusal(msg: ServerMsg<'_>) -> Error {
     match msg {
         ServerMsg::Reply {
-            reply: Reply::Error { code, message },
+            reply:
+                Reply::Error {
+                    code,
+                    message,
+                    retry_ms,
+                    master,
+                },
             ..
+        } => Error::of_reply(code, message, retry_ms, master),
+        ServerMsg::Event(WireEvent::GoAway { code, message }) => {
+            Error::of_reply(code, message, 0, b"")
         }
-        | ServerMsg::Event(WireEvent::GoAway { code, message }) => Error::Server {
-            code,
-            message: String::from_utf8_lossy(message).into_owned(),
-        },
         other => Error::Protocol(format!("unexpected handshake answer {other:?}")),
     }
 }

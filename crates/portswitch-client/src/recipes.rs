@@ -325,10 +325,10 @@ impl Discovery {
         let port = format!("{}{instance}", self.prefix());
         match self.client.register(&port, addr).await? {
             RegisterOutcome::Owned { token } => Ok(token),
-            RegisterOutcome::Taken { session, .. } => Err(Error::Server {
-                code: portswitch_proto::ErrorCode::InvalidArgument,
-                message: format!("instance {instance} is registered by session {session:#x}"),
-            }),
+            RegisterOutcome::Taken { session, .. } => Err(Error::server(
+                portswitch_proto::ErrorCode::InvalidArgument,
+                format!("instance {instance} is registered by session {session:#x}"),
+            )),
             RegisterOutcome::Queued { .. } => Err(Error::Protocol("QUEUED without wait".into())),
         }
     }

@@ -1180,10 +1180,10 @@ impl<T> SessionCore<T> {
 }
 
 fn left_the_queue() -> Error {
-    Error::Server {
-        code: ErrorCode::NotOwner,
-        message: "the port was unregistered while waiting for it".into(),
-    }
+    Error::server(
+        ErrorCode::NotOwner,
+        "the port was unregistered while waiting for it",
+    )
 }
 
 pub(crate) fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
@@ -1232,12 +1232,12 @@ pub(crate) fn owned_answer(r: &Reply<'_>) -> Result<Answer> {
                 .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v))
                 .collect(),
         ),
-        Reply::Error { code, message } => {
-            return Err(Error::Server {
-                code,
-                message: String::from_utf8_lossy(message).into_owned(),
-            })
-        }
+        Reply::Error {
+            code,
+            message,
+            retry_ms,
+            master,
+        } => return Err(Error::of_reply(code, message, retry_ms, master)),
         Reply::AdminOk { result } => Answer::Admin(b(result)),
         Reply::HelloOk(_) | Reply::AuthContinue { .. } => {
             return Err(Error::Protocol(
@@ -1560,10 +1560,7 @@ mod tests {
         let id = w.last_id();
         s.handle_reply(id - 1, &Reply::Registered { token: 1 }, t0, &mut w)
             .unwrap();
-        let not_owner = Reply::Error {
-            code: ErrorCode::NotOwner,
-            message: b"not yours",
-        };
+        let not_owner = Reply::error(ErrorCode::NotOwner, b"not yours");
         s.handle_reply(id, &not_owner, t0, &mut w).unwrap();
         for (d, r) in completions(&mut s).done {
             let _ = d.send(r);
@@ -1712,10 +1709,7 @@ mod tests {
             &mut w,
         )
         .unwrap();
-        let no_session = Reply::Error {
-            code: ErrorCode::NoSession,
-            message: b"",
-        };
+        let no_session = Reply::error(ErrorCode::NoSession, b"");
         s.handle_reply(
             w.last_id(),
             &no_session,

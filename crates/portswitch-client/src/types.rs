@@ -12,7 +12,16 @@ pub enum Error {
     Io(#[from] std::io::Error),
     /// The server answered with a typed error.
     #[error("server error {code}: {message}")]
-    Server { code: ErrorCode, message: String },
+    Server {
+        code: ErrorCode,
+        /// For people.
+        message: String,
+        /// When the server said to ask again (`not_master` while a member takes over,
+        /// `overloaded`).
+        retry_ms: Option<u32>,
+        /// The group's master, when a member that is not it named it.
+        master: Option<String>,
+    },
     /// A request exceeds a limit the server announced; it was not sent.
     #[error("{what} of {len} bytes exceeds the server's limit of {max}")]
     TooLarge {
@@ -70,6 +79,26 @@ fn reach_failure(e: &std::io::Error) -> String {
 }
 
 impl Error {
+    /// A server error without advice.
+    pub fn server(code: ErrorCode, message: impl Into<String>) -> Error {
+        Error::Server {
+            code,
+            message: message.into(),
+            retry_ms: None,
+            master: None,
+        }
+    }
+
+    /// The error of an ERROR reply, with its advice.
+    pub(crate) fn of_reply(code: ErrorCode, message: &[u8], retry_ms: u32, master: &[u8]) -> Error {
+        Error::Server {
+            code,
+            message: String::from_utf8_lossy(message).into_owned(),
+            retry_ms: (retry_ms != 0).then_some(retry_ms),
+            master: (!master.is_empty()).then(|| String::from_utf8_lossy(master).into_owned()),
+        }
+    }
+
     /// The server's error code, if this is a server error.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {

@@ -408,7 +408,7 @@ fn show_server_msg(msg: &ServerMsg<'_>) -> String {
                 Reply::Ok => "OK".into(),
                 Reply::Registered { token } => format!("REGISTERED {token}"),
                 Reply::Queued { position } => format!("QUEUED {position}"),
-                Reply::Error { code, message } => format!("ERROR {code}: {}", name(message)),
+                Reply::Error { code, message, .. } => format!("ERROR {code}: {}", name(message)),
                 other => format!("{other:?}"),
             };
             format!("#{id} {r}")
@@ -1068,10 +1068,7 @@ impl World {
             // Not the master: every request is answered `not_master`.
             let mut fb = FrameBuf::new(FRAME_BYTES_MAX, COMMANDS_PER_FRAME_MAX);
             for &(_, id, _) in batches.iter().flatten() {
-                let not_master = Reply::Error {
-                    code: ErrorCode::NotMaster,
-                    message: b"not the master",
-                };
+                let not_master = Reply::error(ErrorCode::NotMaster, b"not the master");
                 fb.push_reply(id, &not_master);
             }
             let frames = frames_of(fb);
@@ -1501,7 +1498,7 @@ impl World {
                 code: ErrorCode::NotMaster | ErrorCode::Overloaded,
                 ..
             } => self.disconnect(c, "not the master", true),
-            Reply::Error { code, message } => {
+            Reply::Error { code, message, .. } => {
                 let why = format!(
                     "resume refused: {code}: {}",
                     String::from_utf8_lossy(message)

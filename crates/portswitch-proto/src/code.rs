@@ -76,11 +76,12 @@ pub enum ErrorCode {
     /// from an earlier master, or with a token not from an earlier epoch.
     ReclaimRefused,
     /// This server is not the group's master (a follower, or a master electing or
-    /// deposed). The message is `master=HOST:PORT` when it knows who is, else why not.
+    /// deposed). The ERROR's `master` field names the master when it knows it, and
+    /// `retry_ms` says when to come back while it takes over itself.
     NotMaster,
     /// The server admits at most `hello_rate_max` HELLOs per second (a reconnect
-    /// stampede after a failover must not topple the new master). The message says
-    /// `retry_ms=N`; nothing was done.
+    /// stampede after a failover must not topple the new master). The ERROR's
+    /// `retry_ms` field says when to ask again; nothing was done.
     Overloaded,
     /// A CHANNEL switch named a channel at or past the server's
     /// `channels_per_connection_max` (a structural error: the connection closes).

@@ -40,7 +40,7 @@ pub mod role;
 
 pub use code::ErrorCode;
 pub use frame::{FrameBuf, FrameError, RawMessage};
-pub use role::MemberRole;
 pub use msg::{
     BodyError, Event, Hello, HelloOk, PageEntry, Reply, Request, ServerLimits, ServerMsg,
 };
+pub use role::MemberRole;

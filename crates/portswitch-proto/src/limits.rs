@@ -51,6 +51,9 @@ pub const ADMIN_BYTES_MAX: usize = 256 << 10;
 /// Longest human-readable error message.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1_024;
 
+/// Longest address (`HOST:PORT`) an ERROR names as the master.
+pub const ADDR_BYTES_MAX: usize = 256;
+
 /// Most entries one LIST page may ask for.
 pub const LIST_LIMIT_MAX: u32 = 4_096;
 

@@ -587,10 +587,18 @@ pub enum Reply<'a> {
         count: u16,
         entries: &'a [u8],
     },
-    /// Body: `code u16, message b16`.
+    /// Body: `code u16, message b16 [retry_ms u32, master b16]`. The bracketed
+    /// fields are sent when either is set (`not_master` from a member that knows the
+    /// master or is taking over, `overloaded`); absent, they read as 0 and empty.
+    /// Decoders of before ignore them.
     Error {
         code: ErrorCode,
+        /// For people; never parsed.
         message: &'a [u8],
+        /// When to ask again, in ms (0: no advice).
+        retry_ms: u32,
+        /// The group's master, `HOST:PORT`, when a member that is not it knows it.
+        master: &'a [u8],
     },
     /// Body: `data b16`. HELLO with credentials: the server's challenge (for
     /// SCRAM-SHA-256, the server-first-message); answer with AUTH.
@@ -644,6 +652,16 @@ pub enum ServerMsg<'a> {
 }
 
 impl<'a> Reply<'a> {
+    /// An ERROR with no advice (`retry_ms` 0, no master).
+    pub fn error(code: ErrorCode, message: &'a [u8]) -> Reply<'a> {
+        Reply::Error {
+            code,
+            message,
+            retry_ms: 0,
+            master: &[],
+        }
+    }
+
     pub fn opcode(&self) -> u8 {
         match self {
             Reply::HelloOk(_) => op::HELLO_OK,
@@ -679,7 +697,19 @@ impl<'a> Reply<'a> {
             Reply::Count { .. } => 8,
             Reply::Page { entries, .. } => 12 + entries.len(),
             Reply::Stats { entries, .. } => 2 + entries.len(),
-            Reply::Error { message, .. } => 2 + 2 + message.len().min(ERROR_MESSAGE_BYTES_MAX),
+            Reply::Error {
+                message,
+                retry_ms,
+                master,
+                ..
+            } => {
+                let hints = if *retry_ms != 0 || !master.is_empty() {
+                    4 + 2 + master.len().min(ADDR_BYTES_MAX)
+                } else {
+                    0
+                };
+                2 + 2 + message.len().min(ERROR_MESSAGE_BYTES_MAX) + hints
+            }
             Reply::AuthContinue { data } => 2 + data.len(),
             Reply::AdminOk { result } => 4 + result.len(),
         }
@@ -746,9 +776,18 @@ impl<'a> Reply<'a> {
                 b.put_u16(count);
                 b.put_slice(entries);
             }
-            Reply::Error { code, message } => {
+            Reply::Error {
+                code,
+                message,
+                retry_ms,
+                master,
+            } => {
                 b.put_u16(code.to_u16());
                 put_b16(b, &message[..message.len().min(ERROR_MESSAGE_BYTES_MAX)]);
+                if retry_ms != 0 || !master.is_empty() {
+                    b.put_u32(retry_ms);
+                    put_b16(b, &master[..master.len().min(ADDR_BYTES_MAX)]);
+                }
             }
             Reply::AuthContinue { data } => put_b16(b, data),
             Reply::AdminOk { result } => put_b32(b, result),
@@ -851,10 +890,24 @@ impl<'a> Reply<'a> {
             op::AUTH_CONTINUE => Reply::AuthContinue {
                 data: r.b16(AUTH_DATA_BYTES_MAX, InvalidArgument, "auth data")?,
             },
-            op::ERROR => Reply::Error {
-                code: ErrorCode::from_u16(r.u16("code")?),
-                message: r.b16(ERROR_MESSAGE_BYTES_MAX, InvalidArgument, "message")?,
-            },
+            op::ERROR => {
+                let code = ErrorCode::from_u16(r.u16("code")?);
+                let message = r.b16(ERROR_MESSAGE_BYTES_MAX, InvalidArgument, "message")?;
+                let (retry_ms, master) = if r.remaining() == 0 {
+                    (0, &[][..])
+                } else {
+                    (
+                        r.u32("retry_ms")?,
+                        r.b16(ADDR_BYTES_MAX, InvalidArgument, "master")?,
+                    )
+                };
+                Reply::Error {
+                    code,
+                    message,
+                    retry_ms,
+                    master,
+                }
+            }
             _ => return Err(body_err(UnknownCommand, "unknown reply opcode")),
         })
     }
@@ -1048,4 +1101,51 @@ fn put_b32(b: &mut impl BufMut, s: &[u8]) {
     assert!(s.len() <= u32::MAX as usize);
     b.put_u32(s.len() as u32);
     b.put_slice(s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(r: &Reply<'_>) -> Vec<u8> {
+        let mut b = bytes::BytesMut::new();
+        r.encode_body(&mut b);
+        assert_eq!(b.len(), r.body_len());
+        b.to_vec()
+    }
+
+    #[test]
+    fn error_advice_travels_as_fields_and_is_optional() {
+        let redirect = Reply::Error {
+            code: ErrorCode::NotMaster,
+            message: b"this member is not the master",
+            retry_ms: 0,
+            master: b"10.0.0.2:7400",
+        };
+        let b = body(&redirect);
+        assert_eq!(Reply::decode(op::ERROR, &b).unwrap(), redirect);
+        let wait = Reply::Error {
+            code: ErrorCode::Overloaded,
+            message: b"later",
+            retry_ms: 42,
+            master: b"",
+        };
+        assert_eq!(Reply::decode(op::ERROR, &body(&wait)).unwrap(), wait);
+        // Without advice the body is what it always was, and such a body (from a
+        // server of before) reads as no advice.
+        let plain = Reply::error(ErrorCode::NotOwner, b"no");
+        let b = body(&plain);
+        assert_eq!(b, [0, 3, 0, 2, b'n', b'o']);
+        assert_eq!(Reply::decode(op::ERROR, &b).unwrap(), plain);
+        // A decoder of before stops after the message: the advice is a trailer.
+        let b = body(&redirect);
+        let mut r = Reader::new(&b);
+        r.u16("code").unwrap();
+        let m = r.b16(
+            ERROR_MESSAGE_BYTES_MAX,
+            ErrorCode::InvalidArgument,
+            "message",
+        );
+        assert_eq!(m.unwrap(), b"this member is not the master");
+    }
 }

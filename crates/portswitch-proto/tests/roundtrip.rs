@@ -171,7 +171,7 @@ proptest! {
             Reply::Watching { owner: None }, Reply::Delivered, Reply::NoOwner, Reply::Count { count: token },
             Reply::Page { next_cursor: token, count: entries.len() as u32, entries: &page },
             Reply::Stats { count: 1, entries: &stats },
-            Reply::Error { code: ErrorCode::from_u16(code), message: &value[..value.len().min(ERROR_MESSAGE_BYTES_MAX)] },
+            Reply::error(ErrorCode::from_u16(code), &value[..value.len().min(ERROR_MESSAGE_BYTES_MAX)]),
             Reply::AuthContinue { data: &name },
         ];
         let events = [

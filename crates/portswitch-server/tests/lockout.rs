@@ -78,7 +78,7 @@ impl Conn {
                         Reply::AdminOk { result } => {
                             Answer::Admin(serde_json::from_slice(result).unwrap())
                         }
-                        Reply::Error { code, message } => Answer::Refused(code, text(message)),
+                        Reply::Error { code, message, .. } => Answer::Refused(code, text(message)),
                         other => panic!("unexpected {other:?}"),
                     };
                 }

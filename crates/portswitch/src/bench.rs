@@ -625,7 +625,7 @@ impl RawConn {
             self.read_some(|m| {
                 if let ServerMsg::Reply { reply, .. } = m {
                     got += 1;
-                    if let Reply::Error { code, message } = reply {
+                    if let Reply::Error { code, message, .. } = reply {
                         errs.push(format!("{code}: {}", String::from_utf8_lossy(message)));
                     }
                 }

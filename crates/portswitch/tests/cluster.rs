@@ -609,3 +609,41 @@ async fn users_belong_to_the_group_and_a_deleted_users_sessions_end() {
     .await;
     assert!(login("alice", ALICE_PW).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_names_the_master_in_a_field_of_its_answer() {
+    use portswitch_proto::{FrameBuf, Reply, Request, ServerMsg};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let g = Group::start("hint").await;
+    let m = g.master(None).await;
+    let follower = (m + 1) % g.addrs.len();
+    let mut s = tokio::net::TcpStream::connect(&g.addrs[follower])
+        .await
+        .unwrap();
+    let mut fb = FrameBuf::new(1 << 14, 8);
+    fb.push_request(1, &Request::Hello(common::hello(10_000, false)));
+    let mut out = bytes::BytesMut::new();
+    fb.take_into(&mut out);
+    s.write_all(&out).await.unwrap();
+    let mut buf = vec![0u8; 4];
+    within("reply", s.read_exact(&mut buf)).await.unwrap();
+    let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+    let mut frame = vec![0u8; len];
+    within("reply", s.read_exact(&mut frame)).await.unwrap();
+    let msg = portswitch_proto::frame::messages(&frame, 8)
+        .next()
+        .unwrap()
+        .unwrap();
+    match ServerMsg::decode(msg.opcode, msg.id, msg.body).unwrap() {
+        ServerMsg::Reply {
+            reply:
+                Reply::Error {
+                    code: ErrorCode::NotMaster,
+                    master,
+                    ..
+                },
+            ..
+        } => assert_eq!(master, g.addrs[m].as_bytes()),
+        other => panic!("{other:?}"),
+    }
+}

@@ -653,7 +653,8 @@ async fn a_server_beyond_loopback_requires_tls_and_authentication() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("refusing to serve metrics") && err.contains("--danger-allow-insecure-network"),
+        err.contains("refusing to serve metrics")
+            && err.contains("--danger-allow-insecure-network"),
         "{err}"
     );
 }
@@ -997,7 +998,13 @@ async fn a_default_serve_starts_without_warnings() {
     // Nothing about a default configuration deserves a warning on every start (the
     // descriptor limit sizes connections_max instead, said at info level).
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1005,7 +1012,10 @@ async fn a_default_serve_starts_without_warnings() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    within("server start", lines.next_line()).await.unwrap().unwrap();
+    within("server start", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])

@@ -454,14 +454,7 @@ impl Core {
 
     fn error(&mut self, conn: ConnId, id: u32, code: ErrorCode, msg: &str, out: &mut impl Outbox) {
         self.stats.errors_total += 1;
-        out.reply(
-            conn,
-            id,
-            &Reply::Error {
-                code,
-                message: msg.as_bytes(),
-            },
-        );
+        out.reply(conn, id, &Reply::error(code, msg.as_bytes()));
     }
 
     /// The connection closed (or the driver gave up on it). A session that asked to end

@@ -14,7 +14,7 @@ pub(super) fn is_edge(req: &Request<'_>) -> bool {
 }
 
 pub(super) fn refuse(out: &mut Out<'_>, conn: ConnId, id: u32, code: ErrorCode, msg: &[u8]) {
-    out.reply(conn, id, &Reply::Error { code, message: msg });
+    out.reply(conn, id, &Reply::error(code, msg));
 }
 
 /// Handles an edge request (see [`is_edge`]): verifies credentials here, then hands

@@ -54,17 +54,21 @@ impl Shared {
             frame_max.min(self.cfg.frame_bytes_before_login_max as usize)
         };
         let channels_max = self.cfg.core.channels_per_connection_max;
-        let hint = match &st.serving {
-            Serving::Yes => Vec::new(),
-            // Taking over: say when to come back, so clients need not poll.
+        // What a member that does not serve answers: who the master is, or (taking
+        // over) when to come back, so clients need not poll.
+        let (not_master, retry_ms, master): (&[u8], u32, &[u8]) = match &st.serving {
+            Serving::Yes => (b"", 0, b""),
             Serving::No {
                 serve_at: Some(at), ..
-            } => format!(
-                "taking over as master; retry_ms={}",
-                at.saturating_duration_since(Instant::now()).as_millis() + 1
-            )
-            .into_bytes(),
-            Serving::No { hint, .. } => hint.clone(),
+            } => (
+                b"taking over as master",
+                (at.saturating_duration_since(Instant::now()).as_millis() + 1) as u32,
+                b"",
+            ),
+            Serving::No { hint, .. } => match hint.strip_prefix(b"master=") {
+                Some(addr) => (b"this member is not the master", 0, addr),
+                None => (hint.as_slice(), 0, b""),
+            },
         };
         let mut consumed = 0;
         let mut close = false;
@@ -159,7 +163,9 @@ impl Shared {
                         m.id,
                         &Reply::Error {
                             code: ErrorCode::NotMaster,
-                            message: &hint,
+                            message: not_master,
+                            retry_ms,
+                            master,
                         },
                     ),
                     Ok(Request::Admin { command }) if MemberOp::parse(command).is_some() => {
@@ -218,12 +224,12 @@ impl Shared {
                                 .as_ref()
                                 .is_some_and(|k| k.must_raise(h.lease_ms)) =>
                     {
+                        let retry_ms = (RAISE_RETRY_MS + fastrand_ms(10)) as u32;
                         let msg = format!(
-                            "raising the master's lease ceiling to {} ms; retry_ms={}",
+                            "raising the master's lease ceiling to {} ms; retry in {retry_ms} ms",
                             h.lease_ms,
-                            RAISE_RETRY_MS + fastrand_ms(10)
                         );
-                        refuse(&mut out, vconn, m.id, ErrorCode::Overloaded, msg.as_bytes());
+                        overloaded(&mut out, vconn, m.id, msg.as_bytes(), retry_ms);
                     }
                     Ok(Request::Hello(_))
                         if !self.admit_hello(
@@ -233,11 +239,11 @@ impl Shared {
                         ) =>
                     {
                         let wait = 1_000 / self.cfg.hello_rate_max.max(1) as u64 + 1;
+                        let retry_ms = (wait + fastrand_ms(50)) as u32;
                         let msg = format!(
-                            "too many sessions opening at once (hello_rate_max); retry_ms={}",
-                            wait + fastrand_ms(50)
+                            "too many sessions opening at once (hello_rate_max); retry in {retry_ms} ms"
                         );
-                        refuse(&mut out, vconn, m.id, ErrorCode::Overloaded, msg.as_bytes());
+                        overloaded(&mut out, vconn, m.id, msg.as_bytes(), retry_ms);
                     }
                     Ok(Request::Admin { command }) if st.auth.replicated().is_some() => {
                         // A group's users: a change is written through the group first.
@@ -293,14 +299,7 @@ impl Shared {
                         now,
                     ),
                     Ok(req) => st.core.handle(&mut batch, m.id, &req, &mut out),
-                    Err(e) => out.reply(
-                        vconn,
-                        m.id,
-                        &Reply::Error {
-                            code: e.code,
-                            message: e.detail.as_bytes(),
-                        },
-                    ),
+                    Err(e) => out.reply(vconn, m.id, &Reply::error(e.code, e.detail.as_bytes())),
                 }
             }
             if close {
@@ -369,4 +368,15 @@ impl Shared {
             None => Fed::Consumed(consumed),
         }
     }
+}
+
+/// Answers `overloaded`, saying when to ask again.
+fn overloaded(out: &mut Out<'_>, conn: ConnId, id: u32, msg: &[u8], retry_ms: u32) {
+    let reply = Reply::Error {
+        code: ErrorCode::Overloaded,
+        message: msg,
+        retry_ms,
+        master: b"",
+    };
+    out.reply(conn, id, &reply);
 }
