@@ -1070,6 +1070,15 @@ impl<T> SessionCore<T> {
             self.send(&req, kind, None, seq, now, wire);
         }
         for d in std::mem::take(&mut self.backlog) {
+            // A release cut short goes out again only to the same master (it may never
+            // have arrived, and the port would stay the session's). A new master never
+            // had the port from this session — it was not reclaimed — so there is
+            // nothing to send: the release is over, its outcome unknown, as before.
+            if new_master && matches!(d.kind, Kind::UnregisterAgain(_)) {
+                self.unregistering = self.unregistering.saturating_sub(1);
+                self.complete(d.done, Err(Error::ConnectionLost));
+                continue;
+            }
             self.send_deferred(d, now, wire);
         }
         self.continue_recovery(now, wire);
@@ -1553,19 +1562,14 @@ mod tests {
         w.take();
         s.detached("gone");
         s.resumed(&hello_ok(2, 5_000), t0, t0, &mut w);
-        // Not reclaimed; its release goes out again (on the same master it may never
-        // have arrived), and not_owner — it had — answers the application as done.
-        assert_eq!(w.take(), vec!["RECLAIM kept 1", "UNREGISTER going"]);
+        // On a new master: not reclaimed, and nothing to release there; the release's
+        // outcome is unknown.
+        assert_eq!(w.take(), vec!["RECLAIM kept 1"]);
         assert_eq!(s.owned_ports(), vec![(Bytes::from_static(b"kept"), 1)]);
-        let id = w.last_id();
-        s.handle_reply(id - 1, &Reply::Registered { token: 1 }, t0, &mut w)
-            .unwrap();
-        let not_owner = Reply::error(ErrorCode::NotOwner, b"not yours");
-        s.handle_reply(id, &not_owner, t0, &mut w).unwrap();
         for (d, r) in completions(&mut s).done {
             let _ = d.send(r);
         }
-        assert!(matches!(rx.try_recv(), Ok(Ok(Answer::Ok))));
+        assert!(matches!(rx.try_recv(), Ok(Err(Error::ConnectionLost))));
     }
 
     #[test]
@@ -1586,6 +1590,11 @@ mod tests {
         s.resumed(&hello_ok(1, 0), t0, t0, &mut w);
         assert_eq!(w.take(), vec!["UNREGISTER p"]);
         assert!(s.owned_ports().is_empty());
+        // It had arrived after all: not_owner answers the release as done.
+        let not_owner = Reply::error(ErrorCode::NotOwner, b"not yours");
+        s.handle_reply(w.last_id(), &not_owner, t0, &mut w).unwrap();
+        let fx = completions(&mut s);
+        assert!(fx.done.is_empty() && !s.is_over());
     }
 
     #[test]
