@@ -40,8 +40,8 @@ run() {
     lg=$(python3 - "$2" "$BIN" "$PORT" "$CONNECTIONS" "$PIPELINE" "$DURATION" "$PREENCODED" <<'PY'
 import json, resource, subprocess, sys
 cpus, binary, port, conns, pipeline, duration, pre = sys.argv[1:]
-cmd = ["taskset", "-c", cpus, binary, "bench", "--addr", f"127.0.0.1:{port}",
-       "--workload", "register-unregister", "--connections", conns,
+cmd = ["taskset", "-c", cpus, binary, "bench", "register-unregister",
+       "--addr", f"127.0.0.1:{port}", "--connections", conns,
        "--pipeline", pipeline, "--duration", duration, "--json"] + ([pre] if pre else [])
 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 r = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -37,16 +37,16 @@ users 127.0.0.1:17411
 start 17412 --data-dir "$WORK/d2" --tls-cert "$WORK/certs/server.pem" --tls-key "$WORK/certs/server-key.pem"
 users localhost:17412 --ca "$WORK/certs/ca.pem"
 
-run() { "$BIN" bench --workload register-unregister --connections 64 --duration "$DURATION" --json "$@"; }
+run() { "$BIN" bench register-unregister --connections 64 --duration "$DURATION" --json "$@"; }
 echo "== register-unregister, 64 connections, ${DURATION}s each"
 PLAIN=$(run --addr 127.0.0.1:17410)
 ROOTP=$(PORTSWITCH_PASSWORD=$ROOT_PW run --addr 127.0.0.1:17411 --user root)
 ACL=$(PORTSWITCH_PASSWORD=$APP_PW run --addr 127.0.0.1:17411 --user app)
 TLS=$(PORTSWITCH_PASSWORD=$ROOT_PW run --addr localhost:17412 --ca "$WORK/certs/ca.pem" --user root)
 echo "== logins (SCRAM-SHA-256, 16384 iterations)"
-L1=$(PORTSWITCH_PASSWORD=$ROOT_PW "$BIN" bench --addr 127.0.0.1:17411 --workload login --user root --connections 1 --duration 5 --json)
-L2=$(PORTSWITCH_PASSWORD=$ROOT_PW "$BIN" bench --addr 127.0.0.1:17411 --workload login --user root --connections 2 --duration 5 --json)
-LT=$(PORTSWITCH_PASSWORD=$ROOT_PW "$BIN" bench --addr localhost:17412 --ca "$WORK/certs/ca.pem" --workload login --user root --connections 1 --duration 5 --json)
+L1=$(PORTSWITCH_PASSWORD=$ROOT_PW "$BIN" bench login --addr 127.0.0.1:17411 --user root --connections 1 --duration 5 --json)
+L2=$(PORTSWITCH_PASSWORD=$ROOT_PW "$BIN" bench login --addr 127.0.0.1:17411 --user root --connections 2 --duration 5 --json)
+LT=$(PORTSWITCH_PASSWORD=$ROOT_PW "$BIN" bench login --addr localhost:17412 --ca "$WORK/certs/ca.pem" --user root --connections 1 --duration 5 --json)
 
 python3 - "$PLAIN" "$ROOTP" "$ACL" "$TLS" "$L1" "$L2" "$LT" <<'PY'
 import json, sys, datetime

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Many concurrent sessions on one server: `bench --workload hold-sessions` opens N
+# Many concurrent sessions on one server: `bench hold-sessions` opens N
 # sessions (CHANNELS per connection, each on a channel of its own — 1 for one
 # connection per session — spread over 127.0.0.x source addresses), keeps them alive
 # with PINGs and times a fresh client's REGISTER meanwhile; the server's resident
@@ -50,6 +50,6 @@ mkdir -p "$OUT"
     --hello-rate-max "$N" --channels-per-connection-max $((CHANNELS + 1)) >"$WORK/serve.log" 2>&1 &
 PIDS+=($!)
 wait_port "$PORT"
-"$BIN" bench --addr "127.0.0.1:$PORT" --workload hold-sessions --connections "$N" --channels "$CHANNELS" \
+"$BIN" bench hold-sessions --addr "127.0.0.1:$PORT" --connections "$N" --channels "$CHANNELS" \
     --lease-ms "$LEASE_MS" --duration "$HOLD" --json | tee "$OUT/hold-sessions.json"
 echo "results in $OUT"

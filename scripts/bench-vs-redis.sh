@@ -35,7 +35,7 @@ echo "== portswitch register-unregister, $CONNS connections, pipeline $PIPELINE,
 PS_PID=$!
 PIDS+=("$PS_PID")
 wait_port "$PS_PORT"
-"$BIN" bench --addr "127.0.0.1:$PS_PORT" --workload register-unregister \
+"$BIN" bench register-unregister --addr "127.0.0.1:$PS_PORT" \
     --connections "$CONNS" --pipeline "$PIPELINE" --duration "$DURATION" --json | tee "$OUT/portswitch.json"
 kill "$PS_PID"
 

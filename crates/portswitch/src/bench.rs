@@ -1,4 +1,4 @@
-//! `portswitch bench`: load against a running server.
+//! `portswitch bench WORKLOAD`: load against a running server, one subcommand per workload.
 //!
 //! Throughput workloads drive raw protocol connections (one session each), keeping
 //! `--pipeline` requests in flight per connection and batching them into frames the
@@ -6,6 +6,7 @@
 //! Latency is from a request's write to its reply. `kill-holder` measures failure
 //! detection with real processes killed by SIGKILL.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
 use portswitch_client::{Client, ClientOptions, Event};
 use portswitch_proto::frame::{frame_len, messages};
@@ -25,69 +26,94 @@ use tokio::net::TcpStream;
 
 use crate::AppResult;
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+/// `portswitch bench WORKLOAD [flags]`: one subcommand per workload.
+#[derive(Args, Debug)]
+#[command(
+    arg_required_else_help = true,
+    subcommand_value_name = "WORKLOAD",
+    subcommand_help_heading = "Workloads",
+    after_help = "`portswitch bench WORKLOAD --help` lists the flags of a workload. The older form `portswitch bench --workload WORKLOAD [flags]` still works, with a note that it is deprecated."
+)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+/// The workloads. The throughput ones (register-unregister, query, send,
+/// lock-contended, fill, login) share [`ThroughputArgs`]; the others start or kill
+/// processes of their own and take the flags they need.
+#[derive(Subcommand, Debug)]
 pub enum Workload {
     /// REGISTER then UNREGISTER of distinct ports; every request counts.
-    RegisterUnregister,
+    RegisterUnregister(RegisterUnregisterArgs),
     /// QUERY of owned ports.
-    Query,
+    ///
+    /// Every connection first registers --ports ports, then queries ports of
+    /// connections picked at random.
+    Query(QueryArgs),
     /// SEND to a port owned by another connection (relay).
-    Send,
+    Send(ThroughputArgs),
     /// Many sessions queueing for few ports; counts handoffs.
-    LockContended,
+    ///
+    /// One port per 8 connections; each connection has one request in flight (a
+    /// queued REGISTER, then the UNREGISTER that hands the port on).
+    #[command(mut_arg("pipeline", |a| a.hide(true)))]
+    LockContended(ThroughputArgs),
     /// Register --ports ports, then report server memory per port.
-    Fill,
-    /// Kill -9 a process holding a port; time until watchers hear RELEASED.
-    KillHolder,
+    #[command(mut_arg("duration", |a| a.hide(true)))]
+    Fill(FillArgs),
     /// Connect, log in (SCRAM-SHA-256 with --user), say BYE, again; counts logins.
-    Login,
+    #[command(mut_arg("pipeline", |a| a.hide(true)))]
+    Login(ThroughputArgs),
+    /// Kill -9 a process holding a port; time until watchers hear RELEASED.
+    KillHolder(KillHolderArgs),
+    /// Hold many idle sessions; report server memory per session.
+    ///
     /// Open --connections sessions and keep them alive with PINGs for --duration
     /// seconds while a fresh client times REGISTER; report server memory per session.
-    HoldSessions,
+    /// Connections are spread over --source-addrs loopback source addresses.
+    HoldSessions(crate::hold::HoldArgs),
+    /// Time sessions and their ports coming back after the master is SIGKILLed.
+    ///
     /// Start a group of three members on loopback, give --connections sessions
     /// --ports ports in all, then SIGKILL the master --rounds times; time until every
     /// session is back with every port on the new master.
-    Failover,
+    Failover(crate::failover::FailoverArgs),
+    /// Locks through kills and stops of the master: safety checked, grants timed.
+    ///
     /// Start a group of three members on loopback; --connections sessions contend for
     /// --locks locks (acquire, hold --hold-ms, release) for --duration seconds while
     /// the master suffers --faults (kill: SIGKILL, stop: SIGSTOP for --stop-ms);
     /// checks that no two holders' intervals overlap and tokens rise, and reports
     /// grants per second and how soon grants resume after each fault.
-    FailoverLocks,
-    /// Needs root. Three members in three network namespaces ("data centres") with
+    FailoverLocks(crate::failover_locks::FailoverLocksArgs),
+    /// Throughput and failover across three data centres (needs root).
+    ///
+    /// Three members in three network namespaces ("data centres") with
     /// --delay-ms between them through a relay: register-unregister throughput next to
     /// the master and across the WAN, then --rounds times the master's data centre is
     /// cut off; time until --sessions sessions holding --ports ports are back.
-    Wan,
+    Wan(crate::wan::WanArgs),
 }
 
-#[derive(Args, Debug)]
-pub struct BenchArgs {
+/// Flags of every throughput workload, the same for each.
+#[derive(Args, Debug, Clone)]
+pub struct ThroughputArgs {
+    /// Server address (host:port).
     #[arg(long, default_value = "127.0.0.1:7400")]
     addr: String,
-    #[arg(long, value_enum)]
-    workload: Workload,
     /// Concurrent connections (one session each).
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Seconds to run (throughput workloads).
+    /// Seconds to run.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
     /// Requests in flight per connection.
     #[arg(long, default_value_t = 64)]
     pipeline: usize,
-    /// fill: ports to register in total. query: ports per connection to query.
-    #[arg(long, default_value_t = 1_000_000)]
-    ports: u64,
-    /// Session lease in ms (kill-holder: the holder's lease).
+    /// Session lease in ms.
     #[arg(long, default_value_t = 10_000)]
     lease_ms: u32,
-    /// kill-holder: rounds; with --end-on-disconnect the holder asks to end on
-    /// disconnect, otherwise its lease must run out.
-    #[arg(long, default_value_t = 20)]
-    rounds: usize,
-    #[arg(long)]
-    end_on_disconnect: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -100,65 +126,182 @@ pub struct BenchArgs {
     /// Log every session in as this user (password from PORTSWITCH_PASSWORD).
     #[arg(long)]
     user: Option<String>,
-    /// register-unregister only: encode one frame of --pipeline requests once and
-    /// send it again and again, so the load generator's own cost per request is a
-    /// copy and a header walk and the figure is the server's. Latencies are then per
-    /// frame round trip.
+}
+
+#[derive(Args, Debug)]
+pub struct RegisterUnregisterArgs {
+    #[command(flatten)]
+    common: ThroughputArgs,
+    /// Encode one frame of --pipeline requests once and send it again and again, so
+    /// the load generator's own cost per request is a copy and a header walk and the
+    /// figure is the server's. Latencies are then per frame round trip.
     #[arg(long)]
     preencoded: bool,
-    /// fill: after the report, keep the sessions (and their ports) until SIGINT or
+}
+
+#[derive(Args, Debug)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    common: ThroughputArgs,
+    /// Ports each connection registers and the others query (at most 1,000,000).
+    #[arg(long, default_value_t = 1_000_000)]
+    ports: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct FillArgs {
+    #[command(flatten)]
+    common: ThroughputArgs,
+    /// Ports to register in total (fill runs until they are all registered).
+    #[arg(long, default_value_t = 1_000_000)]
+    ports: u64,
+    /// After the report, keep the sessions (and their ports) until SIGINT or
     /// SIGTERM, so other benchmarks can run against a full server.
     #[arg(long)]
     hold: bool,
-    /// hold-sessions: loopback source addresses to spread connections over
-    /// (127.0.0.1 upwards); default one per 25,000 connections (the default
-    /// ephemeral port range holds about 28,000 per address).
+}
+
+#[derive(Args, Debug)]
+pub struct KillHolderArgs {
+    /// Server address (host:port).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    addr: String,
+    /// Rounds: a holder process started, SIGKILLed, its release timed.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// The holder's session lease in ms (what a kill costs without
+    /// --end-on-disconnect).
+    #[arg(long, default_value_t = 10_000)]
+    lease_ms: u32,
+    /// The holder asks to end its session on disconnect; otherwise its lease must
+    /// run out.
     #[arg(long)]
-    source_addrs: Option<usize>,
-    /// wan: delay between data centres, ms one way.
-    #[arg(long, default_value_t = 30)]
-    delay_ms: u64,
-    /// wan: sessions holding --ports ports through the failovers.
-    #[arg(long, default_value_t = 100)]
-    sessions: usize,
-    /// wan, failover-locks: a flag for every member's `serve` (repeatable), e.g.
-    /// --member-flag=--heartbeat-ms=100
-    #[arg(long = "member-flag", allow_hyphen_values = true)]
-    member_flags: Vec<String>,
-    /// wan: PING an idle session at least this often (default: a third of the lease),
-    /// which bounds how long a session takes to notice a silent master.
+    end_on_disconnect: bool,
+    /// Print one JSON object instead of text.
     #[arg(long)]
-    keepalive_ms: Option<u64>,
-    /// hold-sessions: connections being opened at once.
-    #[arg(long, default_value_t = 256)]
-    connect_concurrency: usize,
-    /// hold-sessions, failover-locks: sessions per connection, each on a channel of
-    /// its own (1: one connection per session, no channels).
-    #[arg(long, default_value_t = 1)]
-    channels: usize,
-    /// failover-locks: locks the sessions contend for.
-    #[arg(long, default_value_t = 8)]
-    locks: usize,
-    /// failover-locks: which lock a session asks for next.
-    #[arg(long, value_enum, default_value = "fixed")]
-    pick: crate::failover_locks::Pick,
-    /// failover-locks: faults applied to the master, evenly spread over the run.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "kill,stop,kill,stop,kill"
-    )]
-    faults: Vec<crate::failover_locks::Fault>,
-    /// failover-locks: how long a SIGSTOP lasts before SIGCONT.
-    #[arg(long, default_value_t = 4_000)]
-    stop_ms: u64,
-    /// failover-locks: seconds before the first fault (a master lowers its lease
-    /// ceiling to the leases in use after a whole ceiling of them, 10 s at first).
-    #[arg(long, default_value_t = 12.0)]
-    warmup_s: f64,
-    /// failover-locks: how long a holder keeps a lock before releasing it.
-    #[arg(long, default_value_t = 5)]
-    hold_ms: u64,
+    json: bool,
+}
+
+/// The throughput workloads that drive raw connections (`drive`); the `Debug` name
+/// is the report's `workload`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    RegisterUnregister,
+    Query,
+    Send,
+    LockContended,
+    Fill,
+}
+
+/// A throughput run: the workload, the common flags and those of some workloads.
+struct Plan {
+    kind: Kind,
+    args: ThroughputArgs,
+    /// query: ports per connection; fill: ports in all; others: unused.
+    ports: u64,
+    /// register-unregister only.
+    preencoded: bool,
+    /// fill only.
+    hold: bool,
+}
+
+/// A command line in the form before subcommands, `bench [flags] --workload NAME
+/// [flags]`, rewritten as `bench NAME [flags]`, with a one-line deprecation note for
+/// stderr. Flags that the old form took for every workload but NAME does not use are
+/// dropped (the old form ignored them) and named in the note; `--preencoded` is left
+/// for clap to refuse, as the old form refused it but for register-unregister. Any
+/// other command line comes back unchanged, without a note.
+pub fn legacy_command_line(args: Vec<OsString>) -> (Vec<OsString>, Option<String>) {
+    if args.get(1).and_then(|a| a.to_str()) != Some("bench") {
+        return (args, None);
+    }
+    let mut bench = BenchArgs::augment_args(clap::Command::new("bench"));
+    bench.build();
+    let first = args.get(2).and_then(|a| a.to_str());
+    if first.is_some_and(|a| bench.find_subcommand(a).is_some()) {
+        return (args, None);
+    }
+    // Every flag of the old form is a flag of some workload now, with the same arity.
+    let takes_value = |long: &str| {
+        bench
+            .get_subcommands()
+            .flat_map(|s| s.get_arguments())
+            .find(|a| a.get_long() == Some(long))
+            .map(|a| a.get_action().takes_values())
+    };
+    let mut workload = None;
+    // Each flag's name (if it is one) with its words: the flag and its value.
+    let mut rest: Vec<(Option<String>, Vec<OsString>)> = Vec::new();
+    let mut i = 2;
+    while i < args.len() {
+        let word = args[i].to_str();
+        if word == Some("--") {
+            rest.push((None, args[i..].to_vec()));
+            break;
+        }
+        if word == Some("--workload") {
+            workload = args.get(i + 1).cloned();
+            i += 2;
+            continue;
+        }
+        if let Some(w) = word.and_then(|w| w.strip_prefix("--workload=")) {
+            workload = Some(w.into());
+            i += 1;
+            continue;
+        }
+        let (name, inline_value) = match word.and_then(|w| w.strip_prefix("--")) {
+            Some(long) => match long.split_once('=') {
+                Some((name, _)) => (Some(name), true),
+                None => (Some(long), false),
+            },
+            None => (None, false),
+        };
+        let words = if !inline_value && name.and_then(takes_value) == Some(true) {
+            2
+        } else {
+            1
+        };
+        let end = (i + words).min(args.len());
+        rest.push((name.map(str::to_owned), args[i..end].to_vec()));
+        i = end;
+    }
+    let Some(workload) = workload else {
+        return (args, None);
+    };
+    let name = workload.to_string_lossy().into_owned();
+    // An unknown name is left for clap to refuse, as a subcommand.
+    let sub = bench.find_subcommand(&name);
+    let mut dropped: Vec<String> = Vec::new();
+    let mut out = vec![args[0].clone(), args[1].clone(), workload];
+    for (flag, words) in rest {
+        let unused = match (sub, flag.as_deref()) {
+            (Some(sub), Some(flag)) => {
+                flag != "preencoded"
+                    && takes_value(flag).is_some()
+                    && !sub.get_arguments().any(|a| a.get_long() == Some(flag))
+            }
+            _ => false,
+        };
+        match flag {
+            Some(flag) if unused => {
+                let flag = format!("--{flag}");
+                if !dropped.contains(&flag) {
+                    dropped.push(flag);
+                }
+            }
+            _ => out.extend(words),
+        }
+    }
+    let note = sub.map(|_| {
+        let mut note = format!(
+            "note: `portswitch bench --workload {name}` is deprecated; use `portswitch bench {name}`"
+        );
+        if !dropped.is_empty() {
+            note += &format!(" (ignoring {}, which {name} does not use)", dropped.join(", "));
+        }
+        note
+    });
+    (out, note)
 }
 
 /// How bench connections reach and log in to the server.
@@ -185,7 +328,9 @@ impl Access {
 }
 
 impl Access {
-    fn from_args(args: &BenchArgs) -> Result<Access, Box<dyn std::error::Error + Send + Sync>> {
+    fn from_args(
+        args: &ThroughputArgs,
+    ) -> Result<Access, Box<dyn std::error::Error + Send + Sync>> {
         let client_tls = args.ca.as_ref().map(|ca| portswitch_client::ClientTls {
             ca: ca.clone(),
             server_name: args.server_name.clone(),
@@ -236,79 +381,56 @@ struct Shared {
 }
 
 pub async fn run(args: BenchArgs) -> AppResult {
-    if args.workload == Workload::KillHolder {
-        return kill_holder(&args).await;
+    let plan = |kind, args, ports, preencoded, hold| Plan {
+        kind,
+        args,
+        ports,
+        preencoded,
+        hold,
+    };
+    match args.workload {
+        Workload::RegisterUnregister(a) => {
+            throughput(plan(
+                Kind::RegisterUnregister,
+                a.common,
+                0,
+                a.preencoded,
+                false,
+            ))
+            .await
+        }
+        Workload::Query(a) => throughput(plan(Kind::Query, a.common, a.ports, false, false)).await,
+        Workload::Send(a) => throughput(plan(Kind::Send, a, 0, false, false)).await,
+        Workload::LockContended(a) => {
+            throughput(plan(Kind::LockContended, a, 0, false, false)).await
+        }
+        Workload::Fill(a) => throughput(plan(Kind::Fill, a.common, a.ports, false, a.hold)).await,
+        Workload::Login(a) => {
+            check_load(&a)?;
+            let access = Access::from_args(&a)?;
+            login_bench(&a, access).await
+        }
+        Workload::KillHolder(a) => kill_holder(&a).await,
+        Workload::HoldSessions(a) => crate::hold::run(a).await,
+        Workload::Failover(a) => crate::failover::run(a).await,
+        Workload::FailoverLocks(a) => crate::failover_locks::run(a).await,
+        Workload::Wan(a) => crate::wan::run(a).await,
     }
-    if args.workload == Workload::Failover {
-        return crate::failover::run(crate::failover::FailoverArgs {
-            sessions: args.connections,
-            ports: args.ports,
-            rounds: args.rounds,
-            lease_ms: args.lease_ms,
-            json: args.json,
-        })
-        .await;
-    }
-    if args.workload == Workload::FailoverLocks {
-        return crate::failover_locks::run(crate::failover_locks::FailoverLocksArgs {
-            sessions: args.connections,
-            channels: args.channels,
-            locks: args.locks,
-            pick: args.pick,
-            duration: Duration::from_secs_f64(args.duration.max(1.0)),
-            faults: args.faults.clone(),
-            stop_ms: args.stop_ms,
-            warmup: Duration::from_secs_f64(args.warmup_s.max(0.0)),
-            lease_ms: args.lease_ms,
-            hold_ms: args.hold_ms,
-            member_flags: args.member_flags.clone(),
-            json: args.json,
-        })
-        .await;
-    }
-    if args.workload == Workload::Wan {
-        return crate::wan::run(crate::wan::WanArgs {
-            delay_ms: args.delay_ms,
-            sessions: args.sessions,
-            ports: args.ports,
-            rounds: args.rounds,
-            lease_ms: args.lease_ms,
-            duration: args.duration,
-            connections: args.connections,
-            pipeline: args.pipeline,
-            member_flags: args.member_flags.clone(),
-            keepalive_ms: args.keepalive_ms,
-            json: args.json,
-        })
-        .await;
-    }
-    if args.workload == Workload::HoldSessions {
-        return crate::hold::run(crate::hold::HoldArgs {
-            addr: args.addr.clone(),
-            sessions: args.connections,
-            lease_ms: args.lease_ms,
-            hold_s: args.duration,
-            source_addrs: args.source_addrs.unwrap_or(
-                args.connections
-                    .div_ceil(args.channels.max(1))
-                    .div_ceil(25_000),
-            ),
-            connect_concurrency: args.connect_concurrency,
-            channels: args.channels,
-            json: args.json,
-        })
-        .await;
-    }
+}
+
+fn check_load(args: &ThroughputArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if args.connections == 0 || args.pipeline == 0 {
         return Err("--connections and --pipeline must be at least 1".into());
     }
-    if args.preencoded && args.workload != Workload::RegisterUnregister {
-        return Err("--preencoded applies to register-unregister only".into());
-    }
-    let access = Access::from_args(&args)?;
-    if args.workload == Workload::Login {
-        return login_bench(&args, access).await;
-    }
+    Ok(())
+}
+
+/// register-unregister, query, send, lock-contended and fill: raw connections keeping
+/// --pipeline requests in flight.
+async fn throughput(plan: Plan) -> AppResult {
+    check_load(&plan.args)?;
+    let access = Access::from_args(&plan.args)?;
+    let args = &plan.args;
     let shared = Arc::new(Shared {
         ops: AtomicU64::new(0),
         errors: AtomicU64::new(0),
@@ -316,7 +438,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
     });
     let duration = Duration::from_secs_f64(args.duration.max(0.1));
 
-    let rss_before = if args.workload == Workload::Fill {
+    let rss_before = if plan.kind == Kind::Fill {
         server_stat(&access, "rss_bytes").await?
     } else {
         0
@@ -327,7 +449,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
     let mut conns = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         let mut c = RawConn::connect(&access).await?;
-        setup(&mut c, &args, i).await?;
+        setup(&mut c, &plan, i).await?;
         conns.push(c);
     }
     let barrier = Arc::new(tokio::sync::Barrier::new(args.connections + 1));
@@ -335,8 +457,8 @@ pub async fn run(args: BenchArgs) -> AppResult {
     for (i, c) in conns.into_iter().enumerate() {
         let shared = shared.clone();
         let barrier = barrier.clone();
-        let a = (args.workload, args.connections, args.pipeline, args.ports);
-        let preencoded = args.preencoded;
+        let a = (plan.kind, args.connections, args.pipeline, plan.ports);
+        let preencoded = plan.preencoded;
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             if preencoded {
@@ -348,8 +470,8 @@ pub async fn run(args: BenchArgs) -> AppResult {
     }
     barrier.wait().await;
     let start = Instant::now();
-    let progress = progress_bar(&args, duration);
-    if args.workload != Workload::Fill {
+    let progress = progress_bar(&plan, duration);
+    if plan.kind != Kind::Fill {
         while start.elapsed() < duration {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if let Some(p) = &progress {
@@ -374,10 +496,10 @@ pub async fn run(args: BenchArgs) -> AppResult {
     let ops = shared.ops.load(Ordering::Relaxed);
     let errors = shared.errors.load(Ordering::Relaxed);
     let mut report = serde_json::json!({
-        "workload": format!("{:?}", args.workload),
+        "workload": format!("{:?}", plan.kind),
         "connections": args.connections,
         "pipeline": args.pipeline,
-        "preencoded": args.preencoded,
+        "preencoded": plan.preencoded,
         "duration_s": round3(elapsed),
         "ops": ops,
         "ops_per_sec": round3(ops as f64 / elapsed),
@@ -387,7 +509,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
         "p999_us": round3(hist.value_at_quantile(0.999) as f64 / 1e3),
         "max_us": round3(hist.max() as f64 / 1e3),
     });
-    if args.workload == Workload::Fill {
+    if plan.kind == Kind::Fill {
         let stats = server_stats(&access).await?;
         let get = |k: &str| stats.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
         let (rss, ports) = (get("rss_bytes"), get("ports_owned"));
@@ -410,7 +532,7 @@ pub async fn run(args: BenchArgs) -> AppResult {
     } else {
         print_human(&report);
     }
-    if args.hold {
+    if plan.hold {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         crate::ctl::interrupted().await;
@@ -454,8 +576,8 @@ fn print_human(r: &serde_json::Value) {
     }
 }
 
-fn progress_bar(args: &BenchArgs, duration: Duration) -> Option<indicatif::ProgressBar> {
-    if args.json || !std::io::stderr().is_terminal() || args.workload == Workload::Fill {
+fn progress_bar(plan: &Plan, duration: Duration) -> Option<indicatif::ProgressBar> {
+    if plan.args.json || !std::io::stderr().is_terminal() || plan.kind == Kind::Fill {
         return None;
     }
     let p = indicatif::ProgressBar::new(duration.as_millis() as u64);
@@ -645,13 +767,13 @@ fn port_name(buf: &mut Vec<u8>, prefix: &str, conn: usize, i: u64) {
 /// Work before the clock starts (owning the ports that queries and sends target).
 async fn setup(
     c: &mut RawConn,
-    args: &BenchArgs,
+    plan: &Plan,
     i: usize,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut name = Vec::new();
-    match args.workload {
-        Workload::Query => {
-            let per = args.ports.clamp(1, 1_000_000);
+    match plan.kind {
+        Kind::Query => {
+            let per = plan.ports.clamp(1, 1_000_000);
             let mut sent = 0;
             for k in 0..per {
                 port_name(&mut name, "bench-q", i, k);
@@ -670,7 +792,7 @@ async fn setup(
                 }
             }
         }
-        Workload::Send => {
+        Kind::Send => {
             port_name(&mut name, "bench-s", i, 0);
             c.push(&Request::Register {
                 port: &name,
@@ -690,7 +812,7 @@ type DriveResult = Result<(Histogram<u64>, RawConn), Box<dyn std::error::Error +
 /// connection's share of ports is registered).
 async fn drive(
     mut c: RawConn,
-    w: Workload,
+    w: Kind,
     me: usize,
     conns: usize,
     pipeline: usize,
@@ -709,8 +831,7 @@ async fn drive(
     let mut in_flight = 0usize;
     let mut waiting_grant = false;
     loop {
-        let stopping =
-            shared.stop.load(Ordering::Relaxed) || (w == Workload::Fill && i >= fill_share);
+        let stopping = shared.stop.load(Ordering::Relaxed) || (w == Kind::Fill && i >= fill_share);
         if stopping && in_flight == 0 && !waiting_grant {
             break;
         }
@@ -718,7 +839,7 @@ async fn drive(
         if !stopping {
             let now = Instant::now();
             match w {
-                Workload::LockContended => {
+                Kind::LockContended => {
                     if in_flight == 0 && !waiting_grant {
                         port_name(&mut name, "bench-lock", 0, (me % lock_ports) as u64);
                         c.push(&Request::Register {
@@ -731,9 +852,9 @@ async fn drive(
                     }
                 }
                 _ => {
-                    while in_flight < pipeline && !(w == Workload::Fill && i >= fill_share) {
+                    while in_flight < pipeline && !(w == Kind::Fill && i >= fill_share) {
                         match w {
-                            Workload::RegisterUnregister => {
+                            Kind::RegisterUnregister => {
                                 port_name(&mut name, "bench-ru", me, i / 2 % 4096);
                                 if i.is_multiple_of(2) {
                                     c.push(&Request::Register {
@@ -745,7 +866,7 @@ async fn drive(
                                     c.push(&Request::Unregister { port: &name });
                                 }
                             }
-                            Workload::Query => {
+                            Kind::Query => {
                                 let other = rng.usize(0..conns);
                                 port_name(
                                     &mut name,
@@ -755,14 +876,14 @@ async fn drive(
                                 );
                                 c.push(&Request::Query { port: &name });
                             }
-                            Workload::Send => {
+                            Kind::Send => {
                                 port_name(&mut name, "bench-s", (me + 1) % conns, 0);
                                 c.push(&Request::Send {
                                     port: &name,
                                     payload: b"0123456789abcdef",
                                 });
                             }
-                            Workload::Fill => {
+                            Kind::Fill => {
                                 port_name(&mut name, "bench-fill", me, i);
                                 c.push(&Request::Register {
                                     port: &name,
@@ -770,15 +891,7 @@ async fn drive(
                                     wait: false,
                                 });
                             }
-                            Workload::LockContended
-                            | Workload::KillHolder
-                            | Workload::Login
-                            | Workload::HoldSessions
-                            | Workload::Failover
-                            | Workload::FailoverLocks
-                            | Workload::Wan => {
-                                unreachable!()
-                            }
+                            Kind::LockContended => unreachable!(),
                         }
                         sent_at.push_back(now);
                         in_flight += 1;
@@ -810,12 +923,10 @@ async fn drive(
                             sent_at.push_front(t0.unwrap_or_else(Instant::now));
                             return;
                         }
-                        Reply::Registered { .. } if w == Workload::LockContended => {
-                            unregister = true
-                        }
+                        Reply::Registered { .. } if w == Kind::LockContended => unregister = true,
                         _ => {}
                     }
-                    if w == Workload::LockContended && !matches!(reply, Reply::Registered { .. }) {
+                    if w == Kind::LockContended && !matches!(reply, Reply::Registered { .. }) {
                         return; // the UNREGISTER that hands over; not a handoff itself
                     }
                     done += 1;
@@ -824,7 +935,7 @@ async fn drive(
                     }
                 }
                 ServerMsg::Event(portswitch_proto::Event::Acquired { .. })
-                    if w == Workload::LockContended =>
+                    if w == Kind::LockContended =>
                 {
                     *waiting_grant = false;
                     unregister = true;
@@ -923,7 +1034,7 @@ async fn server_stat(
 }
 
 /// Logins per second: each connection task connects, logs in, says BYE, again.
-async fn login_bench(args: &BenchArgs, access: Access) -> AppResult {
+async fn login_bench(args: &ThroughputArgs, access: Access) -> AppResult {
     if access.login.is_none() {
         return Err("the login workload needs --user (and PORTSWITCH_PASSWORD)".into());
     }
@@ -977,7 +1088,7 @@ async fn login_bench(args: &BenchArgs, access: Access) -> AppResult {
 }
 
 /// Kill -9 a holder process; time from the kill to the watcher's RELEASED.
-async fn kill_holder(args: &BenchArgs) -> AppResult {
+async fn kill_holder(args: &KillHolderArgs) -> AppResult {
     let exe = std::env::current_exe()?;
     let watcher = Client::connect(ClientOptions::new(args.addr.clone())).await?;
     let mut hist =
@@ -1057,4 +1168,221 @@ async fn kill_holder(args: &BenchArgs) -> AppResult {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Top,
+    }
+
+    #[derive(Subcommand)]
+    enum Top {
+        Bench(BenchArgs),
+    }
+
+    fn command() -> clap::Command {
+        let mut c = BenchArgs::augment_args(clap::Command::new("bench"));
+        c.build();
+        c
+    }
+
+    fn words(line: &str) -> Vec<OsString> {
+        line.split(' ').map(OsString::from).collect()
+    }
+
+    fn legacy(line: &str) -> (String, Option<String>) {
+        let (args, note) = legacy_command_line(words(line));
+        let args: Vec<String> = args.into_iter().map(|a| a.into_string().unwrap()).collect();
+        (args.join(" "), note)
+    }
+
+    fn parse(line: &str) -> Result<Workload, clap::Error> {
+        Cli::try_parse_from(words(line)).map(|c| match c.command {
+            Top::Bench(b) => b.workload,
+        })
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        command().debug_assert();
+    }
+
+    /// Each workload shows exactly the flags it uses.
+    #[test]
+    fn every_workload_lists_only_its_own_flags() {
+        let common = "addr connections duration pipeline lease-ms json ca server-name user";
+        let expected = [
+            ("register-unregister", format!("{common} preencoded")),
+            ("query", format!("{common} ports")),
+            ("send", common.to_string()),
+            ("lock-contended", common.replace(" pipeline", "")),
+            ("fill", format!("{} ports hold", common.replace(" duration", ""))),
+            ("login", common.replace(" pipeline", "")),
+            ("kill-holder", "addr rounds lease-ms end-on-disconnect json".into()),
+            (
+                "hold-sessions",
+                "addr connections lease-ms duration source-addrs connect-concurrency channels json"
+                    .into(),
+            ),
+            ("failover", "connections ports rounds lease-ms json".into()),
+            (
+                "failover-locks",
+                "connections channels locks pick duration faults stop-ms warmup-s lease-ms hold-ms member-flag json"
+                    .into(),
+            ),
+            (
+                "wan",
+                "delay-ms sessions ports rounds lease-ms duration connections pipeline member-flag keepalive-ms json"
+                    .into(),
+            ),
+        ];
+        let c = command();
+        let names: Vec<&str> = c
+            .get_subcommands()
+            .map(|s| s.get_name())
+            .filter(|n| *n != "help")
+            .collect();
+        assert_eq!(names, expected.iter().map(|(n, _)| *n).collect::<Vec<_>>());
+        for (name, flags) in expected {
+            let sub = c.find_subcommand(name).unwrap();
+            let shown: Vec<&str> = sub
+                .get_arguments()
+                .filter(|a| !a.is_hide_set() && a.get_id() != "help")
+                .filter_map(|a| a.get_long())
+                .collect();
+            assert_eq!(shown.join(" "), flags, "{name}");
+            assert!(sub.get_about().is_some(), "{name} has no help");
+        }
+    }
+
+    #[test]
+    fn defaults_are_those_of_the_flat_form() {
+        let Workload::RegisterUnregister(a) = parse("x bench register-unregister").unwrap() else {
+            panic!()
+        };
+        let t = &a.common;
+        assert_eq!(t.addr, "127.0.0.1:7400");
+        assert_eq!((t.connections, t.pipeline, t.lease_ms), (64, 64, 10_000));
+        assert_eq!(t.duration, 10.0);
+        assert!(!t.json && !a.preencoded && t.ca.is_none() && t.user.is_none());
+        let Workload::FailoverLocks(f) = parse("x bench failover-locks").unwrap() else {
+            panic!()
+        };
+        assert_eq!((f.sessions, f.channels, f.locks), (64, 1, 8));
+        assert_eq!((f.stop_ms, f.hold_ms, f.lease_ms), (4_000, 5, 10_000));
+        assert_eq!((f.duration, f.warmup_s), (10.0, 12.0));
+        use crate::failover_locks::{Fault, Pick};
+        assert_eq!(f.pick, Pick::Fixed);
+        let kill_stop = [
+            Fault::Kill,
+            Fault::Stop,
+            Fault::Kill,
+            Fault::Stop,
+            Fault::Kill,
+        ];
+        assert_eq!(f.faults, kill_stop);
+        let Workload::Wan(w) = parse("x bench wan").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (w.delay_ms, w.sessions, w.ports, w.rounds),
+            (30, 100, 1_000_000, 20)
+        );
+        assert_eq!((w.connections, w.pipeline, w.duration), (64, 64, 10.0));
+        let Workload::HoldSessions(h) = parse("x bench hold-sessions").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (h.sessions, h.connect_concurrency, h.channels),
+            (64, 256, 1)
+        );
+        assert_eq!((h.hold_s, h.source_addrs), (10.0, None));
+        let Workload::Fill(f) = parse("x bench fill").unwrap() else {
+            panic!()
+        };
+        assert_eq!((f.ports, f.hold), (1_000_000, false));
+    }
+
+    #[test]
+    fn a_flag_of_another_workload_is_refused() {
+        assert!(parse("x bench query --preencoded").is_err());
+        assert!(parse("x bench failover --addr 127.0.0.1:1").is_err());
+        assert!(parse("x bench register-unregister --preencoded --pipeline 8").is_ok());
+    }
+
+    #[test]
+    fn the_new_form_and_other_commands_are_left_alone() {
+        for line in [
+            "x bench fill --ports 10",
+            "x bench help",
+            "x bench --help",
+            "x bench",
+            "x ctl --workload fill",
+        ] {
+            assert_eq!(legacy(line), (line.to_string(), None));
+        }
+    }
+
+    #[test]
+    fn the_old_form_becomes_a_subcommand_with_a_note() {
+        let (line, note) =
+            legacy("x bench --addr h:1 --workload register-unregister --pipeline 8 --json");
+        assert_eq!(
+            line,
+            "x bench register-unregister --addr h:1 --pipeline 8 --json"
+        );
+        let note = note.unwrap();
+        assert!(
+            note.contains("deprecated") && !note.contains('\n'),
+            "{note}"
+        );
+        assert!(
+            note.contains("`portswitch bench register-unregister`"),
+            "{note}"
+        );
+        assert!(parse(&line).is_ok());
+
+        let (line, _) = legacy("x bench --workload=fill --ports 10 --hold");
+        assert_eq!(line, "x bench fill --ports 10 --hold");
+    }
+
+    /// The old form took every flag for every workload and ignored those a workload
+    /// does not use: they are dropped, and named in the note.
+    #[test]
+    fn the_old_form_drops_flags_the_workload_never_used() {
+        let (line, note) = legacy(
+            "x bench --addr h:1 --member-flag --heartbeat-ms=100 --workload failover --rounds=3 --pipeline 4 --json --end-on-disconnect",
+        );
+        assert_eq!(line, "x bench failover --rounds=3 --json");
+        let note = note.unwrap();
+        assert!(
+            note.contains("ignoring --addr, --member-flag, --pipeline, --end-on-disconnect"),
+            "{note}"
+        );
+        assert!(parse(&line).is_ok());
+        // A value that looks like a flag stays with its flag.
+        let (line, _) =
+            legacy("x bench --workload wan --member-flag --heartbeat-ms=100 --duration 2");
+        assert_eq!(
+            line,
+            "x bench wan --member-flag --heartbeat-ms=100 --duration 2"
+        );
+        let Workload::Wan(w) = parse(&line).unwrap() else {
+            panic!()
+        };
+        assert_eq!(w.member_flags, ["--heartbeat-ms=100"]);
+        // --preencoded was refused for other workloads, and still is.
+        let (line, _) = legacy("x bench --workload query --preencoded");
+        assert!(parse(&line).is_err());
+        // Unknown flags and names are clap's to refuse.
+        let (line, note) = legacy("x bench --workload nope --frobnicate");
+        assert_eq!((line.as_str(), note), ("x bench nope --frobnicate", None));
+        assert!(parse(&line).is_err());
+    }
 }

@@ -1,4 +1,4 @@
-//! `bench --workload failover`: starts a group of three `portswitch serve` members on
+//! `bench failover`: starts a group of three `portswitch serve` members on
 //! loopback, connects sessions holding ports, then kills the master with SIGKILL,
 //! round after round, and times how long until every session has resumed on the new
 //! master and reclaimed every port (its `Resync`). Any *ownership lost* or lost port
@@ -17,11 +17,22 @@ use crate::AppResult;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+#[derive(clap::Args, Debug)]
 pub struct FailoverArgs {
+    /// Sessions, each on a connection of its own, holding the ports.
+    #[arg(long = "connections", value_name = "SESSIONS", default_value_t = 64)]
     pub sessions: usize,
+    /// Ports held in all, spread over the sessions.
+    #[arg(long, default_value_t = 1_000_000)]
     pub ports: u64,
+    /// Times the master is killed.
+    #[arg(long, default_value_t = 20)]
     pub rounds: usize,
+    /// Session lease in ms.
+    #[arg(long, default_value_t = 10_000)]
     pub lease_ms: u32,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -1,4 +1,4 @@
-//! `bench --workload failover-locks`: sessions contend for a few locks through a group
+//! `bench failover-locks`: sessions contend for a few locks through a group
 //! of three members on loopback while the master is killed (SIGKILL) and paused
 //! (SIGSTOP, then SIGCONT) again and again.
 //!
@@ -51,23 +51,51 @@ pub enum Pick {
     Random,
 }
 
+#[derive(clap::Args, Debug)]
 pub struct FailoverLocksArgs {
+    /// Sessions contending for the locks.
+    #[arg(long = "connections", value_name = "SESSIONS", default_value_t = 64)]
     pub sessions: usize,
-    /// Sessions per connection: 1, a connection each (`Client`); more, channels of
-    /// shared connections (`Mux`).
+    /// Sessions per connection, each on a channel of its own (1: one connection per
+    /// session, `Client`, no channels; more: channels of shared connections, `Mux`).
+    #[arg(long, default_value_t = 1)]
     pub channels: usize,
+    /// Locks the sessions contend for.
+    #[arg(long, default_value_t = 8)]
     pub locks: usize,
+    /// Which lock a session asks for next.
+    #[arg(long, value_enum, default_value = "fixed")]
     pub pick: Pick,
-    pub duration: Duration,
+    /// Seconds to run (at least 1).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Faults applied to the master, evenly spread over the run: kill or stop,
+    /// comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kill,stop,kill,stop,kill"
+    )]
     pub faults: Vec<Fault>,
+    /// How long a SIGSTOP lasts before SIGCONT.
+    #[arg(long, default_value_t = 4_000)]
     pub stop_ms: u64,
-    /// Time before the first fault: a master lowers its lease ceiling to the leases
-    /// in use only after a whole ceiling of them.
-    pub warmup: Duration,
+    /// Seconds before the first fault (a master lowers its lease ceiling to the
+    /// leases in use after a whole ceiling of them, 10 s at first).
+    #[arg(long, default_value_t = 12.0)]
+    pub warmup_s: f64,
+    /// Session lease in ms.
+    #[arg(long, default_value_t = 10_000)]
     pub lease_ms: u32,
+    /// How long a holder keeps a lock before releasing it.
+    #[arg(long, default_value_t = 5)]
     pub hold_ms: u64,
-    /// Flags for every member's `serve`.
+    /// A flag for every member's `serve` (repeatable), e.g.
+    /// --member-flag=--heartbeat-ms=100
+    #[arg(long = "member-flag", value_name = "FLAG", allow_hyphen_values = true)]
     pub member_flags: Vec<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -121,8 +149,9 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
             muxes.push(Mux::connect(o).await?);
         }
     }
+    let duration = Duration::from_secs_f64(args.duration.max(1.0));
     let start = Instant::now();
-    let end = start + args.duration;
+    let end = start + duration;
     let mut tasks = Vec::new();
     for s in 0..args.sessions {
         let mut o = template.clone();
@@ -144,8 +173,9 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
 
     // The faults, evenly spread over the run after the warm-up.
     let mut faults_at = Vec::new();
-    let warmup = args.warmup.min(args.duration / 2);
-    let every = (args.duration - warmup) / (args.faults.len() as u32 + 1);
+    let warmup_asked = Duration::from_secs_f64(args.warmup_s.max(0.0));
+    let warmup = warmup_asked.min(duration / 2);
+    let every = (duration - warmup) / (args.faults.len() as u32 + 1);
     for (i, fault) in args.faults.iter().enumerate() {
         let at = start + warmup + every * i as u32;
         tokio::time::sleep_until(at.into()).await;
@@ -189,7 +219,7 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
 
     let log = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
     let report = Report::of(&log, start, end, &faults_at, args.locks);
-    report.print(&args, &log, start);
+    report.print(&args, warmup_asked, &log, start);
     Ok(if report.overlaps == 0 && report.token_regressions == 0 {
         ExitCode::SUCCESS
     } else {
@@ -456,7 +486,7 @@ impl Report {
         }
     }
 
-    fn print(&self, args: &FailoverLocksArgs, log: &Log, _start: Instant) {
+    fn print(&self, args: &FailoverLocksArgs, warmup: Duration, log: &Log, _start: Instant) {
         let name = |f: Fault| match f {
             Fault::Kill => "kill",
             Fault::Stop => "stop",
@@ -487,7 +517,7 @@ impl Report {
                     "pick": format!("{:?}", args.pick).to_lowercase(),
                     "lease_ms": args.lease_ms,
                     "stop_ms": args.stop_ms,
-                    "warmup_s": args.warmup.as_secs_f64(),
+                    "warmup_s": warmup.as_secs_f64(),
                     "grants": self.grants,
                     "grants_per_second": self.per_second,
                     "overlaps": self.overlaps,

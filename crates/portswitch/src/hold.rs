@@ -1,4 +1,4 @@
-//! `bench --workload hold-sessions`: open N sessions, one connection each (or
+//! `bench hold-sessions`: open N sessions, one connection each (or
 //! `--channels K` per connection, each session on a channel of its own), and keep
 //! them alive with PINGs, as a large fleet of idle clients would; meanwhile a fresh
 //! client measures how long REGISTER takes. Reports the server's resident memory per
@@ -27,15 +27,34 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::AppResult;
 
+#[derive(clap::Args, Debug)]
 pub struct HoldArgs {
+    /// Server address (host:port).
+    #[arg(long, default_value = "127.0.0.1:7400")]
     pub addr: String,
+    /// Sessions to open and hold.
+    #[arg(long = "connections", value_name = "SESSIONS", default_value_t = 64)]
     pub sessions: usize,
+    /// Session lease in ms (each session PINGs every third of it).
+    #[arg(long, default_value_t = 10_000)]
     pub lease_ms: u32,
+    /// Seconds to hold the sessions once they are all up (at least 1).
+    #[arg(long = "duration", value_name = "SECONDS", default_value_t = 10.0)]
     pub hold_s: f64,
-    pub source_addrs: usize,
+    /// Loopback source addresses to spread connections over (127.0.0.1 upwards);
+    /// default one per 25,000 connections (the default ephemeral port range holds
+    /// about 28,000 per address).
+    #[arg(long)]
+    pub source_addrs: Option<usize>,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
-    /// Sessions per connection (1: no channels).
+    /// Sessions per connection, each on a channel of its own (1: one connection per
+    /// session, no channels).
+    #[arg(long, default_value_t = 1)]
     pub channels: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -61,6 +80,7 @@ pub async fn run(a: HoldArgs) -> AppResult {
         .into());
     }
     let conns = a.sessions.div_ceil(per_conn);
+    let source_addrs = a.source_addrs.unwrap_or(conns.div_ceil(25_000));
     let fds = rlimit::increase_nofile_limit(conns as u64 + 1024)?;
     if fds < conns as u64 + 64 {
         return Err(format!(
@@ -97,7 +117,7 @@ pub async fn run(a: HoldArgs) -> AppResult {
     // A third of the lease between PINGs, as the client library does.
     let every = Duration::from_millis(u64::from(a.lease_ms) / 3);
     let gate = Arc::new(tokio::sync::Semaphore::new(a.connect_concurrency.max(1)));
-    let per_source = conns.div_ceil(a.source_addrs.max(1));
+    let per_source = conns.div_ceil(source_addrs.max(1));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(conns);
     // Frames for a connection of k sessions (the last connection may carry fewer).
@@ -182,7 +202,7 @@ pub async fn run(a: HoldArgs) -> AppResult {
         "sessions_failed": counters.failed.load(Ordering::Relaxed),
         "sessions_lost": counters.lost.load(Ordering::Relaxed),
         "server_sessions_held": held,
-        "source_addrs": a.source_addrs,
+        "source_addrs": source_addrs,
         "connections": conns,
         "sessions_per_connection": per_conn,
         "open_s": (open_s * 1000.0).round() / 1000.0,

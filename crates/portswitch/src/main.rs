@@ -43,7 +43,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // `bench --workload NAME`, the form before one subcommand per workload, still runs.
+    let (args, note) = bench::legacy_command_line(std::env::args_os().collect());
+    if let Some(note) = note {
+        ctl::note(&note);
+    }
+    let cli = Cli::parse_from(args);
     let is_ctl = matches!(cli.command, Command::Ctl(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,4 +1,4 @@
-//! `bench --workload wan`: a group of three spread over three "data centres" with a
+//! `bench wan`: a group of three spread over three "data centres" with a
 //! fixed delay between them, on one machine.
 //!
 //! Each data centre is a network namespace this workload creates (and removes when it
@@ -46,17 +46,42 @@ const RELAY_CLIENT_PORT: u16 = 17001;
 const USER: &str = "loader";
 const PASSWORD: &str = "Wan-load-Pass-42";
 
+#[derive(clap::Args, Debug)]
 pub struct WanArgs {
+    /// Delay between data centres, ms one way.
+    #[arg(long, default_value_t = 30)]
     pub delay_ms: u64,
+    /// Sessions (clients in the WAN) holding --ports ports through the failovers.
+    #[arg(long, default_value_t = 100)]
     pub sessions: usize,
+    /// Ports held in all, spread over the sessions.
+    #[arg(long, default_value_t = 1_000_000)]
     pub ports: u64,
+    /// Times the master's data centre is cut off.
+    #[arg(long, default_value_t = 20)]
     pub rounds: usize,
+    /// Session lease in ms.
+    #[arg(long, default_value_t = 10_000)]
     pub lease_ms: u32,
+    /// Seconds of each register-unregister throughput run.
+    #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// Connections of each throughput run (one session each).
+    #[arg(long, default_value_t = 64)]
     pub connections: usize,
+    /// Requests in flight per connection in the throughput runs.
+    #[arg(long, default_value_t = 64)]
     pub pipeline: usize,
+    /// A flag for every member's `serve` (repeatable), e.g.
+    /// --member-flag=--heartbeat-ms=100
+    #[arg(long = "member-flag", value_name = "FLAG", allow_hyphen_values = true)]
     pub member_flags: Vec<String>,
+    /// PING an idle session at least this often (default: a third of the lease),
+    /// which bounds how long a session takes to notice a silent master.
+    #[arg(long)]
     pub keepalive_ms: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -329,7 +354,7 @@ impl Group {
     /// Runs the register-unregister benchmark against `addr` in a child process.
     async fn throughput(&self, addr: &str, args: &WanArgs) -> Res<serde_json::Value> {
         let out = Command::new(&self.exe)
-            .args(["bench", "--workload", "register-unregister", "--json"])
+            .args(["bench", "register-unregister", "--json"])
             .args(["--addr", addr, "--user", USER])
             .env("PORTSWITCH_PASSWORD", PASSWORD)
             .args(["--duration", &args.duration.to_string()])

@@ -497,7 +497,7 @@ async fn dev_keeps_the_group_running_when_the_master_dies() {
 async fn failover_locks_smoke_run_is_safe_and_live() {
     let _turn = common::group::ONE_GROUP.lock().await;
     let run = Command::new(BIN)
-        .args(["bench", "--workload", "failover-locks", "--json"])
+        .args(["bench", "failover-locks", "--json"])
         .args(["--connections", "8", "--locks", "2", "--lease-ms", "2000"])
         .args([
             "--duration",

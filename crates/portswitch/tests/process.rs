@@ -659,11 +659,11 @@ async fn a_server_beyond_loopback_requires_tls_and_authentication() {
     );
 }
 
-async fn bench_json(addr: &str, args: &[&str]) -> (i32, serde_json::Value) {
+async fn bench_json(workload: &str, addr: &str, args: &[&str]) -> (i32, serde_json::Value) {
     let out = within(
         "bench",
         Command::new(BIN)
-            .args(["bench", "--addr", addr, "--json"])
+            .args(["bench", workload, "--addr", addr, "--json"])
             .args(args)
             .kill_on_drop(true)
             .output(),
@@ -680,10 +680,9 @@ async fn bench_json(addr: &str, args: &[&str]) -> (i32, serde_json::Value) {
 async fn bench_hold_sessions_holds_every_session_and_reports_memory() {
     let s = serve(&[], &[]).await;
     let (code, r) = bench_json(
+        "hold-sessions",
         &s.addr,
         &[
-            "--workload",
-            "hold-sessions",
             "--connections",
             "300",
             "--source-addrs",
@@ -709,10 +708,9 @@ async fn bench_hold_sessions_holds_every_session_and_reports_memory() {
 async fn bench_hold_sessions_on_channels_holds_many_sessions_per_connection() {
     let s = serve(&[], &[]).await;
     let (code, r) = bench_json(
+        "hold-sessions",
         &s.addr,
         &[
-            "--workload",
-            "hold-sessions",
             "--connections",
             "2500",
             "--channels",
@@ -750,10 +748,9 @@ async fn bench_hold_sessions_on_channels_holds_many_sessions_per_connection() {
 async fn bench_preencoded_frames_are_all_answered_without_errors() {
     let s = serve(&[], &[]).await;
     let (code, r) = bench_json(
+        "register-unregister",
         &s.addr,
         &[
-            "--workload",
-            "register-unregister",
             "--preencoded",
             "--connections",
             "4",
@@ -769,6 +766,41 @@ async fn bench_preencoded_frames_are_all_answered_without_errors() {
     // Whole frames of 64 REGISTER + UNREGISTER pairs only.
     let ops = r["ops"].as_u64().unwrap();
     assert!(ops > 0 && ops % 128 == 0, "{r}");
+}
+
+/// The form before one subcommand per workload, `bench --workload NAME`, still runs,
+/// with a one-line deprecation note on stderr and the same JSON on stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_old_workload_flag_still_runs_with_a_note() {
+    let s = serve(&[], &[]).await;
+    let out = within(
+        "bench",
+        Command::new(BIN)
+            .args(["bench", "--addr", &s.addr, "--json", "--workload"])
+            .args([
+                "register-unregister",
+                "--connections",
+                "2",
+                "--duration",
+                "0.3",
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(r["workload"], "RegisterUnregister", "{r}");
+    assert_eq!(r["connections"], 2, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("deprecated") && err.contains("`portswitch bench register-unregister`"),
+        "{err}"
+    );
 }
 
 /// Waits until every thread of process `pid` is stopped. SIGSTOP stops a process's
