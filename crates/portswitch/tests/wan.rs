@@ -26,7 +26,7 @@ fn losing_the_master_data_centre_fails_over_and_distance_costs_under_2x() {
         return;
     }
     let out = Command::new(BIN)
-        .args(["bench", "--workload", "wan", "--json"])
+        .args(["bench", "wan", "--json"])
         .args(["--delay-ms", "30", "--sessions", "10", "--ports", "500"])
         .args(["--rounds", "2", "--duration", "2"])
         // 131,072 in flight: far more than the round trip times a debug build's rate,
