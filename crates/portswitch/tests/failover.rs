@@ -485,8 +485,24 @@ async fn dev_keeps_the_group_running_when_the_master_dies() {
     .await;
     assert!(exited, "dev says the member exited");
     assert_ne!(next, first);
-    let _ = dev.start_kill();
-    let _ = dev.wait().await;
+    // Ctrl-C (here SIGTERM) stops the whole group: no member outlives dev.
+    let dev_pid = dev.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &dev_pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = within("dev stops", dev.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    for (id, pid) in &pids {
+        let alive = std::process::Command::new("kill")
+            .args(["-0", pid])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(!alive, "member {id} (pid {pid}) outlived dev");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
