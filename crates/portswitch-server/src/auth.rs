@@ -462,6 +462,9 @@ impl Auth {
     /// none yet — this store's own are what the group gets first).
     pub(crate) fn follow_group(&mut self, users: Option<&str>, version: u64) {
         match users {
+            // Already this version (the member was master before): nothing to parse
+            // or to write to disk again.
+            Some(_) if self.replicated == Some(version) => {}
             Some(json) => self.adopt_replicated(json, version),
             None => self.replicated = Some(version),
         }

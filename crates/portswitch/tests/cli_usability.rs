@@ -26,23 +26,9 @@ struct Serve {
 }
 
 async fn serve(listen: &str, extra: &[&str]) -> Serve {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", listen, "--no-http"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = within("server start", lines.next_line())
-        .await
-        .unwrap()
-        .expect("server printed its address");
-    let addr = line
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_string();
+    let mut args = vec!["--listen", listen, "--no-http"];
+    args.extend_from_slice(extra);
+    let (child, addr) = common::serve_process(&args, &[]).await;
     Serve {
         _child: child,
         addr,

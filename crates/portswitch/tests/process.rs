@@ -20,31 +20,9 @@ struct Serve {
 }
 
 async fn serve(extra: &[&str], env: &[(&str, &str)]) -> Serve {
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ])
-    .args(extra)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = within("server start", lines.next_line())
-        .await
-        .unwrap()
-        .expect("server printed its address");
-    let addr = line
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_string();
+    let mut args = vec!["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let (child, addr) = common::serve_process(&args, env).await;
     Serve { child, addr }
 }
 

@@ -65,10 +65,10 @@ impl Shared {
                 (at.saturating_duration_since(Instant::now()).as_millis() + 1) as u32,
                 b"",
             ),
-            Serving::No { hint, .. } => match hint.strip_prefix(b"master=") {
-                Some(addr) => (b"this member is not the master", 0, addr),
-                None => (hint.as_slice(), 0, b""),
-            },
+            Serving::No {
+                master: Some(addr), ..
+            } => (b"this member is not the master", 0, addr.as_slice()),
+            Serving::No { master: None, .. } => (NO_MASTER_YET, 0, b""),
         };
         let mut consumed = 0;
         let mut close = false;

@@ -44,10 +44,10 @@ pub use stats::StatsSnapshot;
 enum Serving {
     /// Standalone, or the master of its group.
     Yes,
-    /// A member that is not master: what to tell clients, and — while taking over —
-    /// when it expects to serve.
+    /// A member that is not master: the master's client address if it knows it,
+    /// and — while taking over — when it expects to serve.
     No {
-        hint: Vec<u8>,
+        master: Option<Vec<u8>>,
         serve_at: Option<Instant>,
     },
 }
@@ -162,7 +162,7 @@ impl Shared {
                 serving: match member {
                     None => Serving::Yes,
                     Some(_) => Serving::No {
-                        hint: NO_MASTER_YET.to_vec(),
+                        master: None,
                         serve_at: None,
                     },
                 },

@@ -110,18 +110,15 @@ impl Shared {
                 );
             }
             Role::TakingOver { serve_at } => {
-                self.depose(st, NO_MASTER_YET.to_vec());
+                self.depose(st, None);
                 if let Serving::No { serve_at: at, .. } = &mut st.serving {
                     *at = *serve_at;
                 }
                 st.role = MemberRole::TakingOver;
             }
             Role::Follower { master } => {
-                let hint = match master {
-                    Some(m) => format!("master={}", m.client_addr).into_bytes(),
-                    None => NO_MASTER_YET.to_vec(),
-                };
-                self.depose(st, hint);
+                let master = master.as_ref().map(|m| m.client_addr.clone().into_bytes());
+                self.depose(st, master);
                 st.role = MemberRole::Follower;
             }
         }
@@ -130,7 +127,7 @@ impl Shared {
     /// Stops serving at once: every connection gets `GOAWAY not_master` and the core
     /// is replaced by an empty one, so no session expires, no port is granted or
     /// released, no event is sent from here on (a new master adopts the sessions).
-    pub(super) fn depose(&self, st: &mut State, hint: Vec<u8>) {
+    pub(super) fn depose(&self, st: &mut State, master: Option<Vec<u8>>) {
         if st.serving == Serving::Yes {
             st.goaway_all(
                 ErrorCode::NotMaster,
@@ -141,7 +138,7 @@ impl Shared {
             tracing::warn!("deposed: stopped serving clients");
         }
         st.serving = Serving::No {
-            hint,
+            master,
             serve_at: None,
         };
     }
@@ -156,7 +153,7 @@ impl Shared {
             None => true,
             Some(m) if m.lease.valid() => true,
             Some(_) => {
-                self.depose(st, NO_MASTER_YET.to_vec());
+                self.depose(st, None);
                 st.role = MemberRole::Follower;
                 false
             }

@@ -162,7 +162,7 @@ impl Shared {
             snap.master_lease_left_ms = m.lease.left().as_millis() as u64;
         }
         if let Some(k) = &self.ceiling {
-            if role == MemberRole::Master || role == MemberRole::Standalone {
+            if role.serves() {
                 snap.lease_ceiling_ms = k.ceiling.lease_ms.load(Ordering::Acquire) as u64;
             }
         }

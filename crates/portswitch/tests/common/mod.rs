@@ -214,3 +214,29 @@ pub async fn resynced(events: &mut tokio::sync::broadcast::Receiver<portswitch_c
         }
     }
 }
+
+/// Starts `portswitch serve ARGS` (with `env`) and waits for the address it prints.
+/// The process is killed when the returned child is dropped.
+pub async fn serve_process(args: &[&str], env: &[(&str, &str)]) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portswitch"));
+    cmd.arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn serve");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = within("server start", lines.next_line())
+        .await
+        .unwrap()
+        .expect("server printed its address");
+    let addr = line
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    (child, addr)
+}
