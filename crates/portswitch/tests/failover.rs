@@ -313,6 +313,14 @@ async fn recovery_windows_follow_the_leases_in_use() {
         stat(&g, m, "lease_ceiling_ms").await == 2_000
     })
     .await;
+    // The master grants by the lower ceiling at once and records it through Raft
+    // right after; only a recorded ceiling binds its successor, so wait for that.
+    eventually_async("the group records the lower ceiling", || async {
+        let status = a.admin(r#"{"op":"member_list"}"#).await.unwrap();
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        status["facts"]["lease_ceiling_ms"] == 2_000
+    })
+    .await;
     // 2 s × 1050 / 950, rounded up.
     let window_max = 2_211;
     let mut events = a.events();
