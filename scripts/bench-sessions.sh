@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Many concurrent sessions on one server: `bench hold-sessions` opens N
+# Many concurrent sessions on one server: `portswitch-harness hold-sessions` opens N
 # sessions (CHANNELS per connection, each on a channel of its own — 1 for one
 # connection per session — spread over 127.0.0.x source addresses), keeps them alive
 # with PINGs and times a fresh client's REGISTER meanwhile; the server's resident
@@ -39,8 +39,9 @@ if [ "$limit" != unlimited ] && [ "$limit" -lt "$want" ]; then
 fi
 CONNS=$(( (N + CHANNELS - 1) / CHANNELS ))
 
-cargo build --release -q -p portswitch
+cargo build --release -q -p portswitch -p portswitch-harness
 BIN=target/release/portswitch
+HARNESS=target/release/portswitch-harness
 OUT=bench-results/sessions-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 . "$(dirname "$0")/lib.sh"
@@ -50,6 +51,6 @@ mkdir -p "$OUT"
     --hello-rate-max "$N" --channels-per-connection-max $((CHANNELS + 1)) >"$WORK/serve.log" 2>&1 &
 PIDS+=($!)
 wait_port "$PORT"
-"$BIN" bench hold-sessions --addr "127.0.0.1:$PORT" --connections "$N" --channels "$CHANNELS" \
+"$HARNESS" hold-sessions --addr "127.0.0.1:$PORT" --connections "$N" --channels "$CHANNELS" \
     --lease-ms "$LEASE_MS" --duration "$HOLD" --json | tee "$OUT/hold-sessions.json"
 echo "results in $OUT"

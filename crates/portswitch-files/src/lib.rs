@@ -171,7 +171,9 @@ fn write_aside(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Makes the directory's entries durable (a file created, renamed or removed in it
+/// survives a crash once this returns).
+pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| FileError::io(dir, e))

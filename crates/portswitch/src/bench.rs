@@ -67,33 +67,6 @@ pub enum Workload {
     Login(ThroughputArgs),
     /// Kill -9 a process holding a port; time until watchers hear RELEASED.
     KillHolder(KillHolderArgs),
-    /// Hold many idle sessions; report server memory per session.
-    ///
-    /// Open --connections sessions and keep them alive with PINGs for --duration
-    /// seconds while a fresh client times REGISTER; report server memory per session.
-    /// Connections are spread over --source-addrs loopback source addresses.
-    HoldSessions(crate::hold::HoldArgs),
-    /// Time sessions and their ports coming back after the master is SIGKILLed.
-    ///
-    /// Start a group of three members on loopback, give --connections sessions
-    /// --ports ports in all, then SIGKILL the master --rounds times; time until every
-    /// session is back with every port on the new master.
-    Failover(crate::failover::FailoverArgs),
-    /// Locks through kills and stops of the master: safety checked, grants timed.
-    ///
-    /// Start a group of three members on loopback; --connections sessions contend for
-    /// --locks locks (acquire, hold --hold-ms, release) for --duration seconds while
-    /// the master suffers --faults (kill: SIGKILL, stop: SIGSTOP for --stop-ms);
-    /// checks that no two holders' intervals overlap and tokens rise, and reports
-    /// grants per second and how soon grants resume after each fault.
-    FailoverLocks(crate::failover_locks::FailoverLocksArgs),
-    /// Throughput and failover across three data centres (needs root).
-    ///
-    /// Three members in three network namespaces ("data centres") with
-    /// --delay-ms between them through a relay: register-unregister throughput next to
-    /// the master and across the WAN, then --rounds times the master's data centre is
-    /// cut off; time until --sessions sessions holding --ports ports are back.
-    Wan(crate::wan::WanArgs),
 }
 
 /// Flags of every throughput workload, the same for each.
@@ -304,6 +277,35 @@ pub fn legacy_command_line(args: Vec<OsString>) -> (Vec<OsString>, Option<String
     (out, note)
 }
 
+/// Workloads that start members of their own or hold very many sessions live in the
+/// harness, not in the product binary; `bench NAME` and `bench --workload NAME` for
+/// one of them say where it went.
+const MOVED: [&str; 4] = ["failover", "failover-locks", "hold-sessions", "wan"];
+
+/// The message for a command line that names a workload which moved to the harness.
+pub fn moved_workload(args: &[OsString]) -> Option<String> {
+    if args.get(1).and_then(|a| a.to_str()) != Some("bench") {
+        return None;
+    }
+    let words: Vec<&str> = args[2..].iter().filter_map(|a| a.to_str()).collect();
+    let name = match words.first() {
+        Some(w) if !w.starts_with('-') => Some(*w),
+        _ => words
+            .iter()
+            .enumerate()
+            .find_map(|(i, w)| match w.strip_prefix("--workload") {
+                Some("") => words.get(i + 1).copied(),
+                Some(v) => v.strip_prefix('='),
+                None => None,
+            }),
+    }?;
+    MOVED.contains(&name).then(|| {
+        format!(
+            "`bench {name}` is a test harness workload now: run `portswitch-harness {name}` (cargo build --release -p portswitch-harness), with the same flags"
+        )
+    })
+}
+
 /// How bench connections reach and log in to the server.
 #[derive(Clone)]
 struct Access {
@@ -411,10 +413,6 @@ pub async fn run(args: BenchArgs) -> AppResult {
             login_bench(&a, access).await
         }
         Workload::KillHolder(a) => kill_holder(&a).await,
-        Workload::HoldSessions(a) => crate::hold::run(a).await,
-        Workload::Failover(a) => crate::failover::run(a).await,
-        Workload::FailoverLocks(a) => crate::failover_locks::run(a).await,
-        Workload::Wan(a) => crate::wan::run(a).await,
     }
 }
 
@@ -1222,24 +1220,14 @@ mod tests {
             ("query", format!("{common} ports")),
             ("send", common.to_string()),
             ("lock-contended", common.replace(" pipeline", "")),
-            ("fill", format!("{} ports hold", common.replace(" duration", ""))),
+            (
+                "fill",
+                format!("{} ports hold", common.replace(" duration", "")),
+            ),
             ("login", common.replace(" pipeline", "")),
-            ("kill-holder", "addr rounds lease-ms end-on-disconnect json".into()),
             (
-                "hold-sessions",
-                "addr connections lease-ms duration source-addrs connect-concurrency channels json"
-                    .into(),
-            ),
-            ("failover", "connections ports rounds lease-ms json".into()),
-            (
-                "failover-locks",
-                "connections channels locks pick duration faults stop-ms warmup-s lease-ms hold-ms member-flag json"
-                    .into(),
-            ),
-            (
-                "wan",
-                "delay-ms sessions ports rounds lease-ms duration connections pipeline member-flag keepalive-ms json"
-                    .into(),
+                "kill-holder",
+                "addr rounds lease-ms end-on-disconnect json".into(),
             ),
         ];
         let c = command();
@@ -1271,38 +1259,6 @@ mod tests {
         assert_eq!((t.connections, t.pipeline, t.lease_ms), (64, 64, 10_000));
         assert_eq!(t.duration, 10.0);
         assert!(!t.json && !a.preencoded && t.ca.is_none() && t.user.is_none());
-        let Workload::FailoverLocks(f) = parse("x bench failover-locks").unwrap() else {
-            panic!()
-        };
-        assert_eq!((f.sessions, f.channels, f.locks), (64, 1, 8));
-        assert_eq!((f.stop_ms, f.hold_ms, f.lease_ms), (4_000, 5, 10_000));
-        assert_eq!((f.duration, f.warmup_s), (10.0, 12.0));
-        use crate::failover_locks::{Fault, Pick};
-        assert_eq!(f.pick, Pick::Fixed);
-        let kill_stop = [
-            Fault::Kill,
-            Fault::Stop,
-            Fault::Kill,
-            Fault::Stop,
-            Fault::Kill,
-        ];
-        assert_eq!(f.faults, kill_stop);
-        let Workload::Wan(w) = parse("x bench wan").unwrap() else {
-            panic!()
-        };
-        assert_eq!(
-            (w.delay_ms, w.sessions, w.ports, w.rounds),
-            (30, 100, 1_000_000, 20)
-        );
-        assert_eq!((w.connections, w.pipeline, w.duration), (64, 64, 10.0));
-        let Workload::HoldSessions(h) = parse("x bench hold-sessions").unwrap() else {
-            panic!()
-        };
-        assert_eq!(
-            (h.sessions, h.connect_concurrency, h.channels),
-            (64, 256, 1)
-        );
-        assert_eq!((h.hold_s, h.source_addrs), (10.0, None));
         let Workload::Fill(f) = parse("x bench fill").unwrap() else {
             panic!()
         };
@@ -1312,8 +1268,22 @@ mod tests {
     #[test]
     fn a_flag_of_another_workload_is_refused() {
         assert!(parse("x bench query --preencoded").is_err());
-        assert!(parse("x bench failover --addr 127.0.0.1:1").is_err());
+        assert!(parse("x bench kill-holder --connections 8").is_err());
         assert!(parse("x bench register-unregister --preencoded --pipeline 8").is_ok());
+    }
+
+    #[test]
+    fn workloads_that_moved_to_the_harness_say_where() {
+        for line in [
+            "x bench failover --rounds 3",
+            "x bench --workload wan",
+            "x bench --json --workload=hold-sessions",
+        ] {
+            let why = moved_workload(&words(line)).unwrap();
+            assert!(why.contains("portswitch-harness"), "{why}");
+        }
+        assert_eq!(moved_workload(&words("x bench fill")), None);
+        assert_eq!(moved_workload(&words("x ctl failover")), None);
     }
 
     #[test]
@@ -1357,26 +1327,18 @@ mod tests {
     #[test]
     fn the_old_form_drops_flags_the_workload_never_used() {
         let (line, note) = legacy(
-            "x bench --addr h:1 --member-flag --heartbeat-ms=100 --workload failover --rounds=3 --pipeline 4 --json --end-on-disconnect",
+            "x bench --addr h:1 --connections 8 --workload kill-holder --rounds=3 --pipeline 4 --json --user u",
         );
-        assert_eq!(line, "x bench failover --rounds=3 --json");
+        assert_eq!(line, "x bench kill-holder --addr h:1 --rounds=3 --json");
         let note = note.unwrap();
         assert!(
-            note.contains("ignoring --addr, --member-flag, --pipeline, --end-on-disconnect"),
+            note.contains("ignoring --connections, --pipeline, --user"),
             "{note}"
         );
         assert!(parse(&line).is_ok());
         // A value that looks like a flag stays with its flag.
-        let (line, _) =
-            legacy("x bench --workload wan --member-flag --heartbeat-ms=100 --duration 2");
-        assert_eq!(
-            line,
-            "x bench wan --member-flag --heartbeat-ms=100 --duration 2"
-        );
-        let Workload::Wan(w) = parse(&line).unwrap() else {
-            panic!()
-        };
-        assert_eq!(w.member_flags, ["--heartbeat-ms=100"]);
+        let (line, _) = legacy("x bench --workload login --user --odd --duration 2");
+        assert_eq!(line, "x bench login --user --odd --duration 2");
         // --preencoded was refused for other workloads, and still is.
         let (line, _) = legacy("x bench --workload query --preencoded");
         assert!(parse(&line).is_err());

@@ -169,7 +169,7 @@ async fn find_master(addrs: &[String], children: &[Option<Child>]) -> Option<(us
 
 /// Starts `exe serve` as member `id` of the group `members` (plus `extra` flags)
 /// and waits until it listens.
-pub(crate) async fn start_member(
+async fn start_member(
     exe: &std::path::Path,
     id: u64,
     listen: &str,
@@ -177,29 +177,7 @@ pub(crate) async fn start_member(
     members: &str,
     extra: &[&str],
 ) -> Result<Child, Box<dyn std::error::Error + Send + Sync>> {
-    start_member_in(None, exe, id, listen, data_dir, members, extra).await
-}
-
-/// [`start_member`] inside the network namespace `netns` (`ip netns exec`, which
-/// execs the server itself: the child's pid is the server's).
-pub(crate) async fn start_member_in(
-    netns: Option<&str>,
-    exe: &std::path::Path,
-    id: u64,
-    listen: &str,
-    data_dir: &std::path::Path,
-    members: &str,
-    extra: &[&str],
-) -> Result<Child, Box<dyn std::error::Error + Send + Sync>> {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(exe);
-            c
-        }
-        None => Command::new(exe),
-    };
-    let mut child = cmd
+    let mut child = Command::new(exe)
         .args(["serve", "--listen", listen])
         .args(extra)
         .args(["--data-dir", &data_dir.to_string_lossy()])

@@ -5,12 +5,7 @@ mod bench;
 mod cert;
 mod ctl;
 mod dev;
-mod failover;
-mod failover_locks;
-mod hold;
-mod relay;
 mod serve;
-mod wan;
 
 use clap::{Parser, Subcommand};
 
@@ -37,12 +32,13 @@ enum Command {
     Cert(cert::CertArgs),
     /// Start a local group of servers (default three) for trying things out.
     Dev(dev::DevArgs),
-    /// Relay TCP connections with a fixed delay each way (a stand-in for distance
-    /// between data centres in tests and benchmarks).
-    Relay(relay::RelayArgs),
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(why) = bench::moved_workload(&std::env::args_os().collect::<Vec<_>>()) {
+        ctl::note(&format!("error: {why}"));
+        return std::process::ExitCode::from(2);
+    }
     // `bench --workload NAME`, the form before one subcommand per workload, still runs.
     let (args, note) = bench::legacy_command_line(std::env::args_os().collect());
     if let Some(note) = note {
@@ -67,7 +63,6 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Cert(args) => cert::run(args),
             Command::Dev(args) => dev::run(args).await,
-            Command::Relay(args) => relay::run(args).await,
         }
     });
     match result {

@@ -13,7 +13,7 @@ use portswitch_client::{server_stats, Client, ClientOptions, Error, MemberRole, 
 use portswitch_proto::msg::op;
 use portswitch_proto::ErrorCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_portswitch");
 /// Election timeouts of 20–25 s: a master found sooner was not elected by a timeout.
@@ -133,23 +133,13 @@ async fn a_killed_master_is_replaced_before_any_election_timeout() {
     g.signal(m2, "-CONT");
 }
 
-/// Starts `portswitch relay` from `listen` to `target`, adding `delay_ms` each way.
-async fn relay(listen: &str, target: &str, delay_ms: u64) -> Child {
-    let mut child = Command::new(BIN)
-        .args(["relay", "--delay-ms", &delay_ms.to_string()])
-        .args(["--route", &format!("{listen}={target}")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn relay");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = within("relay start", lines.next_line()).await.unwrap();
-        if line.expect("relay prints ready") == "ready" {
-            return child;
-        }
-    }
+/// A relay in this process from `listen` to `target`, adding `delay_ms` each way;
+/// stopping (or dropping) it cuts the link and every connection in it.
+async fn relay(listen: &str, target: &str, delay_ms: u64) -> portswitch_harness::relay::Running {
+    let route = format!("{listen}={target}").parse().expect("a route");
+    portswitch_harness::relay::start(&[route], Duration::from_millis(delay_ms), 100)
+        .await
+        .expect("the relay listens")
 }
 
 /// The survivor meant to win a crash election (the highest id) has not received the
@@ -168,7 +158,7 @@ async fn a_survivor_behind_on_the_log_does_not_hold_up_a_crash_election() {
     )
     .await;
     let third = g.peer_listen[2].clone().unwrap();
-    let mut slow_link = relay(&via, &third, 1_500).await;
+    let slow_link = relay(&via, &third, 1_500).await;
     // Member 1 forms the group (the others would wait 50 s), with member 2's vote.
     let m = g.master(None).await;
     assert_eq!(m, 0);
@@ -190,7 +180,7 @@ async fn a_survivor_behind_on_the_log_does_not_hold_up_a_crash_election() {
     // the entry. Member 2 stood at once and reached nobody.
     let killed = Instant::now();
     g.kill(m).await;
-    slow_link.kill().await.unwrap();
+    slow_link.stop().await;
     let _fast_link = relay(&via, &third, 0).await;
     let m2 = g.master(Some(m)).await;
     let took = killed.elapsed();
@@ -255,7 +245,7 @@ async fn recovery_windows_cover_the_leases_granted_not_the_longest_allowed() {
     let tb = own(&b, "b").await;
 
     // The next master owes that minute.
-    g.children[m1] = Some(g.spawn(m1).await);
+    g.respawn(m1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut a_events = a.events();
     g.kill(m2).await;
@@ -313,10 +303,8 @@ async fn a_master_stopped_past_its_lease_never_serves_again() {
     assert_eq!(g.master(None).await, m2);
     assert!(a.is_alive());
     // A restarted member rejoins as a follower.
-    g.children[m].as_mut().unwrap().start_kill().unwrap();
-    g.children[m].as_mut().unwrap().wait().await.unwrap();
-    let again = g.spawn(m).await;
-    g.children[m] = Some(again);
+    g.kill(m).await;
+    g.respawn(m).await;
     assert_eq!(
         g.master(None).await,
         m2,
@@ -456,7 +444,7 @@ async fn members_are_added_and_removed_without_dropping_sessions() {
     let peer4 = format!("127.0.0.1:{}", free_port());
     let mut fourth = Command::new(BIN)
         .args(["serve", "--listen", &addr4, "--http-listen", "127.0.0.1:0"])
-        .args(["--data-dir", &g.dir.join("4").to_string_lossy()])
+        .args(["--data-dir", &g.dir().join("4").to_string_lossy()])
         .args([
             "--node-id",
             "4",
@@ -537,7 +525,7 @@ async fn members_are_added_and_removed_without_dropping_sessions() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(a.is_alive());
-    g.children[m].as_mut().unwrap().start_kill().unwrap();
+    g.kill(m).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,7 +332,7 @@ async fn recovery_windows_follow_the_leases_in_use() {
     resynced(&mut events).await;
 
     // Another failover inside that window: no longer a window than 2 s leases need.
-    g.children[m] = Some(g.spawn(m).await);
+    g.respawn(m).await;
     let mut events = a.events();
     g.kill(m2).await;
     let m3 = g.master(Some(m2)).await;
@@ -354,8 +354,7 @@ async fn a_master_that_steps_down_moves_its_clients_at_once() {
     g.signal(m, "-TERM");
     resynced(&mut events).await;
     assert_eq!(a.owned_ports(), vec![("p".into(), t)]);
-    let _ = g.children[m].as_mut().unwrap().wait().await;
-    g.children[m] = None;
+    g.wait(m).await;
     assert_ne!(g.master(Some(m)).await, m);
 }
 
@@ -519,30 +518,41 @@ async fn dev_keeps_the_group_running_when_the_master_dies() {
 /// grants come again after every fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_locks_smoke_run_is_safe_and_live() {
+    use clap::Parser;
+    use portswitch_harness::scenario::failover_locks::FailoverLocksArgs;
+
+    /// The scenario's flags, as its command line takes them.
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        args: FailoverLocksArgs,
+    }
     let _turn = common::group::ONE_GROUP.lock().await;
-    let run = Command::new(BIN)
-        .args(["bench", "failover-locks", "--json"])
-        .args(["--connections", "8", "--locks", "2", "--lease-ms", "2000"])
-        .args([
-            "--duration",
-            "16",
-            "--warmup-s",
-            "4",
-            "--faults",
-            "kill,stop",
-        ])
-        .args(["--stop-ms", "2000", "--hold-ms", "20"])
+    let args = Flags::parse_from([
+        "failover-locks",
+        "--json",
+        "--connections=8",
+        "--locks=2",
+        "--lease-ms=2000",
+        "--duration=16",
+        "--warmup-s=4",
+        "--faults=kill,stop",
+        "--stop-ms=2000",
+        "--hold-ms=20",
         // Members start at the 2 s leases in use (the default ceiling comes down
         // only after a whole 10 s of them).
-        .arg("--member-flag=--lease-ceiling-start-ms=2000")
-        .stderr(Stdio::null())
-        .output();
+        "--member-flag=--lease-ceiling-start-ms=2000",
+    ])
+    .args;
     // The run itself takes 16 s: this bound is for a hang.
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the benchmark ends")
-        .unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        portswitch_harness::scenario::failover_locks::run(&args, BIN.as_ref()),
+    )
+    .await
+    .expect("the scenario ends")
+    .expect("the scenario runs");
+    let r = &outcome.report;
     assert_eq!(r["overlaps"], 0, "{r}");
     assert_eq!(r["token_regressions"], 0, "{r}");
     let faults = r["faults"].as_array().unwrap();
@@ -550,5 +560,5 @@ async fn failover_locks_smoke_run_is_safe_and_live() {
     for f in faults {
         assert!(f["first_grant_ms"].is_u64(), "no grant after {f}");
     }
-    assert!(out.status.success(), "{r}");
+    assert!(outcome.ok, "{r}");
 }

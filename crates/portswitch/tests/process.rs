@@ -654,11 +654,30 @@ async fn bench_json(workload: &str, addr: &str, args: &[&str]) -> (i32, serde_js
     (out.status.code().unwrap_or(-1), json)
 }
 
+/// The harness's hold-sessions scenario against `addr` with `args` (its command
+/// line's flags): whether every check held, and its report.
+async fn hold_sessions(addr: &str, args: &[&str]) -> (bool, serde_json::Value) {
+    use clap::Parser;
+    use portswitch_harness::scenario::hold::{run, HoldArgs};
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        args: HoldArgs,
+    }
+    let line = ["hold-sessions", "--json", "--addr", addr]
+        .into_iter()
+        .chain(args.iter().copied());
+    let flags = Flags::parse_from(line);
+    let outcome = within("hold-sessions", run(&flags.args))
+        .await
+        .expect("the scenario runs");
+    (outcome.ok, outcome.report)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_hold_sessions_holds_every_session_and_reports_memory() {
+async fn hold_sessions_holds_every_session_and_reports_memory() {
     let s = serve(&[], &[]).await;
-    let (code, r) = bench_json(
-        "hold-sessions",
+    let (ok, r) = hold_sessions(
         &s.addr,
         &[
             "--connections",
@@ -672,7 +691,7 @@ async fn bench_hold_sessions_holds_every_session_and_reports_memory() {
         ],
     )
     .await;
-    assert_eq!(code, 0, "{r}");
+    assert!(ok, "{r}");
     assert_eq!(r["sessions_up"], 300, "{r}");
     assert_eq!(r["sessions_lost"], 0, "{r}");
     // Every session counted by the server, heartbeating through the hold.
@@ -683,10 +702,9 @@ async fn bench_hold_sessions_holds_every_session_and_reports_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_hold_sessions_on_channels_holds_many_sessions_per_connection() {
+async fn hold_sessions_on_channels_holds_many_sessions_per_connection() {
     let s = serve(&[], &[]).await;
-    let (code, r) = bench_json(
-        "hold-sessions",
+    let (ok, r) = hold_sessions(
         &s.addr,
         &[
             "--connections",
@@ -700,7 +718,7 @@ async fn bench_hold_sessions_on_channels_holds_many_sessions_per_connection() {
         ],
     )
     .await;
-    assert_eq!(code, 0, "{r}");
+    assert!(ok, "{r}");
     // 2,500 sessions on three connections (1,000, 1,000 and 500 channels).
     assert_eq!(r["connections"], 3, "{r}");
     assert_eq!(r["sessions_up"], 2500, "{r}");

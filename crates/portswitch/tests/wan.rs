@@ -25,34 +25,50 @@ fn losing_the_master_data_centre_fails_over_and_distance_costs_under_2x() {
         eprintln!("SKIPPED: network namespaces need root (CI always runs this test)");
         return;
     }
-    let out = Command::new(BIN)
-        .args(["bench", "wan", "--json"])
-        .args(["--delay-ms", "30", "--sessions", "10", "--ports", "500"])
-        .args(["--rounds", "2", "--duration", "2"])
+    use clap::Parser;
+    use portswitch_harness::scenario::wan::WanArgs;
+
+    /// The scenario's flags, as its command line takes them.
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        args: WanArgs,
+    }
+    let args = Flags::parse_from([
+        "wan",
+        "--json",
+        "--delay-ms=30",
+        "--sessions=10",
+        "--ports=500",
+        "--rounds=2",
+        "--duration=2",
         // 131,072 in flight: far more than the round trip times a debug build's rate,
         // so the WAN figure is not bound by the window.
-        .args(["--connections", "8", "--pipeline", "16384"])
-        .args(["--lease-ms", "10000", "--keepalive-ms", "500"])
+        "--connections=8",
+        "--pipeline=16384",
+        "--lease-ms=10000",
+        "--keepalive-ms=500",
         // WAN settings (README): a heartbeat longer than the 60 ms round trip,
         // elections and master lease to match — here with the slack an unoptimised
         // build needs while the load saturates both cores.
-        .args([
-            "--member-flag=--heartbeat-ms=150",
-            "--member-flag=--election-timeout-ms-min=600",
-            "--member-flag=--election-timeout-ms-max=1200",
-            // 1 s lapsed now and then while the unoptimised build saturated both
-            // cores (lease renewals compete with client work; see BENCHMARKS).
-            "--member-flag=--master-lease-ms=2000",
-        ])
-        .output()
-        .expect("bench runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "wan bench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON report");
+        "--member-flag=--heartbeat-ms=150",
+        "--member-flag=--election-timeout-ms-min=600",
+        "--member-flag=--election-timeout-ms-max=1200",
+        // 1 s lapsed now and then while the unoptimised build saturated both
+        // cores (lease renewals compete with client work; see BENCHMARKS).
+        "--member-flag=--master-lease-ms=2000",
+    ])
+    .args;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = runtime
+        .block_on(portswitch_harness::scenario::wan::run(&args, BIN.as_ref()))
+        .expect("the wan scenario runs");
+    let r = &outcome.report;
+    assert!(outcome.ok, "a check failed: {r}");
     assert_eq!(r["ownership_lost"], 0, "{r}");
     assert_eq!(r["incomplete_rounds"], 0, "{r}");
     assert_eq!(r["throughput_errors"], 0, "{r}");
@@ -64,25 +80,13 @@ fn losing_the_master_data_centre_fails_over_and_distance_costs_under_2x() {
     // Deep enough batches hide the distance: both figures from this one run.
     let ratio = r["near_over_far"].as_f64().unwrap();
     assert!(ratio < 2.0, "across the WAN {ratio}x slower: {r}");
-    // Nothing is left behind: namespaces are removed when the run ends.
+    // Nothing is left behind: this process's namespaces went with the run.
     let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let pid_tag = "-dc1";
+    let ours = format!("psw{}-", std::process::id());
     let left: Vec<String> = String::from_utf8_lossy(&ns.stdout)
         .lines()
-        .filter(|l| l.starts_with("psw") && l.contains(pid_tag))
+        .filter(|l| l.starts_with(&ours))
         .map(str::to_string)
         .collect();
-    // Other runs may be in progress; ours used the child's pid, which is gone.
-    for l in &left {
-        let pid: u32 = l
-            .trim_start_matches("psw")
-            .split('-')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        assert!(
-            std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "namespace {l} outlived its run"
-        );
-    }
+    assert!(left.is_empty(), "namespaces outlived the run: {left:?}");
 }

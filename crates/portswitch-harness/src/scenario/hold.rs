@@ -1,4 +1,4 @@
-//! `bench hold-sessions`: open N sessions, one connection each (or
+//! `hold-sessions`: open N sessions, one connection each (or
 //! `--channels K` per connection, each session on a channel of its own), and keep
 //! them alive with PINGs, as a large fleet of idle clients would; meanwhile a fresh
 //! client measures how long REGISTER takes. Reports the server's resident memory per
@@ -9,23 +9,21 @@
 //! (127.0.0.1, 127.0.0.2, …). The process needs a descriptor limit above N
 //! (`ulimit -n`; scripts/bench-sessions.sh raises it).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::ExitCode;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use portswitch_client::{Client, ClientOptions};
-use portswitch_proto::frame::{frame_len, messages};
-use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX, PROTOCOL_VERSION};
+use portswitch_proto::limits::PROTOCOL_VERSION;
 use portswitch_proto::msg::op;
-use portswitch_proto::{FrameBuf, Hello, Request};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use portswitch_proto::{Hello, Request};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
-use crate::AppResult;
+use crate::raw::{encode_on, open_session, read_replies, source_addr};
+use crate::{Outcome, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct HoldArgs {
@@ -66,7 +64,7 @@ struct Counters {
     stop: AtomicBool,
 }
 
-pub async fn run(a: HoldArgs) -> AppResult {
+pub async fn run(a: &HoldArgs) -> Result<Outcome> {
     let server: SocketAddr = tokio::net::lookup_host(&a.addr)
         .await?
         .next()
@@ -140,7 +138,7 @@ pub async fn run(a: HoldArgs) -> AppResult {
         let (counters, gate) = (counters.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
-            let conn = open(server, source, &hello, k).await;
+            let conn = open_session(server, source, &hello, k).await;
             drop(permit);
             match conn {
                 Ok(stream) => {
@@ -218,9 +216,7 @@ pub async fn run(a: HoldArgs) -> AppResult {
         "probe_register_max_us": hist.max(),
     });
     counters.stop.store(true, Ordering::Relaxed);
-    if a.json {
-        println!("{report}");
-    } else {
+    if !a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     for t in tasks {
@@ -230,86 +226,7 @@ pub async fn run(a: HoldArgs) -> AppResult {
         && held >= up
         && counters.lost.load(Ordering::Relaxed) == 0
         && probe_errors == 0;
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
-/// `r` once (no channels), or once on each of channels 1..=k, in as few frames as
-/// the limits allow.
-fn encode_on(channels: Option<usize>, r: &Request<'_>) -> Vec<u8> {
-    let mut out = FrameBuf::new(FRAME_BYTES_MAX, COMMANDS_PER_FRAME_MAX);
-    match channels {
-        None => out.push_request(1, r),
-        Some(k) => {
-            for ch in 1..=k {
-                out.push_channel(ch as u16);
-                out.push_request(ch as u32, r);
-            }
-        }
-    }
-    let mut b = BytesMut::new();
-    out.take_into(&mut b);
-    b.to_vec()
-}
-
-/// 127.0.0.1 + k (k < 2^24 - 2).
-fn source_addr(k: usize) -> Result<IpAddr, String> {
-    if k >= (1 << 24) - 2 {
-        return Err("too many source addresses".into());
-    }
-    Ok(IpAddr::V4(Ipv4Addr::from(
-        u32::from(Ipv4Addr::new(127, 0, 0, 1)) + k as u32,
-    )))
-}
-
-async fn open(
-    server: SocketAddr,
-    source: IpAddr,
-    hello: &[u8],
-    k: usize,
-) -> std::io::Result<TcpStream> {
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(source, 0))?;
-    let mut s = sock.connect(server).await?;
-    s.set_nodelay(true)?;
-    s.write_all(hello).await?;
-    read_replies(&mut s, k, op::HELLO_OK).await?;
-    Ok(s)
-}
-
-/// Reads until `want` replies came (CHANNEL switches aside), each with opcode
-/// `expect`: the answers to the HELLOs or PINGs of every session on the connection.
-async fn read_replies(s: &mut TcpStream, want: usize, expect: u8) -> std::io::Result<()> {
-    let mut buf = BytesMut::with_capacity(if want == 1 { 1024 } else { 64 << 10 });
-    let mut got = 0;
-    while got < want {
-        while let Some(len) = frame_len(&buf, FRAME_BYTES_MAX)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?
-        {
-            let frame = buf.split_to(len);
-            for m in messages(&frame[4..], usize::MAX) {
-                let m = m.map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
-                if m.opcode == op::CHANNEL {
-                    continue;
-                }
-                if m.opcode != expect {
-                    // An ERROR (a refused HELLO) or a GOAWAY: this connection failed.
-                    return Err(std::io::ErrorKind::InvalidData.into());
-                }
-                got += 1;
-            }
-        }
-        if got >= want {
-            break;
-        }
-        if s.read_buf(&mut buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(())
+    Ok(Outcome { report, ok })
 }
 
 async fn keep(mut s: TcpStream, ping: &[u8], k: usize, every: Duration, i: usize, c: &Counters) {

@@ -1,10 +1,11 @@
-//! `bench wan`: a group of three spread over three "data centres" with a
+//! `wan`: a group of three spread over three "data centres" with a
 //! fixed delay between them, on one machine.
 //!
 //! Each data centre is a network namespace this workload creates (and removes when it
 //! ends, also on error): member k runs in namespace k, behind a veth pair whose outer
 //! end (10.N.k.1) is in the benchmark's own namespace, the "WAN". Everything that
-//! crosses the WAN goes through one `portswitch relay` process there, which delays
+//! crosses the WAN goes through the harness's relay there (on a thread and runtime of
+//! its own, so the load in this process does not delay it), which delays
 //! every byte by `--delay-ms` each way (this kernel has no netem): member k is known
 //! to the others and to clients by the relay's addresses 10.N.k.1:17000 (peers) and
 //! 10.N.k.1:17001 (clients) and listens on 10.N.k.2 inside its namespace
@@ -13,27 +14,26 @@
 //! the master's own address over its veth, without the relay.
 //!
 //! It measures, in one run: batched register-unregister throughput next to the
-//! master and through the WAN (the same `bench` workload as a child process), then
+//! master and through the WAN (`portswitch bench` as a child process), then
 //! `--rounds` times takes the master's data centre off the network (its veth link
 //! down, so packets to and from it vanish) and times how long until every session
 //! (clients in the WAN) is back on a new master with all its ports. Needs root (it
 //! creates namespaces and links).
 
-use std::net::Ipv4Addr;
-use std::process::{ExitCode, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use portswitch_client::{server_stats, ClientOptions};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::failover::{find_master, hold_ports, RecoveryWatch};
-use crate::AppResult;
-
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+use crate::group::{find_master, start_member, Member};
+use crate::netns::Net;
+use crate::recovery::{hold_ports, RecoveryWatch};
+use crate::relay::Route;
+use crate::{Outcome, Result};
 
 /// Members (one per data centre).
 const DCS: u8 = 3;
@@ -85,152 +85,91 @@ pub struct WanArgs {
     pub json: bool,
 }
 
-/// Runs `ip` with `args`; the error names the command and what it printed.
-fn ip(args: &[&str]) -> Res<()> {
-    let out = std::process::Command::new("ip").args(args).output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into())
-    }
-}
-
-/// The three data centres' namespaces and links; removed on drop.
-struct Net {
-    tag: String,
-    octet: u8,
-    made: Vec<String>,
-}
-
-impl Net {
-    fn create() -> Res<Net> {
-        let pid = std::process::id();
-        let mut net = Net {
-            tag: pid.to_string(),
-            octet: 100 + (pid % 100) as u8,
-            made: Vec::new(),
-        };
-        for k in 1..=DCS {
-            let ns = net.ns(k);
-            ip(&["netns", "add", &ns])
-                .map_err(|e| format!("{e} (the wan workload needs root for network namespaces)"))?;
-            net.made.push(ns.clone());
-            let (w, d) = (net.wan_if(k), net.dc_if(k));
-            ip(&["link", "add", &w, "type", "veth", "peer", "name", &d])?;
-            ip(&["link", "set", &d, "netns", &ns])?;
-            ip(&["addr", "add", &format!("{}/24", net.wan_ip(k)), "dev", &w])?;
-            ip(&["link", "set", &w, "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", net.dc_ip(k)),
-                "dev",
-                &d,
-            ])?;
-            net.mend(k)?;
-        }
-        Ok(net)
-    }
-
-    fn ns(&self, k: u8) -> String {
-        format!("psw{}-dc{k}", self.tag)
-    }
-    fn wan_if(&self, k: u8) -> String {
-        format!("psw{}w{k}", self.tag)
-    }
-    fn dc_if(&self, k: u8) -> String {
-        format!("psw{}d{k}", self.tag)
-    }
-    /// The WAN end of data centre k's link: the relay listens here.
-    fn wan_ip(&self, k: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.octet, k, 1)
-    }
-    /// Member k's own address, inside its namespace.
-    fn dc_ip(&self, k: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.octet, k, 2)
-    }
-    /// Member k as the others and clients know it (through the relay).
-    fn client_addr(&self, k: u8) -> String {
-        format!("{}:{RELAY_CLIENT_PORT}", self.wan_ip(k))
-    }
-
-    /// Takes data centre k off the network: its end of the link goes down, the WAN
-    /// end loses carrier, and packets either way are dropped.
-    fn cut(&self, k: u8) -> Res<()> {
-        ip(&["-n", &self.ns(k), "link", "set", &self.dc_if(k), "down"])
-    }
-
-    /// Puts data centre k back (the route out goes with the link, so it is restored).
-    fn mend(&self, k: u8) -> Res<()> {
-        let ns = self.ns(k);
-        ip(&["-n", &ns, "link", "set", &self.dc_if(k), "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "replace",
-            "default",
-            "via",
-            &self.wan_ip(k).to_string(),
-        ])
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes the veth pair with it.
-        for ns in &self.made {
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
-}
-
 /// The group, its relay and where it keeps its data.
 struct Group {
     net: Net,
-    exe: std::path::PathBuf,
-    dir: std::path::PathBuf,
+    exe: PathBuf,
+    dir: PathBuf,
     members: String,
     extra: Vec<String>,
     children: Vec<Option<Child>>,
     cut: Option<u8>,
-    _relay: Child,
+    _relay: Relay,
+}
+
+/// The relay on a thread of its own; it stops when this is dropped.
+struct Relay {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Relay {
+    /// Binds every route (an error if any cannot be bound), then relays them on a
+    /// single-threaded runtime on a thread of its own.
+    fn start(routes: Vec<Route>, delay: Duration) -> Result<Relay> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
+        std::thread::Builder::new()
+            .name("wan-relay".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match crate::relay::start(&routes, delay, 10_000).await {
+                        Ok(relay) => {
+                            let _ = ready_tx.send(Ok(()));
+                            let _ = stopped.await;
+                            drop(relay);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                        }
+                    }
+                });
+            })?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(Relay { stop: Some(stop) }),
+            Ok(Err(e)) => Err(format!("the relay did not start: {e}").into()),
+            Err(_) => Err("the relay thread ended".into()),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
 }
 
 impl Group {
-    async fn start(args: &WanArgs) -> Res<Group> {
-        let net = Net::create()?;
-        let exe = std::env::current_exe()?;
+    async fn start(args: &WanArgs, server: &Path) -> Result<Group> {
+        let net = Net::create(DCS)?;
+        let exe = server.to_path_buf();
         let dir = std::env::temp_dir().join(format!("portswitch-wan-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut relay = Command::new(&exe);
-        relay.args(["relay", "--delay-ms", &args.delay_ms.to_string()]);
+        let mut routes = Vec::new();
         for k in 1..=DCS {
             let (w, d) = (net.wan_ip(k), net.dc_ip(k));
-            relay
-                .arg("--route")
-                .arg(format!("{w}:{RELAY_PEER_PORT}={d}:{PEER_PORT}"));
-            relay
-                .arg("--route")
-                .arg(format!("{w}:{RELAY_CLIENT_PORT}={d}:{CLIENT_PORT}"));
-        }
-        let mut relay = relay.stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
-        let mut lines = BufReader::new(relay.stdout.take().expect("piped")).lines();
-        loop {
-            match lines.next_line().await? {
-                Some(l) if l == "ready" => break,
-                Some(_) => {}
-                None => return Err("the relay did not start".into()),
+            for (from, to) in [
+                (RELAY_PEER_PORT, PEER_PORT),
+                (RELAY_CLIENT_PORT, CLIENT_PORT),
+            ] {
+                routes.push(Route {
+                    listen: (w, from).into(),
+                    target: (d, to).into(),
+                });
             }
         }
+        let relay = Relay::start(routes, Duration::from_millis(args.delay_ms))?;
         let members: Vec<String> = (1..=DCS)
             .map(|k| {
                 let w = net.wan_ip(k);
@@ -291,44 +230,49 @@ impl Group {
         Ok(g)
     }
 
-    async fn spawn(&mut self, k: u8) -> Res<()> {
+    async fn spawn(&mut self, k: u8) -> Result<()> {
         let peer_listen = format!("{}:{PEER_PORT}", self.net.dc_ip(k));
         let listen = format!("{}:{CLIENT_PORT}", self.net.dc_ip(k));
-        let mut extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        extra.extend(["--peer-listen", &peer_listen]);
-        let child = crate::dev::start_member_in(
-            Some(&self.net.ns(k)),
-            &self.exe,
-            k as u64,
-            &listen,
-            &self.dir.join(k.to_string()),
-            &self.members,
-            &extra,
-        )
+        let mut flags = self.extra.clone();
+        flags.extend(["--peer-listen".to_string(), peer_listen]);
+        let child = start_member(&Member {
+            server: &self.exe,
+            netns: Some(&self.net.ns(k)),
+            id: k as u64,
+            listen: &listen,
+            data_dir: &self.dir.join(k.to_string()),
+            members: &self.members,
+            flags: &flags,
+            log: true,
+        })
         .await?;
         self.children[k as usize - 1] = Some(child);
         Ok(())
     }
 
     fn client_addrs(&self) -> Vec<String> {
-        (1..=DCS).map(|k| self.net.client_addr(k)).collect()
+        (1..=DCS).map(|k| client_addr(&self.net, k)).collect()
     }
 
     /// The member serving as master (not counting a cut-off one), waiting up to 30 s.
-    async fn master(&self) -> Res<u8> {
+    async fn master(&self) -> Result<u8> {
         let k = |i: usize| i as u8 + 1;
-        find_master(&self.client_addrs(), |i| self.cut == Some(k(i)))
-            .await
-            .map(k)
+        find_master(
+            &self.client_addrs(),
+            |i| self.cut == Some(k(i)),
+            Duration::from_secs(30),
+        )
+        .await
+        .map(k)
     }
 
     /// Waits until member k's recovery window (if its takeover opened one) is closed,
     /// so that new ports can be registered.
-    async fn settled(&self, k: u8, lease_ms: u32) -> Res<()> {
+    async fn settled(&self, k: u8, lease_ms: u32) -> Result<()> {
         let opts = ClientOptions::new("unused");
         let deadline = Instant::now() + Duration::from_millis(lease_ms as u64 * 2 + 30_000);
         while Instant::now() < deadline {
-            if let Ok(s) = server_stats(&opts, &self.net.client_addr(k)).await {
+            if let Ok(s) = server_stats(&opts, &client_addr(&self.net, k)).await {
                 if s.iter().any(|(n, v)| n == "recovering" && *v == 0) {
                     return Ok(());
                 }
@@ -340,7 +284,7 @@ impl Group {
 
     /// The shortest of five STATS round trips to `addr` (an idle request: what the
     /// distance alone costs), in ms.
-    async fn idle_rtt_ms(&self, addr: &str) -> Res<f64> {
+    async fn idle_rtt_ms(&self, addr: &str) -> Result<f64> {
         let opts = ClientOptions::new("unused");
         let mut best = f64::MAX;
         for _ in 0..5 {
@@ -352,7 +296,7 @@ impl Group {
     }
 
     /// Runs the register-unregister benchmark against `addr` in a child process.
-    async fn throughput(&self, addr: &str, args: &WanArgs) -> Res<serde_json::Value> {
+    async fn throughput(&self, addr: &str, args: &WanArgs) -> Result<serde_json::Value> {
         let out = Command::new(&self.exe)
             .args(["bench", "register-unregister", "--json"])
             .args(["--addr", addr, "--user", USER])
@@ -384,11 +328,11 @@ impl Drop for Group {
     }
 }
 
-pub async fn run(args: WanArgs) -> AppResult {
+pub async fn run(args: &WanArgs, server: &Path) -> Result<Outcome> {
     if args.sessions == 0 || args.connections == 0 || args.pipeline == 0 {
         return Err("--sessions, --connections and --pipeline must be at least 1".into());
     }
-    let mut g = Group::start(&args).await?;
+    let mut g = Group::start(args, server).await?;
     let m = g.master().await?;
     // A takeover that had to be repeated while the group formed opens a recovery
     // window (an earlier master might have served); the load waits for it to close.
@@ -406,7 +350,7 @@ pub async fn run(args: WanArgs) -> AppResult {
     // Steady state: clients next to the master, then clients across the WAN.
     let near_addr = format!("{}:{CLIENT_PORT}", g.net.dc_ip(m));
     let near_rtt_ms = g.idle_rtt_ms(&near_addr).await?;
-    let far_rtt_ms = g.idle_rtt_ms(&g.net.client_addr(m)).await?;
+    let far_rtt_ms = g.idle_rtt_ms(&client_addr(&g.net, m)).await?;
     say(format!(
         "an idle round trip: {near_rtt_ms} ms next to the master, {far_rtt_ms} ms across the WAN"
     ));
@@ -417,8 +361,8 @@ pub async fn run(args: WanArgs) -> AppResult {
         let m = g.master().await?;
         let near_addr = format!("{}:{CLIENT_PORT}", g.net.dc_ip(m));
         let r = async {
-            let near = g.throughput(&near_addr, &args).await?;
-            let far = g.throughput(&g.net.client_addr(m), &args).await?;
+            let near = g.throughput(&near_addr, args).await?;
+            let far = g.throughput(&client_addr(&g.net, m), args).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((near, far))
         }
         .await;
@@ -513,9 +457,7 @@ pub async fn run(args: WanArgs) -> AppResult {
         "incomplete_rounds": incomplete,
         "throughput_errors": errors,
     });
-    if args.json {
-        println!("{report}");
-    } else {
+    if !args.json {
         println!(
             "wan, {} ms one way: throughput across the WAN {:.0}/s = 1/{ratio:.2} of next to the master; losing the master's data centre, {} rounds: new master after p50 {:.0} ms, every session back with every port after p50 {:.0} ms, p99 {:.0} ms; ownership lost: {lost}; incomplete rounds: {incomplete}",
             args.delay_ms,
@@ -529,9 +471,13 @@ pub async fn run(args: WanArgs) -> AppResult {
     for c in &clients {
         let _ = c.close().await;
     }
-    Ok(if lost == 0 && incomplete == 0 && errors == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    Ok(Outcome {
+        report,
+        ok: lost == 0 && incomplete == 0 && errors == 0,
     })
+}
+
+/// Member k as the others and clients know it (through the relay).
+fn client_addr(net: &Net, k: u8) -> String {
+    format!("{}:{RELAY_CLIENT_PORT}", net.wan_ip(k))
 }

@@ -1,4 +1,4 @@
-//! `portswitch relay`: a TCP relay that delays every byte by a fixed time in each
+//! A TCP relay (`portswitch-harness relay`) that delays every byte by a fixed time in each
 //! direction, standing in for the distance between data centres where the kernel has
 //! no netem. Each accepted connection gets its own connection to the target; bytes
 //! keep their order, an end of stream is passed on after the same delay, and an error
@@ -9,7 +9,6 @@
 //! modelled link, so figures taken through it measure the effect of distance.
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use crate::AppResult;
+use crate::Result;
 
 /// Largest chunk read at once.
 pub const CHUNK_BYTES_MAX: usize = 64 * 1024;
@@ -35,13 +34,13 @@ pub const CONNECT_MS_MAX: u64 = 5_000;
 pub struct RelayArgs {
     /// Delay added to every byte in each direction, ms (a round trip gains twice this).
     #[arg(long, default_value_t = 30)]
-    delay_ms: u64,
+    pub delay_ms: u64,
     /// LISTEN_ADDR=TARGET_ADDR; repeatable.
     #[arg(long = "route", required = true)]
-    routes: Vec<String>,
+    pub routes: Vec<String>,
     /// Most connections relayed at once (over all routes); more are closed at once.
     #[arg(long, default_value_t = 10_000)]
-    connections_max: usize,
+    pub connections_max: usize,
 }
 
 /// One relayed direction: what to listen on, where to connect.
@@ -53,7 +52,7 @@ pub struct Route {
 
 impl std::str::FromStr for Route {
     type Err = String;
-    fn from_str(s: &str) -> Result<Route, String> {
+    fn from_str(s: &str) -> std::result::Result<Route, String> {
         let (l, t) = s
             .split_once('=')
             .ok_or_else(|| format!("--route {s}: expected LISTEN_ADDR=TARGET_ADDR"))?;
@@ -69,19 +68,67 @@ impl std::str::FromStr for Route {
     }
 }
 
-pub async fn run(args: RelayArgs) -> AppResult {
+/// Listens on every route and relays until the process is told to stop; prints one
+/// line per route, then `ready` (scripts wait for it).
+pub async fn run(args: &RelayArgs) -> Result<()> {
     let routes: Vec<Route> = args
         .routes
         .iter()
         .map(|r| r.parse())
-        .collect::<Result<_, String>>()?;
-    if args.connections_max == 0 {
+        .collect::<std::result::Result<_, String>>()?;
+    let relay = start(
+        &routes,
+        Duration::from_millis(args.delay_ms),
+        args.connections_max,
+    )
+    .await?;
+    for r in &routes {
+        println!(
+            "relaying {} -> {} (+{} ms each way)",
+            r.listen, r.target, args.delay_ms
+        );
+    }
+    println!("ready");
+    stop_signal().await;
+    drop(relay);
+    Ok(())
+}
+
+/// A relay running in the current runtime. Dropping it stops it: the listeners
+/// close and so does every connection it was relaying, with whatever was in flight.
+#[derive(Debug)]
+pub struct Running {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the relay and waits until its listeners and connections are closed (a
+    /// relay started again on the same address right after can bind it).
+    pub async fn stop(mut self) {
+        for t in std::mem::take(&mut self.tasks) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Binds every route and relays each in a task of the current runtime; at most
+/// `connections_max` connections at once over all.
+pub async fn start(routes: &[Route], delay: Duration, connections_max: usize) -> Result<Running> {
+    if connections_max == 0 {
         return Err("--connections-max must be at least 1".into());
     }
-    let delay = Duration::from_millis(args.delay_ms);
     let open = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for r in &routes {
+    for r in routes {
         let listener = TcpListener::bind(r.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", r.listen))?;
@@ -90,25 +137,31 @@ pub async fn run(args: RelayArgs) -> AppResult {
             r.target,
             delay,
             open.clone(),
-            args.connections_max,
+            connections_max,
         )));
     }
-    // One line per route, then "ready": scripts wait for it.
-    for r in &routes {
-        println!(
-            "relaying {} -> {} (+{} ms each way)",
-            r.listen, r.target, args.delay_ms
-        );
+    Ok(Running { tasks })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
-    println!("ready");
-    crate::serve::shutdown_signal().await;
-    for t in tasks {
-        t.abort();
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Accepts on `listener` and relays each connection to `target` with `delay` each way.
+/// The connections are this task's own: aborting it closes every one of them (a
+/// link that dies with what is in flight in it).
 pub async fn serve(
     listener: TcpListener,
     target: SocketAddr,
@@ -116,9 +169,21 @@ pub async fn serve(
     open: Arc<AtomicUsize>,
     connections_max: usize,
 ) {
+    /// One connection counted while it is relayed, however its task ends.
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (inbound, _) = match listener.accept().await {
-            Ok(c) => c,
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let inbound = match accepted {
+            Ok((c, _)) => c,
             Err(e) => {
                 // Out of descriptors and the like: wait a little rather than spin.
                 tracing::warn!(error = %e, "relay accept failed");
@@ -131,10 +196,10 @@ pub async fn serve(
             drop(inbound);
             continue;
         }
-        let open = open.clone();
-        tokio::spawn(async move {
+        let counted = Counted(open.clone());
+        conns.spawn(async move {
             relay_one(inbound, target, delay).await;
-            open.fetch_sub(1, Ordering::AcqRel);
+            drop(counted);
         });
     }
 }
@@ -154,14 +219,15 @@ async fn relay_one(inbound: TcpStream, target: SocketAddr, delay: Duration) {
     let _ = outbound.set_nodelay(true);
     let (ir, iw) = inbound.into_split();
     let (or, ow) = outbound.into_split();
-    let up = tokio::spawn(pump(ir, ow, delay));
-    let down = tokio::spawn(pump(or, iw, delay));
+    let up = pump(ir, ow, delay);
+    let down = pump(or, iw, delay);
+    tokio::pin!(up, down);
     // When one direction fails, the other goes too: a relay that kept half a
-    // broken connection open would hide the failure from both ends.
-    let (up_abort, down_abort) = (up.abort_handle(), down.abort_handle());
+    // broken connection open would hide the failure from both ends. A direction
+    // that ended cleanly leaves the other to finish.
     tokio::select! {
-        r = up => if !matches!(r, Ok(true)) { down_abort.abort() },
-        r = down => if !matches!(r, Ok(true)) { up_abort.abort() },
+        ok = &mut up => if ok { down.await; },
+        ok = &mut down => if ok { up.await; },
     }
 }
 
@@ -279,6 +345,30 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert_eq!(back.len(), data.len());
         assert!(back == data, "bytes changed or reordered");
+    }
+
+    /// A link that dies takes what is in it: every connection it relays closes.
+    #[tokio::test]
+    async fn dropping_a_running_relay_closes_its_connections() {
+        let route = Route {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            target: echo_server().await,
+        };
+        // Port 0 cannot be dialled: bind one first and give the relay its address.
+        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = probe.local_addr().unwrap();
+        drop(probe);
+        let running = start(&[Route { listen, ..route }], Duration::from_millis(0), 10)
+            .await
+            .unwrap();
+        let mut s = TcpStream::connect(listen).await.unwrap();
+        let mut b = [0u8; 1];
+        s.write_all(b"x").await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+        running.stop().await;
+        let end = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;
+        assert!(matches!(end, Ok(Ok(0)) | Ok(Err(_))), "{end:?}");
+        assert!(TcpStream::connect(listen).await.is_err(), "still listening");
     }
 
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! `bench failover-locks`: sessions contend for a few locks through a group
+//! `failover-locks`: sessions contend for a few locks through a group
 //! of three members on loopback while the master is killed (SIGKILL) and paused
 //! (SIGSTOP, then SIGCONT) again and again.
 //!
@@ -13,14 +13,14 @@
 //! clock; a grant to the next holder can only follow a release that was sent after
 //! the previous interval ended.
 
-use std::process::ExitCode;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portswitch_client::{Client, ClientOptions, Event, Lock, Mux};
 
-use crate::failover::Group;
-use crate::AppResult;
+use crate::group::Signal;
+use crate::{Outcome, Result};
 
 /// A fault applied to the master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub enum Fault {
 
 impl std::str::FromStr for Fault {
     type Err = String;
-    fn from_str(s: &str) -> Result<Fault, String> {
+    fn from_str(s: &str) -> std::result::Result<Fault, String> {
         match s {
             "kill" => Ok(Fault::Kill),
             "stop" => Ok(Fault::Stop),
@@ -128,11 +128,17 @@ struct Log {
 /// How long a member killed by a fault stays down before it is started again.
 const RESTART_AFTER: Duration = Duration::from_secs(1);
 
-pub async fn run(args: FailoverLocksArgs) -> AppResult {
+pub async fn run(args: &FailoverLocksArgs, server: &Path) -> Result<Outcome> {
     if args.sessions == 0 || args.locks == 0 {
         return Err("--connections and --locks must be at least 1".into());
     }
-    let mut g = Group::start_with(args.lease_ms.max(10_000), &args.member_flags).await?;
+    let mut g = super::group(
+        server,
+        "failover-locks",
+        args.lease_ms.max(10_000),
+        &args.member_flags,
+    )
+    .await?;
     let addrs = g.addrs.clone();
     let mut template = ClientOptions::new(addrs[0].clone());
     template.servers = addrs.clone();
@@ -179,7 +185,7 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
     for (i, fault) in args.faults.iter().enumerate() {
         let at = start + warmup + every * i as u32;
         tokio::time::sleep_until(at.into()).await;
-        let m = g.master().await?;
+        let m = g.master(None).await?;
         let t = Instant::now();
         match fault {
             Fault::Kill => {
@@ -196,7 +202,7 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
                 g.spawn(m).await?;
             }
             Fault::Stop => {
-                g.signal(m, "-STOP")?;
+                g.signal(m, Signal::SIGSTOP)?;
                 faults_at.push((*fault, t, m));
                 if !args.json {
                     eprintln!(
@@ -207,7 +213,7 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(args.stop_ms)).await;
-                g.signal(m, "-CONT")?;
+                g.signal(m, Signal::SIGCONT)?;
             }
         }
     }
@@ -219,11 +225,12 @@ pub async fn run(args: FailoverLocksArgs) -> AppResult {
 
     let log = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
     let report = Report::of(&log, start, end, &faults_at, args.locks);
-    report.print(&args, warmup_asked, &log, start);
-    Ok(if report.overlaps == 0 && report.token_regressions == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    if !args.json {
+        report.print(args, &log);
+    }
+    Ok(Outcome {
+        report: report.json(args, warmup_asked, &log),
+        ok: report.overlaps == 0 && report.token_regressions == 0,
     })
 }
 
@@ -486,53 +493,54 @@ impl Report {
         }
     }
 
-    fn print(&self, args: &FailoverLocksArgs, warmup: Duration, log: &Log, _start: Instant) {
+    fn json(&self, args: &FailoverLocksArgs, warmup: Duration, log: &Log) -> serde_json::Value {
         let name = |f: Fault| match f {
             Fault::Kill => "kill",
             Fault::Stop => "stop",
         };
-        if args.json {
-            let faults: Vec<_> = self
-                .faults
-                .iter()
-                .map(|f| {
-                    serde_json::json!({
-                        "fault": name(f.fault),
-                        "at_s": f.at_s,
-                        "member": f.member + 1,
-                        "first_grant_ms": f.first_grant_ms,
-                        "longest_gap_ms": f.longest_gap_ms,
-                        "locks_held_resumed_ms": f.held_ms,
-                        "locks_in_transition_resumed_ms": f.in_transition_ms,
-                    })
-                })
-                .collect();
-            println!(
-                "{}",
+        let faults: Vec<_> = self
+            .faults
+            .iter()
+            .map(|f| {
                 serde_json::json!({
-                    "workload": "failover-locks",
-                    "sessions": args.sessions,
-                    "channels": args.channels,
-                    "locks": args.locks,
-                    "pick": format!("{:?}", args.pick).to_lowercase(),
-                    "lease_ms": args.lease_ms,
-                    "stop_ms": args.stop_ms,
-                    "warmup_s": warmup.as_secs_f64(),
-                    "grants": self.grants,
-                    "grants_per_second": self.per_second,
-                    "overlaps": self.overlaps,
-                    "token_regressions": self.token_regressions,
-                    "intervals_ended_by_loss": self.lost_intervals,
-                    "sessions_lost": log.sessions_lost,
-                    "acquire_errors": log.acquire_errors,
-                    "release_errors": log.release_errors,
-                    "lost_reasons": log.lost_reasons,
-                    "steady_longest_gap_ms": self.steady_gap_ms,
-                    "faults": faults,
+                    "fault": name(f.fault),
+                    "at_s": f.at_s,
+                    "member": f.member + 1,
+                    "first_grant_ms": f.first_grant_ms,
+                    "longest_gap_ms": f.longest_gap_ms,
+                    "locks_held_resumed_ms": f.held_ms,
+                    "locks_in_transition_resumed_ms": f.in_transition_ms,
                 })
-            );
-            return;
-        }
+            })
+            .collect();
+        serde_json::json!({
+            "workload": "failover-locks",
+            "sessions": args.sessions,
+            "channels": args.channels,
+            "locks": args.locks,
+            "pick": format!("{:?}", args.pick).to_lowercase(),
+            "lease_ms": args.lease_ms,
+            "stop_ms": args.stop_ms,
+            "warmup_s": warmup.as_secs_f64(),
+            "grants": self.grants,
+            "grants_per_second": self.per_second,
+            "overlaps": self.overlaps,
+            "token_regressions": self.token_regressions,
+            "intervals_ended_by_loss": self.lost_intervals,
+            "sessions_lost": log.sessions_lost,
+            "acquire_errors": log.acquire_errors,
+            "release_errors": log.release_errors,
+            "lost_reasons": log.lost_reasons,
+            "steady_longest_gap_ms": self.steady_gap_ms,
+            "faults": faults,
+        })
+    }
+
+    fn print(&self, args: &FailoverLocksArgs, log: &Log) {
+        let name = |f: Fault| match f {
+            Fault::Kill => "kill",
+            Fault::Stop => "stop",
+        };
         println!("grants per second:");
         for (s, chunk) in self.per_second.chunks(10).enumerate() {
             let row: Vec<String> = chunk.iter().map(|n| format!("{n:>5}")).collect();
