@@ -186,7 +186,12 @@ impl Group {
         self.next_offset = e.offset + 1;
         self.outstanding.insert(e.offset);
         let w = Waiting {
-            key: e.key,
+            // Keys matter only to ordering; unordered groups do not keep them.
+            key: if self.cfg.ordered_by_key {
+                e.key
+            } else {
+                Vec::new()
+            },
             expires_ms: e.expires_ms,
             attempts: 0,
         };

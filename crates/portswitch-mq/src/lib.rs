@@ -15,5 +15,9 @@
 //! The broker, its wire protocol, replication through port ownership and the
 //! `portswitch mq` commands build on these (docs/MQ.md says what exists).
 
+pub mod acks;
+pub mod broker;
+pub mod client;
 pub mod delivery;
 pub mod log;
+pub mod proto;

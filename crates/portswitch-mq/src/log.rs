@@ -5,14 +5,15 @@
 //!
 //! | field | bytes | meaning |
 //! |---|---|---|
-//! | `len` | 4 | bytes after `crc`: 36 + key + payload |
+//! | `len` | 4 | bytes after `crc`: 40 + key + headers + payload |
 //! | `crc` | 4 | CRC-32C (Castagnoli) of those bytes |
 //! | `offset` | 8 | the record's offset in the partition, one more than the last |
 //! | `timestamp_ms` | 8 | when the broker accepted it (Unix ms) |
 //! | `not_before_ms` | 8 | deliver no earlier than this (0: at once) |
 //! | `expires_ms` | 8 | dead-letter after this (0: never) |
 //! | `key_len` | 4 | bytes of key |
-//! | key, payload | … | |
+//! | `headers_len` | 4 | bytes of headers (`name=value` lines; the broker's own, such as a dead letter's reason) |
+//! | key, headers, payload | … | |
 //!
 //! # Durability
 //!
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 /// `len` + `crc`.
 const FRAME_HEAD: usize = 8;
 /// The fixed part of what `len` counts.
-const BODY_FIXED: usize = 36;
+const BODY_FIXED: usize = 40;
 /// Bytes between entries of a segment's in-memory index.
 const INDEX_EVERY_BYTES: u64 = 4096;
 
@@ -54,7 +55,7 @@ pub enum Fsync {
 pub struct LogConfig {
     /// A segment is closed once it holds this many bytes (one batch may overrun it).
     pub segment_bytes_max: u64,
-    /// Largest key + payload of one record.
+    /// Largest key + headers + payload of one record.
     pub record_bytes_max: u32,
     /// Largest size of the whole log on disk; appends beyond it are refused
     /// ([`LogError::Full`]) until segments are reclaimed.
@@ -77,6 +78,7 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Message<'a> {
     pub key: &'a [u8],
+    pub headers: &'a [u8],
     pub payload: &'a [u8],
     pub timestamp_ms: u64,
     pub not_before_ms: u64,
@@ -91,6 +93,7 @@ pub struct Record {
     pub not_before_ms: u64,
     pub expires_ms: u64,
     pub key: Vec<u8>,
+    pub headers: Vec<u8>,
     pub payload: Vec<u8>,
 }
 
@@ -104,7 +107,9 @@ pub enum LogError {
     },
     #[error(transparent)]
     File(#[from] portswitch_files::FileError),
-    #[error("a record of {size} bytes (key and payload) is larger than the limit of {max}")]
+    #[error(
+        "a record of {size} bytes (key, headers and payload) is larger than the limit of {max}"
+    )]
     RecordTooLarge { size: u64, max: u32 },
     #[error("the log holds {bytes} bytes and may hold {max}: appends wait until consumers acknowledge and segments are reclaimed")]
     Full { bytes: u64, max: u64 },
@@ -187,7 +192,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// Appends the encoding of `m` as record `offset` to `out`.
 fn encode(out: &mut Vec<u8>, offset: u64, m: &Message<'_>) {
-    let len = BODY_FIXED + m.key.len() + m.payload.len();
+    let len = BODY_FIXED + m.key.len() + m.headers.len() + m.payload.len();
     out.extend_from_slice(&(len as u32).to_le_bytes());
     let crc_at = out.len();
     out.extend_from_slice(&[0; 4]);
@@ -197,7 +202,9 @@ fn encode(out: &mut Vec<u8>, offset: u64, m: &Message<'_>) {
     out.extend_from_slice(&m.not_before_ms.to_le_bytes());
     out.extend_from_slice(&m.expires_ms.to_le_bytes());
     out.extend_from_slice(&(m.key.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(m.headers.len() as u32).to_le_bytes());
     out.extend_from_slice(m.key);
+    out.extend_from_slice(m.headers);
     out.extend_from_slice(m.payload);
     let crc = crc32c::crc32c(&out[body_at..]);
     out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
@@ -228,16 +235,19 @@ fn decode(
         return Err("checksum mismatch");
     }
     let key_len = u32_at(body, 32) as usize;
-    if key_len > len - BODY_FIXED {
-        return Err("key longer than the record");
+    let headers_len = u32_at(body, 36) as usize;
+    if key_len + headers_len > len - BODY_FIXED {
+        return Err("key and headers longer than the record");
     }
+    let h = BODY_FIXED + key_len;
     let rec = Record {
         offset: u64_at(body, 0),
         timestamp_ms: u64_at(body, 8),
         not_before_ms: u64_at(body, 16),
         expires_ms: u64_at(body, 24),
-        key: body[BODY_FIXED..BODY_FIXED + key_len].to_vec(),
-        payload: body[BODY_FIXED + key_len..].to_vec(),
+        key: body[BODY_FIXED..h].to_vec(),
+        headers: body[h..h + headers_len].to_vec(),
+        payload: body[h + headers_len..].to_vec(),
     };
     Ok(Some((rec, end)))
 }
@@ -374,7 +384,7 @@ impl Log {
         }
         let mut size = 0u64;
         for m in batch {
-            let body = (m.key.len() + m.payload.len()) as u64;
+            let body = (m.key.len() + m.headers.len() + m.payload.len()) as u64;
             if body > u64::from(self.cfg.record_bytes_max) {
                 return Err(LogError::RecordTooLarge {
                     size: body,
@@ -675,7 +685,8 @@ mod tests {
         append_all(&mut log, &payloads(200));
         let first = dir.path().join(segment_name(0));
         let mut bytes = std::fs::read(&first).unwrap();
-        bytes[60] ^= 0x10;
+        // A bit of the first record's payload.
+        bytes[52] ^= 0x10;
         std::fs::write(&first, &bytes).unwrap();
         // The open log reads from disk and checks: the damage is reported.
         assert!(matches!(

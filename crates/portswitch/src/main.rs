@@ -5,9 +5,16 @@ mod bench;
 mod cert;
 mod ctl;
 mod dev;
+mod mq;
 mod serve;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc rather than the system allocator: the broker and the server allocate
+/// and free small buffers per message at high rates, where glibc's allocator spent
+/// most of the broker's time (docs/BENCHMARKS.md, mq).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +39,8 @@ enum Command {
     Cert(cert::CertArgs),
     /// Start a local group of servers (default three) for trying things out.
     Dev(dev::DevArgs),
+    /// The message queue: run a broker, manage queues, produce and consume.
+    Mq(mq::MqArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +72,7 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Cert(args) => cert::run(args),
             Command::Dev(args) => dev::run(args).await,
+            Command::Mq(args) => mq::run(args).await,
         }
     });
     match result {

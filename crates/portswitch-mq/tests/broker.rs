@@ -1,0 +1,398 @@
+//! The broker over real TCP on loopback, driven by the client library: produce and
+//! consume, competing consumers, redelivery, dead letters, limits and bad input.
+
+use std::time::Duration;
+
+use portswitch_mq::broker::{BrokerConfig, RunningBroker};
+use portswitch_mq::client::{ClientError, MqClient};
+use portswitch_mq::proto::{self, Code, How, Outgoing, QueueConfig, Settlement};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn broker(dir: &std::path::Path) -> RunningBroker {
+    let mut cfg = BrokerConfig::new(dir);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.queues_max = 4;
+    RunningBroker::start(cfg).await.expect("the broker starts")
+}
+
+fn msg(key: &str, payload: &str) -> Outgoing {
+    Outgoing {
+        key: key.as_bytes().to_vec(),
+        payload: payload.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_go_round_once_acknowledged_and_keys_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.create(
+        "orders",
+        QueueConfig {
+            partitions: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let msgs: Vec<Outgoing> = (0..400)
+        .map(|i| msg(&format!("k{}", i % 10), &format!("{i}")))
+        .collect();
+    let placed = c.produce("orders", msgs).await.unwrap();
+    assert_eq!(placed.len(), 400);
+    // One key, one partition.
+    for i in 0..400 {
+        assert_eq!(placed[i].0, placed[i % 10].0);
+    }
+    // Two competing consumers share the messages; each key's come in order.
+    let mut a = c.subscribe("orders", "g", 50).await.unwrap();
+    let c2 = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    let mut b2 = c2.subscribe("orders", "g", 50).await.unwrap();
+    let mut seen = std::collections::BTreeMap::<String, Vec<u32>>::new();
+    let (mut from_a, mut from_b) = (0, 0);
+    while from_a + from_b < 400 {
+        let (d, who) = within(async {
+            tokio::select! {
+                d = a.next() => (d.unwrap(), 0),
+                d = b2.next() => (d.unwrap(), 1),
+            }
+        })
+        .await;
+        let n: u32 = String::from_utf8(d.payload.clone())
+            .unwrap()
+            .parse()
+            .unwrap();
+        seen.entry(String::from_utf8(d.key.clone()).unwrap())
+            .or_default()
+            .push(n);
+        let s = vec![Settlement {
+            partition: d.partition,
+            offset: d.offset,
+            how: How::Ack,
+            delay_ms: 0,
+        }];
+        if who == 0 {
+            from_a += 1;
+            a.settle(s).await.unwrap();
+        } else {
+            from_b += 1;
+            b2.settle(s).await.unwrap();
+        }
+    }
+    assert!(
+        from_a > 0 && from_b > 0,
+        "both consumers got messages: {from_a} {from_b}"
+    );
+    assert_eq!(seen.values().map(Vec::len).sum::<usize>(), 400);
+    // Nothing more comes: every message was acknowledged once.
+    assert!(tokio::time::timeout(Duration::from_millis(300), a.next())
+        .await
+        .is_err());
+    let stats = c.stat("orders").await.unwrap();
+    let depth: u64 = stats
+        .iter()
+        .filter(|(k, _)| k.ends_with(".group.g.depth"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(depth, 0, "{stats:?}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_goes_away_has_its_messages_delivered_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let addr = b.addr.to_string();
+    let c = MqClient::connect(&addr).await.unwrap();
+    c.create("jobs", QueueConfig::default()).await.unwrap();
+    c.produce("jobs", vec![msg("", "a"), msg("", "b")])
+        .await
+        .unwrap();
+    {
+        let gone = MqClient::connect(&addr).await.unwrap();
+        let mut first = gone.subscribe("jobs", "w", 10).await.unwrap();
+        let d = within(first.next()).await.unwrap();
+        assert_eq!((d.payload.as_slice(), d.attempt), (&b"a"[..], 1));
+        first.ack(&d).await.unwrap();
+        let d = within(first.next()).await.unwrap();
+        assert_eq!(d.payload, b"b");
+        // Dropped without settling "b".
+    }
+    let mut second = c.subscribe("jobs", "w", 10).await.unwrap();
+    let d = within(second.next()).await.unwrap();
+    assert_eq!((d.payload.as_slice(), d.attempt), (&b"b"[..], 2));
+    // Settling something not in flight to you is a typed error.
+    let e = second
+        .settle(vec![Settlement {
+            partition: 0,
+            offset: 0,
+            how: How::Ack,
+            delay_ms: 0,
+        }])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::NotInFlight), "{e}");
+    second.nack(&d, 100).await.unwrap();
+    let again = within(second.next()).await.unwrap();
+    assert_eq!((again.offset, again.attempt), (d.offset, 3));
+    second.ack(&again).await.unwrap();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_rejected_and_exhausted_messages_become_dead_letters_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.create("dlq", QueueConfig::default()).await.unwrap();
+    c.create(
+        "work",
+        QueueConfig {
+            dead_letter_queue: "dlq".into(),
+            max_deliveries: 1,
+            ack_timeout_ms: 200,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    c.produce(
+        "work",
+        vec![
+            Outgoing {
+                ttl_ms: 50,
+                ..msg("", "expires")
+            },
+            msg("", "rejected"),
+            msg("", "times-out"),
+        ],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut w = c.subscribe("work", "g", 10).await.unwrap();
+    let mut letters = Vec::new();
+    let mut d = c.subscribe("dlq", "inspect", 10).await.unwrap();
+    while letters.len() < 3 {
+        tokio::select! {
+            got = w.next() => {
+                let got = got.unwrap();
+                if got.payload == b"rejected" {
+                    w.reject(&got).await.unwrap();
+                }
+                // "times-out" is left to its ack timeout.
+            }
+            letter = d.next() => letters.push(letter.unwrap()),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("dead letters: {letters:?}"),
+        }
+    }
+    let reason = |p: &[u8]| {
+        let l = letters.iter().find(|l| l.payload == p).expect("a letter");
+        String::from_utf8(l.headers.clone()).unwrap()
+    };
+    assert!(
+        reason(b"expires").contains("reason=expired\nqueue=work"),
+        "{}",
+        reason(b"expires")
+    );
+    assert!(reason(b"rejected").contains("reason=rejected"));
+    assert!(reason(b"times-out").contains("reason=max_deliveries"));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_bad_input_get_typed_errors_and_the_broker_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let addr = b.addr.to_string();
+    let c = MqClient::connect(&addr).await.unwrap();
+    let code = |e: ClientError| e.code();
+    assert_eq!(
+        code(
+            c.create("../etc", QueueConfig::default())
+                .await
+                .unwrap_err()
+        ),
+        Some(Code::BadRequest)
+    );
+    assert_eq!(
+        code(
+            c.create(
+                "q",
+                QueueConfig {
+                    partitions: 0,
+                    ..Default::default()
+                }
+            )
+            .await
+            .unwrap_err()
+        ),
+        Some(Code::Limit)
+    );
+    c.create(
+        "small",
+        QueueConfig {
+            message_bytes_max: 10,
+            retention_bytes: 4096,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        code(c.create("small", QueueConfig::default()).await.unwrap_err()),
+        Some(Code::QueueExists)
+    );
+    assert_eq!(
+        code(
+            c.produce("small", vec![msg("", "more than ten bytes")])
+                .await
+                .unwrap_err()
+        ),
+        Some(Code::TooLarge)
+    );
+    assert_eq!(
+        code(c.produce("nope", vec![msg("", "x")]).await.unwrap_err()),
+        Some(Code::UnknownQueue)
+    );
+    // The partition fills up: producers are told to wait, nothing is dropped.
+    let mut accepted = 0;
+    let full = loop {
+        match c.produce("small", vec![msg("", "0123456789")]).await {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 1000, "never full");
+    };
+    assert_eq!(full.code(), Some(Code::Full), "{full}");
+    for i in 0..3 {
+        c.create(&format!("q{i}"), QueueConfig::default())
+            .await
+            .unwrap_or(());
+    }
+    assert_eq!(
+        code(c.create("q9", QueueConfig::default()).await.unwrap_err()),
+        Some(Code::Limit)
+    );
+    // Garbage on a raw socket: an error, the connection closed, the others unaffected.
+    let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    raw.write_all(&[0xff; 64]).await.unwrap();
+    let mut back = Vec::new();
+    let _ = within(raw.read_to_end(&mut back)).await;
+    let mut hello_first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut body = bytes::BytesMut::new();
+    proto::Request::List.encode(1, &mut body);
+    let mut f = bytes::BytesMut::new();
+    proto::frame(&body, &mut f);
+    hello_first.write_all(&f).await.unwrap();
+    let mut back = Vec::new();
+    within(hello_first.read_to_end(&mut back)).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&back).contains("HELLO comes first"),
+        "{back:?}"
+    );
+    // The first client still works, and the queue kept every accepted message.
+    let mut cons = c.subscribe("small", "g", 1000).await.unwrap();
+    for _ in 0..accepted {
+        within(cons.next()).await.unwrap();
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_messages_and_acknowledgements_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.create(
+        "keep",
+        QueueConfig {
+            partitions: 2,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let msgs: Vec<Outgoing> = (0..20)
+        .map(|i| msg(&format!("{i}"), &format!("{i}")))
+        .collect();
+    c.produce("keep", msgs).await.unwrap();
+    let mut cons = c.subscribe("keep", "g", 100).await.unwrap();
+    let mut acked = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let d = within(cons.next()).await.unwrap();
+        cons.ack(&d).await.unwrap();
+        acked.insert(d.payload);
+    }
+    drop(cons);
+    drop(c);
+    b.stop().await;
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    assert_eq!(c.list().await.unwrap()[0].1.partitions, 2);
+    let mut cons = c.subscribe("keep", "g", 100).await.unwrap();
+    let mut rest = std::collections::BTreeSet::new();
+    while rest.len() < 12 {
+        let d = within(cons.next()).await.unwrap();
+        assert!(
+            !acked.contains(&d.payload),
+            "an acknowledged message came back"
+        );
+        rest.insert(d.payload);
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_packs_messages_sent_one_at_a_time_into_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.create("packed", QueueConfig::default()).await.unwrap();
+    let p = c.producer("packed", 4);
+    let mut waits = Vec::new();
+    for i in 0..2_000 {
+        waits.push(p.send(msg("", &format!("{i}"))).await.unwrap());
+    }
+    let mut offsets = std::collections::BTreeSet::new();
+    for w in waits {
+        let (_, offset) = within(w).await.unwrap().unwrap();
+        offsets.insert(offset);
+    }
+    assert_eq!(
+        offsets.len(),
+        2_000,
+        "every message got an offset of its own"
+    );
+    assert_eq!(*offsets.last().unwrap(), 1_999);
+    // Far fewer fsyncs than messages: they travelled in batches.
+    let metrics = reqwest_free_get(b.http_addr.unwrap()).await;
+    let count = metrics
+        .lines()
+        .find(|l| l.starts_with("portswitch_mq_fsync_seconds_count{queue=\"packed\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("an fsync count");
+    assert!(count < 500, "{count} fsyncs for 2,000 messages");
+    b.stop().await;
+}
+
+/// GET /metrics over a plain socket.
+async fn reqwest_free_get(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    within(s.read_to_string(&mut out)).await.unwrap();
+    out
+}
