@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use portswitch_proto::frame::{frame_len, messages};
+use portswitch_proto::frame::messages;
 use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_MAX};
 use portswitch_proto::{ErrorCode, Event as WireEvent, FrameBuf, Request, ServerMsg};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 
 use crate::client::{Link, Signals, Tx};
@@ -228,34 +228,20 @@ async fn reader(
     gen: u64,
     dead: Arc<Notify>,
 ) {
-    let why = 'conn: loop {
-        loop {
-            match frame_len(&buf, FRAME_BYTES_MAX) {
-                Ok(Some(n)) => {
-                    let frame = buf.split_to(n);
-                    if let Err(why) = dispatch(&sh, &frame[4..], gen) {
-                        break 'conn why;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => break 'conn format!("the server sent a malformed frame: {e}"),
-            }
-        }
-        {
+    let why = crate::net::read_frames(
+        &mut rd,
+        &mut buf,
+        &dead,
+        "the connection failed or the server stopped answering",
+        |frame| dispatch(&sh, &frame[4..], gen),
+        || {
             let st = sh.lock();
-            if st.gen != gen || st.core.is_over() {
-                return;
-            }
-        }
-        tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => break "connection closed by the server".to_string(),
-                Err(e) => break format!("connection error: {e}"),
-                Ok(_) => {}
-            },
-            _ = dead.notified() => break "the connection failed or the server stopped answering".to_string(),
-        }
-    };
+            st.gen == gen && !st.core.is_over()
+        },
+        || {},
+    )
+    .await;
+    let Some(why) = why else { return };
     // The socket closes once the writer lets go too; reconnecting can take a while.
     drop((rd, buf));
     on_disconnect(sh, gen, why).await;

@@ -20,13 +20,13 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use portswitch_proto::frame::{frame_len, messages};
+use portswitch_proto::frame::messages;
 use portswitch_proto::limits::{COMMANDS_PER_FRAME_MAX, FRAME_BYTES_BEFORE_LOGIN, FRAME_BYTES_MAX};
 use portswitch_proto::msg::op;
 use portswitch_proto::{
     ErrorCode, Event as WireEvent, FrameBuf, HelloOk, Reply, Request, ServerMsg,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::client::{Link, Signals, Tx};
@@ -1033,39 +1033,20 @@ async fn writer(inner: Arc<Inner>, mut wr: WriteHalf<Stream>, gen: u64) {
 async fn reader(inner: Arc<Inner>, mut rd: ReadHalf<Stream>, gen: u64, dead: Arc<Notify>) {
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut channel = 0u16;
-    let why = 'conn: loop {
-        loop {
-            match frame_len(&buf, FRAME_BYTES_MAX) {
-                Ok(Some(n)) => {
-                    let frame = buf.split_to(n);
-                    if let Err(why) = dispatch(&inner, &frame, &mut channel, gen) {
-                        break 'conn why;
-                    }
-                }
-                Ok(None) => break,
-                Err(_) if crate::net::looks_like_tls(&buf) => {
-                    inner.lock().tls_expected = true;
-                    break 'conn "the server speaks TLS: configure a CA (ClientOptions::tls)"
-                        .to_string();
-                }
-                Err(e) => break 'conn format!("the server sent a malformed frame: {e}"),
-            }
-        }
-        {
+    let why = crate::net::read_frames(
+        &mut rd,
+        &mut buf,
+        &dead,
+        "the server stopped answering",
+        |frame| dispatch(&inner, frame, &mut channel, gen),
+        || {
             let st = inner.lock();
-            if st.gen != gen || st.shut.is_some() {
-                return;
-            }
-        }
-        tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => break "connection closed by the server".to_string(),
-                Err(e) => break format!("connection error: {e}"),
-                Ok(_) => {}
-            },
-            _ = dead.notified() => break "the server stopped answering".to_string(),
-        }
-    };
+            st.gen == gen && st.shut.is_none()
+        },
+        || inner.lock().tls_expected = true,
+    )
+    .await;
+    let Some(why) = why else { return };
     drop(rd);
     connection_lost(&inner, gen, &why);
 }

@@ -471,6 +471,55 @@ pub(crate) fn looks_like_tls(buf: &[u8]) -> bool {
 // limit, so `next_frame` asks `looks_like_tls` only of bytes that are no frame.
 const _: () = assert!(FRAME_BYTES_MAX < 0x1403_0000);
 
+/// The read loop of a connection after its handshake, shared by `Client` and `Mux`:
+/// each whole frame in `buf` (length prefix included) goes to `on_frame`; when `buf`
+/// holds no whole frame, `wanted()` is asked whether this reader still serves its
+/// connection (a newer connection replaced it, or the sessions are over: then `None`,
+/// quietly) before more is read. Returns why the connection ended otherwise: a frame
+/// `on_frame` refused, a malformed frame (a TLS record named as such, `on_tls` told),
+/// the end of the stream, a read error, or `dead` notified (`dead_why`).
+pub(crate) async fn read_frames<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    dead: &tokio::sync::Notify,
+    dead_why: &str,
+    mut on_frame: impl FnMut(&[u8]) -> std::result::Result<(), String>,
+    mut wanted: impl FnMut() -> bool,
+    on_tls: impl FnOnce(),
+) -> Option<String> {
+    loop {
+        loop {
+            match frame_len(buf, FRAME_BYTES_MAX) {
+                Ok(Some(n)) => {
+                    let frame = buf.split_to(n);
+                    if let Err(why) = on_frame(&frame) {
+                        return Some(why);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) if looks_like_tls(buf) => {
+                    on_tls();
+                    return Some(
+                        "the server speaks TLS: configure a CA (ClientOptions::tls)".to_string(),
+                    );
+                }
+                Err(e) => return Some(format!("the server sent a malformed frame: {e}")),
+            }
+        }
+        if !wanted() {
+            return None;
+        }
+        tokio::select! {
+            r = rd.read_buf(buf) => match r {
+                Ok(0) => return Some("connection closed by the server".to_string()),
+                Err(e) => return Some(format!("connection error: {e}")),
+                Ok(_) => {}
+            },
+            _ = dead.notified() => return Some(dead_why.to_string()),
+        }
+    }
+}
+
 /// The first message of a frame, and the bytes of the frame's other messages.
 pub(crate) fn first_message(frame: &[u8]) -> Result<(ServerMsg<'_>, &[u8])> {
     let m = messages(&frame[4..], COMMANDS_PER_FRAME_MAX)
