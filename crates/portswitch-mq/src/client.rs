@@ -54,7 +54,7 @@ struct Shared {
     closed: std::sync::atomic::AtomicBool,
     pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     next_id: AtomicU32,
-    consumers: Mutex<HashMap<u64, mpsc::UnboundedSender<Delivery>>>,
+    consumers: Mutex<HashMap<u64, mpsc::UnboundedSender<Vec<Delivery>>>>,
     /// Deliveries that arrived before their SUBSCRIBED reply was handled (bounded by
     /// the new consumer's credit).
     early: Mutex<HashMap<u64, Vec<Delivery>>>,
@@ -103,7 +103,7 @@ impl MqClient {
             let mut body = BytesMut::with_capacity(64 << 10);
             while let Some(first) = out_rx.recv().await {
                 body.extend_from_slice(&first);
-                while body.len() < proto::FRAME_BYTES_MAX / 2 {
+                while body.len() < proto::COALESCE_BYTES {
                     match out_rx.try_recv() {
                         Ok(more) => body.extend_from_slice(&more),
                         Err(_) => break,
@@ -124,27 +124,17 @@ impl MqClient {
             'conn: loop {
                 match proto::frame_len(&buf) {
                     Ok(Some(n)) => {
-                        let frame = buf.split_to(n);
-                        for m in proto::messages(&frame[4..]) {
+                        let frame = buf.split_to(n).freeze();
+                        // A frame's deliveries go to each consumer together.
+                        let mut deliveries: HashMap<u64, Vec<Delivery>> = HashMap::new();
+                        for m in proto::messages(frame.slice(4..)) {
                             let Ok((op, id, body)) = m else { break 'conn };
                             let Ok(reply) = Reply::decode(op, body) else {
                                 break 'conn;
                             };
                             match reply {
                                 Reply::Deliver(d) => {
-                                    let c = s.consumers.lock().unwrap_or_else(|p| p.into_inner());
-                                    match c.get(&d.consumer) {
-                                        Some(tx) => {
-                                            let _ = tx.send(d);
-                                        }
-                                        None => s
-                                            .early
-                                            .lock()
-                                            .unwrap_or_else(|p| p.into_inner())
-                                            .entry(d.consumer)
-                                            .or_default()
-                                            .push(d),
-                                    }
+                                    deliveries.entry(d.consumer).or_default().push(d)
                                 }
                                 other => {
                                     let waiter = s
@@ -160,6 +150,23 @@ impl MqClient {
                                         None if id == 0 => break 'conn,
                                         None => {}
                                     }
+                                }
+                            }
+                        }
+                        if !deliveries.is_empty() {
+                            let c = s.consumers.lock().unwrap_or_else(|p| p.into_inner());
+                            for (consumer, list) in deliveries {
+                                match c.get(&consumer) {
+                                    Some(tx) => {
+                                        let _ = tx.send(list);
+                                    }
+                                    None => s
+                                        .early
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .entry(consumer)
+                                        .or_default()
+                                        .extend(list),
                                 }
                             }
                         }
@@ -407,8 +414,8 @@ impl MqClient {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&consumer);
-            for d in early.into_iter().flatten() {
-                let _ = tx.send(d);
+            if let Some(list) = early {
+                let _ = tx.send(list);
             }
             consumers.insert(consumer, tx);
         }
@@ -416,6 +423,7 @@ impl MqClient {
             client: self.clone(),
             id: consumer,
             rx,
+            buffered: std::collections::VecDeque::new(),
         })
     }
 }
@@ -446,7 +454,8 @@ impl Producer {
 pub struct Consumer {
     client: MqClient,
     id: u64,
-    rx: mpsc::UnboundedReceiver<Delivery>,
+    rx: mpsc::UnboundedReceiver<Vec<Delivery>>,
+    buffered: std::collections::VecDeque<Delivery>,
 }
 
 impl Consumer {
@@ -456,12 +465,22 @@ impl Consumer {
 
     /// The next delivery; `None` once the connection is closed.
     pub async fn next(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+        if let Some(d) = self.buffered.pop_front() {
+            return Some(d);
+        }
+        let list = self.rx.recv().await?;
+        self.buffered.extend(list);
+        self.buffered.pop_front()
     }
 
-    /// Deliveries already received, without waiting.
+    /// A delivery already received, without waiting.
     pub fn try_next(&mut self) -> Option<Delivery> {
-        self.rx.try_recv().ok()
+        if self.buffered.is_empty() {
+            if let Ok(list) = self.rx.try_recv() {
+                self.buffered.extend(list);
+            }
+        }
+        self.buffered.pop_front()
     }
 
     /// Settles deliveries in one request; returns once the broker made them durable.

@@ -6,10 +6,14 @@
 //! request's id; deliveries carry id 0. Strings and byte strings are `u32` length +
 //! bytes; names are UTF-8 of at most [`NAME_BYTES_MAX`]. docs/MQ.md lists each body.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const VERSION: u16 = 1;
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
+/// Writers stop adding messages to a frame past this many bytes: frames stay within
+/// buffers that are reused, rather than large ones allocated (and their pages faulted
+/// in) per frame.
+pub const COALESCE_BYTES: usize = 256 << 10;
 pub const NAME_BYTES_MAX: usize = 200;
 /// Messages in one PRODUCE or settlements in one SETTLE at most.
 pub const BATCH_MAX: usize = 100_000;
@@ -148,8 +152,8 @@ impl Default for QueueConfig {
 /// A message to produce.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Outgoing {
-    pub key: Vec<u8>,
-    pub payload: Vec<u8>,
+    pub key: Bytes,
+    pub payload: Bytes,
     /// Deliver no earlier than this many ms after it is accepted.
     pub delay_ms: u64,
     /// Dead-letter if not settled this many ms after it is accepted (0: the queue's).
@@ -219,9 +223,9 @@ pub struct Delivery {
     pub offset: u64,
     pub attempt: u32,
     pub timestamp_ms: u64,
-    pub key: Vec<u8>,
-    pub headers: Vec<u8>,
-    pub payload: Vec<u8>,
+    pub key: Bytes,
+    pub headers: Bytes,
+    pub payload: Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,32 +411,32 @@ pub fn frame(body: &[u8], out: &mut BytesMut) {
     out.put_slice(body);
 }
 
-/// The messages of a frame body: (op, id, body).
-pub fn messages(mut body: &[u8]) -> impl Iterator<Item = Result<(u8, u32, &[u8]), DecodeError>> {
+/// The messages of a frame body: (op, id, body), each body a slice of `body` (no copy).
+pub fn messages(mut body: Bytes) -> impl Iterator<Item = Result<(u8, u32, Bytes), DecodeError>> {
     std::iter::from_fn(move || {
         if body.is_empty() {
             return None;
         }
         if body.len() < 9 {
-            body = &[];
+            body = Bytes::new();
             return Some(Err(DecodeError::Short));
         }
         let op = body[0];
         let id = u32::from_be_bytes(body[1..5].try_into().expect("4"));
         let len = u32::from_be_bytes(body[5..9].try_into().expect("4")) as usize;
         if body.len() < 9 + len {
-            body = &[];
+            body = Bytes::new();
             return Some(Err(DecodeError::Short));
         }
-        let m = &body[9..9 + len];
-        body = &body[9 + len..];
+        body.advance(9);
+        let m = body.split_to(len);
         Some(Ok((op, id, m)))
     })
 }
 
-struct Reader<'a>(&'a [u8]);
+struct Reader(Bytes);
 
-impl Reader<'_> {
+impl Reader {
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.0.len() < n {
             Err(DecodeError::Short)
@@ -456,19 +460,17 @@ impl Reader<'_> {
         self.need(8)?;
         Ok(self.0.get_u64())
     }
-    fn bytes(&mut self) -> Result<Vec<u8>, DecodeError> {
+    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         let n = self.u32()? as usize;
         self.need(n)?;
-        let v = self.0[..n].to_vec();
-        self.0.advance(n);
-        Ok(v)
+        Ok(self.0.split_to(n))
     }
     fn name(&mut self) -> Result<String, DecodeError> {
         let b = self.bytes()?;
         if b.len() > NAME_BYTES_MAX {
             return Err(DecodeError::BadName);
         }
-        String::from_utf8(b).map_err(|_| DecodeError::BadName)
+        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::BadName)
     }
     fn count(&mut self, least_each: usize) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
@@ -491,7 +493,7 @@ impl Reader<'_> {
                 if b.len() > NAME_BYTES_MAX {
                     return Err(DecodeError::BadName);
                 }
-                String::from_utf8(b).map_err(|_| DecodeError::BadName)?
+                String::from_utf8(b.to_vec()).map_err(|_| DecodeError::BadName)?
             },
             ack_timeout_ms: self.u64()?,
             ordered_by_key: self.u8()? != 0,
@@ -509,7 +511,7 @@ impl Reader<'_> {
 }
 
 impl Request {
-    pub fn decode(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
+    pub fn decode(opcode: u8, body: Bytes) -> Result<Request, DecodeError> {
         let mut r = Reader(body);
         let req = match opcode {
             op::HELLO => Request::Hello { version: r.u16()? },
@@ -583,7 +585,7 @@ impl Request {
 }
 
 impl Reply {
-    pub fn decode(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
+    pub fn decode(opcode: u8, body: Bytes) -> Result<Reply, DecodeError> {
         let mut r = Reader(body);
         let reply = match opcode {
             op::OK => Reply::Ok,
@@ -642,7 +644,7 @@ mod tests {
     fn round_trip_request(r: Request) {
         let mut b = BytesMut::new();
         r.encode(7, &mut b);
-        let mut it = messages(&b);
+        let mut it = messages(b.freeze());
         let (op, id, body) = it.next().unwrap().unwrap();
         assert_eq!(id, 7);
         assert_eq!(Request::decode(op, body).unwrap(), r);
@@ -664,8 +666,8 @@ mod tests {
             queue: "q".into(),
             partition: ANY_PARTITION,
             messages: vec![Outgoing {
-                key: b"k".to_vec(),
-                payload: b"hello".to_vec(),
+                key: Bytes::from_static(b"k"),
+                payload: Bytes::from_static(b"hello"),
                 delay_ms: 5,
                 ttl_ms: 6,
             }],
@@ -698,14 +700,14 @@ mod tests {
                 offset: 5,
                 attempt: 2,
                 timestamp_ms: 99,
-                key: b"k".to_vec(),
-                headers: b"reason=expired".to_vec(),
-                payload: b"p".to_vec(),
+                key: Bytes::from_static(b"k"),
+                headers: Bytes::from_static(b"reason=expired"),
+                payload: Bytes::from_static(b"p"),
             }),
         ] {
             let mut b = BytesMut::new();
             reply.encode(0, &mut b);
-            let (op, _, body) = messages(&b).next().unwrap().unwrap();
+            let (op, _, body) = messages(b.freeze()).next().unwrap().unwrap();
             assert_eq!(Reply::decode(op, body).unwrap(), reply);
         }
     }
@@ -718,7 +720,7 @@ mod tests {
             b.put_u16(0);
             b.put_u32(90_000);
         });
-        let (op, _, body) = messages(&b).next().unwrap().unwrap();
+        let (op, _, body) = messages(b.freeze()).next().unwrap().unwrap();
         assert_eq!(Request::decode(op, body), Err(DecodeError::Short));
         let big = ((FRAME_BYTES_MAX + 1) as u32).to_be_bytes();
         assert_eq!(
@@ -731,9 +733,10 @@ mod tests {
         /// Any bytes decode to a value or a typed error, never a panic.
         #[test]
         fn arbitrary_bytes_never_panic(op in any::<u8>(), body in prop::collection::vec(any::<u8>(), 0..200)) {
-            let _ = Request::decode(op, &body);
-            let _ = Reply::decode(op, &body);
-            for m in messages(&body) {
+            let body = Bytes::from(body);
+            let _ = Request::decode(op, body.clone());
+            let _ = Reply::decode(op, body.clone());
+            for m in messages(body) {
                 let _ = m;
             }
         }

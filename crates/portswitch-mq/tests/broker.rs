@@ -18,8 +18,8 @@ async fn broker(dir: &std::path::Path) -> RunningBroker {
 
 fn msg(key: &str, payload: &str) -> Outgoing {
     Outgoing {
-        key: key.as_bytes().to_vec(),
-        payload: payload.as_bytes().to_vec(),
+        key: key.as_bytes().to_vec().into(),
+        payload: payload.as_bytes().to_vec().into(),
         ..Default::default()
     }
 }
@@ -67,11 +67,11 @@ async fn messages_go_round_once_acknowledged_and_keys_keep_their_order() {
             }
         })
         .await;
-        let n: u32 = String::from_utf8(d.payload.clone())
+        let n: u32 = String::from_utf8(d.payload.to_vec())
             .unwrap()
             .parse()
             .unwrap();
-        seen.entry(String::from_utf8(d.key.clone()).unwrap())
+        seen.entry(String::from_utf8(d.key.to_vec()).unwrap())
             .or_default()
             .push(n);
         let s = vec![Settlement {
@@ -121,15 +121,15 @@ async fn a_consumer_that_goes_away_has_its_messages_delivered_again() {
         let gone = MqClient::connect(&addr).await.unwrap();
         let mut first = gone.subscribe("jobs", "w", 10).await.unwrap();
         let d = within(first.next()).await.unwrap();
-        assert_eq!((d.payload.as_slice(), d.attempt), (&b"a"[..], 1));
+        assert_eq!((&d.payload[..], d.attempt), (&b"a"[..], 1));
         first.ack(&d).await.unwrap();
         let d = within(first.next()).await.unwrap();
-        assert_eq!(d.payload, b"b");
+        assert_eq!(&d.payload[..], b"b");
         // Dropped without settling "b".
     }
     let mut second = c.subscribe("jobs", "w", 10).await.unwrap();
     let d = within(second.next()).await.unwrap();
-    assert_eq!((d.payload.as_slice(), d.attempt), (&b"b"[..], 2));
+    assert_eq!((&d.payload[..], d.attempt), (&b"b"[..], 2));
     // Settling something not in flight to you is a typed error.
     let e = second
         .settle(vec![Settlement {
@@ -186,7 +186,7 @@ async fn expired_rejected_and_exhausted_messages_become_dead_letters_with_a_reas
         tokio::select! {
             got = w.next() => {
                 let got = got.unwrap();
-                if got.payload == b"rejected" {
+                if got.payload[..] == b"rejected"[..] {
                     w.reject(&got).await.unwrap();
                 }
                 // "times-out" is left to its ack timeout.
@@ -197,7 +197,7 @@ async fn expired_rejected_and_exhausted_messages_become_dead_letters_with_a_reas
     }
     let reason = |p: &[u8]| {
         let l = letters.iter().find(|l| l.payload == p).expect("a letter");
-        String::from_utf8(l.headers.clone()).unwrap()
+        String::from_utf8(l.headers.to_vec()).unwrap()
     };
     assert!(
         reason(b"expires").contains("reason=expired\nqueue=work"),

@@ -351,8 +351,8 @@ async fn produce(a: ProduceArgs) -> AppResult {
     let msgs: Vec<Outgoing> = bodies
         .into_iter()
         .map(|b| Outgoing {
-            key: a.key.clone().into_bytes(),
-            payload: b.into_bytes(),
+            key: a.key.clone().into_bytes().into(),
+            payload: b.into_bytes().into(),
             delay_ms: a.delay_ms,
             ttl_ms: a.ttl_ms,
         })
@@ -495,7 +495,7 @@ async fn bench(a: BenchArgs) -> AppResult {
         },
     )
     .await?;
-    let payload = vec![b'x'; a.size];
+    let payload = bytes::Bytes::from(vec![b'x'; a.size]);
     let total = a.messages;
     let started = Instant::now();
     // Consumer on a connection of its own, acknowledging in batches.
@@ -550,9 +550,12 @@ async fn bench(a: BenchArgs) -> AppResult {
                 key += 1;
                 Outgoing {
                     key: if a.partitions > 1 {
-                        (key % u64::from(a.partitions)).to_le_bytes().to_vec()
+                        (key % u64::from(a.partitions))
+                            .to_le_bytes()
+                            .to_vec()
+                            .into()
                     } else {
-                        Vec::new()
+                        bytes::Bytes::new()
                     },
                     payload: payload.clone(),
                     ..Default::default()

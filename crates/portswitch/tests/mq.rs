@@ -85,8 +85,8 @@ async fn no_confirmed_message_is_lost_across_kill_9_of_the_broker() {
                     let msgs = ids
                         .iter()
                         .map(|i| Outgoing {
-                            key: (i % 7).to_le_bytes().to_vec(),
-                            payload: i.to_le_bytes().to_vec(),
+                            key: (i % 7).to_le_bytes().to_vec().into(),
+                            payload: i.to_le_bytes().to_vec().into(),
                             ..Default::default()
                         })
                         .collect();

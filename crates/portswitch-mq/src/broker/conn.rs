@@ -94,7 +94,7 @@ async fn serve(stream: TcpStream, catalog: Arc<Catalog>, limits: &Limits) {
     let (out_tx, mut out_rx) =
         mpsc::channel::<(u32, Reply)>(limits.requests_in_flight_max.max(1) * 2);
     // Deliveries are bounded by the consumers' credit.
-    let (dtx, mut drx) = mpsc::unbounded_channel::<Delivery>();
+    let (dtx, mut drx) = mpsc::unbounded_channel::<Vec<Delivery>>();
     let writer = tokio::spawn(async move {
         let mut body = BytesMut::with_capacity(64 << 10);
         let mut frame = BytesMut::with_capacity(64 << 10);
@@ -109,7 +109,11 @@ async fn serve(stream: TcpStream, catalog: Arc<Catalog>, limits: &Limits) {
                     None => return,
                 },
                 d = drx.recv(), if deliveries_open => match d {
-                    Some(d) => Reply::Deliver(d).encode(0, &mut body),
+                    Some(list) => {
+                        for d in list {
+                            Reply::Deliver(d).encode(0, &mut body);
+                        }
+                    }
                     None => {
                         deliveries_open = false;
                         continue;
@@ -117,11 +121,13 @@ async fn serve(stream: TcpStream, catalog: Arc<Catalog>, limits: &Limits) {
                 },
             }
             // Whatever else is ready goes in the same frame, up to a limit.
-            while body.len() < proto::FRAME_BYTES_MAX / 2 {
+            while body.len() < proto::COALESCE_BYTES {
                 if let Ok((id, reply)) = out_rx.try_recv() {
                     reply.encode(id, &mut body);
-                } else if let Ok(d) = drx.try_recv() {
-                    Reply::Deliver(d).encode(0, &mut body);
+                } else if let Ok(list) = drx.try_recv() {
+                    for d in list {
+                        Reply::Deliver(d).encode(0, &mut body);
+                    }
                 } else {
                     break;
                 }
@@ -154,8 +160,8 @@ async fn serve(stream: TcpStream, catalog: Arc<Catalog>, limits: &Limits) {
                 break;
             }
         };
-        let frame = buf.split_to(n);
-        for m in proto::messages(&frame[4..]) {
+        let frame = buf.split_to(n).freeze();
+        for m in proto::messages(frame.slice(4..)) {
             let (op, id, body) = match m {
                 Ok(m) => m,
                 Err(e) => {
@@ -228,7 +234,7 @@ async fn dispatch(
     req: Request,
     catalog: &Arc<Catalog>,
     consumers: &Consumers,
-    sink: &mpsc::UnboundedSender<Delivery>,
+    sink: &mpsc::UnboundedSender<Vec<Delivery>>,
     limits: &Limits,
 ) -> Answer {
     match req {
@@ -276,7 +282,7 @@ async fn dispatch(
             if q.partitions[index as usize]
                 .send(Cmd::Produce {
                     messages,
-                    headers: Vec::new(),
+                    headers: bytes::Bytes::new(),
                     reply: tx,
                 })
                 .await

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::QueueMetrics;
@@ -17,6 +18,33 @@ use super::{Catalog, MqError};
 use crate::acks::{Acks, ACKED, DEAD};
 use crate::delivery::{DeadReason, DeliveryConfig, DeliveryError, Effect, Entry, Group};
 use crate::log::{Fsync, Log, LogConfig, LogError, Message, Record};
+
+/// A message kept in memory for delivery (its bytes shared with the request that
+/// brought it, or with the log read that found it).
+#[derive(Clone)]
+struct Cached {
+    timestamp_ms: u64,
+    key: Bytes,
+    headers: Bytes,
+    payload: Bytes,
+}
+
+impl Cached {
+    fn size(&self) -> usize {
+        self.key.len() + self.headers.len() + self.payload.len() + 64
+    }
+}
+
+impl From<Record> for Cached {
+    fn from(r: Record) -> Cached {
+        Cached {
+            timestamp_ms: r.timestamp_ms,
+            key: r.key.into(),
+            headers: r.headers.into(),
+            payload: r.payload.into(),
+        }
+    }
+}
 use crate::proto::{Delivery, How, Outgoing, QueueConfig, Settlement};
 
 /// Commands taken in one turn at most.
@@ -38,15 +66,15 @@ pub fn now_ms() -> u64 {
 pub type Produced = oneshot::Sender<Result<(u64, u32), MqError>>;
 
 /// A produce waiting for the turn's batch: messages, broker headers, reply.
-type Pending = (Vec<Outgoing>, Vec<u8>, Produced);
+type Pending = (Vec<Outgoing>, Bytes, Produced);
 
-/// Where a consumer's deliveries go.
-pub type Sink = mpsc::UnboundedSender<Delivery>;
+/// Where a consumer's deliveries go, a turn's at a time.
+pub type Sink = mpsc::UnboundedSender<Vec<Delivery>>;
 
 pub enum Cmd {
     Produce {
         messages: Vec<Outgoing>,
-        headers: Vec<u8>,
+        headers: Bytes,
         reply: Produced,
     },
     Subscribe {
@@ -98,10 +126,10 @@ pub struct Partition {
     groups: BTreeMap<String, GroupState>,
     /// consumer -> its group.
     consumer_group: HashMap<u64, String>,
-    cache: BTreeMap<u64, Arc<Record>>,
+    cache: BTreeMap<u64, Cached>,
     cache_bytes: usize,
     /// Records read from the log for this turn's deliveries.
-    fetched: std::collections::HashMap<u64, Arc<Record>>,
+    fetched: std::collections::HashMap<u64, Cached>,
     catalog: Arc<Catalog>,
     metrics: QueueMetrics,
     /// Whether this broker owns the partition's port (serves it).
@@ -431,33 +459,35 @@ impl Partition {
         match result {
             Ok(first) => {
                 // Every group sees the new messages; the cache keeps them for delivery.
-                for (i, m) in batch.iter().enumerate() {
-                    let offset = first + i as u64;
-                    let rec = Arc::new(Record {
-                        offset,
-                        timestamp_ms: m.timestamp_ms,
-                        not_before_ms: m.not_before_ms,
-                        expires_ms: m.expires_ms,
-                        key: m.key.to_vec(),
-                        headers: m.headers.to_vec(),
-                        payload: m.payload.to_vec(),
-                    });
-                    for g in self.groups.values_mut() {
-                        let _ = g.delivery.append(Entry {
-                            offset,
-                            key: rec.key.clone(),
-                            not_before_ms: rec.not_before_ms,
-                            expires_ms: rec.expires_ms,
-                        });
+                let mut offset = first;
+                let mut meta = batch.iter();
+                for (messages, headers, _) in &produced {
+                    for m in messages {
+                        let Some(b) = meta.next() else { break };
+                        for g in self.groups.values_mut() {
+                            let _ = g.delivery.append(Entry {
+                                offset,
+                                key: m.key.to_vec(),
+                                not_before_ms: b.not_before_ms,
+                                expires_ms: b.expires_ms,
+                            });
+                        }
+                        let c = Cached {
+                            timestamp_ms: now,
+                            key: m.key.clone(),
+                            headers: headers.clone(),
+                            payload: m.payload.clone(),
+                        };
+                        self.cache_bytes += c.size();
+                        self.cache.insert(offset, c);
+                        offset += 1;
                     }
-                    self.cache_bytes += rec.key.len() + rec.payload.len() + rec.headers.len() + 64;
-                    self.cache.insert(offset, rec);
                 }
                 while self.cache_bytes > CACHE_BYTES_MAX {
                     let Some((_, r)) = self.cache.pop_first() else {
                         break;
                     };
-                    self.cache_bytes -= r.key.len() + r.payload.len() + r.headers.len() + 64;
+                    self.cache_bytes -= r.size();
                 }
                 self.metrics.produced.inc_by(batch.len() as u64);
                 let mut next = first;
@@ -573,7 +603,7 @@ impl Partition {
                 match self.log.read(offset, FETCH_BYTES) {
                     Ok(records) => {
                         for r in records {
-                            self.fetched.insert(r.offset, Arc::new(r));
+                            self.fetched.insert(r.offset, r.into());
                         }
                     }
                     Err(e) => {
@@ -581,6 +611,9 @@ impl Partition {
                     }
                 }
             }
+            // Each consumer's deliveries of this turn travel together.
+            let mut out: std::collections::HashMap<u64, Vec<Delivery>> =
+                std::collections::HashMap::new();
             for e in effects {
                 match e {
                     Effect::Deliver {
@@ -595,23 +628,26 @@ impl Partition {
                             self.metrics.redelivered.inc();
                         }
                         self.metrics.delivered.inc();
-                        let g = self.groups.get_mut(&name).expect("listed");
-                        if let Some(sink) = g.consumers.get(&consumer) {
-                            let _ = sink.send(Delivery {
-                                consumer,
-                                partition: self.index,
-                                offset,
-                                attempt,
-                                timestamp_ms: rec.timestamp_ms,
-                                key: rec.key.clone(),
-                                headers: rec.headers.clone(),
-                                payload: rec.payload.clone(),
-                            });
-                        }
+                        out.entry(consumer).or_default().push(Delivery {
+                            consumer,
+                            partition: self.index,
+                            offset,
+                            attempt,
+                            timestamp_ms: rec.timestamp_ms,
+                            key: rec.key,
+                            headers: rec.headers,
+                            payload: rec.payload,
+                        });
                     }
                     Effect::DeadLetter { offset, reason } => {
                         self.dead_letter(&name, offset, reason)
                     }
+                }
+            }
+            let g = self.groups.get_mut(&name).expect("listed");
+            for (consumer, list) in out {
+                if let Some(sink) = g.consumers.get(&consumer) {
+                    let _ = sink.send(list);
                 }
             }
             let g = &self.groups[&name];
@@ -623,7 +659,7 @@ impl Partition {
     }
 
     /// The record at `offset`, from memory or the log.
-    fn record(&mut self, offset: u64) -> Option<Arc<Record>> {
+    fn record(&mut self, offset: u64) -> Option<Cached> {
         if let Some(r) = self
             .cache
             .get(&offset)
@@ -632,7 +668,7 @@ impl Partition {
             return Some(r.clone());
         }
         match self.log.read(offset, 1) {
-            Ok(mut v) if !v.is_empty() && v[0].offset == offset => Some(Arc::new(v.swap_remove(0))),
+            Ok(mut v) if !v.is_empty() && v[0].offset == offset => Some(v.swap_remove(0).into()),
             Ok(_) => None,
             Err(e) => {
                 tracing::error!(queue = %self.queue, partition = self.index, offset, error = %e, "cannot read a message to deliver");
@@ -667,8 +703,8 @@ impl Partition {
             reason.name(),
             self.queue,
             self.index
-        )
-        .into_bytes();
+        );
+        let headers = Bytes::from(headers);
         let me = self.catalog.partition_sender(&self.queue, self.index);
         let group = group.to_string();
         let message = Outgoing {
