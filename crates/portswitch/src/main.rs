@@ -10,12 +10,6 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc rather than the system allocator: the broker and the server allocate
-/// and free small buffers per message at high rates, where glibc's allocator spent
-/// most of the broker's time (docs/BENCHMARKS.md, mq).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "portswitch",
