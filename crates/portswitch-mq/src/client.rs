@@ -198,6 +198,14 @@ impl MqClient {
         Ok(c)
     }
 
+    /// Connects to the broker that serves `queue`'s partition 0, found through the port
+    /// switch at `switch`: the owner of port `mq/<queue>/0` is that broker, and its
+    /// value is the broker's address.
+    pub async fn discover(switch: &str, queue: &str) -> Result<MqClient> {
+        let addr = broker_of(switch, &format!("mq/{queue}/0")).await?;
+        MqClient::connect(&addr).await
+    }
+
     /// Sends a request and waits for its reply (other requests stay in flight).
     async fn call(&self, req: Request) -> Result<Reply> {
         let rx = self.send(req)?;
@@ -430,6 +438,29 @@ impl MqClient {
 
 /// A message queued in a [`Producer`], with where its (partition, offset) goes.
 type Queued = (Outgoing, oneshot::Sender<Result<(u16, u64)>>);
+
+/// The address of the broker that owns `port` in the port switch at `switch`.
+pub async fn broker_of(switch: &str, port: &str) -> Result<String> {
+    let mut opts = portswitch_client::ClientOptions::new(switch.to_string());
+    opts.node_name = "mq-client".into();
+    let unreachable = |e: portswitch_client::Error| ClientError::Connect {
+        addr: switch.to_string(),
+        why: format!("port switch: {e}"),
+    };
+    let c = portswitch_client::Client::connect(opts)
+        .await
+        .map_err(unreachable)?;
+    let owner = c.query(port).await.map_err(unreachable);
+    let _ = c.close().await;
+    match owner? {
+        Some(o) => String::from_utf8(o.value.to_vec())
+            .map_err(|_| ClientError::Protocol(format!("port {port} holds no address"))),
+        None => Err(ClientError::Server {
+            code: Code::NotLeader,
+            message: format!("no broker owns {port} (no such queue, or its broker is down)"),
+        }),
+    }
+}
 
 /// Sends messages one at a time; they travel in batches.
 #[derive(Clone)]

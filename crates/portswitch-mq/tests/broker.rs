@@ -396,3 +396,47 @@ async fn reqwest_free_get(addr: std::net::SocketAddr) -> String {
     within(s.read_to_string(&mut out)).await.unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_find_the_broker_through_the_port_switch_and_a_second_broker_does_not_serve_what_the_first_owns(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let first = broker(dir.path()).await;
+    let c = MqClient::connect(&first.addr.to_string()).await.unwrap();
+    c.create("found", QueueConfig::default()).await.unwrap();
+    // Discovery: the owner of mq/found/0 is the first broker.
+    let via = MqClient::discover(&first.switch_addr, "found")
+        .await
+        .unwrap();
+    via.produce("found", vec![msg("", "hello")]).await.unwrap();
+    let e = MqClient::discover(&first.switch_addr, "nowhere")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Some(Code::NotLeader), "{e}");
+
+    // A second broker on the same port switch with a queue of the same name: the
+    // partition's port is the first broker's, so the second refuses to serve it.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut cfg = BrokerConfig::new(dir2.path());
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.http_listen = None;
+    cfg.switch = Some(first.switch_addr.clone());
+    let second = RunningBroker::start(cfg).await.unwrap();
+    let c2 = MqClient::connect(&second.addr.to_string()).await.unwrap();
+    c2.create("found", QueueConfig::default()).await.unwrap();
+    let e = c2.produce("found", vec![msg("", "x")]).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::NotLeader), "{e}");
+    let stat = c2.stat("found").await.unwrap();
+    assert!(stat.contains(&("p0.serving".to_string(), 0)), "{stat:?}");
+    // The first still serves it, and discovery still names the first.
+    let again = MqClient::discover(&first.switch_addr, "found")
+        .await
+        .unwrap();
+    again
+        .produce("found", vec![msg("", "still")])
+        .await
+        .unwrap();
+    second.stop().await;
+    first.stop().await;
+}

@@ -25,6 +25,10 @@ struct At {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:7480", env = "PORTSWITCH_MQ_ADDR")]
     addr: String,
+    /// Find the broker through this port switch instead (the owner of port
+    /// `mq/<queue>/0`; commands that name a queue).
+    #[arg(long, env = "PORTSWITCH_MQ_SWITCH")]
+    switch: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -277,7 +281,7 @@ pub async fn run(args: MqArgs) -> AppResult {
             Ok(ExitCode::SUCCESS)
         }
         MqCommand::Stat { queue, at, json } => {
-            let stats = connect(&at).await?.stat(&queue).await?;
+            let stats = connect_for(&at, &queue).await?.stat(&queue).await?;
             if json {
                 let m: serde_json::Map<String, serde_json::Value> =
                     stats.into_iter().map(|(k, v)| (k, v.into())).collect();
@@ -298,6 +302,18 @@ pub async fn run(args: MqArgs) -> AppResult {
 
 async fn connect(at: &At) -> Result<MqClient, Box<dyn std::error::Error + Send + Sync>> {
     Ok(MqClient::connect(&at.addr).await?)
+}
+
+/// A connection to the broker serving `queue`: found through the port switch when
+/// `--switch` is given, else `--addr`.
+async fn connect_for(
+    at: &At,
+    queue: &str,
+) -> Result<MqClient, Box<dyn std::error::Error + Send + Sync>> {
+    match &at.switch {
+        Some(s) => Ok(MqClient::discover(s, queue).await?),
+        None => connect(at).await,
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -341,7 +357,7 @@ async fn serve(a: ServeArgs) -> AppResult {
 }
 
 async fn produce(a: ProduceArgs) -> AppResult {
-    let c = connect(&a.at).await?;
+    let c = connect_for(&a.at, &a.queue).await?;
     let mut bodies = a.messages.clone();
     if bodies.is_empty() {
         for line in std::io::stdin().lock().lines() {
@@ -374,7 +390,7 @@ fn header<'a>(headers: &'a [u8], name: &str) -> Option<&'a str> {
 }
 
 async fn consume(a: ConsumeArgs) -> AppResult {
-    let c = connect(&a.at).await?;
+    let c = connect_for(&a.at, &a.queue).await?;
     let mut consumer = c.subscribe(&a.queue, &a.group, a.credit).await?;
     let how = match a.then.as_str() {
         "nack" => How::Nack,
