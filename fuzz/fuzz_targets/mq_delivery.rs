@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
             0 | 1 => {
                 let delay = if b & 1 == 1 { now + u64::from(b) } else { 0 };
                 let ttl = if b & 2 == 2 { now + u64::from(a) } else { 0 };
-                g.append(Entry { offset: next, key: vec![a & 3], not_before_ms: delay, expires_ms: ttl }).unwrap();
+                g.append(Entry { offset: next, key: vec![a & 3].into(), not_before_ms: delay, expires_ms: ttl }).unwrap();
                 next += 1;
             }
             2 => {

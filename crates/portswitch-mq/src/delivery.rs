@@ -26,6 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 pub type ConsumerId = u64;
 
 #[derive(Debug, Clone)]
@@ -58,7 +60,8 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub offset: u64,
-    pub key: Vec<u8>,
+    /// Shared with the message's bytes (no copy per group).
+    pub key: Bytes,
     /// Deliver no earlier than this (0: at once).
     pub not_before_ms: u64,
     /// Dead-letter after this (0: never).
@@ -112,7 +115,7 @@ pub enum DeliveryError {
 
 #[derive(Debug)]
 struct Waiting {
-    key: Vec<u8>,
+    key: Bytes,
     expires_ms: u64,
     /// Deliveries so far.
     attempts: u32,
@@ -150,7 +153,7 @@ pub struct Group {
     /// Round-robin: the consumer after which the next delivery looks first.
     last_served: Option<ConsumerId>,
     /// Ordered mode: messages of a key in flight or delayed.
-    busy_keys: HashMap<Vec<u8>, u32>,
+    busy_keys: HashMap<Bytes, u32>,
     /// Offsets neither acked nor dead-lettered.
     outstanding: BTreeSet<u64>,
     next_offset: u64,
@@ -190,7 +193,7 @@ impl Group {
             key: if self.cfg.ordered_by_key {
                 e.key
             } else {
-                Vec::new()
+                Bytes::new()
             },
             expires_ms: e.expires_ms,
             attempts: 0,

@@ -164,7 +164,7 @@ fn run(ordered: bool, max_deliveries: u32, ops: Vec<Op>) {
                 let expires = if ttl > 0 { now + ttl } else { 0 };
                 g.append(Entry {
                     offset: next,
-                    key: vec![key],
+                    key: vec![key].into(),
                     not_before_ms: not_before,
                     expires_ms: expires,
                 })
@@ -308,7 +308,7 @@ fn a_message_that_keeps_timing_out_is_dead_lettered_after_its_deliveries() {
     let mut g = Group::new(cfg, 0);
     g.append(Entry {
         offset: 0,
-        key: b"k".to_vec(),
+        key: b"k".to_vec().into(),
         not_before_ms: 0,
         expires_ms: 0,
     })
@@ -347,7 +347,7 @@ fn delay_ttl_and_credit_do_what_they_say() {
     let mut g = Group::new(DeliveryConfig::default(), 10);
     let e = |offset, not_before_ms, expires_ms| Entry {
         offset,
-        key: vec![],
+        key: Default::default(),
         not_before_ms,
         expires_ms,
     };

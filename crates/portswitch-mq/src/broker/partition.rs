@@ -245,7 +245,7 @@ impl Partition {
                 if !acks.is_settled(r.offset) {
                     let _ = delivery.append(Entry {
                         offset: r.offset,
-                        key: r.key,
+                        key: r.key.into(),
                         not_before_ms: r.not_before_ms,
                         expires_ms: r.expires_ms,
                     });
@@ -467,7 +467,7 @@ impl Partition {
                         for g in self.groups.values_mut() {
                             let _ = g.delivery.append(Entry {
                                 offset,
-                                key: m.key.to_vec(),
+                                key: m.key.clone(),
                                 not_before_ms: b.not_before_ms,
                                 expires_ms: b.expires_ms,
                             });
