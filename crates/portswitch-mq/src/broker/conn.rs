@@ -267,11 +267,11 @@ async fn dispatch(
                     ))));
                 }
                 partition
-            } else if messages[0].key.is_empty() {
-                (q.spread.fetch_add(1, Ordering::Relaxed) % n as usize) as u16
             } else {
-                let p = partition_of(&messages[0].key, n);
-                if messages.iter().any(|m| partition_of(&m.key, n) != p) {
+                let p = q.partition_for(&messages[0].key);
+                if !messages[0].key.is_empty()
+                    && messages.iter().any(|m| partition_of(&m.key, n) != p)
+                {
                     return ready(error(MqError::BadRequest(
                         "the batch's keys belong to different partitions: send one PRODUCE per partition (the client library does)".into(),
                     )));

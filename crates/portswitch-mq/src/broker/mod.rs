@@ -106,6 +106,19 @@ struct QueueEntry {
     spread: AtomicUsize,
 }
 
+impl QueueEntry {
+    /// The partition a message with `key` goes to: its hash, or round-robin for an
+    /// empty key.
+    fn partition_for(&self, key: &[u8]) -> u16 {
+        let n = self.partitions.len() as u16;
+        if key.is_empty() {
+            (self.spread.fetch_add(1, Ordering::Relaxed) % n as usize) as u16
+        } else {
+            partition_of(key, n)
+        }
+    }
+}
+
 /// The queues, shared by connections and partitions.
 pub struct Catalog {
     dir: PathBuf,
@@ -153,13 +166,7 @@ impl Catalog {
     /// The partition a message with `key` goes to (an empty key spreads round-robin).
     pub fn partition_for(&self, queue: &str, key: &[u8]) -> Option<mpsc::Sender<Cmd>> {
         let q = self.get(queue)?;
-        let n = q.partitions.len() as u16;
-        let i = if key.is_empty() {
-            (q.spread.fetch_add(1, Ordering::Relaxed) % n as usize) as u16
-        } else {
-            partition_of(key, n)
-        };
-        q.partitions.get(i as usize).cloned()
+        q.partitions.get(q.partition_for(key) as usize).cloned()
     }
 
     pub fn partition_sender(&self, queue: &str, index: u16) -> Option<mpsc::Sender<Cmd>> {
