@@ -206,8 +206,14 @@ impl MqClient {
         MqClient::connect(&addr).await
     }
 
-    /// Sends a request and waits for its reply (other requests stay in flight).
-    async fn call(&self, req: Request) -> Result<Reply> {
+    /// Whether the connection has ended (a new one is needed).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// Sends a request and waits for its reply (other requests stay in flight); an
+    /// ERROR reply is [`ClientError::Server`].
+    pub async fn call(&self, req: Request) -> Result<Reply> {
         let rx = self.send(req)?;
         check(rx.await.map_err(|_| ClientError::Closed)?)
     }
@@ -354,6 +360,32 @@ impl MqClient {
         Ok(out)
     }
 
+    /// Produces `messages` to one partition of `queue` in one PRODUCE (at most
+    /// [`proto::BATCH_MAX`]); returns the first offset given.
+    pub async fn produce_to(
+        &self,
+        queue: &str,
+        partition: u16,
+        messages: Vec<Outgoing>,
+    ) -> Result<u64> {
+        match self
+            .call(Request::Produce {
+                queue: queue.to_string(),
+                partition,
+                messages,
+            })
+            .await?
+        {
+            Reply::Produced { first, .. } => Ok(first),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The partitions of `queue` (asked once, then remembered).
+    pub async fn partition_count(&self, queue: &str) -> Result<u16> {
+        self.partitions(queue).await
+    }
+
     /// A producer that packs messages sent one at a time into batches by itself.
     pub fn producer(&self, queue: &str, batches_in_flight_max: usize) -> Producer {
         let (tx, mut rx) = mpsc::channel::<Queued>(65_536);
@@ -453,6 +485,10 @@ pub async fn broker_of(switch: &str, port: &str) -> Result<String> {
     let owner = c.query(port).await.map_err(unreachable);
     let _ = c.close().await;
     match owner? {
+        Some(o) if o.value.is_empty() => Err(ClientError::Server {
+            code: Code::NotLeader,
+            message: format!("{port} is being taken over by a new leader: try again shortly"),
+        }),
         Some(o) => String::from_utf8(o.value.to_vec())
             .map_err(|_| ClientError::Protocol(format!("port {port} holds no address"))),
         None => Err(ClientError::Server {

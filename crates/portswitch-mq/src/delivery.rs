@@ -202,6 +202,12 @@ impl Group {
         Ok(())
     }
 
+    /// No message below `offset` will be appended (offsets that are not messages, or
+    /// are settled already).
+    pub fn skip_to(&mut self, offset: u64) {
+        self.next_offset = self.next_offset.max(offset);
+    }
+
     /// Puts a message in ready, or in delayed until `due`.
     fn wait(&mut self, offset: u64, w: Waiting, due: u64) {
         if w.expires_ms > 0 {

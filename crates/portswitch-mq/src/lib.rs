@@ -18,6 +18,8 @@
 pub mod acks;
 pub mod broker;
 pub mod client;
+pub mod cluster;
 pub mod delivery;
 pub mod log;
 pub mod proto;
+pub mod replica;

@@ -570,6 +570,57 @@ impl Log {
         Ok(out)
     }
 
+    /// Cuts the log so that `to` is its end (a replica dropping records its leader
+    /// does not have). Synced before it returns. Cutting below the start is refused.
+    pub fn truncate(&mut self, to: u64) -> Result<()> {
+        let (start, end) = (self.start_offset(), self.end_offset());
+        if to >= end {
+            return Ok(());
+        }
+        if to < start {
+            return Err(LogError::OutOfRange {
+                offset: to,
+                start,
+                end,
+            });
+        }
+        let mut removed = false;
+        while self.segments.len() > 1 && self.segments.last().is_some_and(|s| s.base >= to) {
+            let seg = self.segments.pop().expect("checked");
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            self.bytes -= seg.len;
+            removed = true;
+        }
+        if removed {
+            portswitch_files::sync_dir(&self.dir)?;
+        }
+        let seg = self.segments.last_mut().expect("one segment stays");
+        if to < seg.next {
+            // The byte where record `to` starts.
+            let k = seg
+                .index
+                .partition_point(|&(o, _)| o <= to)
+                .saturating_sub(1);
+            let (mut at_offset, mut pos) = seg.index.get(k).copied().unwrap_or((seg.base, 0));
+            while at_offset < to {
+                let mut head = [0u8; FRAME_HEAD];
+                seg.file
+                    .read_exact_at(&mut head, pos)
+                    .map_err(io_err(&seg.path))?;
+                pos += FRAME_HEAD as u64 + u64::from(u32_at(&head, 0));
+                at_offset += 1;
+            }
+            seg.file.set_len(pos).map_err(io_err(&seg.path))?;
+            seg.file.sync_all().map_err(io_err(&seg.path))?;
+            self.bytes -= seg.len - pos;
+            seg.len = pos;
+            seg.next = to;
+            seg.index.retain(|&(o, _)| o < to);
+        }
+        self.dirty = false;
+        Ok(())
+    }
+
     /// Deletes the segments every record of which is below `low_water` (acknowledged
     /// by every group); the last segment always stays. Returns how many went.
     pub fn reclaim(&mut self, low_water: u64) -> Result<usize> {
@@ -752,6 +803,35 @@ mod tests {
         let all = log.read(0, 1 << 20).unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(all[2].payload, b"b");
+    }
+
+    #[test]
+    fn truncating_cuts_records_across_segments_and_appends_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = payloads(300);
+        let (mut log, _) = Log::open(dir.path(), small()).unwrap();
+        append_all(&mut log, &p);
+        let segments = log.segments();
+        assert!(segments > 4);
+        log.truncate(123).unwrap();
+        assert_eq!(log.end_offset(), 123);
+        assert!(log.segments() < segments);
+        let got = log.read(100, 1 << 20).unwrap();
+        assert_eq!(got.len(), 23);
+        assert_eq!(got.last().unwrap().payload, p[122]);
+        assert_eq!(log.append(&[msg(b"new 123")]).unwrap(), 123);
+        // Nothing cut comes back on reopening; the cut point is a record boundary.
+        drop(log);
+        let (mut log, report) = Log::open(dir.path(), small()).unwrap();
+        assert_eq!((report.records, report.cut_bytes), (124, 0));
+        assert_eq!(log.read(123, 100).unwrap()[0].payload, b"new 123");
+        let bytes = log.bytes();
+        log.truncate(500).unwrap();
+        assert_eq!(log.bytes(), bytes);
+        log.truncate(0).unwrap();
+        assert_eq!((log.end_offset(), log.segments()), (0, 1));
+        assert_eq!(log.append(&[msg(b"zero")]).unwrap(), 0);
+        log.reclaim(1).unwrap();
     }
 
     #[test]

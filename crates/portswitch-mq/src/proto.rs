@@ -31,6 +31,13 @@ pub mod op {
     pub const SETTLE: u8 = 0x08;
     pub const STAT: u8 = 0x09;
     pub const UNSUBSCRIBE: u8 = 0x0A;
+    /// Broker to broker: a replica asks a partition's leader for records.
+    pub const FETCH: u8 = 0x0B;
+    /// Broker to broker: a new leader fences a replica and asks what its log holds.
+    pub const SURVEY: u8 = 0x0C;
+    /// Broker to broker: open (or drop) a queue created on another broker of the group.
+    pub const PEER_CREATE: u8 = 0x0D;
+    pub const PEER_DELETE: u8 = 0x0E;
     pub const OK: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const PRODUCED: u8 = 0x83;
@@ -38,6 +45,8 @@ pub mod op {
     pub const LISTED: u8 = 0x85;
     pub const STATS: u8 = 0x86;
     pub const DELIVER: u8 = 0x87;
+    pub const FETCHED: u8 = 0x88;
+    pub const SURVEYED: u8 = 0x89;
 }
 
 /// Error codes on the wire.
@@ -57,6 +66,11 @@ pub enum Code {
     /// The partition is not served here (its port is owned elsewhere).
     NotLeader = 10,
     Version = 11,
+    /// A broker-to-broker request carried a fencing token below one already seen.
+    Fenced = 12,
+    /// Not confirmed: a majority of the partition's replicas did not answer in time
+    /// (the message may still be kept: at-least-once, produce again).
+    Unavailable = 13,
 }
 
 impl Code {
@@ -74,6 +88,8 @@ impl Code {
             Io,
             NotLeader,
             Version,
+            Fenced,
+            Unavailable,
         ]
         .into_iter()
         .find(|c| *c as u16 == v)
@@ -92,6 +108,8 @@ impl Code {
             Code::Io => "io",
             Code::NotLeader => "not_leader",
             Code::Version => "version",
+            Code::Fenced => "fenced",
+            Code::Unavailable => "unavailable",
         }
     }
 }
@@ -131,6 +149,8 @@ pub struct QueueConfig {
     pub fsync_every_batch: bool,
     /// Bytes a partition's log may hold before producers get `full`.
     pub retention_bytes: u64,
+    /// Brokers holding each partition (0: up to 3, as many as the group has).
+    pub replicas: u8,
 }
 
 impl Default for QueueConfig {
@@ -145,6 +165,7 @@ impl Default for QueueConfig {
             ordered_by_key: false,
             fsync_every_batch: true,
             retention_bytes: 1 << 30,
+            replicas: 0,
         }
     }
 }
@@ -214,6 +235,46 @@ pub enum Request {
     Unsubscribe {
         consumer: u64,
     },
+    Fetch {
+        queue: String,
+        partition: u16,
+        /// The fetching broker's name.
+        replica: String,
+        /// The token of the leader it follows (or, for a new leader catching up, its own).
+        token: u64,
+        /// Its log's end: it holds every record below (synced).
+        offset: u64,
+        /// The high-water mark it knows (a leader holds a fetch with nothing new
+        /// until there are records or a higher mark).
+        hw: u64,
+        epochs: Vec<(u64, u64)>,
+    },
+    Survey {
+        queue: String,
+        partition: u16,
+        token: u64,
+    },
+    PeerCreate {
+        name: String,
+        config: QueueConfig,
+        /// Brokers (by name) that hold the queue's partitions.
+        replicas: Vec<String>,
+    },
+    PeerDelete {
+        name: String,
+    },
+}
+
+/// A record as replicated between brokers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replicated {
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    pub not_before_ms: u64,
+    pub expires_ms: u64,
+    pub key: Bytes,
+    pub headers: Bytes,
+    pub payload: Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,6 +307,22 @@ pub enum Reply {
     Listed(Vec<(String, QueueConfig)>),
     Stats(Vec<(String, u64)>),
     Deliver(Delivery),
+    Fetched {
+        /// The answering broker's promised token (its own if it leads).
+        token: u64,
+        /// Whether it leads the partition with that token.
+        leader: bool,
+        hw: u64,
+        /// Its log's end and history.
+        end: u64,
+        epochs: Vec<(u64, u64)>,
+        /// Records from the fetch's offset, if the fetcher's log agrees up to there.
+        records: Vec<Replicated>,
+    },
+    Surveyed {
+        end: u64,
+        epochs: Vec<(u64, u64)>,
+    },
 }
 
 // ---- writing
@@ -265,6 +342,15 @@ fn put_config(b: &mut BytesMut, c: &QueueConfig) {
     b.put_u8(c.ordered_by_key as u8);
     b.put_u8(c.fsync_every_batch as u8);
     b.put_u64(c.retention_bytes);
+    b.put_u8(c.replicas);
+}
+
+fn put_epochs(b: &mut BytesMut, epochs: &[(u64, u64)]) {
+    b.put_u32(epochs.len() as u32);
+    for &(e, s) in epochs {
+        b.put_u64(e);
+        b.put_u64(s);
+    }
 }
 
 /// Appends one message (`op`, `id`, body written by `body`) to `out`.
@@ -338,6 +424,47 @@ impl Request {
             Request::Unsubscribe { consumer } => {
                 message(out, op::UNSUBSCRIBE, id, |b| b.put_u64(*consumer))
             }
+            Request::Fetch {
+                queue,
+                partition,
+                replica,
+                token,
+                offset,
+                hw,
+                epochs,
+            } => message(out, op::FETCH, id, |b| {
+                put_bytes(b, queue.as_bytes());
+                b.put_u16(*partition);
+                put_bytes(b, replica.as_bytes());
+                b.put_u64(*token);
+                b.put_u64(*offset);
+                b.put_u64(*hw);
+                put_epochs(b, epochs);
+            }),
+            Request::Survey {
+                queue,
+                partition,
+                token,
+            } => message(out, op::SURVEY, id, |b| {
+                put_bytes(b, queue.as_bytes());
+                b.put_u16(*partition);
+                b.put_u64(*token);
+            }),
+            Request::PeerCreate {
+                name,
+                config,
+                replicas,
+            } => message(out, op::PEER_CREATE, id, |b| {
+                put_bytes(b, name.as_bytes());
+                put_config(b, config);
+                b.put_u32(replicas.len() as u32);
+                for r in replicas {
+                    put_bytes(b, r.as_bytes());
+                }
+            }),
+            Request::PeerDelete { name } => {
+                message(out, op::PEER_DELETE, id, |b| put_bytes(b, name.as_bytes()))
+            }
         }
     }
 }
@@ -386,6 +513,34 @@ impl Reply {
                 put_bytes(b, &d.key);
                 put_bytes(b, &d.headers);
                 put_bytes(b, &d.payload);
+            }),
+            Reply::Fetched {
+                token,
+                leader,
+                hw,
+                end,
+                epochs,
+                records,
+            } => message(out, op::FETCHED, id, |b| {
+                b.put_u64(*token);
+                b.put_u8(*leader as u8);
+                b.put_u64(*hw);
+                b.put_u64(*end);
+                put_epochs(b, epochs);
+                b.put_u32(records.len() as u32);
+                for r in records {
+                    b.put_u64(r.offset);
+                    b.put_u64(r.timestamp_ms);
+                    b.put_u64(r.not_before_ms);
+                    b.put_u64(r.expires_ms);
+                    put_bytes(b, &r.key);
+                    put_bytes(b, &r.headers);
+                    put_bytes(b, &r.payload);
+                }
+            }),
+            Reply::Surveyed { end, epochs } => message(out, op::SURVEYED, id, |b| {
+                b.put_u64(*end);
+                put_epochs(b, epochs);
             }),
         }
     }
@@ -499,7 +654,15 @@ impl Reader {
             ordered_by_key: self.u8()? != 0,
             fsync_every_batch: self.u8()? != 0,
             retention_bytes: self.u64()?,
+            replicas: self.u8()?,
         })
+    }
+    fn epochs(&mut self) -> Result<Vec<(u64, u64)>, DecodeError> {
+        let n = self.count(16)?;
+        if n > crate::replica::EPOCHS_MAX {
+            return Err(DecodeError::Invalid("epoch history too long"));
+        }
+        (0..n).map(|_| Ok((self.u64()?, self.u64()?))).collect()
     }
     fn end(&self) -> Result<(), DecodeError> {
         if self.0.is_empty() {
@@ -577,6 +740,35 @@ impl Request {
             }
             op::STAT => Request::Stat { queue: r.name()? },
             op::UNSUBSCRIBE => Request::Unsubscribe { consumer: r.u64()? },
+            op::FETCH => Request::Fetch {
+                queue: r.name()?,
+                partition: r.u16()?,
+                replica: r.name()?,
+                token: r.u64()?,
+                offset: r.u64()?,
+                hw: r.u64()?,
+                epochs: r.epochs()?,
+            },
+            op::SURVEY => Request::Survey {
+                queue: r.name()?,
+                partition: r.u16()?,
+                token: r.u64()?,
+            },
+            op::PEER_CREATE => {
+                let name = r.name()?;
+                let config = r.config()?;
+                let n = r.count(4)?;
+                if n > 255 {
+                    return Err(DecodeError::Invalid("more than 255 replicas"));
+                }
+                let replicas = (0..n).map(|_| r.name()).collect::<Result<_, _>>()?;
+                Request::PeerCreate {
+                    name,
+                    config,
+                    replicas,
+                }
+            }
+            op::PEER_DELETE => Request::PeerDelete { name: r.name()? },
             other => return Err(DecodeError::UnknownOp(other)),
         };
         r.end()?;
@@ -629,6 +821,38 @@ impl Reply {
                 headers: r.bytes()?,
                 payload: r.bytes()?,
             }),
+            op::FETCHED => {
+                let token = r.u64()?;
+                let leader = r.u8()? != 0;
+                let hw = r.u64()?;
+                let end = r.u64()?;
+                let epochs = r.epochs()?;
+                let n = r.count(44)?;
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    records.push(Replicated {
+                        offset: r.u64()?,
+                        timestamp_ms: r.u64()?,
+                        not_before_ms: r.u64()?,
+                        expires_ms: r.u64()?,
+                        key: r.bytes()?,
+                        headers: r.bytes()?,
+                        payload: r.bytes()?,
+                    });
+                }
+                Reply::Fetched {
+                    token,
+                    leader,
+                    hw,
+                    end,
+                    epochs,
+                    records,
+                }
+            }
+            op::SURVEYED => Reply::Surveyed {
+                end: r.u64()?,
+                epochs: r.epochs()?,
+            },
             other => return Err(DecodeError::UnknownOp(other)),
         };
         r.end()?;

@@ -9,6 +9,10 @@ use portswitch_mq::proto::{self, Code, How, Outgoing, QueueConfig, Settlement};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn broker(dir: &std::path::Path) -> RunningBroker {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut cfg = BrokerConfig::new(dir);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -373,7 +377,8 @@ async fn a_producer_packs_messages_sent_one_at_a_time_into_batches() {
         2_000,
         "every message got an offset of its own"
     );
-    assert_eq!(*offsets.last().unwrap(), 1_999);
+    // Contiguous: nothing else was appended meanwhile.
+    assert_eq!(offsets.last().unwrap() - offsets.first().unwrap(), 1_999);
     // Far fewer fsyncs than messages: they travelled in batches.
     let metrics = reqwest_free_get(b.http_addr.unwrap()).await;
     let count = metrics
@@ -397,46 +402,123 @@ async fn reqwest_free_get(addr: std::net::SocketAddr) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_find_the_broker_through_the_port_switch_and_a_second_broker_does_not_serve_what_the_first_owns(
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let first = broker(dir.path()).await;
-    let c = MqClient::connect(&first.addr.to_string()).await.unwrap();
-    c.create("found", QueueConfig::default()).await.unwrap();
-    // Discovery: the owner of mq/found/0 is the first broker.
-    let via = MqClient::discover(&first.switch_addr, "found")
-        .await
-        .unwrap();
-    via.produce("found", vec![msg("", "hello")]).await.unwrap();
-    let e = MqClient::discover(&first.switch_addr, "nowhere")
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(e.code(), Some(Code::NotLeader), "{e}");
+async fn switch() -> portswitch_server::RunningServer {
+    let mut sc = portswitch_server::ServerConfig::ephemeral();
+    sc.http_listen = None;
+    portswitch_server::RunningServer::start(sc).await.unwrap()
+}
 
-    // A second broker on the same port switch with a queue of the same name: the
-    // partition's port is the first broker's, so the second refuses to serve it.
-    let dir2 = tempfile::tempdir().unwrap();
-    let mut cfg = BrokerConfig::new(dir2.path());
+async fn member(dir: &std::path::Path, switch: &str, name: &str) -> RunningBroker {
+    let mut cfg = BrokerConfig::new(dir);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.http_listen = None;
-    cfg.switch = Some(first.switch_addr.clone());
-    let second = RunningBroker::start(cfg).await.unwrap();
-    let c2 = MqClient::connect(&second.addr.to_string()).await.unwrap();
-    c2.create("found", QueueConfig::default()).await.unwrap();
-    let e = c2.produce("found", vec![msg("", "x")]).await.unwrap_err();
+    cfg.switch = Some(switch.to_string());
+    cfg.name = Some(name.to_string());
+    RunningBroker::start(cfg).await.expect("the broker starts")
+}
+
+/// The broker that leads `queue`'s partition 0, once one does (and is not `not`).
+async fn leader_addr(switch: &str, queue: &str, not: Option<&str>) -> String {
+    for _ in 0..500 {
+        if let Ok(a) = portswitch_mq::client::broker_of(switch, &format!("mq/{queue}/0")).await {
+            if Some(a.as_str()) != not {
+                return a;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no leader for {queue}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_replicates_each_partition_and_a_survivor_serves_every_confirmed_message() {
+    let sw = switch().await;
+    let sw_addr = sw.addr.to_string();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        brokers.push(Some(member(d.path(), &sw_addr, &format!("b{i}")).await));
+    }
+    let c = MqClient::connect(&brokers[0].as_ref().unwrap().addr.to_string())
+        .await
+        .unwrap();
+    c.create(
+        "rep",
+        QueueConfig {
+            ack_timeout_ms: 500,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Every broker holds the queue: three replicas by default.
+    for b in brokers.iter().flatten() {
+        let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+        assert_eq!(c.list().await.unwrap()[0].0, "rep");
+        assert!(c
+            .stat("rep")
+            .await
+            .unwrap()
+            .contains(&("p0.replicas".to_string(), 3)));
+    }
+    let first = leader_addr(&sw_addr, "rep", None).await;
+    let via = MqClient::discover(&sw_addr, "rep").await.unwrap();
+    via.produce("rep", vec![msg("", "m-found")]).await.unwrap();
+    let e = MqClient::discover(&sw_addr, "nowhere").await.err().unwrap();
     assert_eq!(e.code(), Some(Code::NotLeader), "{e}");
-    let stat = c2.stat("found").await.unwrap();
-    assert!(stat.contains(&("p0.serving".to_string(), 0)), "{stat:?}");
-    // The first still serves it, and discovery still names the first.
-    let again = MqClient::discover(&first.switch_addr, "found")
-        .await
+    // A broker that does not lead the partition refuses, by name.
+    let other = brokers
+        .iter()
+        .flatten()
+        .find(|b| b.addr.to_string() != first)
         .unwrap();
-    again
-        .produce("found", vec![msg("", "still")])
+    let e = MqClient::connect(&other.addr.to_string())
         .await
+        .unwrap()
+        .produce("rep", vec![msg("", "x")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::NotLeader), "{e}");
+    let lc = MqClient::connect(&first).await.unwrap();
+    let batch: Vec<Outgoing> = (0..300).map(|i| msg("", &format!("m{i}"))).collect();
+    lc.produce("rep", batch).await.unwrap();
+    // Half of them acknowledged (confirmed by a majority before the reply).
+    let mut cons = lc.subscribe("rep", "g", 1000).await.unwrap();
+    let mut acked = std::collections::BTreeSet::new();
+    while acked.len() < 150 {
+        let d = within(cons.next()).await.unwrap();
+        cons.ack(&d).await.unwrap();
+        acked.insert(d.payload.clone());
+    }
+    drop(cons);
+    drop(lc);
+    // The leader goes; another replica leads, with every confirmed message and the
+    // acknowledgements.
+    let gone = brokers
+        .iter()
+        .position(|b| b.as_ref().is_some_and(|b| b.addr.to_string() == first))
         .unwrap();
-    second.stop().await;
-    first.stop().await;
+    brokers[gone].take().unwrap().stop().await;
+    let second = leader_addr(&sw_addr, "rep", Some(&first)).await;
+    let nc = MqClient::connect(&second).await.unwrap();
+    nc.produce("rep", vec![msg("", "after")]).await.unwrap();
+    let mut cons = nc.subscribe("rep", "g", 1000).await.unwrap();
+    let mut rest = std::collections::BTreeSet::new();
+    while rest.len() < 152 {
+        let d = within(cons.next()).await.unwrap();
+        assert!(
+            !acked.contains(&d.payload),
+            "an acknowledged message came back"
+        );
+        assert!(
+            d.payload.starts_with(b"m") || d.payload.as_ref() == b"after",
+            "a message nobody produced: {:?}",
+            d.payload
+        );
+        cons.ack(&d).await.unwrap();
+        rest.insert(d.payload.clone());
+    }
+    for b in brokers.into_iter().flatten() {
+        b.stop().await;
+    }
 }

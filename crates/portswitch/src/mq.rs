@@ -84,9 +84,14 @@ struct ServeArgs {
     #[arg(long, env = "PORTSWITCH_MQ_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// A port switch to take partition ports in (default: one embedded in this
-    /// process).
+    /// process). Brokers on one port switch form a group: queues are replicated
+    /// over up to three of them.
     #[arg(long)]
     switch: Option<String>,
+    /// This broker's name in its group (default: the name kept in the data
+    /// directory, or at first start the listening address).
+    #[arg(long)]
+    name: Option<String>,
     /// Listen beyond loopback although the broker has no TLS or login yet.
     #[arg(long)]
     danger_allow_insecure_network: bool,
@@ -235,6 +240,7 @@ pub async fn run(args: MqArgs) -> AppResult {
                 }
             }
             let config = QueueConfig {
+                replicas: 0,
                 partitions: a.partitions,
                 message_bytes_max: a.message_bytes_max,
                 ttl_ms: a.ttl_ms,
@@ -340,6 +346,7 @@ async fn serve(a: ServeArgs) -> AppResult {
     cfg.listen = a.listen;
     cfg.http_listen = (!a.no_http).then_some(a.http_listen);
     cfg.switch = a.switch;
+    cfg.name = a.name;
     let data = cfg.data_dir.clone();
     let b = RunningBroker::start(cfg).await?;
     println!("listening on {}", b.addr);

@@ -243,7 +243,7 @@ async fn dispatch(
             Ok(()) => Reply::Ok,
             Err(e) => error(e),
         }),
-        Request::Delete { name } => ready(match catalog.delete(&name).await {
+        Request::Delete { name } => ready(match catalog.delete(&name, true).await {
             Ok(()) => Reply::Ok,
             Err(e) => error(e),
         }),
@@ -447,6 +447,77 @@ async fn dispatch(
                     all.extend(rx.await.unwrap_or_default());
                 }
                 Reply::Stats(all)
+            })
+        }
+        Request::PeerCreate {
+            name,
+            config,
+            replicas,
+        } => ready(match catalog.adopt(&name, config, replicas).await {
+            Ok(()) => Reply::Ok,
+            Err(e) => error(e),
+        }),
+        Request::PeerDelete { name } => ready(match catalog.delete(&name, false).await {
+            Ok(()) => Reply::Ok,
+            Err(e) => error(e),
+        }),
+        Request::Fetch {
+            queue,
+            partition,
+            replica,
+            token,
+            offset,
+            hw,
+            epochs,
+        } => {
+            let Some(p) = catalog.partition_sender(&queue, partition) else {
+                return ready(error(MqError::UnknownQueue(queue)));
+            };
+            let (tx, rx) = oneshot::channel();
+            let _ = p
+                .send(Cmd::Fetch {
+                    replica,
+                    token,
+                    offset,
+                    hw,
+                    epochs,
+                    reply: tx,
+                })
+                .await;
+            Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(f)) => Reply::Fetched {
+                        token: f.token,
+                        leader: f.leader,
+                        hw: f.hw,
+                        end: f.end,
+                        epochs: f.epochs,
+                        records: f.records,
+                    },
+                    Ok(Err(e)) => error(e),
+                    Err(_) => error(MqError::UnknownQueue(queue)),
+                }
+            })
+        }
+        Request::Survey {
+            queue,
+            partition,
+            token,
+        } => {
+            let Some(p) = catalog.partition_sender(&queue, partition) else {
+                return ready(error(MqError::UnknownQueue(queue)));
+            };
+            let (tx, rx) = oneshot::channel();
+            let _ = p.send(Cmd::Survey { token, reply: tx }).await;
+            Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(s)) => Reply::Surveyed {
+                        end: s.end,
+                        epochs: s.epochs,
+                    },
+                    Ok(Err(e)) => error(e),
+                    Err(_) => error(MqError::UnknownQueue(queue)),
+                }
             })
         }
         Request::Unsubscribe { consumer } => {

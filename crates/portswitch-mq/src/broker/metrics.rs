@@ -37,6 +37,10 @@ pub struct Families {
     fsync_seconds: Family<QueueLabel, Histogram, fn() -> Histogram>,
     depth: Family<GroupLabel, Gauge>,
     in_flight: Family<GroupLabel, Gauge>,
+    elections: Family<QueueLabel, Counter>,
+    truncated: Family<QueueLabel, Counter>,
+    unconfirmed: Family<QueueLabel, Counter>,
+    replica_lag: Family<QueueLabel, Gauge>,
     pub connections: Gauge,
 }
 
@@ -55,6 +59,10 @@ impl Families {
             fsync_seconds: Family::new_with_constructor(fsync_histogram),
             depth: Family::default(),
             in_flight: Family::default(),
+            elections: Family::default(),
+            truncated: Family::default(),
+            unconfirmed: Family::default(),
+            replica_lag: Family::default(),
             connections: Gauge::default(),
         };
         reg.register("messages_produced", "Messages appended", f.produced.clone());
@@ -110,6 +118,26 @@ impl Families {
             f.in_flight.clone(),
         );
         reg.register(
+            "leader_elections",
+            "Partitions of the queue this broker began to lead",
+            f.elections.clone(),
+        );
+        reg.register(
+            "records_truncated",
+            "Records a replica cut because its leader did not have them (never confirmed ones)",
+            f.truncated.clone(),
+        );
+        reg.register(
+            "unconfirmed",
+            "Produces and settlements refused because a majority of replicas did not hold them in time",
+            f.unconfirmed.clone(),
+        );
+        reg.register(
+            "replica_lag",
+            "Records the slowest replica lacks, on partitions this broker leads (last reported)",
+            f.replica_lag.clone(),
+        );
+        reg.register(
             "connections",
             "Client connections open",
             f.connections.clone(),
@@ -133,6 +161,10 @@ impl Families {
             segments_reclaimed: self.segments_reclaimed.get_or_create(&l).clone(),
             log_bytes: self.log_bytes.get_or_create(&l).clone(),
             fsync_seconds: self.fsync_seconds.get_or_create(&l).clone(),
+            elections: self.elections.get_or_create(&l).clone(),
+            truncated: self.truncated.get_or_create(&l).clone(),
+            unconfirmed: self.unconfirmed.get_or_create(&l).clone(),
+            replica_lag: self.replica_lag.get_or_create(&l).clone(),
             families: self.clone(),
         }
     }
@@ -152,6 +184,10 @@ pub struct QueueMetrics {
     pub segments_reclaimed: Counter,
     pub log_bytes: Gauge,
     pub fsync_seconds: Histogram,
+    pub elections: Counter,
+    pub truncated: Counter,
+    pub unconfirmed: Counter,
+    pub replica_lag: Gauge,
     families: Families,
 }
 

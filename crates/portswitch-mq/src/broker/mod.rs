@@ -5,6 +5,7 @@
 mod conn;
 pub mod metrics;
 pub mod partition;
+mod replication;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,6 +43,10 @@ pub enum MqError {
     NotLeader(String),
     #[error("protocol version {0} is not spoken here (1 is)")]
     Version(u16),
+    #[error("fenced: {0}")]
+    Fenced(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl MqError {
@@ -58,6 +63,8 @@ impl MqError {
             MqError::Io(_) => Code::Io,
             MqError::NotLeader(_) => Code::NotLeader,
             MqError::Version(_) => Code::Version,
+            MqError::Fenced(_) => Code::Fenced,
+            MqError::Unavailable(_) => Code::Unavailable,
         }
     }
 }
@@ -101,20 +108,41 @@ impl BrokerConfig {
 
 struct QueueEntry {
     config: QueueConfig,
+    /// The brokers (by name) that hold every partition of the queue.
+    replicas: Vec<String>,
     partitions: Vec<mpsc::Sender<Cmd>>,
     serving: Vec<Arc<AtomicBool>>,
     spread: AtomicUsize,
+    /// The partitions' replication tasks.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl QueueEntry {
-    /// The partition a message with `key` goes to: its hash, or round-robin for an
-    /// empty key.
+    /// The partition a message with `key` goes to: its hash, or for an empty key
+    /// round-robin over the partitions this broker leads (all of them if it leads
+    /// none: the produce then says who does not lead).
     fn partition_for(&self, key: &[u8]) -> u16 {
         let n = self.partitions.len() as u16;
         if key.is_empty() {
-            (self.spread.fetch_add(1, Ordering::Relaxed) % n as usize) as u16
+            let led: Vec<u16> = (0..n)
+                .filter(|&i| self.serving[i as usize].load(Ordering::Acquire))
+                .collect();
+            let k = self.spread.fetch_add(1, Ordering::Relaxed);
+            if led.is_empty() {
+                (k % n as usize) as u16
+            } else {
+                led[k % led.len()]
+            }
         } else {
             partition_of(key, n)
+        }
+    }
+}
+
+impl Drop for QueueEntry {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
         }
     }
 }
@@ -130,8 +158,19 @@ pub struct Catalog {
     queues_max: usize,
     partitions_max: u16,
     switch: Option<portswitch_client::Client>,
+    /// This broker's address (the value of the ports it owns) and name.
     addr: String,
+    me: String,
+    peers: replication::Peers,
 }
+
+/// The port a broker of the group owns while it runs; its value is the address.
+pub fn broker_port(name: &str) -> String {
+    format!("mq/brokers/{name}")
+}
+
+/// Replicas of a queue when its settings say 0.
+pub const REPLICAS_DEFAULT: usize = 3;
 
 /// Partition of `key` among `n`: CRC-32C of the key, modulo n (stable across versions).
 pub fn partition_of(key: &[u8], n: u16) -> u16 {
@@ -173,64 +212,125 @@ impl Catalog {
         self.get(queue)?.partitions.get(index as usize).cloned()
     }
 
+    /// A partition of `queue` this broker leads (spread over them), if any.
+    pub fn partition_led_here(&self, queue: &str) -> Option<mpsc::Sender<Cmd>> {
+        let q = self.get(queue)?;
+        let i = q.partition_for(&[]) as usize;
+        q.serving[i]
+            .load(Ordering::Acquire)
+            .then(|| q.partitions[i].clone())
+    }
+
+    pub fn has_queue(&self, queue: &str) -> bool {
+        self.get(queue).is_some()
+    }
+
+    /// A broker's address, from the port it owns in the port switch.
+    pub async fn broker_addr(&self, name: &str) -> Result<String, String> {
+        if name == self.me {
+            return Ok(self.addr.clone());
+        }
+        let switch = self.switch.as_ref().ok_or("no port switch")?;
+        match switch.query(broker_port(name).as_str()).await {
+            Ok(Some(o)) => Ok(String::from_utf8_lossy(&o.value).into_owned()),
+            Ok(None) => Err(format!("broker {name} is not running")),
+            Err(e) => Err(format!("port switch: {e}")),
+        }
+    }
+
+    /// The brokers of the group: (name, address), from their ports.
+    async fn brokers(&self) -> Result<Vec<(String, String)>, MqError> {
+        let Some(switch) = &self.switch else {
+            return Ok(vec![(self.me.clone(), self.addr.clone())]);
+        };
+        let prefix = broker_port("");
+        let owners = switch
+            .list_all(prefix.as_str())
+            .await
+            .map_err(|e| MqError::Unavailable(format!("port switch: {e}")))?;
+        Ok(owners
+            .into_iter()
+            .filter_map(|o| {
+                let name = std::str::from_utf8(&o.port).ok()?.strip_prefix(&prefix)?;
+                Some((
+                    name.to_string(),
+                    String::from_utf8_lossy(&o.value).into_owned(),
+                ))
+            })
+            .collect())
+    }
+
     fn save(&self) -> Result<(), MqError> {
         let list: Vec<serde_json::Value> = self
             .read()
             .iter()
-            .map(|(n, q)| serde_json::json!({"name": n, "config": config_json(&q.config)}))
+            .map(|(n, q)| {
+                serde_json::json!({"name": n, "config": config_json(&q.config), "replicas": q.replicas})
+            })
             .collect();
         let text = serde_json::to_vec_pretty(&list).map_err(|e| MqError::Io(e.to_string()))?;
+        let _ = &list;
         portswitch_files::write_durable(&self.dir.join("queues.json"), &text, 0o600)
             .map_err(|e| MqError::Io(e.to_string()))
     }
 
-    /// Opens a queue's partitions and starts their actors.
-    async fn open_queue(self: &Arc<Self>, name: &str, config: QueueConfig) -> Result<(), MqError> {
+    /// Opens a queue's partitions and starts their actors and replication.
+    async fn open_queue(
+        self: &Arc<Self>,
+        name: &str,
+        config: QueueConfig,
+        replicas: Vec<String>,
+    ) -> Result<(), MqError> {
         let metrics = self.families.queue(name);
+        let peers: Vec<String> = replicas
+            .iter()
+            .filter(|r| **r != self.me)
+            .cloned()
+            .collect();
         let mut senders = Vec::new();
         let mut serving = Vec::new();
         let mut parts = Vec::new();
         for i in 0..config.partitions {
             let dir = self.dir.join("queues").join(name).join(i.to_string());
-            let p = Partition::open(name, i, config.clone(), dir, self.clone(), metrics.clone())
-                .map_err(|e| MqError::Io(e.to_string()))?;
+            let p = Partition::open(
+                name,
+                i,
+                config.clone(),
+                dir,
+                peers.clone(),
+                self.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| MqError::Io(e.to_string()))?;
             serving.push(p.serving.clone());
             parts.push(p);
         }
-        for p in parts {
+        let mut tasks = Vec::new();
+        for (i, p) in parts.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(4096);
-            senders.push(tx);
+            senders.push(tx.clone());
             tokio::spawn(p.run(rx));
+            tasks.extend(replication::start(replication::Ctx {
+                catalog: self.clone(),
+                queue: name.to_string(),
+                index: i as u16,
+                tx,
+                peers: peers.clone(),
+            }));
         }
         let entry = Arc::new(QueueEntry {
             config,
+            replicas,
             partitions: senders,
             serving,
             spread: AtomicUsize::new(0),
+            tasks,
         });
         self.queues
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), entry.clone());
-        self.claim(name, &entry).await;
+            .insert(name.to_string(), entry);
         Ok(())
-    }
-
-    /// Takes the ports of a queue's partitions; a partition whose port another broker
-    /// owns is not served here.
-    async fn claim(&self, name: &str, entry: &QueueEntry) {
-        let Some(switch) = &self.switch else { return };
-        for (i, flag) in entry.serving.iter().enumerate() {
-            let port = format!("mq/{name}/{i}");
-            let owned = matches!(
-                switch.register(port.as_str(), self.addr.as_bytes()).await,
-                Ok(portswitch_client::RegisterOutcome::Owned { .. })
-            );
-            if !owned {
-                tracing::warn!(port, "owned by another broker: not serving this partition");
-            }
-            flag.store(owned, Ordering::Release);
-        }
     }
 
     async fn create(self: &Arc<Self>, name: &str, config: QueueConfig) -> Result<(), MqError> {
@@ -264,11 +364,131 @@ impl Catalog {
                 self.queues_max
             )));
         }
-        self.open_queue(name, config).await?;
+        // The replicas: R of the group's brokers, picked by a hash of the queue's name
+        // with each broker's (rendezvous), so queues spread over the group.
+        let brokers = self.brokers().await?;
+        let want = match config.replicas {
+            0 => brokers.len().clamp(1, REPLICAS_DEFAULT),
+            r => r as usize,
+        };
+        if want > brokers.len() {
+            return Err(MqError::Limit(format!(
+                "{want} replicas asked, and the group has {} brokers running",
+                brokers.len()
+            )));
+        }
+        let mut ranked: Vec<&(String, String)> = brokers.iter().collect();
+        ranked.sort_by_key(|(b, _)| {
+            std::cmp::Reverse(crc32c::crc32c(format!("{b}/{name}").as_bytes()))
+        });
+        let chosen: Vec<(String, String)> = ranked.into_iter().take(want).cloned().collect();
+        let replicas: Vec<String> = chosen.iter().map(|(n, _)| n.clone()).collect();
+        for (peer, addr) in &chosen {
+            if *peer == self.me {
+                continue;
+            }
+            let req = crate::proto::Request::PeerCreate {
+                name: name.to_string(),
+                config: config.clone(),
+                replicas: replicas.clone(),
+            };
+            self.peers
+                .call(addr, req, std::time::Duration::from_secs(10))
+                .await
+                .map_err(|e| {
+                    MqError::Unavailable(format!("broker {peer} did not create the queue: {e}"))
+                })?;
+        }
+        let partitions = config.partitions;
+        if replicas.contains(&self.me) {
+            self.open_queue(name, config, replicas).await?;
+            self.save()?;
+        }
+        // Answered once every partition has a leader, so a produce right after the
+        // queue is created finds one.
+        if let Some(switch) = &self.switch {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            for i in 0..partitions {
+                let port = format!("mq/{name}/{i}");
+                loop {
+                    let led = match self.get(name) {
+                        Some(q) if q.serving.len() > i as usize => {
+                            q.serving[i as usize].load(Ordering::Acquire)
+                        }
+                        _ => false,
+                    };
+                    // A leader elsewhere publishes its address once it serves.
+                    if led
+                        || matches!(switch.query(port.as_str()).await,
+                            Ok(Some(o)) if !o.value.is_empty() && o.value.as_ref() != self.addr.as_bytes())
+                    {
+                        break;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(MqError::Unavailable(format!(
+                            "queue {name} is created, and partition {i} has no leader after 10 s"
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A queue created on another broker of the group, which this one holds.
+    async fn adopt(
+        self: &Arc<Self>,
+        name: &str,
+        config: QueueConfig,
+        replicas: Vec<String>,
+    ) -> Result<(), MqError> {
+        valid_name(name)?;
+        if !replicas.contains(&self.me) {
+            return Err(MqError::BadRequest(format!(
+                "this broker ({}) is not one of the queue's replicas",
+                self.me
+            )));
+        }
+        let _change = self.change.lock().await;
+        if let Some(q) = self.get(name) {
+            return if q.config == config && q.replicas == replicas {
+                Ok(())
+            } else {
+                Err(MqError::QueueExists(name.to_string()))
+            };
+        }
+        self.open_queue(name, config, replicas).await?;
         self.save()
     }
 
-    async fn delete(&self, name: &str) -> Result<(), MqError> {
+    async fn delete(&self, name: &str, forward: bool) -> Result<(), MqError> {
+        if forward {
+            if let Some(q) = self.get(name) {
+                for peer in q.replicas.iter().filter(|r| **r != self.me) {
+                    let addr = self.broker_addr(peer).await.map_err(MqError::Unavailable)?;
+                    let req = crate::proto::Request::PeerDelete {
+                        name: name.to_string(),
+                    };
+                    match self
+                        .peers
+                        .call(&addr, req, std::time::Duration::from_secs(10))
+                        .await
+                    {
+                        Ok(_) => {}
+                        Err(crate::client::ClientError::Server {
+                            code: Code::UnknownQueue,
+                            ..
+                        }) => {}
+                        Err(e) => {
+                            return Err(MqError::Unavailable(format!(
+                                "broker {peer} did not delete the queue: {e}"
+                            )))
+                        }
+                    }
+                }
+            }
+        }
         let _change = self.change.lock().await;
         let entry = self
             .queues
@@ -312,6 +532,7 @@ fn config_json(c: &QueueConfig) -> serde_json::Value {
         "ordered_by_key": c.ordered_by_key,
         "fsync_every_batch": c.fsync_every_batch,
         "retention_bytes": c.retention_bytes,
+        "replicas": c.replicas,
     })
 }
 
@@ -326,6 +547,7 @@ fn config_from_json(v: &serde_json::Value) -> Option<QueueConfig> {
         ordered_by_key: v["ordered_by_key"].as_bool()?,
         fsync_every_batch: v["fsync_every_batch"].as_bool()?,
         retention_bytes: v["retention_bytes"].as_u64()?,
+        replicas: v["replicas"].as_u64().unwrap_or(1) as u8,
     })
 }
 
@@ -373,17 +595,47 @@ impl RunningBroker {
             None => {
                 let mut sc = portswitch_server::ServerConfig::ephemeral();
                 sc.http_listen = None;
+                // Tokens must rise across restarts: partitions refuse a leader whose
+                // token is below one they followed before.
+                sc.epoch = None;
                 let s = portswitch_server::RunningServer::start(sc)
                     .await
                     .map_err(|e| StartError::Switch(e.to_string()))?;
                 (s.addr.to_string(), Some(s))
             }
         };
+        // The broker's name is kept with its data: replicas are named by it.
+        let name_file = cfg.data_dir.join("broker-name");
+        let stored = match std::fs::read_to_string(&name_file) {
+            Ok(s) => Some(s.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StartError::Data(format!("{}: {e}", name_file.display()))),
+        };
+        let me = match (&cfg.name, stored) {
+            (Some(n), Some(s)) if *n != s => {
+                return Err(StartError::Data(format!(
+                    "{} holds broker {s:?}'s data, and this broker is named {n:?}",
+                    cfg.data_dir.display()
+                )))
+            }
+            (_, Some(s)) => s,
+            (Some(n), None) => n.clone(),
+            (None, None) => addr.to_string(),
+        };
+        if me.is_empty() || me.len() > 100 || me.contains('/') {
+            return Err(StartError::Data(format!(
+                "broker name {me:?}: 1 to 100 bytes, no /"
+            )));
+        }
+        portswitch_files::write_durable(&name_file, me.as_bytes(), 0o600)
+            .map_err(|e| StartError::Data(e.to_string()))?;
         let mut opts = portswitch_client::ClientOptions::new(switch_addr.clone());
-        opts.node_name = cfg
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("mq-broker {addr}"));
+        opts.node_name = format!("mq-broker {me}");
+        // A broker that dies (kill -9, a crash) closes its connection: its partitions'
+        // ports go to the other replicas at once rather than after a lease. One that
+        // hangs loses them after the lease.
+        opts.end_on_disconnect = true;
+        opts.lease = std::time::Duration::from_secs(3);
         let switch = portswitch_client::Client::connect(opts)
             .await
             .map_err(|e| StartError::Switch(format!("{switch_addr}: {e}")))?;
@@ -399,7 +651,26 @@ impl RunningBroker {
             partitions_max: cfg.partitions_max,
             switch: Some(switch.clone()),
             addr: addr.to_string(),
+            me: me.clone(),
+            peers: replication::Peers::default(),
         });
+        // This broker is part of the group while it owns its port (a restarted broker
+        // waits for its old session's port to be released).
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            switch.register_wait(broker_port(&me).as_str(), addr.to_string().as_bytes()),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(StartError::Switch(format!("registering {me}: {e}"))),
+            Err(_) => {
+                return Err(StartError::Switch(format!(
+                    "another broker named {me} has held {} for 30 s",
+                    broker_port(&me)
+                )))
+            }
+        }
         // The queues this broker had.
         let path = cfg.data_dir.join("queues.json");
         match std::fs::read(&path) {
@@ -411,8 +682,16 @@ impl RunningBroker {
                     let config = config_from_json(&q["config"]).ok_or_else(|| {
                         StartError::Data(format!("{}: queue {name:?} is malformed", path.display()))
                     })?;
+                    let replicas: Vec<String> = match q["replicas"].as_array() {
+                        Some(list) => list
+                            .iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect(),
+                        // Written before replication: this broker alone.
+                        None => vec![me.clone()],
+                    };
                     catalog
-                        .open_queue(&name, config)
+                        .open_queue(&name, config, replicas)
                         .await
                         .map_err(|e| StartError::Data(format!("queue {name}: {e}")))?;
                 }
@@ -421,30 +700,20 @@ impl RunningBroker {
             Err(e) => return Err(StartError::Data(format!("{}: {e}", path.display()))),
         }
         let mut tasks = Vec::new();
-        // A partition whose port is lost stops serving at once.
-        {
-            let catalog = catalog.clone();
-            let mut events = switch.events();
-            tasks.push(tokio::spawn(async move {
-                while let Ok(e) = events.recv().await {
-                    if let portswitch_client::Event::PortLost { port, .. } = e {
-                        let port = String::from_utf8_lossy(port.as_ref()).into_owned();
-                        if let Some((q, i)) =
-                            port.strip_prefix("mq/").and_then(|r| r.rsplit_once('/'))
-                        {
-                            if let (Some(entry), Ok(i)) = (catalog.get(q), i.parse::<usize>()) {
-                                if let Some(f) = entry.serving.get(i) {
-                                    f.store(false, Ordering::Release);
-                                    tracing::error!(
-                                        port,
-                                        "lost the partition's port: no longer serving it"
-                                    );
-                                }
-                            }
-                        }
-                    }
+        // Queues this broker alone holds are served before start returns.
+        let alone: Vec<Arc<QueueEntry>> = catalog
+            .read()
+            .values()
+            .filter(|q| q.replicas.len() == 1)
+            .cloned()
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for q in alone {
+            for f in &q.serving {
+                while !f.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
-            }));
+            }
         }
         let http_addr = match cfg.http_listen {
             Some(a) => {
@@ -504,12 +773,19 @@ impl RunningBroker {
         }
         let queues: Vec<Arc<QueueEntry>> = self.catalog.read().values().cloned().collect();
         for q in queues {
+            for t in &q.tasks {
+                t.abort();
+            }
             for p in &q.partitions {
                 let (tx, rx) = oneshot::channel();
                 if p.send(Cmd::Stop { reply: tx }).await.is_ok() {
                     let _ = rx.await;
                 }
             }
+        }
+        // Ending the session gives the partitions' ports to the other replicas now.
+        if let Some(switch) = &self.catalog.switch {
+            let _ = switch.close().await;
         }
     }
 }

@@ -1,16 +1,24 @@
-//! One partition's actor: it alone owns the partition's log and its groups' delivery
-//! state and settlement files. Commands arrive on a channel; each turn of the loop
-//! takes every command waiting (up to a limit), appends all produced messages as one
-//! batch (one write, one fsync: group commit), writes every group's settlements with
-//! one fsync each, and only then confirms them; then it hands due messages to
-//! consumers and dead letters to the dead-letter queue.
+//! One partition's actor: it alone owns the partition's log, its epoch history, its
+//! groups' settlement files and (while it leads) their delivery state. Commands
+//! arrive on a channel; each turn of the loop takes every command waiting (up to a
+//! limit) and appends all produced messages and the turn's settlements as one batch
+//! (one write, one fsync: group commit).
+//!
+//! Replication (docs/MQ.md, ARCHITECTURE.md): the partition is on R brokers. The one
+//! that owns the port `mq/<queue>/<partition>` leads, with the port's fencing token as
+//! its epoch; the others fetch its log ([`Cmd::Fetch`] at the leader, [`Cmd::Apply`]
+//! here). A produce or a settlement is confirmed once a majority holds it (the
+//! high-water mark passed it); only confirmed messages are delivered. Settlements
+//! travel in the log as *control records* (the broker's own headers, which producers
+//! cannot set), so a new leader knows what was acknowledged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::QueueMetrics;
@@ -18,12 +26,133 @@ use super::{Catalog, MqError};
 use crate::acks::{Acks, ACKED, DEAD};
 use crate::delivery::{DeadReason, DeliveryConfig, DeliveryError, Effect, Entry, Group};
 use crate::log::{Fsync, Log, LogConfig, LogError, Message, Record};
+use crate::proto::{Delivery, How, Outgoing, QueueConfig, Replicated, Settlement};
+use crate::replica::{self, Epochs};
 
-/// A message kept in memory for delivery (its bytes shared with the request that
-/// brought it, or with the log read that found it).
+/// Commands taken in one turn at most.
+const TURN_COMMANDS_MAX: usize = 4096;
+/// Bytes of recent records kept in memory for delivery and for replicas.
+const CACHE_BYTES_MAX: usize = 16 << 20;
+/// Bytes read from the log at once for deliveries no longer in memory.
+const FETCH_BYTES: usize = 1 << 20;
+/// Bytes of records in one answer to a replica's fetch.
+const REPLICA_FETCH_BYTES: usize = 1 << 20;
+/// How long a leader holds a replica's fetch when it has nothing new.
+const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// A produce or settlement a majority has not confirmed by then is refused.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages handed to the delivery groups in one turn at most (a new leader with a
+/// long backlog takes it a part at a time).
+const ADVANCE_MAX: u64 = 65_536;
+/// How often a partition whose queue syncs on a timer syncs.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+/// The headers that mark a control record (producers cannot set headers).
+pub const CONTROL_HEADERS: &[u8] = b"mq.control\n";
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a control record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// A leader began its epoch here (the record a majority must hold before anything
+    /// earlier counts as confirmed).
+    Epoch { token: u64 },
+    /// A group began reading the partition (replicas keep its settlements from now).
+    Group { name: String },
+    /// A group settled these offsets; everything below `floor` is settled.
+    Settle {
+        group: String,
+        floor: u64,
+        entries: Vec<(u64, u32)>,
+    },
+}
+
+impl Control {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        match self {
+            Control::Epoch { token } => {
+                b.put_u8(1);
+                b.put_u64(*token);
+            }
+            Control::Group { name } => {
+                b.put_u8(2);
+                b.put_u16(name.len() as u16);
+                b.put_slice(name.as_bytes());
+            }
+            Control::Settle {
+                group,
+                floor,
+                entries,
+            } => {
+                b.put_u8(3);
+                b.put_u16(group.len() as u16);
+                b.put_slice(group.as_bytes());
+                b.put_u64(*floor);
+                b.put_u32(entries.len() as u32);
+                for &(o, k) in entries {
+                    b.put_u64(o);
+                    b.put_u32(k);
+                }
+            }
+        }
+        b.to_vec()
+    }
+
+    pub fn decode(mut b: &[u8]) -> Option<Control> {
+        let name = |b: &mut &[u8]| -> Option<String> {
+            if b.remaining() < 2 {
+                return None;
+            }
+            let n = b.get_u16() as usize;
+            if b.remaining() < n {
+                return None;
+            }
+            let s = String::from_utf8(b[..n].to_vec()).ok()?;
+            b.advance(n);
+            Some(s)
+        };
+        if b.remaining() < 1 {
+            return None;
+        }
+        match b.get_u8() {
+            1 if b.remaining() == 8 => Some(Control::Epoch { token: b.get_u64() }),
+            2 => Some(Control::Group {
+                name: name(&mut b)?,
+            }),
+            3 => {
+                let group = name(&mut b)?;
+                if b.remaining() < 12 {
+                    return None;
+                }
+                let floor = b.get_u64();
+                let n = b.get_u32() as usize;
+                if b.remaining() != n * 12 {
+                    return None;
+                }
+                let entries = (0..n).map(|_| (b.get_u64(), b.get_u32())).collect();
+                Some(Control::Settle {
+                    group,
+                    floor,
+                    entries,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A record kept in memory for delivery and replicas (its bytes shared with the
+/// request that brought it, or with the log read that found it).
 #[derive(Clone)]
 struct Cached {
     timestamp_ms: u64,
+    not_before_ms: u64,
+    expires_ms: u64,
     key: Bytes,
     headers: Bytes,
     payload: Bytes,
@@ -33,43 +162,74 @@ impl Cached {
     fn size(&self) -> usize {
         self.key.len() + self.headers.len() + self.payload.len() + 64
     }
+
+    fn is_control(&self) -> bool {
+        self.headers.as_ref() == CONTROL_HEADERS
+    }
+
+    fn replicated(&self, offset: u64) -> Replicated {
+        Replicated {
+            offset,
+            timestamp_ms: self.timestamp_ms,
+            not_before_ms: self.not_before_ms,
+            expires_ms: self.expires_ms,
+            key: self.key.clone(),
+            headers: self.headers.clone(),
+            payload: self.payload.clone(),
+        }
+    }
 }
 
 impl From<Record> for Cached {
     fn from(r: Record) -> Cached {
         Cached {
             timestamp_ms: r.timestamp_ms,
+            not_before_ms: r.not_before_ms,
+            expires_ms: r.expires_ms,
             key: r.key.into(),
             headers: r.headers.into(),
             payload: r.payload.into(),
         }
     }
 }
-use crate::proto::{Delivery, How, Outgoing, QueueConfig, Settlement};
-
-/// Commands taken in one turn at most.
-const TURN_COMMANDS_MAX: usize = 4096;
-/// Bytes of recent records kept in memory for delivery.
-const CACHE_BYTES_MAX: usize = 16 << 20;
-/// Bytes read from the log at once for deliveries no longer in memory.
-const FETCH_BYTES: usize = 1 << 20;
-/// How often a partition whose queue syncs on a timer syncs.
-pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Where a produce's outcome goes: (first offset, count).
 pub type Produced = oneshot::Sender<Result<(u64, u32), MqError>>;
-
-/// A produce waiting for the turn's batch: messages, broker headers, reply.
-type Pending = (Vec<Outgoing>, Bytes, Produced);
+type Done = oneshot::Sender<Result<(), MqError>>;
 
 /// Where a consumer's deliveries go, a turn's at a time.
 pub type Sink = mpsc::UnboundedSender<Vec<Delivery>>;
+
+/// A replica's view of its partition, for its fetch loop and `mq stat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaState {
+    pub role: Role,
+    pub end: u64,
+    pub hw: u64,
+    pub epochs: Vec<(u64, u64)>,
+    pub promised: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    /// Owns the port with this token; surveying and catching up before it serves.
+    Candidate(u64),
+    Leader(u64),
+}
+
+/// What a fetch's answer carries, decoded (see [`crate::proto::Reply::Fetched`]).
+#[derive(Debug, Clone)]
+pub struct FetchedData {
+    pub token: u64,
+    pub leader: bool,
+    pub hw: u64,
+    pub end: u64,
+    pub epochs: Vec<(u64, u64)>,
+    pub records: Vec<Replicated>,
+}
+
+pub type FetchReply = oneshot::Sender<Result<FetchedData, MqError>>;
 
 pub enum Cmd {
     Produce {
@@ -82,7 +242,7 @@ pub enum Cmd {
         consumer: u64,
         credit: u32,
         sink: Sink,
-        reply: oneshot::Sender<Result<(), MqError>>,
+        reply: Done,
     },
     Credit {
         consumer: u64,
@@ -91,7 +251,7 @@ pub enum Cmd {
     Settle {
         consumer: u64,
         settlements: Vec<Settlement>,
-        reply: oneshot::Sender<Result<(), MqError>>,
+        reply: Done,
     },
     Unsubscribe {
         consumer: u64,
@@ -104,17 +264,81 @@ pub enum Cmd {
     Stat {
         reply: oneshot::Sender<Vec<(String, u64)>>,
     },
+    /// A replica (or a new leader catching up) asks for records.
+    Fetch {
+        replica: String,
+        token: u64,
+        offset: u64,
+        hw: u64,
+        epochs: Vec<(u64, u64)>,
+        reply: FetchReply,
+    },
+    /// A new leader fences this replica and asks what its log holds.
+    Survey {
+        token: u64,
+        reply: oneshot::Sender<Result<replica::Survey, MqError>>,
+    },
+    /// This broker won the port with `token`: fence locally, become a candidate.
+    Promise {
+        token: u64,
+        reply: oneshot::Sender<Result<replica::Survey, MqError>>,
+    },
+    /// Records fetched from the leader (or, catching up, from the best replica).
+    Apply {
+        fetched: FetchedData,
+        token: u64,
+        catching_up: bool,
+        reply: oneshot::Sender<Result<ReplicaState, MqError>>,
+    },
+    /// The candidate holds every confirmed record: begin the epoch and serve.
+    Lead {
+        token: u64,
+        reply: Done,
+    },
+    /// The port (granted with `token`) is lost: stop serving.
+    Demote {
+        token: u64,
+    },
+    State {
+        reply: oneshot::Sender<ReplicaState>,
+    },
     Stop {
         reply: oneshot::Sender<()>,
     },
 }
 
 struct GroupState {
-    delivery: Group,
     acks: Acks,
-    consumers: HashMap<u64, Sink>,
-    /// Settlements waiting for their fsync.
-    waiting: Vec<oneshot::Sender<Result<(), MqError>>>,
+    /// While this broker leads.
+    delivery: Option<Group>,
+    /// consumer -> (credit, sink); kept while following, joined when leading.
+    consumers: HashMap<u64, (u32, Sink)>,
+    /// Settlements of this turn to write as a control record.
+    settled: Vec<(u64, u32)>,
+}
+
+/// A reply that waits for the high-water mark to pass `end`.
+enum Confirm {
+    Produce {
+        reply: Produced,
+        first: u64,
+        count: u32,
+    },
+    Settle(Done),
+}
+
+struct Unconfirmed {
+    end: u64,
+    since: Instant,
+    confirm: Confirm,
+}
+
+struct Parked {
+    offset: u64,
+    hw: u64,
+    token: u64,
+    until: Instant,
+    reply: FetchReply,
 }
 
 pub struct Partition {
@@ -123,17 +347,33 @@ pub struct Partition {
     config: QueueConfig,
     dir: PathBuf,
     log: Log,
+    epochs: Epochs,
+    role: Role,
+    /// Offset of the current epoch's first record (its Epoch control record).
+    epoch_start: u64,
+    /// Confirmed: a majority holds every record below.
+    hw: u64,
+    /// The partition's other replicas (broker names).
+    peers: Vec<String>,
+    /// Leader: how far each replica's log agrees with this one.
+    matches: HashMap<String, u64>,
+    unconfirmed: VecDeque<Unconfirmed>,
+    parked: Vec<Parked>,
+    /// Leader: messages below are in the delivery groups.
+    delivered_upto: u64,
     groups: BTreeMap<String, GroupState>,
     /// consumer -> its group.
     consumer_group: HashMap<u64, String>,
+    /// Groups begun this turn (a control record tells the replicas).
+    new_groups: Vec<String>,
     cache: BTreeMap<u64, Cached>,
     cache_bytes: usize,
     /// Records read from the log for this turn's deliveries.
-    fetched: std::collections::HashMap<u64, Cached>,
+    fetched: HashMap<u64, Cached>,
     catalog: Arc<Catalog>,
     metrics: QueueMetrics,
-    /// Whether this broker owns the partition's port (serves it).
-    pub serving: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether this broker leads the partition (serves it).
+    pub serving: Arc<AtomicBool>,
 }
 
 fn delivery_config(c: &QueueConfig) -> DeliveryConfig {
@@ -157,18 +397,28 @@ fn io_error(e: LogError) -> MqError {
     }
 }
 
+/// An owned message of a batch being built (produced or control).
+struct Pending {
+    key: Bytes,
+    headers: Bytes,
+    payload: Bytes,
+    not_before_ms: u64,
+    expires_ms: u64,
+}
+
 impl Partition {
-    /// Opens the partition's log and groups from `dir` (created if missing).
+    /// Opens the partition's log, history and groups from `dir` (created if missing).
     pub fn open(
         queue: &str,
         index: u16,
         config: QueueConfig,
         dir: PathBuf,
+        peers: Vec<String>,
         catalog: Arc<Catalog>,
         metrics: QueueMetrics,
     ) -> Result<Partition, LogError> {
         let log_cfg = LogConfig {
-            record_bytes_max: config.message_bytes_max.saturating_add(1024),
+            record_bytes_max: config.message_bytes_max.saturating_add(1024).max(1 << 20),
             log_bytes_max: config.retention_bytes,
             fsync: if config.fsync_every_batch {
                 Fsync::EveryBatch
@@ -186,20 +436,35 @@ impl Partition {
                 "cut a torn tail off the log"
             );
         }
+        let mut epochs = Epochs::load(&dir.join("epochs"))?;
+        if epochs.list.is_empty() && log.end_offset() > log.start_offset() {
+            // A log written before replication: its records are epoch 0.
+            let _ = epochs.begin(0, log.start_offset());
+        }
         let mut p = Partition {
             queue: queue.to_string(),
             index,
             config,
             dir,
             log,
+            epochs,
+            role: Role::Follower,
+            epoch_start: 0,
+            hw: 0,
+            peers,
+            matches: HashMap::new(),
+            unconfirmed: VecDeque::new(),
+            parked: Vec::new(),
+            delivered_upto: 0,
             groups: BTreeMap::new(),
             consumer_group: HashMap::new(),
+            new_groups: Vec::new(),
             cache: BTreeMap::new(),
             cache_bytes: 0,
-            fetched: std::collections::HashMap::new(),
+            fetched: HashMap::new(),
             catalog,
             metrics,
-            serving: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            serving: Arc::new(AtomicBool::new(false)),
         };
         let groups_dir = p.dir.join("groups");
         portswitch_files::create_dir_private(&groups_dir)?;
@@ -223,26 +488,54 @@ impl Partition {
             }
         }
         for name in names {
-            p.load_group(&name)?;
+            p.open_group(&name)?;
         }
         Ok(p)
     }
 
-    /// Opens a group's settlements and queues every unsettled retained message.
-    fn load_group(&mut self, name: &str) -> Result<(), LogError> {
+    fn replicas(&self) -> usize {
+        self.peers.len() + 1
+    }
+
+    fn open_group(&mut self, name: &str) -> Result<(), LogError> {
+        if self.groups.contains_key(name) {
+            return Ok(());
+        }
         let (acks, cut) = Acks::open(&self.dir.join("groups").join(format!("{name}.acks")))?;
         if cut > 0 {
             tracing::warn!(queue = %self.queue, group = name, bytes = cut, "cut a torn tail off a group's settlements");
         }
-        let start = self.log.start_offset().max(acks.floor());
-        let mut delivery = Group::new(delivery_config(&self.config), start);
+        self.groups.insert(
+            name.to_string(),
+            GroupState {
+                acks,
+                delivery: None,
+                consumers: HashMap::new(),
+                settled: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The delivery state of a group on a leader: every confirmed, unsettled message
+    /// below `delivered_upto`.
+    fn start_delivery(&mut self, name: &str) -> Result<(), LogError> {
+        let cfg = delivery_config(&self.config);
+        let upto = self.delivered_upto;
+        let log_start = self.log.start_offset();
+        let g = self.groups.get_mut(name).expect("opened");
+        let start = log_start.max(g.acks.floor());
+        let mut delivery = Group::new(cfg, start);
         let mut at = start;
-        while at < self.log.end_offset() {
+        while at < upto {
             let records = self.log.read(at, 4 << 20)?;
             let Some(last) = records.last() else { break };
             at = last.offset + 1;
             for r in records {
-                if !acks.is_settled(r.offset) {
+                if r.offset >= upto {
+                    break;
+                }
+                if r.headers != CONTROL_HEADERS && !g.acks.is_settled(r.offset) {
                     let _ = delivery.append(Entry {
                         offset: r.offset,
                         key: r.key.into(),
@@ -252,15 +545,12 @@ impl Partition {
                 }
             }
         }
-        self.groups.insert(
-            name.to_string(),
-            GroupState {
-                delivery,
-                acks,
-                consumers: HashMap::new(),
-                waiting: Vec::new(),
-            },
-        );
+        // Offsets not delivered yet come through `advance`.
+        delivery.skip_to(upto);
+        for (&c, &(credit, _)) in &g.consumers {
+            let _ = delivery.join(c, credit);
+        }
+        g.delivery = Some(delivery);
         Ok(())
     }
 
@@ -292,13 +582,14 @@ impl Partition {
                 }
             }
             let mut stop = None;
-            self.turn(std::mem::take(&mut batch), &mut stop).await;
+            self.turn(std::mem::take(&mut batch), &mut stop);
             if !self.config.fsync_every_batch && last_sync.elapsed() >= SYNC_INTERVAL {
                 let _ = self.log.sync();
                 last_sync = Instant::now();
             }
             if let Some(reply) = stop {
                 let _ = self.log.sync();
+                self.demote("the broker is stopping");
                 let _ = reply.send(());
                 return;
             }
@@ -309,21 +600,36 @@ impl Partition {
         let mut at = self
             .groups
             .values()
-            .filter_map(|g| g.delivery.next_wakeup())
+            .filter_map(|g| g.delivery.as_ref().and_then(|d| d.next_wakeup()))
             .min();
+        let soon = |at: &mut Option<u64>, t: u64| *at = Some(at.map_or(t, |a| a.min(t)));
         if !self.config.fsync_every_batch {
-            let tick = now_ms() + SYNC_INTERVAL.as_millis() as u64;
-            at = Some(at.map_or(tick, |a| a.min(tick)));
+            soon(&mut at, now_ms() + SYNC_INTERVAL.as_millis() as u64);
+        }
+        if !self.parked.is_empty() || !self.unconfirmed.is_empty() {
+            soon(&mut at, now_ms() + 100);
+        }
+        if matches!(self.role, Role::Leader(_)) && self.delivered_upto < self.hw {
+            soon(&mut at, now_ms());
         }
         at
     }
 
-    async fn turn(&mut self, cmds: Vec<Cmd>, stop: &mut Option<oneshot::Sender<()>>) {
+    fn state(&self) -> ReplicaState {
+        ReplicaState {
+            role: self.role,
+            end: self.log.end_offset(),
+            hw: self.hw,
+            epochs: self.epochs.list.clone(),
+            promised: self.epochs.promised,
+        }
+    }
+
+    fn turn(&mut self, cmds: Vec<Cmd>, stop: &mut Option<oneshot::Sender<()>>) {
         let now = now_ms();
-        let serving = self.serving.load(std::sync::atomic::Ordering::Acquire);
-        // Produces first, as one batch.
-        let mut produced: Vec<Pending> = Vec::new();
-        let mut rest = Vec::new();
+        let leading = matches!(self.role, Role::Leader(_));
+        let mut produced: Vec<(Vec<Outgoing>, Bytes, Produced)> = Vec::new();
+        let mut settles: Vec<(Done, bool)> = Vec::new();
         for c in cmds {
             match c {
                 Cmd::Produce {
@@ -331,21 +637,12 @@ impl Partition {
                     headers,
                     reply,
                 } => {
-                    if !serving {
-                        let _ = reply.send(Err(MqError::NotLeader(self.port())));
-                    } else {
+                    if leading {
                         produced.push((messages, headers, reply));
+                    } else {
+                        let _ = reply.send(Err(MqError::NotLeader(self.port())));
                     }
                 }
-                other => rest.push(other),
-            }
-        }
-        if !produced.is_empty() {
-            self.append(produced, now);
-        }
-        for c in rest {
-            match c {
-                Cmd::Produce { .. } => unreachable!("taken above"),
                 Cmd::Subscribe {
                     group,
                     consumer,
@@ -361,53 +658,100 @@ impl Partition {
                         .get(&consumer)
                         .and_then(|n| self.groups.get_mut(n))
                     {
-                        let _ = g.delivery.set_credit(consumer, credit);
+                        if let Some(c) = g.consumers.get_mut(&consumer) {
+                            c.0 = credit;
+                        }
+                        if let Some(d) = g.delivery.as_mut() {
+                            let _ = d.set_credit(consumer, credit);
+                        }
                     }
                 }
                 Cmd::Settle {
                     consumer,
                     settlements,
                     reply,
-                } => self.settle(consumer, settlements, reply, now),
+                } => {
+                    if leading {
+                        self.settle(consumer, settlements, reply, now, &mut settles);
+                    } else {
+                        let _ = reply.send(Err(MqError::NotLeader(self.port())));
+                    }
+                }
                 Cmd::Unsubscribe { consumer } => {
                     if let Some(name) = self.consumer_group.remove(&consumer) {
                         if let Some(g) = self.groups.get_mut(&name) {
-                            let _ = g.delivery.leave(consumer);
                             g.consumers.remove(&consumer);
+                            if let Some(d) = g.delivery.as_mut() {
+                                let _ = d.leave(consumer);
+                            }
                         }
                     }
                 }
                 Cmd::DeadConfirmed { group, offset } => {
                     if let Some(g) = self.groups.get_mut(&group) {
-                        g.acks.settle(offset, DEAD);
+                        if !g.acks.is_settled(offset) {
+                            g.acks.settle(offset, DEAD);
+                            g.settled.push((offset, DEAD));
+                        }
                     }
                 }
                 Cmd::Stat { reply } => {
                     let _ = reply.send(self.stats());
                 }
+                Cmd::Fetch {
+                    replica,
+                    token,
+                    offset,
+                    hw,
+                    epochs,
+                    reply,
+                } => self.fetch(replica, token, offset, hw, epochs, reply),
+                Cmd::Survey { token, reply } => {
+                    let _ = reply.send(self.survey(token, false));
+                }
+                Cmd::Promise { token, reply } => {
+                    let _ = reply.send(self.survey(token, true));
+                }
+                Cmd::Apply {
+                    fetched,
+                    token,
+                    catching_up,
+                    reply,
+                } => {
+                    let _ = reply.send(self.apply(fetched, token, catching_up));
+                }
+                Cmd::Lead { token, reply } => {
+                    let _ = reply.send(self.lead(token));
+                }
+                Cmd::Demote { token } => {
+                    if matches!(self.role, Role::Leader(t) | Role::Candidate(t) if t == token) {
+                        self.demote("lost the partition's port");
+                    }
+                }
+                Cmd::State { reply } => {
+                    let _ = reply.send(self.state());
+                }
                 Cmd::Stop { reply } => *stop = Some(reply),
             }
         }
-        // Settlements are durable before they are confirmed.
-        for g in self.groups.values_mut() {
-            let result = g.acks.flush().map_err(io_error);
-            for w in g.waiting.drain(..) {
-                let _ = w.send(result.clone());
+        if matches!(self.role, Role::Leader(_)) {
+            self.append(produced, settles, now);
+        } else {
+            for (messages, _, reply) in produced {
+                drop(messages);
+                let _ = reply.send(Err(MqError::NotLeader(self.port())));
+            }
+            for (reply, _) in settles {
+                let _ = reply.send(Err(MqError::NotLeader(self.port())));
             }
         }
-        self.dispatch(now);
-        let low = self.groups.values().map(|g| g.delivery.low_water()).min();
-        if let Some(low) = low {
-            match self.log.reclaim(low) {
-                Ok(n) if n > 0 => {
-                    self.metrics.segments_reclaimed.inc_by(n as u64);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(queue = %self.queue, error = %e, "reclaiming segments failed")
-                }
-            }
+        self.confirm();
+        if matches!(self.role, Role::Leader(_)) {
+            self.advance();
+            self.dispatch(now);
         }
+        self.answer_parked(false);
+        self.reclaim();
         self.metrics.log_bytes.set(self.log.bytes() as i64);
     }
 
@@ -415,18 +759,24 @@ impl Partition {
         format!("mq/{}/{}", self.queue, self.index)
     }
 
-    fn append(&mut self, produced: Vec<Pending>, now: u64) {
+    /// Appends the turn's produced messages and control records as one batch.
+    fn append(
+        &mut self,
+        produced: Vec<(Vec<Outgoing>, Bytes, Produced)>,
+        settles: Vec<(Done, bool)>,
+        now: u64,
+    ) {
         let default_ttl = self.config.ttl_ms;
         let limit = self.config.message_bytes_max as usize;
-        let mut batch: Vec<Message<'_>> = Vec::new();
-        let mut accepted = Vec::new();
-        for (messages, headers, reply) in &produced {
+        let mut batch: Vec<Pending> = Vec::new();
+        // Per produce: Ok(count) or the refusal.
+        let mut accepted = Vec::with_capacity(produced.len());
+        for (messages, headers, _) in &produced {
             if let Some(m) = messages
                 .iter()
                 .find(|m| m.key.len() + m.payload.len() > limit)
             {
                 let size = m.key.len() + m.payload.len();
-                let _ = reply;
                 accepted.push(Err(MqError::TooLarge(format!(
                     "a message of {size} bytes is larger than the queue's limit of {limit}"
                 ))));
@@ -435,53 +785,80 @@ impl Partition {
             accepted.push(Ok(messages.len() as u32));
             for m in messages {
                 let ttl = if m.ttl_ms > 0 { m.ttl_ms } else { default_ttl };
-                batch.push(Message {
-                    key: &m.key,
-                    headers,
-                    payload: &m.payload,
-                    timestamp_ms: now,
+                batch.push(Pending {
+                    key: m.key.clone(),
+                    headers: headers.clone(),
+                    payload: m.payload.clone(),
                     not_before_ms: if m.delay_ms > 0 { now + m.delay_ms } else { 0 },
                     expires_ms: if ttl > 0 { now + ttl } else { 0 },
                 });
+            }
+        }
+        let produced_count = batch.len();
+        // The turn's new groups and settlements, as control records.
+        for name in std::mem::take(&mut self.new_groups) {
+            batch.push(control(Control::Group { name }));
+        }
+        for (name, g) in self.groups.iter_mut() {
+            if g.settled.is_empty() {
+                continue;
+            }
+            let floor = g
+                .delivery
+                .as_ref()
+                .map_or(g.acks.floor(), |d| d.low_water())
+                .max(g.acks.floor());
+            g.acks.raise_to(floor);
+            batch.push(control(Control::Settle {
+                group: name.clone(),
+                floor,
+                entries: std::mem::take(&mut g.settled),
+            }));
+        }
+        // Settlements are durable here before they are confirmed anywhere.
+        let mut acks_result = Ok(());
+        for g in self.groups.values_mut() {
+            if let Err(e) = g.acks.flush() {
+                acks_result = Err(io_error(e));
             }
         }
         let started = Instant::now();
         let result = if batch.is_empty() {
             Ok(self.log.end_offset())
         } else {
-            self.log.append(&batch).map_err(io_error)
+            let msgs: Vec<Message<'_>> = batch
+                .iter()
+                .map(|p| Message {
+                    key: &p.key,
+                    headers: &p.headers,
+                    payload: &p.payload,
+                    timestamp_ms: now,
+                    not_before_ms: p.not_before_ms,
+                    expires_ms: p.expires_ms,
+                })
+                .collect();
+            self.log.append(&msgs).map_err(io_error)
         };
         if !batch.is_empty() && self.config.fsync_every_batch {
             self.metrics
                 .fsync_seconds
                 .observe(started.elapsed().as_secs_f64());
         }
+        let since = Instant::now();
         match result {
             Ok(first) => {
-                // Every group sees the new messages; the cache keeps them for delivery.
-                let mut offset = first;
-                let mut meta = batch.iter();
-                for (messages, headers, _) in &produced {
-                    for m in messages {
-                        let Some(b) = meta.next() else { break };
-                        for g in self.groups.values_mut() {
-                            let _ = g.delivery.append(Entry {
-                                offset,
-                                key: m.key.clone(),
-                                not_before_ms: b.not_before_ms,
-                                expires_ms: b.expires_ms,
-                            });
-                        }
-                        let c = Cached {
-                            timestamp_ms: now,
-                            key: m.key.clone(),
-                            headers: headers.clone(),
-                            payload: m.payload.clone(),
-                        };
-                        self.cache_bytes += c.size();
-                        self.cache.insert(offset, c);
-                        offset += 1;
-                    }
+                let end = first + batch.len() as u64;
+                for (i, p) in batch.into_iter().enumerate() {
+                    let c = Cached {
+                        timestamp_ms: now,
+                        not_before_ms: p.not_before_ms,
+                        expires_ms: p.expires_ms,
+                        key: p.key,
+                        headers: p.headers,
+                        payload: p.payload,
+                    };
+                    self.cache_bytes += c.size();
+                    self.cache.insert(first + i as u64, c);
                 }
                 while self.cache_bytes > CACHE_BYTES_MAX {
                     let Some((_, r)) = self.cache.pop_first() else {
@@ -489,19 +866,162 @@ impl Partition {
                     };
                     self.cache_bytes -= r.size();
                 }
-                self.metrics.produced.inc_by(batch.len() as u64);
+                self.metrics.produced.inc_by(produced_count as u64);
                 let mut next = first;
                 for ((_, _, reply), a) in produced.into_iter().zip(accepted) {
-                    let _ = reply.send(a.map(|n| {
-                        let r = (next, n);
-                        next += u64::from(n);
-                        r
-                    }));
+                    match a {
+                        Ok(count) => {
+                            self.unconfirmed.push_back(Unconfirmed {
+                                end: next + u64::from(count),
+                                since,
+                                confirm: Confirm::Produce {
+                                    reply,
+                                    first: next,
+                                    count,
+                                },
+                            });
+                            next += u64::from(count);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
                 }
+                for (reply, needs_record) in settles {
+                    match (&acks_result, needs_record) {
+                        (Err(e), _) => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        (Ok(()), false) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        (Ok(()), true) => self.unconfirmed.push_back(Unconfirmed {
+                            end,
+                            since,
+                            confirm: Confirm::Settle(reply),
+                        }),
+                    }
+                }
+                self.recompute_hw();
             }
             Err(e) => {
                 for ((_, _, reply), a) in produced.into_iter().zip(accepted) {
                     let _ = reply.send(a.and(Err(e.clone())));
+                }
+                for (reply, _) in settles {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Leader: the high-water mark from what the replicas hold.
+    fn recompute_hw(&mut self) {
+        if !matches!(self.role, Role::Leader(_)) {
+            return;
+        }
+        let end = self.log.end_offset();
+        let mut m = vec![end];
+        let mut slowest = end;
+        for p in &self.peers {
+            let v = self.matches.get(p).copied().unwrap_or(0);
+            slowest = slowest.min(v);
+            m.push(v);
+        }
+        self.metrics.replica_lag.set((end - slowest) as i64);
+        let hw = replica::high_water(&m, self.replicas());
+        // Nothing counts as confirmed until a majority holds this epoch's first record.
+        if hw > self.epoch_start && hw > self.hw {
+            self.hw = hw;
+        }
+    }
+
+    /// Answers what the high-water mark now covers; refuses what waited too long.
+    fn confirm(&mut self) {
+        while let Some(u) = self.unconfirmed.front() {
+            let timed_out = u.since.elapsed() >= CONFIRM_TIMEOUT;
+            if u.end > self.hw && !timed_out {
+                break;
+            }
+            let u = self.unconfirmed.pop_front().expect("front");
+            if u.end <= self.hw {
+                match u.confirm {
+                    Confirm::Produce {
+                        reply,
+                        first,
+                        count,
+                    } => {
+                        let _ = reply.send(Ok((first, count)));
+                    }
+                    Confirm::Settle(reply) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            } else {
+                self.metrics.unconfirmed.inc();
+                let e = MqError::Unavailable(format!(
+                    "a majority of {}'s {} replicas did not confirm within {:?}",
+                    self.port(),
+                    self.replicas(),
+                    CONFIRM_TIMEOUT
+                ));
+                match u.confirm {
+                    Confirm::Produce { reply, .. } => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Confirm::Settle(reply) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leader: hands newly confirmed messages to the delivery groups.
+    fn advance(&mut self) {
+        let upto = self.hw.min(self.delivered_upto + ADVANCE_MAX);
+        while self.delivered_upto < upto {
+            let at = self.delivered_upto;
+            // From memory while the records there run on, else from the log.
+            let mut recs: Vec<(u64, Cached)> = Vec::new();
+            for (&o, c) in self.cache.range(at..upto) {
+                if o != at + recs.len() as u64 {
+                    break;
+                }
+                recs.push((o, c.clone()));
+            }
+            if recs.is_empty() {
+                match self.log.read(at, FETCH_BYTES) {
+                    Ok(v) => recs.extend(
+                        v.into_iter()
+                            .filter(|r| r.offset < upto)
+                            .map(|r| (r.offset, r.into())),
+                    ),
+                    Err(e) => {
+                        tracing::error!(queue = %self.queue, partition = self.index, offset = at, error = %e, "cannot read confirmed messages");
+                        return;
+                    }
+                }
+            }
+            if recs.is_empty() {
+                return;
+            }
+            for (offset, c) in recs {
+                self.delivered_upto = offset + 1;
+                if c.is_control() {
+                    continue;
+                }
+                for g in self.groups.values_mut() {
+                    if let Some(d) = g.delivery.as_mut() {
+                        if !g.acks.is_settled(offset) {
+                            let _ = d.append(Entry {
+                                offset,
+                                key: c.key.clone(),
+                                not_before_ms: c.not_before_ms,
+                                expires_ms: c.expires_ms,
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -514,12 +1034,30 @@ impl Partition {
         credit: u32,
         sink: Sink,
     ) -> Result<(), MqError> {
-        if !self.groups.contains_key(group) {
-            self.load_group(group).map_err(io_error)?;
+        if self.consumer_group.contains_key(&consumer) {
+            return Err(MqError::BadRequest(format!(
+                "consumer {consumer} is already subscribed"
+            )));
         }
-        let g = self.groups.get_mut(group).expect("loaded");
-        g.delivery.join(consumer, credit).map_err(delivery_error)?;
-        g.consumers.insert(consumer, sink);
+        if !self.groups.contains_key(group) {
+            self.open_group(group).map_err(io_error)?;
+            self.new_groups.push(group.to_string());
+        }
+        if matches!(self.role, Role::Leader(_)) && self.groups[group].delivery.is_none() {
+            self.start_delivery(group).map_err(io_error)?;
+        }
+        let g = self.groups.get_mut(group).expect("opened");
+        if let Some(d) = g.delivery.as_mut() {
+            d.join(consumer, credit).map_err(delivery_error)?;
+        } else {
+            let cfg = delivery_config(&self.config);
+            if credit > cfg.credit_max {
+                return Err(MqError::Limit(format!(
+                    "credit {credit} is above the limit"
+                )));
+            }
+        }
+        g.consumers.insert(consumer, (credit, sink));
         self.consumer_group.insert(consumer, group.to_string());
         Ok(())
     }
@@ -528,8 +1066,9 @@ impl Partition {
         &mut self,
         consumer: u64,
         settlements: Vec<Settlement>,
-        reply: oneshot::Sender<Result<(), MqError>>,
+        reply: Done,
         now: u64,
+        settles: &mut Vec<(Done, bool)>,
     ) {
         let Some(name) = self.consumer_group.get(&consumer).cloned() else {
             let _ = reply.send(Err(MqError::UnknownConsumer(consumer)));
@@ -539,22 +1078,29 @@ impl Partition {
             .groups
             .get_mut(&name)
             .expect("a consumer's group exists");
+        let Some(d) = g.delivery.as_mut() else {
+            let _ = reply.send(Err(MqError::NotLeader(format!(
+                "mq/{}/{}",
+                self.queue, self.index
+            ))));
+            return;
+        };
         let mut first_error = None;
         let mut dead = Vec::new();
+        let mut recorded = false;
         for s in settlements {
             let r = match s.how {
-                How::Ack => g.delivery.ack(consumer, s.offset).map(|()| {
+                How::Ack => d.ack(consumer, s.offset).map(|()| {
                     g.acks.settle(s.offset, ACKED);
+                    g.settled.push((s.offset, ACKED));
+                    recorded = true;
                     self.metrics.acked.inc();
                 }),
-                How::Nack => g
-                    .delivery
-                    .nack(consumer, s.offset, s.delay_ms, now)
-                    .map(|()| {
-                        self.metrics.nacked.inc();
-                    }),
-                How::Reject => g.delivery.reject(consumer, s.offset).map(|e| dead.push(e)),
-                How::Progress => g.delivery.in_progress(consumer, s.offset, now),
+                How::Nack => d.nack(consumer, s.offset, s.delay_ms, now).map(|()| {
+                    self.metrics.nacked.inc();
+                }),
+                How::Reject => d.reject(consumer, s.offset).map(|e| dead.push(e)),
+                How::Progress => d.in_progress(consumer, s.offset, now),
             };
             if let Err(e) = r {
                 first_error.get_or_insert(delivery_error(e));
@@ -565,11 +1111,382 @@ impl Partition {
             Some(e) => {
                 let _ = reply.send(Err(e));
             }
-            None => g.waiting.push(reply),
+            None => settles.push((reply, recorded)),
         }
         for e in dead {
             if let Effect::DeadLetter { offset, reason } = e {
                 self.dead_letter(&name, offset, reason);
+            }
+        }
+    }
+
+    // ---- replication
+
+    /// A replica's fetch (at the leader), or a new leader catching up (anywhere).
+    fn fetch(
+        &mut self,
+        replica: String,
+        token: u64,
+        offset: u64,
+        hw: u64,
+        epochs: Vec<(u64, u64)>,
+        reply: FetchReply,
+    ) {
+        let end = self.log.end_offset();
+        let agree = replica::agreement(&epochs, offset, &self.epochs.list, end);
+        match self.role {
+            Role::Leader(t) if t == token => {
+                if self.peers.contains(&replica) {
+                    self.matches.insert(replica, agree);
+                    self.recompute_hw();
+                }
+                if agree == offset && offset == end && hw >= self.hw {
+                    self.parked.push(Parked {
+                        offset,
+                        hw,
+                        token,
+                        until: Instant::now() + FETCH_WAIT,
+                        reply,
+                    });
+                } else {
+                    let _ = reply.send(Ok(self.fetched(token, true, offset, agree)));
+                }
+            }
+            _ if token >= self.epochs.promised && token > 0 => {
+                // A candidate catching up from this replica's log.
+                let promised = self.epochs.promised;
+                let _ = reply.send(Ok(self.fetched(promised, false, offset, agree)));
+            }
+            _ => {
+                let _ = reply.send(Err(MqError::Fenced(format!(
+                    "token {token} is below {} this replica follows",
+                    self.epochs.promised
+                ))));
+            }
+        }
+    }
+
+    /// An answer to a fetch from `offset`, with records only if the fetcher's log
+    /// agrees with this one up to `offset`.
+    fn fetched(&mut self, token: u64, leader: bool, offset: u64, agree: u64) -> FetchedData {
+        let mut records = Vec::new();
+        let end = self.log.end_offset();
+        if agree == offset && offset < end {
+            let mut bytes = 0;
+            let mut at = offset;
+            while at < end && bytes < REPLICA_FETCH_BYTES {
+                if let Some(c) = self.cache.get(&at) {
+                    bytes += c.size();
+                    records.push(c.replicated(at));
+                    at += 1;
+                    continue;
+                }
+                match self.log.read(at, REPLICA_FETCH_BYTES - bytes) {
+                    Ok(v) if !v.is_empty() => {
+                        for r in v {
+                            if self.cache.contains_key(&r.offset) {
+                                break;
+                            }
+                            at = r.offset + 1;
+                            let c: Cached = r.into();
+                            bytes += c.size();
+                            records.push(c.replicated(at - 1));
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(queue = %self.queue, partition = self.index, offset = at, error = %e, "cannot read records for a replica");
+                        break;
+                    }
+                }
+            }
+        }
+        FetchedData {
+            token,
+            leader,
+            hw: self.hw,
+            end,
+            epochs: self.epochs.list.clone(),
+            records,
+        }
+    }
+
+    /// Answers held fetches that now have something (or every one, when `all`).
+    fn answer_parked(&mut self, all: bool) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let end = self.log.end_offset();
+        let now = Instant::now();
+        let leading = self.role;
+        let parked = std::mem::take(&mut self.parked);
+        for p in parked {
+            let still = matches!(leading, Role::Leader(t) if t == p.token);
+            if all || !still || p.offset < end || self.hw > p.hw || now >= p.until {
+                let answer = if still {
+                    Ok(self.fetched(p.token, true, p.offset, p.offset))
+                } else {
+                    Err(MqError::NotLeader(self.port()))
+                };
+                let _ = p.reply.send(answer);
+            } else {
+                self.parked.push(p);
+            }
+        }
+    }
+
+    /// Fences this replica at `token` (refusing lower ones from now on) and says what
+    /// its log holds; `candidate`: this broker owns the port with it.
+    fn survey(&mut self, token: u64, candidate: bool) -> Result<replica::Survey, MqError> {
+        if token < self.epochs.promised || token == 0 {
+            return Err(MqError::Fenced(format!(
+                "token {token} is below {} this replica follows",
+                self.epochs.promised
+            )));
+        }
+        if token > self.epochs.promised {
+            self.epochs.promised = token;
+            self.epochs
+                .save(&self.dir.join("epochs"))
+                .map_err(io_error)?;
+        }
+        match self.role {
+            Role::Leader(t) | Role::Candidate(t) if t != token => {
+                self.demote("a newer leader fenced this replica")
+            }
+            _ => {}
+        }
+        if candidate {
+            self.role = Role::Candidate(token);
+        }
+        Ok(replica::Survey {
+            end: self.log.end_offset(),
+            epochs: self.epochs.list.clone(),
+        })
+    }
+
+    /// Takes records fetched from the leader (or from the best replica while catching
+    /// up): cuts what disagrees with it, appends the rest.
+    fn apply(
+        &mut self,
+        f: FetchedData,
+        token: u64,
+        catching_up: bool,
+    ) -> Result<ReplicaState, MqError> {
+        if catching_up {
+            if self.role != Role::Candidate(token) || f.token > token {
+                return Err(MqError::Fenced(
+                    "no longer a candidate with this token".into(),
+                ));
+            }
+        } else {
+            if self.role != Role::Follower {
+                return Err(MqError::BadRequest("leading: not following".into()));
+            }
+            if !f.leader || f.token != token || f.token < self.epochs.promised {
+                return Err(MqError::Fenced(format!(
+                    "the answer's token {} is not the leader's this replica follows ({})",
+                    f.token, self.epochs.promised
+                )));
+            }
+            if f.token > self.epochs.promised {
+                self.epochs.promised = f.token;
+                self.epochs
+                    .save(&self.dir.join("epochs"))
+                    .map_err(io_error)?;
+            }
+        }
+        let end = self.log.end_offset();
+        let agree = replica::agreement(&self.epochs.list, end, &f.epochs, f.end);
+        if agree < end {
+            if agree < self.hw {
+                tracing::error!(queue = %self.queue, partition = self.index, agree, hw = self.hw, "a leader disagrees with confirmed records");
+            }
+            if agree < self.log.start_offset() {
+                return Err(MqError::Io(format!(
+                    "the leader disagrees below this replica's first record ({agree})"
+                )));
+            }
+            self.log.truncate(agree).map_err(io_error)?;
+            self.epochs.truncate(agree);
+            self.epochs
+                .save(&self.dir.join("epochs"))
+                .map_err(io_error)?;
+            self.metrics.truncated.inc_by(end - agree);
+            let gone = self.cache.split_off(&agree);
+            for c in gone.values() {
+                self.cache_bytes -= c.size();
+            }
+            tracing::warn!(queue = %self.queue, partition = self.index, from = agree, records = end - agree, "cut records the leader does not have");
+        }
+        let end = self.log.end_offset();
+        let records: Vec<&Replicated> = f.records.iter().filter(|r| r.offset >= end).collect();
+        if let Some(first) = records.first() {
+            if first.offset != end || records.windows(2).any(|w| w[1].offset != w[0].offset + 1) {
+                return Err(MqError::BadRequest(format!(
+                    "records from {} do not follow this replica's end {end}",
+                    first.offset
+                )));
+            }
+            let new_end = end + records.len() as u64;
+            let before = self.epochs.list.clone();
+            self.epochs.follow(&f.epochs, new_end);
+            if self.epochs.list != before {
+                self.epochs
+                    .save(&self.dir.join("epochs"))
+                    .map_err(io_error)?;
+            }
+            let msgs: Vec<Message<'_>> = records
+                .iter()
+                .map(|r| Message {
+                    key: &r.key,
+                    headers: &r.headers,
+                    payload: &r.payload,
+                    timestamp_ms: r.timestamp_ms,
+                    not_before_ms: r.not_before_ms,
+                    expires_ms: r.expires_ms,
+                })
+                .collect();
+            self.log.append(&msgs).map_err(io_error)?;
+            // Control records: the groups' settlements, kept by every replica.
+            for r in &records {
+                if r.headers.as_ref() != CONTROL_HEADERS {
+                    continue;
+                }
+                match Control::decode(&r.payload) {
+                    Some(Control::Group { name }) => {
+                        let _ = self.open_group(&name);
+                    }
+                    Some(Control::Settle {
+                        group,
+                        floor,
+                        entries,
+                    }) => {
+                        if self.open_group(&group).is_ok() {
+                            let g = self.groups.get_mut(&group).expect("opened");
+                            for (o, k) in entries {
+                                g.acks.settle(o, k);
+                            }
+                            g.acks.raise_to(floor);
+                        }
+                    }
+                    Some(Control::Epoch { .. }) => {}
+                    None => {
+                        tracing::warn!(queue = %self.queue, partition = self.index, offset = r.offset, "a control record this broker cannot read")
+                    }
+                }
+            }
+            for g in self.groups.values_mut() {
+                g.acks.flush().map_err(io_error)?;
+            }
+        }
+        let end = self.log.end_offset();
+        self.hw = self.hw.max(f.hw.min(end)).min(end);
+        Ok(self.state())
+    }
+
+    /// The candidate holds every confirmed record: begins its epoch with a record of
+    /// its own, and serves.
+    fn lead(&mut self, token: u64) -> Result<(), MqError> {
+        if self.role != Role::Candidate(token) {
+            return Err(MqError::Fenced(
+                "no longer a candidate with this token".into(),
+            ));
+        }
+        let end = self.log.end_offset();
+        if !self.epochs.begin(token, end) {
+            return Err(MqError::Limit(format!(
+                "the partition's epoch history is full ({} leader changes)",
+                replica::EPOCHS_MAX
+            )));
+        }
+        self.epochs
+            .save(&self.dir.join("epochs"))
+            .map_err(io_error)?;
+        let rec = control(Control::Epoch { token });
+        self.log
+            .append(&[Message {
+                key: &rec.key,
+                headers: &rec.headers,
+                payload: &rec.payload,
+                timestamp_ms: now_ms(),
+                ..Default::default()
+            }])
+            .map_err(io_error)?;
+        self.epoch_start = end;
+        self.role = Role::Leader(token);
+        self.matches.clear();
+        // Confirmed messages are delivered from the lowest unsettled one on.
+        self.delivered_upto = self
+            .groups
+            .values()
+            .map(|g| g.acks.floor())
+            .min()
+            .unwrap_or(end)
+            .max(self.log.start_offset())
+            .min(self.hw);
+        let names: Vec<String> = self.groups.keys().cloned().collect();
+        for name in names {
+            self.start_delivery(&name).map_err(io_error)?;
+        }
+        self.recompute_hw();
+        self.serving.store(true, Ordering::Release);
+        self.metrics.elections.inc();
+        tracing::info!(queue = %self.queue, partition = self.index, token, end, "leading");
+        Ok(())
+    }
+
+    /// Stops leading: what waits for confirmation is refused (produce again:
+    /// at-least-once), deliveries in flight come again from the next leader.
+    fn demote(&mut self, why: &str) {
+        if self.role == Role::Follower {
+            return;
+        }
+        tracing::warn!(queue = %self.queue, partition = self.index, why, "no longer leading");
+        self.role = Role::Follower;
+        self.serving.store(false, Ordering::Release);
+        for u in self.unconfirmed.drain(..) {
+            let e = MqError::NotLeader(format!("mq/{}/{}", self.queue, self.index));
+            match u.confirm {
+                Confirm::Produce { reply, .. } => {
+                    let _ = reply.send(Err(e));
+                }
+                Confirm::Settle(reply) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        for g in self.groups.values_mut() {
+            g.delivery = None;
+            g.settled.clear();
+        }
+        self.new_groups.clear();
+        self.matches.clear();
+        self.answer_parked(true);
+    }
+
+    /// Deletes segments every group settled (and that a majority holds).
+    fn reclaim(&mut self) {
+        let low = self
+            .groups
+            .values()
+            .map(|g| {
+                g.delivery
+                    .as_ref()
+                    .map_or(g.acks.floor(), |d| d.low_water().max(g.acks.floor()))
+            })
+            .min();
+        if let Some(low) = low {
+            let low = low.min(self.hw);
+            match self.log.reclaim(low) {
+                Ok(n) if n > 0 => {
+                    self.metrics.segments_reclaimed.inc_by(n as u64);
+                    self.epochs.fold_below(self.log.start_offset());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "reclaiming segments failed")
+                }
             }
         }
     }
@@ -579,12 +1496,10 @@ impl Partition {
         self.fetched.clear();
         let names: Vec<String> = self.groups.keys().cloned().collect();
         for name in names {
-            let effects = self
-                .groups
-                .get_mut(&name)
-                .expect("listed")
-                .delivery
-                .poll(now);
+            let Some(d) = self.groups.get_mut(&name).and_then(|g| g.delivery.as_mut()) else {
+                continue;
+            };
+            let effects = d.poll(now);
             // Messages no longer in memory are read from the log a run at a time.
             let mut missing: Vec<u64> = effects
                 .iter()
@@ -612,8 +1527,7 @@ impl Partition {
                 }
             }
             // Each consumer's deliveries of this turn travel together.
-            let mut out: std::collections::HashMap<u64, Vec<Delivery>> =
-                std::collections::HashMap::new();
+            let mut out: HashMap<u64, Vec<Delivery>> = HashMap::new();
             for e in effects {
                 match e {
                     Effect::Deliver {
@@ -646,15 +1560,16 @@ impl Partition {
             }
             let g = self.groups.get_mut(&name).expect("listed");
             for (consumer, list) in out {
-                if let Some(sink) = g.consumers.get(&consumer) {
+                if let Some((_, sink)) = g.consumers.get(&consumer) {
                     let _ = sink.send(list);
                 }
             }
-            let g = &self.groups[&name];
-            let st = g.delivery.stats();
-            let labels = self.metrics.group(&name);
-            labels.0.set(st.outstanding as i64);
-            labels.1.set(st.in_flight as i64);
+            if let Some(d) = g.delivery.as_ref() {
+                let st = d.stats();
+                let labels = self.metrics.group(&name);
+                labels.0.set(st.outstanding as i64);
+                labels.1.set(st.in_flight as i64);
+            }
         }
     }
 
@@ -683,15 +1598,25 @@ impl Partition {
         let target = if dlq.is_empty() {
             None
         } else {
-            self.catalog.partition_for(&dlq, &[])
+            self.catalog.partition_led_here(&dlq)
         };
         let Some(target) = target else {
             if !dlq.is_empty() {
+                if self.catalog.has_queue(&dlq) {
+                    // The dead-letter queue is led elsewhere: the message stays
+                    // unsettled and is dead-lettered again by the next leader of this
+                    // partition that also leads a partition of the dead-letter queue.
+                    tracing::warn!(queue = %self.queue, dlq = %dlq, offset, "no partition of the dead-letter queue is led by this broker: the dead letter waits");
+                    return;
+                }
                 tracing::warn!(queue = %self.queue, dlq = %dlq, offset, "the dead-letter queue does not exist: the message is dropped");
                 self.metrics.dead_letter_dropped.inc();
             }
             if let Some(g) = self.groups.get_mut(group) {
-                g.acks.settle(offset, DEAD);
+                if !g.acks.is_settled(offset) {
+                    g.acks.settle(offset, DEAD);
+                    g.settled.push((offset, DEAD));
+                }
             }
             return;
         };
@@ -728,7 +1653,7 @@ impl Partition {
                         let _ = me.send(Cmd::DeadConfirmed { group, offset }).await;
                     }
                 }
-                // Not settled: after a restart the message is dead-lettered again.
+                // Not settled: the next leader dead-letters the message again.
                 (_, other) => {
                     tracing::warn!(offset, result = ?other.map(|r| r.map(|_| ())), "a dead letter did not reach its queue")
                 }
@@ -738,25 +1663,45 @@ impl Partition {
 
     fn stats(&self) -> Vec<(String, u64)> {
         let p = self.index;
+        let (role, token) = match self.role {
+            Role::Follower => (0, self.epochs.promised),
+            Role::Candidate(t) => (1, t),
+            Role::Leader(t) => (2, t),
+        };
         let mut v = vec![
             (format!("p{p}.start_offset"), self.log.start_offset()),
             (format!("p{p}.end_offset"), self.log.end_offset()),
+            (format!("p{p}.high_water"), self.hw),
+            (format!("p{p}.role"), role),
+            (format!("p{p}.token"), token),
+            (format!("p{p}.replicas"), self.replicas() as u64),
             (format!("p{p}.log_bytes"), self.log.bytes()),
             (format!("p{p}.segments"), self.log.segments() as u64),
         ];
         for (name, g) in &self.groups {
-            let st = g.delivery.stats();
+            let Some(d) = g.delivery.as_ref() else {
+                v.push((format!("p{p}.group.{name}.floor"), g.acks.floor()));
+                continue;
+            };
+            let st = d.stats();
             v.push((format!("p{p}.group.{name}.depth"), st.outstanding as u64));
             v.push((format!("p{p}.group.{name}.ready"), st.ready as u64));
             v.push((format!("p{p}.group.{name}.delayed"), st.delayed as u64));
             v.push((format!("p{p}.group.{name}.in_flight"), st.in_flight as u64));
             v.push((format!("p{p}.group.{name}.consumers"), st.consumers as u64));
-            v.push((
-                format!("p{p}.group.{name}.low_water"),
-                g.delivery.low_water(),
-            ));
+            v.push((format!("p{p}.group.{name}.low_water"), d.low_water()));
         }
         v
+    }
+}
+
+fn control(c: Control) -> Pending {
+    Pending {
+        key: Bytes::new(),
+        headers: Bytes::from_static(CONTROL_HEADERS),
+        payload: Bytes::from(c.encode()),
+        not_before_ms: 0,
+        expires_ms: 0,
     }
 }
 
@@ -768,5 +1713,28 @@ fn delivery_error(e: DeliveryError) -> MqError {
             MqError::BadRequest(format!("consumer {c} is already subscribed"))
         }
         other => MqError::Limit(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_records_round_trip_and_garbage_is_none() {
+        for c in [
+            Control::Epoch { token: 7 << 32 | 3 },
+            Control::Group { name: "g".into() },
+            Control::Settle {
+                group: "workers".into(),
+                floor: 10,
+                entries: vec![(11, ACKED), (14, DEAD)],
+            },
+        ] {
+            assert_eq!(Control::decode(&c.encode()), Some(c));
+        }
+        assert_eq!(Control::decode(&[]), None);
+        assert_eq!(Control::decode(&[3, 0, 1, b'g', 0, 0]), None);
+        assert_eq!(Control::decode(&[9]), None);
     }
 }

@@ -1,0 +1,430 @@
+//! The network side of replication, one pair of tasks per partition:
+//!
+//! - **campaign**: queue for the partition's port `mq/<queue>/<partition>` in the port
+//!   switch; once granted (with a fencing token), fence a majority of the replicas
+//!   (SURVEY), catch up from the most up-to-date log among them, then lead until the
+//!   port is lost. The rules are in [`crate::replica`]; the argument in docs/MQ.md.
+//! - **follow**: while not leading, fetch the leader's log (the port's owner's address
+//!   is the port's value) and hand what comes to the partition actor.
+//!
+//! Brokers reach each other through the same protocol clients use
+//! ([`crate::client::MqClient`]), one connection per peer broker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::partition::{Cmd, FetchedData, ReplicaState, Role};
+use super::{Catalog, MqError};
+use crate::client::{ClientError, MqClient};
+use crate::proto::{Code, Reply, Request};
+use crate::replica::{self, Survey};
+
+/// A peer broker's answer must come within this (a fetch waits longer: the leader
+/// holds it while it has nothing new).
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between tries when a peer or the port switch does not answer.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// One connection per peer broker address, made when first needed.
+#[derive(Default)]
+pub struct Peers {
+    clients: Mutex<HashMap<String, MqClient>>,
+}
+
+impl Peers {
+    pub async fn get(&self, addr: &str) -> Result<MqClient, ClientError> {
+        if let Some(c) = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+        {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let c = tokio::time::timeout(PEER_TIMEOUT, MqClient::connect(addr))
+            .await
+            .map_err(|_| ClientError::Connect {
+                addr: addr.to_string(),
+                why: "timed out".into(),
+            })??;
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    pub async fn call(
+        &self,
+        addr: &str,
+        req: Request,
+        wait: Duration,
+    ) -> Result<Reply, ClientError> {
+        let c = self.get(addr).await?;
+        match tokio::time::timeout(wait, c.call(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Connect {
+                addr: addr.to_string(),
+                why: "no answer in time".into(),
+            }),
+        }
+    }
+}
+
+/// What the tasks of one partition need.
+#[derive(Clone)]
+pub struct Ctx {
+    pub catalog: Arc<Catalog>,
+    pub queue: String,
+    pub index: u16,
+    pub tx: mpsc::Sender<Cmd>,
+    /// The partition's other replicas, by broker name.
+    pub peers: Vec<String>,
+}
+
+impl Ctx {
+    fn port(&self) -> String {
+        format!("mq/{}/{}", self.queue, self.index)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn state(&self) -> Option<ReplicaState> {
+        self.ask(|reply| Cmd::State { reply }).await
+    }
+}
+
+/// Starts the partition's campaign and follow tasks.
+pub fn start(ctx: Ctx) -> Vec<tokio::task::JoinHandle<()>> {
+    vec![
+        tokio::spawn(campaign(ctx.clone())),
+        tokio::spawn(follow(ctx)),
+    ]
+}
+
+async fn campaign(ctx: Ctx) {
+    let Some(switch) = ctx.catalog.switch.clone() else {
+        return;
+    };
+    let port = ctx.port();
+    let mut events = switch.events();
+    loop {
+        if ctx.tx.is_closed() {
+            return;
+        }
+        // Owned with no address while surveying and catching up: clients and replicas
+        // wait for the address, which is set once this broker serves.
+        let token = match switch.register_wait(port.as_str(), b"").await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(port, error = %e, "cannot queue for the partition's port");
+                tokio::time::sleep(RETRY * 5).await;
+                continue;
+            }
+        };
+        match become_leader(&ctx, token).await {
+            Ok(()) => {
+                if let Err(e) = switch
+                    .register(port.as_str(), ctx.catalog.addr.as_bytes())
+                    .await
+                {
+                    tracing::warn!(port, error = %e, "cannot publish this leader's address");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(port, token, error = %e, "did not become leader: giving the port back");
+                let _ = ctx.tx.send(Cmd::Demote { token }).await;
+                let _ = switch.unregister(port.as_str()).await;
+                tokio::time::sleep(RETRY * 2 + Duration::from_millis(fastrand_ms())).await;
+                continue;
+            }
+        }
+        // Lead until the port is lost.
+        loop {
+            match events.recv().await {
+                Ok(portswitch_client::Event::PortLost { port: p, .. })
+                    if p.as_ref() == port.as_bytes() =>
+                {
+                    break
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Events were lost: ask whether the port is still ours.
+                    match switch.query(port.as_str()).await {
+                        Ok(Some(o)) if o.token == token => {}
+                        _ => break,
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    let _ = ctx.tx.send(Cmd::Demote { token }).await;
+                    return;
+                }
+            }
+            if ctx.tx.is_closed() {
+                return;
+            }
+        }
+        tracing::warn!(port, token, "lost the partition's port");
+        let _ = ctx.tx.send(Cmd::Demote { token }).await;
+    }
+}
+
+/// A little jitter so that brokers that gave a port back do not queue in lockstep.
+fn fastrand_ms() -> u64 {
+    u64::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            % 200,
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LeadError {
+    #[error("{0}")]
+    Refused(MqError),
+    #[error("the partition is gone")]
+    Gone,
+    #[error("a replica follows a newer leader: {0}")]
+    Fenced(String),
+    #[error("lost candidacy while surveying")]
+    NotCandidate,
+}
+
+/// Fences a majority at `token`, adopts the most up-to-date log among them, leads.
+async fn become_leader(ctx: &Ctx, token: u64) -> Result<(), LeadError> {
+    let mine = ctx
+        .ask(|reply| Cmd::Promise { token, reply })
+        .await
+        .ok_or(LeadError::Gone)?
+        .map_err(LeadError::Refused)?;
+    let me = ctx.catalog.me.clone();
+    let replicas = ctx.peers.len() + 1;
+    let majority = replicas / 2 + 1;
+    let mut surveys: Vec<(String, Survey)> = vec![(me.clone(), mine)];
+    while surveys.len() < majority {
+        let asked: Vec<String> = ctx
+            .peers
+            .iter()
+            .filter(|p| !surveys.iter().any(|(n, _)| n == *p))
+            .cloned()
+            .collect();
+        // Every peer at once.
+        let asking: Vec<_> = asked
+            .iter()
+            .map(|peer| {
+                let (ctx, peer) = (ctx.clone(), peer.clone());
+                tokio::spawn(async move { survey_peer(&ctx, &peer, token).await })
+            })
+            .collect();
+        for (peer, answer) in asked.into_iter().zip(asking) {
+            let answer = answer
+                .await
+                .unwrap_or_else(|e| Err(PeerError::Unreachable(e.to_string())));
+            match answer {
+                Ok(s) => surveys.push((peer, s)),
+                Err(PeerError::Fenced(why)) => return Err(LeadError::Fenced(why)),
+                Err(PeerError::Unreachable(why)) => {
+                    tracing::debug!(peer, why, "replica did not answer the survey")
+                }
+            }
+        }
+        if surveys.len() < majority {
+            match ctx.state().await {
+                Some(s) if s.role == Role::Candidate(token) => {}
+                Some(_) => return Err(LeadError::NotCandidate),
+                None => return Err(LeadError::Gone),
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+    let list: Vec<Survey> = surveys.iter().map(|(_, s)| s.clone()).collect();
+    let b = replica::best(&list).expect("a majority answered");
+    let (best_name, best) = surveys[b].clone();
+    if best_name != me {
+        catch_up(ctx, token, &best_name, &best).await?;
+    }
+    ctx.ask(|reply| Cmd::Lead { token, reply })
+        .await
+        .ok_or(LeadError::Gone)?
+        .map_err(LeadError::Refused)
+}
+
+enum PeerError {
+    Fenced(String),
+    Unreachable(String),
+}
+
+async fn peer_addr(ctx: &Ctx, peer: &str) -> Result<String, PeerError> {
+    ctx.catalog
+        .broker_addr(peer)
+        .await
+        .map_err(PeerError::Unreachable)
+}
+
+async fn survey_peer(ctx: &Ctx, peer: &str, token: u64) -> Result<Survey, PeerError> {
+    let addr = peer_addr(ctx, peer).await?;
+    let req = Request::Survey {
+        queue: ctx.queue.clone(),
+        partition: ctx.index,
+        token,
+    };
+    match ctx.catalog.peers.call(&addr, req, PEER_TIMEOUT).await {
+        Ok(Reply::Surveyed { end, epochs }) => Ok(Survey { end, epochs }),
+        Ok(other) => Err(PeerError::Unreachable(format!("answered {other:?}"))),
+        Err(ClientError::Server {
+            code: Code::Fenced,
+            message,
+        }) => Err(PeerError::Fenced(message)),
+        Err(e) => Err(PeerError::Unreachable(e.to_string())),
+    }
+}
+
+/// Fetches from the best replica until this log holds what it holds.
+async fn catch_up(ctx: &Ctx, token: u64, peer: &str, best: &Survey) -> Result<(), LeadError> {
+    loop {
+        let st = ctx.state().await.ok_or(LeadError::Gone)?;
+        if st.role != Role::Candidate(token) {
+            return Err(LeadError::NotCandidate);
+        }
+        if st.end >= best.end
+            && replica::agreement(&st.epochs, st.end, &best.epochs, best.end) == best.end
+        {
+            return Ok(());
+        }
+        let addr = match peer_addr(ctx, peer).await {
+            Ok(a) => a,
+            Err(_) => {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        let req = Request::Fetch {
+            queue: ctx.queue.clone(),
+            partition: ctx.index,
+            replica: ctx.catalog.me.clone(),
+            token,
+            offset: st.end,
+            hw: st.hw,
+            epochs: st.epochs,
+        };
+        match ctx.catalog.peers.call(&addr, req, PEER_TIMEOUT).await {
+            Ok(reply) => {
+                let Some(fetched) = fetched(reply) else {
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                };
+                ctx.ask(|reply| Cmd::Apply {
+                    fetched,
+                    token,
+                    catching_up: true,
+                    reply,
+                })
+                .await
+                .ok_or(LeadError::Gone)?
+                .map_err(LeadError::Refused)?;
+            }
+            Err(ClientError::Server {
+                code: Code::Fenced,
+                message,
+            }) => return Err(LeadError::Fenced(message)),
+            Err(_) => tokio::time::sleep(RETRY).await,
+        }
+    }
+}
+
+fn fetched(reply: Reply) -> Option<FetchedData> {
+    match reply {
+        Reply::Fetched {
+            token,
+            leader,
+            hw,
+            end,
+            epochs,
+            records,
+        } => Some(FetchedData {
+            token,
+            leader,
+            hw,
+            end,
+            epochs,
+            records,
+        }),
+        _ => None,
+    }
+}
+
+/// While not leading: fetch from the port's owner.
+async fn follow(ctx: Ctx) {
+    let Some(switch) = ctx.catalog.switch.clone() else {
+        return;
+    };
+    let port = ctx.port();
+    loop {
+        let Some(mut st) = ctx.state().await else {
+            return;
+        };
+        if st.role != Role::Follower || ctx.peers.is_empty() {
+            tokio::time::sleep(RETRY).await;
+            continue;
+        }
+        let owner = match switch.query(port.as_str()).await {
+            Ok(Some(o)) => o,
+            _ => {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        let addr = String::from_utf8_lossy(&owner.value).into_owned();
+        if addr.is_empty() || addr == ctx.catalog.addr {
+            tokio::time::sleep(RETRY).await;
+            continue;
+        }
+        loop {
+            let req = Request::Fetch {
+                queue: ctx.queue.clone(),
+                partition: ctx.index,
+                replica: ctx.catalog.me.clone(),
+                token: owner.token,
+                offset: st.end,
+                hw: st.hw,
+                epochs: st.epochs.clone(),
+            };
+            let reply = ctx
+                .catalog
+                .peers
+                .call(&addr, req, PEER_TIMEOUT + super::partition::CONFIRM_TIMEOUT)
+                .await;
+            let Some(fetched) = reply.ok().and_then(fetched) else {
+                tokio::time::sleep(RETRY).await;
+                break;
+            };
+            match ctx
+                .ask(|reply| Cmd::Apply {
+                    fetched,
+                    token: owner.token,
+                    catching_up: false,
+                    reply,
+                })
+                .await
+            {
+                Some(Ok(s)) => st = s,
+                Some(Err(e)) => {
+                    tracing::debug!(port, error = %e, "fetched records not taken");
+                    tokio::time::sleep(RETRY).await;
+                    break;
+                }
+                None => return,
+            }
+        }
+    }
+}
