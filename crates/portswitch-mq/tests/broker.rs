@@ -522,3 +522,88 @@ async fn a_group_replicates_each_partition_and_a_survivor_serves_every_confirmed
         b.stop().await;
     }
 }
+
+/// Which brokers (by address) lead each of `queue`'s `n` partitions, once all do.
+async fn leaders(switch: &str, queue: &str, n: u16) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in 0..n {
+        let port = format!("mq/{queue}/{p}");
+        let mut found = None;
+        for _ in 0..1_000 {
+            if let Ok(a) = portswitch_mq::client::broker_of(switch, &port).await {
+                found = Some(a);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out.push(found.expect("a leader"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_spread_over_the_group_and_go_back_to_their_preferred_broker() {
+    let sw = switch().await;
+    let sw_addr = sw.addr.to_string();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        brokers.push(Some(member(d.path(), &sw_addr, &format!("b{i}")).await));
+    }
+    let cluster = portswitch_mq::cluster::Cluster::connect(&sw_addr)
+        .await
+        .unwrap();
+    cluster
+        .create(
+            "spread",
+            QueueConfig {
+                partitions: 3,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let before = leaders(&sw_addr, "spread", 3).await;
+    let distinct: std::collections::BTreeSet<&String> = before.iter().collect();
+    assert_eq!(distinct.len(), 3, "one partition per broker: {before:?}");
+    // The leader of partition 0 goes: another replica takes it, producers go on.
+    let gone = brokers
+        .iter()
+        .position(|b| b.as_ref().is_some_and(|b| b.addr.to_string() == before[0]))
+        .unwrap();
+    brokers[gone].take().unwrap().stop().await;
+    cluster
+        .produce_to("spread", 0, vec![msg("", "during")])
+        .await
+        .unwrap();
+    let during = leaders(&sw_addr, "spread", 1).await;
+    assert_ne!(during[0], before[0]);
+    // It comes back (same data, same name): once caught up it leads partition 0 again.
+    let back = member(dirs[gone].path(), &sw_addr, &format!("b{gone}")).await;
+    let back_addr = back.addr.to_string();
+    brokers[gone] = Some(back);
+    let mut led = false;
+    for _ in 0..500 {
+        if leaders(&sw_addr, "spread", 1).await[0] == back_addr {
+            led = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(led, "partition 0 did not go back to its preferred broker");
+    cluster
+        .produce_to("spread", 0, vec![msg("", "after")])
+        .await
+        .unwrap();
+    let mut cons = cluster.subscribe("spread", "g", 100).await.unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 2 {
+        let r = within(cons.next()).await.unwrap();
+        got.insert(r.delivery.payload.clone());
+        r.ack().await.unwrap();
+    }
+    assert!(got.contains(b"during".as_slice()) && got.contains(b"after".as_slice()));
+    for b in brokers.into_iter().flatten() {
+        b.stop().await;
+    }
+}

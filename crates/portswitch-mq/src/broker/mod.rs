@@ -316,6 +316,7 @@ impl Catalog {
                 index: i as u16,
                 tx,
                 peers: peers.clone(),
+                preferred: replicas[i % replicas.len()].clone(),
             }));
         }
         let entry = Arc::new(QueueEntry {

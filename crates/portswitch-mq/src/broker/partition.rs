@@ -208,6 +208,8 @@ pub struct ReplicaState {
     pub hw: u64,
     pub epochs: Vec<(u64, u64)>,
     pub promised: u64,
+    /// Leader: how far each replica's log agrees with this one.
+    pub matches: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -622,6 +624,7 @@ impl Partition {
             hw: self.hw,
             epochs: self.epochs.list.clone(),
             promised: self.epochs.promised,
+            matches: self.matches.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         }
     }
 

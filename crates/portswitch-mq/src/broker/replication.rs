@@ -85,6 +85,8 @@ pub struct Ctx {
     pub tx: mpsc::Sender<Cmd>,
     /// The partition's other replicas, by broker name.
     pub peers: Vec<String>,
+    /// The replica that leads while it runs (spreading leaders over the group).
+    pub preferred: String,
 }
 
 impl Ctx {
@@ -111,23 +113,94 @@ pub fn start(ctx: Ctx) -> Vec<tokio::task::JoinHandle<()>> {
     ]
 }
 
+/// Whether an event says `port` lost its owner (or that watched state must be read
+/// again).
+fn released(e: &portswitch_client::Event, port: &str) -> bool {
+    use portswitch_client::Event;
+    match e {
+        Event::Released { port: p, .. } => p.as_ref() == port.as_bytes(),
+        Event::Resync | Event::Recovered => true,
+        _ => false,
+    }
+}
+
+fn claimed(e: &portswitch_client::Event, port: &str) -> bool {
+    use portswitch_client::Event;
+    match e {
+        Event::Claimed { port: p, .. } => p.as_ref() == port.as_bytes(),
+        Event::Resync | Event::Recovered => true,
+        _ => false,
+    }
+}
+
+type Events = tokio::sync::broadcast::Receiver<portswitch_client::Event>;
+
+/// Waits for an event that `pred` accepts; `false` if events end. Lost events count
+/// as accepted (the caller reads the state again).
+async fn wait_event(events: &mut Events, pred: impl Fn(&portswitch_client::Event) -> bool) -> bool {
+    loop {
+        match events.recv().await {
+            Ok(e) if pred(&e) => return true,
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return true,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+        }
+    }
+}
+
 async fn campaign(ctx: Ctx) {
     let Some(switch) = ctx.catalog.switch.clone() else {
         return;
     };
     let port = ctx.port();
+    // Leadership is spread: each partition has a preferred replica, which leads while
+    // it runs. The others queue for the port only while it is down, and one that
+    // leads hands the port back once the preferred replica has caught up.
+    let pref_port = super::broker_port(&ctx.preferred);
+    let preferred = ctx.preferred == ctx.catalog.me;
     let mut events = switch.events();
     loop {
         if ctx.tx.is_closed() {
             return;
         }
+        if !preferred {
+            // Wait until the preferred broker is down.
+            match switch.watch(pref_port.as_str()).await {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    if !wait_event(&mut events, |e| released(e, &pref_port)).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(port, error = %e, "cannot watch the preferred broker");
+                    tokio::time::sleep(RETRY * 5).await;
+                    continue;
+                }
+            }
+        }
         // Owned with no address while surveying and catching up: clients and replicas
         // wait for the address, which is set once this broker serves.
-        let token = match switch.register_wait(port.as_str(), b"").await {
-            Ok(t) => t,
-            Err(e) => {
+        let granted = tokio::select! {
+            r = switch.register_wait(port.as_str(), b"") => Some(r),
+            alive = wait_event(&mut events, |e| claimed(e, &pref_port)), if !preferred => {
+                if !alive {
+                    return;
+                }
+                None
+            }
+        };
+        let token = match granted {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
                 tracing::warn!(port, error = %e, "cannot queue for the partition's port");
                 tokio::time::sleep(RETRY * 5).await;
+                continue;
+            }
+            None => {
+                // The preferred broker is back (or events were lost): leave the queue.
+                let _ = switch.unregister(port.as_str()).await;
                 continue;
             }
         };
@@ -148,34 +221,56 @@ async fn campaign(ctx: Ctx) {
                 continue;
             }
         }
-        // Lead until the port is lost.
+        // Lead until the port is lost, or (not preferred) until the preferred replica
+        // is back and holds everything.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
-            match events.recv().await {
-                Ok(portswitch_client::Event::PortLost { port: p, .. })
-                    if p.as_ref() == port.as_bytes() =>
-                {
-                    break
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Events were lost: ask whether the port is still ours.
-                    match switch.query(port.as_str()).await {
-                        Ok(Some(o)) if o.token == token => {}
-                        _ => break,
+            tokio::select! {
+                e = events.recv() => match e {
+                    Ok(portswitch_client::Event::PortLost { port: p, .. }) if p.as_ref() == port.as_bytes() => break,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Events were lost: ask whether the port is still ours.
+                        match switch.query(port.as_str()).await {
+                            Ok(Some(o)) if o.token == token => {}
+                            _ => break,
+                        }
                     }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    let _ = ctx.tx.send(Cmd::Demote { token }).await;
-                    return;
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        let _ = ctx.tx.send(Cmd::Demote { token }).await;
+                        return;
+                    }
+                },
+                _ = tick.tick(), if !preferred => {
+                    if handover_due(&ctx, &switch, &pref_port).await {
+                        tracing::info!(port, to = %ctx.preferred, "handing the partition back to its preferred replica");
+                        let _ = ctx.tx.send(Cmd::Demote { token }).await;
+                        let _ = switch.unregister(port.as_str()).await;
+                        break;
+                    }
                 }
             }
             if ctx.tx.is_closed() {
                 return;
             }
         }
-        tracing::warn!(port, token, "lost the partition's port");
+        tracing::info!(port, token, "no longer leading the partition");
         let _ = ctx.tx.send(Cmd::Demote { token }).await;
     }
+}
+
+/// Whether the preferred replica runs, is queued for the port and holds everything
+/// this leader has.
+async fn handover_due(ctx: &Ctx, switch: &portswitch_client::Client, pref_port: &str) -> bool {
+    if !matches!(switch.query(pref_port).await, Ok(Some(_))) {
+        return false;
+    }
+    let Some(st) = ctx.state().await else {
+        return false;
+    };
+    st.matches
+        .iter()
+        .any(|(name, m)| *name == ctx.preferred && *m == st.end)
 }
 
 /// A little jitter so that brokers that gave a port back do not queue in lockstep.
