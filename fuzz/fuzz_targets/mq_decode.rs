@@ -1,13 +1,22 @@
 //! The mq broker's and client's decoders: arbitrary bytes as a stream of frames, each
-//! message decoded as a request and as a reply. Nothing may panic; whatever decodes
-//! must survive encode → decode unchanged.
+//! message decoded as a request and as a reply (broker-to-broker FETCH, SURVEY and
+//! PEER_* included), and the whole input as a control record and as an epoch history
+//! file. Nothing may panic; whatever decodes must survive encode → decode unchanged.
 #![no_main]
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
+use portswitch_mq::broker::partition::Control;
 use portswitch_mq::proto::{frame_len, messages, Reply, Request};
+use portswitch_mq::replica::Epochs;
 
 fuzz_target!(|data: &[u8]| {
+    if let Some(c) = Control::decode(data) {
+        assert_eq!(Control::decode(&c.encode()), Some(c));
+    }
+    if let Some(e) = Epochs::decode(data) {
+        assert_eq!(Epochs::decode(&e.encode()), Some(e));
+    }
     let mut rest = Bytes::copy_from_slice(data);
     while let Ok(Some(n)) = frame_len(&rest) {
         let frame = rest.split_to(n);

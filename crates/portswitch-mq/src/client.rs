@@ -525,6 +525,21 @@ pub struct Consumer {
     buffered: std::collections::VecDeque<Delivery>,
 }
 
+/// A consumer that is dropped leaves its group: the broker delivers what it had in
+/// flight to the others at once (rather than after the ack timeout, and rather than
+/// keep handing it messages nobody reads).
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.client
+            .shared
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        let _ = self.client.send(Request::Unsubscribe { consumer: self.id });
+    }
+}
+
 impl Consumer {
     pub fn id(&self) -> u64 {
         self.id

@@ -120,7 +120,7 @@ impl Cluster {
     }
 
     /// Any running broker of the group (for requests any of them answers).
-    async fn any(&self) -> Result<MqClient> {
+    pub async fn any(&self) -> Result<MqClient> {
         let deadline = Instant::now() + RETRY_FOR;
         loop {
             let mut last = None;
@@ -207,7 +207,32 @@ impl Cluster {
         {
             return Ok(n);
         }
-        let n = self.any().await?.partition_count(queue).await?;
+        // Asked of each broker until one holds the queue (a queue lives on its
+        // replicas only).
+        let mut n = None;
+        let mut last = None;
+        for (_, addr) in self.brokers().await? {
+            match self.client(&addr).await {
+                Ok(c) => match c.partition_count(queue).await {
+                    Ok(k) => {
+                        n = Some(k);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+        }
+        let n = match (n, last) {
+            (Some(n), _) => n,
+            (None, Some(e)) => return Err(e),
+            (None, None) => {
+                return Err(ClientError::Connect {
+                    addr: self.inner.switch_addr.clone(),
+                    why: "no broker of the group is running".into(),
+                })
+            }
+        };
         self.inner
             .partitions
             .lock()
@@ -224,8 +249,18 @@ impl Cluster {
         self.any().await?.delete(name).await
     }
 
+    /// The queues of the group: every running broker's, merged (a queue lives on its
+    /// replicas only).
     pub async fn list(&self) -> Result<Vec<(String, QueueConfig)>> {
-        self.any().await?.list().await
+        let mut all = std::collections::BTreeMap::new();
+        for (_, addr) in self.brokers().await? {
+            if let Ok(c) = self.client(&addr).await {
+                for (name, config) in c.list().await? {
+                    all.insert(name, config);
+                }
+            }
+        }
+        Ok(all.into_iter().collect())
     }
 
     /// Produces to one partition through its leader, retrying through failovers for
@@ -322,11 +357,17 @@ impl Cluster {
                                     let Ok(c) = me.client(&addr).await else {
                                         return;
                                     };
-                                    let Ok(mut cons) = c.subscribe(&queue, &group, credit).await
-                                    else {
-                                        return;
+                                    let mut cons = match c.subscribe(&queue, &group, credit).await {
+                                        Ok(cons) => cons,
+                                        // Not a replica of the queue, or going away:
+                                        // asked again a little later.
+                                        Err(_) => {
+                                            tokio::time::sleep(Duration::from_secs(1)).await;
+                                            return;
+                                        }
                                     };
                                     let settler = Settler {
+                                        broker: addr.clone(),
                                         client: c.clone(),
                                         consumer: cons.id(),
                                     };
@@ -368,6 +409,7 @@ impl Drop for AbortOnDrop {
 /// Where a delivery is settled: the consumer on the broker that delivered it.
 #[derive(Clone)]
 struct Settler {
+    broker: String,
     client: MqClient,
     consumer: u64,
 }
@@ -379,7 +421,8 @@ pub struct Received {
 }
 
 impl Received {
-    async fn settle(&self, how: How, delay_ms: u64) -> Result<()> {
+    /// Settles this delivery with the broker that delivered it.
+    pub async fn settle(&self, how: How, delay_ms: u64) -> Result<()> {
         self.settler
             .client
             .call(crate::proto::Request::Settle {
@@ -421,4 +464,39 @@ impl ClusterConsumer {
     pub async fn next(&mut self) -> Option<Received> {
         self.rx.recv().await
     }
+
+    /// A delivery already received, without waiting.
+    pub fn try_next(&mut self) -> Option<Received> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// Acknowledges many deliveries with one request per broker they came from.
+pub async fn ack_all(received: &[Received]) -> Result<()> {
+    let mut by: HashMap<(String, u64), (MqClient, Vec<Settlement>)> = HashMap::new();
+    for r in received {
+        let s = &r.settler;
+        by.entry((s.broker.clone(), s.consumer))
+            .or_insert_with(|| (s.client.clone(), Vec::new()))
+            .1
+            .push(Settlement {
+                partition: r.delivery.partition,
+                offset: r.delivery.offset,
+                how: How::Ack,
+                delay_ms: 0,
+            });
+    }
+    let mut first_error = None;
+    for ((_, consumer), (client, settlements)) in by {
+        let r = client
+            .call(crate::proto::Request::Settle {
+                consumer,
+                settlements,
+            })
+            .await;
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }

@@ -607,3 +607,36 @@ async fn leaders_spread_over_the_group_and_go_back_to_their_preferred_broker() {
         b.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_consumer_leaves_its_group_and_its_messages_go_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.create(
+        "left",
+        QueueConfig {
+            // Long enough that only leaving the group can explain a quick redelivery.
+            ack_timeout_ms: 600_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    c.produce("left", (0..10).map(|i| msg("", &format!("{i}"))).collect())
+        .await
+        .unwrap();
+    let mut first = c.subscribe("left", "g", 10).await.unwrap();
+    let d = within(first.next()).await.unwrap();
+    assert_eq!(d.attempt, 1);
+    // The same connection stays open: only the drop tells the broker.
+    drop(first);
+    let mut second = c.subscribe("left", "g", 10).await.unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 10 {
+        let d = within(second.next()).await.unwrap();
+        got.insert(d.payload.clone());
+        second.ack(&d).await.unwrap();
+    }
+    b.stop().await;
+}

@@ -25,8 +25,8 @@ struct At {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:7480", env = "PORTSWITCH_MQ_ADDR")]
     addr: String,
-    /// Find the broker through this port switch instead (the owner of port
-    /// `mq/<queue>/0`; commands that name a queue).
+    /// Find brokers through this port switch instead: the leader of the partition
+    /// (the owner of port `mq/<queue>/<partition>`), or any broker of the group.
     #[arg(long, env = "PORTSWITCH_MQ_SWITCH")]
     switch: Option<String>,
 }
@@ -220,6 +220,9 @@ struct BenchArgs {
     credit: u32,
     #[arg(long, default_value = "batch", value_parser = ["batch", "interval"])]
     fsync: String,
+    /// Replicas of the bench queue (0: up to 3, as many as the group has).
+    #[arg(long, default_value_t = 0)]
+    replicas: u8,
     /// Produce at most this many messages per second (default: as fast as the broker
     /// takes them); end-to-end latency is measured best below the peak.
     #[arg(long)]
@@ -232,7 +235,7 @@ pub async fn run(args: MqArgs) -> AppResult {
     match args.command {
         MqCommand::Serve(a) => serve(a).await,
         MqCommand::Create(a) => {
-            let c = connect(&a.at).await?;
+            let c = target(&a.at).await?;
             if let Some(dlq) = &a.dlq {
                 let exists = c.list().await?.iter().any(|(n, _)| n == dlq);
                 if !exists {
@@ -259,7 +262,7 @@ pub async fn run(args: MqArgs) -> AppResult {
             Ok(ExitCode::SUCCESS)
         }
         MqCommand::List { at, json } => {
-            for (name, c) in connect(&at).await?.list().await? {
+            for (name, c) in target(&at).await?.list().await? {
                 if json {
                     println!(
                         "{}",
@@ -306,8 +309,15 @@ pub async fn run(args: MqArgs) -> AppResult {
     }
 }
 
+/// A broker: the one at `--addr`, or with `--switch` any broker of the group.
 async fn connect(at: &At) -> Result<MqClient, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(MqClient::connect(&at.addr).await?)
+    match &at.switch {
+        Some(s) => Ok(portswitch_mq::cluster::Cluster::connect(s)
+            .await?
+            .any()
+            .await?),
+        None => Ok(MqClient::connect(&at.addr).await?),
+    }
 }
 
 /// A connection to the broker serving `queue`: found through the port switch when
@@ -364,7 +374,7 @@ async fn serve(a: ServeArgs) -> AppResult {
 }
 
 async fn produce(a: ProduceArgs) -> AppResult {
-    let c = connect_for(&a.at, &a.queue).await?;
+    let c = target(&a.at).await?;
     let mut bodies = a.messages.clone();
     if bodies.is_empty() {
         for line in std::io::stdin().lock().lines() {
@@ -383,10 +393,71 @@ async fn produce(a: ProduceArgs) -> AppResult {
     if msgs.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    for (p, o) in c.produce(&a.queue, msgs).await? {
+    for (p, o) in c.produce_offsets(&a.queue, msgs).await? {
         println!("{p}/{o}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A consumer of one broker, or of a group through its port switch.
+enum AnyConsumer {
+    One(portswitch_mq::client::Consumer),
+    Group(portswitch_mq::cluster::ClusterConsumer),
+}
+
+/// A delivery from either, with what settles it.
+enum Got {
+    One(portswitch_mq::proto::Delivery),
+    Group(portswitch_mq::cluster::Received),
+}
+
+impl Got {
+    fn delivery(&self) -> &portswitch_mq::proto::Delivery {
+        match self {
+            Got::One(d) => d,
+            Got::Group(r) => &r.delivery,
+        }
+    }
+}
+
+impl AnyConsumer {
+    async fn subscribe(
+        at: &At,
+        queue: &str,
+        group: &str,
+        credit: u32,
+    ) -> Result<AnyConsumer, BoxError> {
+        Ok(match target(at).await? {
+            Target::One(c) => AnyConsumer::One(c.subscribe(queue, group, credit).await?),
+            Target::Group(c) => AnyConsumer::Group(c.subscribe(queue, group, credit).await?),
+        })
+    }
+
+    async fn next(&mut self) -> Option<Got> {
+        match self {
+            AnyConsumer::One(c) => c.next().await.map(Got::One),
+            AnyConsumer::Group(c) => c.next().await.map(Got::Group),
+        }
+    }
+
+    async fn settle(&self, got: &Got, how: How) -> Result<(), BoxError> {
+        match (self, got) {
+            (AnyConsumer::One(c), Got::One(d)) => {
+                c.settle(vec![Settlement {
+                    partition: d.partition,
+                    offset: d.offset,
+                    how,
+                    delay_ms: 0,
+                }])
+                .await?
+            }
+            (_, Got::Group(r)) => r.settle(how, 0).await?,
+            (AnyConsumer::Group(_), Got::One(_)) => {
+                return Err("a delivery settled with a consumer that did not receive it".into())
+            }
+        }
+        Ok(())
+    }
 }
 
 fn header<'a>(headers: &'a [u8], name: &str) -> Option<&'a str> {
@@ -397,8 +468,7 @@ fn header<'a>(headers: &'a [u8], name: &str) -> Option<&'a str> {
 }
 
 async fn consume(a: ConsumeArgs) -> AppResult {
-    let c = connect_for(&a.at, &a.queue).await?;
-    let mut consumer = c.subscribe(&a.queue, &a.group, a.credit).await?;
+    let mut consumer = AnyConsumer::subscribe(&a.at, &a.queue, &a.group, a.credit).await?;
     let how = match a.then.as_str() {
         "nack" => How::Nack,
         "reject" => How::Reject,
@@ -418,9 +488,10 @@ async fn consume(a: ConsumeArgs) -> AppResult {
                 _ = crate::serve::shutdown_signal() => break,
             },
         };
-        let Some(d) = next else {
+        let Some(got) = next else {
             return Err("the broker closed the connection".into());
         };
+        let d = got.delivery();
         let text = String::from_utf8_lossy(&d.payload);
         if a.json {
             println!(
@@ -430,14 +501,7 @@ async fn consume(a: ConsumeArgs) -> AppResult {
         } else {
             println!("{}", crate::ctl::shown(&text));
         }
-        consumer
-            .settle(vec![Settlement {
-                partition: d.partition,
-                offset: d.offset,
-                how,
-                delay_ms: 0,
-            }])
-            .await?;
+        consumer.settle(&got, how).await?;
         n += 1;
     }
     Ok(ExitCode::SUCCESS)
@@ -446,17 +510,17 @@ async fn consume(a: ConsumeArgs) -> AppResult {
 async fn dlq(a: DlqArgs) -> AppResult {
     match a.command {
         DlqCommand::Show { dlq, at, count } => {
-            let c = connect(&at).await?;
             // A group of its own that never acknowledges: the letters stay for others.
             let group = format!("show-{}", std::process::id());
-            let mut consumer = c.subscribe(&dlq, &group, 1000).await?;
+            let mut consumer = AnyConsumer::subscribe(&at, &dlq, &group, 1000).await?;
             let mut n = 0;
             while n < count {
-                let Ok(Some(d)) =
+                let Ok(Some(got)) =
                     tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
                 else {
                     break;
                 };
+                let d = got.delivery();
                 println!(
                     "{}\treason={}\tfrom={}/{}/{}\t{}",
                     d.offset,
@@ -471,17 +535,18 @@ async fn dlq(a: DlqArgs) -> AppResult {
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Replay { dlq, at, count } => {
-            let c = connect(&at).await?;
-            let mut consumer = c.subscribe(&dlq, "replay", 1000).await?;
+            let c = target(&at).await?;
+            let mut consumer = AnyConsumer::subscribe(&at, &dlq, "replay", 1000).await?;
             let mut n = 0u64;
             while count.is_none_or(|c| n < c) {
-                let Ok(Some(d)) =
+                let Ok(Some(got)) =
                     tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
                 else {
                     break;
                 };
+                let d = got.delivery();
                 let Some(origin) = header(&d.headers, "queue") else {
-                    consumer.nack(&d, 0).await?;
+                    consumer.settle(&got, How::Nack).await?;
                     return Err(
                         format!("dead letter {} names no queue it came from", d.offset).into(),
                     );
@@ -496,7 +561,7 @@ async fn dlq(a: DlqArgs) -> AppResult {
                 )
                 .await?;
                 // Acknowledged only once it is back in its queue: at least once.
-                consumer.ack(&d).await?;
+                consumer.settle(&got, How::Ack).await?;
                 n += 1;
             }
             eprintln!("replayed {n} dead letters");
@@ -505,49 +570,128 @@ async fn dlq(a: DlqArgs) -> AppResult {
     }
 }
 
-async fn bench(a: BenchArgs) -> AppResult {
-    let c = connect(&a.at).await?;
-    let queue = format!("bench-{}", std::process::id());
-    c.create(
-        &queue,
-        QueueConfig {
-            partitions: a.partitions,
-            fsync_every_batch: a.fsync == "batch",
-            retention_bytes: 8 << 30,
-            ..QueueConfig::default()
-        },
-    )
-    .await?;
-    let payload = bytes::Bytes::from(vec![b'x'; a.size]);
-    let total = a.messages;
-    let started = Instant::now();
-    // Consumer on a connection of its own, acknowledging in batches.
-    let consumer_client = connect(&a.at).await?;
-    let mut consumer = consumer_client.subscribe(&queue, "bench", a.credit).await?;
-    let consume = tokio::spawn(async move {
+/// What `mq bench` talks to: one broker, or a group through its port switch.
+#[derive(Clone)]
+enum Target {
+    One(MqClient),
+    Group(portswitch_mq::cluster::Cluster),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The broker at `--addr`, or the group behind `--switch`.
+async fn target(at: &At) -> Result<Target, BoxError> {
+    Ok(match &at.switch {
+        Some(sw) => Target::Group(portswitch_mq::cluster::Cluster::connect(sw).await?),
+        None => Target::One(MqClient::connect(&at.addr).await?),
+    })
+}
+
+impl Target {
+    async fn produce_offsets(
+        &self,
+        queue: &str,
+        msgs: Vec<Outgoing>,
+    ) -> Result<Vec<(u16, u64)>, BoxError> {
+        Ok(match self {
+            Target::One(c) => c.produce(queue, msgs).await?,
+            Target::Group(c) => c.produce(queue, msgs).await?,
+        })
+    }
+
+    async fn produce(&self, queue: &str, msgs: Vec<Outgoing>) -> Result<(), BoxError> {
+        match self {
+            Target::One(c) => c.produce(queue, msgs).await.map(|_| ())?,
+            Target::Group(c) => c.produce(queue, msgs).await.map(|_| ())?,
+        }
+        Ok(())
+    }
+
+    async fn create(&self, queue: &str, config: QueueConfig) -> Result<(), BoxError> {
+        match self {
+            Target::One(c) => c.create(queue, config).await?,
+            Target::Group(c) => c.create(queue, config).await?,
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<(String, QueueConfig)>, BoxError> {
+        Ok(match self {
+            Target::One(c) => c.list().await?,
+            Target::Group(c) => c.list().await?,
+        })
+    }
+
+    async fn delete(&self, queue: &str) -> Result<(), BoxError> {
+        match self {
+            Target::One(c) => c.delete(queue).await?,
+            Target::Group(c) => c.delete(queue).await?,
+        }
+        Ok(())
+    }
+}
+
+/// Consumes `total` messages, acknowledging in batches; returns (consumed, end-to-end
+/// latency histogram in µs, when the last came).
+async fn bench_consume(
+    at: &At,
+    queue: &str,
+    credit: u32,
+    total: u64,
+) -> Result<tokio::task::JoinHandle<(u64, hdrhistogram::Histogram<u64>, Instant)>, BoxError> {
+    let record = |lat: &mut hdrhistogram::Histogram<u64>, ts: u64| {
+        let now = portswitch_mq::broker::partition::now_ms();
+        let _ = lat.record(now.saturating_sub(ts) * 1000);
+    };
+    if let Some(sw) = &at.switch {
+        let cluster = portswitch_mq::cluster::Cluster::connect(sw).await?;
+        let mut consumer = cluster.subscribe(queue, "bench", credit).await?;
+        return Ok(tokio::spawn(async move {
+            let _keep = cluster;
+            let mut got = 0u64;
+            let mut lat = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+            while got < total {
+                let Some(r) = consumer.next().await else {
+                    break;
+                };
+                let mut batch = vec![r];
+                while let Some(r) = consumer.try_next() {
+                    batch.push(r);
+                }
+                for r in &batch {
+                    record(&mut lat, r.delivery.timestamp_ms);
+                }
+                got += batch.len() as u64;
+                if portswitch_mq::cluster::ack_all(&batch).await.is_err() {
+                    break;
+                }
+            }
+            (got, lat, Instant::now())
+        }));
+    }
+    let consumer_client = connect(at).await?;
+    let mut consumer = consumer_client.subscribe(queue, "bench", credit).await?;
+    Ok(tokio::spawn(async move {
+        let _keep = consumer_client;
         let mut got = 0u64;
         let mut lat = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
         let mut acks = Vec::new();
+        let ack = |d: &portswitch_mq::proto::Delivery| Settlement {
+            partition: d.partition,
+            offset: d.offset,
+            how: How::Ack,
+            delay_ms: 0,
+        };
         while got < total {
             let Some(d) = consumer.next().await else {
                 break;
             };
-            let now = portswitch_mq::broker::partition::now_ms();
-            let _ = lat.record(now.saturating_sub(d.timestamp_ms) * 1000);
-            acks.push(Settlement {
-                partition: d.partition,
-                offset: d.offset,
-                how: How::Ack,
-                delay_ms: 0,
-            });
+            record(&mut lat, d.timestamp_ms);
+            acks.push(ack(&d));
             got += 1;
             while let Some(d) = consumer.try_next() {
-                acks.push(Settlement {
-                    partition: d.partition,
-                    offset: d.offset,
-                    how: How::Ack,
-                    delay_ms: 0,
-                });
+                record(&mut lat, d.timestamp_ms);
+                acks.push(ack(&d));
                 got += 1;
             }
             if consumer.settle(std::mem::take(&mut acks)).await.is_err() {
@@ -555,7 +699,27 @@ async fn bench(a: BenchArgs) -> AppResult {
             }
         }
         (got, lat, Instant::now())
-    });
+    }))
+}
+
+async fn bench(a: BenchArgs) -> AppResult {
+    let c = target(&a.at).await?;
+    let queue = format!("bench-{}", std::process::id());
+    c.create(
+        &queue,
+        QueueConfig {
+            partitions: a.partitions,
+            fsync_every_batch: a.fsync == "batch",
+            retention_bytes: 8 << 30,
+            replicas: a.replicas,
+            ..QueueConfig::default()
+        },
+    )
+    .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; a.size]);
+    let total = a.messages;
+    let started = Instant::now();
+    let consume = bench_consume(&a.at, &queue, a.credit, total).await?;
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(a.in_flight.max(1)));
     let mut sent = 0u64;
     let mut waits = Vec::new();
@@ -618,6 +782,8 @@ async fn bench(a: BenchArgs) -> AppResult {
         "batch": a.batch,
         "in_flight": a.in_flight,
         "fsync": a.fsync,
+        "replicas": a.replicas,
+        "group": a.at.switch.is_some(),
         "rate": a.rate,
         "produced_per_sec": (total as f64 / produced_at.as_secs_f64()).round(),
         "consumed_per_sec": (got as f64 / consumed.as_secs_f64()).round(),

@@ -421,6 +421,27 @@ async fn no_confirmed_message_is_lost_across_20_kills_of_a_partition_leader() {
         "a message nobody produced was consumed"
     );
     assert!(b.violations.is_empty(), "{:?}", b.violations);
+    drop(b);
+    // The CLI reaches the group through the port switch.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("mq")
+            .args(args)
+            .args(["--switch", &sw_addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mq {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(cli(&["list"]).starts_with("ha\tpartitions=2"));
+    let placed = cli(&["produce", "ha", "--key", "k", "from the cli"]);
+    assert_eq!(placed.lines().count(), 1, "{placed}");
+    let got = cli(&["consume", "ha", "--group", "cli", "--count", "1", "--json"]);
+    assert!(got.contains("\"payload\""), "{got}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
