@@ -381,6 +381,19 @@ impl MqClient {
         }
     }
 
+    /// Replaces broker `from` by broker `to` among the replicas of every partition of
+    /// `queue` (this broker must hold the queue); answered once every partition's new
+    /// configuration is confirmed.
+    pub async fn move_replica(&self, queue: &str, from: &str, to: &str) -> Result<()> {
+        self.call(Request::Move {
+            queue: queue.to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// The partitions of `queue` (asked once, then remembered).
     pub async fn partition_count(&self, queue: &str) -> Result<u16> {
         self.partitions(queue).await

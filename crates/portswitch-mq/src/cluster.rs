@@ -245,6 +245,35 @@ impl Cluster {
         self.any().await?.create(name, config).await
     }
 
+    /// Replaces broker `from` by broker `to` among the replicas of `queue`, while
+    /// producers and consumers go on (asked of a broker that holds the queue).
+    pub async fn move_replica(&self, queue: &str, from: &str, to: &str) -> Result<()> {
+        let mut last = None;
+        for (_, addr) in self.brokers().await? {
+            let Ok(c) = self.client(&addr).await else {
+                continue;
+            };
+            if c.partition_count(queue).await.is_err() {
+                continue;
+            }
+            match c.move_replica(queue, from, to).await {
+                Ok(()) => {
+                    self.inner
+                        .leaders
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Server {
+            code: Code::UnknownQueue,
+            message: format!("no broker of the group holds {queue:?}"),
+        }))
+    }
+
     pub async fn delete(&self, name: &str) -> Result<()> {
         self.any().await?.delete(name).await
     }

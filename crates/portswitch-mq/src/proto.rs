@@ -38,6 +38,10 @@ pub mod op {
     /// Broker to broker: open (or drop) a queue created on another broker of the group.
     pub const PEER_CREATE: u8 = 0x0D;
     pub const PEER_DELETE: u8 = 0x0E;
+    /// Broker to broker: the leader of a partition replaces one of its replicas.
+    pub const PEER_MOVE: u8 = 0x0F;
+    /// Replace one broker of a queue's replicas by another, partition by partition.
+    pub const MOVE: u8 = 0x10;
     pub const OK: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const PRODUCED: u8 = 0x83;
@@ -263,6 +267,17 @@ pub enum Request {
     PeerDelete {
         name: String,
     },
+    PeerMove {
+        queue: String,
+        partition: u16,
+        from: String,
+        to: String,
+    },
+    Move {
+        queue: String,
+        from: String,
+        to: String,
+    },
 }
 
 /// A record as replicated between brokers.
@@ -465,6 +480,22 @@ impl Request {
             Request::PeerDelete { name } => {
                 message(out, op::PEER_DELETE, id, |b| put_bytes(b, name.as_bytes()))
             }
+            Request::PeerMove {
+                queue,
+                partition,
+                from,
+                to,
+            } => message(out, op::PEER_MOVE, id, |b| {
+                put_bytes(b, queue.as_bytes());
+                b.put_u16(*partition);
+                put_bytes(b, from.as_bytes());
+                put_bytes(b, to.as_bytes());
+            }),
+            Request::Move { queue, from, to } => message(out, op::MOVE, id, |b| {
+                put_bytes(b, queue.as_bytes());
+                put_bytes(b, from.as_bytes());
+                put_bytes(b, to.as_bytes());
+            }),
         }
     }
 }
@@ -769,6 +800,17 @@ impl Request {
                 }
             }
             op::PEER_DELETE => Request::PeerDelete { name: r.name()? },
+            op::PEER_MOVE => Request::PeerMove {
+                queue: r.name()?,
+                partition: r.u16()?,
+                from: r.name()?,
+                to: r.name()?,
+            },
+            op::MOVE => Request::Move {
+                queue: r.name()?,
+                from: r.name()?,
+                to: r.name()?,
+            },
             other => return Err(DecodeError::UnknownOp(other)),
         };
         r.end()?;

@@ -195,6 +195,158 @@ pub fn high_water(matches: &[u64], replicas: usize) -> u64 {
     m[majority - 1]
 }
 
+/// Which brokers hold a partition: a simple configuration (`old == new`) or, while
+/// replicas are being changed, a *joint* one in which a record is confirmed only once
+/// a majority of `old` **and** a majority of `new` hold it (Raft's joint consensus).
+/// A configuration takes effect on a replica when its record is in that replica's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub old: Vec<String>,
+    pub new: Vec<String>,
+}
+
+impl Config {
+    pub fn simple(members: Vec<String>) -> Config {
+        Config {
+            old: members.clone(),
+            new: members,
+        }
+    }
+
+    pub fn is_joint(&self) -> bool {
+        self.old != self.new
+    }
+
+    /// Every broker of `old` or `new` (`new`'s first, in order).
+    pub fn members(&self) -> Vec<String> {
+        let mut m = self.new.clone();
+        for o in &self.old {
+            if !m.contains(o) {
+                m.push(o.clone());
+            }
+        }
+        m
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.old.iter().chain(&self.new).any(|n| n == name)
+    }
+
+    /// Whether `names` hold a majority of each side.
+    pub fn satisfied_by<'a>(&self, names: impl Iterator<Item = &'a str> + Clone) -> bool {
+        let majority = |set: &[String]| {
+            let n = names.clone().filter(|x| set.iter().any(|s| s == x)).count();
+            n > set.len() / 2
+        };
+        majority(&self.old) && majority(&self.new)
+    }
+
+    /// The high-water mark under this configuration: what a majority of each side
+    /// holds. `end_of` gives a replica's agreed end (0 if unknown).
+    pub fn high_water(&self, end_of: impl Fn(&str) -> u64) -> u64 {
+        let side = |set: &[String]| {
+            let m: Vec<u64> = set.iter().map(|n| end_of(n)).collect();
+            high_water(&m, set.len())
+        };
+        side(&self.old).min(side(&self.new))
+    }
+}
+
+/// A partition's configurations over its log: the one it was created with, and each
+/// change with the offset of its record. Kept in the partition's `config` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Configs {
+    pub initial: Vec<String>,
+    pub changes: Vec<(u64, Config)>,
+}
+
+impl Configs {
+    pub fn new(initial: Vec<String>) -> Configs {
+        Configs {
+            initial,
+            changes: Vec::new(),
+        }
+    }
+
+    /// The configuration in effect: the last one in the log.
+    pub fn current(&self) -> Config {
+        self.changes
+            .last()
+            .map_or_else(|| Config::simple(self.initial.clone()), |(_, c)| c.clone())
+    }
+
+    /// The offset of the current configuration's record (None: the initial one).
+    pub fn current_offset(&self) -> Option<u64> {
+        self.changes.last().map(|&(o, _)| o)
+    }
+
+    pub fn push(&mut self, offset: u64, c: Config) {
+        self.changes.push((offset, c));
+    }
+
+    /// Forgets changes whose records were cut (at and above `end`).
+    pub fn truncate(&mut self, end: u64) -> bool {
+        let before = self.changes.len();
+        self.changes.retain(|&(o, _)| o < end);
+        self.changes.len() != before
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "initial": self.initial,
+            "changes": self.changes.iter().map(|(o, c)| serde_json::json!({"offset": o, "old": c.old, "new": c.new})).collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Option<Configs> {
+        let names = |v: &serde_json::Value| -> Option<Vec<String>> {
+            v.as_array()?
+                .iter()
+                .map(|n| n.as_str().map(str::to_string))
+                .collect()
+        };
+        let mut changes = Vec::new();
+        for c in v["changes"].as_array()? {
+            changes.push((
+                c["offset"].as_u64()?,
+                Config {
+                    old: names(&c["old"])?,
+                    new: names(&c["new"])?,
+                },
+            ));
+        }
+        Some(Configs {
+            initial: names(&v["initial"])?,
+            changes,
+        })
+    }
+
+    /// Reads the file at `path`, or starts from `initial` if there is none.
+    pub fn load(path: &Path, initial: Vec<String>) -> Result<Configs, LogError> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .ok()
+                .and_then(|v| Configs::from_json(&v))
+                .ok_or_else(|| LogError::Corrupt {
+                    segment: path.to_path_buf(),
+                    position: 0,
+                    why: "replica configuration damaged",
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Configs::new(initial)),
+            Err(source) => Err(LogError::Io {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), LogError> {
+        let text = serde_json::to_vec(&self.to_json()).unwrap_or_default();
+        portswitch_files::write_durable(path, &text, 0o600)?;
+        Ok(())
+    }
+}
+
 /// What one replica told a candidate: its log's end and its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Survey {
@@ -272,6 +424,38 @@ mod tests {
         assert_eq!(high_water(&[10, 4], 3), 4);
         assert_eq!(high_water(&[10, 4, 7], 3), 7);
         assert_eq!(high_water(&[10, 4, 7, 1, 9], 5), 7);
+    }
+
+    #[test]
+    fn a_joint_configuration_needs_a_majority_of_both_sides() {
+        let n = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let joint = Config {
+            old: n(&["a", "b", "c"]),
+            new: n(&["b", "c", "d"]),
+        };
+        assert!(joint.is_joint() && joint.contains("a") && joint.contains("d"));
+        assert_eq!(joint.members(), n(&["b", "c", "d", "a"]));
+        assert!(!joint.satisfied_by(["a", "d"].into_iter()));
+        assert!(!joint.satisfied_by(["a", "b"].into_iter()));
+        assert!(joint.satisfied_by(["a", "b", "d"].into_iter()));
+        assert!(joint.satisfied_by(["b", "c"].into_iter()));
+        let ends = |x: &str| match x {
+            "a" => 10,
+            "b" => 4,
+            "c" => 7,
+            _ => 0,
+        };
+        // old: {10,4,7} -> 7; new: {4,7,0} -> 4.
+        assert_eq!(joint.high_water(ends), 4);
+        assert_eq!(Config::simple(n(&["a", "b", "c"])).high_water(ends), 7);
+        let mut cs = Configs::new(n(&["a", "b", "c"]));
+        cs.push(12, joint.clone());
+        cs.push(15, Config::simple(n(&["b", "c", "d"])));
+        assert_eq!(Configs::from_json(&cs.to_json()), Some(cs.clone()));
+        assert!(cs.truncate(15));
+        assert_eq!(cs.current(), joint);
+        assert!(cs.truncate(0));
+        assert_eq!(cs.current(), Config::simple(n(&["a", "b", "c"])));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The broker over real TCP on loopback, driven by the client library: produce and
 //! consume, competing consumers, redelivery, dead letters, limits and bad input.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use portswitch_mq::broker::{BrokerConfig, RunningBroker};
@@ -409,6 +410,10 @@ async fn switch() -> portswitch_server::RunningServer {
 }
 
 async fn member(dir: &std::path::Path, switch: &str, name: &str) -> RunningBroker {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut cfg = BrokerConfig::new(dir);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.http_listen = None;
@@ -639,4 +644,134 @@ async fn a_dropped_consumer_leaves_its_group_and_its_messages_go_to_the_others()
         second.ack(&d).await.unwrap();
     }
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_moves_to_another_broker_while_producers_go_on() {
+    let sw = switch().await;
+    let sw_addr = sw.addr.to_string();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        brokers.push(member(d.path(), &sw_addr, &format!("b{i}")).await);
+    }
+    let cluster = portswitch_mq::cluster::Cluster::connect(&sw_addr)
+        .await
+        .unwrap();
+    cluster
+        .create(
+            "moving",
+            QueueConfig {
+                partitions: 2,
+                replicas: 3,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Which brokers hold it: three of the four.
+    let mut holders = Vec::new();
+    let mut spare = None;
+    for (i, b) in brokers.iter().enumerate() {
+        let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+        if c.list().await.unwrap().iter().any(|(n, _)| n == "moving") {
+            holders.push(i);
+        } else {
+            spare = Some(i);
+        }
+    }
+    assert_eq!(holders.len(), 3);
+    let spare = spare.unwrap();
+    // Move away the broker that leads partition 0 (its leadership moves as well).
+    let lead0 = leaders(&sw_addr, "moving", 1).await[0].clone();
+    let from = brokers
+        .iter()
+        .position(|b| b.addr.to_string() == lead0)
+        .unwrap();
+    // Producers go on during the move.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producing = {
+        let (cluster, stop) = (cluster.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut confirmed = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<Outgoing> = (0..20)
+                    .map(|k| msg(&format!("k{}", (i + k) % 7), &format!("{}", i + k)))
+                    .collect();
+                if cluster.produce("moving", batch).await.is_ok() {
+                    confirmed.extend(i..i + 20);
+                }
+                i += 20;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            confirmed
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    within(cluster.move_replica("moving", &format!("b{from}"), &format!("b{spare}")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let confirmed = producing.await.unwrap();
+    assert!(confirmed.len() > 100, "{}", confirmed.len());
+    // The new broker holds the queue, leads partition 0 (it took the old one's place,
+    // and so its preferred partition), and the old one drops the queue.
+    let to_addr = brokers[spare].addr.to_string();
+    let mut moved = false;
+    for _ in 0..500 {
+        let led = leaders(&sw_addr, "moving", 1).await[0] == to_addr;
+        let gone = !MqClient::connect(&brokers[from].addr.to_string())
+            .await
+            .unwrap()
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|(n, _)| n == "moving");
+        if led && gone {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        moved,
+        "partition 0 not led by the new replica, or the old one kept the queue"
+    );
+    let stat = MqClient::connect(&to_addr)
+        .await
+        .unwrap()
+        .stat("moving")
+        .await
+        .unwrap();
+    assert!(stat.contains(&("p0.replicas".to_string(), 3)), "{stat:?}");
+    assert!(
+        stat.contains(&("p0.changing_replicas".to_string(), 0)),
+        "{stat:?}"
+    );
+    // Every confirmed message is there.
+    let mut cons = cluster.subscribe("moving", "g", 1000).await.unwrap();
+    let want: std::collections::BTreeSet<u64> = confirmed.into_iter().collect();
+    let mut got = std::collections::BTreeSet::new();
+    while !want.is_subset(&got) {
+        let r = within(cons.next()).await.unwrap();
+        got.insert(
+            String::from_utf8_lossy(&r.delivery.payload)
+                .parse::<u64>()
+                .unwrap(),
+        );
+        r.ack().await.unwrap();
+    }
+    // With the old broker gone altogether, the queue still has a majority everywhere.
+    let old = brokers.remove(from);
+    old.stop().await;
+    cluster
+        .produce("moving", vec![msg("k1", "last"), msg("k2", "last")])
+        .await
+        .unwrap();
+    for b in brokers {
+        b.stop().await;
+    }
 }

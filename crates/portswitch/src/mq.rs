@@ -44,6 +44,19 @@ enum MqCommand {
         #[command(flatten)]
         at: At,
     },
+    /// Replace one broker by another among a queue's replicas, while producers and
+    /// consumers go on (to add a broker to a group, or take one out).
+    Move {
+        queue: String,
+        /// The broker (by name) that gives its replicas up.
+        #[arg(long)]
+        from: String,
+        /// The broker (by name) that takes them.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        at: At,
+    },
     /// List queues and their settings.
     List {
         #[command(flatten)]
@@ -258,7 +271,20 @@ pub async fn run(args: MqArgs) -> AppResult {
             Ok(ExitCode::SUCCESS)
         }
         MqCommand::Delete { name, at } => {
-            connect(&at).await?.delete(&name).await?;
+            target(&at).await?.delete(&name).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        MqCommand::Move {
+            queue,
+            from,
+            to,
+            at,
+        } => {
+            match target(&at).await? {
+                Target::One(c) => c.move_replica(&queue, &from, &to).await?,
+                Target::Group(c) => c.move_replica(&queue, &from, &to).await?,
+            }
+            eprintln!("{queue}: every partition's replicas now have {to} in place of {from}");
             Ok(ExitCode::SUCCESS)
         }
         MqCommand::List { at, json } => {

@@ -442,6 +442,19 @@ async fn no_confirmed_message_is_lost_across_20_kills_of_a_partition_leader() {
     assert_eq!(placed.lines().count(), 1, "{placed}");
     let got = cli(&["consume", "ha", "--group", "cli", "--count", "1", "--json"]);
     assert!(got.contains("\"payload\""), "{got}");
+    // A fourth broker joins and takes b0's place among the replicas. Then b0 and b1
+    // go for good: b2 and b3 are a majority of the new replicas (without the move,
+    // b2 alone would be left of the old ones and nothing could be confirmed).
+    let (_b3, _) = group_broker(&root.path().join("b3"), &sw_addr, "b3").await;
+    cli(&["move", "ha", "--from", "b0", "--to", "b3"]);
+    for b in &mut brokers[..2] {
+        b.0.start_kill().unwrap();
+        let _ = b.0.wait().await;
+    }
+    let placed = cli(&["produce", "ha", "--key", "k", "after the move"]);
+    assert_eq!(placed.lines().count(), 1, "{placed}");
+    let placed = cli(&["produce", "ha", "--key", "other key", "after the move"]);
+    assert_eq!(placed.lines().count(), 1, "{placed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

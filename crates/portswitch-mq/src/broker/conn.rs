@@ -461,6 +461,41 @@ async fn dispatch(
             Ok(()) => Reply::Ok,
             Err(e) => error(e),
         }),
+        Request::Move { queue, from, to } => {
+            let catalog = catalog.clone();
+            // Long (every partition's change confirmed in turn): answered when done.
+            Box::pin(async move {
+                match catalog.move_replica(&queue, &from, &to).await {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => error(e),
+                }
+            })
+        }
+        Request::PeerMove {
+            queue,
+            partition,
+            from,
+            to,
+        } => {
+            let Some(p) = catalog.partition_sender(&queue, partition) else {
+                return ready(error(MqError::UnknownQueue(queue)));
+            };
+            let (tx, rx) = oneshot::channel();
+            let _ = p
+                .send(Cmd::Reconfigure {
+                    from,
+                    to,
+                    reply: tx,
+                })
+                .await;
+            Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(())) => Reply::Ok,
+                    Ok(Err(e)) => error(e),
+                    Err(_) => error(MqError::UnknownQueue(queue)),
+                }
+            })
+        }
         Request::Fetch {
             queue,
             partition,

@@ -115,6 +115,8 @@ struct QueueEntry {
     spread: AtomicUsize,
     /// The partitions' replication tasks.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Partitions this broker is no longer a replica of.
+    retired: std::sync::Mutex<std::collections::BTreeSet<u16>>,
 }
 
 impl QueueEntry {
@@ -221,6 +223,31 @@ impl Catalog {
             .then(|| q.partitions[i].clone())
     }
 
+    /// A partition learned that a confirmed configuration left this broker out; once
+    /// every partition of the queue has, the queue and its data go from this broker.
+    pub fn retired(self: &Arc<Self>, queue: &str, index: u16) {
+        let Some(q) = self.get(queue) else { return };
+        let all = {
+            let mut r = q.retired.lock().unwrap_or_else(|p| p.into_inner());
+            r.insert(index);
+            r.len() == q.partitions.len()
+        };
+        tracing::info!(
+            queue,
+            partition = index,
+            "no longer a replica of the partition"
+        );
+        if all {
+            let (me, queue) = (self.clone(), queue.to_string());
+            tokio::spawn(async move {
+                match me.delete(&queue, false).await {
+                    Ok(()) => tracing::info!(queue, "no longer a replica of any partition: the queue's data is removed from this broker"),
+                    Err(e) => tracing::warn!(queue, error = %e, "cannot remove a queue this broker no longer holds"),
+                }
+            });
+        }
+    }
+
     pub fn has_queue(&self, queue: &str) -> bool {
         self.get(queue).is_some()
     }
@@ -282,26 +309,20 @@ impl Catalog {
         replicas: Vec<String>,
     ) -> Result<(), MqError> {
         let metrics = self.families.queue(name);
-        let peers: Vec<String> = replicas
-            .iter()
-            .filter(|r| **r != self.me)
-            .cloned()
-            .collect();
         let mut senders = Vec::new();
         let mut serving = Vec::new();
         let mut parts = Vec::new();
         for i in 0..config.partitions {
             let dir = self.dir.join("queues").join(name).join(i.to_string());
-            let p = Partition::open(
-                name,
-                i,
-                config.clone(),
+            let place = partition::Place {
+                queue: name.to_string(),
+                index: i,
                 dir,
-                peers.clone(),
-                self.clone(),
-                metrics.clone(),
-            )
-            .map_err(|e| MqError::Io(e.to_string()))?;
+                me: self.me.clone(),
+                initial: replicas.clone(),
+            };
+            let p = Partition::open(place, config.clone(), self.clone(), metrics.clone())
+                .map_err(|e| MqError::Io(e.to_string()))?;
             serving.push(p.serving.clone());
             parts.push(p);
         }
@@ -315,8 +336,6 @@ impl Catalog {
                 queue: name.to_string(),
                 index: i as u16,
                 tx,
-                peers: peers.clone(),
-                preferred: replicas[i % replicas.len()].clone(),
             }));
         }
         let entry = Arc::new(QueueEntry {
@@ -326,6 +345,7 @@ impl Catalog {
             serving,
             spread: AtomicUsize::new(0),
             tasks,
+            retired: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         });
         self.queues
             .write()
@@ -437,6 +457,83 @@ impl Catalog {
         Ok(())
     }
 
+    /// Replaces broker `from` by `to` among the replicas of every partition of
+    /// `queue`: `to` opens the queue and follows; each partition's leader then changes
+    /// its configuration (joint, then new), confirmed by majorities of both.
+    async fn move_replica(
+        self: &Arc<Self>,
+        name: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<(), MqError> {
+        let q = self
+            .get(name)
+            .ok_or_else(|| MqError::UnknownQueue(name.to_string()))?;
+        if from == to {
+            return Err(MqError::BadRequest("moving a replica to itself".into()));
+        }
+        let switch = self
+            .switch
+            .as_ref()
+            .ok_or_else(|| MqError::Unavailable("no port switch".into()))?;
+        let to_addr = self.broker_addr(to).await.map_err(MqError::Unavailable)?;
+        let req = crate::proto::Request::PeerCreate {
+            name: name.to_string(),
+            config: q.config.clone(),
+            replicas: q.replicas.clone(),
+        };
+        self.peers
+            .call(&to_addr, req, std::time::Duration::from_secs(10))
+            .await
+            .map_err(|e| {
+                MqError::Unavailable(format!("broker {to} did not open the queue: {e}"))
+            })?;
+        for p in 0..q.partitions.len() as u16 {
+            let port = format!("mq/{name}/{p}");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let leader = match switch.query(port.as_str()).await {
+                    Ok(Some(o)) if !o.value.is_empty() => {
+                        Some(String::from_utf8_lossy(&o.value).into_owned())
+                    }
+                    _ => None,
+                };
+                let outcome = match leader {
+                    Some(addr) => {
+                        let req = crate::proto::Request::PeerMove {
+                            queue: name.to_string(),
+                            partition: p,
+                            from: from.to_string(),
+                            to: to.to_string(),
+                        };
+                        self.peers
+                            .call(&addr, req, std::time::Duration::from_secs(30))
+                            .await
+                    }
+                    None => Err(crate::client::ClientError::Server {
+                        code: Code::NotLeader,
+                        message: format!("{port} has no leader"),
+                    }),
+                };
+                match outcome {
+                    Ok(_) => break,
+                    Err(crate::client::ClientError::Server { code, message })
+                        if !matches!(code, Code::NotLeader | Code::Unavailable | Code::Fenced) =>
+                    {
+                        return Err(MqError::BadRequest(format!("partition {p}: {message}")))
+                    }
+                    Err(e) if std::time::Instant::now() >= deadline => {
+                        return Err(MqError::Unavailable(format!(
+                            "partition {p}: no leader changed its replicas within 60 s: {e}"
+                        )))
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A queue created on another broker of the group, which this one holds.
     async fn adopt(
         self: &Arc<Self>,
@@ -445,15 +542,11 @@ impl Catalog {
         replicas: Vec<String>,
     ) -> Result<(), MqError> {
         valid_name(name)?;
-        if !replicas.contains(&self.me) {
-            return Err(MqError::BadRequest(format!(
-                "this broker ({}) is not one of the queue's replicas",
-                self.me
-            )));
-        }
+        // A broker that is not among `replicas` is one being added by a move: it
+        // follows the partitions' leaders until a configuration includes it.
         let _change = self.change.lock().await;
         if let Some(q) = self.get(name) {
-            return if q.config == config && q.replicas == replicas {
+            return if q.config == config {
                 Ok(())
             } else {
                 Err(MqError::QueueExists(name.to_string()))
@@ -464,28 +557,30 @@ impl Catalog {
     }
 
     async fn delete(&self, name: &str, forward: bool) -> Result<(), MqError> {
-        if forward {
-            if let Some(q) = self.get(name) {
-                for peer in q.replicas.iter().filter(|r| **r != self.me) {
-                    let addr = self.broker_addr(peer).await.map_err(MqError::Unavailable)?;
-                    let req = crate::proto::Request::PeerDelete {
-                        name: name.to_string(),
-                    };
-                    match self
-                        .peers
-                        .call(&addr, req, std::time::Duration::from_secs(10))
-                        .await
-                    {
-                        Ok(_) => {}
-                        Err(crate::client::ClientError::Server {
-                            code: Code::UnknownQueue,
-                            ..
-                        }) => {}
-                        Err(e) => {
-                            return Err(MqError::Unavailable(format!(
-                                "broker {peer} did not delete the queue: {e}"
-                            )))
-                        }
+        // Every broker of the group: replicas may have moved since the queue was
+        // created.
+        if forward && self.get(name).is_some() {
+            for (peer, addr) in self.brokers().await? {
+                if peer == self.me {
+                    continue;
+                }
+                let req = crate::proto::Request::PeerDelete {
+                    name: name.to_string(),
+                };
+                match self
+                    .peers
+                    .call(&addr, req, std::time::Duration::from_secs(10))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(crate::client::ClientError::Server {
+                        code: Code::UnknownQueue,
+                        ..
+                    }) => {}
+                    Err(e) => {
+                        return Err(MqError::Unavailable(format!(
+                            "broker {peer} did not delete the queue: {e}"
+                        )))
                     }
                 }
             }

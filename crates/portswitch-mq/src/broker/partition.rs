@@ -69,6 +69,8 @@ pub enum Control {
         floor: u64,
         entries: Vec<(u64, u32)>,
     },
+    /// The partition's replicas from here on (joint while `old` and `new` differ).
+    Replicas { old: Vec<String>, new: Vec<String> },
 }
 
 impl Control {
@@ -97,6 +99,16 @@ impl Control {
                 for &(o, k) in entries {
                     b.put_u64(o);
                     b.put_u32(k);
+                }
+            }
+            Control::Replicas { old, new } => {
+                b.put_u8(4);
+                for side in [old, new] {
+                    b.put_u16(side.len() as u16);
+                    for n in side {
+                        b.put_u16(n.len() as u16);
+                        b.put_slice(n.as_bytes());
+                    }
                 }
             }
         }
@@ -140,6 +152,26 @@ impl Control {
                     floor,
                     entries,
                 })
+            }
+            4 => {
+                let mut sides = Vec::new();
+                for _ in 0..2 {
+                    if b.remaining() < 2 {
+                        return None;
+                    }
+                    let n = b.get_u16() as usize;
+                    if n > 255 {
+                        return None;
+                    }
+                    let mut side = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        side.push(name(&mut b)?);
+                    }
+                    sides.push(side);
+                }
+                let new = sides.pop()?;
+                let old = sides.pop()?;
+                (b.remaining() == 0).then_some(Control::Replicas { old, new })
             }
             _ => None,
         }
@@ -210,6 +242,14 @@ pub struct ReplicaState {
     pub promised: u64,
     /// Leader: how far each replica's log agrees with this one.
     pub matches: Vec<(String, u64)>,
+    /// The replicas in effect (the last configuration in this log).
+    pub config: replica::Config,
+    /// This broker is not a replica of the partition any more, and knows that the
+    /// configuration saying so is confirmed.
+    pub retired: bool,
+    /// This broker leads and the configuration that removed it is confirmed: it
+    /// should give the port up.
+    pub step_down: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,6 +341,13 @@ pub enum Cmd {
     Demote {
         token: u64,
     },
+    /// Leader: replace replica `from` by `to` (a joint configuration, then the new
+    /// one); answered once the new one is confirmed.
+    Reconfigure {
+        from: String,
+        to: String,
+        reply: Done,
+    },
     State {
         reply: oneshot::Sender<ReplicaState>,
     },
@@ -335,6 +382,15 @@ struct Unconfirmed {
     confirm: Confirm,
 }
 
+/// A change of replicas: the joint configuration's record ends at `joint_end`; the
+/// new one's, once appended, at `final_end`.
+struct Reconfig {
+    new: Vec<String>,
+    joint_end: u64,
+    final_end: Option<u64>,
+    reply: Done,
+}
+
 struct Parked {
     offset: u64,
     hw: u64,
@@ -355,8 +411,11 @@ pub struct Partition {
     epoch_start: u64,
     /// Confirmed: a majority holds every record below.
     hw: u64,
-    /// The partition's other replicas (broker names).
-    peers: Vec<String>,
+    /// This broker's name, and the partition's configurations.
+    me: String,
+    configs: replica::Configs,
+    /// Leader: a change of replicas under way.
+    reconfig: Option<Reconfig>,
     /// Leader: how far each replica's log agrees with this one.
     matches: HashMap<String, u64>,
     unconfirmed: VecDeque<Unconfirmed>,
@@ -408,17 +467,33 @@ struct Pending {
     expires_ms: u64,
 }
 
+/// Where a partition is: its queue, index and directory, this broker's name and the
+/// replicas the queue was created with.
+pub struct Place {
+    pub queue: String,
+    pub index: u16,
+    pub dir: PathBuf,
+    pub me: String,
+    pub initial: Vec<String>,
+}
+
 impl Partition {
-    /// Opens the partition's log, history and groups from `dir` (created if missing).
+    /// Opens the partition's log, history and groups from its directory (created if
+    /// missing).
     pub fn open(
-        queue: &str,
-        index: u16,
+        place: Place,
         config: QueueConfig,
-        dir: PathBuf,
-        peers: Vec<String>,
         catalog: Arc<Catalog>,
         metrics: QueueMetrics,
     ) -> Result<Partition, LogError> {
+        let Place {
+            queue,
+            index,
+            dir,
+            me,
+            initial,
+        } = place;
+        let queue = queue.as_str();
         let log_cfg = LogConfig {
             record_bytes_max: config.message_bytes_max.saturating_add(1024).max(1 << 20),
             log_bytes_max: config.retention_bytes,
@@ -439,6 +514,7 @@ impl Partition {
             );
         }
         let mut epochs = Epochs::load(&dir.join("epochs"))?;
+        let configs = replica::Configs::load(&dir.join("config"), initial)?;
         if epochs.list.is_empty() && log.end_offset() > log.start_offset() {
             // A log written before replication: its records are epoch 0.
             let _ = epochs.begin(0, log.start_offset());
@@ -453,7 +529,9 @@ impl Partition {
             role: Role::Follower,
             epoch_start: 0,
             hw: 0,
-            peers,
+            me,
+            configs,
+            reconfig: None,
             matches: HashMap::new(),
             unconfirmed: VecDeque::new(),
             parked: Vec::new(),
@@ -496,7 +574,13 @@ impl Partition {
     }
 
     fn replicas(&self) -> usize {
-        self.peers.len() + 1
+        self.configs.current().members().len()
+    }
+
+    fn save_configs(&self) -> Result<(), MqError> {
+        self.configs
+            .save(&self.dir.join("config"))
+            .map_err(io_error)
     }
 
     fn open_group(&mut self, name: &str) -> Result<(), LogError> {
@@ -625,7 +709,18 @@ impl Partition {
             epochs: self.epochs.list.clone(),
             promised: self.epochs.promised,
             matches: self.matches.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            config: self.configs.current(),
+            retired: self.removed() && !matches!(self.role, Role::Leader(_)),
+            step_down: self.removed() && matches!(self.role, Role::Leader(_)),
         }
+    }
+
+    /// Whether a confirmed configuration without this broker is in effect.
+    fn removed(&self) -> bool {
+        let c = self.configs.current();
+        !c.is_joint()
+            && !c.contains(&self.me)
+            && self.configs.current_offset().is_some_and(|o| o < self.hw)
     }
 
     fn turn(&mut self, cmds: Vec<Cmd>, stop: &mut Option<oneshot::Sender<()>>) {
@@ -726,6 +821,7 @@ impl Partition {
                 Cmd::Lead { token, reply } => {
                     let _ = reply.send(self.lead(token));
                 }
+                Cmd::Reconfigure { from, to, reply } => self.reconfigure(from, to, reply),
                 Cmd::Demote { token } => {
                     if matches!(self.role, Role::Leader(t) | Role::Candidate(t) if t == token) {
                         self.demote("lost the partition's port");
@@ -924,15 +1020,22 @@ impl Partition {
             return;
         }
         let end = self.log.end_offset();
-        let mut m = vec![end];
-        let mut slowest = end;
-        for p in &self.peers {
-            let v = self.matches.get(p).copied().unwrap_or(0);
-            slowest = slowest.min(v);
-            m.push(v);
-        }
+        let config = self.configs.current();
+        let end_of = |n: &str| {
+            if n == self.me {
+                end
+            } else {
+                self.matches.get(n).copied().unwrap_or(0)
+            }
+        };
+        let slowest = config
+            .members()
+            .iter()
+            .map(|n| end_of(n))
+            .min()
+            .unwrap_or(end);
         self.metrics.replica_lag.set((end - slowest) as i64);
-        let hw = replica::high_water(&m, self.replicas());
+        let hw = config.high_water(end_of);
         // Nothing counts as confirmed until a majority holds this epoch's first record.
         if hw > self.epoch_start && hw > self.hw {
             self.hw = hw;
@@ -941,6 +1044,7 @@ impl Partition {
 
     /// Answers what the high-water mark now covers; refuses what waited too long.
     fn confirm(&mut self) {
+        self.advance_reconfig();
         while let Some(u) = self.unconfirmed.front() {
             let timed_out = u.since.elapsed() >= CONFIRM_TIMEOUT;
             if u.end > self.hw && !timed_out {
@@ -1139,10 +1243,12 @@ impl Partition {
         let agree = replica::agreement(&epochs, offset, &self.epochs.list, end);
         match self.role {
             Role::Leader(t) if t == token => {
-                if self.peers.contains(&replica) {
+                // Any replica's progress is kept (one being added counts once a
+                // configuration with it is in effect).
+                if self.matches.len() < 256 || self.matches.contains_key(&replica) {
                     self.matches.insert(replica, agree);
-                    self.recompute_hw();
                 }
+                self.recompute_hw();
                 if agree == offset && offset == end && hw >= self.hw {
                     self.parked.push(Parked {
                         offset,
@@ -1312,6 +1418,9 @@ impl Partition {
             }
             self.log.truncate(agree).map_err(io_error)?;
             self.epochs.truncate(agree);
+            if self.configs.truncate(agree) {
+                self.save_configs()?;
+            }
             self.epochs
                 .save(&self.dir.join("epochs"))
                 .map_err(io_error)?;
@@ -1373,6 +1482,10 @@ impl Partition {
                             g.acks.raise_to(floor);
                         }
                     }
+                    Some(Control::Replicas { old, new }) => {
+                        self.configs.push(r.offset, replica::Config { old, new });
+                        self.save_configs()?;
+                    }
                     Some(Control::Epoch { .. }) => {}
                     None => {
                         tracing::warn!(queue = %self.queue, partition = self.index, offset = r.offset, "a control record this broker cannot read")
@@ -1388,6 +1501,126 @@ impl Partition {
         Ok(self.state())
     }
 
+    /// Appends one control record by itself (a leader's configuration change).
+    fn append_control(&mut self, c: Control) -> Result<u64, MqError> {
+        let rec = control(c.clone());
+        let now = now_ms();
+        let offset = self
+            .log
+            .append(&[Message {
+                key: &rec.key,
+                headers: &rec.headers,
+                payload: &rec.payload,
+                timestamp_ms: now,
+                ..Default::default()
+            }])
+            .map_err(io_error)?;
+        if let Control::Replicas { old, new } = c {
+            self.configs.push(offset, replica::Config { old, new });
+            self.save_configs()?;
+        }
+        let cached = Cached {
+            timestamp_ms: now,
+            not_before_ms: 0,
+            expires_ms: 0,
+            key: rec.key,
+            headers: rec.headers,
+            payload: rec.payload,
+        };
+        self.cache_bytes += cached.size();
+        self.cache.insert(offset, cached);
+        self.recompute_hw();
+        Ok(offset)
+    }
+
+    /// Leader: begins replacing replica `from` by `to`.
+    fn reconfigure(&mut self, from: String, to: String, reply: Done) {
+        let current = self.configs.current();
+        let refuse = |why: String| Err(MqError::BadRequest(why));
+        let check = if !matches!(self.role, Role::Leader(_)) {
+            Err(MqError::NotLeader(self.port()))
+        } else if self.reconfig.is_some() || current.is_joint() {
+            refuse("a change of replicas is under way".into())
+        } else if self.hw <= self.epoch_start {
+            Err(MqError::Unavailable(
+                "the leader's epoch is not confirmed yet: try again".into(),
+            ))
+        } else if !current.new.contains(&from) {
+            refuse(format!("{from} is not a replica of {}", self.port()))
+        } else if current.new.contains(&to) {
+            refuse(format!("{to} is a replica of {} already", self.port()))
+        } else {
+            Ok(())
+        };
+        // Asked again after it was done (the answer was lost): done.
+        let done = !current.is_joint() && current.new.contains(&to) && !current.new.contains(&from);
+        if check.is_err() && done && matches!(self.role, Role::Leader(_)) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if let Err(e) = check {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        // The new broker takes the old one's place (and so its preferred partitions).
+        let new: Vec<String> = current
+            .new
+            .iter()
+            .map(|n| if *n == from { to.clone() } else { n.clone() })
+            .collect();
+        match self.append_control(Control::Replicas {
+            old: current.new.clone(),
+            new: new.clone(),
+        }) {
+            Ok(offset) => {
+                tracing::info!(queue = %self.queue, partition = self.index, from, to, "changing replicas");
+                self.reconfig = Some(Reconfig {
+                    new,
+                    joint_end: offset + 1,
+                    final_end: None,
+                    reply,
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Moves a change of replicas on as the high-water mark passes its records.
+    fn advance_reconfig(&mut self) {
+        let Some(r) = self.reconfig.as_ref() else {
+            return;
+        };
+        match r.final_end {
+            None if self.hw >= r.joint_end => {
+                let new = r.new.clone();
+                match self.append_control(Control::Replicas {
+                    old: new.clone(),
+                    new,
+                }) {
+                    Ok(offset) => {
+                        if let Some(r) = self.reconfig.as_mut() {
+                            r.final_end = Some(offset + 1);
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(r) = self.reconfig.take() {
+                            let _ = r.reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+            Some(end) if self.hw >= end => {
+                if let Some(r) = self.reconfig.take() {
+                    tracing::info!(queue = %self.queue, partition = self.index, replicas = ?r.new, "replicas changed");
+                    let _ = r.reply.send(Ok(()));
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// The candidate holds every confirmed record: begins its epoch with a record of
     /// its own, and serves.
     fn lead(&mut self, token: u64) -> Result<(), MqError> {
@@ -1395,6 +1628,13 @@ impl Partition {
             return Err(MqError::Fenced(
                 "no longer a candidate with this token".into(),
             ));
+        }
+        if !self.configs.current().contains(&self.me) {
+            return Err(MqError::Fenced(format!(
+                "{} is not a replica of {} any more",
+                self.me,
+                self.port()
+            )));
         }
         let end = self.log.end_offset();
         if !self.epochs.begin(token, end) {
@@ -1448,6 +1688,12 @@ impl Partition {
         tracing::warn!(queue = %self.queue, partition = self.index, why, "no longer leading");
         self.role = Role::Follower;
         self.serving.store(false, Ordering::Release);
+        if let Some(r) = self.reconfig.take() {
+            let _ = r.reply.send(Err(MqError::NotLeader(format!(
+                "mq/{}/{}: the change of replicas was cut short; ask again",
+                self.queue, self.index
+            ))));
+        }
         for u in self.unconfirmed.drain(..) {
             let e = MqError::NotLeader(format!("mq/{}/{}", self.queue, self.index));
             match u.confirm {
@@ -1678,6 +1924,10 @@ impl Partition {
             (format!("p{p}.role"), role),
             (format!("p{p}.token"), token),
             (format!("p{p}.replicas"), self.replicas() as u64),
+            (
+                format!("p{p}.changing_replicas"),
+                u64::from(self.configs.current().is_joint()),
+            ),
             (format!("p{p}.log_bytes"), self.log.bytes()),
             (format!("p{p}.segments"), self.log.segments() as u64),
         ];

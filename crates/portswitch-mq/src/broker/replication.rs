@@ -83,10 +83,6 @@ pub struct Ctx {
     pub queue: String,
     pub index: u16,
     pub tx: mpsc::Sender<Cmd>,
-    /// The partition's other replicas, by broker name.
-    pub peers: Vec<String>,
-    /// The replica that leads while it runs (spreading leaders over the group).
-    pub preferred: String,
 }
 
 impl Ctx {
@@ -148,28 +144,54 @@ async fn wait_event(events: &mut Events, pred: impl Fn(&portswitch_client::Event
     }
 }
 
+/// The replica that leads a partition while it runs: the partition's index among the
+/// configuration's replicas (so a queue's leaders spread over the group).
+fn preferred(ctx: &Ctx, st: &ReplicaState) -> String {
+    let new = &st.config.new;
+    new.get(ctx.index as usize % new.len().max(1))
+        .cloned()
+        .unwrap_or_default()
+}
+
 async fn campaign(ctx: Ctx) {
     let Some(switch) = ctx.catalog.switch.clone() else {
         return;
     };
     let port = ctx.port();
-    // Leadership is spread: each partition has a preferred replica, which leads while
-    // it runs. The others queue for the port only while it is down, and one that
-    // leads hands the port back once the preferred replica has caught up.
-    let pref_port = super::broker_port(&ctx.preferred);
-    let preferred = ctx.preferred == ctx.catalog.me;
+    let me = ctx.catalog.me.clone();
     let mut events = switch.events();
     loop {
-        if ctx.tx.is_closed() {
+        let Some(st) = ctx.state().await else {
+            return;
+        };
+        if st.retired {
             return;
         }
-        if !preferred {
-            // Wait until the preferred broker is down.
+        // A broker that is not (or not yet) a replica does not campaign; one being
+        // added becomes one when the configuration with it reaches its log.
+        if !st.config.contains(&me) {
+            tokio::time::sleep(RETRY * 2).await;
+            continue;
+        }
+        // Leadership is spread: each partition has a preferred replica, which leads
+        // while it runs. The others queue for the port only while it is down, and one
+        // that leads hands the port back once the preferred replica has caught up.
+        let pref = preferred(&ctx, &st);
+        let pref_port = super::broker_port(&pref);
+        let is_preferred = pref == me;
+        if !is_preferred {
+            // Wait until the preferred broker is down (looking again now and then:
+            // the configuration may change).
             match switch.watch(pref_port.as_str()).await {
                 Ok(None) => {}
                 Ok(Some(_)) => {
-                    if !wait_event(&mut events, |e| released(e, &pref_port)).await {
-                        return;
+                    tokio::select! {
+                        alive = wait_event(&mut events, |e| released(e, &pref_port)) => {
+                            if !alive {
+                                return;
+                            }
+                        }
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                     continue;
                 }
@@ -184,7 +206,7 @@ async fn campaign(ctx: Ctx) {
         // wait for the address, which is set once this broker serves.
         let granted = tokio::select! {
             r = switch.register_wait(port.as_str(), b"") => Some(r),
-            alive = wait_event(&mut events, |e| claimed(e, &pref_port)), if !preferred => {
+            alive = wait_event(&mut events, |e| claimed(e, &pref_port)), if !is_preferred => {
                 if !alive {
                     return;
                 }
@@ -221,8 +243,8 @@ async fn campaign(ctx: Ctx) {
                 continue;
             }
         }
-        // Lead until the port is lost, or (not preferred) until the preferred replica
-        // is back and holds everything.
+        // Lead until the port is lost; until the preferred replica is back and holds
+        // everything; or until a confirmed configuration leaves this broker out.
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
@@ -241,9 +263,9 @@ async fn campaign(ctx: Ctx) {
                         return;
                     }
                 },
-                _ = tick.tick(), if !preferred => {
-                    if handover_due(&ctx, &switch, &pref_port).await {
-                        tracing::info!(port, to = %ctx.preferred, "handing the partition back to its preferred replica");
+                _ = tick.tick() => {
+                    if let Some(why) = give_up_due(&ctx, &switch).await {
+                        tracing::info!(port, why, "giving the partition's port up");
                         let _ = ctx.tx.send(Cmd::Demote { token }).await;
                         let _ = switch.unregister(port.as_str()).await;
                         break;
@@ -259,18 +281,29 @@ async fn campaign(ctx: Ctx) {
     }
 }
 
-/// Whether the preferred replica runs, is queued for the port and holds everything
-/// this leader has.
-async fn handover_due(ctx: &Ctx, switch: &portswitch_client::Client, pref_port: &str) -> bool {
-    if !matches!(switch.query(pref_port).await, Ok(Some(_))) {
-        return false;
+/// Why a leader should give its port up, if it should: a confirmed configuration left
+/// it out, or the preferred replica runs and holds everything it has.
+async fn give_up_due(ctx: &Ctx, switch: &portswitch_client::Client) -> Option<&'static str> {
+    let st = ctx.state().await?;
+    if st.step_down {
+        return Some("no longer a replica");
     }
-    let Some(st) = ctx.state().await else {
-        return false;
-    };
+    if st.config.is_joint() {
+        return None;
+    }
+    let pref = preferred(ctx, &st);
+    if pref == ctx.catalog.me
+        || !matches!(
+            switch.query(super::broker_port(&pref).as_str()).await,
+            Ok(Some(_))
+        )
+    {
+        return None;
+    }
     st.matches
         .iter()
-        .any(|(name, m)| *name == ctx.preferred && *m == st.end)
+        .any(|(name, m)| *name == pref && *m == st.end)
+        .then_some("handing back to the preferred replica")
 }
 
 /// A little jitter so that brokers that gave a port back do not queue in lockstep.
@@ -303,50 +336,66 @@ async fn become_leader(ctx: &Ctx, token: u64) -> Result<(), LeadError> {
         .ok_or(LeadError::Gone)?
         .map_err(LeadError::Refused)?;
     let me = ctx.catalog.me.clone();
-    let replicas = ctx.peers.len() + 1;
-    let majority = replicas / 2 + 1;
     let mut surveys: Vec<(String, Survey)> = vec![(me.clone(), mine)];
-    while surveys.len() < majority {
-        let asked: Vec<String> = ctx
-            .peers
-            .iter()
-            .filter(|p| !surveys.iter().any(|(n, _)| n == *p))
-            .cloned()
-            .collect();
-        // Every peer at once.
-        let asking: Vec<_> = asked
-            .iter()
-            .map(|peer| {
-                let (ctx, peer) = (ctx.clone(), peer.clone());
-                tokio::spawn(async move { survey_peer(&ctx, &peer, token).await })
-            })
-            .collect();
-        for (peer, answer) in asked.into_iter().zip(asking) {
-            let answer = answer
-                .await
-                .unwrap_or_else(|e| Err(PeerError::Unreachable(e.to_string())));
-            match answer {
-                Ok(s) => surveys.push((peer, s)),
-                Err(PeerError::Fenced(why)) => return Err(LeadError::Fenced(why)),
-                Err(PeerError::Unreachable(why)) => {
-                    tracing::debug!(peer, why, "replica did not answer the survey")
+    loop {
+        // The configuration in this log decides whose answers are needed: a majority
+        // of each side of it.
+        let st = ctx.state().await.ok_or(LeadError::Gone)?;
+        if st.role != Role::Candidate(token) {
+            return Err(LeadError::NotCandidate);
+        }
+        let config = st.config.clone();
+        while !config.satisfied_by(surveys.iter().map(|(n, _)| n.as_str())) {
+            let asked: Vec<String> = config
+                .members()
+                .into_iter()
+                .filter(|p| !surveys.iter().any(|(n, _)| n == p))
+                .collect();
+            // Every replica at once.
+            let asking: Vec<_> = asked
+                .iter()
+                .map(|peer| {
+                    let (ctx, peer) = (ctx.clone(), peer.clone());
+                    tokio::spawn(async move { survey_peer(&ctx, &peer, token).await })
+                })
+                .collect();
+            for (peer, answer) in asked.into_iter().zip(asking) {
+                let answer = answer
+                    .await
+                    .unwrap_or_else(|e| Err(PeerError::Unreachable(e.to_string())));
+                match answer {
+                    Ok(s) => surveys.push((peer, s)),
+                    Err(PeerError::Fenced(why)) => return Err(LeadError::Fenced(why)),
+                    Err(PeerError::Unreachable(why)) => {
+                        tracing::debug!(peer, why, "replica did not answer the survey")
+                    }
                 }
             }
-        }
-        if surveys.len() < majority {
-            match ctx.state().await {
-                Some(s) if s.role == Role::Candidate(token) => {}
-                Some(_) => return Err(LeadError::NotCandidate),
-                None => return Err(LeadError::Gone),
+            if !config.satisfied_by(surveys.iter().map(|(n, _)| n.as_str())) {
+                match ctx.state().await {
+                    Some(s) if s.role == Role::Candidate(token) => {}
+                    Some(_) => return Err(LeadError::NotCandidate),
+                    None => return Err(LeadError::Gone),
+                }
+                tokio::time::sleep(RETRY).await;
             }
-            tokio::time::sleep(RETRY).await;
         }
-    }
-    let list: Vec<Survey> = surveys.iter().map(|(_, s)| s.clone()).collect();
-    let b = replica::best(&list).expect("a majority answered");
-    let (best_name, best) = surveys[b].clone();
-    if best_name != me {
-        catch_up(ctx, token, &best_name, &best).await?;
+        let list: Vec<Survey> = surveys.iter().map(|(_, s)| s.clone()).collect();
+        let b = replica::best(&list).ok_or(LeadError::NotCandidate)?;
+        let (best_name, best) = surveys[b].clone();
+        if best_name != me {
+            catch_up(ctx, token, &best_name, &best).await?;
+            // This log is now the best one; what it says of the others stands.
+            if let Some(s) = surveys.iter_mut().find(|(n, _)| *n == me) {
+                s.1 = best.clone();
+            }
+        }
+        // The adopted log may carry a newer configuration: its majorities must have
+        // answered too (a change of replicas overlaps the old and new majorities).
+        let after = ctx.state().await.ok_or(LeadError::Gone)?;
+        if after.config == config {
+            break;
+        }
     }
     ctx.ask(|reply| Cmd::Lead { token, reply })
         .await
@@ -468,7 +517,11 @@ async fn follow(ctx: Ctx) {
         let Some(mut st) = ctx.state().await else {
             return;
         };
-        if st.role != Role::Follower || ctx.peers.is_empty() {
+        if st.retired {
+            ctx.catalog.retired(&ctx.queue, ctx.index);
+            return;
+        }
+        if st.role != Role::Follower || st.config.members() == [ctx.catalog.me.clone()] {
             tokio::time::sleep(RETRY).await;
             continue;
         }
@@ -512,6 +565,7 @@ async fn follow(ctx: Ctx) {
                 })
                 .await
             {
+                Some(Ok(s)) if s.retired => break,
                 Some(Ok(s)) => st = s,
                 Some(Err(e)) => {
                     tracing::debug!(port, error = %e, "fetched records not taken");
