@@ -397,9 +397,10 @@ async fn no_confirmed_message_is_lost_across_20_kills_of_a_partition_leader() {
     }
     consumer.abort();
     takeovers.sort();
-    let b = book.lock().unwrap();
-    let produced_max = next.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!(
+    {
+        let b = book.lock().unwrap();
+        let produced_max = next.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
         "20 leader kills: {} confirmed, {} consumed, {} produce calls refused; takeover median {:?}, max {:?}",
         b.confirmed.len(),
         b.consumed.len(),
@@ -407,21 +408,21 @@ async fn no_confirmed_message_is_lost_across_20_kills_of_a_partition_leader() {
         takeovers[takeovers.len() / 2],
         takeovers.last().unwrap()
     );
-    assert!(
-        b.confirmed.len() > 1_000,
-        "too little traffic: {}",
-        b.confirmed.len()
-    );
-    assert!(
-        missing.is_empty(),
-        "confirmed and never consumed: {missing:?}"
-    );
-    assert!(
-        b.consumed.iter().all(|&id| id < produced_max),
-        "a message nobody produced was consumed"
-    );
-    assert!(b.violations.is_empty(), "{:?}", b.violations);
-    drop(b);
+        assert!(
+            b.confirmed.len() > 1_000,
+            "too little traffic: {}",
+            b.confirmed.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "confirmed and never consumed: {missing:?}"
+        );
+        assert!(
+            b.consumed.iter().all(|&id| id < produced_max),
+            "a message nobody produced was consumed"
+        );
+        assert!(b.violations.is_empty(), "{:?}", b.violations);
+    }
     // The CLI reaches the group through the port switch.
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(BIN)
