@@ -590,4 +590,176 @@ mod tests {
             }
         }
     }
+
+    /// The same model with changes of replicas: five brokers, three replicas at a time;
+    /// a leader replaces one (a joint configuration, then the new one, each a record of
+    /// the log); a candidate must be a replica in its log's configuration, surveys a
+    /// majority of each side of it, and again of the configuration of the log it
+    /// adopts. A record a majority of each side held when it was confirmed is in
+    /// every later leader's log.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Append(u8),
+        Replicate(u8, u8),
+        Elect(u8, u8),
+        /// Replace the k-th replica by the first broker that is not one.
+        Replace(u8),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            (1u8..4).prop_map(Change::Append),
+            (0u8..5, any::<u8>()).prop_map(|(r, k)| Change::Replicate(r, k)),
+            (0u8..5, any::<u8>()).prop_map(|(r, k)| Change::Elect(r, k)),
+            (0u8..3).prop_map(Change::Replace),
+        ]
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Rec {
+        epoch: u64,
+        config: Option<Config>,
+    }
+
+    fn name(i: usize) -> String {
+        format!("b{i}")
+    }
+
+    fn config_of(log: &[Rec]) -> Config {
+        log.iter()
+            .rev()
+            .find_map(|r| r.config.clone())
+            .unwrap_or_else(|| Config::simple((0..3).map(name).collect()))
+    }
+
+    fn epochs_of(log: &[Rec]) -> Vec<(u64, u64)> {
+        history(&log.iter().map(|r| r.epoch).collect::<Vec<_>>())
+    }
+
+    proptest! {
+        #[test]
+        fn confirmed_records_survive_changes_of_replicas(steps in prop::collection::vec(change(), 1..100)) {
+            const N: usize = 5;
+            let mut logs: Vec<Vec<Rec>> = vec![Vec::new(); N];
+            let mut leader = 0usize;
+            let mut epoch = 1u64;
+            let mut epoch_start = 0u64;
+            logs[0].push(Rec { epoch, config: None });
+            let mut confirmed: Vec<(usize, u64)> = Vec::new();
+            // Offset of a joint configuration waiting to be confirmed.
+            let mut joint_at: Option<usize> = None;
+            let agree = |a: &[Rec], b: &[Rec]| {
+                agreement(&epochs_of(a), a.len() as u64, &epochs_of(b), b.len() as u64) as usize
+            };
+            for s in steps {
+                match s {
+                    Change::Append(n) => {
+                        if config_of(&logs[leader]).contains(&name(leader)) {
+                            for _ in 0..n {
+                                logs[leader].push(Rec { epoch, config: None });
+                            }
+                        }
+                    }
+                    Change::Replace(k) => {
+                        let c = config_of(&logs[leader]);
+                        if c.is_joint() || joint_at.is_some() || !c.contains(&name(leader)) {
+                            continue;
+                        }
+                        let from = c.new[k as usize % c.new.len()].clone();
+                        let Some(to) = (0..N).map(name).find(|n| !c.new.contains(n)) else { continue };
+                        let new: Vec<String> = c.new.iter().map(|n| if *n == from { to.clone() } else { n.clone() }).collect();
+                        joint_at = Some(logs[leader].len());
+                        logs[leader].push(Rec { epoch, config: Some(Config { old: c.new.clone(), new }) });
+                    }
+                    Change::Replicate(r, k) => {
+                        let r = r as usize % N;
+                        if r == leader {
+                            continue;
+                        }
+                        let a = agree(&logs[r], &logs[leader]);
+                        logs[r].truncate(a);
+                        let upto = a + (k as usize % (logs[leader].len() - a + 1));
+                        let tail = logs[leader][a..upto].to_vec();
+                        logs[r].extend(tail);
+                        let config = config_of(&logs[leader]);
+                        let ends: Vec<u64> = (0..N).map(|i| agree(&logs[i], &logs[leader]) as u64).collect();
+                        let hw = config.high_water(|n| {
+                            let i: usize = n[1..].parse().expect("b<i>");
+                            ends[i]
+                        });
+                        if hw > epoch_start {
+                            for (o, rec) in logs[leader].iter().enumerate().take(hw as usize) {
+                                if !confirmed.iter().any(|&(c, _)| c == o) {
+                                    confirmed.push((o, rec.epoch));
+                                }
+                            }
+                            // The joint configuration is confirmed: the new one alone.
+                            if let Some(j) = joint_at {
+                                if (hw as usize) > j {
+                                    joint_at = None;
+                                    let c = config_of(&logs[leader]);
+                                    logs[leader].push(Rec { epoch, config: Some(Config::simple(c.new)) });
+                                }
+                            }
+                        }
+                    }
+                    Change::Elect(r, k) => {
+                        let r = r as usize % N;
+                        if !config_of(&logs[r]).contains(&name(r)) {
+                            continue;
+                        }
+                        // Survey: r, some others, then as many as each configuration
+                        // met on the way needs.
+                        let mut asked: Vec<usize> = vec![r];
+                        let mut adopted = logs[r].clone();
+                        loop {
+                            let config = config_of(&adopted);
+                            for i in 0..N {
+                                if (k >> i) & 1 == 1 && config.contains(&name(i)) && !asked.contains(&i) {
+                                    asked.push(i);
+                                }
+                            }
+                            for m in config.members() {
+                                if config.satisfied_by(asked.iter().map(|&i| name(i)).collect::<Vec<_>>().iter().map(String::as_str)) {
+                                    break;
+                                }
+                                let i: usize = m[1..].parse().expect("b<i>");
+                                if !asked.contains(&i) {
+                                    asked.push(i);
+                                }
+                            }
+                            let surveys: Vec<Survey> = asked
+                                .iter()
+                                .map(|&i| if i == r { Survey { end: adopted.len() as u64, epochs: epochs_of(&adopted) } } else { Survey { end: logs[i].len() as u64, epochs: epochs_of(&logs[i]) } })
+                                .collect();
+                            let b = asked[best(&surveys).expect("surveys")];
+                            if b != r {
+                                adopted = logs[b].clone();
+                            }
+                            if config_of(&adopted) == config {
+                                break;
+                            }
+                        }
+                        if !config_of(&adopted).contains(&name(r)) {
+                            continue;
+                        }
+                        logs[r] = adopted;
+                        leader = r;
+                        epoch += 1;
+                        epoch_start = logs[r].len() as u64;
+                        joint_at = None;
+                        // A joint configuration left by the old leader is finished by the
+                        // new one once confirmed (here: noted to be finished).
+                        if config_of(&logs[r]).is_joint() {
+                            joint_at = logs[r].iter().rposition(|x| x.config.is_some());
+                        }
+                        logs[r].push(Rec { epoch, config: None });
+                        for &(o, e) in &confirmed {
+                            prop_assert_eq!(logs[r].get(o).map(|x| x.epoch), Some(e), "confirmed record {} lost", o);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
