@@ -28,6 +28,8 @@
 //! earlier segment is [`LogError::Corrupt`]. Every read checks the CRCs again.
 
 use std::fs::{File, OpenOptions};
+
+use bytes::Bytes;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -85,16 +87,17 @@ pub struct Message<'a> {
     pub expires_ms: u64,
 }
 
-/// A record read back.
+/// A record read back. Its bytes are slices of the buffer the read filled (one
+/// allocation per read, not three per record).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub offset: u64,
     pub timestamp_ms: u64,
     pub not_before_ms: u64,
     pub expires_ms: u64,
-    pub key: Vec<u8>,
-    pub headers: Vec<u8>,
-    pub payload: Vec<u8>,
+    pub key: Bytes,
+    pub headers: Bytes,
+    pub payload: Bytes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +216,7 @@ fn encode(out: &mut Vec<u8>, offset: u64, m: &Message<'_>) {
 /// The record at the start of `b`, if it is whole and sound, with its encoded size.
 /// `Err(why)` names what is wrong; `Ok(None)` means `b` ends before the record does.
 fn decode(
-    b: &[u8],
+    b: &Bytes,
     record_bytes_max: u32,
 ) -> std::result::Result<Option<(Record, usize)>, &'static str> {
     if b.len() < FRAME_HEAD {
@@ -245,9 +248,9 @@ fn decode(
         timestamp_ms: u64_at(body, 8),
         not_before_ms: u64_at(body, 16),
         expires_ms: u64_at(body, 24),
-        key: body[BODY_FIXED..h].to_vec(),
-        headers: body[h..h + headers_len].to_vec(),
-        payload: body[h + headers_len..].to_vec(),
+        key: b.slice(FRAME_HEAD + BODY_FIXED..FRAME_HEAD + h),
+        headers: b.slice(FRAME_HEAD + h..FRAME_HEAD + h + headers_len),
+        payload: b.slice(FRAME_HEAD + h + headers_len..end),
     };
     Ok(Some((rec, end)))
 }
@@ -301,14 +304,14 @@ impl Log {
     /// Reads and checks segment `base`; a bad tail is cut if `last`, an error if not.
     fn scan(&self, base: u64, last: bool) -> Result<(Segment, u64, u64)> {
         let path = self.dir.join(segment_name(base));
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let bytes = Bytes::from(std::fs::read(&path).map_err(io_err(&path))?);
         let mut pos = 0usize;
         let mut next = base;
         let mut index = Vec::new();
         let mut last_indexed = None::<u64>;
         let mut records = 0u64;
         let bad = loop {
-            match decode(&bytes[pos..], self.cfg.record_bytes_max) {
+            match decode(&bytes.slice(pos..), self.cfg.record_bytes_max) {
                 Ok(Some((rec, size))) => {
                     if rec.offset != next {
                         break Some("offset out of sequence");
@@ -504,10 +507,11 @@ impl Log {
                 seg.file
                     .read_exact_at(&mut buf, pos)
                     .map_err(io_err(&seg.path))?;
+                let buf = Bytes::from(buf);
                 let mut at = 0usize;
                 let mut progressed = false;
                 loop {
-                    match decode(&buf[at..], self.cfg.record_bytes_max) {
+                    match decode(&buf.slice(at..), self.cfg.record_bytes_max) {
                         Ok(Some((rec, size))) => {
                             progressed = true;
                             at += size;
@@ -545,7 +549,7 @@ impl Log {
                     seg.file
                         .read_exact_at(&mut whole, pos)
                         .map_err(io_err(&seg.path))?;
-                    match decode(&whole, self.cfg.record_bytes_max) {
+                    match decode(&Bytes::from(whole), self.cfg.record_bytes_max) {
                         Ok(Some((rec, size))) => {
                             at = size;
                             if rec.offset >= want {
@@ -691,7 +695,7 @@ mod tests {
             for (i, r) in got.iter().enumerate() {
                 assert_eq!(r.offset, from + i as u64);
                 assert_eq!(r.payload, p[r.offset as usize]);
-                assert_eq!(r.key, b"k");
+                assert_eq!(r.key, &b"k"[..]);
             }
         }
         assert!(log.read(500, 100).unwrap().is_empty());
@@ -726,7 +730,7 @@ mod tests {
         drop(log);
         let (log, report) = Log::open(dir.path(), LogConfig::default()).unwrap();
         assert_eq!((report.records, report.cut_bytes), (20, 0));
-        assert_eq!(log.read(19, 100).unwrap()[0].payload, b"after");
+        assert_eq!(log.read(19, 100).unwrap()[0].payload, &b"after"[..]);
     }
 
     #[test]
@@ -802,7 +806,7 @@ mod tests {
         assert_eq!(got[0].payload.len(), 300_000);
         let all = log.read(0, 1 << 20).unwrap();
         assert_eq!(all.len(), 3);
-        assert_eq!(all[2].payload, b"b");
+        assert_eq!(all[2].payload, &b"b"[..]);
     }
 
     #[test]
@@ -824,7 +828,7 @@ mod tests {
         drop(log);
         let (mut log, report) = Log::open(dir.path(), small()).unwrap();
         assert_eq!((report.records, report.cut_bytes), (124, 0));
-        assert_eq!(log.read(123, 100).unwrap()[0].payload, b"new 123");
+        assert_eq!(log.read(123, 100).unwrap()[0].payload, &b"new 123"[..]);
         let bytes = log.bytes();
         log.truncate(500).unwrap();
         assert_eq!(log.bytes(), bytes);

@@ -212,6 +212,71 @@ impl Cached {
     }
 }
 
+/// The recent records kept in memory: consecutive offsets from `base`, so looking one
+/// up, adding one at the end and dropping the oldest are O(1).
+#[derive(Default)]
+struct Window {
+    base: u64,
+    records: VecDeque<Cached>,
+    /// Bytes held (what [`Cached::size`] counts).
+    bytes: usize,
+}
+
+impl Window {
+    fn end(&self) -> u64 {
+        self.base + self.records.len() as u64
+    }
+
+    /// Adds the record at `offset`; one that does not follow the window starts it anew.
+    fn insert(&mut self, offset: u64, c: Cached) {
+        if offset != self.end() {
+            self.records.clear();
+            self.bytes = 0;
+            self.base = offset;
+        }
+        self.bytes += c.size();
+        self.records.push_back(c);
+        while self.bytes > CACHE_BYTES_MAX {
+            if self.pop_first().is_none() {
+                break;
+            }
+        }
+    }
+
+    fn get(&self, offset: &u64) -> Option<&Cached> {
+        let i = offset.checked_sub(self.base)?;
+        self.records.get(usize::try_from(i).ok()?)
+    }
+
+    fn contains_key(&self, offset: &u64) -> bool {
+        self.get(offset).is_some()
+    }
+
+    fn pop_first(&mut self) -> Option<(u64, Cached)> {
+        let c = self.records.pop_front()?;
+        self.bytes -= c.size();
+        self.base += 1;
+        Some((self.base - 1, c))
+    }
+
+    /// The records from `range.start` to `range.end` that are here.
+    fn range(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = (u64, &Cached)> {
+        let from = range.start.max(self.base);
+        let to = range.end.min(self.end());
+        (from..to.max(from)).filter_map(move |o| self.get(&o).map(|c| (o, c)))
+    }
+
+    /// Removes the records at and above `offset`; returns them.
+    fn split_off(&mut self, offset: &u64) {
+        let keep = offset
+            .saturating_sub(self.base)
+            .min(self.records.len() as u64) as usize;
+        for c in self.records.split_off(keep) {
+            self.bytes -= c.size();
+        }
+    }
+}
+
 impl From<Record> for Cached {
     fn from(r: Record) -> Cached {
         Cached {
@@ -427,8 +492,7 @@ pub struct Partition {
     consumer_group: HashMap<u64, String>,
     /// Groups begun this turn (a control record tells the replicas).
     new_groups: Vec<String>,
-    cache: BTreeMap<u64, Cached>,
-    cache_bytes: usize,
+    cache: Window,
     /// Records read from the log for this turn's deliveries.
     fetched: HashMap<u64, Cached>,
     catalog: Arc<Catalog>,
@@ -539,8 +603,7 @@ impl Partition {
             groups: BTreeMap::new(),
             consumer_group: HashMap::new(),
             new_groups: Vec::new(),
-            cache: BTreeMap::new(),
-            cache_bytes: 0,
+            cache: Window::default(),
             fetched: HashMap::new(),
             catalog,
             metrics,
@@ -956,14 +1019,7 @@ impl Partition {
                         headers: p.headers,
                         payload: p.payload,
                     };
-                    self.cache_bytes += c.size();
                     self.cache.insert(first + i as u64, c);
-                }
-                while self.cache_bytes > CACHE_BYTES_MAX {
-                    let Some((_, r)) = self.cache.pop_first() else {
-                        break;
-                    };
-                    self.cache_bytes -= r.size();
                 }
                 self.metrics.produced.inc_by(produced_count as u64);
                 let mut next = first;
@@ -1091,7 +1147,7 @@ impl Partition {
             let at = self.delivered_upto;
             // From memory while the records there run on, else from the log.
             let mut recs: Vec<(u64, Cached)> = Vec::new();
-            for (&o, c) in self.cache.range(at..upto) {
+            for (o, c) in self.cache.range(at..upto) {
                 if o != at + recs.len() as u64 {
                     break;
                 }
@@ -1425,10 +1481,7 @@ impl Partition {
                 .save(&self.dir.join("epochs"))
                 .map_err(io_error)?;
             self.metrics.truncated.inc_by(end - agree);
-            let gone = self.cache.split_off(&agree);
-            for c in gone.values() {
-                self.cache_bytes -= c.size();
-            }
+            self.cache.split_off(&agree);
             tracing::warn!(queue = %self.queue, partition = self.index, from = agree, records = end - agree, "cut records the leader does not have");
         }
         let end = self.log.end_offset();
@@ -1527,7 +1580,6 @@ impl Partition {
             headers: rec.headers,
             payload: rec.payload,
         };
-        self.cache_bytes += cached.size();
         self.cache.insert(offset, cached);
         self.recompute_hw();
         Ok(offset)
@@ -1972,6 +2024,43 @@ fn delivery_error(e: DeliveryError) -> MqError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cached(n: usize) -> Cached {
+        Cached {
+            timestamp_ms: 0,
+            not_before_ms: 0,
+            expires_ms: 0,
+            key: Bytes::new(),
+            headers: Bytes::new(),
+            payload: Bytes::from(vec![0u8; n]),
+        }
+    }
+
+    #[test]
+    fn the_window_keeps_consecutive_records_within_its_bytes() {
+        let mut w = Window::default();
+        for o in 10..20 {
+            w.insert(o, cached(100));
+        }
+        assert_eq!((w.base, w.end(), w.bytes), (10, 20, 10 * 164));
+        assert!(w.get(&9).is_none() && w.get(&20).is_none());
+        assert_eq!(w.get(&15).unwrap().payload.len(), 100);
+        let r: Vec<u64> = w.range(5..13).map(|(o, _)| o).collect();
+        assert_eq!(r, vec![10, 11, 12]);
+        assert_eq!(w.range(25..30).count(), 0);
+        w.split_off(&17);
+        assert_eq!((w.end(), w.bytes), (17, 7 * 164));
+        assert_eq!(w.pop_first().map(|(o, _)| o), Some(10));
+        // A record that does not follow starts the window anew.
+        w.insert(40, cached(1));
+        assert_eq!((w.base, w.end(), w.bytes), (40, 41, 65));
+        // Past its bytes the oldest go.
+        for o in 41..41 + (CACHE_BYTES_MAX / 65_600) as u64 + 10 {
+            w.insert(o, cached(65_536));
+        }
+        assert!(w.bytes <= CACHE_BYTES_MAX);
+        assert!(w.base > 40);
+    }
 
     #[test]
     fn control_records_round_trip_and_garbage_is_none() {
