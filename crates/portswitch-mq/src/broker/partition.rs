@@ -283,9 +283,9 @@ impl From<Record> for Cached {
             timestamp_ms: r.timestamp_ms,
             not_before_ms: r.not_before_ms,
             expires_ms: r.expires_ms,
-            key: r.key.into(),
-            headers: r.headers.into(),
-            payload: r.payload.into(),
+            key: r.key,
+            headers: r.headers,
+            payload: r.payload,
         }
     }
 }
@@ -687,7 +687,7 @@ impl Partition {
                 if r.headers != CONTROL_HEADERS && !g.acks.is_settled(r.offset) {
                     let _ = delivery.append(Entry {
                         offset: r.offset,
-                        key: r.key.into(),
+                        key: r.key,
                         not_before_ms: r.not_before_ms,
                         expires_ms: r.expires_ms,
                     });
