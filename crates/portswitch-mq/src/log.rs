@@ -478,6 +478,33 @@ impl Log {
         Ok(())
     }
 
+    /// Empties the log and starts it again at `start` (a replica so far behind that its
+    /// leader no longer has the records that follow its own: every group settled them).
+    pub fn reset(&mut self, start: u64) -> Result<()> {
+        for seg in self.segments.drain(..) {
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+        }
+        self.bytes = 0;
+        self.dirty = false;
+        let path = self.dir.join(segment_name(start));
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        portswitch_files::sync_dir(&self.dir)?;
+        self.segments.push(Segment {
+            base: start,
+            path,
+            file,
+            len: 0,
+            next: start,
+            index: Vec::new(),
+        });
+        Ok(())
+    }
+
     /// Records from `offset` on, about `max_bytes` of them (at least one if any),
     /// each checked against its CRC. An offset below the start is out of range; one at
     /// the end gives nothing.
@@ -836,6 +863,23 @@ mod tests {
         assert_eq!((log.end_offset(), log.segments()), (0, 1));
         assert_eq!(log.append(&[msg(b"zero")]).unwrap(), 0);
         log.reclaim(1).unwrap();
+    }
+
+    #[test]
+    fn a_log_reset_starts_again_at_an_offset_and_reopens_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = Log::open(dir.path(), small()).unwrap();
+        append_all(&mut log, &payloads(100));
+        log.reset(5_000).unwrap();
+        assert_eq!(
+            (log.start_offset(), log.end_offset(), log.bytes()),
+            (5_000, 5_000, 0)
+        );
+        assert_eq!(log.append(&[msg(b"x")]).unwrap(), 5_000);
+        drop(log);
+        let (log, report) = Log::open(dir.path(), small()).unwrap();
+        assert_eq!((report.segments, report.records), (1, 1));
+        assert_eq!(log.read(5_000, 10).unwrap()[0].payload, &b"x"[..]);
     }
 
     #[test]

@@ -328,7 +328,9 @@ pub enum Reply {
         /// Whether it leads the partition with that token.
         leader: bool,
         hw: u64,
-        /// Its log's end and history.
+        /// Its log's first offset (a fetcher whose log ends before it starts again
+        /// there) and end, and its history.
+        start: u64,
         end: u64,
         epochs: Vec<(u64, u64)>,
         /// Records from the fetch's offset, if the fetcher's log agrees up to there.
@@ -549,6 +551,7 @@ impl Reply {
                 token,
                 leader,
                 hw,
+                start,
                 end,
                 epochs,
                 records,
@@ -556,6 +559,7 @@ impl Reply {
                 b.put_u64(*token);
                 b.put_u8(*leader as u8);
                 b.put_u64(*hw);
+                b.put_u64(*start);
                 b.put_u64(*end);
                 put_epochs(b, epochs);
                 b.put_u32(records.len() as u32);
@@ -867,6 +871,7 @@ impl Reply {
                 let token = r.u64()?;
                 let leader = r.u8()? != 0;
                 let hw = r.u64()?;
+                let start = r.u64()?;
                 let end = r.u64()?;
                 let epochs = r.epochs()?;
                 let n = r.count(44)?;
@@ -886,6 +891,7 @@ impl Reply {
                     token,
                     leader,
                     hw,
+                    start,
                     end,
                     epochs,
                     records,

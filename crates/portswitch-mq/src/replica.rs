@@ -284,6 +284,15 @@ impl Configs {
         self.changes.push((offset, c));
     }
 
+    /// Drops changes that only describe records below `start` (reclaimed).
+    pub fn fold_below(&mut self, start: u64) -> bool {
+        let before = self.changes.len();
+        while self.changes.len() > 1 && self.changes[1].0 <= start {
+            self.changes.remove(0);
+        }
+        self.changes.len() != before
+    }
+
     /// Forgets changes whose records were cut (at and above `end`).
     pub fn truncate(&mut self, end: u64) -> bool {
         let before = self.changes.len();

@@ -410,6 +410,15 @@ async fn switch() -> portswitch_server::RunningServer {
 }
 
 async fn member(dir: &std::path::Path, switch: &str, name: &str) -> RunningBroker {
+    member_with(dir, switch, name, |_| {}).await
+}
+
+async fn member_with(
+    dir: &std::path::Path,
+    switch: &str,
+    name: &str,
+    tune: impl FnOnce(&mut BrokerConfig),
+) -> RunningBroker {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -419,6 +428,7 @@ async fn member(dir: &std::path::Path, switch: &str, name: &str) -> RunningBroke
     cfg.http_listen = None;
     cfg.switch = Some(switch.to_string());
     cfg.name = Some(name.to_string());
+    tune(&mut cfg);
     RunningBroker::start(cfg).await.expect("the broker starts")
 }
 
@@ -772,6 +782,101 @@ async fn a_replica_moves_to_another_broker_while_producers_go_on() {
         .await
         .unwrap();
     for b in brokers {
+        b.stop().await;
+    }
+}
+
+async fn stat_of(addr: &str, queue: &str, name: &str) -> u64 {
+    let stat = MqClient::connect(addr)
+        .await
+        .unwrap()
+        .stat(queue)
+        .await
+        .unwrap();
+    stat.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| *v)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_leaders_reclaimed_log_starts_again_where_it_starts() {
+    let sw = switch().await;
+    let sw_addr = sw.addr.to_string();
+    let small = |c: &mut BrokerConfig| c.segment_bytes_max = 4096;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        brokers.push(Some(
+            member_with(d.path(), &sw_addr, &format!("b{i}"), small).await,
+        ));
+    }
+    let cluster = portswitch_mq::cluster::Cluster::connect(&sw_addr)
+        .await
+        .unwrap();
+    cluster
+        .create("behind", QueueConfig::default())
+        .await
+        .unwrap();
+    let leader = leaders(&sw_addr, "behind", 1).await[0].clone();
+    // A follower goes away.
+    let away = brokers
+        .iter()
+        .position(|b| b.as_ref().unwrap().addr.to_string() != leader)
+        .unwrap();
+    brokers[away].take().unwrap().stop().await;
+    // Many small segments' worth, all acknowledged: the leader reclaims them.
+    let mut cons = cluster.subscribe("behind", "g", 1000).await.unwrap();
+    for round in 0..10 {
+        let batch: Vec<Outgoing> = (0..100)
+            .map(|i| msg("", &format!("{round}-{i:0>90}")))
+            .collect();
+        cluster.produce("behind", batch).await.unwrap();
+    }
+    let mut acked = 0;
+    while acked < 1000 {
+        let r = within(cons.next()).await.unwrap();
+        r.ack().await.unwrap();
+        acked += 1;
+    }
+    let mut start = 0;
+    for _ in 0..500 {
+        start = stat_of(&leader, "behind", "p0.start_offset").await;
+        if start > 500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(start > 500, "the leader reclaimed nothing (start {start})");
+    // It comes back: it cannot fetch what the leader deleted, so it starts its log
+    // again at the leader's start and catches up from there.
+    let back = member_with(dirs[away].path(), &sw_addr, &format!("b{away}"), small).await;
+    let back_addr = back.addr.to_string();
+    brokers[away] = Some(back);
+    cluster
+        .produce("behind", vec![msg("", "after")])
+        .await
+        .unwrap();
+    let end = stat_of(&leader, "behind", "p0.end_offset").await;
+    let mut caught_up = false;
+    for _ in 0..500 {
+        if stat_of(&back_addr, "behind", "p0.end_offset").await >= end {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(caught_up, "the replica did not catch up");
+    assert!(stat_of(&back_addr, "behind", "p0.start_offset").await >= start);
+    // With the leader gone it is one of a majority that serves everything not acked.
+    let gone = brokers
+        .iter()
+        .position(|b| b.as_ref().is_some_and(|b| b.addr.to_string() == leader))
+        .unwrap();
+    brokers[gone].take().unwrap().stop().await;
+    let r = within(cons.next()).await.unwrap();
+    assert_eq!(r.delivery.payload, &b"after"[..]);
+    for b in brokers.into_iter().flatten() {
         b.stop().await;
     }
 }

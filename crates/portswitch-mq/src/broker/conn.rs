@@ -525,6 +525,7 @@ async fn dispatch(
                         token: f.token,
                         leader: f.leader,
                         hw: f.hw,
+                        start: f.start,
                         end: f.end,
                         epochs: f.epochs,
                         records: f.records,

@@ -87,6 +87,9 @@ pub struct BrokerConfig {
     /// Requests of one connection being handled at once (more wait: back-pressure).
     pub requests_in_flight_max: usize,
     pub consumers_per_connection_max: usize,
+    /// A partition's log starts a new segment file past this many bytes (segments are
+    /// what is reclaimed once every group settled them).
+    pub segment_bytes_max: u64,
 }
 
 impl BrokerConfig {
@@ -102,6 +105,7 @@ impl BrokerConfig {
             partitions_max: 256,
             requests_in_flight_max: 1_024,
             consumers_per_connection_max: 1_000,
+            segment_bytes_max: crate::log::LogConfig::default().segment_bytes_max,
         }
     }
 }
@@ -159,6 +163,7 @@ pub struct Catalog {
     families: metrics::Families,
     queues_max: usize,
     partitions_max: u16,
+    segment_bytes_max: u64,
     switch: Option<portswitch_client::Client>,
     /// This broker's address (the value of the ports it owns) and name.
     addr: String,
@@ -320,6 +325,7 @@ impl Catalog {
                 dir,
                 me: self.me.clone(),
                 initial: replicas.clone(),
+                segment_bytes_max: self.segment_bytes_max,
             };
             let p = Partition::open(place, config.clone(), self.clone(), metrics.clone())
                 .map_err(|e| MqError::Io(e.to_string()))?;
@@ -745,6 +751,7 @@ impl RunningBroker {
             families: families.clone(),
             queues_max: cfg.queues_max,
             partitions_max: cfg.partitions_max,
+            segment_bytes_max: cfg.segment_bytes_max.max(4096),
             switch: Some(switch.clone()),
             addr: addr.to_string(),
             me: me.clone(),

@@ -331,6 +331,7 @@ pub struct FetchedData {
     pub token: u64,
     pub leader: bool,
     pub hw: u64,
+    pub start: u64,
     pub end: u64,
     pub epochs: Vec<(u64, u64)>,
     pub records: Vec<Replicated>,
@@ -539,6 +540,7 @@ pub struct Place {
     pub dir: PathBuf,
     pub me: String,
     pub initial: Vec<String>,
+    pub segment_bytes_max: u64,
 }
 
 impl Partition {
@@ -556,6 +558,7 @@ impl Partition {
             dir,
             me,
             initial,
+            segment_bytes_max,
         } = place;
         let queue = queue.as_str();
         let log_cfg = LogConfig {
@@ -566,6 +569,7 @@ impl Partition {
             } else {
                 Fsync::Explicit
             },
+            segment_bytes_max,
             ..LogConfig::default()
         };
         let (log, report) = Log::open(&dir.join("log"), log_cfg)?;
@@ -1336,7 +1340,8 @@ impl Partition {
     fn fetched(&mut self, token: u64, leader: bool, offset: u64, agree: u64) -> FetchedData {
         let mut records = Vec::new();
         let end = self.log.end_offset();
-        if agree == offset && offset < end {
+        let start = self.log.start_offset();
+        if agree == offset && offset < end && offset >= start {
             let mut bytes = 0;
             let mut at = offset;
             while at < end && bytes < REPLICA_FETCH_BYTES {
@@ -1370,6 +1375,7 @@ impl Partition {
             token,
             leader,
             hw: self.hw,
+            start,
             end,
             epochs: self.epochs.list.clone(),
             records,
@@ -1459,6 +1465,25 @@ impl Partition {
                 self.epochs
                     .save(&self.dir.join("epochs"))
                     .map_err(io_error)?;
+            }
+        }
+        // So far behind that the other log no longer has what follows this one (every
+        // group settled it and it was reclaimed): start again where it starts.
+        if self.log.end_offset() < f.start {
+            tracing::warn!(queue = %self.queue, partition = self.index, end = self.log.end_offset(), start = f.start, "behind the leader's first record: starting this replica's log again there");
+            self.log.reset(f.start).map_err(io_error)?;
+            self.cache.split_off(&0);
+            self.epochs.list.clear();
+            self.epochs.follow(&f.epochs, f.start + 1);
+            self.epochs.fold_below(f.start);
+            self.epochs
+                .save(&self.dir.join("epochs"))
+                .map_err(io_error)?;
+            // The configurations it knows are older than what comes; the current one
+            // is in what comes (a leader never lets it fall below its log's start).
+            for g in self.groups.values_mut() {
+                g.acks.raise_to(f.start);
+                g.acks.flush().map_err(io_error)?;
             }
         }
         let end = self.log.end_offset();
@@ -1778,11 +1803,29 @@ impl Partition {
             })
             .min();
         if let Some(low) = low {
-            let low = low.min(self.hw);
+            // The current configuration's record stays in the log (a replica that
+            // starts again at the log's start must find it): a leader about to reclaim
+            // past it writes it again.
+            let config_at = self.configs.current_offset().unwrap_or(u64::MAX);
+            if config_at < low && matches!(self.role, Role::Leader(_)) {
+                let c = self.configs.current();
+                if !c.is_joint() && self.reconfig.is_none() {
+                    if let Err(e) = self.append_control(Control::Replicas {
+                        old: c.new.clone(),
+                        new: c.new,
+                    }) {
+                        tracing::warn!(queue = %self.queue, error = %e, "cannot write the configuration again");
+                    }
+                }
+            }
+            let low = low.min(self.hw).min(config_at);
             match self.log.reclaim(low) {
                 Ok(n) if n > 0 => {
                     self.metrics.segments_reclaimed.inc_by(n as u64);
                     self.epochs.fold_below(self.log.start_offset());
+                    if self.configs.fold_below(self.log.start_offset()) {
+                        let _ = self.save_configs();
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
