@@ -570,7 +570,6 @@ impl Partition {
                 Fsync::Explicit
             },
             segment_bytes_max,
-            ..LogConfig::default()
         };
         let (log, report) = Log::open(&dir.join("log"), log_cfg)?;
         if report.cut_bytes > 0 {
