@@ -46,6 +46,9 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 const ADVANCE_MAX: u64 = 65_536;
 /// How often a partition whose queue syncs on a timer syncs.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+/// Settlements in one control record at most (12 bytes each: well under the log's
+/// 1 MiB record limit).
+const SETTLED_PER_RECORD: usize = 32_768;
 /// The headers that mark a control record (producers cannot set headers).
 pub const CONTROL_HEADERS: &[u8] = b"mq.control\n";
 
@@ -974,11 +977,14 @@ impl Partition {
                 .map_or(g.acks.floor(), |d| d.low_water())
                 .max(g.acks.floor());
             g.acks.raise_to(floor);
-            batch.push(control(Control::Settle {
-                group: name.clone(),
-                floor,
-                entries: std::mem::take(&mut g.settled),
-            }));
+            // In records well under the log's record limit (a SETTLE may hold 100,000).
+            for entries in std::mem::take(&mut g.settled).chunks(SETTLED_PER_RECORD) {
+                batch.push(control(Control::Settle {
+                    group: name.clone(),
+                    floor,
+                    entries: entries.to_vec(),
+                }));
+            }
         }
         // Settlements are durable here before they are confirmed anywhere.
         let mut acks_result = Ok(());
