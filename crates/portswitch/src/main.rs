@@ -7,6 +7,7 @@ mod ctl;
 mod dev;
 mod mq;
 mod serve;
+mod tunnel;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// The message queue: run a broker, manage queues, produce and consume.
     Mq(mq::MqArgs),
+    /// The tunnel: many TCP streams over a pool of encrypted, featureless connections.
+    Tunnel(tunnel::TunnelArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,6 +70,7 @@ fn main() -> std::process::ExitCode {
             Command::Cert(args) => cert::run(args),
             Command::Dev(args) => dev::run(args).await,
             Command::Mq(args) => mq::run(args).await,
+            Command::Tunnel(args) => tunnel::run(args).await,
         }
     });
     match result {

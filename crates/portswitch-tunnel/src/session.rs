@@ -1,0 +1,477 @@
+//! The tokio driver of one session: a [`Mux`] under a lock, a reader and a writer task
+//! per pool connection, and two pumps per stream (socket to tunnel, tunnel to
+//! socket). Shared by the client and the server.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::compress::{Compressor, Decompressor};
+use crate::error::{Result, TunnelError};
+use crate::frame::{decode_all, CompressPolicy, ResetCode};
+use crate::handshake::Keys;
+use crate::limits::{
+    CONN_IDLE_TIMEOUT_MS, RECORD_CONTENT_BYTES_MAX, RECORD_HEADER_BYTES, STREAM_CHUNK_BYTES_MAX,
+};
+use crate::metrics::Metrics;
+use crate::mux::{ConnId, Delivery, Mux, MuxConfig, Opened, Role};
+use crate::record::{pad_len, Opener, Sealer};
+
+/// Records gathered into one socket write at most (frames of many streams, packed).
+const RECORDS_PER_WRITE_MAX: usize = 4;
+/// Bytes a pool connection's reader asks the socket for at once.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Settings of a session's endpoint.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub mux: MuxConfig,
+    /// zstd level for compressed chunks.
+    pub compress_level: i32,
+    /// A pool connection silent for this long is dead; keepalives go at a third.
+    pub conn_idle_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            mux: MuxConfig::default(),
+            compress_level: 3,
+            conn_idle_timeout: Duration::from_millis(CONN_IDLE_TIMEOUT_MS),
+        }
+    }
+}
+
+#[derive(Default)]
+struct StreamWaker {
+    recv: Notify,
+    send: Notify,
+}
+
+struct State {
+    mux: Mux,
+    streams: HashMap<u32, Arc<StreamWaker>>,
+    writers: HashMap<ConnId, Arc<Notify>>,
+    next_conn: ConnId,
+    retransmitted_seen: u64,
+}
+
+type OnOpen = Box<dyn Fn(Session, Opened) + Send + Sync>;
+
+struct Shared {
+    state: Mutex<State>,
+    cfg: SessionConfig,
+    metrics: Metrics,
+    on_open: Option<OnOpen>,
+    conns_changed: Notify,
+    closed: AtomicBool,
+    closed_notify: Notify,
+}
+
+/// One session: its streams and its pool connections. Cheap to clone.
+#[derive(Clone)]
+pub struct Session(Arc<Shared>);
+
+impl Session {
+    /// A session; `on_open` is called (server side) for every stream the far end
+    /// opens, to dial its target and then [`Session::run_stream`].
+    pub fn new(
+        role: Role,
+        cfg: SessionConfig,
+        metrics: Metrics,
+        on_open: Option<OnOpen>,
+    ) -> Session {
+        Session(Arc::new(Shared {
+            state: Mutex::new(State {
+                mux: Mux::new(role, cfg.mux.clone()),
+                streams: HashMap::new(),
+                writers: HashMap::new(),
+                next_conn: 1,
+                retransmitted_seen: 0,
+            }),
+            cfg,
+            metrics,
+            on_open,
+            conns_changed: Notify::new(),
+            closed: AtomicBool::new(false),
+            closed_notify: Notify::new(),
+        }))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// Runs `f` on the mux, then wakes whoever has work.
+    fn with<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> R {
+        let mut notify: Vec<Arc<Notify>> = Vec::new();
+        let mut notify_send: Vec<Arc<StreamWaker>> = Vec::new();
+        let mut notify_recv: Vec<Arc<StreamWaker>> = Vec::new();
+        let (r, opened) = {
+            let mut st = self.0.state.lock().expect("session lock");
+            let r = f(&mut st.mux);
+            let w = st.mux.take_wakeups();
+            for c in w.conns {
+                notify.extend(st.writers.get(&c).cloned());
+            }
+            for id in w.recv {
+                notify_recv.extend(st.streams.get(&id).cloned());
+            }
+            for id in w.send {
+                notify_send.extend(st.streams.get(&id).cloned());
+            }
+            let again = st.mux.stats().frames_retransmitted;
+            if again > st.retransmitted_seen {
+                self.0
+                    .metrics
+                    .frames_retransmitted
+                    .inc_by(again - st.retransmitted_seen);
+                st.retransmitted_seen = again;
+            }
+            (r, w.opened)
+        };
+        for n in notify {
+            n.notify_one();
+        }
+        for s in notify_recv {
+            s.recv.notify_one();
+        }
+        for s in notify_send {
+            s.send.notify_one();
+        }
+        if let Some(cb) = &self.0.on_open {
+            for o in opened {
+                cb(self.clone(), o);
+            }
+        }
+        r
+    }
+
+    /// Pool connections up now.
+    pub fn conns(&self) -> usize {
+        self.0.state.lock().expect("session lock").mux.conns()
+    }
+
+    /// Streams open now.
+    pub fn streams(&self) -> usize {
+        self.0.state.lock().expect("session lock").mux.streams()
+    }
+
+    /// Waits until the number of pool connections may have changed.
+    pub async fn conns_changed(&self) {
+        self.0.conns_changed.notified().await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+
+    /// Waits until the session is closed.
+    pub async fn closed(&self) {
+        loop {
+            let n = self.0.closed_notify.notified();
+            if self.is_closed() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Ends the session: every stream is reset, every connection dropped.
+    pub fn close(&self) {
+        if self.0.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.with(|m| m.reset_all());
+        let writers: Vec<Arc<Notify>> = self
+            .0
+            .state
+            .lock()
+            .expect("session lock")
+            .writers
+            .values()
+            .cloned()
+            .collect();
+        for w in writers {
+            w.notify_one();
+        }
+        self.0.closed_notify.notify_waiters();
+        self.0.conns_changed.notify_waiters();
+    }
+
+    /// Runs a pool connection whose handshake is done until it dies. Its unacknowledged
+    /// frames then go out again on the others.
+    pub async fn run_conn(&self, tcp: TcpStream, keys: Keys) {
+        let _ = tcp.set_nodelay(true);
+        let notify = Arc::new(Notify::new());
+        let c = {
+            let mut st = self.0.state.lock().expect("session lock");
+            let c = st.next_conn;
+            st.next_conn += 1;
+            st.writers.insert(c, notify.clone());
+            c
+        };
+        self.with(|m| m.conn_added(c));
+        self.0.metrics.pool_connections.inc();
+        self.0.conns_changed.notify_waiters();
+        let (rd, wr) = tcp.into_split();
+        let reader = self.read_conn(c, rd, Opener::new(&keys.recv));
+        let writer = self.write_conn(c, wr, Sealer::new(&keys.send), notify);
+        let why = tokio::select! {
+            r = reader => r,
+            r = writer => r,
+            _ = self.closed() => Err(TunnelError::Closed),
+        };
+        tracing::debug!("pool connection {c} ended: {why:?}");
+        self.0
+            .state
+            .lock()
+            .expect("session lock")
+            .writers
+            .remove(&c);
+        self.with(|m| m.conn_lost(c));
+        self.0.metrics.pool_connections.dec();
+        self.0.metrics.pool_connections_lost.inc();
+        self.0.conns_changed.notify_waiters();
+        if let Err(TunnelError::FlowControl { .. } | TunnelError::Malformed { .. }) = why {
+            // The peer broke the protocol: nothing it sends can be trusted.
+            self.close();
+        }
+    }
+
+    async fn read_conn(
+        &self,
+        c: ConnId,
+        mut rd: tokio::net::tcp::OwnedReadHalf,
+        mut opener: Opener,
+    ) -> Result<()> {
+        let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        let idle = self.0.cfg.conn_idle_timeout;
+        let m = &self.0.metrics;
+        loop {
+            fill(&mut rd, &mut buf, RECORD_HEADER_BYTES, idle, m).await?;
+            let mut header = [0u8; RECORD_HEADER_BYTES];
+            header.copy_from_slice(&buf.split_to(RECORD_HEADER_BYTES));
+            let len = opener.open_header(&mut header)?;
+            fill(&mut rd, &mut buf, len, idle, m).await?;
+            let mut body = buf.split_to(len);
+            let content = opener.open_body(&mut body)?;
+            let content = body.freeze().slice(content);
+            let mut frames = Vec::new();
+            decode_all(content, &mut frames)?;
+            m.records_received.inc();
+            self.with(|mux| mux.handle_record(c, frames))?;
+        }
+    }
+
+    async fn write_conn(
+        &self,
+        c: ConnId,
+        mut wr: tokio::net::tcp::OwnedWriteHalf,
+        mut sealer: Sealer,
+        notify: Arc<Notify>,
+    ) -> Result<()> {
+        let mut rng = fastrand::Rng::new();
+        let mut out: Vec<u8> = Vec::with_capacity(RECORDS_PER_WRITE_MAX * 70_000);
+        let mut record: Vec<u8> = Vec::with_capacity(70_000);
+        let keepalive = self.0.cfg.conn_idle_timeout / 3;
+        loop {
+            out.clear();
+            let mut records = 0;
+            while records < RECORDS_PER_WRITE_MAX {
+                let frames = self.with(|m| m.poll_transmit(c, RECORD_CONTENT_BYTES_MAX));
+                if frames.is_empty() {
+                    break;
+                }
+                Sealer::begin(&mut record);
+                for f in &frames {
+                    f.encode(&mut record);
+                }
+                let content = record.len() - RECORD_HEADER_BYTES - 2;
+                sealer.seal(&mut record, pad_len(content, &mut rng));
+                out.extend_from_slice(&record);
+                records += 1;
+            }
+            if records == 0 {
+                if self.is_closed() {
+                    return Err(TunnelError::Closed);
+                }
+                match tokio::time::timeout(keepalive, notify.notified()).await {
+                    Ok(()) => continue,
+                    Err(_) => {
+                        // Idle: a record with no frames, padded like any other.
+                        Sealer::begin(&mut record);
+                        sealer.seal(&mut record, pad_len(0, &mut rng));
+                        out.extend_from_slice(&record);
+                        records = 1;
+                    }
+                }
+            }
+            wr.write_all(&out).await?;
+            self.0.metrics.wire_sent_bytes.inc_by(out.len() as u64);
+            self.0.metrics.records_sent.inc_by(records as u64);
+        }
+    }
+
+    /// Opens a stream to `target` and carries `socket` through it (client side).
+    /// Returns once the stream is queued; the stream runs in its own task.
+    pub fn open_stream(
+        &self,
+        socket: TcpStream,
+        target: &str,
+        policy: CompressPolicy,
+    ) -> Result<u32> {
+        if self.is_closed() {
+            return Err(TunnelError::Closed);
+        }
+        let id = self.with(|m| m.open(Bytes::copy_from_slice(target.as_bytes()), policy))?;
+        let s = self.clone();
+        tokio::spawn(async move { s.run_stream(id, socket, policy).await });
+        Ok(id)
+    }
+
+    /// Carries `socket` through stream `id` until both directions are done.
+    pub async fn run_stream(&self, id: u32, socket: TcpStream, policy: CompressPolicy) {
+        let _ = socket.set_nodelay(true);
+        let waker = Arc::new(StreamWaker::default());
+        self.0
+            .state
+            .lock()
+            .expect("session lock")
+            .streams
+            .insert(id, waker.clone());
+        self.0.metrics.streams_opened.inc();
+        self.0.metrics.streams_open.inc();
+        let (rd, wr) = socket.into_split();
+        tokio::join!(
+            self.pump_in(id, rd, policy, &waker),
+            self.pump_out(id, wr, &waker)
+        );
+        self.0
+            .state
+            .lock()
+            .expect("session lock")
+            .streams
+            .remove(&id);
+        self.0.metrics.streams_open.dec();
+    }
+
+    /// Resets a stream (its target could not be reached, say).
+    pub fn reset_stream(&self, id: u32, code: ResetCode) {
+        self.with(|m| m.reset(id, code));
+    }
+
+    async fn pump_in(
+        &self,
+        id: u32,
+        mut rd: tokio::net::tcp::OwnedReadHalf,
+        policy: CompressPolicy,
+        waker: &StreamWaker,
+    ) {
+        let mut comp = Compressor::new(policy, self.0.cfg.compress_level);
+        let m = &self.0.metrics;
+        loop {
+            let credit = match self.with(|mux| mux.send_credit(id)) {
+                Err(_) => return,
+                Ok(0) => {
+                    waker.send.notified().await;
+                    continue;
+                }
+                Ok(c) => c,
+            };
+            let want = (credit as usize).min(STREAM_CHUNK_BYTES_MAX);
+            let mut buf = BytesMut::zeroed(want);
+            let n = tokio::select! {
+                r = rd.read(&mut buf) => r,
+                // Woken while reading: the stream may have been reset.
+                _ = waker.send.notified() => continue,
+            };
+            match n {
+                Ok(0) => {
+                    let _ = self.with(|mux| mux.send_fin(id));
+                    return;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    m.carried_sent_bytes.inc_by(n as u64);
+                    let chunk = comp.chunk(buf.freeze());
+                    if chunk.compressed {
+                        m.chunks_compressed.inc();
+                    } else {
+                        m.chunks_plain.inc();
+                    }
+                    if self.with(|mux| mux.send_data(id, chunk)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    self.reset_stream(id, ResetCode::Cancel);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn pump_out(
+        &self,
+        id: u32,
+        mut wr: tokio::net::tcp::OwnedWriteHalf,
+        waker: &StreamWaker,
+    ) {
+        let mut dec = Decompressor::new();
+        loop {
+            match self.with(|m| m.poll_recv(id)) {
+                None => waker.recv.notified().await,
+                Some(Delivery::Data(chunk)) => {
+                    let raw_len = chunk.raw_len as u64;
+                    let raw = match dec.raw(chunk) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::debug!("stream {id}: {e}");
+                            self.reset_stream(id, ResetCode::Cancel);
+                            return;
+                        }
+                    };
+                    if wr.write_all(&raw).await.is_err() {
+                        self.reset_stream(id, ResetCode::Cancel);
+                        return;
+                    }
+                    self.0.metrics.carried_received_bytes.inc_by(raw_len);
+                    self.with(|m| m.consumed(id, raw_len));
+                }
+                Some(Delivery::Fin) => {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+                Some(Delivery::Reset(_)) => return,
+            }
+        }
+    }
+}
+
+/// Reads from `rd` until `buf` holds at least `n` bytes.
+async fn fill(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    n: usize,
+    idle: Duration,
+    m: &Metrics,
+) -> Result<()> {
+    while buf.len() < n {
+        buf.reserve(READ_BUFFER_BYTES.max(n));
+        let got = tokio::time::timeout(idle, rd.read_buf(buf))
+            .await
+            .map_err(|_| TunnelError::Io(std::io::ErrorKind::TimedOut.into()))??;
+        if got == 0 {
+            return Err(TunnelError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        m.wire_received_bytes.inc_by(got as u64);
+    }
+    Ok(())
+}
