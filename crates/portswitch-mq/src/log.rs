@@ -370,6 +370,11 @@ impl Log {
         self.segments.last().map_or(0, |s| s.next)
     }
 
+    /// Whether `extra` more bytes stay within `log_bytes_max`.
+    pub fn has_room(&self, extra: u64) -> bool {
+        self.bytes + extra <= self.cfg.log_bytes_max
+    }
+
     /// Bytes on disk.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -382,6 +387,16 @@ impl Log {
     /// Appends `batch` with one write (and, by policy, one fsync); returns the first
     /// offset given. Nothing of a refused batch is written.
     pub fn append(&mut self, batch: &[Message<'_>]) -> Result<u64> {
+        self.append_checked(batch, true)
+    }
+
+    /// [`Log::append`] without the `log_bytes_max` check: for records a leader already
+    /// accepted (a replica's copy) and for the broker's own control records.
+    pub fn append_unlimited(&mut self, batch: &[Message<'_>]) -> Result<u64> {
+        self.append_checked(batch, false)
+    }
+
+    fn append_checked(&mut self, batch: &[Message<'_>], limited: bool) -> Result<u64> {
         if batch.is_empty() {
             return Err(LogError::EmptyBatch);
         }
@@ -396,7 +411,7 @@ impl Log {
             }
             size += (FRAME_HEAD + BODY_FIXED) as u64 + body;
         }
-        if self.bytes + size > self.cfg.log_bytes_max {
+        if limited && self.bytes + size > self.cfg.log_bytes_max {
             return Err(LogError::Full {
                 bytes: self.bytes,
                 max: self.cfg.log_bytes_max,

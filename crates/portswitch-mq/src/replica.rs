@@ -108,10 +108,11 @@ impl Epochs {
         }
         let u = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
         let promised = u(0);
-        let n = u(8) as usize;
-        if body.len() != 16 + n * 16 || n > EPOCHS_MAX {
+        let n = u(8);
+        if n > EPOCHS_MAX as u64 || body.len() as u64 != 16 + n * 16 {
             return None;
         }
+        let n = n as usize;
         let list: Vec<(u64, u64)> = (0..n).map(|i| (u(16 + i * 16), u(24 + i * 16))).collect();
         if list
             .windows(2)

@@ -483,10 +483,13 @@ impl Catalog {
             .as_ref()
             .ok_or_else(|| MqError::Unavailable("no port switch".into()))?;
         let to_addr = self.broker_addr(to).await.map_err(MqError::Unavailable)?;
+        // No replicas to start from: it learns them from the configuration records it
+        // fetches, and is one only once a record names it (not from the list the queue
+        // was created with, which it may be on from an earlier life).
         let req = crate::proto::Request::PeerCreate {
             name: name.to_string(),
             config: q.config.clone(),
-            replicas: q.replicas.clone(),
+            replicas: Vec::new(),
         };
         self.peers
             .call(&to_addr, req, std::time::Duration::from_secs(10))

@@ -457,7 +457,9 @@ struct Reconfig {
     new: Vec<String>,
     joint_end: u64,
     final_end: Option<u64>,
-    reply: Done,
+    /// Who asked (again, after a lost answer, or nobody: a change a former leader
+    /// began).
+    replies: Vec<Done>,
 }
 
 struct Parked {
@@ -584,7 +586,11 @@ impl Partition {
             );
         }
         let mut epochs = Epochs::load(&dir.join("epochs"))?;
-        let configs = replica::Configs::load(&dir.join("config"), initial)?;
+        let log_start = log.start_offset();
+        let mut configs = replica::Configs::load(&dir.join("config"), initial)?;
+        if configs.truncate(log.end_offset()) {
+            configs.save(&dir.join("config"))?;
+        }
         if epochs.list.is_empty() && log.end_offset() > log.start_offset() {
             // A log written before replication: its records are epoch 0.
             let _ = epochs.begin(0, log.start_offset());
@@ -598,7 +604,8 @@ impl Partition {
             epochs,
             role: Role::Follower,
             epoch_start: 0,
-            hw: 0,
+            // Below the log's start everything was settled, so confirmed.
+            hw: log_start,
             me,
             configs,
             reconfig: None,
@@ -787,8 +794,19 @@ impl Partition {
     /// Whether a confirmed configuration without this broker is in effect.
     fn removed(&self) -> bool {
         let c = self.configs.current();
+        // Only a configuration that follows one naming this broker removes it (a
+        // broker being added reads older ones without itself first).
+        let was_member = self.configs.initial.contains(&self.me)
+            || self
+                .configs
+                .changes
+                .iter()
+                .rev()
+                .skip(1)
+                .any(|(_, c)| c.contains(&self.me));
         !c.is_joint()
             && !c.contains(&self.me)
+            && was_member
             && self.configs.current_offset().is_some_and(|o| o < self.hw)
     }
 
@@ -937,9 +955,24 @@ impl Partition {
         let default_ttl = self.config.ttl_ms;
         let limit = self.config.message_bytes_max as usize;
         let mut batch: Vec<Pending> = Vec::new();
-        // Per produce: Ok(count) or the refusal.
+        // Per produce: Ok(count) or the refusal. Retention is enforced on produces alone
+        // (settlements in the same batch are what lets the log shrink).
         let mut accepted = Vec::with_capacity(produced.len());
+        let mut adding = 0u64;
         for (messages, headers, _) in &produced {
+            let size: u64 = messages
+                .iter()
+                .map(|m| (m.key.len() + m.payload.len() + headers.len()) as u64 + 48)
+                .sum();
+            if !self.log.has_room(adding + size) {
+                accepted.push(Err(MqError::Full(format!(
+                    "the partition holds {} of its {} bytes: wait for consumers to settle messages",
+                    self.log.bytes(),
+                    self.config.retention_bytes
+                ))));
+                continue;
+            }
+            adding += size;
             if let Some(m) = messages
                 .iter()
                 .find(|m| m.key.len() + m.payload.len() > limit)
@@ -1008,7 +1041,7 @@ impl Partition {
                     expires_ms: p.expires_ms,
                 })
                 .collect();
-            self.log.append(&msgs).map_err(io_error)
+            self.log.append_unlimited(&msgs).map_err(io_error)
         };
         if !batch.is_empty() && self.config.fsync_every_batch {
             self.metrics
@@ -1476,14 +1509,15 @@ impl Partition {
         // group settled it and it was reclaimed): start again where it starts.
         if self.log.end_offset() < f.start {
             tracing::warn!(queue = %self.queue, partition = self.index, end = self.log.end_offset(), start = f.start, "behind the leader's first record: starting this replica's log again there");
-            self.log.reset(f.start).map_err(io_error)?;
-            self.cache.split_off(&0);
+            // The history first: a crash before the log is emptied resets again.
             self.epochs.list.clear();
             self.epochs.follow(&f.epochs, f.start + 1);
             self.epochs.fold_below(f.start);
             self.epochs
                 .save(&self.dir.join("epochs"))
                 .map_err(io_error)?;
+            self.log.reset(f.start).map_err(io_error)?;
+            self.cache.split_off(&0);
             // The configurations it knows are older than what comes; the current one
             // is in what comes (a leader never lets it fall below its log's start).
             for g in self.groups.values_mut() {
@@ -1542,8 +1576,11 @@ impl Partition {
                     expires_ms: r.expires_ms,
                 })
                 .collect();
-            self.log.append(&msgs).map_err(io_error)?;
-            // Control records: the groups' settlements, kept by every replica.
+            // Control records: the groups' settlements and the replicas in force, kept
+            // by every replica — written before the records that carry them, so a
+            // crash in between leaves them ahead of the log (settlements of confirmed
+            // messages; configurations cut back to the log's end on opening), never
+            // behind it.
             for r in &records {
                 if r.headers.as_ref() != CONTROL_HEADERS {
                     continue;
@@ -1578,6 +1615,9 @@ impl Partition {
             for g in self.groups.values_mut() {
                 g.acks.flush().map_err(io_error)?;
             }
+            // A replica keeps what its leader accepted: retention is the leader's to
+            // enforce (on producers).
+            self.log.append_unlimited(&msgs).map_err(io_error)?;
         }
         let end = self.log.end_offset();
         self.hw = self.hw.max(f.hw.min(end)).min(end);
@@ -1588,20 +1628,30 @@ impl Partition {
     fn append_control(&mut self, c: Control) -> Result<u64, MqError> {
         let rec = control(c.clone());
         let now = now_ms();
-        let offset = self
-            .log
-            .append(&[Message {
-                key: &rec.key,
-                headers: &rec.headers,
-                payload: &rec.payload,
-                timestamp_ms: now,
-                ..Default::default()
-            }])
-            .map_err(io_error)?;
+        // The configuration file first (cut back to the log's end on opening if the
+        // record does not follow).
+        let at = self.log.end_offset();
         if let Control::Replicas { old, new } = c {
-            self.configs.push(offset, replica::Config { old, new });
+            self.configs.push(at, replica::Config { old, new });
             self.save_configs()?;
         }
+        // Control records are not refused for retention: they are what lets it shrink.
+        let appended = self.log.append_unlimited(&[Message {
+            key: &rec.key,
+            headers: &rec.headers,
+            payload: &rec.payload,
+            timestamp_ms: now,
+            ..Default::default()
+        }]);
+        let offset = match appended {
+            Ok(o) => o,
+            Err(e) => {
+                if self.configs.truncate(at) {
+                    let _ = self.save_configs();
+                }
+                return Err(io_error(e));
+            }
+        };
         let cached = Cached {
             timestamp_ms: now,
             not_before_ms: 0,
@@ -1634,11 +1684,18 @@ impl Partition {
         } else {
             Ok(())
         };
-        // Asked again after it was done (the answer was lost): done.
+        // Asked again after it was done (the answer was lost): done. Asked again while
+        // it is under way: answered with it.
         let done = !current.is_joint() && current.new.contains(&to) && !current.new.contains(&from);
         if check.is_err() && done && matches!(self.role, Role::Leader(_)) {
             let _ = reply.send(Ok(()));
             return;
+        }
+        if let Some(r) = self.reconfig.as_mut() {
+            if current.is_joint() && r.new.contains(&to) && !r.new.contains(&from) {
+                r.replies.push(reply);
+                return;
+            }
         }
         if let Err(e) = check {
             let _ = reply.send(Err(e));
@@ -1660,7 +1717,7 @@ impl Partition {
                     new,
                     joint_end: offset + 1,
                     final_end: None,
-                    reply,
+                    replies: vec![reply],
                 });
             }
             Err(e) => {
@@ -1688,7 +1745,9 @@ impl Partition {
                     }
                     Err(e) => {
                         if let Some(r) = self.reconfig.take() {
-                            let _ = r.reply.send(Err(e));
+                            for reply in r.replies {
+                                let _ = reply.send(Err(e.clone()));
+                            }
                         }
                     }
                 }
@@ -1696,7 +1755,9 @@ impl Partition {
             Some(end) if self.hw >= end => {
                 if let Some(r) = self.reconfig.take() {
                     tracing::info!(queue = %self.queue, partition = self.index, replicas = ?r.new, "replicas changed");
-                    let _ = r.reply.send(Ok(()));
+                    for reply in r.replies {
+                        let _ = reply.send(Ok(()));
+                    }
                 }
             }
             _ => {}
@@ -1719,26 +1780,50 @@ impl Partition {
             )));
         }
         let end = self.log.end_offset();
-        if !self.epochs.begin(token, end) {
-            return Err(MqError::Limit(format!(
-                "the partition's epoch history is full ({} leader changes)",
-                replica::EPOCHS_MAX
-            )));
+        match self.epochs.list.last().copied() {
+            // Granted the same token again (this session kept the port): the epoch goes
+            // on as it was; its first record is where it began.
+            Some((e, s)) if e == token => self.epoch_start = s,
+            Some((e, _)) if e > token => {
+                return Err(MqError::Fenced(format!(
+                    "token {token} is below epoch {e} of this log"
+                )))
+            }
+            _ => {
+                if !self.epochs.begin(token, end) {
+                    return Err(MqError::Limit(format!(
+                        "the partition's epoch history is full ({} leader changes)",
+                        replica::EPOCHS_MAX
+                    )));
+                }
+                self.epochs
+                    .save(&self.dir.join("epochs"))
+                    .map_err(io_error)?;
+                let rec = control(Control::Epoch { token });
+                self.log
+                    .append_unlimited(&[Message {
+                        key: &rec.key,
+                        headers: &rec.headers,
+                        payload: &rec.payload,
+                        timestamp_ms: now_ms(),
+                        ..Default::default()
+                    }])
+                    .map_err(io_error)?;
+                self.epoch_start = end;
+            }
         }
-        self.epochs
-            .save(&self.dir.join("epochs"))
-            .map_err(io_error)?;
-        let rec = control(Control::Epoch { token });
-        self.log
-            .append(&[Message {
-                key: &rec.key,
-                headers: &rec.headers,
-                payload: &rec.payload,
-                timestamp_ms: now_ms(),
-                ..Default::default()
-            }])
-            .map_err(io_error)?;
-        self.epoch_start = end;
+        // A change of replicas a former leader began is finished by this one.
+        let current = self.configs.current();
+        if current.is_joint() && self.reconfig.is_none() {
+            let joint_end = self.configs.current_offset().map_or(0, |o| o + 1);
+            let (reply, _) = oneshot::channel();
+            self.reconfig = Some(Reconfig {
+                new: current.new.clone(),
+                joint_end,
+                final_end: None,
+                replies: vec![reply],
+            });
+        }
         self.role = Role::Leader(token);
         self.matches.clear();
         // Confirmed messages are delivered from the lowest unsettled one on.
@@ -1748,8 +1833,8 @@ impl Partition {
             .map(|g| g.acks.floor())
             .min()
             .unwrap_or(end)
-            .max(self.log.start_offset())
-            .min(self.hw);
+            .min(self.hw)
+            .max(self.log.start_offset());
         let names: Vec<String> = self.groups.keys().cloned().collect();
         for name in names {
             self.start_delivery(&name).map_err(io_error)?;
@@ -1771,10 +1856,12 @@ impl Partition {
         self.role = Role::Follower;
         self.serving.store(false, Ordering::Release);
         if let Some(r) = self.reconfig.take() {
-            let _ = r.reply.send(Err(MqError::NotLeader(format!(
-                "mq/{}/{}: the change of replicas was cut short; ask again",
-                self.queue, self.index
-            ))));
+            for reply in r.replies {
+                let _ = reply.send(Err(MqError::NotLeader(format!(
+                    "mq/{}/{}: the change of replicas was cut short; ask again",
+                    self.queue, self.index
+                ))));
+            }
         }
         for u in self.unconfirmed.drain(..) {
             let e = MqError::NotLeader(format!("mq/{}/{}", self.queue, self.index));

@@ -27,6 +27,12 @@ use crate::replica::{self, Survey};
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Between tries when a peer or the port switch does not answer.
 const RETRY: Duration = Duration::from_millis(100);
+/// A candidate that has not surveyed, caught up and begun its epoch by then gives the
+/// port back (a replica it was catching up from may have died).
+const CANDIDACY_MAX: Duration = Duration::from_secs(10);
+/// A partition without a serving leader this long is queued for by every replica, not
+/// only its preferred one.
+const UNLED_GRACE: Duration = Duration::from_secs(2);
 
 /// One connection per peer broker address, made when first needed.
 #[derive(Default)]
@@ -160,6 +166,7 @@ async fn campaign(ctx: Ctx) {
     let port = ctx.port();
     let me = ctx.catalog.me.clone();
     let mut events = switch.events();
+    let mut unled_since: Option<std::time::Instant> = None;
     loop {
         let Some(st) = ctx.state().await else {
             return;
@@ -181,9 +188,12 @@ async fn campaign(ctx: Ctx) {
         let is_preferred = pref == me;
         if !is_preferred {
             // Wait until the preferred broker is down (looking again now and then:
-            // the configuration may change).
+            // the configuration may change) — or until the partition has had no
+            // serving leader for a while although it runs (it may be catching up, or
+            // unable to lead): then queue as well.
             match switch.watch(pref_port.as_str()).await {
                 Ok(None) => {}
+                Ok(Some(_)) if unled_since.is_some_and(|t| t.elapsed() >= UNLED_GRACE) => {}
                 Ok(Some(_)) => {
                     tokio::select! {
                         alive = wait_event(&mut events, |e| released(e, &pref_port)) => {
@@ -191,8 +201,14 @@ async fn campaign(ctx: Ctx) {
                                 return;
                             }
                         }
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     }
+                    let serving = matches!(switch.query(port.as_str()).await, Ok(Some(o)) if !o.value.is_empty());
+                    unled_since = if serving {
+                        None
+                    } else {
+                        unled_since.or(Some(std::time::Instant::now()))
+                    };
                     continue;
                 }
                 Err(e) => {
@@ -226,14 +242,36 @@ async fn campaign(ctx: Ctx) {
                 continue;
             }
         };
-        match become_leader(&ctx, token).await {
+        let led = match tokio::time::timeout(CANDIDACY_MAX, become_leader(&ctx, token)).await {
+            Ok(r) => r,
+            Err(_) => Err(LeadError::TooLong),
+        };
+        match led {
             Ok(()) => {
-                if let Err(e) = switch
-                    .register(port.as_str(), ctx.catalog.addr.as_bytes())
-                    .await
-                {
-                    tracing::warn!(port, error = %e, "cannot publish this leader's address");
+                // Publish the address (without it nobody fetches or produces): a few
+                // tries, then give the port back.
+                let mut published = false;
+                for _ in 0..5 {
+                    match switch
+                        .register(port.as_str(), ctx.catalog.addr.as_bytes())
+                        .await
+                    {
+                        Ok(_) => {
+                            published = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(port, error = %e, "cannot publish this leader's address");
+                            tokio::time::sleep(RETRY * 2).await;
+                        }
+                    }
                 }
+                if !published {
+                    let _ = ctx.tx.send(Cmd::Demote { token }).await;
+                    let _ = switch.unregister(port.as_str()).await;
+                    continue;
+                }
+                unled_since = None;
             }
             Err(e) => {
                 tracing::warn!(port, token, error = %e, "did not become leader: giving the port back");
@@ -252,10 +290,12 @@ async fn campaign(ctx: Ctx) {
                     Ok(portswitch_client::Event::PortLost { port: p, .. }) if p.as_ref() == port.as_bytes() => break,
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Events were lost: ask whether the port is still ours.
+                        // Events were lost: ask whether the port is still ours (an
+                        // error answers nothing: ask again at the next tick).
                         match switch.query(port.as_str()).await {
                             Ok(Some(o)) if o.token == token => {}
-                            _ => break,
+                            Ok(_) => break,
+                            Err(_) => {}
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -285,13 +325,20 @@ async fn campaign(ctx: Ctx) {
 /// it out, or the preferred replica runs and holds everything it has.
 async fn give_up_due(ctx: &Ctx, switch: &portswitch_client::Client) -> Option<&'static str> {
     let st = ctx.state().await?;
-    if st.step_down {
-        return Some("no longer a replica");
-    }
     if st.config.is_joint() {
         return None;
     }
     let pref = preferred(ctx, &st);
+    if st.step_down {
+        // Left out: lead on until the new preferred replica holds everything (or is
+        // down, and another takes over), so the partition is never left unled.
+        let pref_up = matches!(
+            switch.query(super::broker_port(&pref).as_str()).await,
+            Ok(Some(_))
+        );
+        let caught_up = st.matches.iter().any(|(n, m)| *n == pref && *m == st.end);
+        return (caught_up || !pref_up).then_some("no longer a replica");
+    }
     if pref == ctx.catalog.me
         || !matches!(
             switch.query(super::broker_port(&pref).as_str()).await,
@@ -326,6 +373,8 @@ enum LeadError {
     Fenced(String),
     #[error("lost candidacy while surveying")]
     NotCandidate,
+    #[error("surveying and catching up took longer than {CANDIDACY_MAX:?}")]
+    TooLong,
 }
 
 /// Fences a majority at `token`, adopts the most up-to-date log among them, leads.
