@@ -239,14 +239,26 @@ async fn dispatch(
 ) -> Answer {
     match req {
         Request::Hello { .. } => ready(error(MqError::BadRequest("HELLO was already said".into()))),
-        Request::Create { name, config } => ready(match catalog.create(&name, config).await {
-            Ok(()) => Reply::Ok,
-            Err(e) => error(e),
-        }),
-        Request::Delete { name } => ready(match catalog.delete(&name, true).await {
-            Ok(()) => Reply::Ok,
-            Err(e) => error(e),
-        }),
+        // These talk to other brokers and may take seconds: they run beside the
+        // connection's other requests (FETCH and SURVEY ride the same connections).
+        Request::Create { name, config } => {
+            let catalog = catalog.clone();
+            Box::pin(async move {
+                match catalog.create(&name, config).await {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => error(e),
+                }
+            })
+        }
+        Request::Delete { name } => {
+            let catalog = catalog.clone();
+            Box::pin(async move {
+                match catalog.delete(&name, true).await {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => error(e),
+                }
+            })
+        }
         Request::List => ready(Reply::Listed(catalog.list())),
         Request::Produce {
             queue,
@@ -453,14 +465,24 @@ async fn dispatch(
             name,
             config,
             replicas,
-        } => ready(match catalog.adopt(&name, config, replicas).await {
-            Ok(()) => Reply::Ok,
-            Err(e) => error(e),
-        }),
-        Request::PeerDelete { name } => ready(match catalog.delete(&name, false).await {
-            Ok(()) => Reply::Ok,
-            Err(e) => error(e),
-        }),
+        } => {
+            let catalog = catalog.clone();
+            Box::pin(async move {
+                match catalog.adopt(&name, config, replicas).await {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => error(e),
+                }
+            })
+        }
+        Request::PeerDelete { name } => {
+            let catalog = catalog.clone();
+            Box::pin(async move {
+                match catalog.delete(&name, false).await {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => error(e),
+                }
+            })
+        }
         Request::Move { queue, from, to } => {
             let catalog = catalog.clone();
             // Long (every partition's change confirmed in turn): answered when done.

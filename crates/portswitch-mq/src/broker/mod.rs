@@ -381,7 +381,9 @@ impl Catalog {
                 ));
             }
         }
-        let _change = self.change.lock().await;
+        // Checked here, and again under the catalogue's lock when the queue is opened;
+        // the lock is not held while other brokers are asked (two brokers creating
+        // queues at once would wait on each other).
         if self.read().contains_key(name) {
             return Err(MqError::QueueExists(name.to_string()));
         }
@@ -428,6 +430,10 @@ impl Catalog {
         }
         let partitions = config.partitions;
         if replicas.contains(&self.me) {
+            let _change = self.change.lock().await;
+            if self.read().contains_key(name) {
+                return Err(MqError::QueueExists(name.to_string()));
+            }
             self.open_queue(name, config, replicas).await?;
             self.save()?;
         }
