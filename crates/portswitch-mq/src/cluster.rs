@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::broker::{broker_port, partition_of};
+use crate::broker::{group_brokers, partition_of};
 use crate::client::{ClientError, MqClient, Result};
 use crate::proto::{Code, Delivery, How, Outgoing, QueueConfig, Settlement};
 
@@ -73,23 +73,9 @@ impl Cluster {
 
     /// The brokers of the group: (name, address).
     pub async fn brokers(&self) -> Result<Vec<(String, String)>> {
-        let prefix = broker_port("");
-        let owners = self
-            .inner
-            .switch
-            .list_all(prefix.as_str())
+        group_brokers(&self.inner.switch)
             .await
-            .map_err(|e| self.switch_error(e))?;
-        Ok(owners
-            .into_iter()
-            .filter_map(|o| {
-                let name = std::str::from_utf8(&o.port).ok()?.strip_prefix(&prefix)?;
-                Some((
-                    name.to_string(),
-                    String::from_utf8_lossy(&o.value).into_owned(),
-                ))
-            })
-            .collect())
+            .map_err(|e| self.switch_error(e))
     }
 
     fn switch_error(&self, e: portswitch_client::Error) -> ClientError {

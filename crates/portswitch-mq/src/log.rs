@@ -473,7 +473,11 @@ impl Log {
     /// Starts a new segment at the end offset (the current one synced first).
     fn roll(&mut self) -> Result<()> {
         self.sync()?;
-        let base = self.end_offset();
+        self.new_segment(self.end_offset())
+    }
+
+    /// Creates an empty segment starting at `base` (the directory synced after).
+    fn new_segment(&mut self, base: u64) -> Result<()> {
         let path = self.dir.join(segment_name(base));
         let file = OpenOptions::new()
             .read(true)
@@ -501,23 +505,7 @@ impl Log {
         }
         self.bytes = 0;
         self.dirty = false;
-        let path = self.dir.join(segment_name(start));
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        portswitch_files::sync_dir(&self.dir)?;
-        self.segments.push(Segment {
-            base: start,
-            path,
-            file,
-            len: 0,
-            next: start,
-            index: Vec::new(),
-        });
-        Ok(())
+        self.new_segment(start)
     }
 
     /// Records from `offset` on, about `max_bytes` of them (at least one if any),

@@ -280,6 +280,23 @@ pub enum Request {
     },
 }
 
+/// A replica's answer to FETCH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The answering broker's promised token (its own if it leads).
+    pub token: u64,
+    /// Whether it leads the partition with that token.
+    pub leader: bool,
+    pub hw: u64,
+    /// Its log's first offset (a fetcher whose log ends before it starts again
+    /// there) and end, and its history.
+    pub start: u64,
+    pub end: u64,
+    pub epochs: Vec<(u64, u64)>,
+    /// Records from the fetch's offset, if the fetcher's log agrees up to there.
+    pub records: Vec<Replicated>,
+}
+
 /// A record as replicated between brokers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replicated {
@@ -322,20 +339,7 @@ pub enum Reply {
     Listed(Vec<(String, QueueConfig)>),
     Stats(Vec<(String, u64)>),
     Deliver(Delivery),
-    Fetched {
-        /// The answering broker's promised token (its own if it leads).
-        token: u64,
-        /// Whether it leads the partition with that token.
-        leader: bool,
-        hw: u64,
-        /// Its log's first offset (a fetcher whose log ends before it starts again
-        /// there) and end, and its history.
-        start: u64,
-        end: u64,
-        epochs: Vec<(u64, u64)>,
-        /// Records from the fetch's offset, if the fetcher's log agrees up to there.
-        records: Vec<Replicated>,
-    },
+    Fetched(Fetched),
     Surveyed {
         end: u64,
         epochs: Vec<(u64, u64)>,
@@ -547,23 +551,15 @@ impl Reply {
                 put_bytes(b, &d.headers);
                 put_bytes(b, &d.payload);
             }),
-            Reply::Fetched {
-                token,
-                leader,
-                hw,
-                start,
-                end,
-                epochs,
-                records,
-            } => message(out, op::FETCHED, id, |b| {
-                b.put_u64(*token);
-                b.put_u8(*leader as u8);
-                b.put_u64(*hw);
-                b.put_u64(*start);
-                b.put_u64(*end);
-                put_epochs(b, epochs);
-                b.put_u32(records.len() as u32);
-                for r in records {
+            Reply::Fetched(f) => message(out, op::FETCHED, id, |b| {
+                b.put_u64(f.token);
+                b.put_u8(f.leader as u8);
+                b.put_u64(f.hw);
+                b.put_u64(f.start);
+                b.put_u64(f.end);
+                put_epochs(b, &f.epochs);
+                b.put_u32(f.records.len() as u32);
+                for r in &f.records {
                     b.put_u64(r.offset);
                     b.put_u64(r.timestamp_ms);
                     b.put_u64(r.not_before_ms);
@@ -887,7 +883,7 @@ impl Reply {
                         payload: r.bytes()?,
                     });
                 }
-                Reply::Fetched {
+                Reply::Fetched(Fetched {
                     token,
                     leader,
                     hw,
@@ -895,7 +891,7 @@ impl Reply {
                     end,
                     epochs,
                     records,
-                }
+                })
             }
             op::SURVEYED => Reply::Surveyed {
                 end: r.u64()?,

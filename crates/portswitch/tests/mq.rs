@@ -17,32 +17,17 @@ use tokio::process::{Child, Command};
 const BIN: &str = env!("CARGO_BIN_EXE_portswitch");
 
 async fn broker(dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args([
-            "mq",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-http",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn mq serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .expect("the broker starts")
-        .unwrap()
-        .expect("a line");
-    let addr = line
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_string();
-    (child, addr)
+    let d = dir.to_str().unwrap();
+    spawn_listening(&[
+        "mq",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-http",
+        "--data-dir",
+        d,
+    ])
+    .await
 }
 
 #[derive(Default)]

@@ -543,15 +543,7 @@ async fn dispatch(
                 .await;
             Box::pin(async move {
                 match rx.await {
-                    Ok(Ok(f)) => Reply::Fetched {
-                        token: f.token,
-                        leader: f.leader,
-                        hw: f.hw,
-                        start: f.start,
-                        end: f.end,
-                        epochs: f.epochs,
-                        records: f.records,
-                    },
+                    Ok(Ok(f)) => Reply::Fetched(f),
                     Ok(Err(e)) => error(e),
                     Err(_) => error(MqError::UnknownQueue(queue)),
                 }

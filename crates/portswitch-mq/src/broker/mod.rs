@@ -176,6 +176,24 @@ pub fn broker_port(name: &str) -> String {
     format!("mq/brokers/{name}")
 }
 
+/// The brokers of the group behind `switch`: (name, address), from the ports they own.
+pub async fn group_brokers(
+    switch: &portswitch_client::Client,
+) -> Result<Vec<(String, String)>, portswitch_client::Error> {
+    let prefix = broker_port("");
+    let owners = switch.list_all(prefix.as_str()).await?;
+    Ok(owners
+        .into_iter()
+        .filter_map(|o| {
+            let name = std::str::from_utf8(&o.port).ok()?.strip_prefix(&prefix)?;
+            Some((
+                name.to_string(),
+                String::from_utf8_lossy(&o.value).into_owned(),
+            ))
+        })
+        .collect())
+}
+
 /// Replicas of a queue when its settings say 0.
 pub const REPLICAS_DEFAULT: usize = 3;
 
@@ -275,21 +293,9 @@ impl Catalog {
         let Some(switch) = &self.switch else {
             return Ok(vec![(self.me.clone(), self.addr.clone())]);
         };
-        let prefix = broker_port("");
-        let owners = switch
-            .list_all(prefix.as_str())
+        group_brokers(switch)
             .await
-            .map_err(|e| MqError::Unavailable(format!("port switch: {e}")))?;
-        Ok(owners
-            .into_iter()
-            .filter_map(|o| {
-                let name = std::str::from_utf8(&o.port).ok()?.strip_prefix(&prefix)?;
-                Some((
-                    name.to_string(),
-                    String::from_utf8_lossy(&o.value).into_owned(),
-                ))
-            })
-            .collect())
+            .map_err(|e| MqError::Unavailable(format!("port switch: {e}")))
     }
 
     fn save(&self) -> Result<(), MqError> {

@@ -328,17 +328,8 @@ pub enum Role {
     Leader(u64),
 }
 
-/// What a fetch's answer carries, decoded (see [`crate::proto::Reply::Fetched`]).
-#[derive(Debug, Clone)]
-pub struct FetchedData {
-    pub token: u64,
-    pub leader: bool,
-    pub hw: u64,
-    pub start: u64,
-    pub end: u64,
-    pub epochs: Vec<(u64, u64)>,
-    pub records: Vec<Replicated>,
-}
+/// What a fetch's answer carries.
+pub type FetchedData = crate::proto::Fetched;
 
 pub type FetchReply = oneshot::Sender<Result<FetchedData, MqError>>;
 

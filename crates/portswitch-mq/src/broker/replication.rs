@@ -537,23 +537,7 @@ async fn catch_up(ctx: &Ctx, token: u64, peer: &str, best: &Survey) -> Result<()
 
 fn fetched(reply: Reply) -> Option<FetchedData> {
     match reply {
-        Reply::Fetched {
-            token,
-            leader,
-            hw,
-            start,
-            end,
-            epochs,
-            records,
-        } => Some(FetchedData {
-            token,
-            leader,
-            hw,
-            start,
-            end,
-            epochs,
-            records,
-        }),
+        Reply::Fetched(f) => Some(f),
         _ => None,
     }
 }
