@@ -15,9 +15,12 @@
 #   SMOKE=1 scripts/bench-tunnel.sh         # debug build, 1 run of 1 s: a quick check
 #   RUNS=7 DURATION=10 scripts/bench-tunnel.sh
 #
+#   SYSTEMS=tunnel PARTS=corpus scripts/bench-tunnel.sh   # bytes on the wire only
+#
 # Environment: SMOKE, RUNS, DURATION (s per iperf3 run), PROFILE (release, or debug
 # with SMOKE), SYSTEMS (default "loopback tunnel ssh-aes ssh-chacha shadowsocks"),
-# BASE_PORT (default 19500), OUT.
+# PARTS (default "throughput latency corpus"), BASE_PORT (default 19500), OUT,
+# PORTSWITCH_BIN (a portswitch binary to use instead of building one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -28,10 +31,12 @@ else
     RUNS=${RUNS:-5}; DURATION=${DURATION:-5}; PROFILE=${PROFILE:-release}; LAT_COUNT=${LAT_COUNT:-3000}
 fi
 SYSTEMS=${SYSTEMS:-"loopback tunnel ssh-aes ssh-chacha shadowsocks"}
+PARTS=${PARTS:-"throughput latency corpus"}
 BASE_PORT=${BASE_PORT:-19500}
 OUT=${OUT:-$ROOT/bench-results/tunnel-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 has() { case " $SYSTEMS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
@@ -41,6 +46,7 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 { has ssh-aes || has ssh-chacha; } && ! command -v ssh >/dev/null && need+=(openssh-client)
 has shadowsocks && ! command -v ss-server >/dev/null && need+=(shadowsocks-libev)
 command -v jq >/dev/null || need+=(jq)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
     if [ -n "$SUDO" ] && ! command -v sudo >/dev/null; then
         echo "bench-tunnel.sh: needs root or sudo to install ${need[*]}" >&2; exit 2
@@ -52,7 +58,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ "$PROFILE" = release ]; then
+if [ -n "${PORTSWITCH_BIN:-}" ]; then
+    BIN=$PORTSWITCH_BIN  # built already (the smoke test passes its own)
+elif [ "$PROFILE" = release ]; then
     cargo build --release -q -p portswitch
     BIN=$TARGET_DIR/release/portswitch
 else
@@ -154,7 +162,7 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else prin
 emit() { echo "$1" | tee -a "$OUT/results.jsonl"; }
 
 # --- throughput -------------------------------------------------------------------
-for sys in $SYSTEMS; do
+part throughput && for sys in $SYSTEMS; do
     port=$(port_of "$sys" 0)
     for streams in 1 8; do
         : >"$WORK/runs"
@@ -169,18 +177,18 @@ for sys in $SYSTEMS; do
 done
 
 # --- latency ----------------------------------------------------------------------
-for sys in $SYSTEMS; do
+part latency && for sys in $SYSTEMS; do
     r=$($PY latency "$(port_of "$sys" 1)" "$LAT_COUNT" 64)
     emit "{\"system\":\"$sys\",\"measure\":\"rtt_64B\",\"result\":$r}"
 done
 
 # --- bytes on the wire for the office corpus (ours) -----------------------------
-if has tunnel; then
+if has tunnel && part corpus; then
     metric() { curl -s "http://127.0.0.1:$P_TUN_METRICS/metrics" | awk -v m="$1" '$1==m {print $2}'; }
     c0=$(metric portswitch_tunnel_carried_sent_bytes_total); w0=$(metric portswitch_tunnel_wire_sent_bytes_total)
     r=$($PY corpus "$(port_of tunnel 2)")
     c1=$(metric portswitch_tunnel_carried_sent_bytes_total); w1=$(metric portswitch_tunnel_wire_sent_bytes_total)
-    emit "{\"system\":\"tunnel\",\"measure\":\"office_corpus\",\"carried\":$((c1 - c0)),\"wire\":$((w1 - w0)),\"wire_per_carried\":$(echo "scale=3; ($w1 - $w0) / ($c1 - $c0)" | bc -l 2>/dev/null || echo null),\"corpus\":$r}"
+    emit "{\"system\":\"tunnel\",\"measure\":\"office_corpus\",\"carried\":$((c1 - c0)),\"wire\":$((w1 - w0)),\"wire_per_carried\":$(awk -v w=$((w1 - w0)) -v c=$((c1 - c0)) 'BEGIN { if (c > 0) printf "%.3f", w / c; else printf "null" }'),\"corpus\":$r}"
 fi
 
 # --- summary ----------------------------------------------------------------------

@@ -1,6 +1,11 @@
 //! The tunnel client: keeps a pool of connections to one server (one session), carries
 //! local forwards (`-L`) and a SOCKS5 listener through it, redials lost connections,
 //! and with a port switch finds live servers and moves to another when one dies.
+//!
+//! With a port switch the client watches `tunnel/<name>/`: when the port of the
+//! server in use is released (the server stopped, or its port-switch session ended)
+//! the client lists the live servers again and, if its server is no longer among
+//! them, moves to another at once, without waiting for dials to fail.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -115,6 +120,9 @@ struct Inner {
     stop: Notify,
     stopped: std::sync::atomic::AtomicBool,
     switch: Mutex<Option<portswitch_client::Client>>,
+    /// Bumped on every port-switch event under the tunnel's prefix (and when events
+    /// were lost): the list of live servers may have changed.
+    switch_changes: watch::Sender<u64>,
 }
 
 /// A running client. Cheap to clone.
@@ -133,6 +141,7 @@ impl TunnelClient {
             stop: Notify::new(),
             stopped: Default::default(),
             switch: Mutex::new(None),
+            switch_changes: watch::channel(0).0,
             cfg,
         }));
         let me = c.clone();
@@ -254,10 +263,10 @@ impl TunnelClient {
         Ok(addr)
     }
 
-    /// Live servers, best first.
-    async fn servers(&self) -> Vec<String> {
+    /// Live servers, best first; `None` when the port switch cannot be asked.
+    async fn servers(&self) -> Option<Vec<String>> {
         match &self.0.cfg.source {
-            ServerSource::Direct(list) => list.clone(),
+            ServerSource::Direct(list) => Some(list.clone()),
             ServerSource::Switch { switch, name } => {
                 let client = {
                     let g = self.0.switch.lock().unwrap_or_else(|p| p.into_inner());
@@ -271,42 +280,91 @@ impl TunnelClient {
                     .await
                     {
                         Ok(c) => {
-                            let _ = c.watch_prefix(switch_prefix(name)).await;
+                            // Subscribed before the watch, so no event falls between.
+                            self.follow_switch_events(c.events(), switch_prefix(name));
+                            if let Err(e) = c.watch_prefix(switch_prefix(name)).await {
+                                tracing::warn!("port switch watch: {e}");
+                            }
                             *self.0.switch.lock().unwrap_or_else(|p| p.into_inner()) =
                                 Some(c.clone());
                             c
                         }
                         Err(e) => {
                             tracing::warn!("port switch {switch}: {e}");
-                            return Vec::new();
+                            return None;
                         }
                     },
                 };
                 match client.list_all(switch_prefix(name)).await {
-                    Ok(owners) => owners
-                        .into_iter()
-                        .map(|o| String::from_utf8_lossy(&o.value).into_owned())
-                        .collect(),
+                    Ok(owners) => Some(
+                        owners
+                            .into_iter()
+                            .map(|o| String::from_utf8_lossy(&o.value).into_owned())
+                            .collect(),
+                    ),
                     Err(e) => {
                         tracing::warn!("port switch list: {e}");
-                        Vec::new()
+                        None
                     }
                 }
             }
         }
     }
 
+    /// Turns the port switch's events under `prefix` into bumps of `switch_changes`,
+    /// until the switch client is gone or the tunnel client stops.
+    fn follow_switch_events(
+        &self,
+        mut events: tokio::sync::broadcast::Receiver<portswitch_client::Event>,
+        prefix: String,
+    ) {
+        use portswitch_client::Event;
+        use tokio::sync::broadcast::error::RecvError;
+        let me = self.clone();
+        tokio::spawn(async move {
+            while !me.is_stopped() {
+                let relevant = tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(Event::Released { port, .. } | Event::Claimed { port, .. }) => {
+                            port.starts_with(prefix.as_bytes())
+                        }
+                        Ok(Event::Resync | Event::Recovered) => true,
+                        Ok(_) => false,
+                        // Events were dropped: whatever they said, look again.
+                        Err(RecvError::Lagged(_)) => true,
+                        Err(RecvError::Closed) => {
+                            me.0.switch_changes.send_modify(|g| *g += 1);
+                            return;
+                        }
+                    },
+                    _ = me.0.stop.notified() => return,
+                };
+                if relevant {
+                    me.0.switch_changes.send_modify(|g| *g += 1);
+                }
+            }
+        });
+    }
+
     /// Picks a server, runs a session with it until it is judged dead, and moves on.
     async fn supervise(self) {
         let mut bad: HashSet<String> = HashSet::new();
         let mut backoff = Duration::from_millis(REDIAL_BACKOFF_MS_MIN);
+        let mut changes = self.0.switch_changes.subscribe();
         while !self.is_stopped() {
-            let servers = self.servers().await;
+            changes.mark_unchanged();
+            let servers = self.servers().await.unwrap_or_default();
             let fresh: Vec<&String> = servers.iter().filter(|s| !bad.contains(*s)).collect();
             let server = match fresh.first().copied().or(servers.first()) {
                 Some(s) => s.clone(),
                 None => {
-                    tokio::time::sleep(backoff).await;
+                    // Nothing registered (or the switch is away): look again after the
+                    // backoff, or as soon as a server registers.
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = changes.changed() => {}
+                        _ = self.0.stop.notified() => {}
+                    }
                     backoff = (backoff * 2).min(Duration::from_millis(REDIAL_BACKOFF_MS_MAX));
                     bad.clear();
                     continue;
@@ -325,17 +383,25 @@ impl TunnelClient {
             self.0
                 .current
                 .send_replace(Some((server.clone(), session.clone())));
-            let dead = self.run_session(&server, &session, servers.len() > 1).await;
+            let verdict = self.run_session(&server, &session, servers.len() > 1).await;
             session.close();
-            if dead {
-                tracing::warn!("tunnel server {server} is gone; moving on");
+            if let Some(why) = verdict {
+                tracing::warn!("tunnel server {server} is gone ({why}); moving on");
+                self.0.metrics.server_moved(why);
                 bad.insert(server);
             }
         }
     }
 
-    /// Keeps the pool of `session` full. Returns `true` when the server seems dead.
-    async fn run_session(&self, server: &str, session: &Session, others: bool) -> bool {
+    /// Keeps the pool of `session` full. Returns why the server is judged gone
+    /// (`released`, `unreachable`), or `None` when the client stopped.
+    async fn run_session(
+        &self,
+        server: &str,
+        session: &Session,
+        others: bool,
+    ) -> Option<&'static str> {
+        let mut changes = self.0.switch_changes.subscribe();
         let id = session_id();
         let failures = Arc::new(AtomicU32::new(0));
         let mut slots = tokio::task::JoinSet::new();
@@ -378,7 +444,7 @@ impl TunnelClient {
         let grace = Duration::from_millis(SESSION_ORPHAN_GRACE_MS);
         let verdict = loop {
             if self.is_stopped() || session.is_closed() {
-                break false;
+                break None;
             }
             if session.conns() > 0 {
                 down_since = None;
@@ -388,13 +454,27 @@ impl TunnelClient {
                 if (others && fails >= self.0.cfg.failover_after_failures)
                     || since.elapsed() >= grace
                 {
-                    break true;
+                    break Some("unreachable");
                 }
             }
             tokio::select! {
                 _ = session.conns_changed() => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = self.0.stop.notified() => {}
+                r = changes.changed() => {
+                    // A server registered or left. If ours is no longer registered
+                    // (it stopped, or lost its port-switch session), move now: its
+                    // pool may look alive for up to the idle timeout, and dials to a
+                    // vanished host take the handshake timeout each. A switch that
+                    // cannot be asked says nothing about the server.
+                    if r.is_ok() {
+                        if let Some(live) = self.servers().await {
+                            if !live.iter().any(|s| s == server) {
+                                break Some("released");
+                            }
+                        }
+                    }
+                }
             }
         };
         session.close();

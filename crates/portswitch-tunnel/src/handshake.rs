@@ -194,6 +194,11 @@ fn sealed_hello(
 }
 
 fn body_len(k: &LessSafeKey, n: u64, header_raw: &mut [u8]) -> Result<usize> {
+    // The callers' slices are any length (the functions are public): a header is
+    // exactly one sealed u16.
+    if header_raw.len() != HEADER_RAW {
+        return Err(TunnelError::malformed("hello", "header length"));
+    }
     let plain = open(k, n, header_raw)?;
     let len = u16::from_be_bytes([plain[0], plain[1]]) as usize;
     if !(TAG_BYTES + 2..=HELLO_BODY_BYTES_MAX).contains(&len) || !len.is_multiple_of(3) {
@@ -208,6 +213,9 @@ fn body_len(k: &LessSafeKey, n: u64, header_raw: &mut [u8]) -> Result<usize> {
 
 fn noise_of<'a>(k: &LessSafeKey, n: u64, body_raw: &'a mut [u8]) -> Result<&'a [u8]> {
     let plain = open(k, n, body_raw)?;
+    if plain.len() < 2 {
+        return Err(TunnelError::malformed("hello", "body too short"));
+    }
     let len = u16::from_be_bytes([plain[0], plain[1]]) as usize;
     if len + 2 > plain.len() {
         return Err(TunnelError::malformed(
@@ -300,6 +308,9 @@ impl ServerHello {
     pub fn read_header(psk: &Psk, header: &[u8]) -> Result<(ServerHello, usize)> {
         let mut raw = Vec::with_capacity(SALT_BYTES + HEADER_RAW);
         psk.alphabet.decode(header, &mut raw)?;
+        if raw.len() != SALT_BYTES + HEADER_RAW {
+            return Err(TunnelError::malformed("hello", "header length"));
+        }
         let mut salt = [0u8; SALT_BYTES];
         salt.copy_from_slice(&raw[..SALT_BYTES]);
         let key = psk.hello_key(&salt);

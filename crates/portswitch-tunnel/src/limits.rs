@@ -54,6 +54,17 @@ pub const POOL_CONNECTIONS_MAX: usize = 16;
 /// Frame bytes sent on one pool connection and not yet acknowledged (the
 /// per-connection window): what is resent elsewhere when it dies.
 pub const CONN_UNACKED_BYTES_MAX: usize = 8 << 20;
+/// Records received on a connection and not yet acknowledged, past which an
+/// acknowledgement goes out alone at once; below it, it waits up to
+/// `ACK_DELAY_MS` for a record that goes out anyway.
+pub const ACK_RECORDS_MAX: u64 = 16;
+pub const ACK_DELAY_MS: u64 = 20;
+// The sender must never stall on its unacknowledged window waiting for a delayed
+// acknowledgement: the records that trigger one immediately fit in it.
+const _: () = assert!(ACK_RECORDS_MAX as usize * RECORD_BODY_BYTES_MAX < CONN_UNACKED_BYTES_MAX);
+/// A new stream's OPEN waits this long for the application's first bytes, so both
+/// travel in one record (protocols where the server speaks first pay it once).
+pub const OPEN_HOLD_MS: u64 = 2;
 /// Sessions a server holds at once.
 pub const SESSIONS_MAX: usize = 1024;
 /// A session whose pool connections are all gone waits this long for one to come back

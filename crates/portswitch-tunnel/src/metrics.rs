@@ -35,6 +35,12 @@ pub struct Metrics {
     pub pool_connections_dialled: Counter,
     pub pool_connections_lost: Counter,
     pub handshakes: Family<ResultLabel, Counter>,
+    /// Client: moves to another server, by why (`released`: its port left the port
+    /// switch; `unreachable`: dials kept failing with nothing up).
+    pub server_moves: Family<ResultLabel, Counter>,
+    /// Server: registrations of its port in the port switch (the first, and each one
+    /// after its port-switch session or port was lost).
+    pub switch_registrations: Counter,
     pub streams_open: Gauge,
     pub pool_connections: Gauge,
     pub sessions: Gauge,
@@ -49,6 +55,14 @@ impl Metrics {
         self.handshakes
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn server_moved(&self, why: &str) {
+        self.server_moves
+            .get_or_create(&ResultLabel {
+                result: why.to_string(),
             })
             .inc();
     }
@@ -106,6 +120,16 @@ impl Metrics {
             m.pool_connections_lost,
         );
         r.register("handshakes", "Handshakes by result", m.handshakes);
+        r.register(
+            "server_moves",
+            "Moves of the client to another server, by reason",
+            m.server_moves,
+        );
+        r.register(
+            "switch_registrations",
+            "Registrations of the server's port in the port switch",
+            m.switch_registrations,
+        );
         r.register("streams_open", "Streams open now", m.streams_open);
         r.register(
             "pool_connections",

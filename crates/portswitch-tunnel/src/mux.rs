@@ -2,14 +2,22 @@
 //!
 //! No I/O and no clock. The driver (`session`) owns sockets and calls, under one lock:
 //!
-//! - inputs: [`Mux::open`] (client), [`Mux::send_data`] / [`Mux::send_fin`] /
+//! - inputs: [`Mux::open`] or [`Mux::open_held`] then [`Mux::release_open`]
+//!   (client), [`Mux::send_data`] / [`Mux::send_fin`] /
 //!   [`Mux::reset`] (a stream's socket was read), [`Mux::consumed`] (delivered bytes
 //!   were written to a stream's socket), [`Mux::handle_record`] (a record's frames
 //!   arrived on a connection), [`Mux::conn_added`] / [`Mux::conn_lost`];
 //! - outputs: [`Mux::poll_transmit`] (the frames of the next record for a connection:
 //!   each non-empty answer must be sealed and written as exactly one record, in
 //!   order), [`Mux::poll_recv`] (what to write to a stream's socket next),
-//!   [`Mux::send_credit`], and [`Mux::take_wakeups`] (which tasks have work now).
+//!   [`Mux::send_credit`], and [`Mux::take_wakeups`] (which tasks have work now);
+//! - acknowledgements are delayed: [`Mux::poll_transmit`] puts one in a record that
+//!   goes out anyway, or sends it alone once [`ACK_RECORDS_MAX`] records wait for
+//!   it. When `poll_transmit` has nothing and [`Mux::ack_pending`] is true, the
+//!   driver waits at most [`ACK_DELAY_MS`] for other work, then sends the record
+//!   [`Mux::poll_ack`] gives. (A lone acknowledgement is a whole padded record on the
+//!   wire: acknowledging each record at once cost more bytes than small documents
+//!   compressed to.)
 //!
 //! Reliability across connections: ordered frames (OPEN, DATA, FIN) carry a stream
 //! sequence number and wait in a reorder buffer until the gap before them is filled.
@@ -44,6 +52,7 @@ use bytes::Bytes;
 
 use crate::error::{Result, TunnelError};
 use crate::frame::{CompressPolicy, Frame, ResetCode, FLAG_COMPRESSED};
+pub use crate::limits::{ACK_DELAY_MS, ACK_RECORDS_MAX};
 use crate::limits::{
     CLOSED_STREAM_IDS_MAX, CONN_UNACKED_BYTES_MAX, REORDER_FRAMES_MAX,
     SESSION_WINDOW_BYTES_DEFAULT, STREAMS_PER_SESSION_MAX, STREAM_CHUNK_BYTES_MAX,
@@ -314,8 +323,16 @@ impl Mux {
 
     // ---- streams, local side ----
 
-    /// Opens a stream to `target` (client side).
+    /// Opens a stream to `target` (client side); its OPEN goes out at once.
     pub fn open(&mut self, target: Bytes, policy: CompressPolicy) -> Result<u32> {
+        let id = self.open_held(target, policy)?;
+        self.release_open(id);
+        Ok(id)
+    }
+
+    /// Opens a stream whose OPEN waits for its first data or FIN (so they travel in
+    /// one record), or for [`Mux::release_open`], whichever comes first.
+    pub fn open_held(&mut self, target: Bytes, policy: CompressPolicy) -> Result<u32> {
         assert!(self.role == Role::Client, "only clients open streams");
         if target.len() > TARGET_BYTES_MAX {
             return Err(TunnelError::TooLong {
@@ -348,8 +365,12 @@ impl Mux {
         s.send_seq = 1;
         self.streams.insert(id, s);
         self.stats.streams_opened += 1;
-        self.mark_ready(id);
         Ok(id)
+    }
+
+    /// Sends a held OPEN now (the application has not spoken first).
+    pub fn release_open(&mut self, id: u32) {
+        self.mark_ready(id);
     }
 
     fn mark_ready(&mut self, id: u32) {
@@ -546,22 +567,45 @@ impl Mux {
         self.wake_all_writers();
     }
 
+    /// Whether records received on `c` wait for an acknowledgement. The driver sends
+    /// [`Mux::poll_ack`] at most [`ACK_DELAY_MS`] after this became true, unless a
+    /// record of [`Mux::poll_transmit`] carried it first.
+    pub fn ack_pending(&self, c: ConnId) -> bool {
+        self.conns
+            .get(&c)
+            .is_some_and(|k| k.recv_records > k.acked_to_peer)
+    }
+
+    /// A record holding only the pending acknowledgement of `c` (empty if none).
+    pub fn poll_ack(&mut self, c: ConnId) -> Vec<Frame> {
+        match self.conns.get_mut(&c) {
+            Some(k) if k.recv_records > k.acked_to_peer => {
+                k.acked_to_peer = k.recv_records;
+                vec![Frame::Ack {
+                    records: k.recv_records,
+                }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Frames for the next record on `c`, at most `budget` encoded bytes; empty when
-    /// there is nothing to send (the writer then waits for a wakeup).
+    /// there is nothing to send (the writer then waits for a wakeup, or for the
+    /// acknowledgement delay when [`Mux::ack_pending`]). A pending acknowledgement
+    /// rides along with anything else; alone it goes only once
+    /// [`ACK_RECORDS_MAX`] records wait for it.
     pub fn poll_transmit(&mut self, c: ConnId, budget: usize) -> Vec<Frame> {
         let mut out = Vec::new();
-        let mut used = 0;
-        let Some(conn) = self.conns.get_mut(&c) else {
+        let Some(conn) = self.conns.get(&c) else {
             return out;
         };
-        if conn.recv_records > conn.acked_to_peer {
-            conn.acked_to_peer = conn.recv_records;
-            let f = Frame::Ack {
-                records: conn.recv_records,
-            };
-            used += f.encoded_len();
-            out.push(f);
-        }
+        let ack_due = conn.recv_records > conn.acked_to_peer;
+        // Room for the acknowledgement is kept whether or not it goes.
+        let mut used = if ack_due {
+            Frame::Ack { records: 0 }.encoded_len()
+        } else {
+            0
+        };
         let room = |used: usize, f: &Frame| used + f.encoded_len() <= budget;
         while let Some(f) = self.control.front() {
             if !room(used, f) {
@@ -611,23 +655,31 @@ impl Mux {
         }
         let conn = self.conns.get_mut(&c).expect("checked above");
         if out.is_empty() {
+            if conn.recv_records - conn.acked_to_peer >= ACK_RECORDS_MAX {
+                // An acknowledgement alone is not itself acknowledged (or acks would
+                // bounce for ever), so it is not counted either.
+                conn.acked_to_peer = conn.recv_records;
+                return vec![Frame::Ack {
+                    records: conn.recv_records,
+                }];
+            }
             conn.idle = true;
             return out;
         }
-        let keep: Vec<Frame> = out
-            .iter()
-            .filter(|f| !matches!(f, Frame::Ack { .. }))
-            .cloned()
-            .collect();
-        if keep.is_empty() {
-            // An acknowledgement alone is not itself acknowledged (or acks would
-            // bounce for ever), so it is not counted either.
-            return out;
-        }
+        let bytes: usize = out.iter().map(Frame::encoded_len).sum();
         conn.sent_records += 1;
-        let bytes: usize = keep.iter().map(Frame::encoded_len).sum();
         conn.unacked_bytes += bytes;
-        conn.unacked.push_back((conn.sent_records, keep, bytes));
+        conn.unacked
+            .push_back((conn.sent_records, out.clone(), bytes));
+        if ack_due {
+            conn.acked_to_peer = conn.recv_records;
+            out.insert(
+                0,
+                Frame::Ack {
+                    records: conn.recv_records,
+                },
+            );
+        }
         out
     }
 
@@ -641,8 +693,13 @@ impl Mux {
         if frames.iter().any(|f| !matches!(f, Frame::Ack { .. })) {
             if let Some(conn) = self.conns.get_mut(&c) {
                 conn.recv_records += 1;
+                let waiting = conn.recv_records - conn.acked_to_peer;
+                // The writer starts the acknowledgement delay at the first record,
+                // and sends at once at the threshold.
+                if waiting == 1 || waiting == ACK_RECORDS_MAX {
+                    self.wake_writer(Some(c));
+                }
             }
-            self.wake_writer(Some(c));
         }
         for f in frames {
             self.handle_frame(c, f)?;
@@ -883,6 +940,110 @@ mod tests {
             "{fast_got}"
         );
         assert!(s.streams[&slow].recv_total <= STREAM_WINDOW_BYTES_DEFAULT);
+    }
+
+    /// Pumps both ways until neither has a record to send.
+    fn settle(c: &mut Mux, s: &mut Mux, conn: ConnId) {
+        while pump(c, s, conn) | pump(s, c, conn) {}
+    }
+
+    #[test]
+    fn acknowledgements_ride_along_or_wait_for_the_threshold() {
+        let (mut c, mut s) = pair();
+        c.conn_added(1);
+        s.conn_added(1);
+        let id = c
+            .open(Bytes::from_static(b"t:1"), CompressPolicy::Never)
+            .unwrap();
+        settle(&mut c, &mut s, 1);
+        // What settling left unacknowledged is acknowledged now (as the writers would
+        // after the delay).
+        let ack = s.poll_ack(1);
+        c.handle_record(1, ack).unwrap();
+        let ack = c.poll_ack(1);
+        s.handle_record(1, ack).unwrap();
+        let unacked = |m: &Mux| m.conns[&1].unacked.len();
+        assert_eq!((unacked(&c), unacked(&s)), (0, 0));
+        // The server's writer polls, finds nothing, and waits.
+        assert!(s.poll_transmit(1, 60_000).is_empty());
+        let (_, _) = (c.take_wakeups(), s.take_wakeups());
+        // One record in: nothing goes back yet, but an acknowledgement is pending and
+        // the writer was woken to start its delay.
+        c.send_data(id, Chunk::plain(Bytes::from_static(b"x")))
+            .unwrap();
+        assert!(pump(&mut c, &mut s, 1));
+        assert!(s.take_wakeups().conns.contains(&1));
+        assert!(s.poll_transmit(1, 60_000).is_empty());
+        assert!(s.ack_pending(1));
+        let ack = s.poll_ack(1);
+        assert_eq!(ack.len(), 1);
+        c.handle_record(1, ack).unwrap();
+        assert_eq!(unacked(&c), 0);
+        assert!(!s.ack_pending(1) && s.poll_ack(1).is_empty());
+        // Below the threshold no record goes back; at it, an acknowledgement alone.
+        for i in 1..=ACK_RECORDS_MAX {
+            c.send_data(id, Chunk::plain(Bytes::from_static(b"y")))
+                .unwrap();
+            assert!(pump(&mut c, &mut s, 1));
+            let back = s.poll_transmit(1, 60_000);
+            if i < ACK_RECORDS_MAX {
+                assert!(back.is_empty(), "record {i}: {back:?}");
+            } else {
+                assert_eq!(
+                    back,
+                    vec![Frame::Ack {
+                        records: s.conns[&1].recv_records
+                    }]
+                );
+                c.handle_record(1, back).unwrap();
+            }
+        }
+        assert_eq!(unacked(&c), 0);
+        // A record that goes anyway carries the pending acknowledgement first.
+        c.send_data(id, Chunk::plain(Bytes::from_static(b"z")))
+            .unwrap();
+        assert!(pump(&mut c, &mut s, 1));
+        while s.poll_recv(id).is_some() {}
+        s.send_data(id, Chunk::plain(Bytes::from_static(b"back")))
+            .unwrap();
+        let rec = s.poll_transmit(1, 60_000);
+        assert!(matches!(rec[0], Frame::Ack { .. }), "{rec:?}");
+        assert!(matches!(rec[1], Frame::Data { .. }), "{rec:?}");
+        assert!(!s.ack_pending(1));
+        c.handle_record(1, rec).unwrap();
+        assert_eq!(unacked(&c), 0);
+    }
+
+    #[test]
+    fn a_held_open_travels_with_the_first_data_or_when_released() {
+        let (mut c, _) = pair();
+        c.conn_added(1);
+        // The session window grant, sent at the start.
+        let _ = c.poll_transmit(1, 60_000);
+        let a = c
+            .open_held(Bytes::from_static(b"a:1"), CompressPolicy::Auto)
+            .unwrap();
+        assert!(c.poll_transmit(1, 60_000).is_empty(), "held");
+        c.send_data(a, Chunk::plain(Bytes::from_static(b"GET /")))
+            .unwrap();
+        c.send_fin(a).unwrap();
+        let rec = c.poll_transmit(1, 60_000);
+        assert!(
+            matches!(
+                rec[..],
+                [Frame::Open { .. }, Frame::Data { .. }, Frame::Fin { .. }]
+            ),
+            "{rec:?}"
+        );
+        let b = c
+            .open_held(Bytes::from_static(b"b:22"), CompressPolicy::Auto)
+            .unwrap();
+        assert!(c.poll_transmit(1, 60_000).is_empty());
+        c.release_open(b);
+        assert!(matches!(
+            c.poll_transmit(1, 60_000)[..],
+            [Frame::Open { .. }]
+        ));
     }
 
     #[test]

@@ -67,21 +67,36 @@ impl Sealer {
     /// frames, then call [`Sealer::seal`].
     pub fn begin(buf: &mut Vec<u8>) {
         buf.clear();
-        buf.resize(RECORD_HEADER_BYTES + 2, 0);
+        Sealer::begin_at_end(buf);
+    }
+
+    /// Starts a record after what `buf` already holds (records sealed before it, so
+    /// several go out in one write without being copied); returns where it starts,
+    /// for [`Sealer::seal_at`].
+    pub fn begin_at_end(buf: &mut Vec<u8>) -> usize {
+        let start = buf.len();
+        buf.resize(start + RECORD_HEADER_BYTES + 2, 0);
+        start
     }
 
     /// Pads and seals the record begun in `buf` to `plain_len` plaintext bytes
     /// (at least its content), leaving the wire bytes in `buf`.
     pub fn seal(&mut self, buf: &mut Vec<u8>, plain_len: usize) {
-        let content = buf.len() - RECORD_HEADER_BYTES - 2;
+        self.seal_at(buf, 0, plain_len)
+    }
+
+    /// [`Sealer::seal`] for the record that starts at `start` of `buf`.
+    pub fn seal_at(&mut self, buf: &mut Vec<u8>, start: usize, plain_len: usize) {
+        let content = buf.len() - start - RECORD_HEADER_BYTES - 2;
         assert!(content + 2 <= plain_len && plain_len <= RECORD_PLAIN_BYTES_MAX);
-        buf[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + 2]
-            .copy_from_slice(&(content as u16).to_be_bytes());
-        buf.resize(RECORD_HEADER_BYTES + plain_len, 0);
+        let at = start + RECORD_HEADER_BYTES;
+        buf[at..at + 2].copy_from_slice(&(content as u16).to_be_bytes());
+        // Padding: zeros, then sealed like the rest (indistinguishable from it).
+        buf.resize(at + plain_len, 0);
         let body_len = plain_len + TAG_BYTES;
-        buf[..2].copy_from_slice(&(body_len as u16).to_be_bytes());
+        buf[start..start + 2].copy_from_slice(&(body_len as u16).to_be_bytes());
         assert!(self.counter < u64::MAX - 2, "record counter exhausted");
-        let (head, body) = buf.split_at_mut(RECORD_HEADER_BYTES);
+        let (head, body) = buf[start..].split_at_mut(RECORD_HEADER_BYTES);
         let tag = self
             .key
             .seal_in_place_separate_tag(nonce(self.counter), Aad::empty(), &mut head[..2])
@@ -134,6 +149,9 @@ impl Opener {
             .open_in_place(nonce(self.counter + 1), Aad::empty(), body)
             .map_err(|_| TunnelError::Auth)?;
         self.counter += 2;
+        if plain.len() < 2 {
+            return Err(TunnelError::malformed("record", "body too short"));
+        }
         let content = u16::from_be_bytes([plain[0], plain[1]]) as usize;
         if content + 2 > plain.len() {
             return Err(TunnelError::malformed("record", "content beyond the body"));
@@ -176,6 +194,32 @@ mod tests {
             }
             assert_eq!(open(&mut o, &wire).unwrap(), content);
         }
+    }
+
+    #[test]
+    fn records_sealed_one_after_another_in_one_buffer_open_in_order() {
+        let k = [3u8; 32];
+        let (mut s, mut o) = (Sealer::new(&k), Opener::new(&k));
+        let mut rng = fastrand::Rng::with_seed(5);
+        let contents: Vec<Vec<u8>> = vec![b"first".to_vec(), vec![9u8; 3000], Vec::new()];
+        let mut wire = Vec::new();
+        for c in &contents {
+            let start = Sealer::begin_at_end(&mut wire);
+            wire.extend_from_slice(c);
+            s.seal_at(&mut wire, start, pad_len(c.len(), &mut rng));
+        }
+        let mut at = 0;
+        for c in &contents {
+            let mut h = [0u8; RECORD_HEADER_BYTES];
+            h.copy_from_slice(&wire[at..at + RECORD_HEADER_BYTES]);
+            let len = o.open_header(&mut h).unwrap();
+            at += RECORD_HEADER_BYTES;
+            let mut body = wire[at..at + len].to_vec();
+            let r = o.open_body(&mut body).unwrap();
+            assert_eq!(&body[r], &c[..]);
+            at += len;
+        }
+        assert_eq!(at, wire.len());
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! server goes on reading and discarding until a byte count or a deadline drawn at
 //! random when it was accepted, then closes, the same for garbage, a wrong key, a
 //! replay or a stall — like a service that never speaks first.
+//!
+//! Registered in a port switch, the server keeps its port for as long as it runs: if
+//! its port-switch session is lost (or the port taken from it), it connects again
+//! and registers again, so clients that moved away can find it once more.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,8 +23,9 @@ use tokio::sync::watch;
 use crate::error::{Result, TunnelError};
 use crate::handshake::{Keys, Psk, ReplayCache, ServerHello, CLIENT_HEADER_WIRE_BYTES};
 use crate::limits::{
-    HANDSHAKE_TIMEOUT_MS, SESSIONS_MAX, SESSION_ORPHAN_GRACE_MS, SILENT_DRAIN_BYTES_MAX,
-    SILENT_DRAIN_BYTES_MIN, SILENT_DRAIN_MS_MAX, SILENT_DRAIN_MS_MIN,
+    HANDSHAKE_TIMEOUT_MS, REDIAL_BACKOFF_MS_MAX, REDIAL_BACKOFF_MS_MIN, SESSIONS_MAX,
+    SESSION_ORPHAN_GRACE_MS, SILENT_DRAIN_BYTES_MAX, SILENT_DRAIN_BYTES_MIN, SILENT_DRAIN_MS_MAX,
+    SILENT_DRAIN_MS_MIN,
 };
 use crate::metrics::Metrics;
 use crate::mux::Role;
@@ -87,7 +92,8 @@ pub struct RunningServer {
     pub metrics: Metrics,
     stop: watch::Sender<bool>,
     inner: Arc<Inner>,
-    _switch: Option<portswitch_client::Client>,
+    /// The port-switch session holding our port, replaced when lost.
+    switch: Arc<Mutex<Option<portswitch_client::Client>>>,
 }
 
 impl RunningServer {
@@ -95,17 +101,33 @@ impl RunningServer {
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
         let metrics = Metrics::new();
-        let switch = match &cfg.register {
-            Some(r) => Some(register(r, addr).await?),
-            None => None,
-        };
+        let (stop, mut stopped) = watch::channel(false);
+        let switch: Arc<Mutex<Option<portswitch_client::Client>>> = Arc::default();
+        if let Some(r) = &cfg.register {
+            // The first connection must succeed (a wrong switch address is the user's
+            // to see); the port itself may still be held by a previous instance
+            // whose lease has not run out: the keeper below takes it when it can.
+            let client = connect_switch(r).await?;
+            if let Err(e) = register(&client, r, addr).await {
+                tracing::warn!("port switch: {e}; trying again");
+            } else {
+                metrics.switch_registrations.inc();
+            }
+            *switch.lock().expect("switch lock") = Some(client);
+            tokio::spawn(keep_registered(
+                r.clone(),
+                addr,
+                switch.clone(),
+                metrics.clone(),
+                stop.subscribe(),
+            ));
+        }
         let inner = Arc::new(Inner {
             cfg,
             metrics: metrics.clone(),
             replay: Mutex::new(ReplayCache::new()),
             sessions: Mutex::new(HashMap::new()),
         });
-        let (stop, mut stopped) = watch::channel(false);
         let i = inner.clone();
         tokio::spawn(async move {
             loop {
@@ -125,7 +147,7 @@ impl RunningServer {
             metrics,
             stop,
             inner,
-            _switch: switch,
+            switch,
         })
     }
 
@@ -148,24 +170,137 @@ impl RunningServer {
         for s in sessions {
             s.close();
         }
-        if let Some(c) = &self._switch {
+        let client = self.switch.lock().expect("switch lock").take();
+        if let Some(c) = client {
+            let _ = c.close().await;
+        }
+    }
+
+    /// Ends the server's port-switch session as if it had been lost (the lease ran
+    /// out, the switch forgot it): the server connects and registers again. For
+    /// tests of what clients and the server do then.
+    pub async fn drop_switch_session(&self) {
+        let client = self.switch.lock().expect("switch lock").clone();
+        if let Some(c) = client {
             let _ = c.close().await;
         }
     }
 }
 
-async fn register(r: &Registration, listen: SocketAddr) -> Result<portswitch_client::Client> {
-    let advertise = r.advertise.clone().unwrap_or_else(|| listen.to_string());
-    let client =
-        portswitch_client::Client::connect(portswitch_client::ClientOptions::new(r.switch.clone()))
-            .await
-            .map_err(|e| TunnelError::Switch(e.to_string()))?;
-    let port = format!("{}{advertise}", crate::client::switch_prefix(&r.name));
-    client
-        .register(&port, advertise.as_bytes())
+async fn connect_switch(r: &Registration) -> Result<portswitch_client::Client> {
+    portswitch_client::Client::connect(portswitch_client::ClientOptions::new(r.switch.clone()))
         .await
-        .map_err(|e| TunnelError::Switch(e.to_string()))?;
-    Ok(client)
+        .map_err(|e| TunnelError::Switch(e.to_string()))
+}
+
+/// The port a server of `r` listening on `listen` owns, and its value.
+fn switch_port(r: &Registration, listen: SocketAddr) -> (String, String) {
+    let advertise = r.advertise.clone().unwrap_or_else(|| listen.to_string());
+    (
+        format!("{}{advertise}", crate::client::switch_prefix(&r.name)),
+        advertise,
+    )
+}
+
+async fn register(
+    client: &portswitch_client::Client,
+    r: &Registration,
+    listen: SocketAddr,
+) -> Result<()> {
+    let (port, advertise) = switch_port(r, listen);
+    match client.register(&port, advertise.as_bytes()).await {
+        Ok(portswitch_client::RegisterOutcome::Owned { .. }) => Ok(()),
+        Ok(other) => Err(TunnelError::Switch(format!("port {port}: {other:?}"))),
+        Err(e) => Err(TunnelError::Switch(e.to_string())),
+    }
+}
+
+/// Keeps the server's port registered until `stopped`: when the session holding it
+/// is lost, or the port is taken from it, connects (if need be) and registers again,
+/// with a backoff between failed attempts.
+async fn keep_registered(
+    r: Registration,
+    listen: SocketAddr,
+    holder: Arc<Mutex<Option<portswitch_client::Client>>>,
+    metrics: Metrics,
+    mut stopped: watch::Receiver<bool>,
+) {
+    use portswitch_client::Event;
+    let (port, _) = switch_port(&r, listen);
+    let mut backoff = Duration::from_millis(REDIAL_BACKOFF_MS_MIN);
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        let current = holder
+            .lock()
+            .expect("switch lock")
+            .clone()
+            .filter(|c| c.is_alive());
+        let client = match current {
+            Some(c) => {
+                // Subscribed before checking, so a loss in between is not missed.
+                let mut events = c.events();
+                let owned = c.owned_ports().iter().any(|(p, _)| p == port.as_bytes());
+                if owned {
+                    backoff = Duration::from_millis(REDIAL_BACKOFF_MS_MIN);
+                    let port_lost = async {
+                        loop {
+                            match events.recv().await {
+                                Ok(Event::PortLost { port: p, .. }) if p == port.as_bytes() => {
+                                    return
+                                }
+                                Ok(Event::OwnershipLost { .. }) => return,
+                                Ok(_) => {}
+                                // Lost events: check ownership again.
+                                Err(_) => return,
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = c.lost() => {}
+                        _ = port_lost => {}
+                        _ = stopped.changed() => return,
+                    }
+                    tracing::warn!("port switch: lost {port}; registering again");
+                    continue;
+                }
+                c
+            }
+            None => match connect_switch(&r).await {
+                Ok(c) => {
+                    *holder.lock().expect("switch lock") = Some(c.clone());
+                    c
+                }
+                Err(e) => {
+                    tracing::debug!("port switch: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stopped.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(REDIAL_BACKOFF_MS_MAX));
+                    continue;
+                }
+            },
+        };
+        if *stopped.borrow() {
+            return;
+        }
+        match register(&client, &r, listen).await {
+            Ok(()) => {
+                metrics.switch_registrations.inc();
+                tracing::info!("port switch: registered {port}");
+            }
+            Err(e) => {
+                tracing::debug!("port switch: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_millis(REDIAL_BACKOFF_MS_MAX));
+            }
+        }
+    }
 }
 
 fn unix_now_s() -> u64 {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -17,7 +17,8 @@ use crate::error::{Result, TunnelError};
 use crate::frame::{decode_all, CompressPolicy, ResetCode};
 use crate::handshake::Keys;
 use crate::limits::{
-    CONN_IDLE_TIMEOUT_MS, RECORD_CONTENT_BYTES_MAX, RECORD_HEADER_BYTES, STREAM_CHUNK_BYTES_MAX,
+    ACK_DELAY_MS, CONN_IDLE_TIMEOUT_MS, OPEN_HOLD_MS, RECORD_CONTENT_BYTES_MAX,
+    RECORD_HEADER_BYTES, STREAM_CHUNK_BYTES_MAX,
 };
 use crate::metrics::Metrics;
 use crate::mux::{ConnId, Delivery, Mux, MuxConfig, Opened, Role};
@@ -279,8 +280,19 @@ impl Session {
     ) -> Result<()> {
         let mut rng = fastrand::Rng::new();
         let mut out: Vec<u8> = Vec::with_capacity(RECORDS_PER_WRITE_MAX * 70_000);
-        let mut record: Vec<u8> = Vec::with_capacity(70_000);
         let keepalive = self.0.cfg.conn_idle_timeout / 3;
+        let ack_delay = Duration::from_millis(ACK_DELAY_MS);
+        // When the pending acknowledgement must go at the latest.
+        let mut ack_deadline: Option<tokio::time::Instant> = None;
+        // Records are sealed in place, one after another, in the buffer of the write.
+        let mut seal = |sealer: &mut Sealer, frames: &[crate::frame::Frame], out: &mut Vec<u8>| {
+            let start = Sealer::begin_at_end(out);
+            for f in frames {
+                f.encode(out);
+            }
+            let content = out.len() - start - RECORD_HEADER_BYTES - 2;
+            sealer.seal_at(out, start, pad_len(content, &mut rng));
+        };
         loop {
             out.clear();
             let mut records = 0;
@@ -289,26 +301,45 @@ impl Session {
                 if frames.is_empty() {
                     break;
                 }
-                Sealer::begin(&mut record);
-                for f in &frames {
-                    f.encode(&mut record);
-                }
-                let content = record.len() - RECORD_HEADER_BYTES - 2;
-                sealer.seal(&mut record, pad_len(content, &mut rng));
-                out.extend_from_slice(&record);
+                seal(&mut sealer, &frames, &mut out);
                 records += 1;
             }
-            if records == 0 {
+            if records > 0 {
+                // Any record carries the pending acknowledgement: a later one is new.
+                ack_deadline = None;
+            } else {
                 if self.is_closed() {
                     return Err(TunnelError::Closed);
                 }
-                match tokio::time::timeout(keepalive, notify.notified()).await {
+                let ack_pending = self
+                    .0
+                    .state
+                    .lock()
+                    .expect("session lock")
+                    .mux
+                    .ack_pending(c);
+                let wait = if ack_pending {
+                    let due = *ack_deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + ack_delay);
+                    due.saturating_duration_since(tokio::time::Instant::now())
+                } else {
+                    ack_deadline = None;
+                    keepalive
+                };
+                match tokio::time::timeout(wait, notify.notified()).await {
                     Ok(()) => continue,
+                    Err(_) if ack_pending => {
+                        ack_deadline = None;
+                        let frames = self.with(|m| m.poll_ack(c));
+                        if frames.is_empty() {
+                            continue;
+                        }
+                        seal(&mut sealer, &frames, &mut out);
+                        records = 1;
+                    }
                     Err(_) => {
                         // Idle: a record with no frames, padded like any other.
-                        Sealer::begin(&mut record);
-                        sealer.seal(&mut record, pad_len(0, &mut rng));
-                        out.extend_from_slice(&record);
+                        seal(&mut sealer, &[], &mut out);
                         records = 1;
                     }
                 }
@@ -330,14 +361,21 @@ impl Session {
         if self.is_closed() {
             return Err(TunnelError::Closed);
         }
-        let id = self.with(|m| m.open(Bytes::copy_from_slice(target.as_bytes()), policy))?;
+        // The OPEN waits (briefly) for the application's first bytes, to share their
+        // record: one padded record per new stream instead of two.
+        let id = self.with(|m| m.open_held(Bytes::copy_from_slice(target.as_bytes()), policy))?;
         let s = self.clone();
-        tokio::spawn(async move { s.run_stream(id, socket, policy).await });
+        tokio::spawn(async move { s.carry(id, socket, policy, true).await });
         Ok(id)
     }
 
     /// Carries `socket` through stream `id` until both directions are done.
     pub async fn run_stream(&self, id: u32, socket: TcpStream, policy: CompressPolicy) {
+        self.carry(id, socket, policy, false).await
+    }
+
+    /// `held_open`: the stream's OPEN waits in the mux for the first read.
+    async fn carry(&self, id: u32, socket: TcpStream, policy: CompressPolicy, held_open: bool) {
         let _ = socket.set_nodelay(true);
         let waker = Arc::new(StreamWaker::default());
         self.0
@@ -350,7 +388,7 @@ impl Session {
         self.0.metrics.streams_open.inc();
         let (rd, wr) = socket.into_split();
         tokio::join!(
-            self.pump_in(id, rd, policy, &waker),
+            self.pump_in(id, rd, policy, &waker, held_open),
             self.pump_out(id, wr, &waker)
         );
         self.0
@@ -373,9 +411,14 @@ impl Session {
         mut rd: tokio::net::tcp::OwnedReadHalf,
         policy: CompressPolicy,
         waker: &StreamWaker,
+        held_open: bool,
     ) {
         let mut comp = Compressor::new(policy, self.0.cfg.compress_level);
         let m = &self.0.metrics;
+        // While the OPEN is held: when it must go even if the application is silent
+        // (it waits for the far end to speak first).
+        let mut hold =
+            held_open.then(|| tokio::time::Instant::now() + Duration::from_millis(OPEN_HOLD_MS));
         loop {
             let credit = match self.with(|mux| mux.send_credit(id)) {
                 Err(_) => return,
@@ -386,19 +429,47 @@ impl Session {
                 Ok(c) => c,
             };
             let want = (credit as usize).min(STREAM_CHUNK_BYTES_MAX);
-            let mut buf = BytesMut::zeroed(want);
+            // Not zeroed: reads fill it, and never past `want` (the credit).
+            let mut buf = BytesMut::with_capacity(want);
+            let mut room = (&mut buf).limit(want);
             let n = tokio::select! {
-                r = rd.read(&mut buf) => r,
+                r = rd.read_buf(&mut room) => r,
                 // Woken while reading: the stream may have been reset.
                 _ = waker.send.notified() => continue,
+                _ = tokio::time::sleep_until(hold.unwrap_or_else(tokio::time::Instant::now)),
+                    if hold.is_some() =>
+                {
+                    hold = None;
+                    self.with(|mux| mux.release_open(id));
+                    continue;
+                }
             };
+            // Data, end of file or an error: each sends (or drops) the OPEN with it.
+            hold = None;
             match n {
                 Ok(0) => {
                     let _ = self.with(|mux| mux.send_fin(id));
                     return;
                 }
-                Ok(n) => {
-                    buf.truncate(n);
+                Ok(_) => {
+                    // Whatever else is already there joins this chunk, and an end of
+                    // file right behind it joins its record as a FIN: fewer, fuller
+                    // records (each small one is padded) and better compression.
+                    let mut eof = false;
+                    while buf.len() < want {
+                        let room = want - buf.len();
+                        match rd.try_read_buf(&mut (&mut buf).limit(room)) {
+                            Ok(0) => {
+                                eof = true;
+                                break;
+                            }
+                            Ok(_) => {}
+                            // WouldBlock, or an error the next read reports.
+                            Err(_) => break,
+                        }
+                    }
+                    let n = buf.len();
+                    assert!(n <= want, "read past the stream's credit");
                     m.carried_sent_bytes.inc_by(n as u64);
                     let chunk = comp.chunk(buf.freeze());
                     if chunk.compressed {
@@ -406,7 +477,14 @@ impl Session {
                     } else {
                         m.chunks_plain.inc();
                     }
-                    if self.with(|mux| mux.send_data(id, chunk)).is_err() {
+                    let sent = self.with(|mux| {
+                        mux.send_data(id, chunk)?;
+                        if eof {
+                            mux.send_fin(id)?;
+                        }
+                        Ok::<_, TunnelError>(())
+                    });
+                    if sent.is_err() || eof {
                         return;
                     }
                 }

@@ -2,8 +2,10 @@
 //! between them a relay that the tests can cut, tamper with and listen to — as an
 //! observer on the path would. Streams survive cut pool connections, slow readers do
 //! not stall fast streams, tampered records and replayed or garbage hellos are refused
-//! (the latter in silence), discovery through the port switch moves clients off a dead
-//! server, and the captured bytes pass the featureless checks.
+//! (the latter in silence), a target that speaks first is reached through a held OPEN,
+//! clients move as soon as their server's port is released in the port switch, a
+//! server that loses its port-switch session registers again, and the captured bytes
+//! pass the featureless checks.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -333,6 +335,29 @@ async fn a_stalled_reader_does_not_stall_a_fast_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_speaks_first_is_reached_though_the_application_is_silent() {
+    // The OPEN waits briefly for the application's first bytes; an SSH- or
+    // SMTP-like target speaks first, so the OPEN must go without them.
+    let psk = Psk::generate();
+    let srv = server(&psk).await;
+    let c = client(&psk, srv.addr, 2).await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"SSH-2.0-banner\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    let mut s = through(&c, target, CompressPolicy::Auto).await;
+    let mut banner = [0u8; 16];
+    s.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"SSH-2.0-banner\r\n");
+    c.stop();
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_record_kills_its_connection_and_the_stream_survives() {
     let psk = Psk::generate();
     let srv = server(&psk).await;
@@ -549,15 +574,17 @@ async fn captured_bytes_are_featureless() {
     srv.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_find_servers_in_the_port_switch_and_move_when_one_dies() {
+/// A port switch and two tunnel servers registered in it as `office`.
+async fn switch_and_two_servers(
+    psk: &Psk,
+) -> (portswitch_server::RunningServer, Vec<Option<RunningServer>>) {
     let mut sc = portswitch_server::ServerConfig::ephemeral();
     sc.http_listen = None;
     let switch = portswitch_server::RunningServer::start(sc).await.unwrap();
-    let psk = Psk::generate();
     let mut servers = Vec::new();
     for _ in 0..2 {
         let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap(), psk.clone());
+        cfg.loopback_targets_only = true;
         cfg.register = Some(Registration {
             switch: switch.addr.to_string(),
             name: "office".into(),
@@ -565,47 +592,130 @@ async fn clients_find_servers_in_the_port_switch_and_move_when_one_dies() {
         });
         servers.push(Some(RunningServer::start(cfg).await.unwrap()));
     }
+    (switch, servers)
+}
+
+/// A client of `office` that moves only on port-switch events: dial failures never
+/// count (so a prompt move proves the event path), and the orphan grace (30 s) is
+/// longer than any wait here.
+async fn switch_client(psk: &Psk, switch: SocketAddr) -> TunnelClient {
     let mut cfg = ClientConfig::new(
         psk.clone(),
         ServerSource::Switch {
-            switch: switch.addr.to_string(),
+            switch: switch.to_string(),
             name: "office".into(),
         },
     );
     cfg.pool = 2;
-    let c = TunnelClient::start(cfg).await.unwrap();
-    let echo = echo_server().await;
-    let s = through(&c, echo, CompressPolicy::Auto).await;
-    assert_eq!(
-        echo_through(s, Arc::new(b"one".to_vec()), Arc::default()).await,
-        b"one"
-    );
-    let (first, _) = c.current().unwrap();
-    let i = servers
-        .iter()
-        .position(|s| s.as_ref().unwrap().addr.to_string() == first)
-        .unwrap_or_else(|| panic!("the client uses {first}, not a registered server"));
-    servers[i].take().unwrap().stop().await;
-    let mut moved = None;
-    for _ in 0..300 {
+    cfg.failover_after_failures = u32::MAX;
+    TunnelClient::start(cfg).await.unwrap()
+}
+
+/// Waits (bounded) until the client's session is with a server other than `from`
+/// and has a pool connection up; returns that server.
+async fn moved_from(c: &TunnelClient, from: &str) -> Option<String> {
+    for _ in 0..200 {
         if let Some((now, s)) = c.current() {
-            if now != first && s.conns() > 0 {
-                moved = Some(now);
-                break;
+            if now != from && s.conns() > 0 {
+                return Some(now);
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let now = moved.expect("the client moved to the other server");
+    None
+}
+
+async fn echo_once(c: &TunnelClient, echo: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let s = through(c, echo, CompressPolicy::Auto).await;
+    echo_through(s, Arc::new(msg.to_vec()), Arc::default()).await
+}
+
+fn index_of(servers: &[Option<RunningServer>], addr: &str) -> usize {
+    servers
+        .iter()
+        .position(|s| s.as_ref().is_some_and(|s| s.addr.to_string() == addr))
+        .unwrap_or_else(|| panic!("the client uses {addr}, not a registered server"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_find_servers_in_the_port_switch_and_move_when_one_is_released() {
+    let psk = Psk::generate();
+    let (switch, mut servers) = switch_and_two_servers(&psk).await;
+    let c = switch_client(&psk, switch.addr).await;
+    let echo = echo_server().await;
+    assert_eq!(echo_once(&c, echo, b"one").await, b"one");
+    let (first, _) = c.current().unwrap();
+    let i = index_of(&servers, &first);
+    // Stopping the server releases its port: the client moves on that event, not
+    // after failed dials (it is configured never to count them).
+    servers[i].take().unwrap().stop().await;
+    let now = moved_from(&c, &first)
+        .await
+        .expect("the client moved to the other server");
     assert_eq!(now, servers[1 - i].as_ref().unwrap().addr.to_string());
-    let s = through(&c, echo, CompressPolicy::Auto).await;
-    assert_eq!(
-        echo_through(s, Arc::new(b"two".to_vec()), Arc::default()).await,
-        b"two"
+    assert_eq!(echo_once(&c, echo, b"two").await, b"two");
+    let text = c.metrics().render();
+    assert!(
+        text.contains("portswitch_tunnel_server_moves_total{result=\"released\"} 1"),
+        "{text}"
     );
+    assert!(!text.contains("result=\"unreachable\""), "{text}");
     c.stop();
     if let Some(s) = servers[1 - i].take() {
         s.stop().await;
     }
+    let _ = switch.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_loses_its_switch_session_registers_again_and_clients_return() {
+    let psk = Psk::generate();
+    let (switch, mut servers) = switch_and_two_servers(&psk).await;
+    let c = switch_client(&psk, switch.addr).await;
+    let echo = echo_server().await;
+    assert_eq!(echo_once(&c, echo, b"one").await, b"one");
+    let (first, _) = c.current().unwrap();
+    let i = index_of(&servers, &first);
+    // The server in use loses its port-switch session while it goes on serving:
+    // its port is released, so the client moves to the other server...
+    servers[i].as_ref().unwrap().drop_switch_session().await;
+    let now = moved_from(&c, &first)
+        .await
+        .expect("the client moved to the other server");
+    assert_eq!(echo_once(&c, echo, b"two").await, b"two");
+    // ...and the server registers again.
+    let reg = portswitch_client::Client::connect_to(switch.addr.to_string())
+        .await
+        .unwrap();
+    let mut listed = false;
+    for _ in 0..200 {
+        let owners = reg.list_all("tunnel/office/").await.unwrap();
+        if owners.iter().any(|o| o.value.as_ref() == first.as_bytes()) {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(listed, "{first} registered again");
+    assert_eq!(
+        servers[i]
+            .as_ref()
+            .unwrap()
+            .metrics
+            .switch_registrations
+            .get(),
+        2
+    );
+    // When the other one stops, the client comes back to it.
+    let j = index_of(&servers, &now);
+    servers[j].take().unwrap().stop().await;
+    let back = moved_from(&c, &now).await.expect("the client moved back");
+    assert_eq!(back, first);
+    assert_eq!(echo_once(&c, echo, b"three").await, b"three");
+    c.stop();
+    if let Some(s) = servers[i].take() {
+        s.stop().await;
+    }
+    let _ = reg.close().await;
     let _ = switch.stop().await;
 }
