@@ -68,22 +68,8 @@ else
     BIN=$TARGET_DIR/debug/portswitch
 fi
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-wait_port() {
-    for _ in $(seq 1 150); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listening on $1" >&2
-    return 1
-}
+# WORK, PIDS, cleanup on exit, wait_port.
+source "$ROOT/scripts/lib.sh"
 PY="python3 $ROOT/scripts/tunnel_bench.py"
 
 # Ports: targets, then per system an iperf3, an echo and a sink forward.

@@ -432,6 +432,27 @@ async fn member_with(
     RunningBroker::start(cfg).await.expect("the broker starts")
 }
 
+/// A port switch and `n` brokers on it named b0, b1…, with their data directories.
+async fn group(
+    n: usize,
+    tune: impl Fn(&mut BrokerConfig) + Copy,
+) -> (
+    portswitch_server::RunningServer,
+    Vec<tempfile::TempDir>,
+    Vec<Option<RunningBroker>>,
+) {
+    let sw = switch().await;
+    let sw_addr = sw.addr.to_string();
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        brokers.push(Some(
+            member_with(d.path(), &sw_addr, &format!("b{i}"), tune).await,
+        ));
+    }
+    (sw, dirs, brokers)
+}
+
 /// The broker that leads `queue`'s partition 0, once one does (and is not `not`).
 async fn leader_addr(switch: &str, queue: &str, not: Option<&str>) -> String {
     for _ in 0..500 {
@@ -447,13 +468,8 @@ async fn leader_addr(switch: &str, queue: &str, not: Option<&str>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_replicates_each_partition_and_a_survivor_serves_every_confirmed_message() {
-    let sw = switch().await;
+    let (sw, _dirs, mut brokers) = group(3, |_| {}).await;
     let sw_addr = sw.addr.to_string();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut brokers = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        brokers.push(Some(member(d.path(), &sw_addr, &format!("b{i}")).await));
-    }
     let c = MqClient::connect(&brokers[0].as_ref().unwrap().addr.to_string())
         .await
         .unwrap();
@@ -558,13 +574,8 @@ async fn leaders(switch: &str, queue: &str, n: u16) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaders_spread_over_the_group_and_go_back_to_their_preferred_broker() {
-    let sw = switch().await;
+    let (sw, dirs, mut brokers) = group(3, |_| {}).await;
     let sw_addr = sw.addr.to_string();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut brokers = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        brokers.push(Some(member(d.path(), &sw_addr, &format!("b{i}")).await));
-    }
     let cluster = portswitch_mq::cluster::Cluster::connect(&sw_addr)
         .await
         .unwrap();
@@ -819,16 +830,9 @@ async fn stat_of(addr: &str, queue: &str, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_the_leaders_reclaimed_log_starts_again_where_it_starts() {
-    let sw = switch().await;
-    let sw_addr = sw.addr.to_string();
     let small = |c: &mut BrokerConfig| c.segment_bytes_max = 4096;
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut brokers = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        brokers.push(Some(
-            member_with(d.path(), &sw_addr, &format!("b{i}"), small).await,
-        ));
-    }
+    let (sw, dirs, mut brokers) = group(3, small).await;
+    let sw_addr = sw.addr.to_string();
     let cluster = portswitch_mq::cluster::Cluster::connect(&sw_addr)
         .await
         .unwrap();

@@ -30,6 +30,17 @@ async fn broker(dir: &std::path::Path) -> (Child, String) {
     .await
 }
 
+/// Messages carrying their ids, keyed by id modulo `keys`.
+fn numbered(ids: &[u64], keys: u64) -> Vec<Outgoing> {
+    ids.iter()
+        .map(|i| Outgoing {
+            key: (i % keys).to_le_bytes().to_vec().into(),
+            payload: i.to_le_bytes().to_vec().into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct Book {
     confirmed: BTreeSet<u64>,
@@ -67,14 +78,7 @@ async fn no_confirmed_message_is_lost_across_kill_9_of_the_broker() {
                     let ids: Vec<u64> = (0..50)
                         .map(|_| next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                         .collect();
-                    let msgs = ids
-                        .iter()
-                        .map(|i| Outgoing {
-                            key: (i % 7).to_le_bytes().to_vec().into(),
-                            payload: i.to_le_bytes().to_vec().into(),
-                            ..Default::default()
-                        })
-                        .collect();
+                    let msgs = numbered(&ids, 7);
                     match c.produce("durable", msgs).await {
                         Ok(_) => book.lock().unwrap().confirmed.extend(ids),
                         Err(_) => return,
@@ -290,14 +294,7 @@ async fn no_confirmed_message_is_lost_across_20_kills_of_a_partition_leader() {
                     let ids: Vec<u64> = (0..50)
                         .map(|_| next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                         .collect();
-                    let msgs = ids
-                        .iter()
-                        .map(|i| Outgoing {
-                            key: (i % 11).to_le_bytes().to_vec().into(),
-                            payload: i.to_le_bytes().to_vec().into(),
-                            ..Default::default()
-                        })
-                        .collect();
+                    let msgs = numbered(&ids, 11);
                     match cluster.produce("ha", msgs).await {
                         Ok(_) => book.lock().unwrap().confirmed.extend(ids),
                         // Not confirmed: may or may not be kept.
