@@ -3,8 +3,10 @@
 # cores: iperf3 through `portswitch tunnel` (pool of 4), `ssh -L` (OpenSSH, aes128-gcm
 # and chacha20-poly1305), shadowsocks-libev (aes-256-gcm, ss-tunnel) and plain
 # loopback, with 1 and 8 parallel streams; the round trip added to small requests
-# (64 B, ping-pong); and the bytes on the wire for an office-like corpus (HTML, JSON API
-# calls, e-mail with attachments, documents) against the bytes carried.
+# (64 B, ping-pong); the bytes on the wire for an office-like corpus (HTML, JSON API
+# calls, e-mail with attachments, documents) against the bytes carried; and real
+# applications through our tunnel: an ssh session (to the benchmark's sshd) and an
+# HTTP download (python3's http.server, fetched with curl), each checked by SHA-256.
 #
 # Installs what is missing from Debian (iperf3, openssh-server, openssh-client,
 # shadowsocks-libev; as root or with sudo), builds portswitch, starts and stops every
@@ -19,7 +21,7 @@
 #
 # Environment: SMOKE, RUNS, DURATION (s per iperf3 run), PROFILE (release, or debug
 # with SMOKE), SYSTEMS (default "loopback tunnel ssh-aes ssh-chacha shadowsocks"),
-# PARTS (default "throughput latency corpus"), BASE_PORT (default 19500), OUT,
+# PARTS (default "throughput latency corpus apps"), BASE_PORT (default 19500), OUT,
 # PORTSWITCH_BIN (a portswitch binary to use instead of building one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ else
     RUNS=${RUNS:-5}; DURATION=${DURATION:-5}; PROFILE=${PROFILE:-release}; LAT_COUNT=${LAT_COUNT:-3000}
 fi
 SYSTEMS=${SYSTEMS:-"loopback tunnel ssh-aes ssh-chacha shadowsocks"}
-PARTS=${PARTS:-"throughput latency corpus"}
+PARTS=${PARTS:-"throughput latency corpus apps"}
 BASE_PORT=${BASE_PORT:-19500}
 OUT=${OUT:-$ROOT/bench-results/tunnel-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
@@ -42,8 +44,9 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 need=()
 command -v iperf3 >/dev/null || need+=(iperf3)
-{ has ssh-aes || has ssh-chacha; } && [ ! -x /usr/sbin/sshd ] && need+=(openssh-server)
-{ has ssh-aes || has ssh-chacha; } && ! command -v ssh >/dev/null && need+=(openssh-client)
+want_ssh() { has ssh-aes || has ssh-chacha || { has tunnel && part apps; }; }
+want_ssh && [ ! -x /usr/sbin/sshd ] && need+=(openssh-server)
+want_ssh && ! command -v ssh >/dev/null && need+=(openssh-client)
 has shadowsocks && ! command -v ss-server >/dev/null && need+=(shadowsocks-libev)
 command -v jq >/dev/null || need+=(jq)
 command -v curl >/dev/null || need+=(curl)
@@ -75,7 +78,7 @@ PY="python3 $ROOT/scripts/tunnel_bench.py"
 # Ports: targets, then per system an iperf3, an echo and a sink forward.
 P_IPERF=$BASE_PORT; P_ECHO=$((BASE_PORT + 1)); P_SINK=$((BASE_PORT + 2))
 P_TUN=$((BASE_PORT + 10)); P_TUN_METRICS=$((BASE_PORT + 11))
-P_SSHD=$((BASE_PORT + 20)); P_SS=$((BASE_PORT + 30))
+P_SSHD=$((BASE_PORT + 20)); P_SS=$((BASE_PORT + 30)); P_HTTP=$((BASE_PORT + 3))
 port_of() { # system kind(0 iperf, 1 echo, 2 sink)
     case $1 in
         loopback) echo $((BASE_PORT + $2)) ;;
@@ -97,11 +100,13 @@ if has tunnel; then
     wait_port "$P_TUN"
     fw=()
     for k in 0 1 2; do fw+=(-L "127.0.0.1:$(port_of tunnel $k):127.0.0.1:$((BASE_PORT + k))"); done
+    # Applications through the tunnel: sshd (kind 3) and an HTTP server (kind 4).
+    fw+=(-L "127.0.0.1:$(port_of tunnel 3):127.0.0.1:$P_SSHD" -L "127.0.0.1:$(port_of tunnel 4):127.0.0.1:$P_HTTP")
     "$BIN" tunnel client --server "127.0.0.1:$P_TUN" --key-file "$WORK/tunnel.key" "${fw[@]}" \
         --metrics-listen "127.0.0.1:$P_TUN_METRICS" >"$OUT/tunnel-client.log" 2>&1 & PIDS+=($!)
     wait_port "$(port_of tunnel 2)"; wait_port "$P_TUN_METRICS"
 fi
-if has ssh-aes || has ssh-chacha; then
+if want_ssh; then
     mkdir -p "$WORK/ssh" /run/sshd 2>/dev/null || true
     ssh-keygen -q -t ed25519 -N "" -f "$WORK/ssh/host" >/dev/null
     ssh-keygen -q -t ed25519 -N "" -f "$WORK/ssh/user" >/dev/null
@@ -177,6 +182,28 @@ if has tunnel && part corpus; then
     emit "{\"system\":\"tunnel\",\"measure\":\"office_corpus\",\"carried\":$((c1 - c0)),\"wire\":$((w1 - w0)),\"wire_per_carried\":$(awk -v w=$((w1 - w0)) -v c=$((c1 - c0)) 'BEGIN { if (c > 0) printf "%.3f", w / c; else printf "null" }'),\"corpus\":$r}"
 fi
 
+# --- applications through our tunnel: ssh and HTTP, checked by SHA-256 -------------
+if has tunnel && part apps; then
+    size=$((64 << 20)); [ -n "$SMOKE" ] && size=$((4 << 20))
+    mkdir -p "$WORK/www"
+    head -c "$size" /dev/urandom >"$WORK/www/payload"
+    want=$(sha256sum <"$WORK/www/payload" | cut -d' ' -f1)
+    # ssh: a session to the sshd through our tunnel, streaming the file back.
+    t0=$(date +%s.%N)
+    got=$(ssh -q -i "$WORK/ssh/user" -p "$(port_of tunnel 3)" -o StrictHostKeyChecking=no \
+        -o UserKnownHostsFile=/dev/null -c aes128-gcm@openssh.com "$(id -un)@127.0.0.1" \
+        cat "$WORK/www/payload" | sha256sum | cut -d' ' -f1)
+    t1=$(date +%s.%N)
+    emit "{\"system\":\"tunnel\",\"measure\":\"ssh_through\",\"bytes\":$size,\"sha256_ok\":$([ "$got" = "$want" ] && echo true || echo false),\"seconds\":$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')}"
+    # HTTP: python3's http.server behind the tunnel, fetched with curl.
+    python3 -m http.server "$P_HTTP" --bind 127.0.0.1 --directory "$WORK/www" >"$WORK/http.log" 2>&1 & PIDS+=($!)
+    wait_port "$P_HTTP"
+    t0=$(date +%s.%N)
+    got=$(curl -sf "http://127.0.0.1:$(port_of tunnel 4)/payload" | sha256sum | cut -d' ' -f1)
+    t1=$(date +%s.%N)
+    emit "{\"system\":\"tunnel\",\"measure\":\"http_through\",\"bytes\":$size,\"sha256_ok\":$([ "$got" = "$want" ] && echo true || echo false),\"seconds\":$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')}"
+fi
+
 # --- summary ----------------------------------------------------------------------
 {
     echo "# Tunnel benchmark $(date -u +%Y-%m-%dT%H:%MZ) ($PROFILE, $RUNS runs x ${DURATION}s, median)"
@@ -191,6 +218,7 @@ fi
         echo "| $sys | $one | $eight | $p50 | $p99 |"
     done
     echo
+    jq -r 'select(.measure=="ssh_through" or .measure=="http_through") | "\(.measure): \(.bytes) bytes through the tunnel in \(.seconds) s, SHA-256 \(if .sha256_ok then "matches" else "DIFFERS" end)."' "$OUT/results.jsonl"
     jq -r 'select(.measure=="office_corpus") | "Office corpus: \(.carried) bytes carried, \(.wire) on the wire (\(.wire_per_carried) of carried)."' "$OUT/results.jsonl"
 } >"$OUT/summary.md"
 cat "$OUT/summary.md"

@@ -12,6 +12,7 @@
 //! - [`mux`]: the pure state machine: streams, reordering, windows, acknowledgement
 //!   and resending across pool connections;
 //! - [`compress`]: adaptive per-chunk zstd;
+//! - [`pool`]: recycled read buffers;
 //! - [`session`], [`server`], [`client`], [`socks`]: the tokio driver at the edges;
 //! - [`metrics`]: Prometheus counters and the /metrics endpoint.
 //!
@@ -27,6 +28,7 @@ pub mod handshake;
 pub mod limits;
 pub mod metrics;
 pub mod mux;
+pub mod pool;
 pub mod record;
 pub mod server;
 pub mod session;

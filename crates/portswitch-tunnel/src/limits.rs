@@ -30,9 +30,13 @@ pub const FRAME_PAYLOAD_BYTES_MAX: usize = STREAM_CHUNK_BYTES_MAX;
 /// Bytes of an OPEN frame's target ("host:port"): a DNS name is at most 253.
 pub const TARGET_BYTES_MAX: usize = 300;
 
-/// Per-stream receive window, carried bytes: what one stream may have in flight and
-/// buffered at the far end. One stalled reader holds at most this much.
+/// Per-stream receive window at first, carried bytes: what one stream may have in
+/// flight and buffered at the far end. One stalled reader holds at most this much.
 pub const STREAM_WINDOW_BYTES_DEFAULT: u64 = 1 << 20;
+/// What auto-tuning raises the window of a stream whose reader keeps up to, by
+/// doubling (a gigabyte a second over a loaded 2-core machine's round trip needs
+/// 4 MiB in flight). A reader that stalls after its window grew holds at most this.
+pub const STREAM_WINDOW_AUTO_MAX_BYTES_DEFAULT: u64 = 4 << 20;
 pub const STREAM_WINDOW_BYTES_MIN: u64 = STREAM_CHUNK_BYTES_MAX as u64;
 pub const STREAM_WINDOW_BYTES_MAX: u64 = 16 << 20;
 /// Per-session receive window over all streams, carried bytes.

@@ -56,7 +56,7 @@ pub use crate::limits::{ACK_DELAY_MS, ACK_RECORDS_MAX};
 use crate::limits::{
     CLOSED_STREAM_IDS_MAX, CONN_UNACKED_BYTES_MAX, REORDER_FRAMES_MAX,
     SESSION_WINDOW_BYTES_DEFAULT, STREAMS_PER_SESSION_MAX, STREAM_CHUNK_BYTES_MAX,
-    STREAM_WINDOW_BYTES_DEFAULT, TARGET_BYTES_MAX,
+    STREAM_WINDOW_AUTO_MAX_BYTES_DEFAULT, STREAM_WINDOW_BYTES_DEFAULT, TARGET_BYTES_MAX,
 };
 
 pub type ConnId = u64;
@@ -76,7 +76,10 @@ pub enum Role {
 
 #[derive(Debug, Clone)]
 pub struct MuxConfig {
+    /// A stream's receive window at first.
     pub stream_window_bytes: u64,
+    /// What auto-tuning may raise a stream's window to.
+    pub stream_window_max_bytes: u64,
     pub session_window_bytes: u64,
     pub streams_max: usize,
     pub conn_unacked_bytes_max: usize,
@@ -86,11 +89,21 @@ impl Default for MuxConfig {
     fn default() -> Self {
         MuxConfig {
             stream_window_bytes: STREAM_WINDOW_BYTES_DEFAULT,
+            stream_window_max_bytes: STREAM_WINDOW_AUTO_MAX_BYTES_DEFAULT,
             session_window_bytes: SESSION_WINDOW_BYTES_DEFAULT,
             streams_max: STREAMS_PER_SESSION_MAX,
             conn_unacked_bytes_max: CONN_UNACKED_BYTES_MAX,
         }
     }
+}
+
+/// What [`Mux::send_data`] did with a chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Queued for sending.
+    Queued,
+    /// Not covered by the credit any more: offer it again once woken.
+    Blocked(Chunk),
 }
 
 /// A piece of a stream: `raw_len` carried bytes, compressed or not.
@@ -167,6 +180,9 @@ struct Stream {
     recv_total: u64,
     recv_limit: u64,
     recv_consumed: u64,
+    /// The window granted on each update: starts at the configured window and doubles
+    /// (up to the configured maximum) while the reader keeps up.
+    recv_window: u64,
     read_done: bool,
 }
 
@@ -187,6 +203,7 @@ impl Stream {
             recv_total: 0,
             recv_limit,
             recv_consumed: 0,
+            recv_window: recv_limit,
             read_done: false,
         }
     }
@@ -397,16 +414,21 @@ impl Mux {
         self.streams.get(&id).map(|s| s.policy)
     }
 
-    /// Queues a chunk read from the stream's socket. The caller checked the credit.
-    pub fn send_data(&mut self, id: u32, chunk: Chunk) -> Result<()> {
+    /// Queues a chunk read from the stream's socket, or hands it back when the credit
+    /// no longer covers it: the session's window is shared, and other streams may have
+    /// used it while this one was reading. The stream is then woken (its `send`
+    /// wakeup) when a window opens, and offers the chunk again.
+    pub fn send_data(&mut self, id: u32, chunk: Chunk) -> Result<Sent> {
         let session_credit = self.session_send_limit.saturating_sub(self.session_sent);
         let s = self.streams.get_mut(&id).ok_or(TunnelError::Closed)?;
         let raw = chunk.raw_len as u64;
-        assert!(!s.fin_queued, "data after FIN");
-        assert!(
-            raw <= s.send_limit - s.send_offset && raw <= session_credit,
-            "data beyond credit"
-        );
+        if s.fin_queued {
+            return Err(TunnelError::Closed);
+        }
+        if raw > s.send_limit.saturating_sub(s.send_offset) || raw > session_credit {
+            s.send_blocked = true;
+            return Ok(Sent::Blocked(chunk));
+        }
         assert!(
             chunk.payload.len() <= STREAM_CHUNK_BYTES_MAX && raw as usize <= STREAM_CHUNK_BYTES_MAX
         );
@@ -421,7 +443,7 @@ impl Mux {
         });
         s.send_seq += 1;
         self.mark_ready(id);
-        Ok(())
+        Ok(Sent::Queued)
     }
 
     /// The stream's socket reached end of file: half-close towards the far end.
@@ -504,15 +526,24 @@ impl Mux {
 
     /// `raw_len` carried bytes of the stream were written out: grant more.
     pub fn consumed(&mut self, id: u32, raw_len: u64) {
-        let window = self
+        let most = self
             .cfg
-            .stream_window_bytes
+            .stream_window_max_bytes
+            .max(self.cfg.stream_window_bytes)
             .max(STREAM_WINDOW_INITIAL_BYTES);
         if let Some(s) = self.streams.get_mut(&id) {
             s.recv_consumed += raw_len;
             assert!(s.recv_consumed <= s.recv_total);
-            if s.recv_limit - s.recv_consumed <= window / 2 {
-                s.recv_limit = s.recv_consumed + window;
+            if s.recv_limit - s.recv_consumed <= s.recv_window / 2 {
+                // Auto-tuning: half the window is used and almost nothing waits for
+                // the reader, so the window (in flight over the round trip), not the
+                // reader, limits this stream: double it. A stalled or slow reader has
+                // data waiting and keeps its window.
+                let waiting = s.recv_total - s.recv_consumed;
+                if waiting <= s.recv_window / 8 && s.recv_window < most {
+                    s.recv_window = (s.recv_window * 2).min(most);
+                }
+                s.recv_limit = s.recv_consumed + s.recv_window;
                 self.control.push_back(Frame::Window {
                     stream: id,
                     limit: s.recv_limit,
@@ -935,11 +966,80 @@ mod tests {
         }
         // The slow stream stopped at its window; the fast one went on.
         assert_eq!(c.send_credit(slow).unwrap(), 0);
-        assert!(
-            fast_got > 20 * STREAM_WINDOW_BYTES_DEFAULT as usize,
-            "{fast_got}"
-        );
+        // Every chunk offered on the fast stream went through: it never waited.
+        assert_eq!(fast_got, 2000 * chunk.len());
+        assert!(fast_got > 4 * STREAM_WINDOW_BYTES_DEFAULT as usize);
         assert!(s.streams[&slow].recv_total <= STREAM_WINDOW_BYTES_DEFAULT);
+    }
+
+    #[test]
+    fn a_chunk_the_shared_session_credit_no_longer_covers_comes_back() {
+        // Before the far end's first record, the session may send the initial 4 MiB.
+        let (mut c, mut s) = pair();
+        c.conn_added(1);
+        s.conn_added(1);
+        let chunk = |n: usize| Chunk::plain(Bytes::from(vec![7u8; n]));
+        let a = c
+            .open(Bytes::from_static(b"a:1"), CompressPolicy::Never)
+            .unwrap();
+        // Stream a sees credit and starts reading its socket...
+        assert!(c.send_credit(a).unwrap() >= 1000);
+        // ...while sixteen others use up the session's window.
+        for i in 0..16 {
+            let id = c
+                .open(Bytes::from(format!("b{i}:1")), CompressPolicy::Never)
+                .unwrap();
+            while c.send_credit(id).unwrap() > 0 {
+                let n = (c.send_credit(id).unwrap() as usize).min(STREAM_CHUNK_BYTES_MAX);
+                assert_eq!(c.send_data(id, chunk(n)).unwrap(), Sent::Queued);
+            }
+        }
+        assert_eq!(c.send_credit(a).unwrap(), 0);
+        // a's chunk is handed back, not queued beyond the window (nor a panic).
+        match c.send_data(a, chunk(1000)).unwrap() {
+            Sent::Blocked(back) => assert_eq!(back.raw_len, 1000),
+            Sent::Queued => panic!("queued beyond the session's window"),
+        }
+        c.take_wakeups();
+        // The far end's window arrives: a is woken, and its chunk goes.
+        settle(&mut c, &mut s, 1);
+        assert!(c.take_wakeups().send.contains(&a));
+        assert_eq!(c.send_data(a, chunk(1000)).unwrap(), Sent::Queued);
+    }
+
+    #[test]
+    fn a_reader_that_keeps_up_gets_a_bigger_window_a_stalled_one_does_not() {
+        let (mut c, mut s) = pair();
+        c.conn_added(1);
+        s.conn_added(1);
+        let fast = c
+            .open(Bytes::from_static(b"a:1"), CompressPolicy::Never)
+            .unwrap();
+        let stalled = c
+            .open(Bytes::from_static(b"b:1"), CompressPolicy::Never)
+            .unwrap();
+        let chunk = Bytes::from(vec![1u8; STREAM_CHUNK_BYTES_MAX]);
+        for _ in 0..2000 {
+            for id in [fast, stalled] {
+                let credit = c.send_credit(id).unwrap();
+                if credit >= chunk.len() as u64 {
+                    assert_eq!(
+                        c.send_data(id, Chunk::plain(chunk.clone())).unwrap(),
+                        Sent::Queued
+                    );
+                }
+            }
+            while pump(&mut c, &mut s, 1) | pump(&mut s, &mut c, 1) {}
+            drain(&mut s, fast);
+        }
+        assert_eq!(
+            s.streams[&fast].recv_window,
+            STREAM_WINDOW_AUTO_MAX_BYTES_DEFAULT
+        );
+        assert_eq!(s.streams[&stalled].recv_window, STREAM_WINDOW_BYTES_DEFAULT);
+        assert!(s.streams[&stalled].recv_total <= STREAM_WINDOW_BYTES_DEFAULT);
+        // The sender sees the grown window as credit beyond the first one.
+        assert!(c.streams[&fast].send_limit > STREAM_WINDOW_BYTES_DEFAULT * 2);
     }
 
     /// Pumps both ways until neither has a record to send.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -17,17 +17,36 @@ use crate::error::{Result, TunnelError};
 use crate::frame::{decode_all, CompressPolicy, ResetCode};
 use crate::handshake::Keys;
 use crate::limits::{
-    ACK_DELAY_MS, CONN_IDLE_TIMEOUT_MS, OPEN_HOLD_MS, RECORD_CONTENT_BYTES_MAX,
-    RECORD_HEADER_BYTES, STREAM_CHUNK_BYTES_MAX,
+    ACK_DELAY_MS, CONN_IDLE_TIMEOUT_MS, OPEN_HOLD_MS, RECORD_BODY_BYTES_MAX,
+    RECORD_CONTENT_BYTES_MAX, RECORD_HEADER_BYTES, STREAM_CHUNK_BYTES_MAX,
 };
 use crate::metrics::Metrics;
-use crate::mux::{ConnId, Delivery, Mux, MuxConfig, Opened, Role};
+use crate::mux::{ConnId, Delivery, Mux, MuxConfig, Opened, Role, Sent};
+use crate::pool::BufPool;
 use crate::record::{pad_len, Opener, Sealer};
 
 /// Records gathered into one socket write at most (frames of many streams, packed).
 const RECORDS_PER_WRITE_MAX: usize = 4;
-/// Bytes a pool connection's reader asks the socket for at once.
+/// Bytes a pool connection's reader asks the socket for at once: the size of a stage.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
+const _: () = assert!(READ_BUFFER_BYTES >= 2 * (RECORD_HEADER_BYTES + RECORD_BODY_BYTES_MAX));
+/// Idle buffers kept for reuse, process-wide: 8 MiB of chunks and 8 MiB of stages.
+const CHUNKS_KEPT: usize = 256;
+const STAGES_KEPT: usize = 32;
+
+/// Buffers that a stream's reads fill (one chunk each).
+fn chunk_pool() -> &'static Arc<BufPool> {
+    static POOL: std::sync::LazyLock<Arc<BufPool>> =
+        std::sync::LazyLock::new(|| BufPool::new(STREAM_CHUNK_BYTES_MAX, CHUNKS_KEPT));
+    &POOL
+}
+
+/// Buffers that a pool connection's reads fill (records, opened in place).
+fn stage_pool() -> &'static Arc<BufPool> {
+    static POOL: std::sync::LazyLock<Arc<BufPool>> =
+        std::sync::LazyLock::new(|| BufPool::new(READ_BUFFER_BYTES, STAGES_KEPT));
+    &POOL
+}
 
 /// Settings of a session's endpoint.
 #[derive(Debug, Clone)]
@@ -252,22 +271,52 @@ impl Session {
         mut rd: tokio::net::tcp::OwnedReadHalf,
         mut opener: Opener,
     ) -> Result<()> {
-        let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        // Records are opened in place in a pooled stage; the stage is then frozen and
+        // the records' frames are slices of it (no copy). The bytes of a record not yet
+        // complete move to the next stage.
+        let pool = stage_pool();
+        let mut stage = pool.take();
         let idle = self.0.cfg.conn_idle_timeout;
         let m = &self.0.metrics;
+        let mut bodies: Vec<std::ops::Range<usize>> = Vec::new();
         loop {
-            fill(&mut rd, &mut buf, RECORD_HEADER_BYTES, idle, m).await?;
-            let mut header = [0u8; RECORD_HEADER_BYTES];
-            header.copy_from_slice(&buf.split_to(RECORD_HEADER_BYTES));
-            let len = opener.open_header(&mut header)?;
-            fill(&mut rd, &mut buf, len, idle, m).await?;
-            let mut body = buf.split_to(len);
-            let content = opener.open_body(&mut body)?;
-            let content = body.freeze().slice(content);
-            let mut frames = Vec::new();
-            decode_all(content, &mut frames)?;
-            m.records_received.inc();
-            self.with(|mux| mux.handle_record(c, frames))?;
+            let room = stage.capacity() - stage.len();
+            let got = tokio::time::timeout(idle, rd.read_buf(&mut (&mut stage).limit(room)))
+                .await
+                .map_err(|_| TunnelError::Io(std::io::ErrorKind::TimedOut.into()))??;
+            if got == 0 {
+                return Err(TunnelError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            m.wire_received_bytes.inc_by(got as u64);
+            // Open every complete record.
+            let mut pos = 0;
+            bodies.clear();
+            while stage.len() - pos >= RECORD_HEADER_BYTES {
+                let mut header = [0u8; RECORD_HEADER_BYTES];
+                header.copy_from_slice(&stage[pos..pos + RECORD_HEADER_BYTES]);
+                // Opening a header does not move the nonce on: an incomplete record's
+                // header is opened again once its body is here.
+                let len = opener.open_header(&mut header)?;
+                let body = pos + RECORD_HEADER_BYTES;
+                if stage.len() - body < len {
+                    break;
+                }
+                let content = opener.open_body(&mut stage[body..body + len])?;
+                bodies.push(body + content.start..body + content.end);
+                pos = body + len;
+            }
+            if bodies.is_empty() {
+                continue;
+            }
+            let mut next = pool.take();
+            next.extend_from_slice(&stage[pos..]);
+            let frozen = pool.freeze(std::mem::replace(&mut stage, next));
+            for body in bodies.drain(..) {
+                let mut frames = Vec::new();
+                decode_all(frozen.slice(body), &mut frames)?;
+                m.records_received.inc();
+                self.with(|mux| mux.handle_record(c, frames))?;
+            }
         }
     }
 
@@ -430,7 +479,7 @@ impl Session {
             };
             let want = (credit as usize).min(STREAM_CHUNK_BYTES_MAX);
             // Not zeroed: reads fill it, and never past `want` (the credit).
-            let mut buf = BytesMut::with_capacity(want);
+            let mut buf = chunk_pool().take();
             let mut room = (&mut buf).limit(want);
             let n = tokio::select! {
                 r = rd.read_buf(&mut room) => r,
@@ -471,20 +520,33 @@ impl Session {
                     let n = buf.len();
                     assert!(n <= want, "read past the stream's credit");
                     m.carried_sent_bytes.inc_by(n as u64);
-                    let chunk = comp.chunk(buf.freeze());
+                    let chunk = comp.chunk(chunk_pool().freeze(buf));
                     if chunk.compressed {
                         m.chunks_compressed.inc();
                     } else {
                         m.chunks_plain.inc();
                     }
-                    let sent = self.with(|mux| {
-                        mux.send_data(id, chunk)?;
-                        if eof {
-                            mux.send_fin(id)?;
+                    // Other streams may have used the session's window meanwhile:
+                    // then the chunk waits here (one per stream at most) for credit.
+                    let mut chunk = chunk;
+                    loop {
+                        let sent = self.with(|mux| {
+                            let sent = mux.send_data(id, chunk)?;
+                            if eof && sent == Sent::Queued {
+                                mux.send_fin(id)?;
+                            }
+                            Ok::<_, TunnelError>(sent)
+                        });
+                        match sent {
+                            Err(_) => return,
+                            Ok(Sent::Queued) => break,
+                            Ok(Sent::Blocked(back)) => {
+                                chunk = back;
+                                waker.send.notified().await;
+                            }
                         }
-                        Ok::<_, TunnelError>(())
-                    });
-                    if sent.is_err() || eof {
+                    }
+                    if eof {
                         return;
                     }
                 }
@@ -531,25 +593,4 @@ impl Session {
             }
         }
     }
-}
-
-/// Reads from `rd` until `buf` holds at least `n` bytes.
-async fn fill(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut BytesMut,
-    n: usize,
-    idle: Duration,
-    m: &Metrics,
-) -> Result<()> {
-    while buf.len() < n {
-        buf.reserve(READ_BUFFER_BYTES.max(n));
-        let got = tokio::time::timeout(idle, rd.read_buf(buf))
-            .await
-            .map_err(|_| TunnelError::Io(std::io::ErrorKind::TimedOut.into()))??;
-        if got == 0 {
-            return Err(TunnelError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        m.wire_received_bytes.inc_by(got as u64);
-    }
-    Ok(())
 }

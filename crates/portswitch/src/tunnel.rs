@@ -59,9 +59,14 @@ struct KeyArgs {
 
 #[derive(Args, Debug, Clone)]
 struct Tuning {
-    /// Per-stream window, bytes: what one stream may have in flight and buffered.
+    /// Per-stream window at first, bytes: what one stream may have in flight and
+    /// buffered.
     #[arg(long, default_value_t = limits::STREAM_WINDOW_BYTES_DEFAULT)]
     stream_window: u64,
+    /// What a stream's window grows to (doubling) while its reader keeps up, bytes
+    /// (no growth when below --stream-window).
+    #[arg(long, default_value_t = limits::STREAM_WINDOW_AUTO_MAX_BYTES_DEFAULT)]
+    stream_window_max: u64,
     /// Window of all streams of a session together, bytes.
     #[arg(long, default_value_t = limits::SESSION_WINDOW_BYTES_DEFAULT)]
     session_window: u64,
@@ -183,6 +188,14 @@ fn session_config(t: &Tuning) -> Result<SessionConfig, Box<dyn std::error::Error
         )
         .into());
     }
+    // A --stream-window above --stream-window-max simply does not grow.
+    if t.stream_window_max > limits::STREAM_WINDOW_BYTES_MAX {
+        return Err(format!(
+            "--stream-window-max must be at most {}",
+            limits::STREAM_WINDOW_BYTES_MAX
+        )
+        .into());
+    }
     if t.session_window < t.stream_window || t.session_window > limits::SESSION_WINDOW_BYTES_MAX {
         return Err(format!(
             "--session-window must be at least --stream-window and at most {}",
@@ -201,6 +214,7 @@ fn session_config(t: &Tuning) -> Result<SessionConfig, Box<dyn std::error::Error
         return Err("--zstd-level must be within 1..=19".into());
     }
     s.mux.stream_window_bytes = t.stream_window;
+    s.mux.stream_window_max_bytes = t.stream_window_max;
     s.mux.session_window_bytes = t.session_window;
     s.mux.streams_max = t.streams_max;
     s.compress_level = t.zstd_level;

@@ -3,7 +3,8 @@
 //! packages, as root or with sudo), every system is started, measured for a second
 //! and stopped, and the summary is written — so the suite cannot rot between runs.
 //! The office corpus is sent through our tunnel in full: its bytes on the wire are a
-//! count, not a timing, and are checked against the target.
+//! count, not a timing, and are checked against the target. An ssh session and
+//! an HTTP download through our tunnel are checked byte for byte.
 
 use std::path::Path;
 use std::process::Command;
@@ -78,6 +79,16 @@ fn tunnel_bench_smoke_run_measures_every_system() {
         (wire as f64) <= 0.60 * carried as f64,
         "{wire} bytes on the wire for {carried} carried: {corpus}"
     );
+    // Real applications through the tunnel: an ssh session and an HTTP download, each
+    // checked byte for byte (SHA-256 of what came out against what went in).
+    for app in ["ssh_through", "http_through"] {
+        let r = results
+            .iter()
+            .find(|r| r["measure"] == app)
+            .unwrap_or_else(|| panic!("{app}: not run"));
+        assert_eq!(r["sha256_ok"], true, "{app}: {r}");
+        assert!(r["bytes"].as_u64().is_some_and(|b| b > 0), "{app}: {r}");
+    }
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     for system in SYSTEMS {
         assert!(summary.contains(&format!("| {system} |")), "{summary}");
