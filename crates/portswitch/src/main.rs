@@ -8,6 +8,7 @@ mod dev;
 mod mq;
 mod serve;
 mod tunnel;
+mod vault;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,8 @@ enum Command {
     Mq(mq::MqArgs),
     /// The tunnel: many TCP streams over a pool of encrypted, featureless connections.
     Tunnel(tunnel::TunnelArgs),
+    /// The vault: encrypted, compressed, versioned storage; a FUSE mount.
+    Vault(vault::VaultArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +74,7 @@ fn main() -> std::process::ExitCode {
             Command::Dev(args) => dev::run(args).await,
             Command::Mq(args) => mq::run(args).await,
             Command::Tunnel(args) => tunnel::run(args).await,
+            Command::Vault(args) => vault::run(args).await,
         }
     });
     match result {
