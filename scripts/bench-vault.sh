@@ -4,20 +4,25 @@
 # mount` (FUSE), SQLCipher (a current one, built from source by rusqlite's
 # bundled-sqlcipher), and ours through the SQLite VFS.
 #
-# Parts:
+# Parts (every run on a fresh, empty store of each system):
 #   fio     sequential 1 MiB write (fsync at the end) and read (cold: fresh mount and
 #           dropped caches; warm: read again), random 4 KiB read (warm, time-based)
-#           and write (fsync at the end) on one file of FIO_SIZE
+#           and write (fsync at the end) on one file of FIO_SIZE, incompressible data
 #   files   unpack a source tree (the vendored sources of the workspace's Cargo.lock,
 #           a plain tar made here, deterministic for a given lock file), then sync;
-#           read it all back cold; bytes on disk after unpacking
-#   sqlite  peers-vault/: SQL_ROWS text-heavy rows inserted in transactions of
-#           SQL_BATCH (rollback journal, synchronous=FULL), then SQL_SELECTS point
-#           selects by primary key: plain SQLite on each mount, SQLCipher on ext4,
-#           ours through the VFS
+#           bytes on disk; read it all back cold
+#   sqlite  peers-vault/'s workload: SQL_ROWS text-heavy rows inserted in transactions
+#           of SQL_BATCH (rollback journal, synchronous=FULL), then SQL_SELECTS point
+#           selects by primary key — plain SQLite on each mount, SQLCipher on ext4, and
+#           ours through the VFS (crates/portswitch-vault-sqlite's benches/sqlite_vfs.rs,
+#           which compiles in the same workload)
 #   bytes   the text-heavy database from the ext4 run copied into a fresh store of
-#           each system: bytes on disk (and SQLCipher's own file, and what zstd per
-#           4 KiB block would leave)
+#           each system: bytes on disk (and SQLCipher's own file, the VFS run's vault,
+#           and what zstd per 4 KiB block would leave: a reference)
+#
+# Every system is a set of functions (<sys>_available, _version, _prepare, _mount,
+# _umount); ours is skipped, with the reason, while `portswitch vault mount` or the
+# VFS benchmark does not exist.
 #
 # Installs what is missing from Debian (fio, gocryptfs, fuse3, jq, libssl-dev and
 # pkg-config for SQLCipher; as root or with sudo, through scripts/need-debian.sh),
@@ -33,7 +38,8 @@
 # Environment: SMOKE, RUNS, SYSTEMS (default "ext4 gocryptfs ours sqlcipher ours-vfs"),
 # PARTS (default "fio files sqlite bytes"), FIO_SIZE (fio's file, default 1g; smoke
 # 64m), RAND_SECONDS (random read, default 20; smoke 2), RANDW_SIZE (bytes written by
-# the random write, default a quarter of FIO_SIZE), FILES_LIMIT (files of the tree,
+# the random write, default a quarter of FIO_SIZE), FIO_COMPRESS (how compressible
+# fio's data is, percent, default 0), FILES_LIMIT (files of the tree,
 # 0 = all; smoke 2000), SQL_ROWS, SQL_BATCH, SQL_SELECTS (default 200000, 1000,
 # 200000; smoke 5000, 500, 5000), CMD_TIMEOUT (s for one fio, tar or SQLite run,
 # default 1800: a hung mount fails its system, not the suite),
@@ -178,8 +184,8 @@ bench_cleanup() {
 }
 trap bench_cleanup EXIT
 trap 'exit 130' INT TERM
-FSTYPE=$(stat -f -c %T "$WORK")
-case $FSTYPE in ext2/ext3) ;; *) log "warning: $WORK is on $FSTYPE, not ext4 (set TMPDIR)" ;; esac
+FSTYPE=$(findmnt -n -o FSTYPE -T "$WORK" 2>/dev/null || stat -f -c %T "$WORK")
+case $FSTYPE in ext4 | ext2/ext3) ;; *) log "warning: $WORK is on $FSTYPE, not ext4 (set TMPDIR)" ;; esac
 # One store at a time (each part removes its stores): fio's file, a log-structured
 # store's garbage, the tree and its tar, a few databases.
 free_mib=$(df -Pm "$WORK" | awk 'NR == 2 {print $4}')
@@ -312,8 +318,11 @@ emit_runs() { # system part measure unit [extra json object]
 }
 
 # --- fio ---------------------------------------------------------------------------
+# Data: incompressible by default (fio's own pattern shrinks by 8% per 4 KiB block with
+# zstd, which would flatter a compressing store); FIO_COMPRESS=N makes it N% compressible.
+FIO_COMPRESS=${FIO_COMPRESS:-0}
 FIO_COMMON=(--ioengine=psync --fallocate=none --numjobs=1 --size="$FIO_SIZE" --filename=fio.dat
-    --output-format=json)
+    --buffer_compress_percentage="$FIO_COMPRESS" --output-format=json)
 fio_job() { # system measure(or "") dir args... -> records MiB/s (1 MiB) or IOPS (4 KiB)
     local sys=$1 m=$2 dir=$3 out=$WORK/fio.json dirn
     shift 3
@@ -349,7 +358,8 @@ part_fio() { # system
     done
     rm -rf "$WORK/$sys-fio"
     local x
-    x=$(jq -nc --arg size "$FIO_SIZE" --arg cold "$COLD_METHOD" '{file:$size, cold:$cold}')
+    x=$(jq -nc --arg size "$FIO_SIZE" --arg cold "$COLD_METHOD" --argjson c "$FIO_COMPRESS" \
+        '{file:$size, cold:$cold, compressible_percent:$c}')
     emit_runs "$sys" fio seq_write_1m MiB/s "$x"
     emit_runs "$sys" fio seq_read_1m_cold MiB/s "$x"
     emit_runs "$sys" fio seq_read_1m_warm MiB/s "$x"
@@ -609,7 +619,7 @@ cold = next((r.get("cold") for r in rows if r.get("cold")), None)
 if any(r.get("part") == "fio" and "median" in r for r in rows):
     print("## fio (one job, psync)\n")
     print(f"Cold: the mount restarted and the kernel's caches dropped ({cold}); warm: read again. "
-          "Writes end with an fsync, inside the time. Target: sequential >= 1.2x gocryptfs, random 4 KiB >= 1x.\n")
+          "Writes end with an fsync, inside the time; the data is incompressible unless FIO_COMPRESS says otherwise. Target: sequential >= 1.2x gocryptfs, random 4 KiB >= 1x.\n")
     print("| measure | ext4 | gocryptfs | ours | gocryptfs / ext4 | ours / gocryptfs | target met |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for m, label, need in [("seq_write_1m", "sequential write 1 MiB (MiB/s)", 1.2),

@@ -366,9 +366,18 @@ async fn a_tampered_record_kills_its_connection_and_the_stream_survives() {
     let c = client(&psk, relay.addr, 2).await;
     let echo = echo_server().await;
     let data = Arc::new(pattern(3, 2 << 20));
-    let s = through(&c, echo, CompressPolicy::Never).await;
-    let got = echo_through(s, data.clone(), Arc::default()).await;
-    assert!(got == *data);
+    // Which pool connection a record takes is the scheduler's choice: on a loaded
+    // machine the other connection may carry a whole transfer while the tampered one
+    // is still shaking hands. So streams go on until the tampered connection has
+    // carried its byte 3000 (bounded), each one delivered whole.
+    for _ in 0..20 {
+        let s = through(&c, echo, CompressPolicy::Never).await;
+        let got = echo_through(s, data.clone(), Arc::default()).await;
+        assert!(got == *data);
+        if srv.metrics.pool_connections_lost.get() >= 1 {
+            break;
+        }
+    }
     assert!(
         srv.metrics.pool_connections_lost.get() >= 1,
         "the tampered connection was dropped"
@@ -687,10 +696,19 @@ async fn a_server_that_loses_its_switch_session_registers_again_and_clients_retu
     let reg = portswitch_client::Client::connect_to(switch.addr.to_string())
         .await
         .unwrap();
+    // The listing may still show the old registration for a moment after the session
+    // was dropped: wait for the new one (counted by the server) to be listed.
     let mut listed = false;
     for _ in 0..200 {
+        let registered = servers[i]
+            .as_ref()
+            .unwrap()
+            .metrics
+            .switch_registrations
+            .get()
+            >= 2;
         let owners = reg.list_all("tunnel/office/").await.unwrap();
-        if owners.iter().any(|o| o.value.as_ref() == first.as_bytes()) {
+        if registered && owners.iter().any(|o| o.value.as_ref() == first.as_bytes()) {
             listed = true;
             break;
         }
