@@ -438,18 +438,9 @@ impl Vault {
         let (n, plan) = {
             let st = self.inner.lock_state();
             let node = st.tree.node(ino)?;
-            match node.rec.kind {
-                FileKind::Dir => return Err(VaultError::IsDir),
-                FileKind::Symlink => return Err(VaultError::Invalid("read of a symlink")),
-                FileKind::File => {}
-            }
-            let size = node.rec.size;
-            if offset >= size || buf.is_empty() {
+            let Some((n, first, last)) = read_span(node, offset, buf.len(), bs)? else {
                 return Ok(0);
-            }
-            let n = (buf.len() as u64).min(size - offset) as usize;
-            let first = offset / bs;
-            let last = (offset + n as u64 - 1) / bs;
+            };
             let dirty = st.dirty.get(&ino);
             let mut plan = Vec::with_capacity((last - first + 1) as usize);
             for idx in first..=last {
@@ -934,6 +925,23 @@ thread_local! {
 
 /// Whether an error is a read of a segment a gc just removed (the caller plans again:
 /// the moved block's new pointer is installed before the old segment goes).
+/// What a read of `len` bytes at `offset` covers in a file: the bytes it returns and
+/// its first and last block; `None` at or past the end (or for an empty buffer).
+/// Shared by the live vault and a view, which differ only in where blocks come from.
+fn read_span(node: &Node, offset: u64, len: usize, bs: u64) -> Result<Option<(usize, u64, u64)>> {
+    match node.rec.kind {
+        FileKind::Dir => return Err(VaultError::IsDir),
+        FileKind::Symlink => return Err(VaultError::Invalid("read of a symlink")),
+        FileKind::File => {}
+    }
+    let size = node.rec.size;
+    if offset >= size || len == 0 {
+        return Ok(None);
+    }
+    let n = (len as u64).min(size - offset) as usize;
+    Ok(Some((n, offset / bs, (offset + n as u64 - 1) / bs)))
+}
+
 fn is_moved(e: &VaultError) -> bool {
     e.is_missing_segment()
 }
@@ -1021,18 +1029,9 @@ impl View {
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let bs = self.inner.block_bytes as u64;
         let node = self.tree.node(ino)?;
-        match node.rec.kind {
-            FileKind::Dir => return Err(VaultError::IsDir),
-            FileKind::Symlink => return Err(VaultError::Invalid("read of a symlink")),
-            FileKind::File => {}
-        }
-        let size = node.rec.size;
-        if offset >= size || buf.is_empty() {
+        let Some((n, first, last)) = read_span(node, offset, buf.len(), bs)? else {
             return Ok(0);
-        }
-        let n = (buf.len() as u64).min(size - offset) as usize;
-        let first = offset / bs;
-        let last = (offset + n as u64 - 1) / bs;
+        };
         let plan: Vec<(u64, Source)> = (first..=last)
             .map(|idx| match node.blocks.get(&idx) {
                 Some(p) => (idx, Source::Ptr(*p)),
