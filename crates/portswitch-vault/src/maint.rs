@@ -729,17 +729,8 @@ fn check_record(
             None
         };
         let repaired = fixed.is_some();
-        rep.damaged.push(Damage {
-            segment: loc.seg,
-            offset: loc.off as u64,
-            what: crate::engine::what_of(kind),
-            copy: "primary",
-            repaired,
-        });
-        if repaired {
-            rep.repaired += 1;
-        } else {
-            rep.unrepaired += 1;
+        note_damage(rep, loc.seg, loc.off as u64, kind, "primary", repaired);
+        if !repaired {
             *segment_clean = false;
         }
         good = fixed;
@@ -763,22 +754,34 @@ fn check_record(
                         }
                         None => false,
                     };
-                rep.damaged.push(Damage {
-                    segment: loc.seg,
-                    offset: loc.off as u64,
-                    what: crate::engine::what_of(kind),
-                    copy: "mirror",
-                    repaired,
-                });
-                if repaired {
-                    rep.repaired += 1;
-                } else {
-                    rep.unrepaired += 1;
-                }
+                note_damage(rep, loc.seg, loc.off as u64, kind, "mirror", repaired);
             }
         }
     }
     Ok(())
+}
+
+/// Records one damaged copy of a record in a check's report, and counts it.
+fn note_damage(
+    rep: &mut CheckReport,
+    segment: u32,
+    offset: u64,
+    kind: RecordKind,
+    copy: &'static str,
+    repaired: bool,
+) {
+    rep.damaged.push(Damage {
+        segment,
+        offset,
+        what: crate::engine::what_of(kind),
+        copy,
+        repaired,
+    });
+    if repaired {
+        rep.repaired += 1;
+    } else {
+        rep.unrepaired += 1;
+    }
 }
 
 // ---- backup ------------------------------------------------------------------------------
