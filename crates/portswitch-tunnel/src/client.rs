@@ -123,6 +123,10 @@ struct Inner {
     /// Bumped on every port-switch event under the tunnel's prefix (and when events
     /// were lost): the list of live servers may have changed.
     switch_changes: watch::Sender<u64>,
+    /// How many times each server's port was seen released. A session judges its
+    /// server gone on a release even when the server has registered again by the
+    /// time the list is read: that session's pool belonged to the lost session.
+    releases: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// A running client. Cheap to clone.
@@ -142,6 +146,7 @@ impl TunnelClient {
             stopped: Default::default(),
             switch: Mutex::new(None),
             switch_changes: watch::channel(0).0,
+            releases: Mutex::default(),
             cfg,
         }));
         let me = c.clone();
@@ -325,9 +330,16 @@ impl TunnelClient {
             while !me.is_stopped() {
                 let relevant = tokio::select! {
                     ev = events.recv() => match ev {
-                        Ok(Event::Released { port, .. } | Event::Claimed { port, .. }) => {
-                            port.starts_with(prefix.as_bytes())
-                        }
+                        Ok(Event::Released { port, .. }) => match port.strip_prefix(prefix.as_bytes()) {
+                            Some(server) => {
+                                let server = String::from_utf8_lossy(server).into_owned();
+                                *me.0.releases.lock().unwrap_or_else(|p| p.into_inner())
+                                    .entry(server).or_default() += 1;
+                                true
+                            }
+                            None => false,
+                        },
+                        Ok(Event::Claimed { port, .. }) => port.starts_with(prefix.as_bytes()),
                         Ok(Event::Resync | Event::Recovered) => true,
                         Ok(_) => false,
                         // Events were dropped: whatever they said, look again.
@@ -393,6 +405,11 @@ impl TunnelClient {
         }
     }
 
+    fn releases_of(&self, server: &str) -> u64 {
+        let g = self.0.releases.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(server).copied().unwrap_or(0)
+    }
+
     /// Keeps the pool of `session` full. Returns why the server is judged gone
     /// (`released`, `unreachable`), or `None` when the client stopped.
     async fn run_session(
@@ -402,6 +419,7 @@ impl TunnelClient {
         others: bool,
     ) -> Option<&'static str> {
         let mut changes = self.0.switch_changes.subscribe();
+        let released_before = self.releases_of(server);
         let id = session_id();
         let failures = Arc::new(AtomicU32::new(0));
         let mut slots = tokio::task::JoinSet::new();
@@ -462,12 +480,16 @@ impl TunnelClient {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = self.0.stop.notified() => {}
                 r = changes.changed() => {
-                    // A server registered or left. If ours is no longer registered
-                    // (it stopped, or lost its port-switch session), move now: its
+                    // A server registered or left. If ours was released or is no
+                    // longer registered (it stopped, or lost its port-switch session;
+                    // it may be back already under a new session), move now: its
                     // pool may look alive for up to the idle timeout, and dials to a
                     // vanished host take the handshake timeout each. A switch that
                     // cannot be asked says nothing about the server.
                     if r.is_ok() {
+                        if self.releases_of(server) > released_before {
+                            break Some("released");
+                        }
                         if let Some(live) = self.servers().await {
                             if !live.iter().any(|s| s == server) {
                                 break Some("released");
