@@ -172,13 +172,13 @@ pub(crate) struct BlockJob {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Records being built, sealed and written by one thread of `write_blocks`.
+    static STAGE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` over `items` on up to four threads when there are enough of them to pay for
-/// a spawn.
-fn par_each<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
-    par_chunks(items, |c| c.iter_mut().for_each(&f));
-}
+/// Bytes of records one thread of `write_blocks` builds before writing them: small
+/// enough to stay in the CPU's cache between sealing and the write's copy.
+const STAGE_BYTES: usize = 1 << 20;
 
 /// The largest raw commit entry ([`crate::format::ENTRY_BYTES_MAX`]; tests lower it).
 fn commit_bytes_max() -> usize {
@@ -208,13 +208,14 @@ fn group_ptrs(jobs: &[BlockJob], ptrs: &[BlockPtr]) -> Vec<(Ino, Vec<(u64, Block
     groups
 }
 
-/// Runs `f` over contiguous chunks of `items`, one per thread.
-fn par_chunks<T: Send>(items: &mut [T], f: impl Fn(&mut [T]) + Sync) {
+/// Runs `f` over contiguous chunks of `items`, one per thread (up to four), when there
+/// are at least `min` items to pay for the spawns.
+fn par_chunks<T: Send>(items: &mut [T], min: usize, f: impl Fn(&mut [T]) + Sync) {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(4);
-    if items.len() < 64 || threads < 2 {
+    if items.len() < min.max(2) || threads < 2 {
         f(items);
         return;
     }
@@ -722,6 +723,12 @@ impl Inner {
     }
 
     /// Compresses, seals and appends blocks of `version`; returns their pointers.
+    ///
+    /// Three passes: compress (in parallel; only blocks that shrink keep a buffer),
+    /// lay out (sequentially: a record's place depends on the sizes before it), then
+    /// build, seal and write (in parallel, a stage of up to `STAGE_BYTES` at a time:
+    /// each thread copies its records into one reused buffer, seals them in place,
+    /// and writes the stage at its offset while it is still in the CPU's cache).
     pub fn write_blocks(
         &self,
         log: &mut Log,
@@ -736,61 +743,59 @@ impl Inner {
         let (comp, level) = (self.compression, self.zstd_level);
         struct Work<'a> {
             job: &'a BlockJob,
-            buf: Vec<u8>,
+            /// The block's plaintext when compressing shrank it (codec byte included).
+            packed: Option<Vec<u8>>,
+            len: u32,
             seg: u32,
             off: u32,
-            compressed: bool,
         }
         let mut work: Vec<Work> = jobs
             .iter()
             .map(|job| Work {
                 job,
-                buf: Vec::new(),
+                packed: None,
+                len: 0,
                 seg: 0,
                 off: 0,
-                compressed: false,
             })
             .collect();
-        // Compress (in parallel), then lay out (sequentially: positions depend on the
-        // sizes before), then seal (in parallel: the seal binds the position).
         // Neighbouring blocks of one file tend to be alike: after a few blocks in a row
         // that did not shrink, the next ones are stored without trying (one in
         // `COMPRESS_PROBE_EVERY` still tries, to notice when the data changes).
-        par_chunks(&mut work, |chunk| {
+        par_chunks(&mut work, 64, |chunk| {
             let mut fails = 0u32;
             let mut skip = 0u32;
-            for w in chunk.iter_mut() {
-                let data = &w.job.data[..];
-                let mut buf =
-                    vec![0u8; PLAIN_START + data.len() + BLOCK_OVERHEAD_BYTES + TAG_BYTES];
-                let attempt = skip == 0;
-                let n = encode_block(
-                    if attempt { comp } else { Compression::None },
-                    level,
-                    data,
-                    &mut buf[PLAIN_START..PLAIN_START + data.len() + BLOCK_OVERHEAD_BYTES],
-                );
-                w.compressed = buf[PLAIN_START] != crate::format::BLOCK_RAW;
-                if !attempt {
-                    skip -= 1;
-                } else if w.compressed {
-                    fails = 0;
-                } else {
-                    fails += 1;
-                    if fails >= COMPRESS_FAILS_BEFORE_SKIP {
-                        skip = COMPRESS_PROBE_EVERY - 1;
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                for w in chunk.iter_mut() {
+                    let data = &w.job.data[..];
+                    let mut plain = 1 + data.len();
+                    if comp != Compression::None && skip == 0 {
+                        scratch.resize(data.len() + BLOCK_OVERHEAD_BYTES, 0);
+                        let n = encode_block(comp, level, data, &mut scratch[..]);
+                        if scratch[0] != crate::format::BLOCK_RAW {
+                            w.packed = Some(scratch[..n].to_vec());
+                            plain = n;
+                            fails = 0;
+                        } else {
+                            fails += 1;
+                            if fails >= COMPRESS_FAILS_BEFORE_SKIP {
+                                skip = COMPRESS_PROBE_EVERY - 1;
+                            }
+                        }
+                    } else {
+                        skip = skip.saturating_sub(1);
                     }
+                    w.len = (PLAIN_START + plain + TAG_BYTES) as u32;
                 }
-                buf.truncate(PLAIN_START + n + TAG_BYTES);
-                w.buf = buf;
-            }
+            });
         });
         let (mut seg, mut off) = {
             let app = self.app(log)?;
             (app.seg, app.offset())
         };
         for w in work.iter_mut() {
-            let len = w.buf.len() as u64;
+            let len = w.len as u64;
             if off > 0 && off + len > self.segment_bytes {
                 seg += 1;
                 off = 0;
@@ -800,24 +805,10 @@ impl Inner {
             off += len;
         }
         let crypt = &self.crypt;
-        par_each(&mut work, |w| {
-            let place = Place {
-                kind: RecordKind::Block,
-                key_id,
-                segment: w.seg,
-                offset: w.off,
-                ino: w.job.ino,
-                index: w.job.index,
-                version,
-            };
-            crypt.seal(&aead, &place, &mut w.buf);
-        });
-        let mut ptrs = Vec::with_capacity(work.len());
-        // Records go to the file straight from their buffers (pwritev), a segment's run
-        // at a time.
+        // A segment's run at a time: the appender rolls to the next segment first.
         let mut start = 0;
         while start < work.len() {
-            let at = self.reserve(log, work[start].buf.len())?;
+            let at = self.reserve(log, work[start].len as usize)?;
             assert_eq!(
                 at,
                 (work[start].seg, work[start].off),
@@ -827,23 +818,89 @@ impl Inner {
             while end < work.len() && work[end].seg == work[start].seg {
                 end += 1;
             }
-            let bufs: Vec<&[u8]> = work[start..end].iter().map(|w| &w.buf[..]).collect();
-            self.app(log)?.append_all(&bufs)?;
+            let app = self.app(log)?;
+            app.flush()?;
+            let file = app.file();
+            // Stages: runs of records of at most STAGE_BYTES (or one larger record).
+            let mut stages: Vec<&[Work]> = Vec::new();
+            let mut s = start;
+            while s < end {
+                let mut e = s + 1;
+                let mut bytes = work[s].len as usize;
+                while e < end && bytes + work[e].len as usize <= STAGE_BYTES {
+                    bytes += work[e].len as usize;
+                    e += 1;
+                }
+                stages.push(&work[s..e]);
+                s = e;
+            }
+            let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
+            par_chunks(&mut stages, 2, |mine| {
+                STAGE.with(|stage| {
+                    let mut stage = stage.borrow_mut();
+                    for recs in mine.iter() {
+                        if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                            return;
+                        }
+                        stage.clear();
+                        for w in recs.iter() {
+                            let at = stage.len();
+                            stage.resize(at + PLAIN_START, 0);
+                            match &w.packed {
+                                Some(p) => stage.extend_from_slice(p),
+                                None => {
+                                    stage.push(crate::format::BLOCK_RAW);
+                                    stage.extend_from_slice(&w.job.data);
+                                }
+                            }
+                            stage.resize(at + w.len as usize, 0);
+                            let place = Place {
+                                kind: RecordKind::Block,
+                                key_id,
+                                segment: w.seg,
+                                offset: w.off,
+                                ino: w.job.ino,
+                                index: w.job.index,
+                                version,
+                            };
+                            crypt.seal(&aead, &place, &mut stage[at..]);
+                        }
+                        let at = recs[0].off as u64;
+                        let r = std::iter::once(&file.file)
+                            .chain(file.mirror.as_ref())
+                            .try_for_each(|f| {
+                                std::os::unix::fs::FileExt::write_all_at(f, &stage, at)
+                            });
+                        if let Err(e) = r {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                            return;
+                        }
+                    }
+                });
+            });
+            if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                return Err(e.into());
+            }
+            let total: u64 = work[start..end].iter().map(|w| w.len as u64).sum();
+            self.app(log)?.advance(total);
             start = end;
         }
+        let mut ptrs = Vec::with_capacity(work.len());
         for w in &work {
             ptrs.push(BlockPtr {
                 segment: w.seg,
                 offset: w.off,
-                len: w.buf.len() as u32,
+                len: w.len,
                 version,
             });
             self.metrics
                 .block_logical_bytes
                 .inc_by(w.job.data.len() as u64);
-            self.metrics.block_disk_bytes.inc_by(w.buf.len() as u64);
-            self.metrics.appended_bytes.inc_by(w.buf.len() as u64);
-            if w.compressed {
+            self.metrics.block_disk_bytes.inc_by(w.len as u64);
+            self.metrics.appended_bytes.inc_by(w.len as u64);
+            if w.packed.is_some() {
                 self.metrics.blocks_compressed.inc();
             }
         }

@@ -242,23 +242,6 @@ impl Store {
     }
 }
 
-/// `pwritev` of all of `bufs` at `off`, in batches the kernel accepts, resuming after
-/// short writes.
-fn write_all_vectored_at(f: &File, bufs: &[&[u8]], mut off: u64) -> io::Result<()> {
-    const IOV_MAX: usize = 1024;
-    let mut slices: Vec<io::IoSlice> = bufs.iter().map(|b| io::IoSlice::new(b)).collect();
-    let mut rest: &mut [io::IoSlice] = &mut slices;
-    while !rest.is_empty() {
-        let n = rustix::io::pwritev(f, &rest[..rest.len().min(IOV_MAX)], off)?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        off += n as u64;
-        io::IoSlice::advance_slices(&mut rest, n);
-    }
-    Ok(())
-}
-
 /// Appends records to the open segment through a buffer; `flush` writes the buffer to
 /// the primary and the mirror at the same offset.
 pub struct Appender {
@@ -305,23 +288,12 @@ impl Appender {
         Ok(())
     }
 
-    /// Appends many records without copying them into the buffer: `pwritev` from
-    /// their own buffers, to the primary and the mirror.
-    pub fn append_all(&mut self, bufs: &[&[u8]]) -> Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total < 64 << 10 {
-            for b in bufs {
-                self.append(b)?;
-            }
-            return Ok(());
-        }
-        self.flush()?;
-        for f in std::iter::once(&self.file.file).chain(self.file.mirror.as_ref()) {
-            write_all_vectored_at(f, bufs, self.written)?;
-        }
-        self.written += total as u64;
+    /// Counts `n` bytes written by the caller at [`Appender::offset`] (after a
+    /// [`Appender::flush`]), to the primary and the mirror.
+    pub fn advance(&mut self, n: u64) {
+        debug_assert!(self.buf.is_empty(), "advance over buffered bytes");
+        self.written += n;
         self.unsynced.insert(self.seg);
-        Ok(())
     }
 
     fn write_direct(&mut self, bytes: &[u8]) -> Result<()> {
