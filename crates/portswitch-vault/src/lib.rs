@@ -56,6 +56,7 @@ mod parity;
 mod record;
 mod replay;
 mod store;
+pub mod target;
 mod tree;
 pub mod types;
 mod vault;

@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::{mpsc, Arc, Weak};
 use std::time::SystemTime;
 
@@ -25,7 +24,8 @@ use crate::history::{read_checkpoint, replay_to};
 use crate::limits::{FRAME_BYTES, TAG_BYTES};
 use crate::parity;
 use crate::record::{PLAIN_START, RECORD_OVERHEAD_BYTES};
-use crate::store::{list_segments, par_path, seg_path, sync_dir, SEG_DIR};
+use crate::store::{par_path, seg_path};
+use crate::target::{BackupTarget, TargetEntry, TargetFile, TARGET_IO_BYTES_MAX};
 use crate::tree::{now_ns, time_ns, Tree};
 use crate::types::*;
 
@@ -789,7 +789,7 @@ fn note_damage(
 /// Bytes before a backup target's end compared with the source before appending.
 const BACKUP_OVERLAP_BYTES: u64 = 64 << 10;
 
-fn hash_range(f: &File, from: u64, to: u64) -> Result<[u8; 32]> {
+pub(crate) fn hash_range(f: &File, from: u64, to: u64) -> Result<[u8; 32]> {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; (1 << 20).min((to - from) as usize).max(1)];
     let mut off = from;
@@ -804,11 +804,22 @@ fn hash_range(f: &File, from: u64, to: u64) -> Result<[u8; 32]> {
     Ok(out)
 }
 
-pub(crate) fn backup_to(inner: &Inner, dst: &Path) -> Result<BackupReport> {
+pub(crate) fn backup_to(inner: &Inner, dst: &mut dyn BackupTarget) -> Result<BackupReport> {
     backup(inner, dst, true)
 }
 
-fn backup(inner: &Inner, dst: &Path, commit_first: bool) -> Result<BackupReport> {
+fn backup(inner: &Inner, dst: &mut dyn BackupTarget, commit_first: bool) -> Result<BackupReport> {
+    let r = backup_once(inner, dst, commit_first);
+    // The target's lock is held for one backup only.
+    dst.end();
+    r
+}
+
+fn backup_once(
+    inner: &Inner,
+    dst: &mut dyn BackupTarget,
+    commit_first: bool,
+) -> Result<BackupReport> {
     let mut log = inner.lock_log();
     // After a failed commit the log may end in blocks no commit names, which the next
     // open cuts (and then overwrites): shipping them would make the target diverge.
@@ -828,47 +839,36 @@ fn backup(inner: &Inner, dst: &Path, commit_first: bool) -> Result<BackupReport>
         version: inner.lock_state().head.version,
         ..Default::default()
     };
-    if dst.canonicalize().ok() == inner.dir.canonicalize().ok() {
-        return Err(VaultError::Invalid("backup onto the vault itself"));
-    }
-    fs::create_dir_all(dst.join(SEG_DIR))?;
-    // One backup (or writer) of the target at a time; then the fencing rule: a vault
-    // whose highest writer token is lower than one the target already took is a stale
-    // writer's, and shipping it would mix its log into the newer one's.
-    let _target_lock = crate::open::take_lock(dst)?;
-    let vault_id = inner.crypt.vault_id;
-    let ours = inner.max_token.load(std::sync::atomic::Ordering::Acquire);
-    let theirs = crate::fencing::read_target(dst, &vault_id)?;
-    crate::fencing::admit(ours, theirs)?;
-    let header = crate::header::read_file(&inner.dir)?;
-    if let Ok(theirs) = crate::header::read_file(dst) {
-        let (c, _) = crate::format::HeaderClear::decode(&theirs)?;
-        if c.vault_id != inner.crypt.vault_id {
-            return Err(VaultError::format(
-                "backup",
-                "the target holds another vault",
-            ));
+    if let Some(d) = dst.local_dir() {
+        if d.canonicalize().ok() == inner.dir.canonicalize().ok() {
+            return Err(VaultError::Invalid("backup onto the vault itself"));
         }
     }
+    // One backup (or writer) of the target at a time (`begin` takes its lock, and
+    // refuses a target holding another vault); then the fencing rule: a vault whose
+    // highest writer token is lower than one the target already took is a stale
+    // writer's, and shipping it would mix its log into the newer one's.
+    let vault_id = inner.crypt.vault_id;
+    dst.begin(&vault_id)?;
+    let ours = inner.max_token.load(std::sync::atomic::Ordering::Acquire);
+    let theirs = dst.fence()?;
+    crate::fencing::admit(ours, theirs)?;
+    let header = crate::header::read_file(&inner.dir)?;
     // The header first: a backup cut short then still has every key its records need
     // (records under keys a reseal dropped are superseded and skipped on open).
-    if crate::header::read_file(dst).ok().as_deref() != Some(&header[..]) {
-        crate::header::write_file(dst, &header)?;
+    if dst.header()?.as_deref() != Some(&header[..]) {
+        dst.set_header(&header)?;
         rep.header_shipped = true;
     }
+    let held: HashMap<u32, TargetEntry> = dst.list()?.into_iter().map(|e| (e.id, e)).collect();
     let ids = inner.store.ids();
     for &id in &ids {
         let src = File::open(seg_path(&inner.dir, id))?;
         // The segment's length in this open's view (a read-only open leaves a torn
         // tail out).
         let len = inner.store.len(id)?;
-        let d = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(seg_path(dst, id))?;
-        let mut have = d.metadata()?.len();
+        let seg = TargetFile::Segment(id);
+        let mut have = held.get(&id).map(|e| e.segment_len).unwrap_or(0);
         // The target's bytes are a prefix of the source's only if nothing was cut and
         // rewritten since (a cut torn tail, a poisoned commit's blocks): compare the
         // bytes just before the target's end, and ship the whole segment again when
@@ -876,7 +876,7 @@ fn backup(inner: &Inner, dst: &Path, commit_first: bool) -> Result<BackupReport>
         let mut reshipped = false;
         if have > 0 && have <= len {
             let from = have.saturating_sub(BACKUP_OVERLAP_BYTES);
-            if hash_range(&src, from, have)? != hash_range(&d, from, have)? {
+            if hash_range(&src, from, have)? != dst.hash(seg, from, have)? {
                 tracing::warn!(
                     segment = id,
                     offset = from,
@@ -892,14 +892,17 @@ fn backup(inner: &Inner, dst: &Path, commit_first: bool) -> Result<BackupReport>
                 format!("segment {id} of the backup is longer than the vault's"),
             ));
         }
-        if have < len {
-            rep.bytes_shipped += crate::replay::copy_range(&src, &d, have, len)?;
+        if !held.contains_key(&id) {
+            dst.set_len(seg, 0)?;
+        }
+        if have < len || !held.contains_key(&id) {
+            rep.bytes_shipped += ship_range(&src, dst, seg, have, len)?;
             rep.segments_shipped += 1;
             if reshipped {
-                d.set_len(len)?;
+                dst.set_len(seg, len)?;
             }
-            d.sync_data()?;
-            if hash_range(&src, have, len)? != hash_range(&d, have, len)? {
+            dst.sync(seg)?;
+            if hash_range(&src, have, len)? != dst.hash(seg, have, len)? {
                 return Err(VaultError::Corrupt {
                     what: "backup copy differs from the vault",
                     segment: id,
@@ -910,14 +913,15 @@ fn backup(inner: &Inner, dst: &Path, commit_first: bool) -> Result<BackupReport>
         }
         let sp = par_path(&inner.dir, id);
         if sp.exists() {
-            let dp = par_path(dst, id);
+            let par = TargetFile::Parity(id);
             let slen = fs::metadata(&sp)?.len();
-            if reshipped || fs::metadata(&dp).map(|m| m.len()).ok() != Some(slen) {
-                fs::copy(&sp, &dp)?;
-                File::open(&dp)?.sync_all()?;
-                if hash_range(&File::open(&sp)?, 0, slen)?
-                    != hash_range(&File::open(&dp)?, 0, slen)?
-                {
+            let theirs = held.get(&id).and_then(|e| e.parity_len);
+            if reshipped || theirs != Some(slen) {
+                let psrc = File::open(&sp)?;
+                dst.set_len(par, 0)?;
+                ship_range(&psrc, dst, par, 0, slen)?;
+                dst.sync(par)?;
+                if hash_range(&psrc, 0, slen)? != dst.hash(par, 0, slen)? {
                     return Err(VaultError::Corrupt {
                         what: "backup parity differs from the vault",
                         segment: id,
@@ -929,47 +933,64 @@ fn backup(inner: &Inner, dst: &Path, commit_first: bool) -> Result<BackupReport>
             }
         }
     }
-    sync_dir(&dst.join(SEG_DIR))?;
-    for id in list_segments(dst)? {
-        if !ids.contains(&id) {
-            let _ = fs::remove_file(seg_path(dst, id));
-            let _ = fs::remove_file(par_path(dst, id));
+    dst.sync_dir()?;
+    for id in held.keys() {
+        if !ids.contains(id) {
+            dst.remove(*id)?;
             rep.segments_removed += 1;
         }
     }
-    sync_dir(&dst.join(SEG_DIR))?;
+    dst.sync_dir()?;
     if ours > theirs {
-        crate::fencing::write_target(dst, &vault_id, ours)?;
+        dst.set_fence(ours)?;
     }
     inner.metrics.backup_bytes.inc_by(rep.bytes_shipped);
     drop(log);
     Ok(rep)
 }
 
+/// Writes bytes `from..to` of `src` to the same place of `f` in the target.
+fn ship_range(
+    src: &File,
+    dst: &mut dyn BackupTarget,
+    f: TargetFile,
+    from: u64,
+    to: u64,
+) -> Result<u64> {
+    let mut buf = vec![0u8; TARGET_IO_BYTES_MAX.min((to - from) as usize)];
+    let mut off = from;
+    while off < to {
+        let n = ((to - off) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], off)?;
+        dst.write(f, off, &buf[..n])?;
+        off += n as u64;
+    }
+    Ok(to - from)
+}
+
 /// Starts the background thread of a continuous backup.
 pub(crate) fn continuous_backup_thread(
     weak: Weak<Inner>,
-    dst: std::path::PathBuf,
+    mut dst: Box<dyn BackupTarget>,
     rx: mpsc::Receiver<()>,
 ) {
     while rx.recv().is_ok() {
         let Some(inner) = weak.upgrade() else { return };
-        match backup(&inner, &dst, false) {
+        match backup(&inner, &mut *dst, false) {
             Ok(r) => tracing::debug!(bytes = r.bytes_shipped, "vault: continuous backup shipped"),
             Err(e) => {
                 inner.metrics.backup_failures.inc();
-                tracing::error!(error = %e, dir = %dst.display(), "vault: continuous backup failed");
+                tracing::error!(error = %e, target = %dst.describe(), "vault: continuous backup failed");
             }
         }
     }
 }
 
-pub(crate) fn continuous_backup(inner: &Arc<Inner>, dst: &Path) -> Result<()> {
+pub(crate) fn continuous_backup(inner: &Arc<Inner>, mut dst: Box<dyn BackupTarget>) -> Result<()> {
     // One full pass now, so a bad target is an error here rather than in the log.
-    backup(inner, dst, true)?;
+    backup(inner, &mut *dst, true)?;
     let (tx, rx) = mpsc::sync_channel(1);
     let weak = Arc::downgrade(inner);
-    let dst = dst.to_path_buf();
     std::thread::Builder::new()
         .name("vault-backup".into())
         .spawn(move || continuous_backup_thread(weak, dst, rx))?;

@@ -870,13 +870,32 @@ impl Vault {
     /// Ships what `dir` does not have yet (incremental), fsyncs, and verifies it by
     /// reading it back. `dir` becomes (or stays) a vault that `open` and `check` accept.
     pub fn backup_to(&self, dir: impl AsRef<Path>) -> Result<BackupReport> {
-        crate::maint::backup_to(&self.inner, dir.as_ref())
+        let mut t = crate::target::DirTarget::new(dir.as_ref());
+        crate::maint::backup_to(&self.inner, &mut t)
+    }
+
+    /// [`Vault::backup_to`] any [`BackupTarget`](crate::target::BackupTarget): a
+    /// directory, or a backup server on another node (`portswitch-vault-remote`).
+    pub fn backup_to_target(
+        &self,
+        target: &mut dyn crate::target::BackupTarget,
+    ) -> Result<BackupReport> {
+        crate::maint::backup_to(&self.inner, target)
     }
 
     /// After every durable commit, ship it to `dir` from a background thread (errors
     /// are logged and counted; the next commit retries).
     pub fn continuous_backup(&self, dir: impl AsRef<Path>) -> Result<()> {
-        crate::maint::continuous_backup(&self.inner, dir.as_ref())
+        let t = crate::target::DirTarget::new(dir.as_ref());
+        crate::maint::continuous_backup(&self.inner, Box::new(t))
+    }
+
+    /// [`Vault::continuous_backup`] to any target.
+    pub fn continuous_backup_to_target(
+        &self,
+        target: Box<dyn crate::target::BackupTarget>,
+    ) -> Result<()> {
+        crate::maint::continuous_backup(&self.inner, target)
     }
 
     /// Drops versions outside `retention` and compacts segments whose live share fell

@@ -154,12 +154,43 @@ enum VaultCommand {
         #[arg(long)]
         repair: bool,
     },
-    /// Ship what the backup at TARGET lacks (incremental), then verify it.
+    /// Ship what the backup lacks (incremental), then verify it: to a directory
+    /// (--to) or to a backup server on another node (--server and --key-file).
     Backup {
         #[command(flatten)]
         access: Access,
+        #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+        to: Option<PathBuf>,
+        /// A backup server (`host:port`, see `vault backup-serve`).
+        #[arg(long, requires = "key_file")]
+        server: Option<String>,
+        /// The server's pre-shared key (from `vault backup-key`).
         #[arg(long)]
-        to: PathBuf,
+        key_file: Option<PathBuf>,
+    },
+    /// Write a new pre-shared key for `backup-serve` and its clients to FILE (mode 0600).
+    BackupKey { file: PathBuf },
+    /// Keep backups of any number of vaults (ciphertext only: no passphrase needed)
+    /// under ROOT, for vaults that ship to it with `backup --server`.
+    BackupServe {
+        /// The directory the backups live in (`ROOT/<vault id hex>/`).
+        root: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7440")]
+        listen: String,
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+    /// Copy a vault's backup from a backup server into DIR (verified by hash); DIR then
+    /// opens with the vault's passphrase.
+    Pull {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        key_file: PathBuf,
+        /// The vault's id (32 hex digits: the port name `vault/<id>` shows it).
+        #[arg(long)]
+        vault_id: String,
+        dir: PathBuf,
     },
     /// Drop old versions (snapshots are kept) and compact segments.
     Gc {
@@ -330,6 +361,10 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError
     move |source| CliError::Io { context, source }
 }
 
+fn remote_key(path: &Path) -> CliResult<portswitch_vault_remote::Key> {
+    portswitch_vault_remote::Key::read_file(path).map_err(|e| CliError::Usage(e.to_string()))
+}
+
 fn shown_path(p: &Path) -> String {
     crate::ctl::shown(&p.display().to_string())
 }
@@ -488,20 +523,44 @@ fn run_blocking(command: VaultCommand) -> CliResult<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VaultCommand::Check { access, repair } => check(access, repair),
-        VaultCommand::Backup { access, to } => {
+        VaultCommand::Backup {
+            access,
+            to,
+            server,
+            key_file,
+        } => {
             let vault = open(&access)?;
-            let r = vault
-                .backup_to(&to)
-                .map_err(vault_err(format!("backup to {}", shown_path(&to))))?;
+            let r = match (to, server, key_file) {
+                (Some(to), _, _) => vault
+                    .backup_to(&to)
+                    .map_err(vault_err(format!("backup to {}", shown_path(&to))))?,
+                (None, Some(server), Some(key_file)) => {
+                    let key = remote_key(&key_file)?;
+                    let mut t = portswitch_vault_remote::RemoteTarget::new(server.clone(), key);
+                    let r = vault.backup_to_target(&mut t).map_err(vault_err(format!(
+                        "backup to the server {}",
+                        crate::ctl::shown(&server)
+                    )))?;
+                    portswitch_vault::target::BackupTarget::end(&mut t);
+                    r
+                }
+                _ => {
+                    return Err(CliError::Usage(
+                        "--to DIR or --server ADDR --key-file FILE".into(),
+                    ))
+                }
+            };
+            let vault_id = vault.vault_id();
             close(vault)?;
             println!(
-                "shipped {} bytes ({} segments{}), verified {} bytes, removed {} segments; the backup holds version {}",
+                "shipped {} bytes ({} segments{}), verified {} bytes, removed {} segments; the backup holds version {} of vault {}",
                 r.bytes_shipped,
                 r.segments_shipped,
                 if r.header_shipped { ", header" } else { "" },
                 r.bytes_verified,
                 r.segments_removed,
-                r.version
+                r.version,
+                portswitch_vault_remote::hex(&vault_id)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -529,6 +588,62 @@ fn run_blocking(command: VaultCommand) -> CliResult<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VaultCommand::Sql { access, db, sql } => sql_command(access, db, sql),
+        VaultCommand::BackupKey { file } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = portswitch_vault_remote::Key::generate();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(io_err(format!("creating {}", shown_path(&file))))?;
+            writeln!(f, "{}", key.to_hex())
+                .and_then(|()| f.sync_all())
+                .map_err(io_err(format!("writing {}", shown_path(&file))))?;
+            println!("wrote a new backup key to {}", shown_path(&file));
+            Ok(ExitCode::SUCCESS)
+        }
+        VaultCommand::BackupServe {
+            root,
+            listen,
+            key_file,
+        } => {
+            let key = remote_key(&key_file)?;
+            let server =
+                portswitch_vault_remote::Server::bind(&listen, &root, key).map_err(|e| {
+                    CliError::Usage(format!(
+                        "backup server on {}: {e}",
+                        crate::ctl::shown(&listen)
+                    ))
+                })?;
+            let addr = server
+                .local_addr()
+                .map_err(|e| CliError::Usage(format!("backup server: {e}")))?;
+            println!(
+                "backup server listening on {addr}, backups under {}",
+                shown_path(&root)
+            );
+            server
+                .run()
+                .map_err(|e| CliError::Usage(format!("backup server: {e}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        VaultCommand::Pull {
+            server,
+            key_file,
+            vault_id,
+            dir,
+        } => {
+            let key = remote_key(&key_file)?;
+            let id = portswitch_vault_remote::parse_vault_id(&vault_id)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            let n = portswitch_vault_remote::pull(&server, &key, &id, &dir).map_err(vault_err(
+                format!("pulling from {}", crate::ctl::shown(&server)),
+            ))?;
+            println!("pulled {n} bytes into {}, verified", shown_path(&dir));
+            Ok(ExitCode::SUCCESS)
+        }
         VaultCommand::Mount(_) => unreachable!("mount runs on the async runtime"),
     }
 }

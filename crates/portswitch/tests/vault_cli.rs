@@ -376,6 +376,93 @@ fn backup_and_gc() {
     assert_eq!(run(&["gc", s(&dir), "--keep-within", "3 days"]).0, 2);
 }
 
+/// `vault backup-serve` on "another node" (a separate process on loopback): backups
+/// ship to it over the PSK channel, a wrong key is refused, `vault pull` brings the
+/// backup back and it opens and checks clean.
+#[test]
+fn backup_to_a_server_and_pull_it_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, root, key) = (
+        tmp.path().join("v"),
+        tmp.path().join("root"),
+        tmp.path().join("key"),
+    );
+    init(&dir, &[]);
+    put(&dir, "/a", b"first");
+    put(&dir, "/big", &noise(3, 3 << 20));
+    let out = ok(&["backup-key", s(&key)]);
+    assert!(out.starts_with("wrote a new backup key"), "{out}");
+    // A key file is never overwritten.
+    assert_ne!(run(&["backup-key", s(&key)]).0, 0);
+    let mut server = vault(&[
+        "backup-serve",
+        s(&root),
+        "--listen",
+        "127.0.0.1:0",
+        "--key-file",
+        s(&key),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Kill(server);
+    let addr = line
+        .strip_prefix("backup server listening on ")
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    let out = ok(&["backup", s(&dir), "--server", &addr, "--key-file", s(&key)]);
+    assert!(out.starts_with("shipped "), "{out}");
+    let id = out.trim().rsplit(' ').next().unwrap().to_string();
+    assert_eq!(id.len(), 32, "{out}");
+    // Incremental.
+    put(&dir, "/a", b"second");
+    let out = ok(&["backup", s(&dir), "--server", &addr, "--key-file", s(&key)]);
+    let shipped: u64 = out.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(shipped > 0 && shipped < 1 << 20, "{out}");
+    // A wrong key: refused in the handshake, a clear error, exit code not 0.
+    let wrong = tmp.path().join("wrong");
+    ok(&["backup-key", s(&wrong)]);
+    let (code, _, err) = run(&[
+        "backup",
+        s(&dir),
+        "--server",
+        &addr,
+        "--key-file",
+        s(&wrong),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("handshake"), "{err}");
+    // Pulled back: a vault that opens with the passphrase and holds the last version.
+    let back = tmp.path().join("back");
+    let out = ok(&[
+        "pull",
+        "--server",
+        &addr,
+        "--key-file",
+        s(&key),
+        "--vault-id",
+        &id,
+        s(&back),
+    ]);
+    assert!(out.starts_with("pulled "), "{out}");
+    ok(&["check", s(&back)]);
+    assert_eq!(get(&back, "/a", None), b"second");
+    assert_eq!(get(&back, "/big", None), noise(3, 3 << 20));
+}
+
 #[test]
 fn sql_through_the_sqlite_vfs() {
     let tmp = tempfile::tempdir().unwrap();
