@@ -47,17 +47,17 @@ pub(crate) struct Shared {
     pub(crate) backup_due: Mutex<bool>,
     pub(crate) backup_wake: std::sync::Condvar,
     /// Continuous backup target, if any.
-    pub(crate) backup_dir: Option<std::path::PathBuf>,
+    pub(crate) backup: Option<crate::BackupTo>,
 }
 
 impl Shared {
-    pub(crate) fn new(backup_dir: Option<std::path::PathBuf>) -> Shared {
+    pub(crate) fn new(backup: Option<crate::BackupTo>) -> Shared {
         Shared {
             dirty: AtomicBool::new(false),
             metrics: FuseMetrics::default(),
             backup_due: Mutex::new(false),
             backup_wake: std::sync::Condvar::new(),
-            backup_dir,
+            backup,
         }
     }
 
@@ -103,7 +103,7 @@ impl Shared {
     }
 
     pub(crate) fn backup_after_commit(&self) {
-        if self.backup_dir.is_some() {
+        if self.backup.is_some() {
             *lock(&self.backup_due) = true;
             self.backup_wake.notify_one();
         }

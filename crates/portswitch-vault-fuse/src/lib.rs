@@ -58,9 +58,10 @@ mod workers;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use portswitch_vault::target::BackupTarget;
 use portswitch_vault::{Vault, VaultError, ROOT};
 
 /// The root's inode number, as the vault names it.
@@ -101,6 +102,35 @@ pub mod limits {
     pub const UNMOUNT_LAZY_WAIT: Duration = Duration::from_secs(10);
 }
 
+/// Where a mount's continuous backup goes.
+#[derive(Clone)]
+pub enum BackupTo {
+    /// A local directory.
+    Dir(PathBuf),
+    /// Any backup target: a backup server on another node
+    /// (`portswitch_vault_remote::RemoteTarget`), for one.
+    Target(Arc<Mutex<Box<dyn BackupTarget>>>),
+}
+
+impl BackupTo {
+    pub fn target(t: impl BackupTarget + 'static) -> BackupTo {
+        BackupTo::Target(Arc::new(Mutex::new(Box::new(t))))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            BackupTo::Dir(d) => d.display().to_string(),
+            BackupTo::Target(t) => t.lock().map(|t| t.describe()).unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for BackupTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackupTo({})", self.describe())
+    }
+}
+
 /// How to serve a vault.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -123,8 +153,9 @@ pub struct MountOptions {
     /// sizes and times itself. `fsync` and `close` still commit everything written.
     pub writeback_cache: bool,
     /// Continuous backup: after each commit, ship the new records to this directory
-    /// (`Vault::backup_to`) from a background thread.
-    pub backup: Option<PathBuf>,
+    /// or target (`Vault::backup_to`, `Vault::backup_to_target`) from a background
+    /// thread.
+    pub backup: Option<BackupTo>,
     /// The source name shown by `mount` and /proc/mounts.
     pub fsname: String,
 }

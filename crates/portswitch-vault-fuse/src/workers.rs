@@ -2,7 +2,6 @@
 //! `commit_interval`) and the continuous backup (ships each commit to the backup
 //! directory; runs coalesce, so a burst of commits is one run).
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -12,7 +11,7 @@ use portswitch_vault::{BackupReport, Vault, VaultError};
 
 use crate::fs::{lock, Shared};
 use crate::metrics::CommitReason;
-use crate::MountOptions;
+use crate::{BackupTo, MountOptions};
 
 pub(crate) struct Workers {
     stop: Arc<Stop>,
@@ -66,11 +65,11 @@ impl Workers {
                 })
                 .expect("spawning the committer thread")
         };
-        let backup = opts.backup.clone().map(|dir| {
+        let backup = opts.backup.clone().map(|to| {
             let (shared, stop) = (shared.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("vault-backup".into())
-                .spawn(move || backup_loop(vault, shared, stop, dir))
+                .spawn(move || backup_loop(vault, shared, stop, to))
                 .expect("spawning the backup thread")
         });
         Workers {
@@ -98,9 +97,9 @@ impl Workers {
     }
 }
 
-fn backup_loop(vault: Vault, shared: Arc<Shared>, stop: Arc<Stop>, dir: PathBuf) {
+fn backup_loop(vault: Vault, shared: Arc<Shared>, stop: Arc<Stop>, to: BackupTo) {
     // A first run at mount time ships whatever the backup is missing.
-    let _ = run_backup(&vault, &shared, &dir);
+    let _ = run_backup(&vault, &shared, &to);
     loop {
         {
             let mut due = lock(&shared.backup_due);
@@ -115,13 +114,19 @@ fn backup_loop(vault: Vault, shared: Arc<Shared>, stop: Arc<Stop>, dir: PathBuf)
             }
             *due = false;
         }
-        let _ = run_backup(&vault, &shared, &dir);
+        let _ = run_backup(&vault, &shared, &to);
     }
 }
 
-fn run_backup(vault: &Vault, shared: &Shared, dir: &Path) -> Result<BackupReport, VaultError> {
+fn run_backup(vault: &Vault, shared: &Shared, to: &BackupTo) -> Result<BackupReport, VaultError> {
     shared.metrics.backups.inc();
-    let r = vault.backup_to(dir);
+    let r = match to {
+        BackupTo::Dir(dir) => vault.backup_to(dir),
+        BackupTo::Target(t) => {
+            let mut t = lock(t);
+            vault.backup_to_target(&mut **t)
+        }
+    };
     match &r {
         Ok(rep) => tracing::debug!(
             bytes = rep.bytes_shipped,
@@ -130,7 +135,7 @@ fn run_backup(vault: &Vault, shared: &Shared, dir: &Path) -> Result<BackupReport
         ),
         Err(e) => {
             shared.metrics.backup_failures.inc();
-            tracing::warn!(error = %e, dir = %dir.display(), "continuous backup failed");
+            tracing::warn!(error = %e, target = %to.describe(), "continuous backup failed");
         }
     }
     r
@@ -141,6 +146,6 @@ pub(crate) fn final_backup(
     vault: &Vault,
     shared: &Shared,
 ) -> Option<Result<BackupReport, VaultError>> {
-    let dir = shared.backup_dir.as_ref()?;
-    Some(run_backup(vault, shared, dir))
+    let to = shared.backup.as_ref()?;
+    Some(run_backup(vault, shared, to))
 }

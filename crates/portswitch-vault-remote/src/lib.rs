@@ -10,6 +10,11 @@
 //! verified by SHA-256 computed by the server over what it stored. [`pull`] brings a
 //! backup back to a local directory, verified the same way.
 //!
+//! A vault can also name the server as a copy to repair damaged records from
+//! (`Vault::set_remote_copy`): a record the mirror and the parity cannot restore is
+//! read from the backup (same bytes at the same place) and trusted only once its
+//! seal opens.
+//!
 //! Requests are one byte of operation then fixed little-endian fields; answers are a
 //! status byte (0 ok, 1 error followed by the message) then the result.
 
@@ -17,7 +22,11 @@ pub mod wire;
 
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,6 +158,7 @@ mod op {
     pub const SYNC: u8 = 12;
     pub const REMOVE: u8 = 13;
     pub const SYNC_DIR: u8 = 14;
+    pub const BEGIN_READ: u8 = 15;
 }
 
 fn put_file(out: &mut Vec<u8>, f: TargetFile) {
@@ -197,10 +207,16 @@ impl<'a> Cursor<'a> {
 
 // ---- client ---------------------------------------------------------------------------
 
+/// Finds the addresses (`host:port`) of backup servers when a connection is dialled:
+/// e.g. from the port switch, where servers register (`vault backup-serve --switch`).
+pub type Resolver = Box<dyn Fn() -> std::io::Result<Vec<String>> + Send>;
+
 /// A backup server as a [`BackupTarget`]. Connects on [`BackupTarget::begin`] (and
-/// again there after a broken connection).
+/// again there after a broken connection), to a fixed address or to the first server
+/// a [`Resolver`] names that answers.
 pub struct RemoteTarget {
     addr: String,
+    resolver: Option<Resolver>,
     key: Key,
     conn: Option<Channel>,
 }
@@ -209,13 +225,41 @@ impl RemoteTarget {
     pub fn new(addr: impl Into<String>, key: Key) -> RemoteTarget {
         RemoteTarget {
             addr: addr.into(),
+            resolver: None,
+            key,
+            conn: None,
+        }
+    }
+
+    /// Servers found by `resolver` at each dial; `what` names them in messages.
+    pub fn discovered(what: impl Into<String>, resolver: Resolver, key: Key) -> RemoteTarget {
+        RemoteTarget {
+            addr: what.into(),
+            resolver: Some(resolver),
             key,
             conn: None,
         }
     }
 
     fn dial(&self) -> Result<Channel> {
-        let addrs: Vec<SocketAddr> = self.addr.to_socket_addrs()?.collect();
+        let names = match &self.resolver {
+            Some(r) => r()?,
+            None => vec![self.addr.clone()],
+        };
+        if names.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: no backup server registered", self.addr),
+            )
+            .into());
+        }
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for n in &names {
+            match n.to_socket_addrs() {
+                Ok(a) => addrs.extend(a),
+                Err(e) => tracing::warn!(server = %n, error = %e, "backup server address"),
+            }
+        }
         let mut last = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
@@ -284,6 +328,21 @@ impl BackupTarget for RemoteTarget {
             match self.call(&req) {
                 Ok(_) => return Ok(()),
                 // A connection the server closed meanwhile (idle): dial again below.
+                Err(Error::Io(_)) | Err(Error::Tampered) | Err(Error::Protocol(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.conn = Some(self.dial()?);
+        self.call(&req)?;
+        Ok(())
+    }
+
+    fn begin_read(&mut self, vault_id: &[u8; VAULT_ID_BYTES]) -> VResult<()> {
+        let mut req = vec![op::BEGIN_READ];
+        req.extend_from_slice(vault_id);
+        if self.conn.is_some() {
+            match self.call(&req) {
+                Ok(_) => return Ok(()),
                 Err(Error::Io(_)) | Err(Error::Tampered) | Err(Error::Protocol(_)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -398,7 +457,11 @@ impl BackupTarget for RemoteTarget {
 /// Copies the backup of `vault_id` held by the server at `addr` into the local
 /// directory `to` (verified by hash), which can then be opened like the vault.
 pub fn pull(addr: &str, key: &Key, vault_id: &[u8; VAULT_ID_BYTES], to: &Path) -> VResult<u64> {
-    let mut t = RemoteTarget::new(addr, key.clone());
+    pull_from(RemoteTarget::new(addr, key.clone()), vault_id, to)
+}
+
+/// [`pull`] from any server target (one found through a [`Resolver`], say).
+pub fn pull_from(mut t: RemoteTarget, vault_id: &[u8; VAULT_ID_BYTES], to: &Path) -> VResult<u64> {
     let r = portswitch_vault::target::pull(&mut t, vault_id, to);
     t.end();
     r
@@ -406,16 +469,57 @@ pub fn pull(addr: &str, key: &Key, vault_id: &[u8; VAULT_ID_BYTES], to: &Path) -
 
 // ---- server ---------------------------------------------------------------------------
 
-/// Counters a server keeps (exported as Prometheus metrics by the binary).
-#[derive(Default, Debug)]
+/// Counters a server keeps (Prometheus metrics: [`ServerStats::register`]). Cheap to
+/// clone (the counters are shared).
+#[derive(Default, Debug, Clone)]
 pub struct ServerStats {
-    pub connections: AtomicUsize,
-    pub connections_total: AtomicU64,
-    pub refused_total: AtomicU64,
-    pub handshake_failures_total: AtomicU64,
-    pub bytes_written_total: AtomicU64,
-    pub bytes_read_total: AtomicU64,
-    pub errors_total: AtomicU64,
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    /// Connections closed at once because `CONNECTIONS_MAX` were open.
+    pub refused_total: Counter,
+    /// Peers that did not prove the key (or spoke garbage) in the handshake.
+    pub handshake_failures_total: Counter,
+    pub bytes_written_total: Counter,
+    pub bytes_read_total: Counter,
+    /// Requests answered with an error.
+    pub errors_total: Counter,
+}
+
+impl ServerStats {
+    /// Registers every counter (prefix it with `vault_backup_server` at the caller).
+    pub fn register(&self, r: &mut Registry) {
+        r.register("connections", "connections open", self.connections.clone());
+        r.register(
+            "connections",
+            "connections accepted",
+            self.connections_total.clone(),
+        );
+        r.register(
+            "refused",
+            "connections closed at once at the connection limit",
+            self.refused_total.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "peers that did not prove the key",
+            self.handshake_failures_total.clone(),
+        );
+        r.register(
+            "written_bytes",
+            "backup bytes stored",
+            self.bytes_written_total.clone(),
+        );
+        r.register(
+            "read_bytes",
+            "backup bytes read (pulls, repairs)",
+            self.bytes_read_total.clone(),
+        );
+        r.register(
+            "errors",
+            "requests answered with an error",
+            self.errors_total.clone(),
+        );
+    }
 }
 
 /// A backup server: backups of many vaults under `root`.
@@ -424,7 +528,7 @@ pub struct Server {
     root: PathBuf,
     key: Key,
     stop: Arc<AtomicBool>,
-    pub stats: Arc<ServerStats>,
+    pub stats: ServerStats,
 }
 
 impl Server {
@@ -436,7 +540,7 @@ impl Server {
             root,
             key,
             stop: Arc::default(),
-            stats: Arc::default(),
+            stats: ServerStats::default(),
         })
     }
 
@@ -465,10 +569,10 @@ impl Server {
                 }
             };
             let stats = self.stats.clone();
-            stats.connections_total.fetch_add(1, Ordering::Relaxed);
-            if stats.connections.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
-                stats.connections.fetch_sub(1, Ordering::AcqRel);
-                stats.refused_total.fetch_add(1, Ordering::Relaxed);
+            stats.connections_total.inc();
+            if stats.connections.inc() >= CONNECTIONS_MAX as i64 {
+                stats.connections.dec();
+                stats.refused_total.inc();
                 tracing::warn!("backup server: {CONNECTIONS_MAX} connections already; closing one");
                 continue;
             }
@@ -480,10 +584,10 @@ impl Server {
                     if let Err(e) = serve(stream, &root, &key, &stats) {
                         tracing::info!(?peer, error = %e, "backup server: connection ended");
                     }
-                    stats.connections.fetch_sub(1, Ordering::AcqRel);
+                    stats.connections.dec();
                 });
             if spawned.is_err() {
-                self.stats.connections.fetch_sub(1, Ordering::AcqRel);
+                self.stats.connections.dec();
             }
         }
         Ok(())
@@ -497,9 +601,7 @@ fn serve(stream: TcpStream, root: &Path, key: &Key, stats: &ServerStats) -> Resu
     let mut ch = match Channel::accept(stream, key) {
         Ok(c) => c,
         Err(e) => {
-            stats
-                .handshake_failures_total
-                .fetch_add(1, Ordering::Relaxed);
+            stats.handshake_failures_total.inc();
             return Err(e);
         }
     };
@@ -519,7 +621,7 @@ fn serve(stream: TcpStream, root: &Path, key: &Key, stats: &ServerStats) -> Resu
             }
             Err(HandleError::Protocol(e)) => return Err(e),
             Err(HandleError::Vault(e)) => {
-                stats.errors_total.fetch_add(1, Ordering::Relaxed);
+                stats.errors_total.inc();
                 let mut b = vec![1u8];
                 b.extend_from_slice(e.to_string().as_bytes());
                 b
@@ -556,15 +658,25 @@ fn handle(
 ) -> Result<Vec<u8>, HandleError> {
     let mut c = Cursor(req);
     let code = c.u8()?;
-    if code == op::BEGIN {
+    if code == op::BEGIN || code == op::BEGIN_READ {
         let id: [u8; VAULT_ID_BYTES] = c.take(VAULT_ID_BYTES)?.try_into().expect("16");
         // Release this connection's previous lock before taking one again.
         if let Some((mut t, _)) = target.take() {
             t.end();
         }
         let mut t = DirTarget::new(root.join(hex(&id)));
-        t.begin(&id)?;
+        if code == op::BEGIN {
+            t.begin(&id)?;
+        } else {
+            t.begin_read(&id)?;
+        }
         *target = Some((t, id));
+        return Ok(Vec::new());
+    }
+    if code == op::END {
+        if let Some((mut t, _)) = target.take() {
+            t.end();
+        }
         return Ok(Vec::new());
     }
     let (t, id) = target
@@ -574,10 +686,6 @@ fn handle(
         )))?;
     let mut out = Vec::new();
     match code {
-        op::END => {
-            t.end();
-            *target = None;
-        }
         op::FENCE => out.extend_from_slice(&t.fence()?.to_le_bytes()),
         op::SET_FENCE => t.set_fence(c.u64()?)?,
         op::HEADER => match t.header()? {
@@ -622,9 +730,7 @@ fn handle(
             let off = c.u64()?;
             let bytes = c.rest();
             t.write(f, off, bytes)?;
-            stats
-                .bytes_written_total
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            stats.bytes_written_total.inc_by(bytes.len() as u64);
         }
         op::READ => {
             let f = c.file()?;
@@ -636,7 +742,7 @@ fn handle(
                 }));
             }
             out = t.read(f, off, len as usize)?;
-            stats.bytes_read_total.fetch_add(len, Ordering::Relaxed);
+            stats.bytes_read_total.inc_by(len);
         }
         op::SET_LEN => {
             let f = c.file()?;
@@ -648,4 +754,43 @@ fn handle(
         _ => return Err(HandleError::Protocol(Error::Protocol("unknown operation"))),
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Malformed and hostile requests get an error (or end the connection), never a
+    /// panic, and nothing outside the root is touched.
+    #[test]
+    fn hostile_requests_are_refused_without_panics() {
+        let root = std::env::temp_dir().join(format!(
+            "psvremote-unit-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&root).unwrap();
+        let stats = ServerStats::default();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut target = None;
+        for i in 0..5_000 {
+            let len = rng.usize(0..48);
+            let mut req: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            if let Some(b) = req.first_mut() {
+                *b = rng.u8(0..17);
+            }
+            // Now and then a valid BEGIN, so later requests reach a target.
+            if i % 500 == 0 {
+                req = vec![op::BEGIN];
+                req.extend_from_slice(&[i as u8; VAULT_ID_BYTES]);
+            }
+            let _ = handle(&req, &root, &mut target, &stats);
+        }
+        // Every directory made is a vault id's, under the root.
+        for e in std::fs::read_dir(&root).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            assert_eq!(name.len(), 2 * VAULT_ID_BYTES, "{name}");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -5,7 +5,6 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use portswitch_vault::target::BackupTarget;
 use portswitch_vault::{CreateOptions, KdfParams, OpenOptions, Vault};
@@ -46,10 +45,7 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Starts a server on an ephemeral loopback port; returns its address and stats.
-fn server(
-    root: &Path,
-    key: &Key,
-) -> (String, std::sync::Arc<portswitch_vault_remote::ServerStats>) {
+fn server(root: &Path, key: &Key) -> (String, portswitch_vault_remote::ServerStats) {
     let s = Server::bind("127.0.0.1:0", root, key.clone()).unwrap();
     let addr = s.local_addr().unwrap().to_string();
     let stats = s.stats.clone();
@@ -104,7 +100,7 @@ fn a_vault_ships_to_a_server_incrementally_and_comes_back_whole() {
     assert!(!bytes
         .windows(24)
         .any(|w| w == &b"the plaintext the server"[..]));
-    assert!(stats.bytes_written_total.load(Ordering::Relaxed) >= 9 << 20);
+    assert!(stats.bytes_written_total.get() >= 9 << 20);
     // Pulled back (verified by hash), it opens with the passphrase and reads the same.
     let to = back.0.join("restored");
     let n = pull(&addr, &key, &v.vault_id(), &to).unwrap();
@@ -156,5 +152,62 @@ fn wrong_keys_garbage_and_foreign_headers_get_nowhere() {
     // And the server still serves.
     let r = v.backup_to_target(&mut t).unwrap();
     assert!(r.bytes_shipped > 0);
-    assert!(stats.handshake_failures_total.load(Ordering::Relaxed) >= 2);
+    assert!(stats.handshake_failures_total.get() >= 2);
+}
+
+/// Flips one byte of the first segment at `at` (inside a block record of a big file).
+fn flip(vault: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(vault.join("seg").join("00000001.seg"))
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+}
+
+#[test]
+fn a_damaged_block_is_repaired_from_the_copy_on_another_node_and_never_read_wrong() {
+    let (src, root) = (TempDir::new("src3"), TempDir::new("root3"));
+    let key = Key::generate();
+    let (addr, _) = server(&root.0, &key);
+    // No parity and no mirror: the copy on the server is the only redundancy.
+    let opts = CreateOptions {
+        kdf: KdfParams::danger_insecure_fast(),
+        parity: None,
+        ..CreateOptions::default()
+    };
+    let v = Vault::create(&src.0, PASS, opts).unwrap();
+    let data = noise(5, 2 << 20);
+    v.write_file("/f", &data).unwrap();
+    v.sync().unwrap();
+    v.backup_to_target(&mut RemoteTarget::new(addr.clone(), key.clone()))
+        .unwrap();
+    drop(v);
+    flip(&src.0, 1 << 20);
+    // Without the remote copy: a typed error, never wrong bytes.
+    let v = Vault::open(&src.0, PASS, OpenOptions::default()).unwrap();
+    assert!(v.read_file("/f").is_err());
+    // With it: repaired, counted, and written back in place.
+    v.set_remote_copy(Some(Box::new(RemoteTarget::new(addr.clone(), key.clone()))));
+    assert_eq!(v.read_file("/f").unwrap(), data);
+    assert_eq!(v.metrics().repairs_remote.get(), 1);
+    v.set_remote_copy(None);
+    drop(v);
+    let v = Vault::open(&src.0, PASS, OpenOptions::default()).unwrap();
+    assert_eq!(v.read_file("/f").unwrap(), data);
+    assert!(v.check(false).unwrap().damaged.is_empty());
+    drop(v);
+    // A server whose copy is damaged too cannot make the vault return wrong bytes.
+    flip(&src.0, 1 << 20);
+    let held = root
+        .0
+        .join(hex(&portswitch_vault::fencing::vault_id_of(&src.0).unwrap()));
+    flip(&held, 1 << 20);
+    let v = Vault::open(&src.0, PASS, OpenOptions::default()).unwrap();
+    v.set_remote_copy(Some(Box::new(RemoteTarget::new(addr, key))));
+    assert!(v.read_file("/f").is_err());
+    assert_eq!(v.metrics().repairs_remote.get(), 0);
 }

@@ -1,13 +1,15 @@
 //! A quick in-process throughput check of the library API (not a benchmark suite:
 //! scripts/bench-vault.sh compares against gocryptfs and SQLCipher). Each figure is
 //! printed per wall-clock second and per CPU-second of this process, so it can be read
-//! on a busy machine too.
+//! on a busy machine too. Each read also prints the share of its time spent verifying:
+//! opening (authenticating and decrypting) block records, from the vault's
+//! `verify_seconds` metric.
 //!
 //! `cargo run --release -p portswitch-vault --example throughput -- DIR [MiB]`
 
 use std::time::Instant;
 
-use portswitch_vault::{CreateOptions, KdfParams, OpenOptions, Vault, ROOT};
+use portswitch_vault::{CreateOptions, KdfParams, Metrics, OpenOptions, Vault, ROOT};
 
 /// CPU seconds (user + system) this process used so far, from /proc/self/stat.
 fn cpu_s() -> f64 {
@@ -19,8 +21,9 @@ fn cpu_s() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Runs `f`, then prints `amount / time` per wall-clock second and per CPU-second.
-fn measure(label: &str, amount: f64, unit: &str, f: impl FnOnce()) {
+/// Runs `f`, then prints `amount / time` per wall-clock second and per CPU-second;
+/// returns the wall and CPU seconds.
+fn measure(label: &str, amount: f64, unit: &str, f: impl FnOnce()) -> (f64, f64) {
     let (t, c) = (Instant::now(), cpu_s());
     f();
     let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_s() - c);
@@ -28,6 +31,30 @@ fn measure(label: &str, amount: f64, unit: &str, f: impl FnOnce()) {
         "{label}: {:.0} {unit}; {:.0} {unit} per CPU-second ({wall:.2} s wall, {cpu:.2} s CPU)",
         amount / wall,
         amount / cpu.max(0.01),
+    );
+    (wall, cpu)
+}
+
+/// `measure` of a read: also prints the share of its wall and CPU time spent opening
+/// block records (the vault's `verify_seconds`; this process reads on one thread).
+fn measure_read(m: &Metrics, label: &str, amount: f64, unit: &str, f: impl FnOnce()) {
+    let (s, b, o) = (
+        m.verify_seconds.nanos(),
+        m.verified_bytes.get(),
+        m.blocks_opened.get(),
+    );
+    let (wall, cpu) = measure(label, amount, unit, f);
+    let verify = (m.verify_seconds.nanos() - s) as f64 / 1e9;
+    let (bytes, opened) = (m.verified_bytes.get() - b, m.blocks_opened.get() - o);
+    if verify == 0.0 && opened > 0 {
+        println!("  verify: not metered (blocks opened, no time counted)");
+        return;
+    }
+    println!(
+        "  verify: {:.1}% of wall, {:.1}% of CPU ({verify:.3} s; {opened} blocks, {:.0} MB opened)",
+        100.0 * verify / wall,
+        100.0 * verify / cpu.max(0.01),
+        bytes as f64 / 1e6,
     );
 }
 
@@ -62,9 +89,11 @@ fn main() {
     );
     drop(v);
     let v = Vault::open(&dir, b"bench", OpenOptions::default()).unwrap();
+    let m = v.metrics();
     let mut buf = vec![0u8; 1 << 20];
     for pass in ["after reopen", "again"] {
-        measure(
+        measure_read(
+            &m,
             &format!("sequential read 1 MiB ({pass})"),
             mb,
             "MB/s",
@@ -83,7 +112,8 @@ fn main() {
         ("whole file", (mib as u64) << 20),
     ] {
         let n = 200_000;
-        measure(
+        measure_read(
+            &m,
             &format!("random 4 KiB read ({label})"),
             n as f64,
             "ops/s",

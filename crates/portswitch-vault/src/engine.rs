@@ -140,6 +140,9 @@ pub(crate) struct Inner {
     pub log: Mutex<Log>,
     /// Wakes the continuous backup thread after each commit.
     pub backup_tx: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
+    /// A copy on another node (a backup server) that damaged records are repaired
+    /// from when neither the mirror nor the parity has a good copy.
+    pub remote: Mutex<Option<Box<dyn crate::target::BackupTarget>>>,
     /// Held (flock'd) for as long as the vault is open for writing.
     pub _lock: Option<File>,
 }
@@ -377,6 +380,25 @@ impl Inner {
                 }
             }
         }
+        if let Some(b) = self.read_remote(loc) {
+            let mut t = b.clone();
+            if self.crypt.open(kind, place, &mut t).is_ok() {
+                if !self.read_only {
+                    self.write_back_or_warn(loc, &b, false);
+                    if self.store.mirror.is_some() {
+                        self.write_back_or_warn(loc, &b, true);
+                    }
+                }
+                tracing::warn!(
+                    segment = loc.seg,
+                    offset = loc.off,
+                    what = what_of(kind),
+                    "vault: damaged record repaired from the copy on another node"
+                );
+                self.metrics.repairs_remote.inc();
+                return Ok(Some(b));
+            }
+        }
         tracing::error!(
             segment = loc.seg,
             offset = loc.off,
@@ -385,6 +407,35 @@ impl Inner {
         );
         self.metrics.unrepaired.inc();
         Ok(None)
+    }
+
+    /// The bytes at `loc` in the remote copy, if one is set and holds them. A backup
+    /// is a prefix of the log, so a record it holds has the same bytes at the same
+    /// place; the caller still opens the seal before trusting them.
+    fn read_remote(&self, loc: RecLoc) -> Option<Vec<u8>> {
+        let mut g = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let t = g.as_mut()?;
+        let r = t.begin_read(&self.crypt.vault_id).and_then(|()| {
+            t.read(
+                crate::target::TargetFile::Segment(loc.seg),
+                loc.off as u64,
+                loc.len as usize,
+            )
+        });
+        t.end();
+        match r {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(
+                    segment = loc.seg,
+                    offset = loc.off,
+                    target = %t.describe(),
+                    error = %e,
+                    "vault: the copy on another node could not be read"
+                );
+                None
+            }
+        }
     }
 
     /// A block's plaintext (its logical bytes), from the cache or from disk.

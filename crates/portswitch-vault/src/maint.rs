@@ -63,7 +63,7 @@ pub(crate) fn stats(inner: &Inner) -> Stats {
     s.reads = m.reads.get();
     s.writes = m.writes.get();
     s.commits = m.commits.get();
-    s.repairs = m.repairs_mirror.get() + m.repairs_parity.get();
+    s.repairs = m.repairs_mirror.get() + m.repairs_parity.get() + m.repairs_remote.get();
     s.auth_failures = m.auth_failures.get();
     let log = inner.lock_log();
     s.active_key = log.key_id;
@@ -212,10 +212,15 @@ fn segment_keys(inner: &Inner, id: u32) -> Result<BTreeSet<u32>> {
     Ok(keys)
 }
 
+/// The open segment is considered by gc once it holds at least this share of a
+/// segment (1/`OPEN_SEGMENT_GC_SHARE`): smaller ones are not worth closing early.
+const OPEN_SEGMENT_GC_SHARE: u64 = 4;
+
 fn relocate(
     inner: &Inner,
     log: &mut Log,
     base: Version,
+    include_open: bool,
     select: &mut dyn FnMut(u32, u64, u64) -> Result<bool>,
 ) -> Result<Relocated> {
     inner.join_closers(log)?;
@@ -244,6 +249,19 @@ fn relocate(
         let len = inner.store.len(id)?;
         if select(id, live_bytes.get(&id).copied().unwrap_or(0), len)? {
             evacuate.insert(id);
+        }
+    }
+    // The open segment too (gc): a store whose old versions all sit in the segment
+    // being written (a database rewriting its pages) is otherwise never compacted.
+    // It is closed first, so its live records move to the next one like any other.
+    if include_open {
+        let len = log.app.as_ref().map(|a| a.offset()).unwrap_or(0);
+        if len >= inner.segment_bytes / OPEN_SEGMENT_GC_SHARE
+            && select(current, live_bytes.get(&current).copied().unwrap_or(0), len)?
+        {
+            inner.roll(log)?;
+            inner.join_closers(log)?;
+            evacuate.insert(current);
         }
     }
     // The old checkpoint is replaced in every case; commits it carried must be carried
@@ -448,12 +466,9 @@ pub(crate) fn gc(inner: &Inner, ret: &Retention) -> Result<GcReport> {
         }
         base = b.max(old_base);
     }
-    let rel = relocate(
-        inner,
-        &mut log,
-        base,
-        &mut |_, live, len| Ok(live * 2 < len),
-    )?;
+    let rel = relocate(inner, &mut log, base, true, &mut |_, live, len| {
+        Ok(live * 2 < len)
+    })?;
     inner.metrics.gc_runs.inc();
     Ok(GcReport {
         horizon: base,
@@ -475,7 +490,7 @@ pub(crate) fn reseal(inner: &Inner) -> Result<ResealReport> {
     }
     let active = log.key_id;
     let base = inner.lock_state().base();
-    let rel = relocate(inner, &mut log, base, &mut |id, _, _| {
+    let rel = relocate(inner, &mut log, base, false, &mut |id, _, _| {
         Ok(segment_keys(inner, id)?.iter().any(|k| *k != active))
     })?;
     // Every remaining record is under the active key: drop the others.

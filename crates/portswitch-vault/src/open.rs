@@ -163,7 +163,8 @@ fn new_inner(
     o: &OpenOptions,
     lock: Option<File>,
 ) -> Result<Inner> {
-    let crypt = Crypt::new(clear.vault_id, clear.cipher);
+    let metrics = Metrics::default();
+    let crypt = Crypt::new(clear.vault_id, clear.cipher).metered(&metrics);
     crypt.set_keys(table.keys.iter().map(|k| (k.id, &k.key)));
     let active = table.active;
     let aead = crypt.key(active);
@@ -178,7 +179,7 @@ fn new_inner(
         crypt,
         store: Store::new(dir.to_path_buf(), o.mirror.clone(), o.read_only),
         cache: BlockCache::new(o.cache_bytes),
-        metrics: Metrics::default(),
+        metrics,
         block_bytes: clear.block_bytes,
         compression: clear.compression,
         zstd_level: clear.zstd_level as i32,
@@ -216,6 +217,7 @@ fn new_inner(
             closing_pending: 0,
         }),
         backup_tx: Mutex::new(None),
+        remote: Mutex::new(None),
         _lock: lock,
     })
 }
@@ -262,6 +264,7 @@ fn open_parts(
             offset: 0,
         });
     }
+    replay::restore_truncated(&inner, &ids)?;
     let scan = replay::scan(&inner, &ids)?;
     // Where the primary's log ends: the cut, or (every segment closed) the end of the
     // last one. The mirror is asked whether it holds more in every case: the primary

@@ -99,12 +99,36 @@ pub fn write(dir: &Path, id: u32, p: Option<Parity>) -> Result<()> {
     Ok(())
 }
 
+/// Reads stripe `s` of the segment as the parity saw it (`seg_len` long, zeros past
+/// it). Bytes the file no longer has (a truncated segment) or that fail to read stay
+/// zero: the shard checksums then mark those shards for rebuilding.
 fn read_stripe(seg: &File, seg_len: u64, s: usize, d: usize, out: &mut [u8]) -> Result<()> {
     let start = s as u64 * stripe_bytes(d);
     let n = (seg_len - start).min(stripe_bytes(d)) as usize;
     out.fill(0);
-    seg.read_exact_at(&mut out[..n], start)?;
+    let mut got = 0;
+    while got < n {
+        match seg.read_at(&mut out[got..n], start + got as u64) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(offset = start + got as u64, error = %e, "vault: parity read of a stripe failed");
+                break;
+            }
+        }
+    }
     Ok(())
+}
+
+/// The segment length the parity of segment `id` covers, if it has a readable parity
+/// file.
+pub fn covered_len(dir: &Path, id: u32) -> Option<u64> {
+    let par = File::open(par_path(dir, id)).ok()?;
+    read_header(&par)
+        .ok()
+        .filter(|h| h.segment == id)
+        .map(|h| h.seg_len)
 }
 
 fn read_header(par: &File) -> Result<ParHeader> {

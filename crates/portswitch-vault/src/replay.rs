@@ -166,6 +166,55 @@ fn chunk_header(inner: &Inner, kind: RecordKind, loc: RecLoc) -> Result<ChunkHea
 /// first segment without one on, the first record that does not read is where a crash
 /// tore the log; everything after the last complete entry before it is reported as
 /// `cut` (uncommitted or torn), and so is the uncommitted tail after the last entry.
+/// Closed segments shorter than their parity says (a lost tail: a truncated file)
+/// get the tail back before the scan reads them: from the mirror when it holds it,
+/// else rebuilt from the parity, then written back. A tail that cannot be restored is
+/// `Corrupt`: a closed segment is durable history, never cut.
+pub(crate) fn restore_truncated(inner: &Inner, ids: &[u32]) -> Result<()> {
+    for &id in ids {
+        let Some(want) = parity::covered_len(&inner.dir, id) else {
+            continue;
+        };
+        let have = inner.store.len(id)?;
+        if have >= want {
+            continue;
+        }
+        let missing = (want - have) as usize;
+        let lost = || VaultError::Corrupt {
+            what: "closed segment shorter than its parity, with no copy of the tail",
+            segment: id,
+            offset: have,
+        };
+        if inner.read_only {
+            return Err(lost());
+        }
+        let mut tail = vec![0u8; missing];
+        let from_mirror = inner.store.read_mirror(id, have, &mut tail).is_some();
+        let source = if from_mirror {
+            inner.metrics.repairs_mirror.inc();
+            "mirror"
+        } else {
+            match parity::rebuild(&inner.dir, id, have, missing)? {
+                Some(b) => {
+                    tail = b;
+                    inner.metrics.repairs_parity.inc();
+                    "parity"
+                }
+                None => return Err(lost()),
+            }
+        };
+        inner.store.write_back(id, have, &tail, false)?;
+        tracing::warn!(
+            segment = id,
+            offset = have,
+            bytes = missing,
+            source,
+            "vault: the lost tail of a closed segment was restored"
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn scan(inner: &Inner, ids: &[u32]) -> Result<Scan> {
     // Segments close in order, so the closed ones are a prefix: one without `.par`
     // before one with it lost its `.par` (it is still closed, and damage there is not a

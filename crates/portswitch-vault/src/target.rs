@@ -35,6 +35,20 @@ pub struct TargetEntry {
 
 /// Bytes a single [`BackupTarget::write`] or [`BackupTarget::read`] carries at most.
 pub const TARGET_IO_BYTES_MAX: usize = 1 << 20;
+/// The largest file a target holds: a segment of `SEGMENT_BYTES_MAX` or its parity
+/// (smaller). Offsets and lengths past it are refused, so a peer cannot make a server
+/// create, or hash its way through, a huge sparse file.
+pub const TARGET_FILE_BYTES_MAX: u64 = 2 * crate::limits::SEGMENT_BYTES_MAX;
+
+fn within(end: u64) -> Result<()> {
+    if end > TARGET_FILE_BYTES_MAX {
+        return Err(VaultError::TooLarge {
+            what: "backup file",
+            limit: TARGET_FILE_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
 
 /// The file operations a backup needs. Calls come in this order: [`BackupTarget::begin`]
 /// first (it takes the target's lock for as long as the target lives), then any.
@@ -47,6 +61,10 @@ pub trait BackupTarget: Send {
     }
     /// Prepares the target for `vault_id` and takes its lock (one backup at a time).
     fn begin(&mut self, vault_id: &[u8; VAULT_ID_BYTES]) -> Result<()>;
+    /// Prepares the target for reading `vault_id`'s files, without its lock (reads
+    /// of a backup while another backup writes it see whole records: a backup only
+    /// appends to what it already holds, or ships a segment again after a cut).
+    fn begin_read(&mut self, vault_id: &[u8; VAULT_ID_BYTES]) -> Result<()>;
     /// Releases the lock `begin` took.
     fn end(&mut self) {}
     /// The highest writer token the target took (0: none yet).
@@ -79,6 +97,8 @@ pub struct DirTarget {
     dir: PathBuf,
     vault_id: [u8; VAULT_ID_BYTES],
     lock: Option<File>,
+    /// Begun for reading only ([`BackupTarget::begin_read`]).
+    reading: bool,
 }
 
 impl DirTarget {
@@ -87,6 +107,7 @@ impl DirTarget {
             dir: dir.into(),
             vault_id: [0; VAULT_ID_BYTES],
             lock: None,
+            reading: false,
         }
     }
 
@@ -106,9 +127,18 @@ impl DirTarget {
             .open(self.path(f))?)
     }
 
+    /// Writes need `begin` (the lock).
     fn begun(&self) -> Result<()> {
         if self.lock.is_none() {
-            return Err(VaultError::Invalid("backup target used before begin"));
+            return Err(VaultError::Invalid("backup target written before begin"));
+        }
+        Ok(())
+    }
+
+    /// Reads need `begin` or `begin_read`.
+    fn readable(&self) -> Result<()> {
+        if self.lock.is_none() && !self.reading {
+            return Err(VaultError::Invalid("backup target read before begin"));
         }
         Ok(())
     }
@@ -141,12 +171,32 @@ impl BackupTarget for DirTarget {
         Ok(())
     }
 
+    fn begin_read(&mut self, vault_id: &[u8; VAULT_ID_BYTES]) -> Result<()> {
+        self.lock = None;
+        self.reading = false;
+        if let Some(theirs) = self.header()? {
+            let (c, _) = crate::format::HeaderClear::decode(&theirs)?;
+            if c.vault_id != *vault_id {
+                return Err(VaultError::format(
+                    "backup",
+                    "the target holds another vault",
+                ));
+            }
+        } else {
+            return Err(VaultError::NotFound);
+        }
+        self.vault_id = *vault_id;
+        self.reading = true;
+        Ok(())
+    }
+
     fn end(&mut self) {
         self.lock = None;
+        self.reading = false;
     }
 
     fn fence(&mut self) -> Result<u64> {
-        self.begun()?;
+        self.readable()?;
         crate::fencing::read_target(&self.dir, &self.vault_id)
     }
 
@@ -169,7 +219,7 @@ impl BackupTarget for DirTarget {
     }
 
     fn list(&mut self) -> Result<Vec<TargetEntry>> {
-        self.begun()?;
+        self.readable()?;
         let mut out = Vec::new();
         for id in list_segments(&self.dir)? {
             let segment_len = fs::metadata(seg_path(&self.dir, id))?.len();
@@ -184,12 +234,17 @@ impl BackupTarget for DirTarget {
     }
 
     fn hash(&mut self, f: TargetFile, from: u64, to: u64) -> Result<[u8; 32]> {
-        self.begun()?;
+        self.readable()?;
+        within(to)?;
+        if from > to {
+            return Err(VaultError::Invalid("hash range reversed"));
+        }
         crate::maint::hash_range(&self.open(f, false)?, from, to)
     }
 
     fn write(&mut self, f: TargetFile, off: u64, bytes: &[u8]) -> Result<()> {
         self.begun()?;
+        within(off.saturating_add(bytes.len() as u64))?;
         if bytes.len() > TARGET_IO_BYTES_MAX {
             return Err(VaultError::TooLarge {
                 what: "backup write",
@@ -200,7 +255,8 @@ impl BackupTarget for DirTarget {
     }
 
     fn read(&mut self, f: TargetFile, off: u64, len: usize) -> Result<Vec<u8>> {
-        self.begun()?;
+        self.readable()?;
+        within(off.saturating_add(len as u64))?;
         if len > TARGET_IO_BYTES_MAX {
             return Err(VaultError::TooLarge {
                 what: "backup read",
@@ -214,6 +270,7 @@ impl BackupTarget for DirTarget {
 
     fn set_len(&mut self, f: TargetFile, len: u64) -> Result<()> {
         self.begun()?;
+        within(len)?;
         Ok(self.open(f, true)?.set_len(len)?)
     }
 
@@ -254,7 +311,7 @@ pub fn pull(
             "pull into a directory that holds a vault",
         ));
     }
-    from.begin(vault_id)?;
+    from.begin_read(vault_id)?;
     let header = from.header()?.ok_or(VaultError::Invalid(
         "the backup holds no vault with that id",
     ))?;

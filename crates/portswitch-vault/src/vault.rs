@@ -883,6 +883,12 @@ impl Vault {
         crate::maint::backup_to(&self.inner, target)
     }
 
+    /// Sets a copy on another node (a backup server's `RemoteTarget`) to repair
+    /// damaged records from when the mirror and the parity cannot; `None` unsets it.
+    pub fn set_remote_copy(&self, target: Option<Box<dyn crate::target::BackupTarget>>) {
+        *self.inner.remote.lock().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
     /// After every durable commit, ship it to `dir` from a background thread (errors
     /// are logged and counted; the next commit retries).
     pub fn continuous_backup(&self, dir: impl AsRef<Path>) -> Result<()> {

@@ -65,6 +65,20 @@ struct Access {
     /// Decrypted blocks kept in memory, MiB.
     #[arg(long, default_value_t = 64)]
     cache_mib: u64,
+    /// A backup server holding this vault's backup (`host:port`): damaged records the
+    /// mirror and the parity cannot restore are repaired from its copy.
+    #[arg(long, requires = "repair_key_file")]
+    repair_server: Option<String>,
+    /// The repair server's pre-shared key (from `vault backup-key`).
+    #[arg(long)]
+    repair_key_file: Option<PathBuf>,
+    /// Port switch address (`host:port`): own the port `vault/<vault id hex>` while
+    /// changing the vault (a mount: while mounted), so that one writer at a time has it
+    /// across machines. The port's fencing token is recorded in every commit; a vault
+    /// or backup target a newer writer has had refuses this one (exit 7), and a mount
+    /// that loses the port stops committing. Taken: exit 5.
+    #[arg(long)]
+    switch: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,7 +175,8 @@ enum VaultCommand {
         access: Access,
         #[arg(long, required_unless_present = "server", conflicts_with = "server")]
         to: Option<PathBuf>,
-        /// A backup server (`host:port`, see `vault backup-serve`).
+        /// A backup server (`host:port`, see `vault backup-serve`), or the servers
+        /// registered as NAME in a port switch (`switch://HOST:PORT/NAME`).
         #[arg(long, requires = "key_file")]
         server: Option<String>,
         /// The server's pre-shared key (from `vault backup-key`).
@@ -179,15 +194,29 @@ enum VaultCommand {
         listen: String,
         #[arg(long)]
         key_file: PathBuf,
+        /// Register in this port switch (`host:port`) as one of the backup servers
+        /// named --name, for vaults that look servers up with
+        /// `--server switch://SWITCH/NAME`; registered again if the session is lost.
+        #[arg(long, requires = "name")]
+        switch: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// The address clients dial (default: the bound address).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Metrics (/metrics: `vault_backup_server_*`) and health (/health) over HTTP.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Copy a vault's backup from a backup server into DIR (verified by hash); DIR then
     /// opens with the vault's passphrase.
     Pull {
+        /// `host:port`, or `switch://HOST:PORT/NAME`.
         #[arg(long)]
         server: String,
         #[arg(long)]
         key_file: PathBuf,
-        /// The vault's id (32 hex digits: the port name `vault/<id>` shows it).
+        /// The vault's id (32 hex digits, as `init` and `backup` print it).
         #[arg(long)]
         vault_id: String,
         dir: PathBuf,
@@ -254,8 +283,15 @@ struct MountArgs {
     /// An existing empty directory to mount on.
     mountpoint: PathBuf,
     /// Continuous backup: ship every commit to this directory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "backup_server")]
     backup: Option<PathBuf>,
+    /// Continuous backup to a backup server on another node (`host:port`, or
+    /// `switch://HOST:PORT/NAME`; see `vault backup-serve`).
+    #[arg(long, requires = "backup_key_file")]
+    backup_server: Option<String>,
+    /// The backup server's pre-shared key (from `vault backup-key`).
+    #[arg(long)]
+    backup_key_file: Option<PathBuf>,
     /// Metrics (/metrics) and health (/health) over HTTP.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -274,11 +310,6 @@ struct MountArgs {
     /// commit).
     #[arg(long)]
     writeback_cache: bool,
-    /// Port switch address (`host:port`): own the port `vault/<vault id hex>` while
-    /// mounted, so that one writer at a time has the vault across machines; its
-    /// fencing token is recorded in every commit, and losing the port stops commits.
-    #[arg(long, conflicts_with = "read_only")]
-    switch: Option<String>,
     /// With --switch: wait for the port (and the vault's lock) while another process
     /// has it, instead of exiting with code 5.
     #[arg(long, requires = "switch")]
@@ -297,7 +328,7 @@ enum CliError {
     WrongPassphrase { dir: String },
     #[error("{dir}: the vault is in use by another process (is it mounted?)")]
     Locked { dir: String },
-    #[error("{port} is owned by {node} (session {session:x}, token {token}): the vault is mounted elsewhere (--wait to wait for it)")]
+    #[error("{port} is owned by {node} (session {session:x}, token {token}): another writer has the vault (a mount waits for it with --wait)")]
     PortTaken {
         port: String,
         node: String,
@@ -363,6 +394,63 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError
 
 fn remote_key(path: &Path) -> CliResult<portswitch_vault_remote::Key> {
     portswitch_vault_remote::Key::read_file(path).map_err(|e| CliError::Usage(e.to_string()))
+}
+
+/// The discovery service backup servers named NAME register in
+/// (`svc/vault-backup/NAME/<address>`).
+fn backup_service(name: &str) -> String {
+    format!("vault-backup/{name}")
+}
+
+/// A backup server: `host:port`, or `switch://SWITCH_HOST:PORT/NAME` for the servers
+/// registered as NAME in the port switch (looked up at each connection, so a backup
+/// follows a server that moved).
+fn remote_target(spec: &str, key_file: &Path) -> CliResult<portswitch_vault_remote::RemoteTarget> {
+    let key = remote_key(key_file)?;
+    let Some(rest) = spec.strip_prefix("switch://") else {
+        return Ok(portswitch_vault_remote::RemoteTarget::new(spec, key));
+    };
+    let (switch, name) = rest
+        .split_once('/')
+        .filter(|(a, n)| !a.is_empty() && !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{}: expected switch://HOST:PORT/NAME",
+                crate::ctl::shown(spec)
+            ))
+        })?;
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|e| CliError::Usage(format!("no runtime for the port switch: {e}")))?;
+    let (switch, service) = (switch.to_string(), backup_service(name));
+    let resolver: portswitch_vault_remote::Resolver = Box::new(move || {
+        let (switch, service) = (switch.clone(), service.clone());
+        handle.block_on(async move {
+            let err = |e: portswitch_client::Error| {
+                std::io::Error::other(format!("port switch {switch}: {e}"))
+            };
+            let c = portswitch_client::Client::connect_to(switch.clone())
+                .await
+                .map_err(err)?;
+            let found = portswitch_client::Discovery::new(&c, service)
+                .instances()
+                .await
+                .map_err(err);
+            let _ = c.close().await;
+            Ok(found?
+                .into_iter()
+                .map(|(_, addr)| String::from_utf8_lossy(&addr).into_owned())
+                .collect())
+        })
+    });
+    Ok(portswitch_vault_remote::RemoteTarget::discovered(
+        format!(
+            "{} in the port switch {}",
+            backup_service(name),
+            rest.split('/').next().unwrap_or("")
+        ),
+        resolver,
+        key,
+    ))
 }
 
 fn shown_path(p: &Path) -> String {
@@ -535,14 +623,11 @@ fn run_blocking(command: VaultCommand) -> CliResult<ExitCode> {
                     .backup_to(&to)
                     .map_err(vault_err(format!("backup to {}", shown_path(&to))))?,
                 (None, Some(server), Some(key_file)) => {
-                    let key = remote_key(&key_file)?;
-                    let mut t = portswitch_vault_remote::RemoteTarget::new(server.clone(), key);
-                    let r = vault.backup_to_target(&mut t).map_err(vault_err(format!(
+                    let mut t = remote_target(&server, &key_file)?;
+                    vault.backup_to_target(&mut t).map_err(vault_err(format!(
                         "backup to the server {}",
                         crate::ctl::shown(&server)
-                    )))?;
-                    portswitch_vault::target::BackupTarget::end(&mut t);
-                    r
+                    )))?
                 }
                 _ => {
                     return Err(CliError::Usage(
@@ -608,6 +693,10 @@ fn run_blocking(command: VaultCommand) -> CliResult<ExitCode> {
             root,
             listen,
             key_file,
+            switch,
+            name,
+            advertise,
+            metrics_listen,
         } => {
             let key = remote_key(&key_file)?;
             let server =
@@ -624,6 +713,24 @@ fn run_blocking(command: VaultCommand) -> CliResult<ExitCode> {
                 "backup server listening on {addr}, backups under {}",
                 shown_path(&root)
             );
+            if let Some(m) = metrics_listen {
+                let mut registry = prometheus_client::registry::Registry::default();
+                server
+                    .stats
+                    .register(registry.sub_registry_with_prefix("vault_backup_server"));
+                let bound = tokio::runtime::Handle::current()
+                    .block_on(serve_metrics(m, Arc::new(registry)))
+                    .map_err(io_err(format!("metrics on {m}")))?;
+                println!("metrics on http://{bound}/metrics");
+            }
+            if let (Some(switch), Some(name)) = (switch, name) {
+                let advertise = advertise.unwrap_or_else(|| addr.to_string());
+                tokio::runtime::Handle::current().spawn(keep_backup_server_registered(
+                    switch,
+                    backup_service(&name),
+                    advertise,
+                ));
+            }
             server
                 .run()
                 .map_err(|e| CliError::Usage(format!("backup server: {e}")))?;
@@ -635,10 +742,10 @@ fn run_blocking(command: VaultCommand) -> CliResult<ExitCode> {
             vault_id,
             dir,
         } => {
-            let key = remote_key(&key_file)?;
+            let t = remote_target(&server, &key_file)?;
             let id = portswitch_vault_remote::parse_vault_id(&vault_id)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
-            let n = portswitch_vault_remote::pull(&server, &key, &id, &dir).map_err(vault_err(
+            let n = portswitch_vault_remote::pull_from(t, &id, &dir).map_err(vault_err(
                 format!("pulling from {}", crate::ctl::shown(&server)),
             ))?;
             println!("pulled {n} bytes into {}, verified", shown_path(&dir));
@@ -942,7 +1049,13 @@ async fn mount(a: MountArgs) -> CliResult<ExitCode> {
         read_only: a.read_only,
         allow_other: a.allow_other,
         writeback_cache: a.writeback_cache,
-        backup: a.backup.clone(),
+        backup: match (&a.backup, &a.backup_server, &a.backup_key_file) {
+            (Some(dir), _, _) => Some(portswitch_vault_fuse::BackupTo::Dir(dir.clone())),
+            (None, Some(server), Some(key)) => Some(portswitch_vault_fuse::BackupTo::target(
+                remote_target(server, key)?,
+            )),
+            _ => None,
+        },
         fsname: format!("portswitch-vault:{}", a.access.dir.display()),
         ..portswitch_vault_fuse::MountOptions::default()
     };
@@ -953,11 +1066,18 @@ async fn mount(a: MountArgs) -> CliResult<ExitCode> {
             .await
             .map_err(|e| CliError::Usage(format!("passphrase panicked: {e}")))??
     };
-    let claim = match &a.switch {
-        Some(addr) => match claim_port(&a, addr).await? {
-            Some(c) => Some(c),
-            None => return Ok(ExitCode::from(130)), // interrupted while waiting
-        },
+    if a.read_only && a.access.switch.is_some() {
+        return Err(CliError::Usage(
+            "--switch is for writers: a --read-only mount takes no port".into(),
+        ));
+    }
+    let claim = match &a.access.switch {
+        Some(addr) => {
+            match claim_port(&a.access.dir, addr, a.lease_ms, a.wait, "vault mount").await? {
+                Some(c) => Some(c),
+                None => return Ok(ExitCode::from(130)), // interrupted while waiting
+            }
+        }
         None => None,
     };
     let open_opts = OpenOptions {
@@ -1052,17 +1172,23 @@ struct Claim {
 
 /// Owns the vault's port (`vault/<id hex>`): at once, or after waiting in its queue
 /// with `--wait`. `None`: interrupted while waiting.
-async fn claim_port(a: &MountArgs, addr: &str) -> CliResult<Option<Claim>> {
+async fn claim_port(
+    dir: &Path,
+    addr: &str,
+    lease_ms: u64,
+    wait: bool,
+    who: &'static str,
+) -> CliResult<Option<Claim>> {
     use portswitch_client::{Client, ClientOptions, Lock};
-    let vault_id = portswitch_vault::fencing::vault_id_of(&a.access.dir)
-        .map_err(vault_err(shown_path(&a.access.dir)))?;
+    let vault_id =
+        portswitch_vault::fencing::vault_id_of(dir).map_err(vault_err(shown_path(dir)))?;
     let port = portswitch_vault::fencing::port_name(&vault_id);
     let switch_err = |e: portswitch_client::Error| CliError::Switch {
         addr: addr.to_string(),
         why: e.to_string(),
     };
     let mut opts = ClientOptions::new(addr.to_string());
-    opts.lease = Duration::from_millis(a.lease_ms);
+    opts.lease = Duration::from_millis(lease_ms);
     // A mount that dies (kill -9, a crash) closes its connection: the port goes to the
     // next writer at once rather than after a lease. One that hangs loses it after the
     // lease, and its own view of the lease revokes its fence before that.
@@ -1078,7 +1204,7 @@ async fn claim_port(a: &MountArgs, addr: &str) -> CliResult<Option<Claim>> {
             let (node, session, token) = owner
                 .map(|o| (shown_bytes(&o.node), o.session, o.token))
                 .unwrap_or_default();
-            if !a.wait {
+            if !wait {
                 let _ = client.close().await;
                 return Err(CliError::PortTaken {
                     port,
@@ -1087,7 +1213,7 @@ async fn claim_port(a: &MountArgs, addr: &str) -> CliResult<Option<Claim>> {
                     token,
                 });
             }
-            eprintln!("vault mount: {port} is owned by {node} (token {token}); waiting for it");
+            eprintln!("{who}: {port} is owned by {node} (token {token}); waiting for it");
             tokio::select! {
                 l = Lock::acquire(&client, &port) => l.map_err(switch_err)?,
                 _ = crate::serve::shutdown_signal() => {
@@ -1098,7 +1224,7 @@ async fn claim_port(a: &MountArgs, addr: &str) -> CliResult<Option<Claim>> {
         }
     };
     let token = lock.token();
-    eprintln!("vault mount: owns {port} with token {token}");
+    eprintln!("{who}: owns {port} with token {token}");
     let fence = portswitch_vault::Fence::new(token);
     let (tx, lost) = tokio::sync::watch::channel(false);
     let watcher = {
@@ -1108,7 +1234,7 @@ async fn claim_port(a: &MountArgs, addr: &str) -> CliResult<Option<Claim>> {
             // First the fence (no commit from now on), then the news.
             fence.revoke(&format!("lost {port}"));
             eprintln!(
-                "vault mount: lost {port} (token {token}): no more commits; another writer may own the vault"
+                "{who}: lost {port} (token {token}): no more commits; another writer may own the vault"
             );
             let _ = tx.send(true);
         })
@@ -1141,7 +1267,12 @@ async fn open_for_mount(a: &MountArgs, pass: &[u8], o: OpenOptions) -> CliResult
                     _ = crate::serve::shutdown_signal() => return Ok(None),
                 }
             }
-            r => return r.map(Some).map_err(vault_err(shown_path(&a.access.dir))),
+            r => {
+                let v = r.map_err(vault_err(shown_path(&a.access.dir)))?;
+                let fallback = a.backup_server.as_deref().zip(a.backup_key_file.as_deref());
+                set_repair_server(&a.access, &v, fallback)?;
+                return Ok(Some(v));
+            }
         }
     }
 }
@@ -1194,8 +1325,81 @@ fn open(a: &Access) -> CliResult<Vault> {
     open_with(a, &pass)
 }
 
+/// Ports owned by this command (`--switch`), held until the process ends: its
+/// connection closes then, and the port goes to the next writer at once.
+static HELD_PORTS: std::sync::Mutex<Vec<Claim>> = std::sync::Mutex::new(Vec::new());
+
 fn open_with(a: &Access, pass: &[u8]) -> CliResult<Vault> {
-    Vault::open(&a.dir, pass, open_options(a)).map_err(vault_err(shown_path(&a.dir)))
+    let mut opts = open_options(a);
+    if let Some(addr) = &a.switch {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| CliError::Usage(format!("no runtime for the port switch: {e}")))?;
+        let claim = handle
+            .block_on(claim_port(
+                &a.dir,
+                addr,
+                portswitch_client::LEASE_MS_DEFAULT,
+                false,
+                "vault",
+            ))?
+            .ok_or_else(|| CliError::Usage("interrupted".into()))?;
+        opts.fence = Some(claim.fence.clone());
+        HELD_PORTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(claim);
+    }
+    let v = Vault::open(&a.dir, pass, opts).map_err(vault_err(shown_path(&a.dir)))?;
+    set_repair_server(a, &v, None)?;
+    Ok(v)
+}
+
+/// Keeps this backup server registered in the port switch's discovery service while
+/// the process lives: after a lost session, connects and registers again (backing off
+/// up to 5 s between failed attempts).
+async fn keep_backup_server_registered(switch: String, service: String, advertise: String) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let c = match portswitch_client::Client::connect_to(switch.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(switch = %switch, error = %e, "backup server: port switch unreachable");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        match portswitch_client::Discovery::new(&c, service.clone())
+            .register(&advertise, advertise.as_bytes())
+            .await
+        {
+            Ok(token) => {
+                backoff = Duration::from_millis(100);
+                eprintln!("backup server: registered as {service}/{advertise} (token {token})");
+                c.lost().await;
+                tracing::warn!("backup server: port switch session lost; registering again");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "backup server: registration failed");
+                let _ = c.close().await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Names the copy on another node to repair from: `--repair-server`, else `fallback`
+/// (the mount's backup server).
+fn set_repair_server(a: &Access, v: &Vault, fallback: Option<(&str, &Path)>) -> CliResult<()> {
+    let server = match (&a.repair_server, &a.repair_key_file) {
+        (Some(s), Some(k)) => Some((s.as_str(), k.as_path())),
+        _ => fallback,
+    };
+    if let Some((server, key)) = server {
+        v.set_remote_copy(Some(Box::new(remote_target(server, key)?)));
+    }
+    Ok(())
 }
 
 /// Reads without taking the vault's write lock (so it works beside a mount).
@@ -1205,7 +1409,9 @@ fn open_read_only(a: &Access) -> CliResult<Vault> {
         read_only: true,
         ..open_options(a)
     };
-    Vault::open(&a.dir, &pass, opts).map_err(vault_err(shown_path(&a.dir)))
+    let v = Vault::open(&a.dir, &pass, opts).map_err(vault_err(shown_path(&a.dir)))?;
+    set_repair_server(a, &v, None)?;
+    Ok(v)
 }
 
 /// Commits, syncs and closes, reporting a failure (a `Drop` would only log it).

@@ -401,6 +401,8 @@ fn backup_to_a_server_and_pull_it_back() {
         "127.0.0.1:0",
         "--key-file",
         s(&key),
+        "--metrics-listen",
+        "127.0.0.1:0",
     ])
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -414,10 +416,17 @@ fn backup_to_a_server_and_pull_it_back() {
         }
     }
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut metrics = String::new();
+    let mut lines = BufReader::new(server.stdout.take().unwrap());
+    lines.read_line(&mut line).unwrap();
+    lines.read_line(&mut metrics).unwrap();
     let _server = Kill(server);
+    let metrics = metrics
+        .trim()
+        .strip_prefix("metrics on http://")
+        .and_then(|m| m.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .to_string();
     let addr = line
         .strip_prefix("backup server listening on ")
         .and_then(|r| r.split(',').next())
@@ -435,6 +444,12 @@ fn backup_to_a_server_and_pull_it_back() {
     // A wrong key: refused in the handshake, a clear error, exit code not 0.
     let wrong = tmp.path().join("wrong");
     ok(&["backup-key", s(&wrong)]);
+    let m = http_get(&metrics, "/metrics");
+    let written = m
+        .lines()
+        .find_map(|l| l.strip_prefix("vault_backup_server_written_bytes_total "))
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(written.parse::<f64>().unwrap() >= (3 << 20) as f64, "{m}");
     let (code, _, err) = run(&[
         "backup",
         s(&dir),
@@ -461,6 +476,173 @@ fn backup_to_a_server_and_pull_it_back() {
     ok(&["check", s(&back)]);
     assert_eq!(get(&back, "/a", None), b"second");
     assert_eq!(get(&back, "/big", None), noise(3, 3 << 20));
+
+    // The server's copy repairs a damaged block that the parity cannot (a vault
+    // without parity) through `check --repair --repair-server`.
+    let np = tmp.path().join("np");
+    init(&np, &["--parity", "none"]);
+    let data = noise(4, 1 << 20);
+    put(&np, "/data", &data);
+    let out = ok(&["backup", s(&np), "--server", &addr, "--key-file", s(&key)]);
+    assert!(out.starts_with("shipped "), "{out}");
+    damage_block(&np, 10);
+    assert_eq!(run(&["check", s(&np)]).0, 4);
+    let (code, out, err) = run(&[
+        "check",
+        s(&np),
+        "--repair",
+        "--repair-server",
+        &addr,
+        "--repair-key-file",
+        s(&key),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 repaired, 0 not repaired"), "{out}");
+    ok(&["check", s(&np)]);
+    assert_eq!(get(&np, "/data", None), data);
+
+    // A mount backs up continuously to the server: a file written and fsynced
+    // through the mount reaches the server without an unmount.
+    let mnt = tmp.path().join("mnt");
+    let mut m = MountProc::start(
+        &dir,
+        &mnt,
+        &["--backup-server", &addr, "--backup-key-file", s(&key)],
+    );
+    write_synced(&mnt.join("mounted.txt"), b"shipped while mounted");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let to = tmp.path().join(format!("pulled-{n}"));
+        // A pull may meet the mount's backup run holding the lock: try again.
+        let (code, _, _) = run(&[
+            "pull",
+            "--server",
+            &addr,
+            "--key-file",
+            s(&key),
+            "--vault-id",
+            &id,
+            s(&to),
+        ]);
+        if code == 0
+            && get_maybe(&to, "/mounted.txt").as_deref() == Some(&b"shipped while mounted"[..])
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount's commit never reached the server"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    m.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(m.wait(Duration::from_secs(60)), Some(0));
+}
+
+/// A `vault backup-serve` process registered in the port switch as NAME; returns it
+/// (killed on drop) once it says it registered.
+fn backup_server_in_switch(root: &Path, key: &Path, switch: &str, name: &str) -> MountLike {
+    let mut child = vault(&[
+        "backup-serve",
+        s(root),
+        "--listen",
+        "127.0.0.1:0",
+        "--key-file",
+        s(key),
+        "--switch",
+        switch,
+        "--name",
+        name,
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let err = Arc::new(Mutex::new(String::new()));
+    collect(child.stderr.take().unwrap(), err.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !err.lock().unwrap().contains("registered as vault-backup/") {
+        assert!(
+            Instant::now() < deadline,
+            "not registered: {}",
+            err.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    MountLike(child)
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+struct MountLike(Child);
+
+impl Drop for MountLike {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Backup servers found through the port switch: a vault backs up to "the servers
+/// named office"; when that server is killed (-9) its registration goes with its
+/// session, and the next backup finds the one that registered since.
+#[test]
+fn backup_servers_are_found_through_the_port_switch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let switch = Switch::start(&tmp.path().join("switch"));
+    let (dir, key) = (tmp.path().join("v"), tmp.path().join("key"));
+    init(&dir, &[]);
+    put(&dir, "/f", b"one");
+    ok(&["backup-key", s(&key)]);
+    let spec = format!("switch://{}/office", switch.addr);
+    // Nothing registered yet: a clear error.
+    let (code, _, err) = run(&["backup", s(&dir), "--server", &spec, "--key-file", s(&key)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no backup server registered"), "{err}");
+    let (r1, r2) = (tmp.path().join("r1"), tmp.path().join("r2"));
+    let first = backup_server_in_switch(&r1, &key, &switch.addr, "office");
+    let out = ok(&["backup", s(&dir), "--server", &spec, "--key-file", s(&key)]);
+    assert!(out.starts_with("shipped "), "{out}");
+    assert!(std::fs::read_dir(&r1).unwrap().count() == 1);
+    drop(first);
+    let _second = backup_server_in_switch(&r2, &key, &switch.addr, "office");
+    put(&dir, "/f", b"two");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The first server's registration may still be listed for a moment.
+        let (code, out, err) = run(&["backup", s(&dir), "--server", &spec, "--key-file", s(&key)]);
+        if code == 0 {
+            assert!(out.starts_with("shipped "), "{out}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let id = std::fs::read_dir(&r2)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let back = tmp.path().join("back");
+    ok(&[
+        "pull",
+        "--server",
+        &spec,
+        "--key-file",
+        s(&key),
+        "--vault-id",
+        id.to_str().unwrap(),
+        s(&back),
+    ]);
+    assert_eq!(get(&back, "/f", None), b"two");
+}
+
+/// `get`, or `None` when the file (or the vault) is not there.
+fn get_maybe(dir: &Path, path: &str) -> Option<Vec<u8>> {
+    let o = vault(&["get", s(dir), path]).output().unwrap();
+    o.status.success().then_some(o.stdout)
 }
 
 #[test]
@@ -897,17 +1079,26 @@ struct Switch {
 impl Switch {
     fn start(data: &Path) -> Switch {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", s(data)])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-http",
+                "--data-dir",
+                s(data),
+            ])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let err = Arc::new(Mutex::new(String::new()));
+        collect(child.stderr.take().unwrap(), err.clone());
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         let addr = line
             .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("serve printed {line:?}"))
+            .unwrap_or_else(|| panic!("serve printed {line:?}: {}", err.lock().unwrap()))
             .trim()
             .to_string();
         // Keep draining what it prints, so it never blocks on a full pipe.
@@ -921,6 +1112,53 @@ impl Drop for Switch {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `--switch` on the writing commands: `put` owns the vault's port while it runs (its
+/// token goes into the commit), is refused with exit 5 while a mount owns it, and
+/// works again once the mount is gone.
+#[test]
+fn writing_commands_own_the_port_with_switch() {
+    need_fuse();
+    let tmp = tempfile::tempdir().unwrap();
+    let switch = Switch::start(&tmp.path().join("switch"));
+    let addr = switch.addr.as_str();
+    let dir = tmp.path().join("v");
+    init(&dir, &[]);
+    let put_switch = |data: &[u8]| {
+        let mut child = vault(&["put", s(&dir), "/f", "-", "--switch", addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        outcome(child.wait_with_output().unwrap())
+    };
+    let (code, _, err) = put_switch(b"one");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("owns vault/") && err.contains(" with token "),
+        "{err}"
+    );
+    let mnt = tmp.path().join("mnt");
+    let mut m = MountProc::start(&dir, &mnt, &["--switch", addr]);
+    let t = m.token();
+    let (code, _, err) = put_switch(b"two");
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("another writer has the vault"), "{err}");
+    m.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(m.wait(Duration::from_secs(60)), Some(0));
+    let (code, _, err) = put_switch(b"three");
+    assert_eq!(code, 0, "{err}");
+    let later: u64 = err
+        .split(" with token ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(later > t, "tokens only grow: {t} then {later}");
+    assert_eq!(get(&dir, "/f", None), b"three");
 }
 
 /// Copies a vault directory (header and segments): a stale writer's state.
