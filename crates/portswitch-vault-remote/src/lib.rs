@@ -40,7 +40,10 @@ use wire::Channel;
 
 /// Connections a server serves at once; more are closed at once.
 pub const CONNECTIONS_MAX: usize = 64;
-/// A handshake must finish within this.
+/// Of those, connections still in their handshake (peers not yet proven to hold the
+/// key): a flood of unauthenticated connections cannot take every slot.
+pub const HANDSHAKES_MAX: usize = 16;
+/// A handshake must finish within this (a deadline, not a per-read timeout).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection idle (or a peer silent mid-message) this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -264,19 +267,31 @@ impl RemoteTarget {
         for a in addrs {
             match TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
                 Ok(s) => {
-                    s.set_nodelay(true)?;
-                    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-                    s.set_write_timeout(Some(IDLE_TIMEOUT))?;
-                    let c = Channel::connect(s, &self.key)?;
-                    c.stream().set_read_timeout(Some(IDLE_TIMEOUT))?;
-                    return Ok(c);
+                    let c = s
+                        .set_nodelay(true)
+                        .and_then(|()| s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)))
+                        .and_then(|()| s.set_write_timeout(Some(IDLE_TIMEOUT)))
+                        .map_err(Error::from)
+                        .and_then(|()| Channel::connect(s, &self.key))
+                        .and_then(|c| {
+                            c.stream().set_read_timeout(Some(IDLE_TIMEOUT))?;
+                            Ok(c)
+                        });
+                    match c {
+                        Ok(c) => return Ok(c),
+                        // Another registered server may answer (this one may be full,
+                        // stale, or not hold the key).
+                        Err(e) => {
+                            tracing::warn!(server = %a, error = %e, "backup server");
+                            last = Some(e);
+                        }
+                    }
                 }
-                Err(e) => last = Some(e),
+                Err(e) => last = Some(e.into()),
             }
         }
         Err(last
-            .unwrap_or_else(|| std::io::Error::other(format!("{}: no address", self.addr)))
-            .into())
+            .unwrap_or_else(|| std::io::Error::other(format!("{}: no address", self.addr)).into()))
     }
 
     /// Sends a request and returns the answer's body; a broken channel is dropped.
@@ -474,6 +489,8 @@ pub fn pull_from(mut t: RemoteTarget, vault_id: &[u8; VAULT_ID_BYTES], to: &Path
 #[derive(Default, Debug, Clone)]
 pub struct ServerStats {
     pub connections: Gauge,
+    /// Connections still in their handshake.
+    pub handshakes: Gauge,
     pub connections_total: Counter,
     /// Connections closed at once because `CONNECTIONS_MAX` were open.
     pub refused_total: Counter,
@@ -488,9 +505,18 @@ pub struct ServerStats {
 impl ServerStats {
     /// Registers every counter (prefix it with `vault_backup_server` at the caller).
     pub fn register(&self, r: &mut Registry) {
-        r.register("connections", "connections open", self.connections.clone());
         r.register(
-            "connections",
+            "connections_open",
+            "connections open",
+            self.connections.clone(),
+        );
+        r.register(
+            "handshakes_open",
+            "connections still in their handshake",
+            self.handshakes.clone(),
+        );
+        r.register(
+            "connections_accepted",
             "connections accepted",
             self.connections_total.clone(),
         );
@@ -596,15 +622,24 @@ impl Server {
 
 fn serve(stream: TcpStream, root: &Path, key: &Key, stats: &ServerStats) -> Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
-    let mut ch = match Channel::accept(stream, key) {
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    if stats.handshakes.inc() >= HANDSHAKES_MAX as i64 {
+        stats.handshakes.dec();
+        stats.refused_total.inc();
+        return Err(Error::Handshake(format!(
+            "{HANDSHAKES_MAX} handshakes under way already"
+        )));
+    }
+    let accepted = Channel::accept(stream, key, HANDSHAKE_TIMEOUT);
+    stats.handshakes.dec();
+    let mut ch = match accepted {
         Ok(c) => c,
         Err(e) => {
             stats.handshake_failures_total.inc();
             return Err(e);
         }
     };
+    ch.stream().set_write_timeout(Some(IDLE_TIMEOUT))?;
     ch.stream().set_read_timeout(Some(IDLE_TIMEOUT))?;
     let mut target: Option<(DirTarget, [u8; VAULT_ID_BYTES])> = None;
     loop {

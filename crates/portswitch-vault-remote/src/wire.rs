@@ -7,6 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use crate::{Error, Key, Result};
 
@@ -31,6 +32,29 @@ fn read_frame(s: &mut TcpStream, buf: &mut [u8; FRAME_BYTES_MAX]) -> Result<usiz
     s.read_exact(&mut buf[..n])?;
     Ok(n)
 }
+
+/// Reads exactly `buf.len()` bytes before `deadline` (each read gets only the time
+/// left, so a peer trickling bytes cannot stretch it).
+fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The handshake's first message: an ephemeral key and an empty payload's tag.
+const HELLO_BYTES: usize = 32 + TAG_BYTES;
 
 fn write_frame(s: &mut TcpStream, frame: &[u8]) -> Result<()> {
     let mut out = Vec::with_capacity(2 + frame.len());
@@ -76,8 +100,10 @@ impl Channel {
         })
     }
 
-    /// The responder's side (the backup server).
-    pub fn accept(mut stream: TcpStream, key: &Key) -> Result<Channel> {
+    /// The responder's side (the backup server): the client's first message must be
+    /// exactly the handshake's size and arrive whole within `timeout`.
+    pub fn accept(mut stream: TcpStream, key: &Key, timeout: Duration) -> Result<Channel> {
+        let deadline = Instant::now() + timeout;
         let mut hs = snow::Builder::new(NOISE.parse().map_err(noise_err)?)
             .prologue(PROLOGUE)
             .psk(0, &key.0)
@@ -85,7 +111,15 @@ impl Channel {
             .map_err(noise_err)?;
         let mut frame = Box::new([0u8; FRAME_BYTES_MAX]);
         let mut plain = Box::new([0u8; FRAME_BYTES_MAX]);
-        let n = read_frame(&mut stream, &mut frame)?;
+        let mut len = [0u8; 2];
+        read_exact_by(&mut stream, &mut len, deadline)?;
+        let n = u16::from_be_bytes(len) as usize;
+        if n != HELLO_BYTES {
+            return Err(Error::Handshake(format!(
+                "a first message of {n} bytes, not {HELLO_BYTES}"
+            )));
+        }
+        read_exact_by(&mut stream, &mut frame[..n], deadline)?;
         hs.read_message(&frame[..n], &mut plain[..])
             .map_err(|_| Error::Handshake("the client does not hold this key".into()))?;
         let n = hs.write_message(&[], &mut frame[..]).map_err(noise_err)?;

@@ -416,11 +416,17 @@ impl Inner {
         let mut g = self.remote.lock().unwrap_or_else(|p| p.into_inner());
         let t = g.as_mut()?;
         let r = t.begin_read(&self.crypt.vault_id).and_then(|()| {
-            t.read(
-                crate::target::TargetFile::Segment(loc.seg),
-                loc.off as u64,
-                loc.len as usize,
-            )
+            // In pieces a target serves (an entry record may be up to 8 MiB).
+            let mut out = Vec::with_capacity(loc.len as usize);
+            while out.len() < loc.len as usize {
+                let n = (loc.len as usize - out.len()).min(crate::target::TARGET_IO_BYTES_MAX);
+                out.extend(t.read(
+                    crate::target::TargetFile::Segment(loc.seg),
+                    loc.off as u64 + out.len() as u64,
+                    n,
+                )?);
+            }
+            Ok(out)
         });
         t.end();
         match r {

@@ -241,6 +241,12 @@ fn relocate(
             *live_bytes.entry(l.seg).or_default() += l.len as u64;
         }
     }
+    // The current checkpoint counts as live: this relocation writes a new one of about
+    // the same size, so its bytes are not freed by moving (without this, every gc of
+    // an idle vault would close and rewrite the open segment for its checkpoint).
+    for l in &inner.lock_state().checkpoint {
+        *live_bytes.entry(l.seg).or_default() += l.len as u64;
+    }
     let mut evacuate = BTreeSet::new();
     for id in inner.store.ids() {
         if id == current {
@@ -534,174 +540,7 @@ pub(crate) fn check(inner: &Inner, repair: bool) -> Result<CheckReport> {
     };
     let mut seen_live = 0u64;
     for id in inner.store.ids() {
-        rep.segments += 1;
-        let len = inner.store.len(id)?;
-        let mut off = 0u64;
-        let mut segment_clean = true;
-        let mut b = [0u8; FRAME_BYTES];
-        while off < len {
-            let loc_frame = RecLoc {
-                seg: id,
-                off: off as u32,
-                len: FRAME_BYTES as u32,
-            };
-            let mut frame = None;
-            if off + FRAME_BYTES as u64 <= len {
-                // A read error is damage to this copy (repaired below like a bad frame).
-                match inner.store.read(id, off, &mut b) {
-                    Ok(()) => {
-                        frame = Frame::decode(&b).filter(|f| off + f.record_len() as u64 <= len)
-                    }
-                    Err(e) if e.is_missing_segment() => return Err(e),
-                    Err(_) => {}
-                }
-            }
-            let frame = match frame {
-                Some(f) => f,
-                None => {
-                    // A frame only has its checksum: take the mirror's or parity's if it
-                    // decodes (the body is authenticated below).
-                    let mut other = None;
-                    let mut mb = [0u8; FRAME_BYTES];
-                    if inner.store.read_mirror(id, off, &mut mb).is_some() {
-                        other = Frame::decode(&mb).map(|f| (f, mb));
-                    }
-                    if other.is_none() && off + FRAME_BYTES as u64 <= len {
-                        if let Some(pb) = parity::rebuild(&inner.dir, id, off, FRAME_BYTES)? {
-                            let mut a = [0u8; FRAME_BYTES];
-                            a.copy_from_slice(&pb);
-                            other = Frame::decode(&a).map(|f| (f, a));
-                        }
-                    }
-                    let repaired = match other {
-                        Some((_, bytes)) if repair => {
-                            inner.store.write_back(id, off, &bytes, false)?;
-                            true
-                        }
-                        _ => false,
-                    };
-                    rep.damaged.push(Damage {
-                        segment: id,
-                        offset: off,
-                        what: "frame",
-                        copy: "primary",
-                        repaired,
-                    });
-                    if repaired {
-                        rep.repaired += 1;
-                    } else {
-                        rep.unrepaired += 1;
-                        segment_clean = false;
-                    }
-                    match other {
-                        Some((f, _)) if off + f.record_len() as u64 <= len => f,
-                        _ => {
-                            let _ = loc_frame;
-                            break; // cannot find the next record in this segment
-                        }
-                    }
-                }
-            };
-            rep.records += 1;
-            let loc = RecLoc {
-                seg: id,
-                off: off as u32,
-                len: frame.record_len(),
-            };
-            rep.bytes += loc.len as u64;
-            let place = match frame.kind {
-                RecordKind::Block => match live.get(&(id, off as u32)) {
-                    Some(lb) => {
-                        rep.blocks += 1;
-                        seen_live += 1;
-                        Some(Place {
-                            kind: RecordKind::Block,
-                            key_id: 0,
-                            segment: id,
-                            offset: off as u32,
-                            ino: lb.ino,
-                            index: lb.index,
-                            version: lb.ptr.version,
-                        })
-                    }
-                    // Unreferenced (old versions, uncommitted): its seal binds a place
-                    // nothing names any more, so there is nothing to check it against.
-                    None => None,
-                },
-                k => {
-                    if k == RecordKind::Commit {
-                        rep.commits += 1;
-                    }
-                    // Records under dropped keys are superseded history.
-                    inner.crypt.key(frame.key_id).map(|_| entry_place(k, loc))
-                }
-            };
-            if let Some(place) = place {
-                check_record(
-                    inner,
-                    &mut rep,
-                    frame.kind,
-                    &place,
-                    loc,
-                    repair,
-                    &mut segment_clean,
-                )?;
-            }
-            off += loc.len as u64;
-        }
-        if let Some(mirror_dir) = &inner.store.mirror {
-            let mlen = inner
-                .store
-                .get(id)?
-                .mirror
-                .as_ref()
-                .and_then(|m| m.metadata().ok())
-                .map(|m| m.len());
-            // A read-only open's view ends before a torn tail, which the mirror may
-            // hold too: only a mirror shorter than the view is short.
-            let in_view = match inner.store.view_end {
-                Some((last, _)) if last == id => mlen.is_some_and(|m| m >= len),
-                _ => mlen == Some(len),
-            };
-            if !in_view {
-                let repaired = repair && crate::replay::mirror_sync(&inner.dir, mirror_dir).is_ok();
-                if repaired {
-                    inner.store.load()?;
-                }
-                rep.damaged.push(Damage {
-                    segment: id,
-                    offset: mlen.unwrap_or(0),
-                    what: "mirror length",
-                    copy: "mirror",
-                    repaired,
-                });
-                if repaired {
-                    rep.repaired += 1;
-                } else {
-                    rep.unrepaired += 1;
-                }
-            }
-        }
-        if parity::exists(&inner.dir, id) {
-            rep.parity_checked += 1;
-            if !parity::verify(&inner.dir, id)? {
-                let repaired = repair && segment_clean && {
-                    parity::write(&inner.dir, id, inner.parity).is_ok()
-                };
-                rep.damaged.push(Damage {
-                    segment: id,
-                    offset: 0,
-                    what: "parity",
-                    copy: "primary",
-                    repaired,
-                });
-                if repaired {
-                    rep.repaired += 1;
-                } else {
-                    rep.unrepaired += 1;
-                }
-            }
-        }
+        check_segment(inner, &live, id, repair, &mut rep, &mut seen_live)?;
     }
     if seen_live < live.len() as u64 {
         // A pointer into a segment or offset with no record there.
@@ -715,6 +554,184 @@ pub(crate) fn check(inner: &Inner, repair: bool) -> Result<CheckReport> {
         rep.unrepaired += live.len() as u64 - seen_live;
     }
     Ok(rep)
+}
+
+/// Scrubs segment `id` into `rep` (every frame; every record that can be checked: live
+/// blocks and entries; the mirror's length; the parity), repairing with `repair`.
+fn check_segment(
+    inner: &Inner,
+    live: &HashMap<(u32, u32), LiveBlock>,
+    id: u32,
+    repair: bool,
+    rep: &mut CheckReport,
+    seen_live: &mut u64,
+) -> Result<()> {
+    rep.segments += 1;
+    let len = inner.store.len(id)?;
+    let mut off = 0u64;
+    let mut segment_clean = true;
+    let mut b = [0u8; FRAME_BYTES];
+    while off < len {
+        let loc_frame = RecLoc {
+            seg: id,
+            off: off as u32,
+            len: FRAME_BYTES as u32,
+        };
+        let mut frame = None;
+        if off + FRAME_BYTES as u64 <= len {
+            // A read error is damage to this copy (repaired below like a bad frame).
+            match inner.store.read(id, off, &mut b) {
+                Ok(()) => frame = Frame::decode(&b).filter(|f| off + f.record_len() as u64 <= len),
+                Err(e) if e.is_missing_segment() => return Err(e),
+                Err(_) => {}
+            }
+        }
+        let frame = match frame {
+            Some(f) => f,
+            None => {
+                // A frame only has its checksum: take the mirror's or parity's if it
+                // decodes (the body is authenticated below).
+                let mut other = None;
+                let mut mb = [0u8; FRAME_BYTES];
+                if inner.store.read_mirror(id, off, &mut mb).is_some() {
+                    other = Frame::decode(&mb).map(|f| (f, mb));
+                }
+                if other.is_none() && off + FRAME_BYTES as u64 <= len {
+                    if let Some(pb) = parity::rebuild(&inner.dir, id, off, FRAME_BYTES)? {
+                        let mut a = [0u8; FRAME_BYTES];
+                        a.copy_from_slice(&pb);
+                        other = Frame::decode(&a).map(|f| (f, a));
+                    }
+                }
+                let repaired = match other {
+                    Some((_, bytes)) if repair => {
+                        inner.store.write_back(id, off, &bytes, false)?;
+                        true
+                    }
+                    _ => false,
+                };
+                rep.damaged.push(Damage {
+                    segment: id,
+                    offset: off,
+                    what: "frame",
+                    copy: "primary",
+                    repaired,
+                });
+                if repaired {
+                    rep.repaired += 1;
+                } else {
+                    rep.unrepaired += 1;
+                    segment_clean = false;
+                }
+                match other {
+                    Some((f, _)) if off + f.record_len() as u64 <= len => f,
+                    _ => {
+                        let _ = loc_frame;
+                        break; // cannot find the next record in this segment
+                    }
+                }
+            }
+        };
+        rep.records += 1;
+        let loc = RecLoc {
+            seg: id,
+            off: off as u32,
+            len: frame.record_len(),
+        };
+        rep.bytes += loc.len as u64;
+        let place = match frame.kind {
+            RecordKind::Block => match live.get(&(id, off as u32)) {
+                Some(lb) => {
+                    rep.blocks += 1;
+                    *seen_live += 1;
+                    Some(Place {
+                        kind: RecordKind::Block,
+                        key_id: 0,
+                        segment: id,
+                        offset: off as u32,
+                        ino: lb.ino,
+                        index: lb.index,
+                        version: lb.ptr.version,
+                    })
+                }
+                // Unreferenced (old versions, uncommitted): its seal binds a place
+                // nothing names any more, so there is nothing to check it against.
+                None => None,
+            },
+            k => {
+                if k == RecordKind::Commit {
+                    rep.commits += 1;
+                }
+                // Records under dropped keys are superseded history.
+                inner.crypt.key(frame.key_id).map(|_| entry_place(k, loc))
+            }
+        };
+        if let Some(place) = place {
+            check_record(
+                inner,
+                rep,
+                frame.kind,
+                &place,
+                loc,
+                repair,
+                &mut segment_clean,
+            )?;
+        }
+        off += loc.len as u64;
+    }
+    if let Some(mirror_dir) = &inner.store.mirror {
+        let mlen = inner
+            .store
+            .get(id)?
+            .mirror
+            .as_ref()
+            .and_then(|m| m.metadata().ok())
+            .map(|m| m.len());
+        // A read-only open's view ends before a torn tail, which the mirror may
+        // hold too: only a mirror shorter than the view is short.
+        let in_view = match inner.store.view_end {
+            Some((last, _)) if last == id => mlen.is_some_and(|m| m >= len),
+            _ => mlen == Some(len),
+        };
+        if !in_view {
+            let repaired = repair && crate::replay::mirror_sync(&inner.dir, mirror_dir).is_ok();
+            if repaired {
+                inner.store.load()?;
+            }
+            rep.damaged.push(Damage {
+                segment: id,
+                offset: mlen.unwrap_or(0),
+                what: "mirror length",
+                copy: "mirror",
+                repaired,
+            });
+            if repaired {
+                rep.repaired += 1;
+            } else {
+                rep.unrepaired += 1;
+            }
+        }
+    }
+    if parity::exists(&inner.dir, id) {
+        rep.parity_checked += 1;
+        if !parity::verify(&inner.dir, id)? {
+            let repaired =
+                repair && segment_clean && { parity::write(&inner.dir, id, inner.parity).is_ok() };
+            rep.damaged.push(Damage {
+                segment: id,
+                offset: 0,
+                what: "parity",
+                copy: "primary",
+                repaired,
+            });
+            if repaired {
+                rep.repaired += 1;
+            } else {
+                rep.unrepaired += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_record(
@@ -884,6 +901,16 @@ fn backup_once(
         let len = inner.store.len(id)?;
         let seg = TargetFile::Segment(id);
         let mut have = held.get(&id).map(|e| e.segment_len).unwrap_or(0);
+        // A closed segment the target holds whole, with its parity, was verified when
+        // it was shipped and never changes: no round trip for it (a backup of a vault
+        // of many segments costs the same as one of a few).
+        let local_par = fs::metadata(par_path(&inner.dir, id)).map(|m| m.len()).ok();
+        if have == len
+            && local_par.is_some()
+            && held.get(&id).and_then(|e| e.parity_len) == local_par
+        {
+            continue;
+        }
         // The target's bytes are a prefix of the source's only if nothing was cut and
         // rewritten since (a cut torn tail, a poisoned commit's blocks): compare the
         // bytes just before the target's end, and ship the whole segment again when
@@ -891,7 +918,28 @@ fn backup_once(
         let mut reshipped = false;
         if have > 0 && have <= len {
             let from = have.saturating_sub(BACKUP_OVERLAP_BYTES);
-            if hash_range(&src, from, have)? != dst.hash(seg, from, have)? {
+            let mut differs = hash_range(&src, from, have)? != dst.hash(seg, from, have)?;
+            if differs {
+                // Damage in the vault's own copy looks the same as a rewritten tail:
+                // scrub the segment first (repairing from the mirror, parity or a copy
+                // on another node), and never ship records that do not authenticate
+                // over the target's copy, which may be the only good one.
+                let base = inner.lock_state().base();
+                let r = retained(inner, &log, base)?;
+                let live = live_blocks(&r);
+                let mut scrub = CheckReport::default();
+                let mut seen = 0;
+                check_segment(inner, &live, id, !inner.read_only, &mut scrub, &mut seen)?;
+                if let Some(d) = scrub.damaged.iter().find(|d| !d.repaired) {
+                    return Err(VaultError::Corrupt {
+                        what: "damaged record in the vault, not shipped over its backup",
+                        segment: d.segment,
+                        offset: d.offset,
+                    });
+                }
+                differs = hash_range(&src, from, have)? != dst.hash(seg, from, have)?;
+            }
+            if differs {
                 tracing::warn!(
                     segment = id,
                     offset = from,

@@ -99,10 +99,21 @@ pub fn write(dir: &Path, id: u32, p: Option<Parity>) -> Result<()> {
     Ok(())
 }
 
-/// Reads stripe `s` of the segment as the parity saw it (`seg_len` long, zeros past
-/// it). Bytes the file no longer has (a truncated segment) or that fail to read stay
-/// zero: the shard checksums then mark those shards for rebuilding.
+/// Reads stripe `s` of the segment (`seg_len` long, zeros past it). Every read
+/// error is an error: parity written or verified over bytes that did not read would
+/// protect nothing.
 fn read_stripe(seg: &File, seg_len: u64, s: usize, d: usize, out: &mut [u8]) -> Result<()> {
+    let start = s as u64 * stripe_bytes(d);
+    let n = (seg_len - start).min(stripe_bytes(d)) as usize;
+    out.fill(0);
+    seg.read_exact_at(&mut out[..n], start)?;
+    Ok(())
+}
+
+/// [`read_stripe`] for a rebuild: bytes the file no longer has (a truncated segment)
+/// or that fail to read stay zero, and the shard checksums then mark those shards for
+/// rebuilding.
+fn read_stripe_for_rebuild(seg: &File, seg_len: u64, s: usize, d: usize, out: &mut [u8]) {
     let start = s as u64 * stripe_bytes(d);
     let n = (seg_len - start).min(stripe_bytes(d)) as usize;
     out.fill(0);
@@ -118,7 +129,6 @@ fn read_stripe(seg: &File, seg_len: u64, s: usize, d: usize, out: &mut [u8]) -> 
             }
         }
     }
-    Ok(())
 }
 
 /// The segment length the parity of segment `id` covers, if it has a readable parity
@@ -148,8 +158,14 @@ fn read_header(par: &File) -> Result<ParHeader> {
         seg_len: u64::from_le_bytes(h[20..28].try_into().expect("8 bytes")),
         stripes: u32_at(28) as usize,
     };
+    // A segment never passes its size limit by more than one record: a larger length
+    // is a forged or damaged header (and must not size an allocation).
+    let seg_len_max = crate::limits::SEGMENT_BYTES_MAX
+        + crate::limits::RECORD_BODY_BYTES_MAX as u64
+        + crate::limits::FRAME_BYTES as u64;
     if u32_at(16) as usize != PARITY_SHARD_BYTES
         || hdr.data == 0
+        || hdr.seg_len > seg_len_max
         || hdr.stripes as u64 != hdr.seg_len.div_ceil(stripe_bytes(hdr.data))
     {
         return Err(bad());
@@ -183,7 +199,7 @@ pub fn rebuild(dir: &Path, id: u32, off: u64, len: usize) -> Result<Option<Vec<u
     let crc_base = HEADER_BYTES as u64;
     let par_base = crc_base + (h.stripes * (d + r) * 4) as u64;
     for s in first..=last {
-        read_stripe(&seg, h.seg_len, s, d, &mut stripe)?;
+        read_stripe_for_rebuild(&seg, h.seg_len, s, d, &mut stripe);
         let mut crcs = vec![0u8; (d + r) * 4];
         par.read_exact_at(&mut crcs, crc_base + (s * (d + r) * 4) as u64)?;
         let crc = |i: usize| u32::from_le_bytes(crcs[i * 4..i * 4 + 4].try_into().expect("4"));

@@ -185,10 +185,17 @@ pub(crate) fn restore_truncated(inner: &Inner, ids: &[u32]) -> Result<()> {
             segment: id,
             offset: have,
         };
-        if inner.read_only {
-            return Err(lost());
-        }
         let mut tail = vec![0u8; missing];
+        if inner.read_only {
+            // Nothing is written: the scan reads the segment to the length its parity
+            // covers, and each read past the file's end is repaired on the fly.
+            let obtainable = inner.store.read_mirror(id, have, &mut tail).is_some()
+                || parity::rebuild(&inner.dir, id, have, missing)?.is_some();
+            if !obtainable {
+                return Err(lost());
+            }
+            continue;
+        }
         let from_mirror = inner.store.read_mirror(id, have, &mut tail).is_some();
         let source = if from_mirror {
             inner.metrics.repairs_mirror.inc();
@@ -228,7 +235,11 @@ pub(crate) fn scan(inner: &Inner, ids: &[u32]) -> Result<Scan> {
     let mut entry_recs: Vec<(RecordKind, RecLoc)> = Vec::new();
     let mut records = 0u64;
     'segments: for &id in ids {
-        let len = inner.store.len(id)?;
+        let mut len = inner.store.len(id)?;
+        if inner.read_only {
+            // A closed segment that lost its tail (`restore_truncated` found a copy).
+            len = len.max(parity::covered_len(&inner.dir, id).unwrap_or(0));
+        }
         let mut off = 0u64;
         while off < len {
             match frame_at(inner, id, off, len)? {

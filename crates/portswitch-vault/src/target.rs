@@ -202,6 +202,13 @@ impl BackupTarget for DirTarget {
 
     fn set_fence(&mut self, token: u64) -> Result<()> {
         self.begun()?;
+        let theirs = crate::fencing::read_target(&self.dir, &self.vault_id)?;
+        if token < theirs {
+            return Err(VaultError::Fenced {
+                ours: token,
+                theirs,
+            });
+        }
         crate::fencing::write_target(&self.dir, &self.vault_id, token)
     }
 
@@ -306,15 +313,31 @@ pub fn pull(
     vault_id: &[u8; VAULT_ID_BYTES],
     to: &Path,
 ) -> Result<u64> {
-    if to.join(crate::header::HEADER_FILE).exists() {
-        return Err(VaultError::Invalid(
-            "pull into a directory that holds a vault",
-        ));
+    // An empty or absent directory only: leftovers (an interrupted pull of another
+    // vault) would mix into this one.
+    match fs::read_dir(to) {
+        Ok(mut d) => {
+            if d.next().is_some() {
+                return Err(VaultError::Invalid(
+                    "pull into a directory that is not empty",
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
     }
     from.begin_read(vault_id)?;
     let header = from.header()?.ok_or(VaultError::Invalid(
         "the backup holds no vault with that id",
     ))?;
+    // The header must be this vault's (a server could answer with another's).
+    let (clear, _) = crate::format::HeaderClear::decode(&header)?;
+    if clear.vault_id != *vault_id {
+        return Err(VaultError::format(
+            "backup",
+            "the server sent another vault's header",
+        ));
+    }
     let mut dst = DirTarget::new(to);
     dst.begin(vault_id)?;
     let mut copied = 0u64;

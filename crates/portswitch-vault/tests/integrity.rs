@@ -617,6 +617,20 @@ fn a_truncated_closed_segment_is_rebuilt_from_parity() {
         .unwrap()
         .set_len(len - (20 << 10))
         .unwrap();
+    // A read-only open writes nothing, but sees the whole segment (reads past the
+    // file's end rebuilt on the fly).
+    let ro = Vault::open(
+        d.path(),
+        PASS,
+        OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(ro.read_file("/big").unwrap(), data);
+    drop(ro);
+    assert!(std::fs::metadata(&seg).unwrap().len() < len);
     let v = open(d.path());
     assert_eq!(v.read_file("/big").unwrap(), data);
     assert!(v.metrics().repairs_parity.get() >= 1);

@@ -435,3 +435,51 @@ fn gc_compacts_the_open_segment() {
     assert_eq!(v.read_file("/db").unwrap(), last);
     assert_eq!(v.read_file("/more").unwrap(), b"after gc");
 }
+
+/// Review finding: a backup whose target's tail differs from the vault's because the
+/// *vault's* copy is damaged must not ship the damage over the good copy. It fails
+/// with `Corrupt` and leaves the target alone; with the backup named as the copy to
+/// repair from, the vault heals itself from it and the next backup goes through.
+#[test]
+fn a_backup_never_ships_local_damage_over_the_good_copy() {
+    let (d, b) = (TempDir::new("bk-damage"), TempDir::new("bk-damage-target"));
+    let o = portswitch_vault::CreateOptions {
+        parity: None,
+        segment_bytes: 64 << 20,
+        ..opts()
+    };
+    let v = Vault::create(d.path(), PASS, o).unwrap();
+    let data = noise(11, 1 << 20);
+    v.write_file("/f", &data).unwrap();
+    v.sync().unwrap();
+    v.backup_to(b.path()).unwrap();
+    drop(v);
+    // Bit rot in a block just before the backup's end (within its overlap check).
+    let seg = d.join("seg/00000001.seg");
+    let held = std::fs::metadata(b.join("seg/00000001.seg")).unwrap().len();
+    flip(&seg, held - (40 << 10));
+    let v = open(d.path());
+    v.write_file("/g", b"later").unwrap();
+    v.sync().unwrap();
+    match v.backup_to(b.path()) {
+        Err(VaultError::Corrupt { segment: 1, .. }) => {}
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // The target still holds the good copy.
+    let t = open(b.path());
+    assert!(t.check(false).unwrap().is_clean());
+    assert_eq!(t.read_file("/f").unwrap(), data);
+    drop(t);
+    // Named as the copy to repair from, the backup heals the vault.
+    v.set_remote_copy(Some(Box::new(portswitch_vault::target::DirTarget::new(
+        b.path(),
+    ))));
+    v.backup_to(b.path()).unwrap();
+    assert!(v.metrics().repairs_remote.get() >= 1);
+    assert_eq!(v.read_file("/f").unwrap(), data);
+    assert!(v.check(false).unwrap().is_clean());
+    drop(v);
+    let t = open(b.path());
+    assert_eq!(t.read_file("/g").unwrap(), b"later");
+    assert_eq!(t.read_file("/f").unwrap(), data);
+}

@@ -424,22 +424,32 @@ fn remote_target(spec: &str, key_file: &Path) -> CliResult<portswitch_vault_remo
     let (switch, service) = (switch.to_string(), backup_service(name));
     let resolver: portswitch_vault_remote::Resolver = Box::new(move || {
         let (switch, service) = (switch.clone(), service.clone());
-        handle.block_on(async move {
-            let err = |e: portswitch_client::Error| {
-                std::io::Error::other(format!("port switch {switch}: {e}"))
-            };
-            let c = portswitch_client::Client::connect_to(switch.clone())
-                .await
-                .map_err(err)?;
-            let found = portswitch_client::Discovery::new(&c, service)
-                .instances()
-                .await
-                .map_err(err);
-            let _ = c.close().await;
-            Ok(found?
-                .into_iter()
-                .map(|(_, addr)| String::from_utf8_lossy(&addr).into_owned())
-                .collect())
+        // On a thread of its own: the caller may be on one of the runtime's (a mount
+        // dropped there runs its final backup), where block_on would panic.
+        let handle = handle.clone();
+        let lookup = move || {
+            handle.block_on(async move {
+                let err = |e: portswitch_client::Error| {
+                    std::io::Error::other(format!("port switch {switch}: {e}"))
+                };
+                let c = portswitch_client::Client::connect_to(switch.clone())
+                    .await
+                    .map_err(err)?;
+                let found = portswitch_client::Discovery::new(&c, service)
+                    .instances()
+                    .await
+                    .map_err(err);
+                let _ = c.close().await;
+                Ok(found?
+                    .into_iter()
+                    .map(|(_, addr)| String::from_utf8_lossy(&addr).into_owned())
+                    .collect())
+            })
+        };
+        std::thread::scope(|s| {
+            s.spawn(lookup)
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("port switch lookup panicked")))
         })
     });
     Ok(portswitch_vault_remote::RemoteTarget::discovered(
@@ -724,6 +734,11 @@ fn run_blocking(command: VaultCommand) -> CliResult<ExitCode> {
                 println!("metrics on http://{bound}/metrics");
             }
             if let (Some(switch), Some(name)) = (switch, name) {
+                if advertise.is_none() && addr.ip().is_unspecified() {
+                    return Err(CliError::Usage(format!(
+                        "listening on {addr}: give --advertise HOST:PORT, the address clients dial"
+                    )));
+                }
                 let advertise = advertise.unwrap_or_else(|| addr.to_string());
                 tokio::runtime::Handle::current().spawn(keep_backup_server_registered(
                     switch,
