@@ -6,6 +6,7 @@ mod cert;
 mod ctl;
 mod dev;
 mod mq;
+mod query;
 mod serve;
 mod tunnel;
 mod vault;
@@ -41,6 +42,8 @@ enum Command {
     Tunnel(tunnel::TunnelArgs),
     /// The vault: encrypted, compressed, versioned storage; a FUSE mount.
     Vault(vault::VaultArgs),
+    /// The query language: evaluate an expression over JSON, filter JSON Lines.
+    Query(query::QueryArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -75,6 +78,7 @@ fn main() -> std::process::ExitCode {
             Command::Mq(args) => mq::run(args).await,
             Command::Tunnel(args) => tunnel::run(args).await,
             Command::Vault(args) => vault::run(args).await,
+            Command::Query(args) => query::run(args).await,
         }
     });
     match result {
