@@ -317,6 +317,23 @@ impl RemoteTarget {
         }
     }
 
+    /// `BEGIN` or `BEGIN_READ` for `vault_id`, over the open connection or, if there is
+    /// none or the server closed it meanwhile (idle), a new one.
+    fn start(&mut self, code: u8, vault_id: &[u8; VAULT_ID_BYTES]) -> VResult<()> {
+        let mut req = vec![code];
+        req.extend_from_slice(vault_id);
+        if self.conn.is_some() {
+            match self.call(&req) {
+                Ok(_) => return Ok(()),
+                Err(Error::Io(_)) | Err(Error::Tampered) | Err(Error::Protocol(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.conn = Some(self.dial()?);
+        self.call(&req)?;
+        Ok(())
+    }
+
     fn simple(&mut self, code: u8, f: Option<TargetFile>, nums: &[u64]) -> Result<Vec<u8>> {
         let mut req = vec![code];
         if let Some(f) = f {
@@ -337,34 +354,11 @@ impl BackupTarget for RemoteTarget {
     }
 
     fn begin(&mut self, vault_id: &[u8; VAULT_ID_BYTES]) -> VResult<()> {
-        let mut req = vec![op::BEGIN];
-        req.extend_from_slice(vault_id);
-        if self.conn.is_some() {
-            match self.call(&req) {
-                Ok(_) => return Ok(()),
-                // A connection the server closed meanwhile (idle): dial again below.
-                Err(Error::Io(_)) | Err(Error::Tampered) | Err(Error::Protocol(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        self.conn = Some(self.dial()?);
-        self.call(&req)?;
-        Ok(())
+        self.start(op::BEGIN, vault_id)
     }
 
     fn begin_read(&mut self, vault_id: &[u8; VAULT_ID_BYTES]) -> VResult<()> {
-        let mut req = vec![op::BEGIN_READ];
-        req.extend_from_slice(vault_id);
-        if self.conn.is_some() {
-            match self.call(&req) {
-                Ok(_) => return Ok(()),
-                Err(Error::Io(_)) | Err(Error::Tampered) | Err(Error::Protocol(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        self.conn = Some(self.dial()?);
-        self.call(&req)?;
-        Ok(())
+        self.start(op::BEGIN_READ, vault_id)
     }
 
     fn end(&mut self) {

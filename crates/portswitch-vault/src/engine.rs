@@ -343,17 +343,9 @@ impl Inner {
                 .read_mirror(loc.seg, loc.off as u64, &mut m)
                 .is_some()
             {
-                let mut t = m.clone();
-                if self.crypt.open(kind, place, &mut t).is_ok() {
-                    if !self.read_only {
-                        self.write_back_or_warn(loc, &m, false);
-                    }
-                    tracing::warn!(
-                        segment = loc.seg,
-                        offset = loc.off,
-                        what = what_of(kind),
-                        "vault: damaged record repaired from the mirror"
-                    );
+                // The mirror's own copy is good: only the primary is written back.
+                let how = "vault: damaged record repaired from the mirror";
+                if let Some(m) = self.accept_copy(kind, place, loc, m, false, how) {
                     self.metrics.repairs_mirror.inc();
                     return Ok(Some(m));
                 }
@@ -361,40 +353,16 @@ impl Inner {
         }
         if parity::exists(&self.dir, loc.seg) {
             if let Some(b) = parity::rebuild(&self.dir, loc.seg, loc.off as u64, len)? {
-                let mut t = b.clone();
-                if self.crypt.open(kind, place, &mut t).is_ok() {
-                    if !self.read_only {
-                        self.write_back_or_warn(loc, &b, false);
-                        if self.store.mirror.is_some() {
-                            self.write_back_or_warn(loc, &b, true);
-                        }
-                    }
-                    tracing::warn!(
-                        segment = loc.seg,
-                        offset = loc.off,
-                        what = what_of(kind),
-                        "vault: damaged record rebuilt from parity"
-                    );
+                let how = "vault: damaged record rebuilt from parity";
+                if let Some(b) = self.accept_copy(kind, place, loc, b, true, how) {
                     self.metrics.repairs_parity.inc();
                     return Ok(Some(b));
                 }
             }
         }
         if let Some(b) = self.read_remote(loc) {
-            let mut t = b.clone();
-            if self.crypt.open(kind, place, &mut t).is_ok() {
-                if !self.read_only {
-                    self.write_back_or_warn(loc, &b, false);
-                    if self.store.mirror.is_some() {
-                        self.write_back_or_warn(loc, &b, true);
-                    }
-                }
-                tracing::warn!(
-                    segment = loc.seg,
-                    offset = loc.off,
-                    what = what_of(kind),
-                    "vault: damaged record repaired from the copy on another node"
-                );
+            let how = "vault: damaged record repaired from the copy on another node";
+            if let Some(b) = self.accept_copy(kind, place, loc, b, true, how) {
                 self.metrics.repairs_remote.inc();
                 return Ok(Some(b));
             }
@@ -407,6 +375,35 @@ impl Inner {
         );
         self.metrics.unrepaired.inc();
         Ok(None)
+    }
+
+    /// A candidate copy of the damaged record at `loc`: kept only if its seal opens at
+    /// the record's place; then written back in place (the primary, and the mirror
+    /// too with `to_mirror`, unless read-only) and logged as `how`.
+    fn accept_copy(
+        &self,
+        kind: RecordKind,
+        place: &Place,
+        loc: RecLoc,
+        bytes: Vec<u8>,
+        to_mirror: bool,
+        how: &'static str,
+    ) -> Option<Vec<u8>> {
+        let mut t = bytes.clone();
+        self.crypt.open(kind, place, &mut t).ok()?;
+        if !self.read_only {
+            self.write_back_or_warn(loc, &bytes, false);
+            if to_mirror && self.store.mirror.is_some() {
+                self.write_back_or_warn(loc, &bytes, true);
+            }
+        }
+        tracing::warn!(
+            segment = loc.seg,
+            offset = loc.off,
+            what = what_of(kind),
+            "{how}"
+        );
+        Some(bytes)
     }
 
     /// The bytes at `loc` in the remote copy, if one is set and holds them. A backup
