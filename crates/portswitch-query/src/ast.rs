@@ -409,3 +409,90 @@ impl fmt::Display for Expr {
         }
     }
 }
+
+/// A query statement: `SELECT … FROM … [WHERE …] [GROUP BY …] [HAVING …] [ORDER BY …]
+/// [LIMIT n [OFFSET m]]`. Its expressions are expressions of the language above, with the
+/// aggregates `count(*)`, `count(e)`, `sum`, `min`, `max` and `avg` allowed in SELECT,
+/// HAVING and ORDER BY.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Select {
+    /// `SELECT DISTINCT`.
+    pub distinct: bool,
+    /// The projection; empty for `SELECT *`.
+    pub items: Vec<SelectItem>,
+    /// Where `*` was, for `SELECT *`.
+    pub star: Option<Span>,
+    /// FROM items in order: the first is a source, later ones join it.
+    pub from: Vec<FromItem>,
+    /// WHERE.
+    pub filter: Option<Expr>,
+    /// GROUP BY.
+    pub group_by: Vec<Expr>,
+    /// HAVING.
+    pub having: Option<Expr>,
+    /// ORDER BY.
+    pub order_by: Vec<OrderItem>,
+    /// LIMIT, with its span.
+    pub limit: Option<(u64, Span)>,
+    /// OFFSET, with its span.
+    pub offset: Option<(u64, Span)>,
+    /// The whole statement.
+    pub span: Span,
+}
+
+/// One column of the projection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SelectItem {
+    /// Its value.
+    pub expr: Expr,
+    /// `AS name`.
+    pub alias: Option<String>,
+}
+
+/// How a FROM item joins what precedes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinKind {
+    /// The first item, `, item` or `JOIN item`: rows that have a match only.
+    Inner,
+    /// `LEFT JOIN item`: a row with no match is kept once with the item's alias `null`.
+    Left,
+}
+
+/// What a FROM item ranges over.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FromSource {
+    /// A named source (`flights`, `"data.ndjson"`, `ports("svc/")`), with literal
+    /// arguments.
+    Named {
+        /// The name.
+        name: String,
+        /// Arguments.
+        args: Vec<Expr>,
+    },
+    /// A list inside an earlier item's row (`f.Segments`): one row per element.
+    Unnest(Expr),
+}
+
+/// One item of FROM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FromItem {
+    /// What it ranges over.
+    pub source: FromSource,
+    /// The name its rows are bound to.
+    pub alias: String,
+    /// How it joins.
+    pub join: JoinKind,
+    /// `ON cond`.
+    pub on: Option<Expr>,
+    /// Where it is.
+    pub span: Span,
+}
+
+/// One key of ORDER BY.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderItem {
+    /// The key.
+    pub expr: Expr,
+    /// `DESC`.
+    pub descending: bool,
+}

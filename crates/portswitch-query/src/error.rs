@@ -214,6 +214,25 @@ pub enum CompileErrorKind {
     /// A literal argument that can never convert (`timestamp("yesterday")`).
     #[error("invalid literal: {0}")]
     InvalidLiteral(String),
+    /// A statement (SELECT …) that is malformed or means nothing: the message says why.
+    #[error("{0}")]
+    Statement(String),
+    /// FROM names a source the catalog does not have.
+    #[error("unknown source `{0}`")]
+    UnknownSource(String),
+    /// Two FROM items with the same alias.
+    #[error("alias `{0}` is used twice")]
+    DuplicateAlias(String),
+    /// A SELECT, HAVING or ORDER BY expression of a grouped query that reads a row
+    /// outside an aggregate and is not a GROUP BY expression.
+    #[error("`{0}` must appear in GROUP BY or inside an aggregate")]
+    NotGrouped(String),
+    /// An aggregate where none may be (WHERE, GROUP BY, ON, inside another aggregate).
+    #[error("aggregate `{0}` is not allowed here")]
+    MisplacedAggregate(String),
+    /// Virtual fields that refer to each other without end, or deeper than the limit.
+    #[error("virtual field `{0}` refers to itself or nests too deeply")]
+    VirtualCycle(String),
     /// The worst case of loops over literal lists exceeds the step budget.
     #[error("query may take {estimate} steps, more than the limit of {max}")]
     CostTooHigh {

@@ -77,6 +77,7 @@ mod lexer;
 pub mod limits;
 mod parser;
 mod program;
+pub mod query;
 mod time;
 mod types;
 pub mod value;
@@ -86,6 +87,7 @@ pub use error::{CompileError, CompileErrorKind, Cost, EvalError, EvalErrorKind, 
 pub use fuzz::{fuzz_eval, fuzz_parse, fuzz_schema, fuzz_values};
 pub use limits::Limits;
 pub use program::{Bindings, Program, Slot, INLINE_SLOTS};
+pub use query::{Catalog, Query, QueryError, QueryLimits, SourceInfo};
 pub use types::{Record, Schema, Type};
 pub use value::{Key, Map, Value};
 

@@ -18,13 +18,39 @@
 //! overflows the stack), and the height of the tree produced (long operator chains build
 //! left-deep trees without recursing in the parser, but later passes do recurse).
 
-use crate::ast::{BinaryOp, Expr, ExprKind, Macro, UnaryOp};
+use crate::ast::{
+    BinaryOp, Expr, ExprKind, FromItem, FromSource, JoinKind, Macro, OrderItem, Select, SelectItem,
+    UnaryOp,
+};
 use crate::error::{CompileError, CompileErrorKind as K, Span};
 use crate::lexer::{Lexer, Tok, Token};
 use crate::limits::Limits;
 
 /// Parses `src` under `limits`. Errors carry spans but no location yet.
 pub(crate) fn parse(src: &str, limits: &Limits) -> Result<Expr, CompileError> {
+    check_length(src, limits)?;
+    let mut p = Parser::new(src, limits, false)?;
+    let e = p.expr()?;
+    if p.cur.tok != Tok::Eof {
+        return Err(p.unexpected("an operator or end of input"));
+    }
+    Ok(e.expr)
+}
+
+/// Parses a SELECT statement (grammar in docs/QUERY.md). Its expressions are parsed by
+/// the same parser, under the same limits (node count and depth over the whole
+/// statement), with `count(*)` allowed.
+pub(crate) fn parse_select(src: &str, limits: &Limits) -> Result<Select, CompileError> {
+    check_length(src, limits)?;
+    let mut p = Parser::new(src, limits, true)?;
+    let select = p.select()?;
+    if p.cur.tok != Tok::Eof {
+        return Err(p.clause_expected());
+    }
+    Ok(select)
+}
+
+fn check_length(src: &str, limits: &Limits) -> Result<(), CompileError> {
     let max = limits.source_bytes();
     if src.len() > max {
         let end = u32::try_from(max).unwrap_or(u32::MAX);
@@ -36,22 +62,7 @@ pub(crate) fn parse(src: &str, limits: &Limits) -> Result<Expr, CompileError> {
             Span::new(end, end),
         ));
     }
-    let mut lexer = Lexer::new(src);
-    let cur = lexer.next_token()?;
-    let mut p = Parser {
-        lexer,
-        cur,
-        ahead: None,
-        nodes: 0,
-        nodes_max: limits.nodes_max,
-        depth: 0,
-        depth_max: limits.depth(),
-    };
-    let e = p.expr()?;
-    if p.cur.tok != Tok::Eof {
-        return Err(p.unexpected("an operator or end of input"));
-    }
-    Ok(e.expr)
+    Ok(())
 }
 
 /// An expression and the height of its tree (a leaf is 1).
@@ -68,6 +79,8 @@ struct Parser<'s> {
     nodes_max: usize,
     depth: usize,
     depth_max: usize,
+    /// In a statement: `f(*)` parses (as `f()`), for `count(*)`.
+    star_args: bool,
 }
 
 fn binary_op(tok: &Tok<'_>) -> Option<BinaryOp> {
@@ -91,6 +104,21 @@ fn binary_op(tok: &Tok<'_>) -> Option<BinaryOp> {
 }
 
 impl<'s> Parser<'s> {
+    fn new(src: &'s str, limits: &Limits, star_args: bool) -> Result<Parser<'s>, CompileError> {
+        let mut lexer = Lexer::new(src);
+        let cur = lexer.next_token()?;
+        Ok(Parser {
+            lexer,
+            cur,
+            ahead: None,
+            nodes: 0,
+            nodes_max: limits.nodes_max,
+            depth: 0,
+            depth_max: limits.depth(),
+            star_args,
+        })
+    }
+
     fn bump(&mut self) -> Result<Token<'s>, CompileError> {
         let next = match self.ahead.take() {
             Some(t) => t,
@@ -482,6 +510,18 @@ impl<'s> Parser<'s> {
             return self.node(ExprKind::Ident(name), span, 1);
         }
         self.bump()?;
+        if self.star_args && self.cur.tok == Tok::Star && *self.peek2()? == Tok::RParen {
+            self.bump()?;
+            let end = self.bump()?.span;
+            return self.node(
+                ExprKind::Call {
+                    function: name,
+                    args: Vec::new(),
+                },
+                span.to(end),
+                1,
+            );
+        }
         let (args, args_height, end) = self.args(Tok::RParen, "`,` or `)`")?;
         let span = span.to(end);
         if name == "has" {
@@ -538,5 +578,242 @@ impl<'s> Parser<'s> {
                 return Err(self.unexpected("`,` or `}`"));
             }
         }
+    }
+}
+
+/// Words that start or shape a clause: never taken as an alias.
+const KEYWORDS: &[&str] = &[
+    "select", "distinct", "from", "as", "join", "left", "inner", "outer", "on", "where", "group",
+    "by", "having", "order", "asc", "desc", "limit", "offset", "and", "or", "not",
+];
+
+fn is_keyword(word: &str) -> bool {
+    KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(word))
+}
+
+/// The statement: clause keywords are identifiers to the lexer, compared without regard
+/// to case; an expression stops at the first identifier that cannot continue it, which is
+/// where the next clause (or an alias) begins.
+impl Parser<'_> {
+    fn at_kw(&self, kw: &str) -> bool {
+        matches!(self.cur.tok, Tok::Ident(w) if w.eq_ignore_ascii_case(kw))
+    }
+
+    fn eat_kw(&mut self, kw: &str) -> Result<Option<Span>, CompileError> {
+        if self.at_kw(kw) {
+            Ok(Some(self.bump()?.span))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn kw(&mut self, kw: &str) -> Result<Span, CompileError> {
+        match self.eat_kw(kw)? {
+            Some(span) => Ok(span),
+            None => Err(self.unexpected(&format!("`{}`", kw.to_ascii_uppercase()))),
+        }
+    }
+
+    fn clause_expected(&self) -> CompileError {
+        let hint = match self.cur.tok {
+            Tok::Ident(w) if w.eq_ignore_ascii_case("and") => " (write `&&` for AND)",
+            Tok::Ident(w) if w.eq_ignore_ascii_case("or") => " (write `||` for OR)",
+            Tok::Ident(w) if w.eq_ignore_ascii_case("not") => " (write `!` for NOT)",
+            _ => "",
+        };
+        CompileError::new(
+            K::Unexpected {
+                expected: format!(
+                    "WHERE, GROUP BY, HAVING, ORDER BY, LIMIT, OFFSET or end of input{hint}"
+                ),
+                found: self.cur.tok.describe(),
+            },
+            self.cur.span,
+        )
+    }
+
+    /// An alias after an item: `AS name`, or a bare name that is not a keyword.
+    fn alias(&mut self) -> Result<Option<String>, CompileError> {
+        if self.eat_kw("as")?.is_some() {
+            return match self.cur.tok {
+                Tok::Ident(w) if !is_keyword(w) => Ok(Some(self.ident("an alias")?.0)),
+                _ => Err(self.unexpected("an alias")),
+            };
+        }
+        match self.cur.tok {
+            Tok::Ident(w) if !is_keyword(w) => Ok(Some(self.ident("an alias")?.0)),
+            _ => Ok(None),
+        }
+    }
+
+    fn select(&mut self) -> Result<Select, CompileError> {
+        let start = self.kw("select")?;
+        let distinct = self.eat_kw("distinct")?.is_some();
+        let mut items = Vec::new();
+        let mut star = None;
+        if self.cur.tok == Tok::Star {
+            star = Some(self.bump()?.span);
+        } else {
+            loop {
+                let expr = self.expr()?.expr;
+                let alias = self.alias()?;
+                items.push(SelectItem { expr, alias });
+                if self.cur.tok != Tok::Comma {
+                    break;
+                }
+                self.bump()?;
+            }
+        }
+        self.kw("from")?;
+        let mut from = vec![self.parse_from_item(JoinKind::Inner, &[])?];
+        loop {
+            let join = if self.cur.tok == Tok::Comma {
+                self.bump()?;
+                JoinKind::Inner
+            } else if self.eat_kw("join")?.is_some() {
+                JoinKind::Inner
+            } else if self.eat_kw("inner")?.is_some() {
+                self.kw("join")?;
+                JoinKind::Inner
+            } else if self.eat_kw("left")?.is_some() {
+                self.eat_kw("outer")?;
+                self.kw("join")?;
+                JoinKind::Left
+            } else {
+                break;
+            };
+            let mut item = self.parse_from_item(join, &from)?;
+            if self.eat_kw("on")?.is_some() {
+                item.on = Some(self.expr()?.expr);
+            }
+            from.push(item);
+        }
+        let filter = match self.eat_kw("where")? {
+            Some(_) => Some(self.expr()?.expr),
+            None => None,
+        };
+        let mut group_by = Vec::new();
+        if self.eat_kw("group")?.is_some() {
+            self.kw("by")?;
+            loop {
+                group_by.push(self.expr()?.expr);
+                if self.cur.tok != Tok::Comma {
+                    break;
+                }
+                self.bump()?;
+            }
+        }
+        let having = match self.eat_kw("having")? {
+            Some(_) => Some(self.expr()?.expr),
+            None => None,
+        };
+        let mut order_by = Vec::new();
+        if self.eat_kw("order")?.is_some() {
+            self.kw("by")?;
+            loop {
+                let expr = self.expr()?.expr;
+                let descending = if self.eat_kw("desc")?.is_some() {
+                    true
+                } else {
+                    self.eat_kw("asc")?;
+                    false
+                };
+                order_by.push(OrderItem { expr, descending });
+                if self.cur.tok != Tok::Comma {
+                    break;
+                }
+                self.bump()?;
+            }
+        }
+        let limit = match self.eat_kw("limit")? {
+            Some(_) => Some(self.count("a row count after LIMIT")?),
+            None => None,
+        };
+        let offset = match self.eat_kw("offset")? {
+            Some(_) => Some(self.count("a row count after OFFSET")?),
+            None => None,
+        };
+        Ok(Select {
+            distinct,
+            items,
+            star,
+            from,
+            filter,
+            group_by,
+            having,
+            order_by,
+            limit,
+            offset,
+            span: start.to(self.cur.span),
+        })
+    }
+
+    fn count(&mut self, expected: &str) -> Result<(u64, Span), CompileError> {
+        match self.cur.tok {
+            Tok::Int(n) => Ok((n, self.bump()?.span)),
+            _ => Err(self.unexpected(expected)),
+        }
+    }
+
+    /// `name [(args)] [AS] alias`, `"path" [AS] alias`, or `alias.path [AS] alias`
+    /// (unnest: a path that starts with an earlier item's alias).
+    fn parse_from_item(
+        &mut self,
+        join: JoinKind,
+        before: &[FromItem],
+    ) -> Result<FromItem, CompileError> {
+        let start = self.cur.span;
+        let (source, default_alias) = match self.cur.tok.clone() {
+            Tok::Str(name) => {
+                self.bump()?;
+                (
+                    FromSource::Named {
+                        name,
+                        args: Vec::new(),
+                    },
+                    None,
+                )
+            }
+            Tok::Ident(word) if !is_keyword(word) => {
+                let earlier = before.iter().any(|f| f.alias == word);
+                if earlier && matches!(self.peek2()?, Tok::Dot | Tok::LBracket) {
+                    (FromSource::Unnest(self.expr()?.expr), None)
+                } else if earlier {
+                    return Err(CompileError::new(
+                        K::Statement(format!(
+                            "`{word}` is an alias already; to range over a list in it, write `{word}.field AS name`"
+                        )),
+                        self.cur.span,
+                    ));
+                } else {
+                    let (name, _) = self.ident("a source")?;
+                    let args = if self.cur.tok == Tok::LParen {
+                        self.bump()?;
+                        self.args(Tok::RParen, "`,` or `)`")?.0
+                    } else {
+                        Vec::new()
+                    };
+                    let alias = name.clone();
+                    (FromSource::Named { name, args }, Some(alias))
+                }
+            }
+            _ => return Err(self.unexpected("a source name, a quoted path or an alias's list")),
+        };
+        let alias = match self.alias()? {
+            Some(a) => a,
+            None => default_alias.ok_or_else(|| {
+                CompileError::new(
+                    K::Statement("this FROM item needs a name: add `AS name`".into()),
+                    start.to(self.cur.span),
+                )
+            })?,
+        };
+        Ok(FromItem {
+            source,
+            alias,
+            join,
+            on: None,
+            span: start.to(self.cur.span),
+        })
     }
 }

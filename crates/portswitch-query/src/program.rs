@@ -11,6 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::ast::Expr;
 use crate::check::check;
 use crate::compile::compile;
 use crate::error::{CompileError, EvalError, EvalErrorKind, Span};
@@ -68,14 +69,24 @@ impl Program {
         limits: &Limits,
     ) -> Result<Program, CompileError> {
         let expr = parse(source, limits)?;
+        Program::from_expr(&expr, source.into(), schema, limits)
+    }
+
+    /// Compiles a tree that is part of a larger `source` (a statement's clause): errors
+    /// and evaluation errors point into `source`. Errors are not located yet.
+    pub(crate) fn from_expr(
+        expr: &Expr,
+        source: Arc<str>,
+        schema: &Schema,
+        limits: &Limits,
+    ) -> Result<Program, CompileError> {
         let span = expr.span;
-        let checked = check(&expr, schema, limits)?;
-        drop(expr);
+        let checked = check(expr, schema, limits)?;
         let result_type = checked.root.ty.clone();
         let compiled = compile(checked.root, limits)?;
         Ok(Program {
             id: NEXT_PROGRAM_ID.fetch_add(1, Ordering::Relaxed),
-            source: source.into(),
+            source,
             root: compiled.root,
             vars: checked.vars.into_iter().map(Key::new).collect(),
             result_type,
@@ -124,6 +135,11 @@ impl Program {
     /// Evaluation compiles none.
     pub fn regexes_compiled(&self) -> usize {
         self.regexes
+    }
+
+    /// The span of the expression in its source.
+    pub(crate) fn span(&self) -> Span {
+        self.span
     }
 
     /// The source it was compiled from.
