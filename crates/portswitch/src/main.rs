@@ -7,6 +7,7 @@ mod ctl;
 mod dev;
 mod mq;
 mod query;
+mod query_sources;
 mod serve;
 mod tunnel;
 mod vault;
@@ -42,7 +43,8 @@ enum Command {
     Tunnel(tunnel::TunnelArgs),
     /// The vault: encrypted, compressed, versioned storage; a FUSE mount.
     Vault(vault::VaultArgs),
-    /// The query language: evaluate an expression over JSON, filter JSON Lines.
+    /// The query language: evaluate an expression over JSON, filter JSON Lines, run
+    /// SELECT over JSON, CSV and SQLite sources.
     Query(query::QueryArgs),
 }
 

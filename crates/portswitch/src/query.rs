@@ -7,10 +7,15 @@
 //!   which the predicate EXPR is true, like `grep` for records; a summary goes to
 //!   standard error.
 //!
+//! - `query run SQL [--source NAME=SPEC]… [--virtual SRC.NAME=EXPR]…` runs a SELECT
+//!   over JSON Lines, JSON, CSV and SQLite sources (`query_sources`) and prints the
+//!   result rows as JSON Lines.
+//!
 //! Exit codes: 0 done (for `filter`: at least one line matched), 1 no line matched, 2
 //! bad usage or an expression that does not compile (its position is shown), 3 an
-//! evaluation error (`eval`) or a line that is not a JSON object (`filter`: the line
-//! number is shown and the rest is still read).
+//! evaluation error (`eval`, `run`) or a line that is not a JSON object (`filter`: the
+//! line number is shown and the rest is still read), 4 (`run`) a source that cannot be
+//! read or a query limit reached.
 
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
@@ -38,6 +43,32 @@ enum QueryCommand {
         #[arg(long = "var", value_name = "NAME=JSON")]
         vars: Vec<String>,
     },
+    /// Run a SELECT over JSON Lines, JSON, CSV files and SQLite tables; result rows are
+    /// printed as JSON Lines.
+    Run {
+        /// The statement (docs/QUERY.md), e.g. `SELECT f.Country, count(*) FROM
+        /// flights f, f.Segments s WHERE s.Origin == "MOW" GROUP BY f.Country`.
+        sql: String,
+        /// A source: NAME=FILE.ndjson|.jsonl|.json|.csv, or NAME=sqlite:FILE:TABLE
+        /// (repeatable). A file name quoted in FROM needs none.
+        #[arg(long = "source", value_name = "NAME=SPEC")]
+        sources: Vec<String>,
+        /// A virtual field of a source: SOURCE.NAME=EXPR over that source's fields
+        /// (repeatable).
+        #[arg(long = "virtual", value_name = "SOURCE.NAME=EXPR")]
+        virtuals: Vec<String>,
+        /// Read every source into memory first, then time the query alone (with
+        /// --stats): how the query engine compares with a database's query time.
+        #[arg(long)]
+        preload: bool,
+        /// Print a JSON line of counts and times on standard error.
+        #[arg(long)]
+        stats: bool,
+        /// Print what each source is asked for (columns, pushed conditions, SQL) on
+        /// standard error.
+        #[arg(long)]
+        explain: bool,
+    },
     /// Print the JSON Lines records for which a predicate is true.
     Filter {
         /// The predicate; the record's top-level fields are its variables.
@@ -54,6 +85,14 @@ pub async fn run(args: QueryArgs) -> crate::AppResult {
     tokio::task::spawn_blocking(move || match args.command {
         QueryCommand::Eval { expr, json, vars } => eval(&expr, json, &vars),
         QueryCommand::Filter { expr, file } => filter(&expr, file),
+        QueryCommand::Run {
+            sql,
+            sources,
+            virtuals,
+            preload,
+            stats,
+            explain,
+        } => run_select(&sql, &sources, &virtuals, preload, stats, explain),
     })
     .await?
 }
@@ -257,4 +296,183 @@ fn filter(expr: &str, file: Option<PathBuf>) -> crate::AppResult {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn run_select(
+    sql: &str,
+    sources: &[String],
+    virtuals: &[String],
+    preload: bool,
+    stats: bool,
+    explain: bool,
+) -> crate::AppResult {
+    use portswitch_query::query::{Rows, Scan, Sources};
+    use portswitch_query::{Catalog, Query, QueryError, QueryLimits, SourceInfo};
+
+    use crate::query_sources::{to_json, FileSources, Spec};
+
+    let mut named = std::collections::HashMap::new();
+    for s in sources {
+        let Some((name, spec)) = s.split_once('=') else {
+            eprintln!("error: --source {s}: expected NAME=SPEC");
+            return Ok(ExitCode::from(2));
+        };
+        match Spec::parse(spec) {
+            Ok(spec) => {
+                named.insert(name.to_owned(), spec);
+            }
+            Err(e) => {
+                eprintln!("error: --source {name}: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
+    let mut catalog = Catalog::open();
+    let mut infos: std::collections::HashMap<String, SourceInfo> = Default::default();
+    for v in virtuals {
+        let Some((lhs, expr)) = v.split_once('=') else {
+            eprintln!("error: --virtual {v}: expected SOURCE.NAME=EXPR");
+            return Ok(ExitCode::from(2));
+        };
+        let Some((source, field)) = lhs.split_once('.') else {
+            eprintln!("error: --virtual {v}: expected SOURCE.NAME=EXPR");
+            return Ok(ExitCode::from(2));
+        };
+        infos
+            .entry(source.to_owned())
+            .or_default()
+            .virtuals
+            .push((field.to_owned(), expr.to_owned()));
+    }
+    for (name, info) in infos {
+        catalog.insert(name, info);
+    }
+    let query = match Query::prepare(sql, &catalog, &QueryLimits::default()) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let files = FileSources { named };
+    if explain {
+        for scan in query.scans() {
+            let fields = scan
+                .fields
+                .as_ref()
+                .map_or_else(|| "*".to_owned(), |f| f.join(", "));
+            eprintln!("scan {} AS {}: fields [{fields}]", scan.name, scan.alias);
+            for p in &scan.filters {
+                eprintln!("  pushed: {} {} {}", p.field, p.op.sql(), p.value);
+            }
+            if let Some(q) = files.sql_for(scan) {
+                eprintln!("  sql: {q}");
+            }
+        }
+    }
+
+    /// Sources read whole before the query runs.
+    struct Loaded(std::collections::HashMap<String, Vec<Value>>);
+    impl Sources for Loaded {
+        fn open(&self, scan: &Scan) -> Result<Rows<'_>, String> {
+            let rows = self.0.get(&scan.name).ok_or("not loaded")?;
+            Ok(Box::new(rows.iter().cloned().map(Ok)))
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut loaded = None;
+    if preload {
+        let mut tables = std::collections::HashMap::new();
+        for scan in query.scans() {
+            if tables.contains_key(&scan.name) {
+                continue;
+            }
+            // Read with no push-down: the whole source, as a database holds it.
+            let whole = Scan {
+                fields: None,
+                filters: Vec::new(),
+                ..scan.clone()
+            };
+            let rows: Result<Vec<Value>, String> =
+                files.open(&whole).and_then(|r| r.collect::<Result<_, _>>());
+            match rows {
+                Ok(rows) => {
+                    tables.insert(scan.name.clone(), rows);
+                }
+                Err(e) => {
+                    eprintln!("error: source `{}`: {e}", scan.name);
+                    return Ok(ExitCode::from(4));
+                }
+            }
+        }
+        loaded = Some(Loaded(tables));
+    }
+    let load_time = started.elapsed();
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let columns = query.columns().to_vec();
+    let mut write_error = None;
+    let query_started = std::time::Instant::now();
+    let mut sink = |row: Vec<Value>| {
+        let obj: serde_json::Map<String, serde_json::Value> = columns
+            .iter()
+            .zip(&row)
+            .map(|(c, v)| (c.clone(), to_json(v)))
+            .collect();
+        let written = serde_json::to_writer(&mut out, &serde_json::Value::Object(obj))
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"));
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                write_error = Some(e);
+                false
+            }
+        }
+    };
+    let result = match &loaded {
+        Some(l) => query.run(l, &mut sink),
+        None => query.run(&files, &mut sink),
+    };
+    let query_time = query_started.elapsed();
+    if let Some(e) = write_error {
+        // A closed pipe (`| head`) is not an error of the query.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e.into());
+        }
+    }
+    out.flush().or_else(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
+    match result {
+        Ok(s) => {
+            if stats {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "load_ms": load_time.as_secs_f64() * 1e3,
+                        "query_ms": query_time.as_secs_f64() * 1e3,
+                        "rows_in": s.rows_scanned,
+                        "rows_examined": s.rows_examined,
+                        "rows_joined": s.rows_joined,
+                        "groups": s.groups,
+                        "rows_out": s.rows_out,
+                    })
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ QueryError::Eval(_)) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(3))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(4))
+        }
+    }
 }

@@ -1,0 +1,476 @@
+//! The sources of `portswitch query run`: the I/O edge of the query engine.
+//!
+//! - JSON Lines (`.ndjson`, `.jsonl`): streamed, one record per line.
+//! - JSON (`.json`): one array of records (or one record), read whole, at most
+//!   [`JSON_FILE_BYTES_MAX`].
+//! - CSV (`.csv`): a header row, then records; a field is an int if it reads as one, a
+//!   float if it reads as one, null if empty, a string otherwise.
+//! - SQLite (`sqlite:FILE:TABLE`): the table's rows, read on a thread of their own and
+//!   streamed; the query's simple conditions and the columns it reads are pushed into the
+//!   SQL. A column declared `JSON` is parsed into nested values.
+//!
+//! Every record is converted straight from the parser's events into the engine's values
+//! (no intermediate `serde_json::Value`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+
+use portswitch_query::query::{Pushed, Rows, Scan, Sources};
+use portswitch_query::{Map, Value};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// Largest `.json` file read whole.
+pub const JSON_FILE_BYTES_MAX: u64 = 4 << 30;
+/// Longest line of a JSON Lines file.
+pub const LINE_BYTES_MAX: usize = 16 << 20;
+/// Deepest nesting of a JSON record: deeper documents are refused, not recursed into.
+pub const JSON_DEPTH_MAX: usize = 128;
+/// Rows a SQLite reader thread may run ahead of the query.
+const SQLITE_AHEAD: usize = 4096;
+
+/// How a source name given with `--source NAME=SPEC` (or quoted in FROM) is read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Spec {
+    JsonLines(PathBuf),
+    Json(PathBuf),
+    Csv(PathBuf),
+    Sqlite { file: PathBuf, table: String },
+}
+
+impl Spec {
+    /// `sqlite:FILE:TABLE`, or a file whose extension says its format.
+    pub fn parse(spec: &str) -> Result<Spec, String> {
+        if let Some(rest) = spec.strip_prefix("sqlite:") {
+            let (file, table) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{spec}: expected sqlite:FILE:TABLE"))?;
+            if table.is_empty() {
+                return Err(format!("{spec}: no table name"));
+            }
+            return Ok(Spec::Sqlite {
+                file: file.into(),
+                table: table.into(),
+            });
+        }
+        let path = PathBuf::from(spec);
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("ndjson" | "jsonl") => Ok(Spec::JsonLines(path)),
+            Some("json") => Ok(Spec::Json(path)),
+            Some("csv") => Ok(Spec::Csv(path)),
+            _ => Err(format!(
+                "{spec}: not a known source (.ndjson, .jsonl, .json, .csv or sqlite:FILE:TABLE)"
+            )),
+        }
+    }
+}
+
+/// The sources of one run: names bound with `--source`, and file names quoted in FROM.
+pub struct FileSources {
+    pub named: HashMap<String, Spec>,
+}
+
+impl FileSources {
+    fn spec(&self, name: &str) -> Result<Spec, String> {
+        match self.named.get(name) {
+            Some(s) => Ok(s.clone()),
+            None => {
+                Spec::parse(name).map_err(|e| format!("{e}; bind a name with --source {name}=FILE"))
+            }
+        }
+    }
+
+    /// The SQL a SQLite scan sends (for `--explain` and tests).
+    pub fn sql_for(&self, scan: &Scan) -> Option<String> {
+        match self.spec(&scan.name) {
+            Ok(Spec::Sqlite { table, .. }) => Some(sqlite_sql(&table, scan).0),
+            _ => None,
+        }
+    }
+}
+
+impl Sources for FileSources {
+    fn open(&self, scan: &Scan) -> Result<Rows<'_>, String> {
+        if !scan.args.is_empty() {
+            return Err("file sources take no arguments".into());
+        }
+        match self.spec(&scan.name)? {
+            Spec::JsonLines(path) => json_lines(&path),
+            Spec::Json(path) => json_file(&path),
+            Spec::Csv(path) => csv_file(&path),
+            Spec::Sqlite { file, table } => sqlite(&file, &table, scan),
+        }
+    }
+}
+
+fn open_file(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn json_lines(path: &Path) -> Result<Rows<'static>, String> {
+    let mut input = std::io::BufReader::with_capacity(1 << 20, open_file(path)?);
+    let shown = path.display().to_string();
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    Ok(Box::new(std::iter::from_fn(move || loop {
+        line.clear();
+        let read =
+            std::io::Read::take(&mut input, LINE_BYTES_MAX as u64 + 1).read_until(b'\n', &mut line);
+        match read {
+            Err(e) => return Some(Err(format!("{shown}: {e}"))),
+            Ok(0) => return None,
+            Ok(_) => {}
+        }
+        number += 1;
+        if line.len() > LINE_BYTES_MAX {
+            return Some(Err(format!(
+                "{shown}:{number}: line longer than {LINE_BYTES_MAX} bytes"
+            )));
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        return Some(parse_json(&line).map_err(|e| format!("{shown}:{number}: {e}")));
+    })))
+}
+
+fn json_file(path: &Path) -> Result<Rows<'static>, String> {
+    let file = open_file(path)?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > JSON_FILE_BYTES_MAX {
+        return Err(format!(
+            "{}: {len} bytes, more than {JSON_FILE_BYTES_MAX}; use JSON Lines to stream",
+            path.display()
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let doc = parse_json(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let rows: Vec<Value> = match doc {
+        Value::List(items) => items.to_vec(),
+        other => vec![other],
+    };
+    Ok(Box::new(rows.into_iter().map(Ok)))
+}
+
+fn csv_file(path: &Path) -> Result<Rows<'static>, String> {
+    let shown = path.display().to_string();
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(std::io::BufReader::new(open_file(path)?));
+    let headers: Vec<Arc<str>> = reader
+        .headers()
+        .map_err(|e| format!("{shown}: {e}"))?
+        .iter()
+        .map(Arc::from)
+        .collect();
+    let mut records = reader.into_records();
+    Ok(Box::new(std::iter::from_fn(move || {
+        let record = match records.next()? {
+            Ok(r) => r,
+            Err(e) => return Some(Err(format!("{shown}: {e}"))),
+        };
+        let mut m = Map::with_capacity(headers.len());
+        for (name, text) in headers.iter().zip(record.iter()) {
+            m.insert(name.clone(), csv_value(text));
+        }
+        Some(Ok(Value::Map(Arc::new(m))))
+    })))
+}
+
+fn csv_value(text: &str) -> Value {
+    if text.is_empty() {
+        Value::Null
+    } else if let Ok(i) = text.parse::<i64>() {
+        Value::Int(i)
+    } else if let Some(f) = text.parse::<f64>().ok().filter(|f| f.is_finite()) {
+        Value::Float(f)
+    } else {
+        Value::from(text)
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The SQL for a scan and its parameters: the columns the query reads and the pushed
+/// comparisons, bound as parameters.
+fn sqlite_sql(table: &str, scan: &Scan) -> (String, Vec<rusqlite::types::Value>) {
+    let columns = match &scan.fields {
+        Some(f) if !f.is_empty() => f
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "*".to_owned(),
+    };
+    let mut sql = format!("SELECT {columns} FROM {}", quote_ident(table));
+    let mut params = Vec::new();
+    for (i, Pushed { field, op, value }) in scan.filters.iter().enumerate() {
+        let param = match value {
+            Value::Int(n) => rusqlite::types::Value::Integer(*n),
+            Value::Float(x) => rusqlite::types::Value::Real(*x),
+            Value::String(s) => rusqlite::types::Value::Text(s.to_string()),
+            // SQLite has no booleans: a stored 1 is no `true` to the engine.
+            _ => continue,
+        };
+        sql.push_str(if params.is_empty() {
+            " WHERE "
+        } else {
+            " AND "
+        });
+        // A column that holds another type than the literal compares differently in
+        // SQL than in the engine: push only what SQLite compares the same way, by
+        // checking the stored type too.
+        let kind = match value {
+            Value::String(_) => "'text'",
+            _ => "'integer','real'",
+        };
+        let col = quote_ident(field);
+        sql.push_str(&format!(
+            "({col} {} ?{} OR typeof({col}) NOT IN ({kind}))",
+            op.sql(),
+            i + 1
+        ));
+        params.push(param);
+    }
+    (sql, params)
+}
+
+/// Reads a SQLite table on a thread of its own (its rows borrow its statement) and
+/// streams them through a bounded channel.
+fn sqlite(file: &Path, table: &str, scan: &Scan) -> Result<Rows<'static>, String> {
+    let (sql, params) = sqlite_sql(table, scan);
+    let file = file.to_owned();
+    let table = table.to_owned();
+    let shown = file.display().to_string();
+    let (tx, rx) = mpsc::sync_channel::<Result<Value, String>>(SQLITE_AHEAD);
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    std::thread::Builder::new()
+        .name("query-sqlite".into())
+        .spawn(move || {
+            let result = (|| -> Result<(), String> {
+                let conn = rusqlite::Connection::open_with_flags(
+                    &file,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(|e| format!("{shown}: {e}"))?;
+                // Columns declared `JSON` hold documents to parse.
+                let mut declared = conn
+                    .prepare(
+                        "SELECT name FROM pragma_table_info(?1) WHERE type = 'JSON' COLLATE NOCASE",
+                    )
+                    .map_err(|e| format!("{shown}: {e}"))?;
+                let json_names: Vec<String> = declared
+                    .query_map([&table], |r| r.get::<_, String>(0))
+                    .and_then(|rows| rows.collect())
+                    .map_err(|e| format!("{shown}: {e}"))?;
+                drop(declared);
+                let mut stmt = conn.prepare(&sql).map_err(|e| format!("{shown}: {e}"))?;
+                let names: Vec<Arc<str>> = stmt.column_names().into_iter().map(Arc::from).collect();
+                let json_cols: Vec<bool> = names
+                    .iter()
+                    .map(|n| json_names.iter().any(|j| j.as_str() == n.as_ref()))
+                    .collect();
+                let mut rows = stmt
+                    .query(rusqlite::params_from_iter(params.iter()))
+                    .map_err(|e| format!("{shown}: {e}"))?;
+                let _ = ready_tx.send(Ok(()));
+                while let Some(row) = rows.next().map_err(|e| format!("{shown}: {e}"))? {
+                    let mut m = Map::with_capacity(names.len());
+                    for (i, name) in names.iter().enumerate() {
+                        let v = match row.get_ref(i).map_err(|e| format!("{shown}: {e}"))? {
+                            rusqlite::types::ValueRef::Null => Value::Null,
+                            rusqlite::types::ValueRef::Integer(n) => Value::Int(n),
+                            rusqlite::types::ValueRef::Real(x) => Value::Float(x),
+                            rusqlite::types::ValueRef::Text(t) if json_cols[i] => {
+                                parse_json(t).map_err(|e| format!("{shown}: column {name}: {e}"))?
+                            }
+                            rusqlite::types::ValueRef::Text(t) => {
+                                Value::from(String::from_utf8_lossy(t).as_ref())
+                            }
+                            rusqlite::types::ValueRef::Blob(b) => Value::from(b),
+                        };
+                        m.insert(name.clone(), v);
+                    }
+                    if tx.send(Ok(Value::Map(Arc::new(m)))).is_err() {
+                        return Ok(()); // the query stopped reading
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                let _ = ready_tx.send(Err(e.clone()));
+                let _ = tx.send(Err(e));
+            }
+        })
+        .map_err(|e| format!("cannot start a reader thread: {e}"))?;
+    match ready_rx.recv() {
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(())) | Err(_) => {}
+    }
+    Ok(Box::new(rx.into_iter()))
+}
+
+/// Parses one JSON document straight into a query value: integers that fit an i64 stay
+/// integers, other numbers are floats; nesting deeper than [`JSON_DEPTH_MAX`] is refused.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, String> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = Seed { depth: 0 }
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(v)
+}
+
+#[derive(Clone, Copy)]
+struct Seed {
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Seed {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Seed {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(Value::Int(i))
+    }
+    fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+        Ok(i64::try_from(u).map_or(Value::Float(u as f64), Value::Int))
+    }
+    fn visit_f64<E>(self, x: f64) -> Result<Value, E> {
+        Ok(Value::Float(x))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::from(s))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::from(s))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let inner = self.deeper::<A::Error>()?;
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(v) = seq.next_element_seed(inner)? {
+            items.push(v);
+        }
+        Ok(Value::from(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let inner = self.deeper::<A::Error>()?;
+        let mut m = Map::with_capacity(map.size_hint().unwrap_or(0).min(4096));
+        while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let v = map.next_value_seed(inner)?;
+            m.insert(Arc::<str>::from(k.as_ref()), v);
+        }
+        Ok(Value::Map(Arc::new(m)))
+    }
+}
+
+impl Seed {
+    fn deeper<E: serde::de::Error>(self) -> Result<Seed, E> {
+        if self.depth >= JSON_DEPTH_MAX {
+            return Err(E::custom(format!("nested deeper than {JSON_DEPTH_MAX}")));
+        }
+        Ok(Seed {
+            depth: self.depth + 1,
+        })
+    }
+}
+
+/// A query value as JSON: timestamps and durations as their text, bytes as an array of
+/// numbers, NaN and infinities as null.
+pub fn to_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => serde_json::Value::Bool(*b),
+        Value::Int(i) => serde_json::Value::from(*i),
+        Value::Float(x) => serde_json::Number::from_f64(*x)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        Value::String(s) => serde_json::Value::String(s.to_string()),
+        Value::Bytes(b) => {
+            serde_json::Value::Array(b.iter().map(|&x| serde_json::Value::from(x)).collect())
+        }
+        Value::Time(_) | Value::Duration(_) => {
+            // `timestamp("…")` / `duration("…")`: the text inside the quotes.
+            let shown = v.to_string();
+            let inner = shown
+                .split_once("(\"")
+                .and_then(|(_, rest)| rest.strip_suffix("\")"))
+                .unwrap_or(&shown);
+            serde_json::Value::String(inner.to_owned())
+        }
+        Value::List(items) => serde_json::Value::Array(items.iter().map(to_json).collect()),
+        Value::Map(m) => {
+            serde_json::Value::Object(m.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_converts_directly_and_refuses_deep_documents() {
+        let v =
+            parse_json(br#"{"a": [1, 2.5, "x", null, true], "b": {"c": 18446744073709551615}}"#)
+                .unwrap();
+        assert_eq!(
+            v.to_string(),
+            r#"{"a": [1, 2.5, "x", null, true], "b": {"c": 1.8446744073709552e19}}"#
+        );
+        let deep = "[".repeat(JSON_DEPTH_MAX + 2) + &"]".repeat(JSON_DEPTH_MAX + 2);
+        assert!(parse_json(deep.as_bytes())
+            .unwrap_err()
+            .contains("nested deeper"));
+        assert!(parse_json(b"{} x").is_err());
+    }
+
+    #[test]
+    fn sql_pushes_columns_and_type_guarded_comparisons() {
+        let scan = Scan {
+            name: "t".into(),
+            args: vec![],
+            alias: "t".into(),
+            fields: Some(vec!["id".into(), "na\"me".into()]),
+            filters: vec![Pushed {
+                field: "id".into(),
+                op: portswitch_query::query::CmpOp::Gt,
+                value: Value::Int(3),
+            }],
+        };
+        let (sql, params) = sqlite_sql("my table", &scan);
+        assert_eq!(
+            sql,
+            r#"SELECT "id", "na""me" FROM "my table" WHERE ("id" > ?1 OR typeof("id") NOT IN ('integer','real'))"#
+        );
+        assert_eq!(params, vec![rusqlite::types::Value::Integer(3)]);
+    }
+
+    #[test]
+    fn csv_fields_take_the_narrowest_type() {
+        assert_eq!(csv_value("12"), Value::Int(12));
+        assert_eq!(csv_value("1.5"), Value::Float(1.5));
+        assert_eq!(csv_value(""), Value::Null);
+        assert_eq!(csv_value("inf"), Value::from("inf"));
+        assert_eq!(csv_value("MOW"), Value::from("MOW"));
+    }
+}

@@ -1,0 +1,271 @@
+//! `portswitch query run` as users run it: one query suite over the same records held
+//! as JSON Lines, as a SQLite table (flat columns plus a `JSON` column) and, for flat
+//! data, as CSV must give the same answers; push-down reaches the SQL; errors have
+//! their exit codes.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portswitch");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(BIN)
+        .arg("query")
+        .arg("run")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+const COUNTRIES: [&str; 4] = ["RU", "DE", "KZ", "US"];
+const NAMES: [&str; 5] = [
+    "Иванов Пётр",
+    "Петров Иван",
+    "Smith Anna",
+    "Пётрова Ольга",
+    "Müller Jörg",
+];
+const CITIES: [&str; 4] = ["MOW", "LED", "BER", "NYC"];
+
+/// Deterministic nested records: (id, country, name, adults, segments [(origin, minutes)]).
+type Flight = (
+    i64,
+    &'static str,
+    &'static str,
+    i64,
+    Vec<(&'static str, i64)>,
+);
+
+fn flights() -> Vec<Flight> {
+    (0..500i64)
+        .map(|i| {
+            let segs = (0..(i * 7 % 4))
+                .map(|k| {
+                    (
+                        CITIES[((i * 3 + k) % 4) as usize],
+                        30 + (i * 13 + k * 7) % 600,
+                    )
+                })
+                .collect();
+            (
+                i,
+                COUNTRIES[(i * 5 % 4) as usize],
+                NAMES[(i % 5) as usize],
+                1 + i % 3,
+                segs,
+            )
+        })
+        .collect()
+}
+
+fn segments_json(segs: &[(&str, i64)]) -> String {
+    let parts: Vec<String> = segs
+        .iter()
+        .map(|(o, m)| format!(r#"{{"Origin":"{o}","Minutes":{m}}}"#))
+        .collect();
+    format!("[{}]", parts.join(","))
+}
+
+fn write_sources(dir: &Path) {
+    let mut ndjson = String::new();
+    let mut csv = String::from("id,Country,Name,Adults\n");
+    for (id, country, name, adults, segs) in flights() {
+        ndjson.push_str(&format!(
+            r#"{{"id":{id},"Country":"{country}","Name":"{name}","Adults":{adults},"Segments":{}}}"#,
+            segments_json(&segs)
+        ));
+        ndjson.push('\n');
+        csv.push_str(&format!("{id},{country},{name},{adults}\n"));
+    }
+    std::fs::write(dir.join("flights.ndjson"), ndjson).unwrap();
+    std::fs::write(dir.join("flights.csv"), csv).unwrap();
+    std::fs::write(
+        dir.join("cities.csv"),
+        "Code,City\nMOW,Москва\nLED,Санкт-Петербург\nBER,Berlin\n",
+    )
+    .unwrap();
+    let db = rusqlite::Connection::open(dir.join("flights.db")).unwrap();
+    db.execute_batch(
+        "CREATE TABLE flights (id INTEGER PRIMARY KEY, Country TEXT, Name TEXT, Adults INTEGER, Segments JSON);",
+    )
+    .unwrap();
+    let mut insert = db
+        .prepare("INSERT INTO flights VALUES (?1, ?2, ?3, ?4, ?5)")
+        .unwrap();
+    for (id, country, name, adults, segs) in flights() {
+        insert
+            .execute(rusqlite::params![
+                id,
+                country,
+                name,
+                adults,
+                segments_json(&segs)
+            ])
+            .unwrap();
+    }
+}
+
+/// The suite: nested (unnest) queries need the `Segments` list; flat ones run on CSV too.
+const NESTED: &[&str] = &[
+    r#"SELECT f.Country AS country, count(*) AS n, sum(s.Minutes) AS minutes FROM flights f, f.Segments s WHERE s.Origin == "MOW" && f.Name.matches("^(Иван|Пётр)") GROUP BY f.Country ORDER BY country"#,
+    r#"SELECT f.id AS id, s.Origin AS origin, c.City AS city FROM flights f, f.Segments s JOIN cities c ON c.Code == s.Origin WHERE f.id < 40 && s.Minutes > 100 ORDER BY id, origin, city"#,
+    r#"SELECT f.id AS id, size(f.Segments) AS legs FROM flights f WHERE f.Segments.exists(s, s.Minutes >= 500) ORDER BY legs DESC, id LIMIT 7 OFFSET 3"#,
+];
+const FLAT: &[&str] = &[
+    r#"SELECT count(*) AS n, min(f.id) AS lo, max(f.id) AS hi, avg(f.Adults) AS adults FROM flights f WHERE f.Country == "DE" && f.id >= 100"#,
+    r#"SELECT DISTINCT f.Name AS name FROM flights f WHERE f.Name.matches("(?i)^\\p{Cyrillic}+ ИВАН") ORDER BY name"#,
+    r#"SELECT f.Country AS country, f.Adults AS adults, count(*) AS n FROM flights f GROUP BY f.Country, f.Adults HAVING count(*) > 40 ORDER BY n DESC, country, adults"#,
+];
+
+fn answer(dir: &Path, flights: &str, sql: &str) -> String {
+    let (code, out, err) = run(&[
+        "--source",
+        &format!("flights={flights}"),
+        "--source",
+        &format!("cities={}", dir.join("cities.csv").display()),
+        sql,
+    ]);
+    assert_eq!(code, 0, "{flights}: {sql}: {err}");
+    assert!(!out.trim().is_empty(), "{flights}: {sql}: no rows");
+    out
+}
+
+#[test]
+fn the_suite_answers_alike_on_json_lines_sqlite_and_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sources(dir.path());
+    let ndjson = dir.path().join("flights.ndjson").display().to_string();
+    let sqlite = format!("sqlite:{}:flights", dir.path().join("flights.db").display());
+    let csv = dir.path().join("flights.csv").display().to_string();
+    for sql in NESTED {
+        assert_eq!(
+            answer(dir.path(), &ndjson, sql),
+            answer(dir.path(), &sqlite, sql),
+            "{sql}"
+        );
+    }
+    for sql in FLAT {
+        let a = answer(dir.path(), &ndjson, sql);
+        assert_eq!(a, answer(dir.path(), &sqlite, sql), "{sql}");
+        assert_eq!(a, answer(dir.path(), &csv, sql), "{sql}");
+    }
+}
+
+#[test]
+fn the_first_query_agrees_with_a_hand_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sources(dir.path());
+    let ndjson = dir.path().join("flights.ndjson").display().to_string();
+    let out = answer(dir.path(), &ndjson, NESTED[0]);
+    let mut want: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+    for (_, country, name, _, segs) in flights() {
+        if !(name.starts_with("Иван") || name.starts_with("Пётр")) {
+            continue;
+        }
+        for (origin, minutes) in segs {
+            if origin == "MOW" {
+                let e = want.entry(country).or_default();
+                e.0 += 1;
+                e.1 += minutes;
+            }
+        }
+    }
+    let want: String = want
+        .iter()
+        .map(|(c, (n, m))| format!("{{\"country\":\"{c}\",\"minutes\":{m},\"n\":{n}}}\n"))
+        .collect();
+    assert_eq!(out, want);
+}
+
+#[test]
+fn push_down_reaches_the_sql_and_virtual_fields_work() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sources(dir.path());
+    let sqlite = format!("sqlite:{}:flights", dir.path().join("flights.db").display());
+    let (code, out, err) = run(&[
+        "--explain",
+        "--stats",
+        "--source",
+        &format!("flights={sqlite}"),
+        "--virtual",
+        "flights.Legs=Segments.size()",
+        r#"SELECT f.id AS id, f.Legs AS legs FROM flights f WHERE f.Country == "DE" && f.id < 50 && f.Legs == 3 ORDER BY id"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            r#"sql: SELECT "id", "Segments", "Country" FROM "flights" WHERE ("Country" = ?1"#
+        ),
+        "{err}"
+    );
+    assert!(err.contains(r#"AND ("id" < ?2"#), "{err}");
+    let want: Vec<i64> = flights()
+        .iter()
+        .filter(|f| f.1 == "DE" && f.0 < 50 && f.4.len() == 3)
+        .map(|f| f.0)
+        .collect();
+    assert!(!want.is_empty());
+    let got: Vec<i64> = out
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["legs"], 3);
+            v["id"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(got, want);
+    // The SQL only sent rows that could match: fewer than the table.
+    let stats: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert!(stats["rows_in"].as_u64().unwrap() < 100, "{stats}");
+}
+
+#[test]
+fn errors_have_their_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sources(dir.path());
+    let ndjson = format!("flights={}", dir.path().join("flights.ndjson").display());
+    // A statement that does not compile: 2, with its position.
+    let (code, _, err) = run(&[
+        "--source",
+        &ndjson,
+        "SELECT f.id FROM flights f WHERE f.id > 1 AND f.id < 3",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("1:43") && err.contains("`&&`"), "{err}");
+    // An evaluation error: 3, with the expression's position.
+    let (code, _, err) = run(&[
+        "--source",
+        &ndjson,
+        "SELECT f.id FROM flights f WHERE f.Nope == 1",
+    ]);
+    assert_eq!(code, 3);
+    assert!(err.contains("no such key `Nope`"), "{err}");
+    // A source that cannot be read: 4.
+    let (code, _, err) = run(&[
+        "--source",
+        "flights=/nonexistent/x.ndjson",
+        "SELECT f.id FROM flights f",
+    ]);
+    assert_eq!(code, 4);
+    assert!(err.contains("source `flights`"), "{err}");
+    // An unbound name that is no file: 4, saying how to bind it.
+    let (code, _, err) = run(&["SELECT f.id FROM flights f"]);
+    assert_eq!(code, 4);
+    assert!(err.contains("--source flights="), "{err}");
+    // A bad line in JSON Lines: 4, with its line number.
+    let bad = dir.path().join("bad.ndjson");
+    std::fs::write(&bad, "{\"id\":1}\n{\"id\":\n").unwrap();
+    let (code, out, err) = run(&[
+        "--source",
+        &format!("b={}", bad.display()),
+        "SELECT b.id FROM b",
+    ]);
+    assert_eq!(code, 4);
+    assert_eq!(out, "{\"id\":1}\n");
+    assert!(err.contains("bad.ndjson:2"), "{err}");
+}
