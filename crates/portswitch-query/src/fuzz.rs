@@ -130,3 +130,56 @@ pub fn fuzz_values(seed: &[u8]) -> Vec<(&'static str, Value)> {
         ("d", if wrong { list } else { Value::Int(int) }),
     ]
 }
+
+/// Prepares the statement before the first 0 byte of `data` against sources `t` and `u`
+/// (`u` with a virtual field), and runs it over a few rows derived from the bytes after
+/// it, under small limits. Preparing and running never panic; every refusal is typed.
+pub fn fuzz_select(data: &[u8]) {
+    use crate::query::{Catalog, Query, QueryLimits, Rows, Scan, SourceInfo, Sources};
+
+    let split = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+    let (text, seed) = data.split_at(split);
+    let Ok(text) = std::str::from_utf8(text) else {
+        return;
+    };
+    let catalog = Catalog::new().with("t", SourceInfo::default()).with(
+        "u",
+        SourceInfo {
+            row: Type::Dyn,
+            virtuals: vec![("v".into(), "size(l) + n".into())],
+        },
+    );
+    let limits = QueryLimits {
+        expr: Limits {
+            steps_max: 20_000,
+            memory_bytes_max: 1 << 20,
+            ..Limits::default()
+        },
+        rows_examined_max: 20_000,
+        result_rows_max: 1_000,
+        groups_max: 1_000,
+        join_rows_max: 1_000,
+        time_max: std::time::Duration::from_secs(1),
+    };
+    let Ok(query) = Query::prepare(text, &catalog, &limits) else {
+        return;
+    };
+    struct Few(Vec<Value>);
+    impl Sources for Few {
+        fn open(&self, _scan: &Scan) -> Result<Rows<'_>, String> {
+            Ok(Box::new(self.0.iter().cloned().map(Ok)))
+        }
+    }
+    let rows: Vec<Value> = (0..seed.len().min(6))
+        .map(|i| {
+            let record: Map = fuzz_values(&seed[i..]).into_iter().collect();
+            Value::Map(record.into())
+        })
+        .collect();
+    let mut produced = 0usize;
+    let _ = query.run(&Few(rows), &mut |_| {
+        produced += 1;
+        true
+    });
+    assert!(produced as u64 <= limits.result_rows_max);
+}

@@ -84,7 +84,7 @@ pub mod value;
 
 pub use compile::regex_compilations;
 pub use error::{CompileError, CompileErrorKind, Cost, EvalError, EvalErrorKind, Location, Span};
-pub use fuzz::{fuzz_eval, fuzz_parse, fuzz_schema, fuzz_values};
+pub use fuzz::{fuzz_eval, fuzz_parse, fuzz_schema, fuzz_select, fuzz_values};
 pub use limits::Limits;
 pub use program::{Bindings, Program, Slot, INLINE_SLOTS};
 pub use query::{Catalog, Query, QueryError, QueryLimits, SourceInfo};

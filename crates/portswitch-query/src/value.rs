@@ -386,6 +386,13 @@ impl Map {
         self.entries.is_empty()
     }
 
+    /// Gives back spare capacity: for maps built once and kept (decoded records), where
+    /// a 1-entry map would otherwise keep room for four.
+    pub fn shrink_to_fit(&mut self) {
+        self.hashes.shrink_to_fit();
+        self.entries.shrink_to_fit();
+    }
+
     /// Sets `key` to `value`, returning the previous value if the key was present (it
     /// keeps its place in the order).
     pub fn insert(&mut self, key: impl Into<Arc<str>>, value: impl Into<Value>) -> Option<Value> {

@@ -318,27 +318,56 @@ fn sqlite(file: &Path, table: &str, scan: &Scan) -> Result<Rows<'static>, String
 /// Parses one JSON document straight into a query value: integers that fit an i64 stay
 /// integers, other numbers are floats; nesting deeper than [`JSON_DEPTH_MAX`] is refused.
 pub fn parse_json(bytes: &[u8]) -> Result<Value, String> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let v = Seed { depth: 0 }
-        .deserialize(&mut de)
-        .map_err(|e| e.to_string())?;
-    de.end().map_err(|e| e.to_string())?;
-    Ok(v)
+    KEYS.with(|keys| {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let v = Seed { depth: 0, keys }
+            .deserialize(&mut de)
+            .map_err(|e| e.to_string())?;
+        de.end().map_err(|e| e.to_string())?;
+        Ok(v)
+    })
+}
+
+/// Distinct object keys shared between records, per thread: a million records with the
+/// same ten field names hold ten strings, not ten million.
+const INTERNED_KEYS_MAX: usize = 4096;
+
+/// Object keys seen so far (at most [`INTERNED_KEYS_MAX`]; later new keys are not shared).
+#[derive(Default)]
+struct Keys(std::cell::RefCell<std::collections::HashSet<Arc<str>>>);
+
+impl Keys {
+    fn get(&self, key: &str) -> Arc<str> {
+        let mut set = self.0.borrow_mut();
+        if let Some(k) = set.get(key) {
+            return k.clone();
+        }
+        let k: Arc<str> = Arc::from(key);
+        if set.len() < INTERNED_KEYS_MAX {
+            set.insert(k.clone());
+        }
+        k
+    }
+}
+
+thread_local! {
+    static KEYS: Keys = Keys::default();
 }
 
 #[derive(Clone, Copy)]
-struct Seed {
+struct Seed<'k> {
     depth: usize,
+    keys: &'k Keys,
 }
 
-impl<'de> DeserializeSeed<'de> for Seed {
+impl<'de> DeserializeSeed<'de> for Seed<'_> {
     type Value = Value;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Seed {
+impl<'de> Visitor<'de> for Seed<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -378,19 +407,21 @@ impl<'de> Visitor<'de> for Seed {
         let mut m = Map::with_capacity(map.size_hint().unwrap_or(0).min(4096));
         while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             let v = map.next_value_seed(inner)?;
-            m.insert(Arc::<str>::from(k.as_ref()), v);
+            m.insert(self.keys.get(&k), v);
         }
+        m.shrink_to_fit();
         Ok(Value::Map(Arc::new(m)))
     }
 }
 
-impl Seed {
-    fn deeper<E: serde::de::Error>(self) -> Result<Seed, E> {
+impl Seed<'_> {
+    fn deeper<E: serde::de::Error>(self) -> Result<Self, E> {
         if self.depth >= JSON_DEPTH_MAX {
             return Err(E::custom(format!("nested deeper than {JSON_DEPTH_MAX}")));
         }
         Ok(Seed {
             depth: self.depth + 1,
+            keys: self.keys,
         })
     }
 }

@@ -493,3 +493,30 @@ fn select_star_gives_each_alias() {
     assert_eq!(rows.len(), 1);
     assert_eq!(field(&rows[0][1], "Origin"), &Value::from("LED"));
 }
+
+#[test]
+fn the_fuzz_entry_runs_statements_of_every_shape() {
+    let statements = [
+        "SELECT t.i, t.s FROM t WHERE t.i > 0 ORDER BY t.s DESC LIMIT 3",
+        "SELECT u.v, count(*) FROM u GROUP BY u.v HAVING count(*) > 0",
+        "SELECT DISTINCT x FROM t, t.l x",
+        "SELECT a.i FROM t a JOIN u b ON a.i == b.i LEFT JOIN a.l z",
+        "SELECT sum(t.f), avg(t.i), min(t.s), max(t.d) FROM t",
+        "SELECT * FROM t, t.l.filter(x, x > 3) y",
+        "SELECT t.r.l.map(x, x + x) FROM t OFFSET 2",
+        "SELECT t.i FROM t, t, t",
+        "SELECT",
+    ];
+    for s in statements {
+        for seed in [
+            &b""[..],
+            b"\x01\x02abcdefgh",
+            b"\x03\xff\x10zzzzzzzzzzzzzzzzzz",
+        ] {
+            let mut data = s.as_bytes().to_vec();
+            data.push(0);
+            data.extend_from_slice(seed);
+            crate::fuzz_select(&data);
+        }
+    }
+}
