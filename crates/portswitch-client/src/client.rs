@@ -434,6 +434,29 @@ impl Client {
         }
     }
 
+    /// Watches every port whose name starts with `prefix`, receiving only the events
+    /// `filter` selects: a `portswitch-query` expression over the port record (`name`,
+    /// `value`, `text`, `session`, `node`, `token`, `json`, and `event`: `"claimed"` or
+    /// `"released"`; see docs/PROTOCOL.md). The server compiles it once; one that does
+    /// not compile fails with [`ErrorCode::QueryInvalid`](crate::ErrorCode) and a
+    /// message giving the position. Watching the same prefix again (with or without a
+    /// filter) replaces the filter. Kept, with its filter, across failovers.
+    pub async fn watch_prefix_where(&self, prefix: impl AsRef<[u8]>, filter: &str) -> Result<()> {
+        let prefix = prefix.as_ref();
+        let kind = Kind::WatchWhere {
+            prefix: Bytes::copy_from_slice(prefix),
+            filter: Bytes::copy_from_slice(filter.as_bytes()),
+        };
+        let req = Request::WatchWhere {
+            prefix,
+            filter: filter.as_bytes(),
+        };
+        match self.request(&req, kind).await? {
+            Answer::Watching(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn unwatch(&self, port: impl AsRef<[u8]>) -> Result<()> {
         let name = port.as_ref();
         let kind = Kind::Unwatch {
@@ -500,6 +523,54 @@ impl Client {
         match self.request(&req, Kind::Plain).await? {
             Answer::Page(p) => Ok(p),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// One page of the owned ports under `prefix` that `filter` selects (a
+    /// `portswitch-query` expression over `name`, `value`, `text`, `session`, `node`,
+    /// `token` and `json`), from `cursor` (0 to start). The server evaluates the filter on a
+    /// bounded number of ports per call, so a page may be short or even empty while
+    /// `next_cursor` is not 0: keep going until it is. A filter that does not compile
+    /// fails with [`ErrorCode::QueryInvalid`](crate::ErrorCode); ports the filter fails
+    /// on (`int(text)` of a value that is not a number, say) are left out.
+    pub async fn list_where(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        filter: &str,
+        cursor: u64,
+        limit: u32,
+    ) -> Result<Page> {
+        let req = Request::ListWhere {
+            prefix: prefix.as_ref(),
+            cursor,
+            limit,
+            filter: filter.as_bytes(),
+        };
+        match self.request(&req, Kind::Plain).await? {
+            Answer::Page(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every owned port under `prefix` that `filter` selects, page by page (see
+    /// [`Client::list_where`]).
+    pub async fn list_all_where(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        filter: &str,
+    ) -> Result<Vec<Owner>> {
+        let limit = self.session().limits.list_limit_max.max(1);
+        let mut all = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let page = self
+                .list_where(prefix.as_ref(), filter, cursor, limit)
+                .await?;
+            all.extend(page.entries);
+            if page.next_cursor == 0 {
+                return Ok(all);
+            }
+            cursor = page.next_cursor;
         }
     }
 

@@ -190,6 +190,14 @@ pub enum Kind {
         /// Whether `name` is a prefix.
         prefix: bool,
     },
+    /// WATCH of a prefix with a filter expression (WATCH_WHERE): re-sent, with its
+    /// filter, on a new master.
+    WatchWhere {
+        /// The prefix.
+        prefix: Bytes,
+        /// The filter's source.
+        filter: Bytes,
+    },
     /// UNWATCH.
     Unwatch {
         /// The port name or prefix.
@@ -317,7 +325,8 @@ pub struct SessionCore<T> {
     queued: Map<Name, Bytes>,
     /// Requests completed when their port is granted.
     grant_waiters: Map<Name, Vec<T>>,
-    watches: hashbrown::HashSet<(Bytes, bool), foldhash::fast::RandomState>,
+    /// Watched names (prefix or not), with the filter of a filtered prefix watch.
+    watches: hashbrown::HashMap<(Bytes, bool), Option<Bytes>, foldhash::fast::RandomState>,
     /// UNREGISTERs submitted and not yet answered (in flight, held or waiting for a
     /// connection): while any is, a REGISTER answered (or an ACQUIRED received) for
     /// its port after it was submitted does not make the port owned again. A count,
@@ -669,7 +678,13 @@ impl<T> SessionCore<T> {
             }
             Kind::Watch { name, prefix } => {
                 if matches!(answer, Ok(Answer::Watching(_))) {
-                    self.watches.insert((name, prefix));
+                    self.watches.insert((name, prefix), None);
+                }
+                self.complete(done, answer);
+            }
+            Kind::WatchWhere { prefix, filter } => {
+                if matches!(answer, Ok(Answer::Watching(_))) {
+                    self.watches.insert((prefix, true), Some(filter));
                 }
                 self.complete(done, answer);
             }
@@ -1016,25 +1031,38 @@ impl<T> SessionCore<T> {
             self.reclaim(&port, now, wire);
         }
         if self.resync_due {
-            let watches: Vec<(Bytes, bool)> = self.watches.iter().cloned().collect();
-            for (name, prefix) in watches {
-                let req = Request::Watch {
-                    name: &name,
-                    prefix,
-                };
+            let watches: Vec<((Bytes, bool), Option<Bytes>)> = self
+                .watches
+                .iter()
+                .map(|(k, f)| (k.clone(), f.clone()))
+                .collect();
+            for ((name, prefix), filter) in watches {
                 self.seq += 1;
                 let seq = self.seq;
-                self.send(
-                    &req,
-                    Kind::Watch {
-                        name: name.clone(),
-                        prefix,
-                    },
-                    None,
-                    seq,
-                    now,
-                    wire,
-                );
+                match filter {
+                    Some(filter) => {
+                        let req = Request::WatchWhere {
+                            prefix: &name,
+                            filter: &filter,
+                        };
+                        let kind = Kind::WatchWhere {
+                            prefix: name.clone(),
+                            filter: filter.clone(),
+                        };
+                        self.send(&req, kind, None, seq, now, wire);
+                    }
+                    None => {
+                        let req = Request::Watch {
+                            name: &name,
+                            prefix,
+                        };
+                        let kind = Kind::Watch {
+                            name: name.clone(),
+                            prefix,
+                        };
+                        self.send(&req, kind, None, seq, now, wire);
+                    }
+                }
             }
         }
         // Places in queues, on every resume: on a new master they must be taken again;
@@ -1293,6 +1321,14 @@ pub(crate) fn check_limits(l: &portswitch_proto::ServerLimits, req: &Request<'_>
             check("payload", payload.len(), l.payload_bytes_max)
         }
         Request::List { prefix, .. } => check("prefix", prefix.len(), l.port_name_bytes_max),
+        Request::WatchWhere { prefix, filter } | Request::ListWhere { prefix, filter, .. } => {
+            check("prefix", prefix.len(), l.port_name_bytes_max)?;
+            check(
+                "filter",
+                filter.len(),
+                portswitch_proto::limits::QUERY_BYTES_MAX as u32,
+            )
+        }
         Request::Admin { command } => check(
             "admin command",
             command.len(),

@@ -35,6 +35,14 @@ pub struct Config {
     pub list_limit_max: u32,
     /// Most table slots one LIST call examines (bounds the work of a sparse prefix).
     pub list_scan_slots_max: u32,
+    /// Most ports one LIST_WHERE evaluates its filter on (within the slots it
+    /// examines): with the filter's step budget (`filter::FILTER_STEPS_MAX`) this bounds
+    /// the work of one filtered LIST. A page may end short (or empty) with a non-zero
+    /// cursor when it is reached.
+    pub list_filter_entries_max: u32,
+    /// Most prefix watches with a filter across all sessions: each costs an evaluation
+    /// of its filter on every grant and release under its prefix.
+    pub watch_filters_max: u32,
     /// Payload bytes times recipients one BROADCAST may fan out to.
     pub broadcast_fanout_bytes_max: u64,
     /// Events buffered for a session while it has no connection; past this the buffer
@@ -86,6 +94,8 @@ impl Default for Config {
             lease_ms_max: LEASE_MS_MAX,
             list_limit_max: limits::LIST_LIMIT_MAX,
             list_scan_slots_max: 65_536,
+            list_filter_entries_max: 256,
+            watch_filters_max: 64,
             broadcast_fanout_bytes_max: 256 << 20,
             detached_event_bytes_max: 1 << 20,
             frame_bytes_max: limits::FRAME_BYTES_MAX as u32,
@@ -189,6 +199,18 @@ impl Config {
             "list_scan_slots_max",
             self.list_scan_slots_max.into(),
             1,
+            u32::MAX as u64,
+        )?;
+        within(
+            "list_filter_entries_max",
+            self.list_filter_entries_max.into(),
+            1,
+            u32::MAX as u64,
+        )?;
+        within(
+            "watch_filters_max",
+            self.watch_filters_max.into(),
+            0,
             u32::MAX as u64,
         )?;
         within(

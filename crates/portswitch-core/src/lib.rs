@@ -47,6 +47,7 @@
 
 mod config;
 mod core;
+pub mod filter;
 mod table;
 
 pub use crate::config::{Config, ConfigError, LEASE_MS_DEFAULT, LEASE_MS_MAX, LEASE_MS_MIN};

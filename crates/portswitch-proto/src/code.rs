@@ -95,6 +95,11 @@ pub enum ErrorCode {
     /// The session's user was deleted (sent with GOAWAY; the session is over and its
     /// ports are released).
     UserRemoved,
+    /// A filter expression (LIST_WHERE, or WATCH with the WHERE flag) that does not
+    /// compile: a syntax or type error, an unknown field, or a limit of the query
+    /// language exceeded. The message says what and where (`line:column`, with the
+    /// offending line and a caret). Only this request fails.
+    QueryInvalid,
     /// A code this library does not know.
     Other(u16),
 }
@@ -141,6 +146,7 @@ impl ErrorCode {
             ErrorCode::PortsFull => 36,
             ErrorCode::LoginTimeout => 37,
             ErrorCode::UserRemoved => 38,
+            ErrorCode::QueryInvalid => 39,
             ErrorCode::Other(n) => n,
         }
     }
@@ -186,6 +192,7 @@ impl ErrorCode {
             36 => ErrorCode::PortsFull,
             37 => ErrorCode::LoginTimeout,
             38 => ErrorCode::UserRemoved,
+            39 => ErrorCode::QueryInvalid,
             n => ErrorCode::Other(n),
         }
     }
@@ -231,6 +238,7 @@ impl ErrorCode {
             ErrorCode::PortsFull => "ports_full",
             ErrorCode::LoginTimeout => "login_timeout",
             ErrorCode::UserRemoved => "user_removed",
+            ErrorCode::QueryInvalid => "query_invalid",
             ErrorCode::Other(_) => "other",
         }
     }

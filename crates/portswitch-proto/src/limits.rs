@@ -57,6 +57,11 @@ pub const ADDR_BYTES_MAX: usize = 256;
 /// Most entries one LIST page may ask for.
 pub const LIST_LIMIT_MAX: u32 = 4_096;
 
+/// Longest filter expression a LIST_WHERE or a filtered prefix WATCH may carry (bytes
+/// of `portswitch-query` source). A filter selects ports by their fields; 4 KiB is far
+/// beyond any written by hand, and keeps what a server compiles per request small.
+pub const QUERY_BYTES_MAX: usize = 4_096;
+
 /// Most name/value pairs in a STATS reply.
 pub const STATS_ENTRIES_MAX: usize = 256;
 
@@ -74,6 +79,10 @@ pub const EVENT_BYTES_MAX: usize =
 /// Encoded size of one LIST entry at its largest.
 pub const PAGE_ENTRY_BYTES_MAX: usize =
     2 + PORT_NAME_BYTES_MAX + 8 + 8 + 2 + NODE_NAME_BYTES_MAX + 2 + VALUE_BYTES_MAX;
+
+/// Encoded size of the largest LIST_WHERE (the longest prefix and filter).
+pub const LIST_WHERE_BYTES_MAX: usize =
+    MESSAGE_HEADER_BYTES + 2 + PORT_NAME_BYTES_MAX + 8 + 4 + 2 + QUERY_BYTES_MAX;
 
 // Any single message must fit in a frame, or a valid request could never be sent and a
 // valid event never delivered.
@@ -94,3 +103,6 @@ const _: () = assert!(MESSAGE_HEADER_BYTES + 4 + AUTH_DATA_BYTES_MAX <= FRAME_BY
 const _: () = assert!(PORT_NAME_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(VALUE_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(CREDENTIALS_BYTES_MAX <= u16::MAX as usize);
+// Filters travel as b16, and a filtered request (even before login) fits any frame.
+const _: () = assert!(QUERY_BYTES_MAX <= u16::MAX as usize);
+const _: () = assert!(LIST_WHERE_BYTES_MAX <= FRAME_BYTES_BEFORE_LOGIN);

@@ -34,6 +34,10 @@ pub mod op {
     /// follow on the connection belong to. Its request-id field holds the channel
     /// number; its body is empty. See [`crate::msg::CHANNELS_MAX`].
     pub const CHANNEL: u8 = 0x10;
+    /// LIST with a filter expression (a new opcode rather than a field appended to
+    /// LIST: a server that predates filters must refuse it, `unknown_command`, not
+    /// ignore the filter and list everything).
+    pub const LIST_WHERE: u8 = 0x11;
 
     pub const HELLO_OK: u8 = 0x81;
     pub const OK: u8 = 0x82;
@@ -70,6 +74,10 @@ pub const CHANNELS_MAX: u32 = 1 << 16;
 pub const REGISTER_WAIT: u8 = 0x01;
 /// WATCH / UNWATCH / BROADCAST flag: the name is a prefix.
 pub const PREFIX: u8 = 0x01;
+/// WATCH flag (with [`PREFIX`] only): a filter expression `b16` follows the name, and
+/// only events it selects are delivered. A server that predates filters refuses the
+/// unknown bit (`invalid_argument`) rather than deliver everything.
+pub const WATCH_WHERE: u8 = 0x02;
 
 /// Why a message body could not be decoded. The message's framing was intact, so only
 /// this request fails (with [`BodyError::code`]); the connection carries on.
@@ -205,6 +213,12 @@ pub enum Request<'a> {
         name: &'a [u8],
         prefix: bool,
     },
+    /// WATCH of a prefix with a filter: body `flags u8 (PREFIX | WATCH_WHERE), prefix
+    /// b16, filter b16`. Only events the filter selects are delivered.
+    WatchWhere {
+        prefix: &'a [u8],
+        filter: &'a [u8],
+    },
     /// Body: `flags u8, name b16`.
     Unwatch {
         name: &'a [u8],
@@ -226,6 +240,14 @@ pub enum Request<'a> {
         prefix: &'a [u8],
         cursor: u64,
         limit: u32,
+    },
+    /// LIST_WHERE: body `prefix b16, cursor u64, limit u32, filter b16`. Answered with
+    /// PAGE like LIST, holding only the ports the filter selects.
+    ListWhere {
+        prefix: &'a [u8],
+        cursor: u64,
+        limit: u32,
+        filter: &'a [u8],
     },
     /// Body: empty.
     Bye,
@@ -260,11 +282,12 @@ impl<'a> Request<'a> {
             Request::Register { .. } => op::REGISTER,
             Request::Unregister { .. } => op::UNREGISTER,
             Request::Query { .. } => op::QUERY,
-            Request::Watch { .. } => op::WATCH,
+            Request::Watch { .. } | Request::WatchWhere { .. } => op::WATCH,
             Request::Unwatch { .. } => op::UNWATCH,
             Request::Send { .. } => op::SEND,
             Request::Broadcast { .. } => op::BROADCAST,
             Request::List { .. } => op::LIST,
+            Request::ListWhere { .. } => op::LIST_WHERE,
             Request::Bye => op::BYE,
             Request::Stats => op::STATS,
             Request::Auth { .. } => op::AUTH,
@@ -279,6 +302,7 @@ impl<'a> Request<'a> {
         use ErrorCode::*;
         let mut r = Reader::new(body);
         let port = |r: &mut Reader<'a>| r.b16(PORT_NAME_BYTES_MAX, NameTooLong, "port name");
+        let filter = |r: &mut Reader<'a>| r.b16(QUERY_BYTES_MAX, QueryInvalid, "filter");
         Ok(match opcode {
             op::HELLO => {
                 let version_min = r.u16("version_min")?;
@@ -320,10 +344,26 @@ impl<'a> Request<'a> {
                 port: port(&mut r)?,
             },
             op::WATCH | op::UNWATCH => {
-                let flags = check_flags(r.u8("flags")?, PREFIX)?;
+                let known = if opcode == op::WATCH {
+                    PREFIX | WATCH_WHERE
+                } else {
+                    PREFIX
+                };
+                let flags = check_flags(r.u8("flags")?, known)?;
                 let name = port(&mut r)?;
                 let prefix = flags & PREFIX != 0;
-                if opcode == op::WATCH {
+                if flags & WATCH_WHERE != 0 {
+                    if !prefix {
+                        return Err(body_err(
+                            InvalidArgument,
+                            "WATCH_WHERE needs the PREFIX flag",
+                        ));
+                    }
+                    Request::WatchWhere {
+                        prefix: name,
+                        filter: filter(&mut r)?,
+                    }
+                } else if opcode == op::WATCH {
                     Request::Watch { name, prefix }
                 } else {
                     Request::Unwatch { name, prefix }
@@ -353,6 +393,17 @@ impl<'a> Request<'a> {
                     limit,
                 }
             }
+            op::LIST_WHERE => {
+                let prefix = port(&mut r)?;
+                let cursor = r.u64("cursor")?;
+                let limit = r.u32("limit")?;
+                Request::ListWhere {
+                    prefix,
+                    cursor,
+                    limit,
+                    filter: filter(&mut r)?,
+                }
+            }
             op::BYE => Request::Bye,
             op::STATS => Request::Stats,
             op::AUTH => Request::Auth {
@@ -380,11 +431,15 @@ impl<'a> Request<'a> {
             Request::Register { port, value, .. } => 1 + 2 + port.len() + 2 + value.len(),
             Request::Unregister { port } | Request::Query { port } => 2 + port.len(),
             Request::Watch { name, .. } | Request::Unwatch { name, .. } => 1 + 2 + name.len(),
+            Request::WatchWhere { prefix, filter } => 1 + 2 + prefix.len() + 2 + filter.len(),
             Request::Send { port, payload } => 2 + port.len() + 4 + payload.len(),
             Request::Broadcast { prefix, payload } => {
                 1 + 2 + prefix.map_or(0, |p| p.len()) + 4 + payload.len()
             }
             Request::List { prefix, .. } => 2 + prefix.len() + 8 + 4,
+            Request::ListWhere { prefix, filter, .. } => {
+                2 + prefix.len() + 8 + 4 + 2 + filter.len()
+            }
             Request::Auth { data } => 2 + data.len(),
             Request::Admin { command } => 4 + command.len(),
             Request::Reclaim { port, value, .. } => 2 + port.len() + 8 + 2 + value.len(),
@@ -422,6 +477,11 @@ impl<'a> Request<'a> {
                 b.put_u8(if prefix { PREFIX } else { 0 });
                 put_b16(b, name);
             }
+            Request::WatchWhere { prefix, filter } => {
+                b.put_u8(PREFIX | WATCH_WHERE);
+                put_b16(b, prefix);
+                put_b16(b, filter);
+            }
             Request::Send { port, payload } => {
                 put_b16(b, port);
                 put_b32(b, payload);
@@ -439,6 +499,17 @@ impl<'a> Request<'a> {
                 put_b16(b, prefix);
                 b.put_u64(cursor);
                 b.put_u32(limit);
+            }
+            Request::ListWhere {
+                prefix,
+                cursor,
+                limit,
+                filter,
+            } => {
+                put_b16(b, prefix);
+                b.put_u64(cursor);
+                b.put_u32(limit);
+                put_b16(b, filter);
             }
             Request::Auth { data } => put_b16(b, data),
             Request::Admin { command } => put_b32(b, command),

@@ -105,6 +105,10 @@ fn help_for(name: &str) -> &'static str {
         "recovering" => "1 while this master's recovery window is open",
         "sessions_adopted_total" => "Sessions of an earlier master adopted in the recovery window",
         "ports_reclaimed_total" => "Ports taken back with RECLAIM in the recovery window",
+        "watch_filters" => "Prefix watches with a filter expression",
+        "filter_errors_total" => {
+            "Filter evaluations that failed (that port left out of its LIST page, that event not delivered)"
+        }
         "connections" => "Open client connections",
         "connections_total" => "Client connections accepted",
         "connections_rejected_total" => "Connections refused at connections_max",

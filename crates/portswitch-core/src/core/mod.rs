@@ -15,6 +15,7 @@ use portswitch_proto::{ErrorCode, Event, FrameBuf, Hello, HelloOk, Reply, Reques
 use portswitch_auth::acl::{Access, Perm};
 
 use crate::config::Config;
+use crate::filter::{Filter, Record, Scope};
 use crate::table::{PortTable, Waiter, NONE};
 
 mod listing;
@@ -75,6 +76,11 @@ pub struct Stats {
     pub sessions_adopted_total: u64,
     /// Ports taken back with RECLAIM.
     pub ports_reclaimed_total: u64,
+    /// Prefix watches with a filter (WATCH_WHERE).
+    pub watch_filters: u64,
+    /// Filter evaluations that failed (an error or a budget exceeded on one port or
+    /// event): that port is left out of its page, that event not delivered.
+    pub filter_errors_total: u64,
 }
 
 #[derive(Debug)]
@@ -131,10 +137,11 @@ fn required<'r>(req: &Request<'r>) -> Option<(Perm, &'r [u8])> {
         Request::Register { port, .. } | Request::Unregister { port } => (Perm::Register, port),
         Request::Query { port } => (Perm::Query, port),
         Request::Watch { name, .. } => (Perm::Watch, name),
+        Request::WatchWhere { prefix, .. } => (Perm::Watch, prefix),
         Request::Send { port, .. } => (Perm::Send, port),
         // A broadcast to everyone needs the permission on the empty prefix.
         Request::Broadcast { prefix, .. } => (Perm::Broadcast, prefix.unwrap_or(&[])),
-        Request::List { prefix, .. } => (Perm::List, prefix),
+        Request::List { prefix, .. } | Request::ListWhere { prefix, .. } => (Perm::List, prefix),
         Request::Hello(_)
         | Request::Auth { .. }
         | Request::Admin { .. }
@@ -156,6 +163,8 @@ struct Missed {
 struct PrefixWatch {
     prefix: Box<[u8]>,
     session: u32,
+    /// Only events this selects are delivered (WATCH_WHERE).
+    filter: Option<Box<Filter>>,
 }
 
 /// Why a session ends.
@@ -191,6 +200,9 @@ pub struct Core {
     conn_sessions: hashbrown::HashMap<ConnId, u32, foldhash::fast::RandomState>,
     ports: PortTable,
     prefix_watches: Vec<PrefixWatch>,
+    /// How many of `prefix_watches` have a filter: while 0, grants and releases build
+    /// no filter records at all.
+    watch_filters: u32,
     expiry: BinaryHeap<Reverse<(u64, u64)>>,
     /// Ended sessions still releasing ports, oldest first.
     ending: std::collections::VecDeque<u32>,
@@ -239,6 +251,7 @@ impl Core {
             conn_sessions: Default::default(),
             ports: PortTable::new(seed[0]),
             prefix_watches: Vec::new(),
+            watch_filters: 0,
             expiry: BinaryHeap::new(),
             ending: Default::default(),
             secret_keys: (seed[1], seed[2]),
@@ -320,6 +333,7 @@ impl Core {
         s.ports_owned = self.ports.owned() as u64;
         s.port_entries = self.ports.len() as u64;
         s.prefix_watches = self.prefix_watches.len() as u64;
+        s.watch_filters = self.watch_filters as u64;
         s.table_heap_bytes = self.ports.heap_bytes() as u64;
         s.recovering = self.recovery_until.is_some() as u64;
         s
@@ -410,6 +424,10 @@ impl Core {
                 return;
             }
             Request::Watch { name, prefix } => self.watch(b, name, prefix),
+            Request::WatchWhere { prefix, filter } => {
+                self.watch_where(b, id, prefix, filter, out);
+                return;
+            }
             Request::Unwatch { name, prefix } => self.unwatch(b, name, prefix),
             Request::Send { port, payload } => self.send(b, port, payload, out),
             Request::Broadcast { prefix, payload } => self.broadcast(b, prefix, payload, out),
@@ -418,7 +436,16 @@ impl Core {
                 cursor,
                 limit,
             } => {
-                self.list(b.conn, id, prefix, cursor, limit, out);
+                self.list(b.conn, id, prefix, cursor, limit, None, out);
+                return;
+            }
+            Request::ListWhere {
+                prefix,
+                cursor,
+                limit,
+                filter,
+            } => {
+                self.list(b.conn, id, prefix, cursor, limit, Some(filter), out);
                 return;
             }
             Request::Bye => {

@@ -80,7 +80,15 @@ impl Core {
                 token,
                 node: &node,
             };
-            self.notify_watchers(port, &name, &ev, out);
+            let record = (self.watch_filters > 0).then_some(Record {
+                name: &name,
+                value,
+                session: sid,
+                node: &node,
+                token,
+                event: Some("claimed"),
+            });
+            self.notify_watchers(port, &name, &ev, record.as_ref(), out);
         }
         token
     }
@@ -97,6 +105,12 @@ impl Core {
             s.ports[pos as usize] = last;
             self.ports.get_mut(last).owner_pos = pos;
         }
+        // What filtered watches see of the port: as it was before the release.
+        let before = (self.watch_filters > 0).then(|| {
+            let s = &self.sessions[owner as usize];
+            let value: Box<[u8]> = self.ports.value(port).into();
+            (s.id, s.node.clone(), value)
+        });
         let token = self.ports.clear_owner(port);
         self.stats.releases_total += 1;
         if self.recovery_until.is_some() {
@@ -107,7 +121,16 @@ impl Core {
         let has_extra = self.ports.extra(port).is_some();
         if has_extra || !self.prefix_watches.is_empty() {
             let name: Box<[u8]> = self.ports.get(port).name().into();
-            self.notify_watchers(port, &name, &Event::Released { port: &name, token }, out);
+            let record = before.as_ref().map(|(session, node, value)| Record {
+                name: &name,
+                value,
+                session: *session,
+                node,
+                token,
+                event: Some("released"),
+            });
+            let ev = Event::Released { port: &name, token };
+            self.notify_watchers(port, &name, &ev, record.as_ref(), out);
             if self.ports.extra(port).is_some_and(|x| !x.queue.is_empty()) {
                 self.grant_first_waiter(port, &name, out);
             }

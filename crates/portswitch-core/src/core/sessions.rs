@@ -370,9 +370,7 @@ impl Core {
             self.ports.remove_if_unused(port);
         }
         if self.sessions[slot as usize].prefix_watches > 0 {
-            let before = self.prefix_watches.len();
-            self.prefix_watches.retain(|p| p.session != slot);
-            self.stats.watches -= (before - self.prefix_watches.len()) as u64;
+            self.drop_prefix_watches(|p| p.session == slot);
         }
         let s = &mut self.sessions[slot as usize];
         s.missed = None;

@@ -3,11 +3,16 @@
 use super::*;
 
 impl Core {
+    /// Tells the port's watchers and the prefix watches it falls under about `ev`.
+    /// `record` is the port as filters see it: given whenever a filtered prefix watch
+    /// exists (`watch_filters > 0`), and then evaluated by each filtered watch whose
+    /// prefix matches; a failed evaluation is counted and delivers nothing.
     pub(super) fn notify_watchers(
         &mut self,
         port: u32,
         name: &[u8],
         ev: &Event<'_>,
+        record: Option<&Record<'_>>,
         out: &mut impl Outbox,
     ) {
         if let Some(x) = self.ports.extra(port) {
@@ -19,12 +24,23 @@ impl Core {
             }
         }
         if !self.prefix_watches.is_empty() {
+            let mut errors = 0u64;
             let targets: Vec<u32> = self
                 .prefix_watches
                 .iter()
                 .filter(|p| name.starts_with(&p.prefix))
+                .filter(|p| match (&p.filter, record) {
+                    (None, _) => true,
+                    (Some(f), Some(r)) => f.matches(r).unwrap_or_else(|_| {
+                        errors += 1;
+                        false
+                    }),
+                    // Callers pass a record whenever a filtered watch exists.
+                    (Some(_), None) => false,
+                })
                 .map(|p| p.session)
                 .collect();
+            self.stats.filter_errors_total += errors;
             for w in targets {
                 self.deliver(w, ev, out);
             }
@@ -49,11 +65,15 @@ impl Core {
         let s = &self.sessions[me as usize];
         let watching = s.watches.len() + s.prefix_watches as usize;
         if prefix {
-            if self
+            if let Some(p) = self
                 .prefix_watches
-                .iter()
-                .any(|p| p.session == me && &*p.prefix == name)
+                .iter_mut()
+                .find(|p| p.session == me && &*p.prefix == name)
             {
+                // The latest WATCH of a prefix says its filter: none, now.
+                if p.filter.take().is_some() {
+                    self.watch_filters -= 1;
+                }
                 return Ok(Reply::Watching { owner: None });
             }
             if watching >= self.cfg.watches_per_session_max as usize {
@@ -68,6 +88,7 @@ impl Core {
             self.prefix_watches.push(PrefixWatch {
                 prefix: name.into(),
                 session: me,
+                filter: None,
             });
             self.sessions[me as usize].prefix_watches += 1;
             self.stats.watches += 1;
@@ -109,12 +130,8 @@ impl Core {
     ) -> Result<Reply<'static>, Fail> {
         let me = b.session;
         if prefix {
-            let before = self.prefix_watches.len();
-            self.prefix_watches
-                .retain(|p| !(p.session == me && &*p.prefix == name));
-            let removed = (before - self.prefix_watches.len()) as u32;
+            let removed = self.drop_prefix_watches(|p| p.session == me && &*p.prefix == name);
             self.sessions[me as usize].prefix_watches -= removed;
-            self.stats.watches -= removed as u64;
             return Ok(Reply::Ok);
         }
         self.check_name(name)?;
@@ -134,5 +151,95 @@ impl Core {
             }
         }
         Ok(Reply::Ok)
+    }
+
+    /// Removes the prefix watches `which` selects (keeping the counts of watches and
+    /// filters); returns how many.
+    pub(super) fn drop_prefix_watches(&mut self, which: impl Fn(&PrefixWatch) -> bool) -> u32 {
+        let before = self.prefix_watches.len();
+        let mut filters = 0u32;
+        self.prefix_watches.retain(|p| {
+            let drop = which(p);
+            filters += u32::from(drop && p.filter.is_some());
+            !drop
+        });
+        self.watch_filters -= filters;
+        let removed = (before - self.prefix_watches.len()) as u32;
+        self.stats.watches -= removed as u64;
+        removed
+    }
+
+    /// WATCH of a prefix with a filter (WATCH_WHERE). The filter is compiled once,
+    /// here; watching a prefix the session already watches replaces its filter.
+    pub(super) fn watch_where(
+        &mut self,
+        b: &Batch,
+        id: u32,
+        prefix: &[u8],
+        source: &[u8],
+        out: &mut impl Outbox,
+    ) {
+        let me = b.session;
+        let result = (|| {
+            if prefix.len() > self.cfg.port_name_bytes_max as usize {
+                return Err(Fail::Code(
+                    ErrorCode::NameTooLong,
+                    "prefix longer than port_name_bytes_max",
+                ));
+            }
+            let existing = self
+                .prefix_watches
+                .iter()
+                .position(|p| p.session == me && &*p.prefix == prefix);
+            let s = &self.sessions[me as usize];
+            if existing.is_none() {
+                if s.watches.len() + s.prefix_watches as usize
+                    >= self.cfg.watches_per_session_max as usize
+                {
+                    return Err(WATCHES_FULL);
+                }
+                if self.prefix_watches.len() >= self.cfg.prefix_watches_max as usize {
+                    return Err(Fail::Code(
+                        ErrorCode::PrefixWatchesMax,
+                        "the server holds prefix_watches_max prefix watches",
+                    ));
+                }
+            }
+            let had_filter = existing.is_some_and(|i| self.prefix_watches[i].filter.is_some());
+            if !had_filter && self.watch_filters >= self.cfg.watch_filters_max {
+                return Err(Fail::Code(
+                    ErrorCode::PrefixWatchesMax,
+                    "the server holds watch_filters_max filtered prefix watches",
+                ));
+            }
+            Ok(existing)
+        })();
+        let existing = match result {
+            Ok(existing) => existing,
+            Err(Fail::Code(code, msg)) => return self.error(b.conn, id, code, msg, out),
+            Err(Fail::Taken { .. }) => unreachable!("a watch is never taken"),
+        };
+        let filter = match Filter::compile(source, Scope::Watch) {
+            Ok(f) => Box::new(f),
+            Err(msg) => return self.error(b.conn, id, ErrorCode::QueryInvalid, &msg, out),
+        };
+        match existing {
+            Some(i) => {
+                if self.prefix_watches[i].filter.replace(filter).is_none() {
+                    self.watch_filters += 1;
+                }
+            }
+            None => {
+                self.prefix_watches.push(PrefixWatch {
+                    prefix: prefix.into(),
+                    session: me,
+                    filter: Some(filter),
+                });
+                self.watch_filters += 1;
+                self.sessions[me as usize].prefix_watches += 1;
+                self.stats.watches += 1;
+            }
+        }
+        out.reply(b.conn, id, &Reply::Watching { owner: None });
     }
 }

@@ -69,6 +69,8 @@ impl StatsSnapshot {
             ("recovering", c.recovering),
             ("sessions_adopted_total", c.sessions_adopted_total),
             ("ports_reclaimed_total", c.ports_reclaimed_total),
+            ("watch_filters", c.watch_filters),
+            ("filter_errors_total", c.filter_errors_total),
             ("connections", self.connections),
             ("connections_total", self.connections_total),
             (

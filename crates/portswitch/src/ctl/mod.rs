@@ -126,6 +126,11 @@ enum Cmd {
         /// Stop after this many.
         #[arg(long)]
         limit: Option<usize>,
+        /// Only ports this expression selects, evaluated by the server (the query
+        /// language over `name`, `value`, `text`, `session`, `node`, `token`, `json`),
+        /// e.g. `text.startsWith("10.0.")`. Exit code 2 if it does not compile.
+        #[arg(long = "where", value_name = "EXPR")]
+        filter: Option<String>,
     },
     /// Print a port's changes (or, with --prefix, those of every port under it).
     Watch {
@@ -135,6 +140,11 @@ enum Cmd {
         /// Exit after this many changes.
         #[arg(long)]
         count: Option<usize>,
+        /// With --prefix: only changes this expression selects, evaluated by the
+        /// server (over `name`, `value`, `text`, `session`, `node`, `token`, `json`
+        /// and `event`, "claimed" or "released"). Exit code 2 if it does not compile.
+        #[arg(long = "where", value_name = "EXPR", requires = "prefix")]
+        filter: Option<String>,
     },
     /// Relay a message to a port's owner.
     Send { name: String, payload: String },
@@ -463,14 +473,19 @@ async fn dispatch(args: CtlArgs, ctx: &Ctx) -> AppResult {
         }
         Cmd::Unregister { name, session } => ports::unregister(ctx, opts, name, session).await,
         Cmd::Query { name } => ports::query(ctx, opts, name).await,
-        Cmd::List { prefix, limit } => ports::list(ctx, opts, prefix, limit).await,
+        Cmd::List {
+            prefix,
+            limit,
+            filter,
+        } => ports::list(ctx, opts, prefix, limit, filter).await,
         Cmd::Send { name, payload } => ports::send(ctx, opts, name, payload).await,
         Cmd::Broadcast { payload, prefix } => ports::broadcast(ctx, opts, payload, prefix).await,
         Cmd::Watch {
             name,
             prefix,
             count,
-        } => wait::watch(ctx, opts, name, prefix, count).await,
+            filter,
+        } => wait::watch(ctx, opts, name, prefix, count, filter).await,
         Cmd::Lock {
             name,
             kill_after_ms,

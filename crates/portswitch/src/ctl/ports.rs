@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use portswitch_client::{ClientOptions, Event, RegisterOutcome, SendOutcome};
+use portswitch_client::{ClientOptions, ErrorCode, Event, RegisterOutcome, SendOutcome};
 use serde_json::json;
 
 use super::connect::interrupted;
@@ -184,6 +184,7 @@ pub(super) async fn list(
     opts: ClientOptions,
     prefix: String,
     limit: Option<usize>,
+    filter: Option<String>,
 ) -> AppResult {
     let out = ctx.out;
     let client = ctx.connect(opts).await?;
@@ -191,7 +192,15 @@ pub(super) async fn list(
     let mut cursor = 0;
     let mut shown_count = 0usize;
     'pages: loop {
-        let page = client.list(&prefix, cursor, page_limit).await?;
+        // With a filter a page may be short, even empty, before the end: the cursor
+        // alone says whether more remain.
+        let page = match &filter {
+            Some(f) => match client.list_where(&prefix, f, cursor, page_limit).await {
+                Ok(page) => page,
+                Err(e) => return filter_refused(&client, e).await,
+            },
+            None => client.list(&prefix, cursor, page_limit).await?,
+        };
         for o in page.entries {
             if limit.is_some_and(|l| shown_count >= l) {
                 break 'pages;
@@ -216,6 +225,34 @@ pub(super) async fn list(
     }
     client.close().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `--where` filter the server refused (`query_invalid`): its message, which gives
+/// the position with the line and a caret, on standard error line by line, and exit
+/// code 2 (as `portswitch query` does for an expression that does not compile). Any
+/// other error is returned as it is.
+pub(super) async fn filter_refused(
+    client: &portswitch_client::Client,
+    e: portswitch_client::Error,
+) -> AppResult {
+    let portswitch_client::Error::Server {
+        code: ErrorCode::QueryInvalid,
+        message,
+        ..
+    } = &e
+    else {
+        return Err(e.into());
+    };
+    let mut lines = message.lines();
+    note(&format!(
+        "error: --where does not compile: {}",
+        shown(lines.next().unwrap_or(""))
+    ));
+    for line in lines {
+        note(&shown(line));
+    }
+    let _ = client.close().await;
+    Ok(ExitCode::from(2))
 }
 
 /// `ctl send`: relays a message to a port's owner (exit code 3 if it has none).

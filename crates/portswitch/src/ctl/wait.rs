@@ -53,11 +53,20 @@ pub(super) async fn watch(
     name: String,
     prefix: bool,
     count: Option<usize>,
+    filter: Option<String>,
 ) -> AppResult {
     let out = ctx.out;
     let client = ctx.connect(opts).await?;
     let mut events = client.events();
-    if prefix {
+    if let Some(f) = &filter {
+        if let Err(e) = client.watch_prefix_where(&name, f).await {
+            return super::ports::filter_refused(&client, e).await;
+        }
+        out.line(
+            format!("watching prefix {} where {}", shown(&name), shown(f)),
+            json!({"watching": name, "prefix": true, "where": f}),
+        )?;
+    } else if prefix {
         client.watch_prefix(&name).await?;
         out.line(
             format!("watching prefix {}", shown(&name)),
