@@ -442,6 +442,21 @@ impl MqClient {
     /// Joins `group` on `queue` as a new consumer with `credit` messages in flight per
     /// partition at most.
     pub async fn subscribe(&self, queue: &str, group: &str, credit: u32) -> Result<Consumer> {
+        self.subscribe_with(queue, group, credit, None).await
+    }
+
+    /// [`MqClient::subscribe`] with a selector (docs/MQ.md, "Selectors"): the group
+    /// receives only the messages it matches. The first subscription of a group sets
+    /// its selector; a later one must ask for the same (or none when none), else the
+    /// broker answers `selector_mismatch`. A selector that does not compile gets
+    /// `bad_selector` with the compiler's line, column and excerpt.
+    pub async fn subscribe_with(
+        &self,
+        queue: &str,
+        group: &str,
+        credit: u32,
+        selector: Option<&str>,
+    ) -> Result<Consumer> {
         let (tx, rx) = mpsc::unbounded_channel();
         // The id is known only from the reply; deliveries that come before it wait in
         // `early` and are handed over here.
@@ -450,6 +465,7 @@ impl MqClient {
                 queue: queue.to_string(),
                 group: group.to_string(),
                 credit,
+                selector: selector.map(str::to_string),
             })
             .await?;
         let Reply::Subscribed { consumer } = reply else {

@@ -349,11 +349,41 @@ impl Cluster {
         group: &str,
         credit: u32,
     ) -> Result<ClusterConsumer> {
+        self.subscribe_with(queue, group, credit, None).await
+    }
+
+    /// [`Cluster::subscribe`] with a selector (docs/MQ.md, "Selectors"). A selector
+    /// that does not compile (`bad_selector`) or differs from the group's
+    /// (`selector_mismatch`) is refused here, by a first subscription with no credit
+    /// on one broker, rather than retried.
+    pub async fn subscribe_with(
+        &self,
+        queue: &str,
+        group: &str,
+        credit: u32,
+        selector: Option<&str>,
+    ) -> Result<ClusterConsumer> {
         let (tx, rx) = mpsc::unbounded_channel();
         let me = self.clone();
         let (queue, group) = (queue.to_string(), group.to_string());
+        let selector = selector.map(str::to_string);
         // Fails early if the queue does not exist.
         self.partition_count(&queue).await?;
+        // Fails early on a selector the group refuses (credit 0: nothing is delivered
+        // to this probe; dropping it unsubscribes).
+        if let Ok(c) = self.any().await {
+            if let Err(
+                e @ ClientError::Server {
+                    code: Code::BadSelector | Code::SelectorMismatch,
+                    ..
+                },
+            ) = c
+                .subscribe_with(&queue, &group, 0, selector.as_deref())
+                .await
+            {
+                return Err(e);
+            }
+        }
         let task = tokio::spawn(async move {
             let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
             loop {
@@ -364,15 +394,23 @@ impl Cluster {
                     for (name, addr) in list {
                         let alive = running.get(&name).is_some_and(|t| !t.is_finished());
                         if !alive {
-                            let (tx, queue, group, me) =
-                                (tx.clone(), queue.clone(), group.clone(), me.clone());
+                            let (tx, queue, group, me, selector) = (
+                                tx.clone(),
+                                queue.clone(),
+                                group.clone(),
+                                me.clone(),
+                                selector.clone(),
+                            );
                             running.insert(
                                 name,
                                 tokio::spawn(async move {
                                     let Ok(c) = me.client(&addr).await else {
                                         return;
                                     };
-                                    let mut cons = match c.subscribe(&queue, &group, credit).await {
+                                    let subscribed = c
+                                        .subscribe_with(&queue, &group, credit, selector.as_deref())
+                                        .await;
+                                    let mut cons = match subscribed {
                                         Ok(cons) => cons,
                                         // Not a replica of the queue, or going away:
                                         // asked again a little later.

@@ -21,6 +21,10 @@
 //!   back its later messages (SQS FIFO message groups).
 //! - The *low-water mark* is the lowest offset not yet acked or dead-lettered: the log
 //!   below it may be reclaimed (by every group's mark).
+//! - A message the group's selector does not match is [`Group::skip`]ped: settled for
+//!   the group without being delivered (a JetStream consumer's filtered-out message).
+//!   It is never outstanding, so it never holds back the low-water mark, and never
+//!   delivered or dead-lettered.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -157,6 +161,8 @@ pub struct Group {
     /// Offsets neither acked nor dead-lettered.
     outstanding: BTreeSet<u64>,
     next_offset: u64,
+    /// Messages skipped (not for this group's selector) since it was made.
+    skipped: u64,
 }
 
 impl Group {
@@ -175,7 +181,22 @@ impl Group {
             busy_keys: HashMap::new(),
             outstanding: BTreeSet::new(),
             next_offset: start,
+            skipped: 0,
         }
+    }
+
+    /// A message was appended that is not for this group (its selector does not match
+    /// it): settled for the group at once, never delivered, never outstanding.
+    pub fn skip(&mut self, offset: u64) -> Result<(), DeliveryError> {
+        if offset < self.next_offset {
+            return Err(DeliveryError::OutOfOrder {
+                offset,
+                expected: self.next_offset,
+            });
+        }
+        self.next_offset = offset + 1;
+        self.skipped += 1;
+        Ok(())
     }
 
     /// A message was appended to the partition.
@@ -530,6 +551,7 @@ impl Group {
             in_flight: self.in_flight.len(),
             consumers: self.consumers.len(),
             outstanding: self.outstanding.len(),
+            skipped: self.skipped,
         }
     }
 }
@@ -542,4 +564,108 @@ pub struct GroupStats {
     pub consumers: usize,
     /// Neither acked nor dead-lettered (the group's lag).
     pub outstanding: usize,
+    /// Skipped by the group's selector since the state was built.
+    pub skipped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(offset: u64) -> Entry {
+        Entry {
+            offset,
+            key: Bytes::new(),
+            not_before_ms: 0,
+            expires_ms: 0,
+        }
+    }
+
+    fn delivered(effects: &[Effect]) -> Vec<u64> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Deliver { offset, .. } => Some(*offset),
+                Effect::DeadLetter { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Offsets 0..10; the even ones match. Skipped ones are never delivered, never
+    /// outstanding, and do not hold the low-water mark back.
+    #[test]
+    fn skipped_messages_are_settled_and_never_delivered() {
+        let mut g = Group::new(DeliveryConfig::default(), 0);
+        g.join(1, 100).unwrap();
+        for o in 0..10 {
+            if o % 2 == 0 {
+                g.append(entry(o)).unwrap();
+            } else {
+                g.skip(o).unwrap();
+            }
+        }
+        assert_eq!(g.stats().outstanding, 5);
+        assert_eq!(g.stats().skipped, 5);
+        assert_eq!(g.low_water(), 0);
+        let got = delivered(&g.poll(0));
+        assert_eq!(got, vec![0, 2, 4, 6, 8]);
+        for o in got {
+            g.ack(1, o).unwrap();
+        }
+        // Past the last (skipped) message: nothing outstanding, the mark at the end.
+        assert_eq!(g.stats().outstanding, 0);
+        assert_eq!(g.low_water(), 10);
+        // Time passing (ack timeouts, expiries) brings none of them back.
+        assert!(g.poll(10_000_000).is_empty());
+        assert_eq!(g.next_wakeup(), None);
+        // Settling a skipped message is refused: it was never in flight.
+        assert_eq!(g.ack(1, 1), Err(DeliveryError::NotInFlight(1)));
+    }
+
+    #[test]
+    fn a_skipped_head_does_not_hold_the_mark_and_order_is_checked() {
+        let mut g = Group::new(DeliveryConfig::default(), 5);
+        g.skip(5).unwrap();
+        g.skip(6).unwrap();
+        assert_eq!(g.low_water(), 7);
+        g.append(entry(9)).unwrap();
+        assert_eq!(g.low_water(), 9);
+        assert_eq!(
+            g.skip(8),
+            Err(DeliveryError::OutOfOrder {
+                offset: 8,
+                expected: 10
+            })
+        );
+        g.skip(12).unwrap();
+        g.join(1, 1).unwrap();
+        assert_eq!(delivered(&g.poll(0)), vec![9]);
+        g.ack(1, 9).unwrap();
+        assert_eq!(g.low_water(), 13);
+    }
+
+    /// In ordered mode a skipped message of a key does not make the key busy: the
+    /// key's next matching message goes at once.
+    #[test]
+    fn skipping_does_not_hold_a_key_in_ordered_mode() {
+        let cfg = DeliveryConfig {
+            ordered_by_key: true,
+            ..DeliveryConfig::default()
+        };
+        let mut g = Group::new(cfg, 0);
+        g.join(1, 10).unwrap();
+        let k = |o| Entry {
+            key: Bytes::from_static(b"k"),
+            ..entry(o)
+        };
+        g.skip(0).unwrap();
+        g.append(k(1)).unwrap();
+        g.skip(2).unwrap();
+        g.append(k(3)).unwrap();
+        assert_eq!(delivered(&g.poll(0)), vec![1]);
+        g.ack(1, 1).unwrap();
+        assert_eq!(delivered(&g.poll(0)), vec![3]);
+        g.ack(1, 3).unwrap();
+        assert_eq!(g.low_water(), 4);
+    }
 }

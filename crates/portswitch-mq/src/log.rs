@@ -655,6 +655,11 @@ impl Log {
         Ok(())
     }
 
+    /// Whether [`Log::reclaim`] with `low_water` would delete a segment.
+    pub fn would_reclaim(&self, low_water: u64) -> bool {
+        self.segments.len() > 1 && self.segments[0].next <= low_water
+    }
+
     /// Deletes the segments every record of which is below `low_water` (acknowledged
     /// by every group); the last segment always stays. Returns how many went.
     pub fn reclaim(&mut self, low_water: u64) -> Result<usize> {

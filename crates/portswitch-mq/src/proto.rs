@@ -75,6 +75,11 @@ pub enum Code {
     /// Not confirmed: a majority of the partition's replicas did not answer in time
     /// (the message may still be kept: at-least-once, produce again).
     Unavailable = 13,
+    /// A SUBSCRIBE's selector does not compile (the message has the compiler's
+    /// position and excerpt) or is too long.
+    BadSelector = 14,
+    /// A SUBSCRIBE names a group whose state has another selector (or none).
+    SelectorMismatch = 15,
 }
 
 impl Code {
@@ -94,6 +99,8 @@ impl Code {
             Version,
             Fenced,
             Unavailable,
+            BadSelector,
+            SelectorMismatch,
         ]
         .into_iter()
         .find(|c| *c as u16 == v)
@@ -114,6 +121,8 @@ impl Code {
             Code::Version => "version",
             Code::Fenced => "fenced",
             Code::Unavailable => "unavailable",
+            Code::BadSelector => "bad_selector",
+            Code::SelectorMismatch => "selector_mismatch",
         }
     }
 }
@@ -224,6 +233,9 @@ pub enum Request {
         queue: String,
         group: String,
         credit: u32,
+        /// The group's selector (docs/MQ.md, "Selectors"); on the wire an optional
+        /// trailing string, absent from older clients' frames.
+        selector: Option<String>,
     },
     Credit {
         consumer: u64,
@@ -417,10 +429,14 @@ impl Request {
                 queue,
                 group,
                 credit,
+                selector,
             } => message(out, op::SUBSCRIBE, id, |b| {
                 put_bytes(b, queue.as_bytes());
                 put_bytes(b, group.as_bytes());
                 b.put_u32(*credit);
+                if let Some(s) = selector {
+                    put_bytes(b, s.as_bytes());
+                }
             }),
             Request::Credit { consumer, credit } => message(out, op::CREDIT, id, |b| {
                 b.put_u64(*consumer);
@@ -738,6 +754,17 @@ impl Request {
                 queue: r.name()?,
                 group: r.name()?,
                 credit: r.u32()?,
+                selector: if r.0.is_empty() {
+                    None
+                } else {
+                    // Bounded by the frame; its limit is checked by the broker, which
+                    // answers bad_selector.
+                    let b = r.bytes()?;
+                    Some(
+                        String::from_utf8(b.to_vec())
+                            .map_err(|_| DecodeError::Invalid("a selector that is not UTF-8"))?,
+                    )
+                },
             },
             op::CREDIT => Request::Credit {
                 consumer: r.u64()?,
@@ -919,6 +946,34 @@ mod tests {
         assert!(it.next().is_none());
     }
 
+    /// A SUBSCRIBE as clients before selectors wrote it (queue, group, credit and
+    /// nothing after) still decodes, with no selector.
+    #[test]
+    fn a_subscribe_without_a_selector_is_the_old_frame() {
+        let mut b = BytesMut::new();
+        message(&mut b, op::SUBSCRIBE, 1, |b| {
+            put_bytes(b, b"q");
+            put_bytes(b, b"g");
+            b.put_u32(5);
+        });
+        let mut new = BytesMut::new();
+        Request::Subscribe {
+            queue: "q".into(),
+            group: "g".into(),
+            credit: 5,
+            selector: None,
+        }
+        .encode(1, &mut new);
+        assert_eq!(b, new);
+        let (op, _, body) = messages(b.freeze()).next().unwrap().unwrap();
+        assert!(matches!(
+            Request::decode(op, body).unwrap(),
+            Request::Subscribe { selector: None, .. }
+        ));
+        assert_eq!(Code::from_u16(14), Some(Code::BadSelector));
+        assert_eq!(Code::from_u16(15), Some(Code::SelectorMismatch));
+    }
+
     #[test]
     fn every_request_and_reply_round_trips() {
         round_trip_request(Request::Hello { version: VERSION });
@@ -939,6 +994,18 @@ mod tests {
                 delay_ms: 5,
                 ttl_ms: 6,
             }],
+        });
+        round_trip_request(Request::Subscribe {
+            queue: "q".into(),
+            group: "g".into(),
+            credit: 10,
+            selector: None,
+        });
+        round_trip_request(Request::Subscribe {
+            queue: "q".into(),
+            group: "g".into(),
+            credit: 10,
+            selector: Some(r#"headers.reason == "expired""#.into()),
         });
         round_trip_request(Request::Settle {
             consumer: 3,

@@ -184,6 +184,13 @@ struct ConsumeArgs {
     /// Give up after this long without a message.
     #[arg(long)]
     idle_timeout_ms: Option<u64>,
+    /// Receive only the messages this expression matches (the query language over
+    /// `key`, `key_str`, `headers`, `payload`, `payload_str`, `json`, `timestamp`,
+    /// `offset`; see
+    /// docs/MQ.md, "Selectors"). The group's first subscription sets it; later ones
+    /// must give the same.
+    #[arg(long, value_name = "EXPR")]
+    selector: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -453,9 +460,23 @@ impl AnyConsumer {
         group: &str,
         credit: u32,
     ) -> Result<AnyConsumer, BoxError> {
+        AnyConsumer::subscribe_with(at, queue, group, credit, None).await
+    }
+
+    async fn subscribe_with(
+        at: &At,
+        queue: &str,
+        group: &str,
+        credit: u32,
+        selector: Option<&str>,
+    ) -> Result<AnyConsumer, BoxError> {
         Ok(match target(at).await? {
-            Target::One(c) => AnyConsumer::One(c.subscribe(queue, group, credit).await?),
-            Target::Group(c) => AnyConsumer::Group(c.subscribe(queue, group, credit).await?),
+            Target::One(c) => {
+                AnyConsumer::One(c.subscribe_with(queue, group, credit, selector).await?)
+            }
+            Target::Group(c) => {
+                AnyConsumer::Group(c.subscribe_with(queue, group, credit, selector).await?)
+            }
         })
     }
 
@@ -494,7 +515,9 @@ fn header<'a>(headers: &'a [u8], name: &str) -> Option<&'a str> {
 }
 
 async fn consume(a: ConsumeArgs) -> AppResult {
-    let mut consumer = AnyConsumer::subscribe(&a.at, &a.queue, &a.group, a.credit).await?;
+    let mut consumer =
+        AnyConsumer::subscribe_with(&a.at, &a.queue, &a.group, a.credit, a.selector.as_deref())
+            .await?;
     let how = match a.then.as_str() {
         "nack" => How::Nack,
         "reject" => How::Reject,

@@ -318,6 +318,7 @@ async fn dispatch(
             queue,
             group,
             credit,
+            selector,
         } => {
             let Some(q) = catalog.get(&queue) else {
                 return ready(error(MqError::UnknownQueue(queue)));
@@ -325,6 +326,15 @@ async fn dispatch(
             if let Err(e) = super::valid_name(&group) {
                 return ready(error(e));
             }
+            // Compiled once here (and shared with every partition); a selector that
+            // does not compile is refused with the compiler's position.
+            let selector = match selector.as_deref().map(|s| catalog.selector(s)) {
+                None => None,
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    return ready(error(MqError::BadSelector(crate::selector::describe(&e))))
+                }
+            };
             {
                 let c = consumers.lock().unwrap_or_else(|p| p.into_inner());
                 if c.len() >= limits.consumers_max {
@@ -344,6 +354,7 @@ async fn dispatch(
                         consumer,
                         credit,
                         sink: sink.clone(),
+                        selector: selector.clone(),
                         reply: tx,
                     })
                     .await;

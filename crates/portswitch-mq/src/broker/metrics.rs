@@ -37,6 +37,8 @@ pub struct Families {
     fsync_seconds: Family<QueueLabel, Histogram, fn() -> Histogram>,
     depth: Family<GroupLabel, Gauge>,
     in_flight: Family<GroupLabel, Gauge>,
+    selector_skipped: Family<GroupLabel, Counter>,
+    selector_errors: Family<GroupLabel, Counter>,
     elections: Family<QueueLabel, Counter>,
     truncated: Family<QueueLabel, Counter>,
     unconfirmed: Family<QueueLabel, Counter>,
@@ -59,6 +61,8 @@ impl Families {
             fsync_seconds: Family::new_with_constructor(fsync_histogram),
             depth: Family::default(),
             in_flight: Family::default(),
+            selector_skipped: Family::default(),
+            selector_errors: Family::default(),
             elections: Family::default(),
             truncated: Family::default(),
             unconfirmed: Family::default(),
@@ -116,6 +120,16 @@ impl Families {
             "group_in_flight",
             "Messages delivered to a group's consumers and not settled",
             f.in_flight.clone(),
+        );
+        reg.register(
+            "selector_skipped",
+            "Messages a group's selector did not match: settled for the group without delivery",
+            f.selector_skipped.clone(),
+        );
+        reg.register(
+            "selector_errors",
+            "Messages on which a group's selector failed to evaluate (skipped too, counted apart)",
+            f.selector_errors.clone(),
         );
         reg.register(
             "leader_elections",
@@ -201,6 +215,18 @@ impl QueueMetrics {
         (
             self.families.depth.get_or_create(&l).clone(),
             self.families.in_flight.get_or_create(&l).clone(),
+        )
+    }
+
+    /// A group's (selector skipped, selector errors) counters.
+    pub fn selector(&self, group: &str) -> (Counter, Counter) {
+        let l = GroupLabel {
+            queue: self.queue.clone(),
+            group: group.to_string(),
+        };
+        (
+            self.families.selector_skipped.get_or_create(&l).clone(),
+            self.families.selector_errors.get_or_create(&l).clone(),
         )
     }
 }

@@ -7,15 +7,16 @@ pub mod metrics;
 pub mod partition;
 mod replication;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::proto::{Code, QueueConfig, NAME_BYTES_MAX};
+use crate::selector::{Selector, SelectorError};
 use partition::{Cmd, Partition};
 
 /// Errors a request gets; each maps to a wire [`Code`].
@@ -47,6 +48,12 @@ pub enum MqError {
     Fenced(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The selector of a SUBSCRIBE does not compile (with the compiler's position).
+    #[error("{0}")]
+    BadSelector(String),
+    /// The group exists with another selector (or none): a group has one selector.
+    #[error("{0}")]
+    SelectorMismatch(String),
 }
 
 impl MqError {
@@ -65,6 +72,8 @@ impl MqError {
             MqError::Version(_) => Code::Version,
             MqError::Fenced(_) => Code::Fenced,
             MqError::Unavailable(_) => Code::Unavailable,
+            MqError::BadSelector(_) => Code::BadSelector,
+            MqError::SelectorMismatch(_) => Code::SelectorMismatch,
         }
     }
 }
@@ -169,6 +178,9 @@ pub struct Catalog {
     addr: String,
     me: String,
     peers: replication::Peers,
+    /// Compiled selectors by source, shared by every partition and subscription that
+    /// uses one (a group's selector is compiled once, not once per partition).
+    selectors: std::sync::Mutex<HashMap<String, Weak<Selector>>>,
 }
 
 /// The port a broker of the group owns while it runs; its value is the address.
@@ -219,6 +231,25 @@ fn valid_name(name: &str) -> Result<(), MqError> {
 }
 
 impl Catalog {
+    /// The compiled selector for `source`: compiled once while anything holds it.
+    pub fn selector(&self, source: &str) -> Result<Arc<Selector>, SelectorError> {
+        let lock = || self.selectors.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = lock().get(source).and_then(Weak::upgrade) {
+            return Ok(s);
+        }
+        // Compiled outside the lock (regexes may take milliseconds).
+        let s = Arc::new(Selector::compile(source)?);
+        let mut m = lock();
+        if let Some(s) = m.get(source).and_then(Weak::upgrade) {
+            return Ok(s);
+        }
+        if m.len() >= 64 {
+            m.retain(|_, w| w.strong_count() > 0);
+        }
+        m.insert(source.to_string(), Arc::downgrade(&s));
+        Ok(s)
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<QueueEntry>>> {
         self.queues.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -771,6 +802,7 @@ impl RunningBroker {
             addr: addr.to_string(),
             me: me.clone(),
             peers: replication::Peers::default(),
+            selectors: std::sync::Mutex::new(HashMap::new()),
         });
         // This broker is part of the group while it owns its port (a restarted broker
         // waits for its old session's port to be released).

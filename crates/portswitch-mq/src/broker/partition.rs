@@ -28,6 +28,7 @@ use crate::delivery::{DeadReason, DeliveryConfig, DeliveryError, Effect, Entry, 
 use crate::log::{Fsync, Log, LogConfig, LogError, Message, Record};
 use crate::proto::{Delivery, How, Outgoing, QueueConfig, Replicated, Settlement};
 use crate::replica::{self, Epochs};
+use crate::selector::{RecordView, Selector, Verdict};
 
 /// Commands taken in one turn at most.
 const TURN_COMMANDS_MAX: usize = 4096;
@@ -49,6 +50,10 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// Settlements in one control record at most (12 bytes each: well under the log's
 /// 1 MiB record limit).
 const SETTLED_PER_RECORD: usize = 32_768;
+/// A group with a selector writes its floor (a settle record without entries) once
+/// its low-water mark has moved this far past the floor it wrote, so that messages
+/// its selector skipped do not hold back replicas' reclaiming.
+const SKIPPED_FLOOR_STEP: u64 = 4096;
 /// The headers that mark a control record (producers cannot set headers).
 pub const CONTROL_HEADERS: &[u8] = b"mq.control\n";
 
@@ -64,8 +69,12 @@ pub enum Control {
     /// A leader began its epoch here (the record a majority must hold before anything
     /// earlier counts as confirmed).
     Epoch { token: u64 },
-    /// A group began reading the partition (replicas keep its settlements from now).
-    Group { name: String },
+    /// A group began reading the partition (replicas keep its settlements from now),
+    /// with its selector if it has one.
+    Group {
+        name: String,
+        selector: Option<String>,
+    },
     /// A group settled these offsets; everything below `floor` is settled.
     Settle {
         group: String,
@@ -84,10 +93,15 @@ impl Control {
                 b.put_u8(1);
                 b.put_u64(*token);
             }
-            Control::Group { name } => {
+            Control::Group { name, selector } => {
                 b.put_u8(2);
                 b.put_u16(name.len() as u16);
                 b.put_slice(name.as_bytes());
+                // After the name, so that brokers before selectors read the record.
+                if let Some(s) = selector {
+                    b.put_u32(s.len() as u32);
+                    b.put_slice(s.as_bytes());
+                }
             }
             Control::Settle {
                 group,
@@ -136,9 +150,22 @@ impl Control {
         }
         match b.get_u8() {
             1 if b.remaining() == 8 => Some(Control::Epoch { token: b.get_u64() }),
-            2 => Some(Control::Group {
-                name: name(&mut b)?,
-            }),
+            2 => {
+                let name = name(&mut b)?;
+                let selector = if b.remaining() == 0 {
+                    None
+                } else {
+                    if b.remaining() < 4 {
+                        return None;
+                    }
+                    let n = b.get_u32() as usize;
+                    if b.remaining() != n || n > crate::selector::SELECTOR_BYTES_MAX {
+                        return None;
+                    }
+                    Some(String::from_utf8(b.to_vec()).ok()?)
+                };
+                Some(Control::Group { name, selector })
+            }
             3 => {
                 let group = name(&mut b)?;
                 if b.remaining() < 12 {
@@ -344,6 +371,9 @@ pub enum Cmd {
         consumer: u64,
         credit: u32,
         sink: Sink,
+        /// The selector the subscriber asks for: the group's if the group is new here,
+        /// else it must be the group's.
+        selector: Option<Arc<Selector>>,
         reply: Done,
     },
     Credit {
@@ -418,12 +448,39 @@ pub enum Cmd {
 
 struct GroupState {
     acks: Acks,
+    /// The group's selector (kept in `groups/<name>.selector`).
+    selector: Option<Arc<Selector>>,
+    /// Messages the selector skipped, and those it failed on.
+    skipped: prometheus_client::metrics::counter::Counter,
+    selector_errors: prometheus_client::metrics::counter::Counter,
     /// While this broker leads.
     delivery: Option<Group>,
     /// consumer -> (credit, sink); kept while following, joined when leading.
     consumers: HashMap<u64, (u32, Sink)>,
     /// Settlements of this turn to write as a control record.
     settled: Vec<(u64, u32)>,
+}
+
+impl GroupState {
+    /// Whether the message is for this group (no selector: all are). A message the
+    /// selector does not match, or fails on, is counted and skipped.
+    fn admits(&self, r: &RecordView<'_>) -> bool {
+        let Some(s) = &self.selector else {
+            return true;
+        };
+        match s.matches(r) {
+            Verdict::Match => true,
+            Verdict::Skip => {
+                self.skipped.inc();
+                false
+            }
+            Verdict::Error(e) => {
+                self.selector_errors.inc();
+                tracing::debug!(offset = r.offset, error = %e, "a selector failed on a message: skipped");
+                false
+            }
+        }
+    }
 }
 
 /// A reply that waits for the high-water mark to pass `end`.
@@ -489,6 +546,10 @@ pub struct Partition {
     consumer_group: HashMap<u64, String>,
     /// Groups begun this turn (a control record tells the replicas).
     new_groups: Vec<String>,
+    /// Leader: where the last roster is — a group control record for every group, with
+    /// its selector — which reclaiming never passes, so that a replica starting again
+    /// at the log's start still learns each group's selector.
+    roster_at: Option<u64>,
     cache: Window,
     /// Records read from the log for this turn's deliveries.
     fetched: HashMap<u64, Cached>,
@@ -607,6 +668,7 @@ impl Partition {
             groups: BTreeMap::new(),
             consumer_group: HashMap::new(),
             new_groups: Vec::new(),
+            roster_at: None,
             cache: Window::default(),
             fetched: HashMap::new(),
             catalog,
@@ -635,7 +697,24 @@ impl Partition {
             }
         }
         for name in names {
-            p.open_group(&name)?;
+            let path = p.selector_path(&name);
+            let selector = match std::fs::read(&path) {
+                Ok(b) => {
+                    let src = String::from_utf8(b).map_err(|_| LogError::Corrupt {
+                        segment: path.clone(),
+                        position: 0,
+                        why: "a group's selector is not UTF-8",
+                    })?;
+                    Some(p.catalog.selector(&src).map_err(|_| LogError::Corrupt {
+                        segment: path.clone(),
+                        position: 0,
+                        why: "a group's selector does not compile",
+                    })?)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(source) => return Err(LogError::Io { path, source }),
+            };
+            p.open_group(&name, selector)?;
         }
         Ok(p)
     }
@@ -650,7 +729,64 @@ impl Partition {
             .map_err(io_error)
     }
 
-    fn open_group(&mut self, name: &str) -> Result<(), LogError> {
+    fn selector_path(&self, group: &str) -> PathBuf {
+        self.dir.join("groups").join(format!("{group}.selector"))
+    }
+
+    /// Keeps a group's selector on disk (before its settlement file exists, so that a
+    /// group is never found without the selector it was made with), or removes it.
+    fn save_selector(&self, group: &str, selector: Option<&Selector>) -> Result<(), LogError> {
+        let path = self.selector_path(group);
+        match selector {
+            Some(s) => portswitch_files::write_durable(&path, s.source().as_bytes(), 0o600)
+                .map_err(LogError::from),
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(LogError::Io { path, source }),
+            },
+        }
+    }
+
+    /// Makes a group new to this partition, with its selector (written first).
+    fn create_group(
+        &mut self,
+        name: &str,
+        selector: Option<Arc<Selector>>,
+    ) -> Result<(), LogError> {
+        self.save_selector(name, selector.as_deref())?;
+        self.open_group(name, selector)
+    }
+
+    /// A group named by a leader's control record: made here if new; a selector that
+    /// differs from this replica's is the leader's (the log decides).
+    fn group_from_leader(&mut self, name: &str, selector: Option<String>) {
+        let selector = match selector.map(|src| self.catalog.selector(&src)) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                tracing::error!(queue = %self.queue, partition = self.index, group = name, error = %e, "a group's selector from the leader does not compile here: kept without it");
+                None
+            }
+        };
+        let same = |g: &GroupState| {
+            g.selector.as_ref().map(|s| s.source()) == selector.as_ref().map(|s| s.source())
+        };
+        let result = match self.groups.get(name) {
+            None => self.create_group(name, selector),
+            Some(g) if same(g) => Ok(()),
+            Some(_) => self.save_selector(name, selector.as_deref()).map(|()| {
+                if let Some(g) = self.groups.get_mut(name) {
+                    g.selector = selector;
+                }
+            }),
+        };
+        if let Err(e) = result {
+            tracing::error!(queue = %self.queue, partition = self.index, group = name, error = %e, "cannot keep a group the leader named");
+        }
+    }
+
+    fn open_group(&mut self, name: &str, selector: Option<Arc<Selector>>) -> Result<(), LogError> {
         if self.groups.contains_key(name) {
             return Ok(());
         }
@@ -658,10 +794,14 @@ impl Partition {
         if cut > 0 {
             tracing::warn!(queue = %self.queue, group = name, bytes = cut, "cut a torn tail off a group's settlements");
         }
+        let (skipped, selector_errors) = self.metrics.selector(name);
         self.groups.insert(
             name.to_string(),
             GroupState {
                 acks,
+                selector,
+                skipped,
+                selector_errors,
                 delivery: None,
                 consumers: HashMap::new(),
                 settled: Vec::new(),
@@ -689,12 +829,23 @@ impl Partition {
                     break;
                 }
                 if r.headers != CONTROL_HEADERS && !g.acks.is_settled(r.offset) {
-                    let _ = delivery.append(Entry {
+                    let view = RecordView {
                         offset: r.offset,
-                        key: r.key,
-                        not_before_ms: r.not_before_ms,
-                        expires_ms: r.expires_ms,
-                    });
+                        timestamp_ms: r.timestamp_ms,
+                        key: &r.key,
+                        headers: &r.headers,
+                        payload: &r.payload,
+                    };
+                    if g.admits(&view) {
+                        let _ = delivery.append(Entry {
+                            offset: r.offset,
+                            key: r.key,
+                            not_before_ms: r.not_before_ms,
+                            expires_ms: r.expires_ms,
+                        });
+                    } else {
+                        let _ = delivery.skip(r.offset);
+                    }
                 }
             }
         }
@@ -824,9 +975,10 @@ impl Partition {
                     consumer,
                     credit,
                     sink,
+                    selector,
                     reply,
                 } => {
-                    let _ = reply.send(self.subscribe(&group, consumer, credit, sink));
+                    let _ = reply.send(self.subscribe(&group, consumer, credit, sink, selector));
                 }
                 Cmd::Credit { consumer, credit } => {
                     if let Some(g) = self
@@ -989,18 +1141,34 @@ impl Partition {
         let produced_count = batch.len();
         // The turn's new groups and settlements, as control records.
         for name in std::mem::take(&mut self.new_groups) {
-            batch.push(control(Control::Group { name }));
+            let selector = self
+                .groups
+                .get(&name)
+                .and_then(|g| g.selector.as_ref())
+                .map(|s| s.source().to_string());
+            batch.push(control(Control::Group { name, selector }));
         }
         for (name, g) in self.groups.iter_mut() {
-            if g.settled.is_empty() {
-                continue;
-            }
             let floor = g
                 .delivery
                 .as_ref()
                 .map_or(g.acks.floor(), |d| d.low_water())
                 .max(g.acks.floor());
+            // Messages a selector skipped are settled without an entry each: the floor
+            // passing them is what tells the replicas.
+            let skipped_past =
+                g.selector.is_some() && floor >= g.acks.floor().saturating_add(SKIPPED_FLOOR_STEP);
+            if g.settled.is_empty() && !skipped_past {
+                continue;
+            }
             g.acks.raise_to(floor);
+            if g.settled.is_empty() {
+                batch.push(control(Control::Settle {
+                    group: name.clone(),
+                    floor,
+                    entries: Vec::new(),
+                }));
+            }
             // In records well under the log's record limit (a SETTLE may hold 100,000).
             for entries in std::mem::take(&mut g.settled).chunks(SETTLED_PER_RECORD) {
                 batch.push(control(Control::Settle {
@@ -1207,15 +1375,28 @@ impl Partition {
                 if c.is_control() {
                     continue;
                 }
+                let view = RecordView {
+                    offset,
+                    timestamp_ms: c.timestamp_ms,
+                    key: &c.key,
+                    headers: &c.headers,
+                    payload: &c.payload,
+                };
                 for g in self.groups.values_mut() {
+                    if g.delivery.is_none() || g.acks.is_settled(offset) {
+                        continue;
+                    }
+                    let admitted = g.admits(&view);
                     if let Some(d) = g.delivery.as_mut() {
-                        if !g.acks.is_settled(offset) {
+                        if admitted {
                             let _ = d.append(Entry {
                                 offset,
                                 key: c.key.clone(),
                                 not_before_ms: c.not_before_ms,
                                 expires_ms: c.expires_ms,
                             });
+                        } else {
+                            let _ = d.skip(offset);
                         }
                     }
                 }
@@ -1229,15 +1410,33 @@ impl Partition {
         consumer: u64,
         credit: u32,
         sink: Sink,
+        selector: Option<Arc<Selector>>,
     ) -> Result<(), MqError> {
         if self.consumer_group.contains_key(&consumer) {
             return Err(MqError::BadRequest(format!(
                 "consumer {consumer} is already subscribed"
             )));
         }
-        if !self.groups.contains_key(group) {
-            self.open_group(group).map_err(io_error)?;
-            self.new_groups.push(group.to_string());
+        match self.groups.get(group) {
+            None => {
+                self.create_group(group, selector).map_err(io_error)?;
+                self.new_groups.push(group.to_string());
+            }
+            Some(g) => {
+                let has = g.selector.as_ref().map(|s| s.source());
+                let asks = selector.as_ref().map(|s| s.source());
+                if has != asks {
+                    let say = |s: Option<&str>| {
+                        s.map_or("no selector".to_string(), |s| format!("selector {s:?}"))
+                    };
+                    return Err(MqError::SelectorMismatch(format!(
+                        "group {group:?} of {} has {}; this subscription asks for {} (a group has one selector: use another group)",
+                        self.port(),
+                        say(has),
+                        say(asks)
+                    )));
+                }
+            }
         }
         if matches!(self.role, Role::Leader(_)) && self.groups[group].delivery.is_none() {
             self.start_delivery(group).map_err(io_error)?;
@@ -1577,15 +1776,19 @@ impl Partition {
                     continue;
                 }
                 match Control::decode(&r.payload) {
-                    Some(Control::Group { name }) => {
-                        let _ = self.open_group(&name);
+                    Some(Control::Group { name, selector }) => {
+                        self.group_from_leader(&name, selector);
                     }
                     Some(Control::Settle {
                         group,
                         floor,
                         entries,
                     }) => {
-                        if self.open_group(&group).is_ok() {
+                        // A group this replica never saw named (its record reclaimed
+                        // before this replica got it): kept without a selector.
+                        if self.groups.contains_key(&group)
+                            || self.create_group(&group, None).is_ok()
+                        {
                             let g = self.groups.get_mut(&group).expect("opened");
                             for (o, k) in entries {
                                 g.acks.settle(o, k);
@@ -1613,6 +1816,56 @@ impl Partition {
         let end = self.log.end_offset();
         self.hw = self.hw.max(f.hw.min(end)).min(end);
         Ok(self.state())
+    }
+
+    fn has_selectors(&self) -> bool {
+        self.groups.values().any(|g| g.selector.is_some())
+    }
+
+    /// Leader: appends a group control record for every group (with its selector), as
+    /// one batch, and remembers where.
+    fn append_roster(&mut self) -> Result<(), MqError> {
+        let recs: Vec<Pending> = self
+            .groups
+            .iter()
+            .map(|(name, g)| {
+                control(Control::Group {
+                    name: name.clone(),
+                    selector: g.selector.as_ref().map(|s| s.source().to_string()),
+                })
+            })
+            .collect();
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let msgs: Vec<Message<'_>> = recs
+            .iter()
+            .map(|p| Message {
+                key: &p.key,
+                headers: &p.headers,
+                payload: &p.payload,
+                timestamp_ms: now,
+                ..Default::default()
+            })
+            .collect();
+        let first = self.log.append_unlimited(&msgs).map_err(io_error)?;
+        for (i, p) in recs.into_iter().enumerate() {
+            self.cache.insert(
+                first + i as u64,
+                Cached {
+                    timestamp_ms: now,
+                    not_before_ms: 0,
+                    expires_ms: 0,
+                    key: p.key,
+                    headers: p.headers,
+                    payload: p.payload,
+                },
+            );
+        }
+        self.roster_at = Some(first);
+        self.recompute_hw();
+        Ok(())
     }
 
     /// Appends one control record by itself (a leader's configuration change).
@@ -1817,6 +2070,12 @@ impl Partition {
         }
         self.role = Role::Leader(token);
         self.matches.clear();
+        self.roster_at = None;
+        if self.has_selectors() {
+            if let Err(e) = self.append_roster() {
+                tracing::warn!(queue = %self.queue, partition = self.index, error = %e, "cannot write the groups' roster");
+            }
+        }
         // Confirmed messages are delivered from the lowest unsettled one on.
         self.delivered_upto = self
             .groups
@@ -1901,7 +2160,18 @@ impl Partition {
                     }
                 }
             }
-            let low = low.min(self.hw).min(config_at);
+            let mut low = low.min(self.hw).min(config_at);
+            // Nor past the last roster of the groups' selectors: a leader about to
+            // reclaim past it writes it again.
+            if matches!(self.role, Role::Leader(_)) && self.has_selectors() {
+                let at = self.roster_at.unwrap_or(0);
+                if at < low && self.log.would_reclaim(low) {
+                    if let Err(e) = self.append_roster() {
+                        tracing::warn!(queue = %self.queue, error = %e, "cannot write the groups' roster again");
+                    }
+                }
+                low = low.min(self.roster_at.unwrap_or(0));
+            }
             match self.log.reclaim(low) {
                 Ok(n) if n > 0 => {
                     self.metrics.segments_reclaimed.inc_by(n as u64);
@@ -2121,6 +2391,9 @@ impl Partition {
             v.push((format!("p{p}.group.{name}.in_flight"), st.in_flight as u64));
             v.push((format!("p{p}.group.{name}.consumers"), st.consumers as u64));
             v.push((format!("p{p}.group.{name}.low_water"), d.low_water()));
+            if g.selector.is_some() {
+                v.push((format!("p{p}.group.{name}.skipped"), st.skipped));
+            }
         }
         v
     }
@@ -2192,7 +2465,14 @@ mod tests {
     fn control_records_round_trip_and_garbage_is_none() {
         for c in [
             Control::Epoch { token: 7 << 32 | 3 },
-            Control::Group { name: "g".into() },
+            Control::Group {
+                name: "g".into(),
+                selector: None,
+            },
+            Control::Group {
+                name: "g".into(),
+                selector: Some("offset > 3".into()),
+            },
             Control::Settle {
                 group: "workers".into(),
                 floor: 10,
