@@ -68,6 +68,22 @@ enum QueryCommand {
         /// standard error.
         #[arg(long)]
         explain: bool,
+        /// For `ports("PREFIX")`: the port switch (comma-separated members of a group).
+        #[arg(long, env = "PORTSWITCH_ADDR")]
+        addr: Option<String>,
+        /// Log in as this user; the password comes from PORTSWITCH_PASSWORD or
+        /// --password-file.
+        #[arg(long, env = "PORTSWITCH_USER")]
+        user: Option<String>,
+        /// A file whose first line is the password of --user.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Connect with TLS, trusting the CA in this PEM file.
+        #[arg(long, env = "PORTSWITCH_CA")]
+        ca: Option<PathBuf>,
+        /// The server name to verify in its certificate.
+        #[arg(long)]
+        server_name: Option<String>,
     },
     /// Print the JSON Lines records for which a predicate is true.
     Filter {
@@ -92,7 +108,27 @@ pub async fn run(args: QueryArgs) -> crate::AppResult {
             preload,
             stats,
             explain,
-        } => run_select(&sql, &sources, &virtuals, preload, stats, explain),
+            addr,
+            user,
+            password_file,
+            ca,
+            server_name,
+        } => {
+            let conn = addr.as_deref().map(|addr| crate::ctl::Connection {
+                addr,
+                user: user.as_deref(),
+                password_file: password_file.as_deref(),
+                ca: ca.as_deref(),
+                server_name: server_name.as_deref(),
+                cert_key: None,
+            });
+            let flags = RunFlags {
+                preload,
+                stats,
+                explain,
+            };
+            run_select(&sql, &sources, &virtuals, conn, flags)
+        }
     })
     .await?
 }
@@ -298,18 +334,27 @@ fn filter(expr: &str, file: Option<PathBuf>) -> crate::AppResult {
     })
 }
 
+struct RunFlags {
+    preload: bool,
+    stats: bool,
+    explain: bool,
+}
+
 fn run_select(
     sql: &str,
     sources: &[String],
     virtuals: &[String],
-    preload: bool,
-    stats: bool,
-    explain: bool,
+    conn: Option<crate::ctl::Connection<'_>>,
+    RunFlags {
+        preload,
+        stats,
+        explain,
+    }: RunFlags,
 ) -> crate::AppResult {
     use portswitch_query::query::{Rows, Scan, Sources};
     use portswitch_query::{Catalog, Query, QueryError, QueryLimits, SourceInfo};
 
-    use crate::query_sources::{to_json, FileSources, Spec};
+    use crate::query_sources::{ports_filter, to_json, FileSources, Spec, Switch, PORTS};
 
     let mut named = std::collections::HashMap::new();
     for s in sources {
@@ -354,7 +399,34 @@ fn run_select(
             return Ok(ExitCode::from(2));
         }
     };
-    let files = FileSources { named };
+    let reads_ports = query
+        .scans()
+        .iter()
+        .any(|s| s.name == PORTS && !named.contains_key(PORTS));
+    let switch = match (reads_ports, conn) {
+        (true, Some(conn)) => {
+            let runtime = tokio::runtime::Handle::current();
+            let connected = conn
+                .options()
+                .map_err(|e| e.to_string())
+                .and_then(|(_, mut opts)| {
+                    // The session ends with the command.
+                    opts.end_on_disconnect = true;
+                    runtime
+                        .block_on(portswitch_client::Client::connect(opts))
+                        .map_err(|e| e.to_string())
+                });
+            match connected {
+                Ok(client) => Some(Switch { runtime, client }),
+                Err(e) => {
+                    eprintln!("error: source `ports`: {e}");
+                    return Ok(ExitCode::from(4));
+                }
+            }
+        }
+        _ => None,
+    };
+    let files = FileSources { named, switch };
     if explain {
         for scan in query.scans() {
             let fields = scan
@@ -367,6 +439,11 @@ fn run_select(
             }
             if let Some(q) = files.sql_for(scan) {
                 eprintln!("  sql: {q}");
+            }
+            if scan.name == PORTS {
+                if let Some(f) = ports_filter(scan) {
+                    eprintln!("  server filter: {f}");
+                }
             }
         }
     }

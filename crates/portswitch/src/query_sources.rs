@@ -9,6 +9,10 @@
 //!   streamed; the query's simple conditions and the columns it reads are pushed into the
 //!   SQL. A column declared `JSON` is parsed into nested values.
 //!
+//! - The port switch (`ports("PREFIX")`): the owned ports under a prefix, listed from
+//!   a running server (`--addr`); the query's simple conditions on the port record go to
+//!   the server as a LIST_WHERE filter, so only matching ports travel.
+//!
 //! Every record is converted straight from the parser's events into the engine's values
 //! (no intermediate `serde_json::Value`).
 
@@ -26,8 +30,9 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 pub const JSON_FILE_BYTES_MAX: u64 = 4 << 30;
 /// Longest line of a JSON Lines file.
 pub const LINE_BYTES_MAX: usize = 16 << 20;
-/// Deepest nesting of a JSON record: deeper documents are refused, not recursed into.
-pub const JSON_DEPTH_MAX: usize = 128;
+/// Deepest nesting of a JSON record: deeper documents are refused, not recursed into
+/// (serde_json's own guard stops at 128).
+pub const JSON_DEPTH_MAX: usize = 100;
 /// Rows a SQLite reader thread may run ahead of the query.
 const SQLITE_AHEAD: usize = 4096;
 
@@ -67,14 +72,97 @@ impl Spec {
     }
 }
 
-/// The sources of one run: names bound with `--source`, and file names quoted in FROM.
+/// The sources of one run: names bound with `--source`, file names quoted in FROM,
+/// and `ports(…)` on a port switch when connected.
 pub struct FileSources {
     pub named: HashMap<String, Spec>,
+    pub switch: Option<Switch>,
+}
+
+/// A session on a port switch, for `ports(…)`; `open` runs on a blocking thread and
+/// waits on the runtime for each listing.
+pub struct Switch {
+    pub runtime: tokio::runtime::Handle,
+    pub client: portswitch_client::Client,
+}
+
+/// The name under which FROM reads a port switch's ports.
+pub const PORTS: &str = "ports";
+
+/// The filter expression sent to the server for a `ports` scan: the pushed comparisons
+/// on the fields the server's port record has, joined with `&&`.
+pub fn ports_filter(scan: &Scan) -> Option<String> {
+    const SERVER_FIELDS: [&str; 5] = ["name", "text", "session", "node", "token"];
+    let parts: Vec<String> = scan
+        .filters
+        .iter()
+        .filter(|p| SERVER_FIELDS.contains(&p.field.as_str()))
+        .filter(|p| match (&p.value, p.field.as_str()) {
+            (Value::Int(_), "token") => true,
+            (Value::String(_), f) => f != "token",
+            _ => false,
+        })
+        .map(|p| {
+            let op = match p.op {
+                portswitch_query::query::CmpOp::Eq => "==",
+                other => other.sql(),
+            };
+            format!("{} {op} {}", p.field, p.value)
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" && "))
+}
+
+fn port_record(o: &portswitch_client::Owner) -> Value {
+    let mut m = Map::with_capacity(7);
+    m.insert(
+        "name",
+        Value::from(String::from_utf8_lossy(&o.port).as_ref()),
+    );
+    m.insert("value", Value::from(&o.value[..]));
+    m.insert(
+        "text",
+        Value::from(String::from_utf8_lossy(&o.value).as_ref()),
+    );
+    m.insert("session", Value::from(format!("{:016x}", o.session)));
+    m.insert(
+        "node",
+        Value::from(String::from_utf8_lossy(&o.node).as_ref()),
+    );
+    m.insert(
+        "token",
+        Value::Int(i64::try_from(o.token).unwrap_or(i64::MAX)),
+    );
+    m.insert("json", parse_json(&o.value).unwrap_or(Value::Null));
+    Value::Map(Arc::new(m))
+}
+
+impl FileSources {
+    fn ports(&self, scan: &Scan) -> Result<Rows<'_>, String> {
+        let Some(switch) = &self.switch else {
+            return Err("ports(…) needs a port switch: pass --addr".into());
+        };
+        let prefix = match scan.args.as_slice() {
+            [] => String::new(),
+            [Value::String(p)] => p.to_string(),
+            _ => return Err("ports takes one argument, a prefix string: ports(\"svc/\")".into()),
+        };
+        let client = &switch.client;
+        let listed = switch.runtime.block_on(async {
+            match ports_filter(scan) {
+                Some(filter) => client.list_all_where(prefix.as_bytes(), &filter).await,
+                None => client.list_all(prefix.as_bytes()).await,
+            }
+        });
+        let owners = listed.map_err(|e| e.to_string())?;
+        Ok(Box::new(owners.into_iter().map(|o| Ok(port_record(&o)))))
+    }
 }
 
 impl FileSources {
     fn spec(&self, name: &str) -> Result<Spec, String> {
         match self.named.get(name) {
+            None if name == PORTS => Err("ports is read from a port switch".into()),
             Some(s) => Ok(s.clone()),
             None => {
                 Spec::parse(name).map_err(|e| format!("{e}; bind a name with --source {name}=FILE"))
@@ -93,6 +181,9 @@ impl FileSources {
 
 impl Sources for FileSources {
     fn open(&self, scan: &Scan) -> Result<Rows<'_>, String> {
+        if scan.name == PORTS && !self.named.contains_key(PORTS) {
+            return self.ports(scan);
+        }
         if !scan.args.is_empty() {
             return Err("file sources take no arguments".into());
         }
@@ -308,9 +399,10 @@ fn sqlite(file: &Path, table: &str, scan: &Scan) -> Result<Rows<'static>, String
             }
         })
         .map_err(|e| format!("cannot start a reader thread: {e}"))?;
-    match ready_rx.recv() {
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(())) | Err(_) => {}
+    // The thread says whether the statement started; if it died first, its error (or
+    // the end of rows) comes through the row channel.
+    if let Ok(Err(e)) = ready_rx.recv() {
+        return Err(e);
     }
     Ok(Box::new(rx.into_iter()))
 }

@@ -30,6 +30,7 @@ use portswitch_client::{Client, ClientOptions};
 use crate::AppResult;
 use connect::{advice, bye, reachable, REFUSED_RETRY};
 pub(crate) use connect::{interrupted, Interrupted, TimedOut};
+
 use output::Out;
 pub(crate) use output::{note, shown, StdoutClosed};
 
@@ -389,42 +390,70 @@ pub async fn run(args: CtlArgs) -> AppResult {
 
 /// The session options the global flags ask for, and every server address named.
 fn client_options(args: &CtlArgs) -> Result<(Vec<String>, ClientOptions), BoxError> {
-    let addrs: Vec<String> = args
-        .addr
-        .split(',')
-        .map(|a| a.trim().to_string())
-        .filter(|a| !a.is_empty())
-        .collect();
-    let Some(first) = addrs.first() else {
-        return Err("--addr names no server".into());
+    let conn = Connection {
+        addr: &args.addr,
+        user: args.user.as_deref(),
+        password_file: args.password_file.as_deref(),
+        ca: args.ca.as_deref(),
+        server_name: args.server_name.as_deref(),
+        cert_key: args.cert.as_deref().zip(args.key.as_deref()),
     };
-    let mut opts = ClientOptions::new(first.clone());
-    opts.servers = addrs[1..].to_vec();
+    let (addrs, mut opts) = conn.options()?;
     opts.lease = Duration::from_millis(args.lease_ms);
     if let Some(t) = args.timeout {
         opts.connect_timeout = opts.connect_timeout.min(t);
     }
-    if let Some(ca) = &args.ca {
-        opts.tls = Some(portswitch_client::ClientTls {
-            ca: ca.clone(),
-            server_name: args.server_name.clone(),
-            client_cert: args.cert.clone().zip(args.key.clone()),
-        });
-    }
-    if let Some(user) = &args.user {
-        let password = match &args.password_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-            None => std::env::var("PORTSWITCH_PASSWORD")
-                .map_err(|_| "--user needs PORTSWITCH_PASSWORD or --password-file")?,
-        };
-        opts.credentials = Some((user.clone(), password));
-    }
     Ok((addrs, opts))
+}
+
+/// How to reach and log in to a port switch, as `ctl`'s flags (and `query run`'s) say.
+pub(crate) struct Connection<'a> {
+    /// Comma-separated member addresses.
+    pub addr: &'a str,
+    pub user: Option<&'a str>,
+    pub password_file: Option<&'a std::path::Path>,
+    pub ca: Option<&'a std::path::Path>,
+    pub server_name: Option<&'a str>,
+    pub cert_key: Option<(&'a std::path::Path, &'a std::path::Path)>,
+}
+
+impl Connection<'_> {
+    /// The client options, and every address named. The password of `user` comes from
+    /// `password_file` or PORTSWITCH_PASSWORD, never from the command line.
+    pub(crate) fn options(&self) -> Result<(Vec<String>, ClientOptions), BoxError> {
+        let addrs: Vec<String> = self
+            .addr
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        let Some(first) = addrs.first() else {
+            return Err("--addr names no server".into());
+        };
+        let mut opts = ClientOptions::new(first.clone());
+        opts.servers = addrs[1..].to_vec();
+        if let Some(ca) = self.ca {
+            opts.tls = Some(portswitch_client::ClientTls {
+                ca: ca.to_owned(),
+                server_name: self.server_name.map(str::to_owned),
+                client_cert: self.cert_key.map(|(c, k)| (c.to_owned(), k.to_owned())),
+            });
+        }
+        if let Some(user) = self.user {
+            let password = match self.password_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+                None => std::env::var("PORTSWITCH_PASSWORD")
+                    .map_err(|_| "--user needs PORTSWITCH_PASSWORD or --password-file")?,
+            };
+            opts.credentials = Some((user.to_owned(), password));
+        }
+        Ok((addrs, opts))
+    }
 }
 
 /// Refuses `--data-dir` for the commands it does not apply to.
