@@ -571,3 +571,40 @@ fn memory_budget_error_is_typed() {
         &E::CostExceeded(Cost::Memory)
     );
 }
+
+/// Arithmetic over numbers takes a fast path (plain numbers through the chain); over
+/// anything else, or for integer division, the general one. Both must give the same
+/// values and the same errors at the same spans.
+#[test]
+fn arithmetic_fast_and_general_paths_agree() {
+    let vars = [
+        ("x", int(7)),
+        ("f", Value::Float(2.5)),
+        ("s", Value::from("ab")),
+        ("l", Value::list([1, 2])),
+        ("m", Value::map([("n", 3)])),
+    ];
+    for (src, want) in [
+        ("x * 2 + m.n - 1", int(16)),
+        ("x * f + m.n", Value::Float(20.5)),
+        ("(x + 1) / 2 * f", Value::Float(10.0)),
+        ("x / 2 + x % 4", int(6)),
+        ("s + \"c\" + s", Value::from("abcab")),
+        ("l + [3]", Value::list([1, 2, 3])),
+        ("size(s) * 3 + x", int(13)),
+        ("-x * 2 + 1", int(-13)),
+        ("x * 2 > 13 && f * 4.0 == 10.0", b(true)),
+    ] {
+        assert_eq!(eval_vars(src, &vars), Ok(want), "{src}");
+    }
+    for (src, kind, span) in [
+        ("x * 2 + s", "no overload", "x * 2 + s"),
+        ("m.n + m.k", "no such key", "m.k"),
+        ("f % m.n", "no overload", "f % m.n"),
+        ("x + x / (m.n - m.n)", "division by zero", "x / (m.n - m.n"),
+    ] {
+        let e = eval_err(src, &vars);
+        assert!(e.to_string().contains(kind), "{src}: {e}");
+        assert_eq!(spanned(src, e.span()), span, "{src}");
+    }
+}
