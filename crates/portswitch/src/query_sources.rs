@@ -9,6 +9,10 @@
 //!   streamed; the query's simple conditions and the columns it reads are pushed into the
 //!   SQL. A column declared `JSON` is parsed into nested values.
 //!
+//! - PostgreSQL (`postgres:TABLE:CONNINFO`): the table's rows through a cursor, in
+//!   batches, on a thread of their own; the columns read and the simple comparisons go
+//!   into the SQL (strings compared in the "C" collation, bytewise as the engine does).
+//!   `json`/`jsonb` columns are parsed into nested values.
 //! - The port switch (`ports("PREFIX")`): the owned ports under a prefix, listed from
 //!   a running server (`--addr`); the query's simple conditions on the port record go to
 //!   the server as a LIST_WHERE filter, so only matching ports travel.
@@ -43,11 +47,24 @@ pub enum Spec {
     Json(PathBuf),
     Csv(PathBuf),
     Sqlite { file: PathBuf, table: String },
+    Postgres { table: String, conninfo: String },
 }
 
 impl Spec {
     /// `sqlite:FILE:TABLE`, or a file whose extension says its format.
     pub fn parse(spec: &str) -> Result<Spec, String> {
+        if let Some(rest) = spec.strip_prefix("postgres:") {
+            let (table, conninfo) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("{spec}: expected postgres:TABLE:CONNINFO"))?;
+            if table.is_empty() || conninfo.is_empty() {
+                return Err(format!("{spec}: expected postgres:TABLE:CONNINFO"));
+            }
+            return Ok(Spec::Postgres {
+                table: table.into(),
+                conninfo: conninfo.into(),
+            });
+        }
         if let Some(rest) = spec.strip_prefix("sqlite:") {
             let (file, table) = rest
                 .rsplit_once(':')
@@ -192,6 +209,7 @@ impl Sources for FileSources {
             Spec::Json(path) => json_file(&path),
             Spec::Csv(path) => csv_file(&path),
             Spec::Sqlite { file, table } => sqlite(&file, &table, scan),
+            Spec::Postgres { table, conninfo } => postgres(&conninfo, &table, scan),
         }
     }
 }
@@ -407,6 +425,200 @@ fn sqlite(file: &Path, table: &str, scan: &Scan) -> Result<Rows<'static>, String
     Ok(Box::new(rx.into_iter()))
 }
 
+/// Rows fetched from a PostgreSQL cursor at a time.
+const POSTGRES_BATCH: usize = 10_000;
+
+/// A PostgreSQL column's type, as the source decodes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PgKind {
+    Int,
+    Float,
+    Bool,
+    Json,
+    Bytes,
+    Text,
+}
+
+fn pg_kind(data_type: &str) -> PgKind {
+    match data_type {
+        "smallint" | "integer" | "bigint" => PgKind::Int,
+        "real" | "double precision" | "numeric" => PgKind::Float,
+        "boolean" => PgKind::Bool,
+        "json" | "jsonb" => PgKind::Json,
+        "bytea" => PgKind::Bytes,
+        _ => PgKind::Text,
+    }
+}
+
+fn pg_quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A literal as SQL text, or `None` when it is not pushed (NaN, infinities, NUL).
+fn pg_literal(v: &Value) -> Option<String> {
+    match v {
+        Value::Int(i) => Some(i.to_string()),
+        Value::Float(f) if f.is_finite() => Some(format!("{f:?}")),
+        Value::String(s) if !s.contains('\0') => Some(format!("'{}'", s.replace('\'', "''"))),
+        _ => None,
+    }
+}
+
+/// The SELECT for a scan of `table` whose columns are `columns` (name, kind): the
+/// columns the query reads, each cast to text (decoded here by kind), and the pushed
+/// comparisons a column of the right kind can take. Strings compare in the "C"
+/// collation (bytewise, as the engine compares); numbers numerically.
+fn postgres_sql(table: &str, columns: &[(String, PgKind)], scan: &Scan) -> String {
+    let wanted = pg_wanted(columns, scan);
+    let list = if wanted.is_empty() {
+        "1".to_owned()
+    } else {
+        wanted
+            .iter()
+            .map(|(c, _)| format!("{}::text", pg_quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut sql = format!("SELECT {list} FROM {}", pg_quote_ident(table));
+    let mut first = true;
+    for Pushed { field, op, value } in &scan.filters {
+        let Some(kind) = columns.iter().find(|(c, _)| c == field).map(|(_, k)| *k) else {
+            continue;
+        };
+        let Some(literal) = pg_literal(value) else {
+            continue;
+        };
+        let col = pg_quote_ident(field);
+        let condition = match (kind, value) {
+            (PgKind::Int | PgKind::Float, Value::Int(_) | Value::Float(_)) => {
+                format!("{col} {} {literal}", op.sql())
+            }
+            (PgKind::Text, Value::String(_)) => {
+                format!("{col} COLLATE \"C\" {} {literal}", op.sql())
+            }
+            _ => continue,
+        };
+        sql.push_str(if first { " WHERE " } else { " AND " });
+        first = false;
+        sql.push_str(&condition);
+    }
+    sql
+}
+
+/// The columns a scan reads, in the table's order.
+fn pg_wanted<'c>(columns: &'c [(String, PgKind)], scan: &Scan) -> Vec<&'c (String, PgKind)> {
+    match &scan.fields {
+        Some(f) => columns.iter().filter(|(c, _)| f.contains(c)).collect(),
+        None => columns.iter().collect(),
+    }
+}
+
+fn pg_value(kind: PgKind, text: Option<&str>) -> Result<Value, String> {
+    let Some(t) = text else {
+        return Ok(Value::Null);
+    };
+    Ok(match kind {
+        PgKind::Int => Value::Int(t.parse().map_err(|e| format!("{t:?}: {e}"))?),
+        PgKind::Float => match t {
+            "NaN" => Value::Float(f64::NAN),
+            "Infinity" => Value::Float(f64::INFINITY),
+            "-Infinity" => Value::Float(f64::NEG_INFINITY),
+            _ => Value::Float(t.parse().map_err(|e| format!("{t:?}: {e}"))?),
+        },
+        PgKind::Bool => Value::Bool(t == "true" || t == "t"),
+        PgKind::Json => parse_json(t.as_bytes())?,
+        PgKind::Bytes => {
+            let hex = t.strip_prefix("\\x").ok_or("bytea not in hex format")?;
+            if hex.len() % 2 != 0 || !hex.is_ascii() {
+                return Err("bytea: odd or non-hex text".into());
+            }
+            let bytes: Result<Vec<u8>, String> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string()))
+                .collect();
+            Value::from(&bytes?[..])
+        }
+        PgKind::Text => Value::from(t),
+    })
+}
+
+/// Reads a PostgreSQL table on a thread of its own (the synchronous client runs a
+/// runtime of its own, which must not be inside ours) through a cursor, streaming rows
+/// through a bounded channel.
+fn postgres(conninfo: &str, table: &str, scan: &Scan) -> Result<Rows<'static>, String> {
+    let (conninfo, table, scan) = (conninfo.to_owned(), table.to_owned(), scan.clone());
+    let (tx, rx) = mpsc::sync_channel::<Result<Value, String>>(SQLITE_AHEAD);
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    std::thread::Builder::new()
+        .name("query-postgres".into())
+        .spawn(move || {
+            let result = (|| -> Result<(), String> {
+                let e = |e: postgres::Error| format!("{table}: {e}");
+                let mut client =
+                    postgres::Client::connect(&conninfo, postgres::NoTls).map_err(e)?;
+                let columns: Vec<(String, PgKind)> = client
+                    .query(
+                        "SELECT column_name::text, data_type::text FROM information_schema.columns \
+                         WHERE table_name = $1 AND table_schema = current_schema() \
+                         ORDER BY ordinal_position",
+                        &[&table],
+                    )
+                    .map_err(e)?
+                    .iter()
+                    .map(|r| (r.get::<_, String>(0), pg_kind(&r.get::<_, String>(1))))
+                    .collect();
+                if columns.is_empty() {
+                    return Err(format!(
+                        "{table}: no such table (or no columns) in the current schema"
+                    ));
+                }
+                let sql = postgres_sql(&table, &columns, &scan);
+                let wanted: Vec<(Arc<str>, PgKind)> = pg_wanted(&columns, &scan)
+                    .into_iter()
+                    .map(|(c, k)| (Arc::from(c.as_str()), *k))
+                    .collect();
+                let mut txn = client.transaction().map_err(e)?;
+                txn.batch_execute(&format!(
+                    "DECLARE portswitch_scan NO SCROLL CURSOR FOR {sql}"
+                ))
+                .map_err(e)?;
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    let messages = txn
+                        .simple_query(&format!("FETCH {POSTGRES_BATCH} FROM portswitch_scan"))
+                        .map_err(e)?;
+                    let mut rows = 0usize;
+                    for m in messages {
+                        let postgres::SimpleQueryMessage::Row(row) = m else {
+                            continue;
+                        };
+                        rows += 1;
+                        let mut map = Map::with_capacity(wanted.len());
+                        for (i, (name, kind)) in wanted.iter().enumerate() {
+                            let v = pg_value(*kind, row.get(i))
+                                .map_err(|err| format!("{table}.{name}: {err}"))?;
+                            map.insert(name.clone(), v);
+                        }
+                        if tx.send(Ok(Value::Map(Arc::new(map)))).is_err() {
+                            return Ok(()); // the query stopped reading
+                        }
+                    }
+                    if rows < POSTGRES_BATCH {
+                        return Ok(());
+                    }
+                }
+            })();
+            if let Err(e) = result {
+                let _ = ready_tx.send(Err(e.clone()));
+                let _ = tx.send(Err(e));
+            }
+        })
+        .map_err(|e| format!("cannot start a reader thread: {e}"))?;
+    if let Ok(Err(e)) = ready_rx.recv() {
+        return Err(e);
+    }
+    Ok(Box::new(rx.into_iter()))
+}
+
 /// Parses one JSON document straight into a query value: integers that fit an i64 stay
 /// integers, other numbers are floats; nesting deeper than [`JSON_DEPTH_MAX`] is refused.
 pub fn parse_json(bytes: &[u8]) -> Result<Value, String> {
@@ -586,6 +798,48 @@ mod tests {
             r#"SELECT "id", "na""me" FROM "my table" WHERE ("id" > ?1 OR typeof("id") NOT IN ('integer','real'))"#
         );
         assert_eq!(params, vec![rusqlite::types::Value::Integer(3)]);
+    }
+
+    #[test]
+    fn postgres_sql_pushes_only_comparisons_of_matching_kinds() {
+        use portswitch_query::query::CmpOp;
+        let columns = vec![
+            ("id".to_owned(), PgKind::Int),
+            ("Name".to_owned(), PgKind::Text),
+            ("doc".to_owned(), PgKind::Json),
+        ];
+        let pushed = |field: &str, op, value: Value| Pushed {
+            field: field.into(),
+            op,
+            value,
+        };
+        let scan = Scan {
+            name: "t".into(),
+            args: vec![],
+            alias: "t".into(),
+            fields: Some(vec!["id".into(), "doc".into()]),
+            filters: vec![
+                pushed("id", CmpOp::Ge, Value::Int(10)),
+                pushed("Name", CmpOp::Eq, Value::from("O'Brien")),
+                pushed("id", CmpOp::Eq, Value::from("10")),
+                pushed("doc", CmpOp::Eq, Value::Int(1)),
+                pushed("id", CmpOp::Lt, Value::Float(f64::NAN)),
+            ],
+        };
+        assert_eq!(
+            postgres_sql("my \"t\"", &columns, &scan),
+            r#"SELECT "id"::text, "doc"::text FROM "my ""t""" WHERE "id" >= 10 AND "Name" COLLATE "C" = 'O''Brien'"#
+        );
+        assert_eq!(
+            pg_value(PgKind::Bytes, Some("\\x00ff")).unwrap(),
+            Value::from(&[0u8, 255][..])
+        );
+        assert!(pg_value(PgKind::Bytes, Some("\\x0")).is_err());
+        assert_eq!(
+            pg_value(PgKind::Float, Some("2.5")).unwrap(),
+            Value::Float(2.5)
+        );
+        assert_eq!(pg_value(PgKind::Int, None).unwrap(), Value::Null);
     }
 
     #[test]

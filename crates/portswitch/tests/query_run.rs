@@ -269,3 +269,185 @@ fn errors_have_their_exit_codes() {
     assert_eq!(out, "{\"id\":1}\n");
     assert!(err.contains("bad.ndjson:2"), "{err}");
 }
+
+/// A private PostgreSQL cluster from Debian's packages (installed by the project's
+/// script when missing), on a free loopback port, stopped and deleted when dropped.
+/// initdb and postgres refuse to run as root: as root, the cluster runs as Debian's
+/// `postgres` user.
+struct Postgres {
+    bin: std::path::PathBuf,
+    data: tempfile::TempDir,
+    as_user: Vec<String>,
+    port: u16,
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/need-debian.sh");
+        let ok = Command::new("bash")
+            .args([script, "postgresql"])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "installing postgresql failed");
+        let mut versions: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .unwrap()
+            .map(|e| e.unwrap().path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .collect();
+        versions.sort();
+        let bin = versions.pop().expect("a PostgreSQL with initdb");
+        let data = tempfile::tempdir().unwrap();
+        let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+        let as_user: Vec<String> = if root {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(data.path())
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            ["runuser", "-u", "postgres", "--"]
+                .map(String::from)
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = Postgres {
+            bin,
+            data,
+            as_user,
+            port,
+        };
+        let cluster = pg.data.path().join("cluster");
+        pg.run(&[
+            "initdb",
+            "-D",
+            cluster.to_str().unwrap(),
+            "-U",
+            "test",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+        ]);
+        let options = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            pg.data.path().display()
+        );
+        let log = pg.data.path().join("log");
+        pg.run(&[
+            "pg_ctl",
+            "-D",
+            cluster.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+            "-o",
+            &options,
+            "-w",
+            "start",
+        ]);
+        pg
+    }
+
+    fn run(&self, args: &[&str]) {
+        let mut cmd = match self.as_user.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest);
+                c.arg(self.bin.join(args[0]));
+                c
+            }
+            None => Command::new(self.bin.join(args[0])),
+        };
+        let out = cmd.args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=test dbname=postgres",
+            self.port
+        )
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let cluster = self.data.path().join("cluster");
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run(&[
+                "pg_ctl",
+                "-D",
+                cluster.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+        }));
+    }
+}
+
+#[test]
+fn the_suite_answers_alike_on_postgresql() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sources(dir.path());
+    let pg = Postgres::start();
+    let mut db = postgres::Client::connect(&pg.conninfo(), postgres::NoTls).unwrap();
+    db.batch_execute(
+        "CREATE TABLE flights (id bigint PRIMARY KEY, \"Country\" text, \"Name\" text, \
+         \"Adults\" integer, \"Segments\" jsonb)",
+    )
+    .unwrap();
+    for (id, country, name, adults, segs) in flights() {
+        db.execute(
+            "INSERT INTO flights VALUES ($1, $2, $3, $4, $5::text::jsonb)",
+            &[
+                &id,
+                &country,
+                &name,
+                &(adults as i32),
+                &segments_json(&segs),
+            ],
+        )
+        .unwrap();
+    }
+    let ndjson = dir.path().join("flights.ndjson").display().to_string();
+    let postgres = format!("postgres:flights:{}", pg.conninfo());
+    for sql in NESTED.iter().chain(FLAT) {
+        assert_eq!(
+            answer(dir.path(), &ndjson, sql),
+            answer(dir.path(), &postgres, sql),
+            "{sql}"
+        );
+    }
+    // Push-down: the comparisons reach PostgreSQL, so only matching rows come back.
+    let (code, out, err) = run(&[
+        "--stats",
+        "--source",
+        &format!("flights={postgres}"),
+        r#"SELECT f.id AS id FROM flights f WHERE f.Country == "DE" && f.id < 50 ORDER BY id"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let want = flights().iter().filter(|f| f.1 == "DE" && f.0 < 50).count();
+    assert_eq!(out.lines().count(), want);
+    let stats: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(stats["rows_in"].as_u64().unwrap(), want as u64, "{stats}");
+    // A missing table is a source error.
+    let (code, _, err) = run(&[
+        "--source",
+        &format!("t=postgres:nope:{}", pg.conninfo()),
+        "SELECT t.id FROM t",
+    ]);
+    assert_eq!(code, 4);
+    assert!(err.contains("no such table"), "{err}");
+}
