@@ -13,6 +13,8 @@
 //!   batches, on a thread of their own; the columns read and the simple comparisons go
 //!   into the SQL (strings compared in the "C" collation, bytewise as the engine does).
 //!   `json`/`jsonb` columns are parsed into nested values.
+//! - MariaDB/MySQL (`mysql:TABLE:URL`): the table's rows streamed on a thread of their
+//!   own; columns and comparisons pushed (strings compared as binary on UTF-8 columns).
 //! - The port switch (`ports("PREFIX")`): the owned ports under a prefix, listed from
 //!   a running server (`--addr`); the query's simple conditions on the port record go to
 //!   the server as a LIST_WHERE filter, so only matching ports travel.
@@ -48,6 +50,7 @@ pub enum Spec {
     Csv(PathBuf),
     Sqlite { file: PathBuf, table: String },
     Postgres { table: String, conninfo: String },
+    Mysql { table: String, url: String },
 }
 
 impl Spec {
@@ -63,6 +66,18 @@ impl Spec {
             return Ok(Spec::Postgres {
                 table: table.into(),
                 conninfo: conninfo.into(),
+            });
+        }
+        if let Some(rest) = spec.strip_prefix("mysql:") {
+            let (table, url) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("{spec}: expected mysql:TABLE:URL"))?;
+            if table.is_empty() || url.is_empty() {
+                return Err(format!("{spec}: expected mysql:TABLE:URL"));
+            }
+            return Ok(Spec::Mysql {
+                table: table.into(),
+                url: url.into(),
             });
         }
         if let Some(rest) = spec.strip_prefix("sqlite:") {
@@ -210,6 +225,7 @@ impl Sources for FileSources {
             Spec::Csv(path) => csv_file(&path),
             Spec::Sqlite { file, table } => sqlite(&file, &table, scan),
             Spec::Postgres { table, conninfo } => postgres(&conninfo, &table, scan),
+            Spec::Mysql { table, url } => mysql(&url, &table, scan),
         }
     }
 }
@@ -617,6 +633,169 @@ fn postgres(conninfo: &str, table: &str, scan: &Scan) -> Result<Rows<'static>, S
         return Err(e);
     }
     Ok(Box::new(rx.into_iter()))
+}
+
+/// A MariaDB/MySQL column's type, as the source decodes it (the text protocol gives
+/// every value as text).
+fn my_kind(data_type: &str, json: bool) -> PgKind {
+    match data_type {
+        _ if json => PgKind::Json,
+        "tinyint" | "smallint" | "mediumint" | "int" | "bigint" | "year" => PgKind::Int,
+        "float" | "double" | "decimal" => PgKind::Float,
+        "json" => PgKind::Json,
+        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => PgKind::Bytes,
+        _ => PgKind::Text,
+    }
+}
+
+/// The SELECT for a MariaDB/MySQL scan (the session runs with ANSI_QUOTES and
+/// NO_BACKSLASH_ESCAPES, so quoting is as in PostgreSQL): the columns the query reads,
+/// and the comparisons a column of the right kind can take — strings only on UTF-8
+/// columns, compared as binary (bytewise, as the engine compares, where the default
+/// collations ignore case).
+fn mysql_sql(table: &str, columns: &[(String, PgKind, bool)], scan: &Scan) -> String {
+    let plain: Vec<(String, PgKind)> = columns.iter().map(|(c, k, _)| (c.clone(), *k)).collect();
+    let wanted = pg_wanted(&plain, scan);
+    let list = if wanted.is_empty() {
+        "1".to_owned()
+    } else {
+        wanted
+            .iter()
+            .map(|(c, _)| pg_quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut sql = format!("SELECT {list} FROM {}", pg_quote_ident(table));
+    let mut first = true;
+    for Pushed { field, op, value } in &scan.filters {
+        let Some((_, kind, utf8)) = columns.iter().find(|(c, _, _)| c == field) else {
+            continue;
+        };
+        let Some(literal) = pg_literal(value) else {
+            continue;
+        };
+        let col = pg_quote_ident(field);
+        let condition = match (kind, value) {
+            (PgKind::Int | PgKind::Float, Value::Int(_) | Value::Float(_)) => {
+                format!("{col} {} {literal}", op.sql())
+            }
+            (PgKind::Text, Value::String(_)) if *utf8 => {
+                format!(
+                    "CAST({col} AS BINARY) {} CAST({literal} AS BINARY)",
+                    op.sql()
+                )
+            }
+            _ => continue,
+        };
+        sql.push_str(if first { " WHERE " } else { " AND " });
+        first = false;
+        sql.push_str(&condition);
+    }
+    sql
+}
+
+/// Reads a MariaDB/MySQL table on a thread of its own, streaming rows (the driver's
+/// text-protocol result set is read row by row) through a bounded channel.
+fn mysql(url: &str, table: &str, scan: &Scan) -> Result<Rows<'static>, String> {
+    use mysql::prelude::Queryable;
+    let (url, table, scan) = (url.to_owned(), table.to_owned(), scan.clone());
+    let (tx, rx) = mpsc::sync_channel::<Result<Value, String>>(SQLITE_AHEAD);
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    std::thread::Builder::new()
+        .name("query-mysql".into())
+        .spawn(move || {
+            let result = (|| -> Result<(), String> {
+                let e = |e: mysql::Error| format!("{table}: {e}");
+                let opts = mysql::Opts::from_url(&url).map_err(|e| format!("{url}: {e}"))?;
+                let mut conn = mysql::Conn::new(opts).map_err(e)?;
+                conn.query_drop(
+                    "SET SESSION sql_mode = CONCAT(@@sql_mode, ',ANSI_QUOTES,NO_BACKSLASH_ESCAPES')",
+                )
+                .map_err(e)?;
+                // MariaDB's JSON is LONGTEXT with a json_valid() check named after the
+                // column; MySQL's has its own type.
+                let json_checked: Vec<String> = conn
+                    .exec(
+                        "SELECT CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
+                         WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = ? \
+                         AND CHECK_CLAUSE LIKE 'json_valid(%'",
+                        (table.as_str(),),
+                    )
+                    .unwrap_or_default();
+                let rows: Vec<(String, String, Option<String>)> = conn
+                    .exec(
+                        "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_SET_NAME FROM information_schema.COLUMNS \
+                         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+                        (table.as_str(),),
+                    )
+                    .map_err(e)?;
+                if rows.is_empty() {
+                    return Err(format!("{table}: no such table (or no columns) in the current database"));
+                }
+                let columns: Vec<(String, PgKind, bool)> = rows
+                    .into_iter()
+                    .map(|(name, data_type, charset)| {
+                        let kind = my_kind(&data_type.to_ascii_lowercase(), json_checked.contains(&name));
+                        let utf8 = charset.is_some_and(|c| c.starts_with("utf8"));
+                        (name, kind, utf8)
+                    })
+                    .collect();
+                let sql = mysql_sql(&table, &columns, &scan);
+                let plain: Vec<(String, PgKind)> =
+                    columns.iter().map(|(c, k, _)| (c.clone(), *k)).collect();
+                let wanted: Vec<(Arc<str>, PgKind)> = pg_wanted(&plain, &scan)
+                    .into_iter()
+                    .map(|(c, k)| (Arc::from(c.as_str()), *k))
+                    .collect();
+                let result = conn.query_iter(sql).map_err(e)?;
+                let _ = ready_tx.send(Ok(()));
+                for row in result {
+                    let row = row.map_err(e)?;
+                    let mut map = Map::with_capacity(wanted.len());
+                    for (i, (name, kind)) in wanted.iter().enumerate() {
+                        let v = match row.as_ref(i) {
+                            None | Some(mysql::Value::NULL) => Value::Null,
+                            Some(mysql::Value::Bytes(b)) => my_value(*kind, b)
+                                .map_err(|err| format!("{table}.{name}: {err}"))?,
+                            Some(mysql::Value::Int(n)) => Value::Int(*n),
+                            Some(mysql::Value::UInt(n)) => i64::try_from(*n).map_or(Value::Float(*n as f64), Value::Int),
+                            Some(mysql::Value::Float(x)) => Value::Float(f64::from(*x)),
+                            Some(mysql::Value::Double(x)) => Value::Float(*x),
+                            Some(other) => Value::from(other.as_sql(true).as_str()),
+                        };
+                        map.insert(name.clone(), v);
+                    }
+                    if tx.send(Ok(Value::Map(Arc::new(map)))).is_err() {
+                        return Ok(()); // the query stopped reading
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                let _ = ready_tx.send(Err(e.clone()));
+                let _ = tx.send(Err(e));
+            }
+        })
+        .map_err(|e| format!("cannot start a reader thread: {e}"))?;
+    if let Ok(Err(e)) = ready_rx.recv() {
+        return Err(e);
+    }
+    Ok(Box::new(rx.into_iter()))
+}
+
+/// A text-protocol value decoded by its column's kind.
+fn my_value(kind: PgKind, bytes: &[u8]) -> Result<Value, String> {
+    match kind {
+        PgKind::Bytes => Ok(Value::from(bytes)),
+        PgKind::Json => parse_json(bytes),
+        _ => {
+            let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+            match kind {
+                PgKind::Bool => Ok(Value::Bool(text == "1")),
+                _ => pg_value(kind, Some(text)),
+            }
+        }
+    }
 }
 
 /// Parses one JSON document straight into a query value: integers that fit an i64 stay

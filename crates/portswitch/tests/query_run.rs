@@ -451,3 +451,148 @@ fn the_suite_answers_alike_on_postgresql() {
     assert_eq!(code, 4);
     assert!(err.contains("no such table"), "{err}");
 }
+
+/// A private MariaDB server from Debian's packages (installed by the project's script
+/// when missing), on a free loopback port, killed when dropped; grant tables skipped, so
+/// any user connects. As root it runs as Debian's `mysql` user.
+struct Mariadb {
+    child: std::process::Child,
+    _data: tempfile::TempDir,
+    port: u16,
+}
+
+impl Mariadb {
+    fn start() -> Mariadb {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/need-debian.sh");
+        let ok = Command::new("bash")
+            .args([script, "mariadb-server"])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "installing mariadb-server failed");
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().to_str().unwrap().to_owned();
+        let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+        let user: &[&str] = if root { &["--user=mysql"] } else { &[] };
+        if root {
+            let ok = Command::new("chown")
+                .args(["-R", "mysql:mysql", &dir])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let out = Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                &format!("--datadir={dir}/db"),
+                "--skip-test-db",
+            ])
+            .args(user)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("mariadbd")
+            .args([
+                "--no-defaults",
+                &format!("--datadir={dir}/db"),
+                &format!("--port={port}"),
+                "--bind-address=127.0.0.1",
+                &format!("--socket={dir}/sock"),
+                &format!("--pid-file={dir}/pid"),
+                &format!("--log-error={dir}/err"),
+                "--skip-grant-tables",
+                "--innodb-flush-log-at-trx-commit=0",
+            ])
+            .args(user)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let db = Mariadb {
+            child,
+            _data: data,
+            port,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match mysql::Conn::new(mysql::Opts::from_url(&db.url("mysql")).unwrap()) {
+                Ok(_) => return db,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("mariadbd did not start: {e}")
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+            }
+        }
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_suite_answers_alike_on_mariadb() {
+    use mysql::prelude::Queryable;
+    let dir = tempfile::tempdir().unwrap();
+    write_sources(dir.path());
+    let server = Mariadb::start();
+    let mut db = mysql::Conn::new(mysql::Opts::from_url(&server.url("mysql")).unwrap()).unwrap();
+    db.query_drop("CREATE DATABASE q CHARACTER SET utf8mb4")
+        .unwrap();
+    db.query_drop(
+        "CREATE TABLE q.flights (id BIGINT PRIMARY KEY, Country VARCHAR(8), Name VARCHAR(64), \
+         Adults INT, Segments JSON) CHARACTER SET utf8mb4",
+    )
+    .unwrap();
+    let rows: Vec<(i64, String, String, i64, String)> = flights()
+        .into_iter()
+        .map(|(id, c, n, a, s)| (id, c.to_owned(), n.to_owned(), a, segments_json(&s)))
+        .collect();
+    db.exec_batch("INSERT INTO q.flights VALUES (?, ?, ?, ?, ?)", rows)
+        .unwrap();
+    let ndjson = dir.path().join("flights.ndjson").display().to_string();
+    let mariadb = format!("mysql:flights:{}", server.url("q"));
+    for sql in NESTED.iter().chain(FLAT) {
+        assert_eq!(
+            answer(dir.path(), &ndjson, sql),
+            answer(dir.path(), &mariadb, sql),
+            "{sql}"
+        );
+    }
+    // Push-down: the comparisons reach MariaDB, bytewise for strings (its default
+    // collation ignores case: "de" must not match "DE").
+    let (code, out, err) = run(&[
+        "--stats",
+        "--source",
+        &format!("flights={mariadb}"),
+        r#"SELECT f.id AS id FROM flights f WHERE f.Country == "de" || f.id < 0"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "");
+    let (code, out, err) = run(&[
+        "--stats",
+        "--source",
+        &format!("flights={mariadb}"),
+        r#"SELECT f.id AS id FROM flights f WHERE f.Country == "DE" && f.id < 50 ORDER BY id"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let want = flights().iter().filter(|f| f.1 == "DE" && f.0 < 50).count();
+    assert_eq!(out.lines().count(), want);
+    let stats: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(stats["rows_in"].as_u64().unwrap(), want as u64, "{stats}");
+}
