@@ -43,6 +43,13 @@ pub struct Config {
     /// Most prefix watches with a filter across all sessions: each costs an evaluation
     /// of its filter on every grant and release under its prefix.
     pub watch_filters_max: u32,
+    /// Most prefix watches with a filter one session may hold (within
+    /// `watch_filters_max`), so that one client cannot take every filtered watch.
+    pub watch_filters_per_session_max: u32,
+    /// Most filter evaluations the LIST_WHEREs of one batch (a frame, or the frames
+    /// handled under one lock) may make together, whatever the number of requests:
+    /// past it a LIST_WHERE ends its page early (short or empty, non-zero cursor).
+    pub filter_evals_per_batch_max: u32,
     /// Payload bytes times recipients one BROADCAST may fan out to.
     pub broadcast_fanout_bytes_max: u64,
     /// Events buffered for a session while it has no connection; past this the buffer
@@ -96,6 +103,8 @@ impl Default for Config {
             list_scan_slots_max: 65_536,
             list_filter_entries_max: 256,
             watch_filters_max: 64,
+            watch_filters_per_session_max: 8,
+            filter_evals_per_batch_max: 4_096,
             broadcast_fanout_bytes_max: 256 << 20,
             detached_event_bytes_max: 1 << 20,
             frame_bytes_max: limits::FRAME_BYTES_MAX as u32,
@@ -211,6 +220,18 @@ impl Config {
             "watch_filters_max",
             self.watch_filters_max.into(),
             0,
+            u32::MAX as u64,
+        )?;
+        within(
+            "watch_filters_per_session_max",
+            self.watch_filters_per_session_max.into(),
+            0,
+            u32::MAX as u64,
+        )?;
+        within(
+            "filter_evals_per_batch_max",
+            self.filter_evals_per_batch_max.into(),
+            1,
             u32::MAX as u64,
         )?;
         within(

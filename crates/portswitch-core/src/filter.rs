@@ -1,8 +1,8 @@
 //! Filters: `portswitch-query` expressions over port records, for LIST_WHERE and
 //! prefix WATCHes with the WHERE flag.
 //!
-//! A filter is compiled once — per LIST_WHERE request, or per watch registration —
-//! against a fixed, strict schema (a misspelt field is a compile error) and under
+//! A filter is compiled once — per LIST_WHERE request, or per watch registration,
+//! and kept a while in a small [`FilterCache`] by its source — against a fixed, strict schema (a misspelt field is a compile error) and under
 //! [`limits`], which are far below the query language's defaults: the core evaluates
 //! filters under its one lock, so a hostile filter must cost microseconds, not
 //! milliseconds. Compiling checks the static cost of loops over literals; evaluating
@@ -18,13 +18,17 @@
 //! | `session` | string | the owner's session id, 16 lowercase hex digits (as `ctl` prints it) |
 //! | `node` | string | the owner's node name |
 //! | `token` | int | the grant's fencing token |
-//! | `json` | dyn | the value parsed as JSON (`null` if it is not JSON) |
+//! | `json` | dyn | the value parsed as JSON (`null` if it is not JSON, or longer than [`FILTER_JSON_BYTES_MAX`]) |
 //! | `event` | string | WATCH only: `"claimed"` or `"released"` |
 //!
 //! For a RELEASED event the record is the port as it was just before the release (its
 //! last owner, value and token). Only the variables a filter reads are built for each
 //! record, so `name.startsWith("a")` costs one string per record and nothing for the
-//! value.
+//! value; the filters of one event share what they build ([`Derived`]), so `json` is
+//! parsed at most once per event, and only for values of at most
+//! [`FILTER_JSON_BYTES_MAX`] bytes.
+
+use std::sync::Arc;
 
 use portswitch_proto::limits::QUERY_BYTES_MAX;
 use portswitch_query::{EvalError, Limits, Program, Schema, Slot, Type, Value};
@@ -136,28 +140,20 @@ impl Filter {
 
     /// Whether the filter selects `r`. Builds only the variables the filter reads.
     pub fn matches(&self, r: &Record<'_>) -> Result<bool, EvalError> {
-        let mut values: [Option<Value>; FIELDS.len()] = Default::default();
+        self.matches_derived(&mut Derived::new(*r))
+    }
+
+    /// Whether the filter selects `d`'s record, building into `d` the variables it
+    /// reads that no earlier filter on the same record has built: the filters of one
+    /// event share one `text`, one `session` and one parse of `json`.
+    pub fn matches_derived(&self, d: &mut Derived<'_>) -> Result<bool, EvalError> {
         for (i, slot) in self.slots.iter().enumerate() {
-            if slot.is_none() {
-                continue;
+            if slot.is_some() {
+                d.build(i);
             }
-            values[i] = Some(match i {
-                0 => Value::from(String::from_utf8_lossy(r.name).as_ref()),
-                1 => Value::bytes(r.value),
-                2 => Value::from(String::from_utf8_lossy(r.value).as_ref()),
-                3 => Value::from(format!("{:016x}", r.session)),
-                4 => Value::from(String::from_utf8_lossy(r.node).as_ref()),
-                // Tokens are `epoch << 32 | sequence` with epochs far below 2^31.
-                5 => Value::Int(r.token as i64),
-                6 => json(r.value),
-                _ => match r.event {
-                    Some(e) => Value::from(e),
-                    None => Value::Null,
-                },
-            });
         }
         let mut b = self.program.bindings();
-        for (slot, v) in self.slots.iter().zip(&values) {
+        for (slot, v) in self.slots.iter().zip(&d.values) {
             if let (Some(slot), Some(v)) = (slot, v) {
                 b.set_slot(*slot, v);
             }
@@ -166,11 +162,116 @@ impl Filter {
     }
 }
 
+/// A record and the variables built from it so far, shared by every filter that is
+/// evaluated on it: each variable is built at most once per record, and only if some
+/// filter reads it.
+#[derive(Debug)]
+pub struct Derived<'a> {
+    record: Record<'a>,
+    values: [Option<Value>; FIELDS.len()],
+}
+
+impl<'a> Derived<'a> {
+    pub fn new(record: Record<'a>) -> Derived<'a> {
+        Derived {
+            record,
+            values: Default::default(),
+        }
+    }
+
+    fn build(&mut self, i: usize) {
+        if self.values[i].is_some() {
+            return;
+        }
+        let r = &self.record;
+        self.values[i] = Some(match i {
+            0 => Value::from(String::from_utf8_lossy(r.name).as_ref()),
+            1 => Value::bytes(r.value),
+            2 => Value::from(String::from_utf8_lossy(r.value).as_ref()),
+            3 => Value::from(format!("{:016x}", r.session)),
+            4 => Value::from(String::from_utf8_lossy(r.node).as_ref()),
+            // Tokens are `epoch << 32 | sequence` with epochs far below 2^31.
+            5 => Value::Int(r.token as i64),
+            6 => json(r.value),
+            _ => match r.event {
+                Some(e) => Value::from(e),
+                None => Value::Null,
+            },
+        });
+    }
+}
+
+/// Compiled filters a core keeps, by source text and scope.
+pub const FILTER_CACHE_ENTRIES: usize = 16;
+
+/// The last [`FILTER_CACHE_ENTRIES`] filters compiled (and the messages of those that
+/// did not compile), least recently used first: a frame of identical LIST_WHEREs, or
+/// a client paging through one listing, compiles its filter once.
+#[derive(Debug, Default)]
+pub struct FilterCache {
+    entries: Vec<Cached>,
+}
+
+type Compiled = Result<Arc<Filter>, Arc<str>>;
+
+#[derive(Debug)]
+struct Cached {
+    scope: Scope,
+    source: Box<[u8]>,
+    compiled: Compiled,
+}
+
+impl FilterCache {
+    /// `source` compiled for `scope`: from the cache, or compiled now and kept (the
+    /// least recently used entry goes when the cache is full).
+    pub fn compile(&mut self, source: &[u8], scope: Scope) -> Compiled {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|c| c.scope == scope && *c.source == *source)
+        {
+            let hit = self.entries.remove(i);
+            let compiled = hit.compiled.clone();
+            self.entries.push(hit);
+            return compiled;
+        }
+        let compiled: Compiled = Filter::compile(source, scope)
+            .map(Arc::new)
+            .map_err(Arc::from);
+        if self.entries.len() >= FILTER_CACHE_ENTRIES {
+            self.entries.remove(0);
+        }
+        self.entries.push(Cached {
+            scope,
+            source: source.into(),
+            compiled: compiled.clone(),
+        });
+        compiled
+    }
+
+    /// How many filters it holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Longest value a filter's `json` parses: a longer one reads as `null`. Parsing and
+/// converting a value is not metered by the step budget, so this bounds it.
+pub const FILTER_JSON_BYTES_MAX: usize = 4_096;
+
 /// A value parsed as JSON, as a query value: objects are maps, arrays lists, integers
 /// that fit an i64 `int`, other numbers `float`. `null` if it is not JSON (or nests
-/// deeper than serde_json's limit of 128). Values are at most `VALUE_BYTES_MAX` bytes,
-/// so this is bounded work, done only for filters that read `json`.
+/// deeper than serde_json's limit of 128), or is longer than [`FILTER_JSON_BYTES_MAX`]
+/// bytes, so this is bounded work, done at most once per record and only if some
+/// filter reads `json`.
 fn json(value: &[u8]) -> Value {
+    if value.len() > FILTER_JSON_BYTES_MAX {
+        return Value::Null;
+    }
     match serde_json::from_slice::<serde_json::Value>(value) {
         Ok(v) => from_json(v),
         Err(_) => Value::Null,
@@ -316,6 +417,58 @@ mod tests {
         // Deeper than serde_json goes: null, not a crash.
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(!f.matches(&rec(b"a", deep.as_bytes())).unwrap());
+        // Longer than FILTER_JSON_BYTES_MAX: null, not parsed.
+        let n = Filter::compile(b"json == null", Scope::List).unwrap();
+        let mut long = br#"{"role":"leader","pad":""#.to_vec();
+        long.resize(FILTER_JSON_BYTES_MAX - 2, b'x');
+        long.extend_from_slice(b"\"}");
+        assert_eq!(long.len(), FILTER_JSON_BYTES_MAX);
+        assert!(!n.matches(&rec(b"a", &long)).unwrap());
+        long.insert(1, b' ');
+        assert!(n.matches(&rec(b"a", &long)).unwrap());
+    }
+
+    #[test]
+    fn the_cache_compiles_a_source_once_and_keeps_the_latest() {
+        let mut c = FilterCache::default();
+        let a = c.compile(b"true", Scope::List).unwrap();
+        let again = c.compile(b"true", Scope::List).unwrap();
+        assert!(Arc::ptr_eq(&a, &again));
+        // Another scope is another filter; errors are kept too.
+        let w = c.compile(b"true", Scope::Watch).unwrap();
+        assert!(!Arc::ptr_eq(&a, &w));
+        let e = c.compile(b"(((", Scope::List).unwrap_err();
+        assert_eq!(e, c.compile(b"(((", Scope::List).unwrap_err());
+        assert_eq!(c.len(), 3);
+        // Use "true" (List) again, then fill the cache: the two least recently used
+        // entries go.
+        c.compile(b"true", Scope::List).unwrap();
+        for i in 0..FILTER_CACHE_ENTRIES - 1 {
+            c.compile(format!("token > {i}").as_bytes(), Scope::List)
+                .unwrap();
+        }
+        assert_eq!(c.len(), FILTER_CACHE_ENTRIES);
+        // "true" (List) was the most recently used of the first three: still there.
+        assert!(Arc::ptr_eq(&a, &c.compile(b"true", Scope::List).unwrap()));
+        // "true" (Watch) was the least recent: compiled again.
+        assert!(!Arc::ptr_eq(&w, &c.compile(b"true", Scope::Watch).unwrap()));
+    }
+
+    #[test]
+    fn filters_of_one_record_share_what_they_build() {
+        let a = Filter::compile(br#"json != null && json.zone == "eu""#, Scope::Watch).unwrap();
+        let b = Filter::compile(
+            br#"text.contains("eu") && event == "claimed""#,
+            Scope::Watch,
+        )
+        .unwrap();
+        let mut r = rec(b"a", br#"{"zone":"eu"}"#);
+        r.event = Some("claimed");
+        let mut d = Derived::new(r);
+        assert!(a.matches_derived(&mut d).unwrap());
+        assert!(d.values[6].is_some() && d.values[2].is_none());
+        assert!(b.matches_derived(&mut d).unwrap());
+        assert!(d.values[2].is_some() && d.values[1].is_none() && d.values[3].is_none());
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //!   session's lease: any frame is a heartbeat), then [`Core::handle`] for each request
 //!   in order. Replies and events go to the outbox as they happen; the driver must
 //!   deliver each connection's effects in emission order.
+//!   A driver that handles several frames (or several channels' sessions) in one go
+//!   under one lock starts all but the first with [`Core::continue_batch`]: they then
+//!   share one budget of filter evaluations (`Config::filter_evals_per_batch_max`).
 //! - When a connection closes: [`Core::handle_disconnect`].
 //! - Whenever time passes [`Core::next_deadline`]: [`Core::handle_timeout`] (calling it
 //!   more often is harmless).

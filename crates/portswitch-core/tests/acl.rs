@@ -206,3 +206,45 @@ impl ResumeAs for H {
         }
     }
 }
+
+#[test]
+fn a_filtered_watch_needs_list_as_well_as_watch() {
+    // A filter reads values, which events never carry: with watch alone a role could
+    // learn a value a bit at a time from which events a filter lets through.
+    let mut h = H::new();
+    let ww = |prefix: &'static [u8]| Request::WatchWhere {
+        prefix,
+        filter: br#"text.startsWith("s")"#,
+    };
+    h.session_as(1, &ident("watcher", &[("app/", "watch")]));
+    assert!(denied(&h.one(1, ww(b"app/"))));
+    assert_eq!(h.core.stats().watch_filters, 0);
+    // Watching without a filter is still allowed.
+    assert!(matches!(
+        h.one(
+            1,
+            Request::Watch {
+                name: b"app/",
+                prefix: true
+            }
+        ),
+        Out::Watching(..)
+    ));
+    // List alone is not enough either.
+    h.session_as(2, &ident("lister", &[("app/", "list")]));
+    assert!(denied(&h.one(2, ww(b"app/"))));
+    // List on another prefix, or on a narrower one, neither.
+    h.session_as(3, &ident("other", &[("app/", "watch"), ("other/", "list")]));
+    assert!(denied(&h.one(3, ww(b"app/"))));
+    h.session_as(
+        4,
+        &ident("narrow", &[("app/", "watch"), ("app/x/", "list")]),
+    );
+    assert!(denied(&h.one(4, ww(b"app/"))));
+    // Watch and list on a prefix of it: allowed.
+    h.session_as(5, &ident("both", &[("app/", "watch,list")]));
+    assert!(matches!(h.one(5, ww(b"app/")), Out::Watching(..)));
+    h.session_as(6, &ident("split", &[("", "watch"), ("app/", "list")]));
+    assert!(matches!(h.one(6, ww(b"app/sub/")), Out::Watching(..)));
+    assert_eq!(h.core.stats().watch_filters, 2);
+}

@@ -253,3 +253,235 @@ fn filtered_watches_end_with_their_session_and_are_bounded() {
     assert_eq!((st.watch_filters, st.prefix_watches), (0, 0));
     assert!(matches!(h.one(B, w(b"b/")), Out::Watching(..)));
 }
+
+#[test]
+fn one_session_holds_at_most_its_share_of_filtered_watches() {
+    let mut h = H::with(Config {
+        watch_filters_max: 4,
+        watch_filters_per_session_max: 2,
+        ..Config::default()
+    });
+    h.session(A, 1_000);
+    h.session(B, 1_000);
+    let w = |p: &'static [u8]| Request::WatchWhere {
+        prefix: p,
+        filter: b"true",
+    };
+    assert!(matches!(h.one(A, w(b"a/")), Out::Watching(..)));
+    assert!(matches!(h.one(A, w(b"b/")), Out::Watching(..)));
+    let o = h.one(A, w(b"c/"));
+    assert!(
+        matches!(o, Out::Err(_, ErrorCode::PrefixWatchesMax)),
+        "{o:?}"
+    );
+    // Replacing one of its filters is not a new one; a watch without one is allowed.
+    assert!(matches!(h.one(A, w(b"a/")), Out::Watching(..)));
+    let o = h.one(
+        A,
+        Request::Watch {
+            name: b"c/",
+            prefix: true,
+        },
+    );
+    assert!(matches!(o, Out::Watching(..)), "{o:?}");
+    // Nor can it add a filter to that watch now.
+    let o = h.one(A, w(b"c/"));
+    assert!(
+        matches!(o, Out::Err(_, ErrorCode::PrefixWatchesMax)),
+        "{o:?}"
+    );
+    // Another session still has room.
+    assert!(matches!(h.one(B, w(b"a/")), Out::Watching(..)));
+    assert!(matches!(h.one(B, w(b"b/")), Out::Watching(..)));
+    assert_eq!(h.core.stats().watch_filters, 4);
+    // Dropping one of A's filters makes room for another of A's.
+    h.one(
+        A,
+        Request::Watch {
+            name: b"a/",
+            prefix: true,
+        },
+    );
+    assert!(matches!(h.one(A, w(b"c/")), Out::Watching(..)));
+    assert_eq!(h.core.stats().watch_filters, 4);
+}
+
+#[test]
+fn a_filtered_watch_on_releases_sees_the_value_and_owner_before_the_release() {
+    const C: u64 = 3;
+    const W: u64 = 4;
+    let mut h = H::new();
+    h.session(W, 10_000);
+    let (sb, _) = h.session(B, 1_000);
+    h.session(C, 10_000);
+    let filter = format!(r#"event == "released" && text == "up" && session == "{sb:016x}""#);
+    let o = h.one(
+        W,
+        Request::WatchWhere {
+            prefix: b"svc/",
+            filter: filter.as_bytes(),
+        },
+    );
+    assert!(matches!(o, Out::Watching(..)), "{o:?}");
+    // A second filtered watch on the same events: the record is shared, each decides.
+    let o = h.one(A, Request::Hello(hello(10_000, false)));
+    assert!(matches!(o, Out::HelloOk { .. }), "{o:?}");
+    let o = h.one(
+        A,
+        Request::WatchWhere {
+            prefix: b"svc/",
+            filter: br#"event == "released" && text == "down""#,
+        },
+    );
+    assert!(matches!(o, Out::Watching(..)), "{o:?}");
+
+    let released = |outs: &[(u64, Out)], who: u64| -> Vec<String> {
+        outs.iter()
+            .filter(|(c, _)| *c == who)
+            .filter_map(|(_, o)| match o {
+                Out::Released(p, _) => Some(p.clone()),
+                Out::Claimed(p, ..) => panic!("claimed {p} delivered"),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut all = Vec::new();
+    let step = |h: &mut H, all: &mut Vec<(u64, Out)>, conn: u64, r: Request<'_>| {
+        all.extend(h.req(conn, r));
+    };
+    // Claims: never delivered (the filters select releases only).
+    step(&mut h, &mut all, B, reg_v("svc/a", "up"));
+    step(&mut h, &mut all, B, reg_v("svc/b", "down"));
+    step(&mut h, &mut all, C, reg_v("svc/c", "up"));
+    step(&mut h, &mut all, B, reg_v("svc/d", "up"));
+    step(&mut h, &mut all, B, reg_v("svc/e", "up"));
+    step(&mut h, &mut all, B, reg_v("other/f", "up"));
+    // B's "up": W. B's "down": A. C's "up": nobody (another session).
+    step(&mut h, &mut all, B, Request::Unregister { port: b"svc/a" });
+    step(&mut h, &mut all, B, Request::Unregister { port: b"svc/b" });
+    step(&mut h, &mut all, C, Request::Unregister { port: b"svc/c" });
+    // The value replaced before the release is the one seen: "down", for A.
+    step(&mut h, &mut all, B, reg_v("svc/d", "down"));
+    step(&mut h, &mut all, B, Request::Unregister { port: b"svc/d" });
+    // Released to a waiter: the release is B's with B's value (W); the grant to C,
+    // with C's value, is a claim (nobody).
+    step(
+        &mut h,
+        &mut all,
+        C,
+        Request::Register {
+            port: b"svc/e",
+            value: b"up",
+            wait: true,
+        },
+    );
+    step(&mut h, &mut all, B, Request::Unregister { port: b"svc/e" });
+    // Outside the prefix: nobody.
+    step(
+        &mut h,
+        &mut all,
+        B,
+        Request::Unregister { port: b"other/f" },
+    );
+    // Released because B's session ends (lease): B's "up" again (W).
+    step(&mut h, &mut all, B, reg_v("svc/g", "up"));
+    step(&mut h, &mut all, B, reg_v("svc/h", "down"));
+    all.extend(h.advance(5_000));
+    // C, now owning svc/e with "up", releases it: not B's.
+    step(&mut h, &mut all, C, Request::Unregister { port: b"svc/e" });
+    let mut seen_w = released(&all, W);
+    let mut seen_a = released(&all, A);
+    seen_w.sort();
+    seen_a.sort();
+    assert_eq!(seen_w, ["svc/a", "svc/e", "svc/g"]);
+    assert_eq!(seen_a, ["svc/b", "svc/d", "svc/h"]);
+    assert_eq!(h.core.stats().filter_errors_total, 0);
+}
+
+#[test]
+fn the_list_wheres_of_one_batch_share_a_budget_of_evaluations() {
+    let mut h = H::with(Config {
+        list_filter_entries_max: 4,
+        filter_evals_per_batch_max: 10,
+        ..Config::default()
+    });
+    h.session(A, 1_000);
+    for i in 0..30 {
+        h.one(A, reg_v(&format!("p/{i:02}"), "v"));
+    }
+    let lw = |cursor: u64| Request::ListWhere {
+        prefix: b"p/",
+        cursor,
+        limit: 100,
+        filter: br#"text == "v""#,
+    };
+    // Five in one frame: 4 + 4 + 2 evaluations, then empty pages that resume at the
+    // start (a non-zero cursor).
+    let outs = h.batch(A, &[lw(0), lw(0), lw(0), lw(0), lw(0)]);
+    let pages: Vec<(u64, usize)> = outs
+        .iter()
+        .map(|(_, o)| match o {
+            Out::Page { next, ports, .. } => (*next, ports.len()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        pages.iter().map(|p| p.1).collect::<Vec<_>>(),
+        [4, 4, 2, 0, 0]
+    );
+    assert!(pages.iter().all(|p| p.0 != 0), "{pages:?}");
+    assert_eq!(pages[3].0, pages[4].0);
+    // That cursor, in a frame of its own, is the first page again.
+    match h.one(A, lw(pages[4].0)) {
+        Out::Page { ports, next, .. } => {
+            assert_eq!(ports, ["p/00", "p/01", "p/02", "p/03"]);
+            assert_eq!(next, pages[0].0);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A listing paged in frames of many requests (all but the first of each frame
+    // spending the rest of the budget or getting empty pages) still sees every port
+    // exactly once.
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    for frames in 1.. {
+        assert!(frames < 100, "the listing ends");
+        let outs = h.batch(A, &[lw(cursor), lw(cursor), lw(cursor)]);
+        let Out::Page { next, ports, .. } = &outs[0].1 else {
+            panic!("{outs:?}")
+        };
+        seen.extend(ports.iter().cloned());
+        if *next == 0 {
+            break;
+        }
+        cursor = *next;
+    }
+    let want: Vec<String> = (0..30).map(|i| format!("p/{i:02}")).collect();
+    assert_eq!(seen, want);
+    // Plain LIST is not counted.
+    let outs = h.batch(
+        A,
+        &[
+            lw(0),
+            lw(0),
+            lw(0),
+            Request::List {
+                prefix: b"p/",
+                cursor: 0,
+                limit: 100,
+            },
+        ],
+    );
+    assert!(matches!(&outs[3].1, Out::Page { ports, .. } if ports.len() == 30));
+    // A filter that does not compile is still refused while the budget lasts.
+    let outs = h.batch(
+        A,
+        &[Request::ListWhere {
+            prefix: b"p/",
+            cursor: 0,
+            limit: 1,
+            filter: b"(((",
+        }],
+    );
+    assert!(matches!(outs[0].1, Out::Err(_, ErrorCode::QueryInvalid)));
+}

@@ -308,6 +308,7 @@ async fn an_invalid_filter_is_a_typed_error_with_its_position() {
     let srv = serve().await;
     let c = client(&srv.addr).await;
     c.register("svc/a", "x").await.unwrap();
+    let session = c.session().id;
     let e = c.list_where("svc/", "name == ", 0, 10).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::QueryInvalid), "{e}");
     let msg = e.to_string();
@@ -326,11 +327,12 @@ async fn an_invalid_filter_is_a_typed_error_with_its_position() {
         let e = c.list_where("", bad, 0, 10).await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::QueryInvalid), "{bad}: {e}");
     }
-    // The connection, and the session, go on.
+    // The connection, and the session, go on: the same session still owns its port.
     c.ping().await.unwrap();
     let page = c.list_where("svc/", r#"text == "x""#, 0, 10).await.unwrap();
     assert_eq!(page.entries.len(), 1);
-    assert_eq!(c.session().id, c.session().id);
+    assert_eq!(c.session().id, session);
+    assert_eq!(page.entries[0].session, session);
     assert_eq!(stat(&c, "watch_filters").await, 0);
 
     // The binary: exit code 2, the position and the caret on standard error.
@@ -472,5 +474,76 @@ async fn a_filtered_watch_is_sent_again_with_its_filter_after_a_restart() {
             _ => {}
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A filter reads values, which watch events never carry: a role with watch but not
+/// list on the prefix is refused a filtered watch (with it, it could learn a value a
+/// bit at a time from which events get through); with list as well it is allowed.
+#[tokio::test]
+async fn a_filtered_watch_needs_list_as_well_as_watch() {
+    use portswitch_server::auth::AuthConfig;
+    use portswitch_server::ServerConfig;
+    use serde_json::json;
+
+    let dir = std::env::temp_dir().join(format!(
+        "portswitch-where-acl-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = ServerConfig::ephemeral();
+    cfg.auth = AuthConfig {
+        data_dir: Some(dir.clone()),
+        iterations: portswitch_auth::scram::ITERATIONS_MIN,
+        ..AuthConfig::default()
+    };
+    let srv = common::server_with(cfg).await;
+    let login = |user: &str, pw: &str| {
+        let mut o = common::opts(&srv);
+        o.credentials = Some((user.into(), pw.into()));
+        Client::connect(o)
+    };
+    let (root_pw, pw) = ("Granite-Falcon-2026!", "Tulip-Orbit-93");
+    let anon = common::client(&srv).await;
+    anon.admin(
+        &json!({"op": "user_add", "user": "root", "password": root_pw, "roles": ["root"]})
+            .to_string(),
+    )
+    .await
+    .unwrap();
+    drop(anon);
+    let root = login("root", root_pw).await.unwrap();
+    for (role, perms) in [("watcher", "watch"), ("reader", "watch,list")] {
+        root.admin(
+            &json!({"op": "role_add", "role": role, "grants": [
+                {"prefix": "svc/", "perms": perms},
+            ]})
+            .to_string(),
+        )
+        .await
+        .unwrap();
+        root.admin(
+            &json!({"op": "user_add", "user": role, "password": pw, "roles": [role]}).to_string(),
+        )
+        .await
+        .unwrap();
+    }
+    root.register("svc/secret", "s3cret").await.unwrap();
+
+    let watcher = login("watcher", pw).await.unwrap();
+    let e = watcher
+        .watch_prefix_where("svc/", r#"text.startsWith("s")"#)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    // A watch without a filter is still the watcher's to make.
+    watcher.watch_prefix("svc/").await.unwrap();
+    let reader = login("reader", pw).await.unwrap();
+    reader
+        .watch_prefix_where("svc/", r#"text.startsWith("s")"#)
+        .await
+        .unwrap();
+    assert_eq!(stat(&root, "watch_filters").await, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

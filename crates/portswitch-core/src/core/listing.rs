@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// The cursor of a LIST_WHERE page that stopped before it examined anything, at the
+/// start of the table (the batch's budget of filter evaluations was spent): slot 0,
+/// which a cursor of 0 cannot say (0 means "done"). Above every slot (slots are
+/// `u32`), so no other cursor is ever equal to it.
+const CURSOR_FROM_SLOT_0: u64 = 1 << 32;
+
 impl Core {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn list(
@@ -33,7 +39,26 @@ impl Core {
             );
         }
         if let Some(source) = filter {
-            return match Filter::compile(source, Scope::List) {
+            if self.filter_evals_left == 0 {
+                // This batch's LIST_WHEREs have made all the evaluations it allows:
+                // an empty page that resumes where this one would have started.
+                let next_cursor = match cursor {
+                    0 => CURSOR_FROM_SLOT_0,
+                    CURSOR_FROM_SLOT_0 => CURSOR_FROM_SLOT_0,
+                    c if c >= self.ports.slots() as u64 => 0,
+                    c => c,
+                };
+                return out.reply(
+                    conn,
+                    id,
+                    &Reply::Page {
+                        next_cursor,
+                        count: 0,
+                        entries: &[],
+                    },
+                );
+            }
+            return match self.filter_cache.compile(source, Scope::List) {
                 Ok(f) => self.list_where(conn, id, prefix, cursor, limit, &f, out),
                 Err(msg) => self.error(conn, id, ErrorCode::QueryInvalid, &msg, out),
             };
@@ -89,7 +114,9 @@ impl Core {
     /// fill the page. The cursor advances over ports the filter rejects (and over ports
     /// it fails on: skipped and counted in `filter_errors_total`, the page goes on), so
     /// a page may be short or empty with a non-zero cursor; 0 still means the end. At
-    /// most `list_filter_entries_max` ports are evaluated per call.
+    /// most `list_filter_entries_max` ports are evaluated per call, and at most what is
+    /// left of the batch's `filter_evals_per_batch_max` (at least 1: the caller
+    /// answers for a spent budget).
     #[allow(clippy::too_many_arguments)]
     fn list_where(
         &mut self,
@@ -102,11 +129,16 @@ impl Core {
         out: &mut impl Outbox,
     ) {
         let bytes_max = self.cfg.frame_bytes_max as usize - limits::MESSAGE_HEADER_BYTES - 12;
-        let evals_max = self.cfg.list_filter_entries_max;
+        let evals_max = self.cfg.list_filter_entries_max.min(self.filter_evals_left);
+        debug_assert!(evals_max >= 1);
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
         let (mut count, mut evals, mut errors) = (0u32, 0u32, 0u64);
-        let from = cursor.min(self.ports.slots() as u64) as usize;
+        let from = if cursor == CURSOR_FROM_SLOT_0 {
+            0
+        } else {
+            cursor.min(self.ports.slots() as u64) as usize
+        };
         let sessions = &self.sessions;
         let ports = &self.ports;
         let stopped = ports.scan(from, self.cfg.list_scan_slots_max as usize, |slot, e| {
@@ -150,14 +182,15 @@ impl Core {
             true
         });
         self.stats.filter_errors_total += errors;
+        self.filter_evals_left -= evals;
         let next_cursor = if stopped >= self.ports.slots() {
             0
         } else {
             stopped as u64
         };
         // The scan stops only after evaluating at least one port (limit ≥ 1,
-        // list_filter_entries_max ≥ 1, and an empty page fits any entry), so a stop
-        // is past `from` and a continuation cursor is never 0.
+        // evals_max ≥ 1, and an empty page fits any entry), so a stop is past `from`
+        // and a continuation cursor is never 0.
         debug_assert!(next_cursor != 0 || stopped >= self.ports.slots() || from > 0);
         out.reply(
             conn,

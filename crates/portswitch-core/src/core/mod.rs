@@ -15,7 +15,7 @@ use portswitch_proto::{ErrorCode, Event, FrameBuf, Hello, HelloOk, Reply, Reques
 use portswitch_auth::acl::{Access, Perm};
 
 use crate::config::Config;
-use crate::filter::{Filter, Record, Scope};
+use crate::filter::{Derived, Filter, FilterCache, Record, Scope};
 use crate::table::{PortTable, Waiter, NONE};
 
 mod listing;
@@ -132,6 +132,7 @@ pub struct Identity {
 }
 
 /// The permission a request needs, and on which name (a port, or a prefix).
+/// [`also_required`] names a second one some requests need as well.
 fn required<'r>(req: &Request<'r>) -> Option<(Perm, &'r [u8])> {
     Some(match *req {
         Request::Register { port, .. } | Request::Unregister { port } => (Perm::Register, port),
@@ -153,6 +154,18 @@ fn required<'r>(req: &Request<'r>) -> Option<(Perm, &'r [u8])> {
     })
 }
 
+/// A second permission a request needs besides [`required`]'s: a filtered prefix
+/// watch reads the ports' values (`value`, `text`, `json`), which its events never
+/// carry, so it needs what reveals values under the prefix — `list`, as LIST_WHERE
+/// does — besides `watch`. Otherwise a watch-only role could learn a value a bit at a
+/// time from which events a filter lets through.
+fn also_required<'r>(req: &Request<'r>) -> Option<(Perm, &'r [u8])> {
+    match *req {
+        Request::WatchWhere { prefix, .. } => Some((Perm::List, prefix)),
+        _ => None,
+    }
+}
+
 #[derive(Debug)]
 struct Missed {
     frames: FrameBuf,
@@ -164,7 +177,7 @@ struct PrefixWatch {
     prefix: Box<[u8]>,
     session: u32,
     /// Only events this selects are delivered (WATCH_WHERE).
-    filter: Option<Box<Filter>>,
+    filter: Option<std::sync::Arc<Filter>>,
 }
 
 /// Why a session ends.
@@ -203,6 +216,11 @@ pub struct Core {
     /// How many of `prefix_watches` have a filter: while 0, grants and releases build
     /// no filter records at all.
     watch_filters: u32,
+    /// Filters compiled lately, by source (LIST_WHERE, WATCH_WHERE).
+    filter_cache: FilterCache,
+    /// Filter evaluations the LIST_WHEREs of the current batch may still make
+    /// (`Config::filter_evals_per_batch_max`, renewed by [`Core::begin_batch`]).
+    filter_evals_left: u32,
     expiry: BinaryHeap<Reverse<(u64, u64)>>,
     /// Ended sessions still releasing ports, oldest first.
     ending: std::collections::VecDeque<u32>,
@@ -237,6 +255,7 @@ impl Core {
             epoch < (1 << 32) - 1,
             "epoch {epoch} leaves no room in tokens"
         );
+        let filter_evals = cfg.filter_evals_per_batch_max;
         Core {
             cfg,
             epoch,
@@ -252,6 +271,8 @@ impl Core {
             ports: PortTable::new(seed[0]),
             prefix_watches: Vec::new(),
             watch_filters: 0,
+            filter_cache: FilterCache::default(),
+            filter_evals_left: filter_evals,
             expiry: BinaryHeap::new(),
             ending: Default::default(),
             secret_keys: (seed[1], seed[2]),
@@ -362,7 +383,19 @@ impl Core {
     }
 
     /// Starts processing one frame from `conn`. Any frame renews the session's lease.
+    /// It also renews the budget of filter evaluations (`filter_evals_per_batch_max`)
+    /// that the frame's LIST_WHEREs share; a driver that handles more than one frame,
+    /// or sessions of several channels, in one go under its lock starts the others
+    /// with [`Core::continue_batch`] so that they share it too.
     pub fn begin_batch(&mut self, conn: ConnId, now_ms: u64) -> Batch {
+        self.filter_evals_left = self.cfg.filter_evals_per_batch_max;
+        self.continue_batch(conn, now_ms)
+    }
+
+    /// Like [`Core::begin_batch`], but what is left of the current batch's budget of
+    /// filter evaluations carries over: for the next frame, or the next channel's
+    /// session, handled in the same go.
+    pub fn continue_batch(&mut self, conn: ConnId, now_ms: u64) -> Batch {
         self.advance(now_ms);
         let session = match self.conn_sessions.get(&conn) {
             Some(&slot) => {
@@ -386,7 +419,7 @@ impl Core {
         if b.session != NONE {
             let s = &self.sessions[b.session as usize];
             if let Some(access) = &s.access {
-                if let Some((perm, name)) = required(req) {
+                for (perm, name) in required(req).into_iter().chain(also_required(req)) {
                     if !access.allows(perm, name) {
                         out.denied(b.conn, s.user.as_deref().unwrap_or(""), perm, name);
                         return self.error(

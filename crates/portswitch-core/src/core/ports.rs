@@ -80,7 +80,7 @@ impl Core {
                 token,
                 node: &node,
             };
-            let record = (self.watch_filters > 0).then_some(Record {
+            let record = self.filtered_watch_covers(&name).then_some(Record {
                 name: &name,
                 value,
                 session: sid,
@@ -105,12 +105,15 @@ impl Core {
             s.ports[pos as usize] = last;
             self.ports.get_mut(last).owner_pos = pos;
         }
-        // What filtered watches see of the port: as it was before the release.
-        let before = (self.watch_filters > 0).then(|| {
-            let s = &self.sessions[owner as usize];
-            let value: Box<[u8]> = self.ports.value(port).into();
-            (s.id, s.node.clone(), value)
-        });
+        // What filtered watches see of the port: as it was before the release (taken
+        // only if a filtered watch covers it).
+        let before = self
+            .filtered_watch_covers(self.ports.get(port).name())
+            .then(|| {
+                let s = &self.sessions[owner as usize];
+                let value: Box<[u8]> = self.ports.value(port).into();
+                (s.id, s.node.clone(), value)
+            });
         let token = self.ports.clear_owner(port);
         self.stats.releases_total += 1;
         if self.recovery_until.is_some() {

@@ -5,8 +5,10 @@ use super::*;
 impl Core {
     /// Tells the port's watchers and the prefix watches it falls under about `ev`.
     /// `record` is the port as filters see it: given whenever a filtered prefix watch
-    /// exists (`watch_filters > 0`), and then evaluated by each filtered watch whose
-    /// prefix matches; a failed evaluation is counted and delivers nothing.
+    /// covers `name` (see [`Core::filtered_watch_covers`]), and then evaluated by each
+    /// filtered watch whose prefix matches, all sharing the variables built from it
+    /// (each at most once for the event); a failed evaluation is counted and delivers
+    /// nothing.
     pub(super) fn notify_watchers(
         &mut self,
         port: u32,
@@ -25,13 +27,14 @@ impl Core {
         }
         if !self.prefix_watches.is_empty() {
             let mut errors = 0u64;
+            let mut derived = record.map(|r| Derived::new(*r));
             let targets: Vec<u32> = self
                 .prefix_watches
                 .iter()
                 .filter(|p| name.starts_with(&p.prefix))
-                .filter(|p| match (&p.filter, record) {
+                .filter(|p| match (&p.filter, derived.as_mut()) {
                     (None, _) => true,
-                    (Some(f), Some(r)) => f.matches(r).unwrap_or_else(|_| {
+                    (Some(f), Some(d)) => f.matches_derived(d).unwrap_or_else(|_| {
                         errors += 1;
                         false
                     }),
@@ -45,6 +48,16 @@ impl Core {
                 self.deliver(w, ev, out);
             }
         }
+    }
+
+    /// Whether some filtered prefix watch covers the port `name`: only then do a
+    /// grant or a release build the record filters see.
+    pub(super) fn filtered_watch_covers(&self, name: &[u8]) -> bool {
+        self.watch_filters > 0
+            && self
+                .prefix_watches
+                .iter()
+                .any(|p| p.filter.is_some() && name.starts_with(&p.prefix))
     }
 
     pub(super) fn watch(
@@ -170,7 +183,10 @@ impl Core {
     }
 
     /// WATCH of a prefix with a filter (WATCH_WHERE). The filter is compiled once,
-    /// here; watching a prefix the session already watches replaces its filter.
+    /// here (or taken from the cache of compiled filters); watching a prefix the
+    /// session already watches replaces its filter. A session holds at most
+    /// `watch_filters_per_session_max` filtered watches, the server
+    /// `watch_filters_max`.
     pub(super) fn watch_where(
         &mut self,
         b: &Batch,
@@ -212,6 +228,19 @@ impl Core {
                     "the server holds watch_filters_max filtered prefix watches",
                 ));
             }
+            if !had_filter {
+                let mine = self
+                    .prefix_watches
+                    .iter()
+                    .filter(|p| p.session == me && p.filter.is_some())
+                    .count();
+                if mine >= self.cfg.watch_filters_per_session_max as usize {
+                    return Err(Fail::Code(
+                        ErrorCode::PrefixWatchesMax,
+                        "session holds watch_filters_per_session_max filtered prefix watches",
+                    ));
+                }
+            }
             Ok(existing)
         })();
         let existing = match result {
@@ -219,8 +248,8 @@ impl Core {
             Err(Fail::Code(code, msg)) => return self.error(b.conn, id, code, msg, out),
             Err(Fail::Taken { .. }) => unreachable!("a watch is never taken"),
         };
-        let filter = match Filter::compile(source, Scope::Watch) {
-            Ok(f) => Box::new(f),
+        let filter = match self.filter_cache.compile(source, Scope::Watch) {
+            Ok(f) => f,
             Err(msg) => return self.error(b.conn, id, ErrorCode::QueryInvalid, &msg, out),
         };
         match existing {

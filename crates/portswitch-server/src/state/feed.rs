@@ -85,7 +85,13 @@ impl Shared {
                 }
             };
             let mut vconn = on_channel(conn, channel);
-            let mut batch = st.core.begin_batch(vconn, now);
+            // The frames handled under this one lock, and the channels they address,
+            // share one budget of filter evaluations (`filter_evals_per_batch_max`).
+            let mut batch = if consumed == 0 {
+                st.core.begin_batch(vconn, now)
+            } else {
+                st.core.continue_batch(vconn, now)
+            };
             let mut out = Out {
                 conns: &mut st.conns,
                 dirty: &mut st.dirty,
@@ -128,7 +134,7 @@ impl Shared {
                         }
                     }
                     // A frame renews the session of every channel it addresses.
-                    batch = st.core.begin_batch(vconn, now);
+                    batch = st.core.continue_batch(vconn, now);
                     continue;
                 }
                 match Request::decode(m.opcode, m.body) {
