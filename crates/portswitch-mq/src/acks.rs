@@ -48,6 +48,9 @@ pub struct Acks {
     settled: BTreeSet<u64>,
     /// Entries in the file (for compaction).
     entries: usize,
+    /// Whether any offset was ever settled (acknowledged or dead), not only passed by
+    /// the floor.
+    any_settled: bool,
     pending: Vec<u8>,
 }
 
@@ -61,6 +64,7 @@ impl Acks {
         };
         let mut floor = 0;
         let mut settled = BTreeSet::new();
+        let mut any_settled = false;
         let mut good = 0;
         for e in bytes.chunks(ENTRY) {
             if e.len() < ENTRY || crc32c::crc32c(&e[..12]).to_le_bytes() != e[12..16] {
@@ -70,6 +74,7 @@ impl Acks {
             match u32::from_le_bytes(e[8..12].try_into().expect("4")) {
                 ACKED | DEAD => {
                     settled.insert(offset);
+                    any_settled = true;
                 }
                 FLOOR => floor = floor.max(offset),
                 _ => break,
@@ -94,6 +99,7 @@ impl Acks {
             floor,
             settled,
             entries: good / ENTRY,
+            any_settled,
             pending: Vec::new(),
         };
         acks.raise_floor();
@@ -122,7 +128,14 @@ impl Acks {
         }
         self.pending.extend_from_slice(&entry(offset, kind));
         self.settled.insert(offset);
+        self.any_settled = true;
         self.raise_floor();
+    }
+
+    /// Whether the group ever settled an offset itself (acknowledged or dead-lettered
+    /// it), as opposed to the floor passing it.
+    pub fn any_settled(&self) -> bool {
+        self.any_settled
     }
 
     /// Whether settlements wait to be written.

@@ -483,3 +483,193 @@ async fn a_replica_starting_again_after_reclaim_learns_the_selector_from_the_ros
         b.stop().await;
     }
 }
+
+/// Messages at the queue's size limit are evaluated within the step budget (it is
+/// sized from the limit): a regex match and scans over a 1 MiB payload deliver the
+/// matching message and skip the other, with no evaluation error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selector_scans_messages_at_the_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.create("big", QueueConfig::default()).await.unwrap();
+    let limit = QueueConfig::default().message_bytes_max as usize;
+    let big = |n: u64, tail: &str| {
+        let mut p = format!(r#"{{"n": {n}, "pad": ""#).into_bytes();
+        p.resize(limit - 2 - tail.len(), b'a');
+        p.extend_from_slice(tail.as_bytes());
+        p.extend_from_slice(br#""}"#);
+        assert_eq!(p.len(), limit);
+        Outgoing {
+            payload: p.into(),
+            ..Default::default()
+        }
+    };
+    c.produce("big", vec![big(1, "urgent!!")]).await.unwrap();
+    c.produce("big", vec![big(2, "routine")]).await.unwrap();
+    let sel = r#"payload_str.matches("urgent!+\"}$") && payload_str.contains("urgent") && size(payload) > 1000"#;
+    let mut cons = c
+        .subscribe_with("big", "urgent", 10, Some(sel))
+        .await
+        .unwrap();
+    let d = within(cons.next()).await.unwrap();
+    assert!(d.payload.starts_with(br#"{"n": 1,"#));
+    cons.ack(&d).await.unwrap();
+    quiet(&mut cons).await;
+    let metrics = http_get(b.http_addr.unwrap(), "/metrics").await;
+    for line in [
+        "portswitch_mq_selector_errors_total{queue=\"big\",group=\"urgent\"} 0",
+        "portswitch_mq_selector_skipped_total{queue=\"big\",group=\"urgent\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    drop(cons);
+    b.stop().await;
+}
+
+/// The nearest deterministic form of two first subscriptions racing with different
+/// selectors: partition 1 already has the group with S2, partition 0 not at all. A
+/// subscription with S1 makes the group on partition 0, is refused on partition 1 —
+/// and leaves no group on partition 0 behind (on disk either), so the group stays
+/// usable: a subscription with S2 then joins on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_leaves_no_group_where_it_made_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.create(
+        "split",
+        QueueConfig {
+            partitions: 2,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    drop(c);
+    b.stop().await;
+    let (s1, s2) = ("json.n % 2 == 0", "json.n % 2 == 1");
+    let groups = |p: u32| dir.path().join(format!("queues/split/{p}/groups"));
+    std::fs::write(groups(1).join("g.selector"), s2).unwrap();
+    std::fs::write(groups(1).join("g.acks"), b"").unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    let e = c
+        .subscribe_with("split", "g", 10, Some(s1))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Some(Code::SelectorMismatch), "{e}");
+    // Partition 0's group, made by the refused subscription, is gone.
+    let mut cons = c.subscribe_with("split", "g", 100, Some(s2)).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(groups(0).join("g.selector")).unwrap(),
+        s2
+    );
+    c.produce("split", numbered(0..20)).await.unwrap();
+    assert_eq!(
+        take(&mut cons, 10).await,
+        (0..20).filter(|n| n % 2 == 1).collect()
+    );
+    // A refused subscription never drops a group that others use: S1 again is refused
+    // on both partitions now, and the group keeps its consumer and its selector.
+    let e = c
+        .subscribe_with("split", "g", 10, Some(s1))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Some(Code::SelectorMismatch), "{e}");
+    c.produce("split", numbered(20..22)).await.unwrap();
+    assert_eq!(take(&mut cons, 1).await, [21].into_iter().collect());
+    drop(cons);
+    drop(c);
+    b.stop().await;
+    // And a restart does not find a group that was dropped.
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    let e = c
+        .subscribe_with("split", "g", 10, Some(s1))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Some(Code::SelectorMismatch), "{e}");
+    drop(c);
+    b.stop().await;
+}
+
+/// Two first subscriptions with different selectors race, many times over: whatever
+/// the interleaving, at most one wins, and the group is usable afterwards (by the
+/// winner's selector, or by either when both lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_first_subscriptions_never_leave_a_split_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let addr = b.addr.to_string();
+    let c = MqClient::connect(&addr).await.unwrap();
+    c.create(
+        "race",
+        QueueConfig {
+            partitions: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (c1, c2) = (
+        MqClient::connect(&addr).await.unwrap(),
+        MqClient::connect(&addr).await.unwrap(),
+    );
+    let (s1, s2) = ("offset >= 0", "offset >= 1");
+    for i in 0..40 {
+        let g = format!("g{i}");
+        let (a, b2) = tokio::join!(
+            c1.subscribe_with("race", &g, 10, Some(s1)),
+            c2.subscribe_with("race", &g, 10, Some(s2))
+        );
+        let winner = match (&a, &b2) {
+            (Ok(_), Ok(_)) => panic!("both selectors joined group {g}"),
+            (Ok(_), Err(_)) => Some(s1),
+            (Err(_), Ok(_)) => Some(s2),
+            (Err(_), Err(_)) => None,
+        };
+        drop((a, b2));
+        // Usable: the winner's selector joins (or, when both lost, either does).
+        let again = c.subscribe_with("race", &g, 10, Some(winner.unwrap_or(s2)));
+        assert!(again.await.is_ok(), "group {g} is unusable");
+    }
+    drop((c, c1, c2));
+    b.stop().await;
+}
+
+/// A group whose selector this broker cannot apply (a newer broker's, say) is not
+/// served rather than served without it: the broker starts, keeps the selector's text,
+/// refuses to subscribe to the group, and serves the queue's other groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selector_this_broker_cannot_apply_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.create("newer", QueueConfig::default()).await.unwrap();
+    drop(c);
+    b.stop().await;
+    let groups = dir.path().join("queues/newer/0/groups");
+    let text = "json.n.future_function(1)";
+    std::fs::write(groups.join("g.selector"), text).unwrap();
+    std::fs::write(groups.join("g.acks"), b"").unwrap();
+    let b = broker(dir.path()).await;
+    let c = MqClient::connect(&b.addr.to_string()).await.unwrap();
+    c.produce("newer", numbered(0..4)).await.unwrap();
+    for sel in [None, Some("true")] {
+        let e = c.subscribe_with("newer", "g", 10, sel).await.err().unwrap();
+        assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
+        assert!(e.to_string().contains("upgrade"), "{e}");
+    }
+    let mut other = c.subscribe("newer", "other", 10).await.unwrap();
+    assert_eq!(take(&mut other, 4).await, (0..4).collect());
+    assert_eq!(
+        std::fs::read_to_string(groups.join("g.selector")).unwrap(),
+        text
+    );
+    drop((other, c));
+    b.stop().await;
+}

@@ -328,7 +328,8 @@ async fn dispatch(
             }
             // Compiled once here (and shared with every partition); a selector that
             // does not compile is refused with the compiler's position.
-            let selector = match selector.as_deref().map(|s| catalog.selector(s)) {
+            let bytes_max = q.config.message_bytes_max;
+            let selector = match selector.as_deref().map(|s| catalog.selector(s, bytes_max)) {
                 None => None,
                 Some(Ok(s)) => Some(s),
                 Some(Err(e)) => {
@@ -367,9 +368,15 @@ async fn dispatch(
             let (consumers, partitions) = (consumers.clone(), q.partitions.clone());
             Box::pin(async move {
                 let mut failed = None;
-                for rx in rxs {
+                // The partitions where this subscription made the group.
+                let mut created = Vec::new();
+                for (i, rx) in rxs.into_iter().enumerate() {
                     match rx.await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(made)) => {
+                            if made {
+                                created.push(i);
+                            }
+                        }
                         Ok(Err(e)) => {
                             failed.get_or_insert(e);
                         }
@@ -387,6 +394,16 @@ async fn dispatch(
                             .remove(&consumer);
                         for p in &partitions {
                             let _ = p.send(Cmd::Unsubscribe { consumer }).await;
+                        }
+                        // A refused subscription leaves no group behind where it made
+                        // one (with its selector), unless another consumer joined it
+                        // meanwhile: docs/MQ.md, "Selectors".
+                        for i in created {
+                            let _ = partitions[i]
+                                .send(Cmd::DropGroup {
+                                    group: group.clone(),
+                                })
+                                .await;
                         }
                         error(e)
                     }

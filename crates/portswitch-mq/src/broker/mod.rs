@@ -180,7 +180,8 @@ pub struct Catalog {
     peers: replication::Peers,
     /// Compiled selectors by source, shared by every partition and subscription that
     /// uses one (a group's selector is compiled once, not once per partition).
-    selectors: std::sync::Mutex<HashMap<String, Weak<Selector>>>,
+    /// Keyed by the queue's `message_bytes_max` too (the step budget follows it).
+    selectors: std::sync::Mutex<HashMap<(u64, String), Weak<Selector>>>,
 }
 
 /// The port a broker of the group owns while it runs; its value is the address.
@@ -231,22 +232,28 @@ fn valid_name(name: &str) -> Result<(), MqError> {
 }
 
 impl Catalog {
-    /// The compiled selector for `source`: compiled once while anything holds it.
-    pub fn selector(&self, source: &str) -> Result<Arc<Selector>, SelectorError> {
+    /// The compiled selector for `source` on a queue whose messages are at most
+    /// `message_bytes_max` bytes: compiled once while anything holds it.
+    pub fn selector(
+        &self,
+        source: &str,
+        message_bytes_max: u32,
+    ) -> Result<Arc<Selector>, SelectorError> {
         let lock = || self.selectors.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = lock().get(source).and_then(Weak::upgrade) {
+        let key = (u64::from(message_bytes_max), source.to_string());
+        if let Some(s) = lock().get(&key).and_then(Weak::upgrade) {
             return Ok(s);
         }
         // Compiled outside the lock (regexes may take milliseconds).
-        let s = Arc::new(Selector::compile(source)?);
+        let s = Arc::new(Selector::compile(source, key.0)?);
         let mut m = lock();
-        if let Some(s) = m.get(source).and_then(Weak::upgrade) {
+        if let Some(s) = m.get(&key).and_then(Weak::upgrade) {
             return Ok(s);
         }
         if m.len() >= 64 {
             m.retain(|_, w| w.strong_count() > 0);
         }
-        m.insert(source.to_string(), Arc::downgrade(&s));
+        m.insert(key, Arc::downgrade(&s));
         Ok(s)
     }
 

@@ -28,7 +28,7 @@ use crate::delivery::{DeadReason, DeliveryConfig, DeliveryError, Effect, Entry, 
 use crate::log::{Fsync, Log, LogConfig, LogError, Message, Record};
 use crate::proto::{Delivery, How, Outgoing, QueueConfig, Replicated, Settlement};
 use crate::replica::{self, Epochs};
-use crate::selector::{RecordView, Selector, Verdict};
+use crate::selector::{Memo, RecordView, Selector, Verdict};
 
 /// Commands taken in one turn at most.
 const TURN_COMMANDS_MAX: usize = 4096;
@@ -83,6 +83,10 @@ pub enum Control {
     },
     /// The partition's replicas from here on (joint while `old` and `new` differ).
     Replicas { old: Vec<String>, new: Vec<String> },
+    /// A group made by a subscription that was then refused on another partition is
+    /// gone again (it had no consumers and had settled nothing). Brokers before it
+    /// cannot read it and keep the group.
+    Ungroup { name: String },
 }
 
 impl Control {
@@ -117,6 +121,11 @@ impl Control {
                     b.put_u64(o);
                     b.put_u32(k);
                 }
+            }
+            Control::Ungroup { name } => {
+                b.put_u8(5);
+                b.put_u16(name.len() as u16);
+                b.put_slice(name.as_bytes());
             }
             Control::Replicas { old, new } => {
                 b.put_u8(4);
@@ -165,6 +174,13 @@ impl Control {
                     Some(String::from_utf8(b.to_vec()).ok()?)
                 };
                 Some(Control::Group { name, selector })
+            }
+            5 => {
+                let name = name(&mut b)?;
+                if b.remaining() != 0 {
+                    return None;
+                }
+                Some(Control::Ungroup { name })
             }
             3 => {
                 let group = name(&mut b)?;
@@ -374,7 +390,13 @@ pub enum Cmd {
         /// The selector the subscriber asks for: the group's if the group is new here,
         /// else it must be the group's.
         selector: Option<Arc<Selector>>,
-        reply: Done,
+        /// Whether this subscription made the group here.
+        reply: oneshot::Sender<Result<bool, MqError>>,
+    },
+    /// A subscription that made `group` here was refused on another partition: the
+    /// group goes again if nobody else joined it and it settled nothing.
+    DropGroup {
+        group: String,
     },
     Credit {
         consumer: u64,
@@ -459,16 +481,31 @@ struct GroupState {
     consumers: HashMap<u64, (u32, Sink)>,
     /// Settlements of this turn to write as a control record.
     settled: Vec<(u64, u32)>,
+    /// Made here by a subscription while not leading, and not named by a leader since:
+    /// only this broker knows it.
+    local: bool,
+    /// The group's selector, kept as text, when it does not compile on this broker:
+    /// the group is not served here (no delivery state, subscriptions refused).
+    unusable: Option<String>,
 }
 
 impl GroupState {
+    /// The text of the group's selector (compiled or not), if it has one.
+    fn source(&self) -> Option<&str> {
+        self.selector
+            .as_ref()
+            .map(|s| s.source())
+            .or(self.unusable.as_deref())
+    }
+
     /// Whether the message is for this group (no selector: all are). A message the
     /// selector does not match, or fails on, is counted and skipped.
-    fn admits(&self, r: &RecordView<'_>) -> bool {
+    /// `memo` holds the message's values built for the selectors (one per message).
+    fn admits(&self, r: &RecordView<'_>, memo: &Memo) -> bool {
         let Some(s) = &self.selector else {
             return true;
         };
-        match s.matches(r) {
+        match s.matches_with(r, memo) {
             Verdict::Match => true,
             Verdict::Skip => {
                 self.skipped.inc();
@@ -546,6 +583,8 @@ pub struct Partition {
     consumer_group: HashMap<u64, String>,
     /// Groups begun this turn (a control record tells the replicas).
     new_groups: Vec<String>,
+    /// Groups dropped this turn (a control record tells the replicas).
+    dropped_groups: Vec<String>,
     /// Leader: where the last roster is — a group control record for every group, with
     /// its selector — which reclaiming never passes, so that a replica starting again
     /// at the log's start still learns each group's selector.
@@ -668,6 +707,7 @@ impl Partition {
             groups: BTreeMap::new(),
             consumer_group: HashMap::new(),
             new_groups: Vec::new(),
+            dropped_groups: Vec::new(),
             roster_at: None,
             cache: Window::default(),
             fetched: HashMap::new(),
@@ -705,16 +745,29 @@ impl Partition {
                         position: 0,
                         why: "a group's selector is not UTF-8",
                     })?;
-                    Some(p.catalog.selector(&src).map_err(|_| LogError::Corrupt {
-                        segment: path.clone(),
-                        position: 0,
-                        why: "a group's selector does not compile",
-                    })?)
+                    match p.catalog.selector(&src, p.config.message_bytes_max) {
+                        Ok(s) => Ok(s),
+                        // Kept, and the group not served (a selector a newer broker
+                        // wrote, or one this build's limits refuse): fail closed.
+                        Err(e) => {
+                            tracing::error!(queue, partition = index, group = name, error = %e, "a group's selector does not compile here: the group is not served by this broker");
+                            Err(src)
+                        }
+                    }
+                    .map(Some)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(source) => return Err(LogError::Io { path, source }),
             };
-            p.open_group(&name, selector)?;
+            match selector {
+                Ok(selector) => p.open_group(&name, selector)?,
+                Err(src) => {
+                    p.open_group(&name, None)?;
+                    if let Some(g) = p.groups.get_mut(&name) {
+                        g.unusable = Some(src);
+                    }
+                }
+            }
         }
         Ok(p)
     }
@@ -735,13 +788,18 @@ impl Partition {
 
     /// Keeps a group's selector on disk (before its settlement file exists, so that a
     /// group is never found without the selector it was made with), or removes it.
-    fn save_selector(&self, group: &str, selector: Option<&Selector>) -> Result<(), LogError> {
+    fn save_selector(&self, group: &str, selector: Option<&str>) -> Result<(), LogError> {
         let path = self.selector_path(group);
         match selector {
-            Some(s) => portswitch_files::write_durable(&path, s.source().as_bytes(), 0o600)
-                .map_err(LogError::from),
+            Some(s) => {
+                portswitch_files::write_durable(&path, s.as_bytes(), 0o600).map_err(LogError::from)
+            }
+            // The unlink is durable once the directory is synced (else a crash could
+            // bring the old selector back).
             None => match std::fs::remove_file(&path) {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    portswitch_files::sync_dir(&self.dir.join("groups")).map_err(LogError::from)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(source) => Err(LogError::Io { path, source }),
             },
@@ -754,30 +812,47 @@ impl Partition {
         name: &str,
         selector: Option<Arc<Selector>>,
     ) -> Result<(), LogError> {
-        self.save_selector(name, selector.as_deref())?;
+        self.save_selector(name, selector.as_deref().map(Selector::source))?;
         self.open_group(name, selector)
     }
 
     /// A group named by a leader's control record: made here if new; a selector that
-    /// differs from this replica's is the leader's (the log decides).
-    fn group_from_leader(&mut self, name: &str, selector: Option<String>) {
-        let selector = match selector.map(|src| self.catalog.selector(&src)) {
-            None => None,
-            Some(Ok(s)) => Some(s),
-            Some(Err(e)) => {
-                tracing::error!(queue = %self.queue, partition = self.index, group = name, error = %e, "a group's selector from the leader does not compile here: kept without it");
-                None
+    /// differs from this replica's is the leader's (the log decides). A selector that
+    /// does not compile here (a newer broker's) is kept as text and the group is not
+    /// served by this broker (fail closed: never delivered without its selector).
+    fn group_from_leader(&mut self, name: &str, source: Option<String>) {
+        let bytes_max = self.config.message_bytes_max;
+        let (selector, unusable) = match source
+            .map(|src| (self.catalog.selector(&src, bytes_max), src))
+        {
+            None => (None, None),
+            Some((Ok(s), _)) => (Some(s), None),
+            Some((Err(e), src)) => {
+                tracing::error!(queue = %self.queue, partition = self.index, group = name, error = %e, "a group's selector from the leader does not compile here: the group is not served by this broker (upgrade it)");
+                (None, Some(src))
             }
         };
-        let same = |g: &GroupState| {
-            g.selector.as_ref().map(|s| s.source()) == selector.as_ref().map(|s| s.source())
-        };
+        let wanted = selector
+            .as_ref()
+            .map(|s| s.source().to_string())
+            .or(unusable.clone());
+        if let Some(g) = self.groups.get_mut(name) {
+            g.local = false;
+        }
         let result = match self.groups.get(name) {
-            None => self.create_group(name, selector),
-            Some(g) if same(g) => Ok(()),
-            Some(_) => self.save_selector(name, selector.as_deref()).map(|()| {
+            None => self
+                .save_selector(name, wanted.as_deref())
+                .and_then(|()| self.open_group(name, selector))
+                .map(|()| {
+                    if let Some(g) = self.groups.get_mut(name) {
+                        g.unusable = unusable;
+                    }
+                }),
+            Some(g) if g.source() == wanted.as_deref() => Ok(()),
+            Some(_) => self.save_selector(name, wanted.as_deref()).map(|()| {
                 if let Some(g) = self.groups.get_mut(name) {
                     g.selector = selector;
+                    g.unusable = unusable;
                 }
             }),
         };
@@ -805,6 +880,8 @@ impl Partition {
                 delivery: None,
                 consumers: HashMap::new(),
                 settled: Vec::new(),
+                local: false,
+                unusable: None,
             },
         );
         Ok(())
@@ -817,6 +894,12 @@ impl Partition {
         let upto = self.delivered_upto;
         let log_start = self.log.start_offset();
         let g = self.groups.get_mut(name).expect("opened");
+        if g.unusable.is_some() {
+            // Its selector does not compile here: not served rather than served
+            // without it (its settlements hold reclaiming back meanwhile).
+            tracing::error!(queue = %self.queue, partition = self.index, group = name, "leading a group whose selector this broker cannot apply: the group is not served (upgrade every broker before using selectors)");
+            return Ok(());
+        }
         let start = log_start.max(g.acks.floor());
         let mut delivery = Group::new(cfg, start);
         let mut at = start;
@@ -836,7 +919,7 @@ impl Partition {
                         headers: &r.headers,
                         payload: &r.payload,
                     };
-                    if g.admits(&view) {
+                    if g.admits(&view, &Memo::default()) {
                         let _ = delivery.append(Entry {
                             offset: r.offset,
                             key: r.key,
@@ -980,6 +1063,7 @@ impl Partition {
                 } => {
                     let _ = reply.send(self.subscribe(&group, consumer, credit, sink, selector));
                 }
+                Cmd::DropGroup { group } => self.drop_unused_group(&group, true),
                 Cmd::Credit { consumer, credit } => {
                     if let Some(g) = self
                         .consumer_group
@@ -1144,9 +1228,12 @@ impl Partition {
             let selector = self
                 .groups
                 .get(&name)
-                .and_then(|g| g.selector.as_ref())
-                .map(|s| s.source().to_string());
+                .and_then(|g| g.source())
+                .map(str::to_string);
             batch.push(control(Control::Group { name, selector }));
+        }
+        for name in std::mem::take(&mut self.dropped_groups) {
+            batch.push(control(Control::Ungroup { name }));
         }
         for (name, g) in self.groups.iter_mut() {
             let floor = g
@@ -1382,11 +1469,13 @@ impl Partition {
                     headers: &c.headers,
                     payload: &c.payload,
                 };
+                // Built once for every group whose selector reads them (`json` above all).
+                let memo = Memo::default();
                 for g in self.groups.values_mut() {
                     if g.delivery.is_none() || g.acks.is_settled(offset) {
                         continue;
                     }
-                    let admitted = g.admits(&view);
+                    let admitted = g.admits(&view, &memo);
                     if let Some(d) = g.delivery.as_mut() {
                         if admitted {
                             let _ = d.append(Entry {
@@ -1411,19 +1500,92 @@ impl Partition {
         credit: u32,
         sink: Sink,
         selector: Option<Arc<Selector>>,
-    ) -> Result<(), MqError> {
+    ) -> Result<bool, MqError> {
         if self.consumer_group.contains_key(&consumer) {
             return Err(MqError::BadRequest(format!(
                 "consumer {consumer} is already subscribed"
             )));
         }
+        let created = !self.groups.contains_key(group);
+        let r = self.join(group, consumer, credit, sink, selector);
+        if r.is_err() && created {
+            // Refused after the group was made (a credit above the limit): unmade.
+            self.drop_unused_group(group, false);
+        }
+        r.map(|()| created)
+    }
+
+    /// Drops a group that has no consumers and never settled anything (made by a
+    /// subscription that was refused). `asked`: a connection asks after a refusal on
+    /// another partition; on a broker not leading, only a group only it knows goes.
+    fn drop_unused_group(&mut self, name: &str, asked: bool) {
+        let leading = matches!(self.role, Role::Leader(_));
+        let Some(g) = self.groups.get(name) else {
+            return;
+        };
+        if !g.consumers.is_empty()
+            || !g.settled.is_empty()
+            || g.acks.any_settled()
+            || (asked && !leading && !g.local)
+        {
+            return;
+        }
+        self.groups.remove(name);
+        if let Some(i) = self.new_groups.iter().position(|n| n == name) {
+            // Not written yet: the replicas never hear of it.
+            self.new_groups.remove(i);
+        } else if leading {
+            self.dropped_groups.push(name.to_string());
+        }
+        self.remove_group_files(name);
+    }
+
+    /// Removes a dropped group's files (settlements, then selector) and syncs the
+    /// directory, so that a restart does not find the group again.
+    fn remove_group_files(&self, name: &str) {
+        let dir = self.dir.join("groups");
+        let acks = dir.join(format!("{name}.acks"));
+        for path in [acks, self.selector_path(name)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, partition = self.index, path = %path.display(), error = %e, "cannot remove a dropped group's file");
+                }
+            }
+        }
+        if let Err(e) = portswitch_files::sync_dir(&dir) {
+            tracing::warn!(queue = %self.queue, partition = self.index, error = %e, "cannot sync the groups' directory");
+        }
+    }
+
+    /// Joins `consumer` to `group`, making the group with `selector` if it is new here.
+    fn join(
+        &mut self,
+        group: &str,
+        consumer: u64,
+        credit: u32,
+        sink: Sink,
+        selector: Option<Arc<Selector>>,
+    ) -> Result<(), MqError> {
         match self.groups.get(group) {
             None => {
                 self.create_group(group, selector).map_err(io_error)?;
                 self.new_groups.push(group.to_string());
+                if !matches!(self.role, Role::Leader(_)) {
+                    if let Some(g) = self.groups.get_mut(group) {
+                        g.local = true;
+                    }
+                }
             }
             Some(g) => {
-                let has = g.selector.as_ref().map(|s| s.source());
+                if g.unusable.is_some() {
+                    return Err(MqError::Unavailable(format!(
+                        "group {group:?} of {} has a selector this broker cannot apply (a newer broker's?): upgrade every broker before using selectors",
+                        self.port()
+                    )));
+                }
+                let has = g.source();
                 let asks = selector.as_ref().map(|s| s.source());
                 if has != asks {
                     let say = |s: Option<&str>| {
@@ -1796,6 +1958,17 @@ impl Partition {
                             g.acks.raise_to(floor);
                         }
                     }
+                    Some(Control::Ungroup { name }) => {
+                        // Kept while consumers of this broker are joined to it.
+                        if self
+                            .groups
+                            .get(&name)
+                            .is_some_and(|g| g.consumers.is_empty())
+                        {
+                            self.groups.remove(&name);
+                            self.remove_group_files(&name);
+                        }
+                    }
                     Some(Control::Replicas { old, new }) => {
                         self.configs.push(r.offset, replica::Config { old, new });
                         self.save_configs()?;
@@ -1819,7 +1992,7 @@ impl Partition {
     }
 
     fn has_selectors(&self) -> bool {
-        self.groups.values().any(|g| g.selector.is_some())
+        self.groups.values().any(|g| g.source().is_some())
     }
 
     /// Leader: appends a group control record for every group (with its selector), as
@@ -1831,7 +2004,7 @@ impl Partition {
             .map(|(name, g)| {
                 control(Control::Group {
                     name: name.clone(),
-                    selector: g.selector.as_ref().map(|s| s.source().to_string()),
+                    selector: g.source().map(str::to_string),
                 })
             })
             .collect();
@@ -2129,6 +2302,7 @@ impl Partition {
             g.settled.clear();
         }
         self.new_groups.clear();
+        self.dropped_groups.clear();
         self.matches.clear();
         self.answer_parked(true);
     }
@@ -2465,6 +2639,7 @@ mod tests {
     fn control_records_round_trip_and_garbage_is_none() {
         for c in [
             Control::Epoch { token: 7 << 32 | 3 },
+            Control::Ungroup { name: "g".into() },
             Control::Group {
                 name: "g".into(),
                 selector: None,
