@@ -109,9 +109,13 @@ pub async fn run(args: DevArgs) -> AppResult {
     println!("Ctrl-C stops the group.");
     let mut master: Option<(usize, u64)> = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    // One listener for the whole run: a listener made per turn would miss a signal that
+    // arrives between two turns (while asking for the master), and dev would not stop.
+    let interrupted = crate::ctl::interrupted();
+    tokio::pin!(interrupted);
     loop {
         tokio::select! {
-            _ = crate::ctl::interrupted() => break,
+            _ = &mut interrupted => break,
             _ = tick.tick() => {}
         }
         for (i, slot) in children.iter_mut().enumerate() {
@@ -130,7 +134,10 @@ pub async fn run(args: DevArgs) -> AppResult {
             println!("every member has exited");
             return Ok(ExitCode::from(1));
         }
-        let now = find_master(&addrs, &children).await;
+        let now = tokio::select! {
+            _ = &mut interrupted => break,
+            now = find_master(&addrs, &children) => now,
+        };
         if now != master {
             match now {
                 Some((m, epoch)) => println!("member {} is master (epoch {epoch})", m + 1),
